@@ -1,0 +1,126 @@
+"""The backend switch: ``numpy`` (readable reference), ``numba`` (fast CPU), ``cupy`` (GPU).
+
+Pick one with the ``MINIBNN_BACKEND`` environment variable, ``set_backend(name)`` or
+``with minibnn.backend.use("numba"): ...``. A backend that cannot run says why when it is
+asked for; nothing ever falls back silently.
+
+The backend decides two things: the array module that new tensors live in (NumPy for
+``numpy`` and ``numba``, CuPy for ``cupy``) and which kernels compute the bit-packed
+XNOR-popcount product. Ops never ask the backend for their array module: they use
+``get_array_module(x)`` on their inputs, so one body serves NumPy and CuPy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import numpy as np
+
+NAMES = ("numpy", "numba", "cupy")
+
+_active = None  # resolved lazily from MINIBNN_BACKEND on first use
+
+
+class BackendUnavailable(RuntimeError):
+    """Raised when a backend is asked for but cannot run here; the message says why."""
+
+
+def _probe(name):
+    """Return None if backend ``name`` can run here, else the reason it cannot."""
+    if name == "numpy":
+        return None
+    if name == "numba":
+        try:
+            import kernels.numba_cpu  # noqa: F401  (compiles nothing until first call)
+        except Exception as exc:  # ImportError, or numba failing to load LLVM
+            return f"numba backend unavailable: {type(exc).__name__}: {exc}"
+        return None
+    if name == "cupy":
+        try:
+            import cupy
+        except Exception as exc:
+            return (f"cupy backend unavailable: {type(exc).__name__}: {exc} "
+                    "(install with `pip install minibnn[gpu]`)")
+        try:
+            count = cupy.cuda.runtime.getDeviceCount()
+        except Exception as exc:
+            return f"cupy backend unavailable: no usable CUDA device ({type(exc).__name__}: {exc})"
+        if count < 1:
+            return "cupy backend unavailable: no CUDA GPU found"
+        return None
+    return f"unknown backend {name!r}; expected one of {', '.join(NAMES)}"
+
+
+def available():
+    """Map every backend name to None (usable) or the reason it cannot be used here."""
+    return {name: _probe(name) for name in NAMES}
+
+
+def _check(name):
+    if not isinstance(name, str) or name not in NAMES:
+        raise ValueError(f"backend must be one of {', '.join(NAMES)}, got {name!r}")
+    reason = _probe(name)
+    if reason is not None:
+        raise BackendUnavailable(reason)
+    return name
+
+
+def active():
+    """Name of the backend in use (``MINIBNN_BACKEND`` if set, else ``numpy``)."""
+    global _active
+    if _active is None:
+        _active = _check(os.environ.get("MINIBNN_BACKEND", "numpy").strip().lower() or "numpy")
+    return _active
+
+
+def set_backend(name):
+    """Switch the backend for the whole process; raises ``BackendUnavailable`` with the reason."""
+    global _active
+    _active = _check(name)
+
+
+@contextlib.contextmanager
+def use(name):
+    """Context manager: run the enclosed code on backend ``name``, then restore the previous one."""
+    global _active
+    previous = active()
+    _active = _check(name)
+    try:
+        yield name
+    finally:
+        _active = previous
+
+
+def xp():
+    """The array module new tensors are created in: cupy for the cupy backend, else numpy."""
+    if active() == "cupy":
+        import cupy
+        return cupy
+    return np
+
+
+def is_cupy_array(x):
+    """True for a CuPy ndarray (checked without importing CuPy)."""
+    return type(x).__module__.startswith("cupy")
+
+
+def get_array_module(*arrays):
+    """cupy if any argument is a CuPy array, else numpy (chainer's idiom)."""
+    for a in arrays:
+        if is_cupy_array(a):
+            import cupy
+            return cupy
+    return np
+
+
+def asarray(x, dtype=None):
+    """``x`` as an array of the active backend's module (moved to the GPU under cupy)."""
+    return xp().asarray(x, dtype=dtype)
+
+
+def to_numpy(x):
+    """A NumPy array holding ``x`` (copied from the GPU when it is a CuPy array)."""
+    if is_cupy_array(x):
+        return x.get()
+    return np.asarray(x)

@@ -1,0 +1,93 @@
+"""Binarization ops: sign with the straight-through estimator, weight binarization, AP2.
+
+Courbariaux, Hubara, Soudry, El-Yaniv, Bengio, "Binarized Neural Networks", arXiv:1602.02830
+(2016). Convention throughout minibnn: sign(0) = +1, never ``np.sign`` (which gives 0).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .backend import get_array_module
+from .tensor import Function
+
+
+def sign(x):
+    """Raw-array sign with sign(0) = +1: ``where(x >= 0, 1, -1)`` in ``x``'s float dtype."""
+    xp = get_array_module(x)
+    dtype = x.dtype if x.dtype.kind == "f" else np.dtype(np.float32)
+    return xp.where(x >= 0, dtype.type(1), dtype.type(-1))
+
+
+class SignSTE(Function):
+    """Activation binarization (paper eq. 1 and Section 1.3).
+
+    forward:  q = sign(x), with sign(0) = +1
+    backward: g_x = g_q * 1{|x| <= 1}, the derivative of hard tanh
+    """
+
+    def forward(self, x):
+        self.save(abs(x) <= 1)
+        return sign(x)
+
+    def backward(self, g):
+        return (g * self.saved[0],)
+
+
+class BinarizeWeights(Function):
+    """Weight binarization (paper eq. 1 and 2); the latent real weight receives the
+    gradient of its binary copy unchanged (it is clipped to [-1, 1] by the optimizer).
+
+    deterministic: w_b = sign(w)
+    stochastic:    w_b = +1 with probability sigma(w) = clip((w + 1) / 2, 0, 1), else -1
+    """
+
+    def forward(self, w, stochastic=False, rng=None):
+        if not stochastic:
+            return sign(w)
+        if rng is None:
+            raise ValueError("stochastic binarization needs rng (a numpy.random.Generator)")
+        xp = get_array_module(w)
+        p = xp.clip((w + 1) * 0.5, 0, 1)
+        u = xp.asarray(rng.random(w.shape, dtype=np.float32))
+        return xp.where(u < p, 1, -1).astype(w.dtype)
+
+    def backward(self, g):
+        return (g,)
+
+
+class AP2STE(Function):
+    """AP2 rounding with a straight-through gradient (used inside shift-based BN)."""
+
+    def forward(self, x):
+        return ap2(x)
+
+    def backward(self, g):
+        return (g,)
+
+
+def sign_ste(x):
+    """sign(x) forward, g * 1{|x| <= 1} backward; the BNN activation."""
+    return SignSTE.apply(x)
+
+
+def binarize(w, stochastic=False, rng=None):
+    """Binarize latent weights to +-1, deterministically or stochastically (seeded by ``rng``)."""
+    return BinarizeWeights.apply(w, stochastic=stochastic, rng=rng)
+
+
+def ap2_ste(x):
+    """ap2(x) forward, identity backward."""
+    return AP2STE.apply(x)
+
+
+def ap2(x):
+    """Approximate power of 2 (paper Section 1.4): ap2(x) = sign(x) * 2**round(log2|x|).
+
+    Multiplying by an AP2 value is a bit shift. ap2(0) = 0. Works on raw arrays.
+    """
+    xp = get_array_module(x)
+    x = xp.asarray(x)
+    with np.errstate(divide="ignore"):
+        mag = xp.exp2(xp.round(xp.log2(xp.abs(x))))
+    return (sign(x) * mag).astype(x.dtype if x.dtype.kind == "f" else np.float64)

@@ -1,0 +1,333 @@
+"""Layers: Module, Parameter, and the pieces of the paper's networks.
+
+A ``Module`` finds its parameters and sub-modules by looking at its attributes, so a
+layer is written as plainly as ``self.weight = Parameter(...)``. Binary layers keep a
+real-valued latent weight, binarize it in every forward pass, and carry the learning-rate
+scale and clipping bound that the optimizers honour.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import numpy as np
+
+from . import backend
+from . import functional as F
+from .binary import ap2, ap2_ste, binarize, sign_ste
+from .rng import get_rng
+from .tensor import Tensor
+
+
+class Parameter(Tensor):
+    """A trainable tensor. ``lr_scale`` multiplies the optimizer's step for it; after
+    every update the optimizer clips it to ``[-clip, clip]`` when ``clip`` is set."""
+
+    def __init__(self, data, lr_scale=1.0, clip=None):
+        super().__init__(data, requires_grad=True)
+        self.lr_scale = float(lr_scale)
+        self.clip = None if clip is None else float(clip)
+
+
+class Module:
+    """Base class: parameters, buffers, train/eval mode and state dicts, found by attribute."""
+
+    def __init__(self):
+        self.training = True
+        self._buffers = []
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def register_buffer(self, name, array):
+        """A non-trainable array (e.g. BN running statistics) kept in ``state_dict``."""
+        setattr(self, name, array)
+        if name not in self._buffers:
+            self._buffers.append(name)
+
+    def named_children(self):
+        for name, value in vars(self).items():
+            if isinstance(value, Module):
+                yield name, value
+            elif isinstance(value, (list, tuple)):
+                for i, item in enumerate(value):
+                    if isinstance(item, Module):
+                        yield f"{name}.{i}", item
+
+    def modules(self):
+        """This module and every module below it, depth first."""
+        yield self
+        for _, child in self.named_children():
+            yield from child.modules()
+
+    def named_parameters(self, prefix=""):
+        for name, value in vars(self).items():
+            if isinstance(value, Parameter):
+                yield prefix + name, value
+        for name, child in self.named_children():
+            yield from child.named_parameters(f"{prefix}{name}.")
+
+    def parameters(self):
+        return [p for _, p in self.named_parameters()]
+
+    def named_buffers(self, prefix=""):
+        for name in self._buffers:
+            yield prefix + name, getattr(self, name)
+        for name, child in self.named_children():
+            yield from child.named_buffers(f"{prefix}{name}.")
+
+    def train(self, mode=True):
+        for m in self.modules():
+            m.training = mode
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def zero_grad(self):
+        for p in self.parameters():
+            p.grad = None
+
+    def state_dict(self):
+        """Name -> NumPy copy of every parameter and buffer."""
+        state = OrderedDict((n, backend.to_numpy(p.data).copy()) for n, p in self.named_parameters())
+        state.update((n, backend.to_numpy(b).copy()) for n, b in self.named_buffers())
+        return state
+
+    def load_state_dict(self, state):
+        """Copy arrays from ``state`` into this module; keys and shapes must match exactly."""
+        params = dict(self.named_parameters())
+        buffers = dict(self.named_buffers())
+        expected = set(params) | set(buffers)
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise ValueError(f"state dict does not match the model: missing keys {missing}, "
+                             f"unexpected keys {unexpected}")
+        for name in expected:
+            current = params[name].data if name in params else buffers[name]
+            value = np.asarray(state[name]) if not backend.is_cupy_array(state[name]) else state[name]
+            if tuple(value.shape) != tuple(current.shape):
+                raise ValueError(f"state dict entry {name!r} has shape {tuple(value.shape)}, "
+                                 f"the model expects {tuple(current.shape)}")
+        for name in expected:
+            current = params[name].data if name in params else buffers[name]
+            xp = backend.get_array_module(current)
+            current[...] = xp.asarray(state[name], dtype=current.dtype)
+
+    def extra_repr(self):
+        return ""
+
+    def __repr__(self):
+        children = list(self.named_children())
+        head = f"{type(self).__name__}({self.extra_repr()}"
+        if not children:
+            return head + ")"
+        body = "".join(f"\n  ({n}): " + repr(c).replace("\n", "\n  ") for n, c in children)
+        return head + body + "\n)"
+
+
+def _check_features(x, n, layer):
+    if x.ndim < 2 or x.shape[-1] != n:
+        raise ValueError(f"{layer}: input of shape {tuple(x.shape)} does not fit; expected "
+                         f"(batch, {n})")
+
+
+class Linear(Module):
+    """Real-valued y = x W^T + b, Glorot-uniform initialised; W has shape (out, in)."""
+
+    def __init__(self, in_features, out_features, bias=True, rng=None):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        limit = math.sqrt(6.0 / (in_features + out_features))
+        w = get_rng(rng).uniform(-limit, limit, (out_features, in_features)).astype(np.float32)
+        self.weight = Parameter(backend.asarray(w))
+        self.bias = Parameter(backend.xp().zeros(out_features, np.float32)) if bias else None
+
+    def forward(self, x):
+        _check_features(x, self.in_features, type(self).__name__)
+        out = x @ self.weight.T
+        return out + self.bias if self.bias is not None else out
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}"
+
+
+class BinaryLinear(Module):
+    """y = x W_b^T with W_b = binarize(W): the paper's binary fully connected layer.
+
+    The latent weight W (shape (out, in)) starts U(-1, 1), is clipped to [-1, 1] after each
+    update, and its step is scaled by Glorot's factor 1 / sqrt(1.5 / (fan_in + fan_out))
+    (the paper's Theano code, ``binary_net.py``). Stochastic binarization applies in training
+    only; evaluation always uses sign(W).
+    """
+
+    def __init__(self, in_features, out_features, bias=False, stochastic=False, rng=None):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.stochastic = bool(stochastic)
+        self.rng = get_rng(rng)
+        w = self.rng.uniform(-1.0, 1.0, (out_features, in_features)).astype(np.float32)
+        scale = 1.0 / math.sqrt(1.5 / (in_features + out_features))
+        self.weight = Parameter(backend.asarray(w), lr_scale=scale, clip=1.0)
+        self.bias = Parameter(backend.xp().zeros(out_features, np.float32)) if bias else None
+
+    def binary_weight(self):
+        """The +-1 weight this forward pass uses (a Tensor on the tape)."""
+        return binarize(self.weight, stochastic=self.stochastic and self.training, rng=self.rng)
+
+    def forward(self, x):
+        _check_features(x, self.in_features, type(self).__name__)
+        out = x @ self.binary_weight().T
+        return out + self.bias if self.bias is not None else out
+
+    def extra_repr(self):
+        return (f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, "
+                f"stochastic={self.stochastic}")
+
+
+class _BatchNormBase(Module):
+    def __init__(self, num_features, momentum=0.1, eps=1e-4):
+        super().__init__()
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        if eps <= 0:
+            raise ValueError(f"eps must be positive, got {eps}")
+        self.num_features, self.momentum, self.eps = int(num_features), float(momentum), float(eps)
+        xp = backend.xp()
+        self.gamma = Parameter(xp.ones(num_features, np.float32))
+        self.beta = Parameter(xp.zeros(num_features, np.float32))
+        self.register_buffer("running_mean", xp.zeros(num_features, np.float32))
+        self.register_buffer("running_var", xp.ones(num_features, np.float32))
+
+    def _axes(self, x):
+        if x.ndim not in (2, 4) or x.shape[1] != self.num_features:
+            raise ValueError(f"{type(self).__name__}: input of shape {tuple(x.shape)} does not fit;"
+                             f" expected (batch, {self.num_features}) or "
+                             f"(batch, {self.num_features}, height, width)")
+        return (0,) if x.ndim == 2 else (0, 2, 3)
+
+    def _shape(self, x):
+        return (1, -1) if x.ndim == 2 else (1, -1, 1, 1)
+
+    def _update_running(self, mean, var):
+        m = self.momentum
+        self.running_mean[...] = (1 - m) * self.running_mean + m * mean.astype(np.float32)
+        self.running_var[...] = (1 - m) * self.running_var + m * var.astype(np.float32)
+
+    def extra_repr(self):
+        return f"{self.num_features}, momentum={self.momentum}, eps={self.eps}"
+
+
+class BatchNorm(_BatchNormBase):
+    """Batch normalisation (Ioffe & Szegedy 2015): batch statistics in training, running
+    statistics in eval; momentum 0.1 and eps 1e-4 as in the paper's Theano code.
+
+    running = (1 - momentum) * running + momentum * batch (biased batch variance).
+    """
+
+    def forward(self, x):
+        axes = self._axes(x)
+        if self.training:
+            mean, var = x.data.mean(axis=axes), x.data.var(axis=axes)
+            self._update_running(mean, var)
+            return F.BatchNormTrain.apply(x, self.gamma, self.beta, mean=mean, var=var,
+                                          eps=self.eps, axes=axes)
+        xp = backend.get_array_module(x.data)
+        shape = self._shape(x)
+        inv = (1.0 / xp.sqrt(self.running_var + self.eps)).astype(np.float32)
+        return ((x - self.running_mean.reshape(shape)) * inv.reshape(shape)
+                * self.gamma.reshape(shape) + self.beta.reshape(shape))
+
+
+class ShiftBatchNorm(_BatchNormBase):
+    """Shift-based batch normalisation (paper Algorithm 3): every multiplication is by an
+    AP2 value, i.e. a bit shift. With C = x - mean(x):
+
+        var  = mean(C * AP2(C))
+        xhat = C * AP2(1 / sqrt(var + eps))
+        y    = AP2(gamma) * xhat + beta
+
+    AP2 passes gradients straight through. Eval uses the running mean and running var.
+    """
+
+    def forward(self, x):
+        axes = self._axes(x)
+        shape = self._shape(x)
+        gamma = ap2_ste(self.gamma).reshape(shape)
+        if self.training:
+            centred = x - F.mean(x, axis=axes, keepdims=True)
+            var = F.mean(centred * ap2_ste(centred), axis=axes, keepdims=True)
+            self._update_running(x.data.mean(axis=axes), var.data.reshape(-1))
+            inv = ap2_ste((var + self.eps) ** -0.5)
+            return centred * inv * gamma + self.beta.reshape(shape)
+        xp = backend.get_array_module(x.data)
+        inv = ap2((1.0 / xp.sqrt(self.running_var + self.eps)).astype(np.float32))
+        return (x - self.running_mean.reshape(shape)) * inv.reshape(shape) * gamma \
+            + self.beta.reshape(shape)
+
+
+class Sign(Module):
+    """The BNN activation: sign(x) forward (sign(0) = +1), g * 1{|x| <= 1} backward."""
+
+    def forward(self, x):
+        return sign_ste(x)
+
+
+class HardTanh(Module):
+    """Htanh(x) = clip(x, -1, 1)."""
+
+    def forward(self, x):
+        return F.hardtanh(x)
+
+
+class Dropout(Module):
+    """Inverted dropout with drop probability ``p``; identity in eval mode."""
+
+    def __init__(self, p=0.5, rng=None):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability p must be in [0, 1), got {p}")
+        self.p = float(p)
+        self.rng = get_rng(rng)
+
+    def forward(self, x):
+        return F.dropout(x, self.p, self.rng, training=self.training)
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
+class Flatten(Module):
+    """(batch, ...) -> (batch, prod(...))."""
+
+    def forward(self, x):
+        return F.reshape(x, (x.shape[0], -1))
+
+
+class Sequential(Module):
+    """Applies its layers in order."""
+
+    def __init__(self, *layers):
+        super().__init__()
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Module):
+                raise TypeError(f"Sequential: layer {i} is a {type(layer).__name__}, not a Module")
+        self.layers = list(layers)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+    def __getitem__(self, i):
+        return self.layers[i]
+
+    def __len__(self):
+        return len(self.layers)
+
+    def __iter__(self):
+        return iter(self.layers)
