@@ -40,30 +40,37 @@ class Optimizer:
             p.grad = None
 
     def step(self):
-        """Apply one update to every parameter that has a gradient, then clip."""
+        """Apply one update to every parameter that has a gradient, then clip.
+
+        Updates run in place through a per-parameter scratch buffer: no array is allocated
+        per step, which matters on machines where fresh memory is slow to fault in.
+        """
         self.t += 1
         for p, state in zip(self.params, self.state):
             if p.grad is None:
                 continue
             lr = self.lr * getattr(p, "lr_scale", 1.0)
-            p.data -= self._delta(p.grad, state, lr).astype(p.data.dtype, copy=False)
+            p.data -= self._delta(p.grad, state, lr)
             clip = getattr(p, "clip", None)
             if clip is not None:
                 xp = backend.get_array_module(p.data)
                 xp.clip(p.data, -clip, clip, out=p.data)
 
     def _delta(self, g, state, lr):
+        """The step to subtract, written into a scratch array (``self._buffer(state, ...)``)."""
         raise NotImplementedError
 
-    def _zeros(self, state, name, g):
+    def _buffer(self, state, name, like):
+        """A persistent zero-initialised array of ``like``'s shape and dtype in ``state``."""
         if name not in state:
-            state[name] = backend.get_array_module(g).zeros_like(g)
+            state[name] = backend.get_array_module(like).zeros_like(like)
         return state[name]
 
     def state_dict(self):
         """Step count, learning rate and moment arrays (as NumPy), for checkpoints."""
         return {"t": self.t, "lr": self.lr,
-                "state": [{k: backend.to_numpy(v).copy() for k, v in s.items()} for s in self.state]}
+                "state": [{k: backend.to_numpy(v).copy() for k, v in s.items() if not k.startswith("_")}
+                          for s in self.state]}
 
     def load_state_dict(self, sd):
         if len(sd["state"]) != len(self.params):
@@ -85,12 +92,13 @@ class SGD(Optimizer):
     defaults = {"momentum": 0.0}
 
     def _delta(self, g, state, lr):
-        if not self.hyper["momentum"]:
-            return lr * g
-        v = self._zeros(state, "v", g)
-        v *= self.hyper["momentum"]
-        v += g
-        return lr * v
+        out = self._buffer(state, "_scratch", g)
+        if self.hyper["momentum"]:
+            v = self._buffer(state, "v", g)
+            v *= self.hyper["momentum"]
+            v += g
+            g = v
+        return backend.get_array_module(g).multiply(g, lr, out=out)
 
 
 class Adam(Optimizer):
@@ -101,13 +109,19 @@ class Adam(Optimizer):
     def _delta(self, g, state, lr):
         b1, b2, eps = self.hyper["beta1"], self.hyper["beta2"], self.hyper["eps"]
         xp = backend.get_array_module(g)
-        m, v = self._zeros(state, "m", g), self._zeros(state, "v", g)
+        m, v, tmp = (self._buffer(state, k, g) for k in ("m", "v", "_scratch"))
         m *= b1
-        m += (1 - b1) * g
+        m += xp.multiply(g, 1 - b1, out=tmp)
         v *= b2
-        v += (1 - b2) * g * g
+        xp.multiply(g, g, out=tmp)
+        tmp *= 1 - b2
+        v += tmp
         step = lr * np.sqrt(1 - b2 ** self.t) / (1 - b1 ** self.t)
-        return step * m / (xp.sqrt(v) + eps)
+        xp.sqrt(v, out=tmp)
+        tmp += eps
+        xp.divide(m, tmp, out=tmp)
+        tmp *= step
+        return tmp
 
 
 class AdaMax(Optimizer):
@@ -117,17 +131,22 @@ class AdaMax(Optimizer):
     defaults = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
 
     def _moments(self, g, state):
+        """Update m and u in place; return them with the scratch array and array module."""
         b1, b2 = self.hyper["beta1"], self.hyper["beta2"]
         xp = backend.get_array_module(g)
-        m, u = self._zeros(state, "m", g), self._zeros(state, "u", g)
+        m, u, tmp = (self._buffer(state, k, g) for k in ("m", "u", "_scratch"))
         m *= b1
-        m += (1 - b1) * g
-        xp.maximum(b2 * u, xp.abs(g), out=u)
-        return m, u
+        m += xp.multiply(g, 1 - b1, out=tmp)
+        u *= b2
+        xp.maximum(u, xp.abs(g, out=tmp), out=u)
+        return m, u, tmp, xp
 
     def _delta(self, g, state, lr):
-        m, u = self._moments(g, state)
-        return lr / (1 - self.hyper["beta1"] ** self.t) * m / (u + self.hyper["eps"])
+        m, u, tmp, xp = self._moments(g, state)
+        xp.add(u, self.hyper["eps"], out=tmp)
+        xp.divide(m, tmp, out=tmp)
+        tmp *= lr / (1 - self.hyper["beta1"] ** self.t)
+        return tmp
 
 
 class ShiftAdaMax(AdaMax):
@@ -142,9 +161,14 @@ class ShiftAdaMax(AdaMax):
     defaults = {"beta1": 1 - 2.0 ** -3, "beta2": 1 - 2.0 ** -10, "eps": 1e-8}
 
     def _delta(self, g, state, lr):
-        m, u = self._moments(g, state)
+        m, u, tmp, xp = self._moments(g, state)
         step = float(ap2(np.float64(lr / (1 - self.hyper["beta1"] ** self.t))))
-        return step * m * ap2(1.0 / (u + self.hyper["eps"]))
+        xp.add(u, self.hyper["eps"], out=tmp)
+        xp.reciprocal(tmp, out=tmp)
+        tmp[...] = ap2(tmp)
+        tmp *= m
+        tmp *= step
+        return tmp
 
 
 OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamax": AdaMax, "shift-adamax": ShiftAdaMax}

@@ -1,0 +1,165 @@
+"""Training loop, checkpoints, resume, interruption and the command line."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minibnn import train as T
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small(**kw):
+    base = dict(hidden=32, layers=2, epochs=3, batch_size=50, train_limit=600, seed=3,
+                lr_start=0.01, lr_end=0.001)
+    base.update(kw)
+    return T.TrainConfig(**base)
+
+
+def quiet(*_):
+    pass
+
+
+def read_model(path):
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files if k.startswith("state/")}
+
+
+def test_training_learns_and_writes_run_folder(tmp_path):
+    m = T.train(small(epochs=3), tmp_path / "run", progress=False, log=quiet)
+    hist = m["history"]
+    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    assert m["test_error"] < 0.5  # 10 classes: chance is 0.9
+    best = min(range(3), key=lambda i: (hist[i]["valid_error"], i))
+    assert m["best_epoch"] == best + 1
+    assert m["test_error"] == hist[best]["test_error"]
+    for name in (T.CHECKPOINT, T.MODEL, T.METRICS):
+        assert (tmp_path / "run" / name).is_file()
+    saved = json.loads((tmp_path / "run" / T.METRICS).read_text())
+    assert saved["test_error"] == m["test_error"]
+    model, meta = T.load_model(tmp_path / "run" / T.MODEL)
+    assert meta["best_epoch"] == m["best_epoch"]
+    x, y = T.prepare_data(small())[4:]
+    assert T.error_rate(model, x, y) == pytest.approx(m["test_error"])
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    cfg = small(epochs=3, stochastic=True, bn="shift", optimizer="shift-adamax")
+    full = T.train(cfg, tmp_path / "full", progress=False, log=quiet)
+    part = T.train(small(epochs=3, stochastic=True, bn="shift", optimizer="shift-adamax"),
+                   tmp_path / "part", progress=False, stop_after=1, log=quiet)
+    assert not part["finished"] and len(part["history"]) == 1
+    T.train(run_dir=tmp_path / "part", resume=True, progress=False, stop_after=1, log=quiet)
+    resumed = T.train(run_dir=tmp_path / "part", resume=True, progress=False, log=quiet)
+    strip = lambda h: [{k: v for k, v in e.items() if k not in ("seconds", "images_per_second")}
+                       for e in h]
+    assert strip(resumed["history"]) == strip(full["history"])
+    a, b = read_model(tmp_path / "full" / T.MODEL), read_model(tmp_path / "part" / T.MODEL)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_refuses_to_overwrite_a_run(tmp_path):
+    T.train(small(epochs=1), tmp_path / "run", progress=False, log=quiet)
+    with pytest.raises(FileExistsError, match="--resume"):
+        T.train(small(epochs=1), tmp_path / "run", progress=False, log=quiet)
+
+
+def test_damaged_checkpoint_is_reported(tmp_path):
+    T.train(small(epochs=1), tmp_path / "run", progress=False, log=quiet)
+    ck = tmp_path / "run" / T.CHECKPOINT
+    ck.write_bytes(ck.read_bytes()[: ck.stat().st_size // 2])
+    with pytest.raises(ValueError, match="checkpoint"):
+        T.read_checkpoint(tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match="checkpoint"):
+        T.read_checkpoint(tmp_path / "nothing-here")
+
+
+def test_bad_config_is_rejected():
+    for bad in (dict(optimizer="rmsprop"), dict(epochs=0), dict(loss="l1"), dict(schedule="cos"),
+                dict(train_limit=0)):
+        with pytest.raises(ValueError):
+            small(**bad).validate()
+
+
+def _cli(*args, **kw):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "minibnn", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+QUICK = ["train", "--hidden", "32", "--layers", "1", "--batch-size", "50", "--train-limit",
+         "300", "--no-progress", "--seed", "5"]
+
+
+def _wait_for_epochs(run, n, proc, timeout=120):
+    """Wait until the checkpoint in ``run`` records ``n`` finished epochs."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            if T.read_checkpoint(run)["meta"]["epoch"] >= n:
+                return
+        except (FileNotFoundError, ValueError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError("training did not reach its checkpoint in time")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, sig):
+    run = tmp_path / "run"
+    proc = _cli(*QUICK, "--epochs", "400", "--out", str(run))
+    try:
+        _wait_for_epochs(run, 2, proc)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130
+        assert "--resume" in err and str(run) in err
+    done = T.read_checkpoint(run)["meta"]["epoch"]
+    assert 2 <= done < 400
+    # finish the interrupted run in fewer total epochs than asked: rewrite its config
+    ck = T.read_checkpoint(run)
+    assert ck["meta"]["config"]["epochs"] == 400
+    resumed = T.train(run_dir=run, resume=True, progress=False, stop_after=1, log=quiet)
+    assert len(resumed["history"]) == done + 1
+    reference = T.train(T.TrainConfig(**ck["meta"]["config"]), tmp_path / "ref",
+                        progress=False, stop_after=done + 1, log=quiet)
+    assert [h["train_loss"] for h in resumed["history"]] == \
+        [h["train_loss"] for h in reference["history"]]
+
+
+def test_cli_train_and_eval(tmp_path):
+    run = tmp_path / "run"
+    proc = _cli(*QUICK, "--epochs", "2", "--out", str(run))
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    assert "epoch   2/2" in out and "test error there" in out
+    metrics = json.loads((run / T.METRICS).read_text())
+    proc = _cli("eval", str(run))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert f"test error {100 * metrics['test_error']:.2f}%" in out
+
+
+def test_cli_reports_errors_without_traceback(tmp_path):
+    proc = _cli("train", "--resume", str(tmp_path / "missing"), "--no-progress")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert "error:" in err and "checkpoint" in err and "Traceback" not in err
+    proc = _cli(*QUICK, "--epochs", "1", "--data-dir", str(tmp_path))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert "train-images-idx3-ubyte" in err and "Traceback" not in err
