@@ -1,0 +1,189 @@
+"""CuPy backend: bit packing and XNOR GEMM as NVRTC-compiled CUDA kernels.
+
+Same conventions and results as :mod:`kernels.reference`. Two GEMM kernels
+(sources ``xnor_gemm.cu`` and ``xnor_gemm_tc.cu`` next to this module):
+
+* ``"cuda"``: CUDA-core XNOR-popcount, ``k - 2 * popcount(a ^ b)``, 128 x 128 block
+  tiles with 8 x 8 outputs per thread; runs on any CUDA GPU.
+* ``"tensorcore"``: ``mma.sync.m16n8k256 .b1 .and.popc`` (compute capability >= 8.0,
+  chosen automatically there), with ``a . b = k - 2 pa - 2 pb + 4 popcount(a & b)``
+  where pa, pb are the row popcounts.
+
+CuPy is imported on first use, so ``import kernels.cupy_gpu`` works without it; the
+functions then raise ImportError saying why. Operands are validated before any
+launch; kernels compile lazily, once per device.
+"""
+
+import numpy as np
+
+from .cuda_sources import read_source
+from .reference import check_gemm_operands, check_pack_input, n_words
+
+__all__ = ["available", "pack_rows", "xnor_gemm", "default_kernel", "available_kernels"]
+
+_THREADS = 256
+_TILE = 128  # block tile of both GEMM kernels (rows of A and rows of B)
+_TC_BKW = 8  # u64 words of K per tensor-core pipeline stage (TC_BKW in the .cu)
+_TC_SMEM_BYTES = 3 * (128 + 128) * 12 * 8  # TC_SMEM_BYTES in xnor_gemm_tc.cu
+_INT32_MAX = 2**31 - 1
+
+_cupy = None
+_modules = {}  # (device id, source name) -> cupy.RawModule
+
+
+def _cp():
+    global _cupy
+    if _cupy is None:
+        try:
+            import cupy
+        except Exception as exc:  # ImportError, or a broken CUDA install raising on import
+            raise ImportError(
+                f"the cupy backend needs CuPy (pip install cupy-cuda12x); importing it failed: {exc}"
+            ) from exc
+        _cupy = cupy
+    return _cupy
+
+
+def available():
+    """(True, "") if CuPy imports and sees a CUDA GPU, else (False, the reason)."""
+    try:
+        cp = _cp()
+    except ImportError as exc:
+        return False, str(exc)
+    try:
+        count = cp.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        return False, f"CuPy found no usable CUDA GPU: {exc}"
+    if count < 1:
+        return False, "CuPy found no CUDA GPU"
+    return True, ""
+
+
+def _capability():
+    return int(_cp().cuda.Device().compute_capability)
+
+
+def _function(source, name):
+    cp = _cp()
+    key = (cp.cuda.Device().id, source)
+    mod = _modules.get(key)
+    if mod is None:
+        mod = cp.RawModule(code=read_source(source), options=("--std=c++14",))
+        _modules[key] = mod
+    return mod.get_function(name)
+
+
+def available_kernels():
+    """GEMM kernels the current GPU can run, fastest first."""
+    return ("tensorcore", "cuda") if _capability() >= 80 else ("cuda",)
+
+
+def default_kernel():
+    """The kernel :func:`xnor_gemm` uses when none is named."""
+    return available_kernels()[0]
+
+
+def _blocks(n_threads):
+    return (int((n_threads + _THREADS - 1) // _THREADS),)
+
+
+def pack_rows(x, check_nan=True):
+    """Binarize and pack ``x`` (..., K) on the GPU into uint64 words (..., ceil(K/64)).
+
+    bit = (x >= 0) (sign(0) = +1), bool True -> 1, LSB first, padding 0; returns a
+    CuPy array. float32/float64/bool are read in place with their strides (slices,
+    transposes); other integer and float dtypes go through ``x >= 0`` first. With
+    ``check_nan`` a NaN raises ValueError (this reads one flag back from the device).
+    """
+    cp = _cp()
+    x = check_pack_input(cp.asarray(x))
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k) if x.ndim != 2 else x
+    rows, words = x2.shape[0], n_words(k)
+    out = cp.empty((rows, words), dtype=cp.uint64)
+    if rows and words:
+        if x2.dtype == cp.float32:
+            fn = "pack_rows_f32"
+        elif x2.dtype == cp.float64:
+            fn = "pack_rows_f64"
+        else:
+            fn = "pack_rows_bool"
+            if x2.dtype != cp.bool_:
+                if x2.dtype.kind == "f":
+                    x2 = x2.astype(cp.float32)
+                    fn = "pack_rows_f32"
+                else:
+                    x2 = x2 >= 0
+        item = x2.dtype.itemsize
+        flag = cp.zeros(1, dtype=cp.int32)
+        _function("xnor_gemm.cu", fn)(
+            _blocks(rows * words * 32), (_THREADS,),
+            (x2, np.int64(rows), np.int64(k), np.int64(x2.strides[0] // item),
+             np.int64(x2.strides[1] // item), out, np.int64(words), flag))
+        if check_nan and fn != "pack_rows_bool" and int(flag[0]):
+            raise ValueError(
+                f"x: cannot binarize NaN (it has no sign); input has shape {tuple(x.shape)} "
+                f"and dtype {x.dtype}")
+    return out.reshape(lead + (words,))
+
+
+def _padded(x, rows, words):
+    """x as a C-contiguous, 16-byte aligned (rows, words) array, zero padded if needed."""
+    cp = _cp()
+    if x.shape == (rows, words) and x.flags.c_contiguous and x.data.ptr % 16 == 0:
+        return x
+    out = cp.zeros((rows, words), dtype=cp.uint64)
+    out[: x.shape[0], : x.shape[1]] = x
+    return out
+
+
+def xnor_gemm(a, b, k, kernel=None):
+    """Binary GEMM on the GPU: out[i, j] = k - 2 * popcount(a[i] XOR b[j]), int32 CuPy (M, N).
+
+    ``a`` (M, W) and ``b`` (N, W) are packed uint64 rows (CuPy or NumPy, B transposed),
+    W = ceil(k/64), padding bits 0 (not checked here: that would synchronize).
+    ``kernel``: ``"tensorcore"`` (compute capability >= 8.0) or ``"cuda"``; default the
+    fastest available.
+    """
+    k = check_gemm_operands(a, b, k, check_padding=False)
+    cp = _cp()
+    m, w = a.shape
+    n = b.shape[0]
+    if max(m, n, w, k) > _INT32_MAX:
+        raise ValueError(f"a, b: sizes M={m}, N={n}, W={w}, k={k} exceed the int32 kernel limits")
+    kernels = available_kernels()
+    kernel = kernels[0] if kernel is None else kernel
+    if kernel not in kernels:
+        raise ValueError(f"kernel: expected one of {kernels} on this GPU, got {kernel!r}")
+    a = cp.asarray(a)
+    b = cp.asarray(b)
+    out = cp.empty((m, n), dtype=cp.int32)
+    if m == 0 or n == 0:
+        return out
+    if w == 0:
+        out.fill(0)
+        return out
+    grid = ((n + _TILE - 1) // _TILE, (m + _TILE - 1) // _TILE)
+    if grid[1] > 65535:
+        raise ValueError(f"a: M={m} rows exceed the launch grid limit of {65535 * _TILE}")
+    if kernel == "cuda":
+        a = cp.ascontiguousarray(a)
+        b = cp.ascontiguousarray(b)
+        _function("xnor_gemm.cu", "xnor_gemm_cuda_core")(
+            grid, (_THREADS,), (a, b, out, np.int32(m), np.int32(n), np.int32(w), np.int32(k)))
+        return out
+    wp = (w + _TC_BKW - 1) // _TC_BKW * _TC_BKW
+    ap = _padded(a, grid[1] * _TILE, wp)
+    bp = _padded(b, grid[0] * _TILE, wp)
+    pop_a = cp.empty(m, dtype=cp.int32)
+    pop_b = cp.empty(n, dtype=cp.int32)
+    popcount = _function("xnor_gemm.cu", "row_popcount")
+    popcount(_blocks(m * 32), (_THREADS,), (ap, np.int32(m), np.int32(wp), pop_a))
+    popcount(_blocks(n * 32), (_THREADS,), (bp, np.int32(n), np.int32(wp), pop_b))
+    fn = _function("xnor_gemm_tc.cu", "xnor_gemm_tc")
+    if fn.max_dynamic_shared_size_bytes < _TC_SMEM_BYTES:
+        fn.max_dynamic_shared_size_bytes = _TC_SMEM_BYTES
+    fn(grid, (_THREADS,),
+       (ap, bp, pop_a, pop_b, out, np.int32(m), np.int32(n), np.int32(wp), np.int32(k)),
+       shared_mem=_TC_SMEM_BYTES)
+    return out

@@ -1,0 +1,119 @@
+"""Compile the packaged CUDA sources to PTX with NVRTC, without a GPU (a CI check).
+
+NVRTC is loaded with ctypes from the ``nvidia-cuda-nvrtc-cu12`` wheel
+(``nvidia/cuda_nvrtc/lib/libnvrtc.so.12``), from ``$MINIBNN_NVRTC`` (a path to the
+library) or from the system library path. No CUDA driver or device is needed: PTX
+generation for a virtual architecture ``compute_XY`` is pure compilation.
+"""
+
+import ctypes
+import ctypes.util
+import importlib.util
+import os
+from pathlib import Path
+
+from .cuda_sources import SOURCES, read_source
+
+__all__ = ["NVRTCError", "NVRTCUnavailable", "load_nvrtc", "nvrtc_version", "compile_source",
+           "compile_all"]
+
+
+class NVRTCUnavailable(RuntimeError):
+    """No NVRTC library could be loaded (the message says where it looked)."""
+
+
+class NVRTCError(RuntimeError):
+    """NVRTC rejected a source; the message carries NVRTC's log."""
+
+
+_LIB = None
+
+
+def _candidates():
+    env = os.environ.get("MINIBNN_NVRTC")
+    if env:
+        yield env
+    try:
+        spec = importlib.util.find_spec("nvidia.cuda_nvrtc")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None:
+        for loc in spec.submodule_search_locations or []:
+            for name in ("libnvrtc.so.12", "libnvrtc.so.13", "libnvrtc.so"):
+                p = Path(loc) / "lib" / name
+                if p.exists():
+                    yield str(p)
+    for name in ("libnvrtc.so.12", "libnvrtc.so"):
+        yield name
+    found = ctypes.util.find_library("nvrtc")
+    if found:
+        yield found
+
+
+def load_nvrtc():
+    """The NVRTC shared library as a ctypes CDLL; raises NVRTCUnavailable if none loads."""
+    global _LIB
+    if _LIB is not None:
+        return _LIB
+    tried = []
+    for cand in _candidates():
+        try:
+            lib = ctypes.CDLL(cand)
+        except OSError as exc:
+            tried.append(f"{cand} ({exc})")
+            continue
+        lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+        _LIB = lib
+        return lib
+    raise NVRTCUnavailable(
+        "NVRTC not found; install it with `pip install nvidia-cuda-nvrtc-cu12` or set "
+        "MINIBNN_NVRTC to libnvrtc.so. Tried: " + "; ".join(tried)
+    )
+
+
+def nvrtc_version():
+    """(major, minor) of the loaded NVRTC."""
+    lib = load_nvrtc()
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    _check(lib, lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)), "nvrtcVersion")
+    return major.value, minor.value
+
+
+def _check(lib, status, what, log=""):
+    if status != 0:
+        msg = lib.nvrtcGetErrorString(status).decode()
+        raise NVRTCError(f"{what} failed: {msg}" + (f"\n{log}" if log else ""))
+
+
+def compile_source(source, arch="compute_80", name="kernel.cu", options=()):
+    """Compile CUDA C++ ``source`` to PTX for virtual architecture ``arch``; returns the PTX text.
+
+    Raises NVRTCError with NVRTC's log when compilation fails.
+    """
+    lib = load_nvrtc()
+    prog = ctypes.c_void_p()
+    _check(lib, lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(),
+                                       0, None, None), "nvrtcCreateProgram")
+    try:
+        opts = [f"--gpu-architecture={arch}", "--std=c++14", *options]
+        c_opts = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
+        status = lib.nvrtcCompileProgram(prog, len(opts), c_opts)
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        buf = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, buf)
+        log = buf.value.decode(errors="replace")
+        _check(lib, status, f"compiling {name} for {arch}", log)
+        _check(lib, lib.nvrtcGetPTXSize(prog, ctypes.byref(size)), "nvrtcGetPTXSize")
+        ptx = ctypes.create_string_buffer(size.value)
+        _check(lib, lib.nvrtcGetPTX(prog, ptx), "nvrtcGetPTX")
+        return ptx.value.decode()
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def compile_all(arch="compute_80"):
+    """Compile every packaged source whose minimum architecture ``arch`` meets; {name: PTX}."""
+    cc = int(arch.split("_")[-1])
+    return {name: compile_source(read_source(name), arch, name)
+            for name, min_cc in SOURCES.items() if cc >= min_cc}

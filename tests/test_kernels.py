@@ -1,0 +1,246 @@
+"""Bit packing and XNOR GEMM on every available backend, bit-exact against float matmul.
+
+The NumPy reference and the Numba kernels always run; the CuPy kernels run when CuPy
+and a GPU are present (tests marked ``gpu``, skipped with the reason otherwise).
+"""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kernels import cupy_gpu, numba_cpu, reference
+
+GPU_OK, GPU_WHY = cupy_gpu.available()
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not GPU_OK, reason=GPU_WHY or "no GPU")]
+
+
+def _to_host(x):
+    return x.get() if hasattr(x, "get") else np.asarray(x)
+
+
+def _gpu_pack(x):
+    return _to_host(cupy_gpu.pack_rows(x))
+
+
+def _gpu_gemm(kernel):
+    def run(a, b, k):
+        return _to_host(cupy_gpu.xnor_gemm(a, b, k, kernel=kernel))
+
+    return run
+
+
+def _numba_gemm(kernel):
+    return lambda a, b, k: numba_cpu.xnor_gemm(a, b, k, kernel=kernel)
+
+
+PACKERS = [
+    pytest.param(reference.pack_rows, id="numpy"),
+    pytest.param(numba_cpu.pack_rows, id="numba"),
+    pytest.param(_gpu_pack, id="cupy", marks=gpu),
+]
+
+GEMMS = [pytest.param(reference.xnor_gemm, id="numpy")]
+GEMMS += [pytest.param(_numba_gemm(kn), id=f"numba-{kn}") for kn in numba_cpu.available_kernels()]
+GEMMS += [pytest.param(_gpu_gemm(kn), id=f"cupy-{kn}", marks=gpu) for kn in ("tensorcore", "cuda")]
+
+SETTINGS = settings(max_examples=25, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                           HealthCheck.too_slow])
+
+
+def pm1(x):
+    """The +-1 matrix the packed bits stand for: sign(x) with sign(0) = +1 (bool: True = +1)."""
+    x = np.asarray(x)
+    return np.where(x if x.dtype == bool else x >= 0, 1.0, -1.0)
+
+
+def random_values(rng, shape, dtype, zeros=0.2):
+    """Random values of ``dtype`` with about a fraction ``zeros`` planted exact zeros."""
+    if np.dtype(dtype) == bool:
+        return rng.random(shape) < 0.5
+    if np.dtype(dtype).kind == "f":
+        x = rng.standard_normal(shape).astype(dtype)
+    else:
+        info = np.iinfo(dtype)
+        x = rng.integers(max(info.min, -100), min(info.max, 100), size=shape, endpoint=True).astype(dtype)
+    x[rng.random(shape) < zeros] = 0
+    return x
+
+
+K_VALUES = st.one_of(st.sampled_from([1, 63, 64, 65, 127, 128, 129, 4097]), st.integers(1, 700))
+DTYPES = st.sampled_from([np.float32, np.float64, np.int32, np.int8, np.bool_])
+
+
+# ------------------------------------------------------------------------ packing
+
+
+@pytest.mark.parametrize("pack", PACKERS)
+@SETTINGS
+@given(rows=st.integers(0, 6), k=K_VALUES, dtype=DTYPES, seed=st.integers(0, 2**32 - 1))
+def test_pack_matches_packbits(pack, rows, k, dtype, seed):
+    x = random_values(np.random.default_rng(seed), (rows, k), dtype)
+    bits = x if x.dtype == bool else x >= 0
+    expect = np.packbits(bits, axis=-1, bitorder="little")
+    expect = np.pad(expect, ((0, 0), (0, (-expect.shape[1]) % 8))).view("<u8")
+    got = pack(x)
+    assert got.dtype == np.uint64 and got.shape == (rows, (k + 63) // 64)
+    np.testing.assert_array_equal(got, expect)
+
+
+@pytest.mark.parametrize("pack", PACKERS)
+def test_sign_of_zero_is_plus_one(pack):
+    x = np.zeros((3, 70), dtype=np.float32)
+    x[1] = -0.0  # -0.0 >= 0 too
+    x[2, ::2] = -1.0
+    got = pack(x)
+    full, tail = np.uint64(2**64 - 1), np.uint64(2**6 - 1)
+    assert (got[:2, 0] == full).all() and (got[:2, 1] == tail).all()
+    assert got[2, 0] == np.uint64(0xAAAAAAAAAAAAAAAA)  # odd positions are the zeros
+    assert got[2, 1] == np.uint64(0b101010)
+
+
+@pytest.mark.parametrize("pack", PACKERS)
+def test_pack_non_contiguous_and_other_ranks(pack):
+    rng = np.random.default_rng(1)
+    base = random_values(rng, (40, 300), np.float32)
+    for view in (base[::3, 5:200:2], base.T, base[::-1, ::-1], base[:, 7:], base.T[::2]):
+        assert not view.flags.c_contiguous
+        np.testing.assert_array_equal(pack(view), reference.pack_rows(np.ascontiguousarray(view)))
+    cube = random_values(rng, (2, 3, 65), np.float64)
+    np.testing.assert_array_equal(pack(cube).reshape(6, 2), reference.pack_rows(cube.reshape(6, 65)))
+    vec = random_values(rng, (130,), np.int32)
+    got = pack(vec)
+    assert got.shape == (3,)
+    np.testing.assert_array_equal(got, reference.pack_rows(vec[None])[0])
+
+
+@pytest.mark.parametrize("pack", PACKERS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pack_nan_raises(pack, dtype):
+    x = np.ones((4, 100), dtype=dtype)
+    x[2, 77] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        pack(x)
+
+
+@pytest.mark.parametrize("pack", PACKERS[:2])
+def test_pack_rejects_complex(pack):
+    with pytest.raises(TypeError, match="complex128"):
+        pack(np.ones((2, 3), dtype=complex))
+
+
+@SETTINGS
+@given(rows=st.integers(0, 5), k=K_VALUES, seed=st.integers(0, 2**32 - 1))
+def test_unpack_round_trip(rows, k, seed):
+    x = random_values(np.random.default_rng(seed), (rows, k), np.float64)
+    for packed in (reference.pack_rows(x), numba_cpu.pack_rows(x)):
+        back = numba_cpu.unpack_rows(packed, k, dtype=np.int8)
+        assert back.dtype == np.int8 and back.shape == (rows, k)
+        np.testing.assert_array_equal(back, pm1(x))
+        np.testing.assert_array_equal(reference.pack_rows(back), packed)
+
+
+def test_unpack_checks_word_count():
+    with pytest.raises(ValueError, match=r"ceil\(k/64\)"):
+        reference.unpack_rows(np.zeros((2, 3), np.uint64), 64)
+
+
+# ---------------------------------------------------------------------------- GEMM
+
+
+def float_matmul(x, y):
+    return (pm1(x) @ pm1(y).T).astype(np.int64)
+
+
+@pytest.mark.parametrize("gemm", GEMMS)
+@SETTINGS
+@given(m=st.integers(0, 9), n=st.integers(0, 9), k=K_VALUES,
+       dtype=DTYPES, seed=st.integers(0, 2**32 - 1))
+def test_gemm_matches_float_matmul(gemm, m, n, k, dtype, seed):
+    rng = np.random.default_rng(seed)
+    x = random_values(rng, (m, k), dtype)
+    y = random_values(rng, (n, k), dtype)
+    a, b = reference.pack_rows(x), reference.pack_rows(y)
+    got = gemm(a, b, k)
+    assert got.dtype == np.int32 and got.shape == (m, n)
+    np.testing.assert_array_equal(got, float_matmul(x, y))
+
+
+@pytest.mark.parametrize("gemm", GEMMS)
+@pytest.mark.parametrize("m,n,k", [(37, 515, 4097), (130, 70, 700), (1, 300, 8300),
+                                   (301, 1, 1000), (129, 129, 9000), (5, 260, 64)])
+def test_gemm_tiles_and_blocks(gemm, m, n, k):
+    """Shapes crossing register tiles, the N and K cache blocks and the GPU tiles."""
+    rng = np.random.default_rng(m * 7 + n * 3 + k)
+    x = random_values(rng, (m, k), np.float32)
+    y = random_values(rng, (n, k), np.float32)
+    a, b = numba_cpu.pack_rows(x), numba_cpu.pack_rows(y)
+    got = gemm(a, b, k)
+    np.testing.assert_array_equal(got, float_matmul(x, y))
+    np.testing.assert_array_equal(got, reference.xnor_gemm(a, b, k))
+
+
+@pytest.mark.parametrize("gemm", GEMMS)
+def test_gemm_non_contiguous_operands(gemm):
+    rng = np.random.default_rng(5)
+    k = 200
+    x = random_values(rng, (20, k), np.float32)
+    y = random_values(rng, (30, k), np.float32)
+    wide_a = np.zeros((20, 9), np.uint64)
+    wide_a[:, 2:6] = reference.pack_rows(x)
+    b_t = np.asfortranarray(reference.pack_rows(y))  # (30, 4), column-major
+    a = wide_a[:, 2:6]
+    assert not a.flags.c_contiguous and not b_t.flags.c_contiguous
+    np.testing.assert_array_equal(gemm(a, b_t, k), float_matmul(x, y))
+    np.testing.assert_array_equal(gemm(a[::2], b_t[::-3], k), float_matmul(x[::2], y[::-3]))
+
+
+@pytest.mark.parametrize("gemm", GEMMS)
+def test_gemm_empty(gemm):
+    a = np.zeros((0, 2), np.uint64)
+    b = np.zeros((4, 2), np.uint64)
+    assert gemm(a, b, 100).shape == (0, 4)
+    assert gemm(b, a, 100).shape == (4, 0)
+    z = gemm(np.zeros((3, 0), np.uint64), np.zeros((2, 0), np.uint64), 0)
+    assert z.shape == (3, 2) and (z == 0).all()
+
+
+# ----------------------------------------------------------------------- bad input
+
+CHECKED = [pytest.param(reference.xnor_gemm, id="numpy"),
+           pytest.param(numba_cpu.xnor_gemm, id="numba"),
+           pytest.param(cupy_gpu.xnor_gemm, id="cupy", marks=gpu)]
+
+
+@pytest.mark.parametrize("gemm", CHECKED)
+def test_gemm_rejects_bad_operands(gemm):
+    good = np.zeros((3, 2), np.uint64)
+    cases = [
+        ((np.zeros((3, 2), np.float32), good, 100), r"a: expected packed uint64 words.*float32.*pack_rows"),
+        ((good, np.zeros((3, 2), np.int64), 100), r"b: expected packed uint64.*int64"),
+        ((good, np.zeros((3, 3), np.uint64), 100), r"b: expected 2 words per row for k=100.*\(3, 3\)"),
+        ((good, good, 129), r"a: expected 3 words per row for k=129"),
+        ((np.zeros(2, np.uint64), good, 100), r"a: expected a 2-D array.*\(2,\)"),
+        ((good, np.zeros((1, 3, 2), np.uint64), 100), r"b: expected a 2-D array"),
+        ((good, good, -5), r"k: expected a non-negative integer"),
+        ((good, good, 100.0), r"k: expected a non-negative integer"),
+        (([[1, 2]], good, 100), r"a: expected"),
+    ]
+    for args, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            gemm(*args)
+
+
+@pytest.mark.parametrize("gemm", CHECKED[:2])
+def test_gemm_rejects_nonzero_padding(gemm):
+    a = reference.pack_rows(np.ones((2, 100)))
+    a[1, 1] |= np.uint64(1) << np.uint64(40)  # bit 104 > k
+    with pytest.raises(ValueError, match="a: padding bits 36..63"):
+        gemm(a, a.copy() * 0, 100)
+
+
+def test_numba_rejects_unknown_kernel():
+    a = np.zeros((1, 1), np.uint64)
+    with pytest.raises(ValueError, match="kernel: expected one of"):
+        numba_cpu.xnor_gemm(a, a, 64, kernel="fortran")
