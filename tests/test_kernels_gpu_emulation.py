@@ -1,0 +1,277 @@
+"""NumPy models of the CUDA kernels' indexing, runnable without a GPU.
+
+Each model repeats the index arithmetic of its kernel in ``kernels/*.cu`` (which lane
+or thread loads which word, where staged words land in shared memory, where each
+accumulator is stored) and runs it over a whole grid. The tensor-core model performs
+``mma.m16n8k256 .b1 .and.popc`` from the fragment layouts as the PTX ISA states them
+("Matrix Fragments for mma.m16n8k256"), independently of how the kernel fills them.
+Results must equal the reference GEMM and every output must be written exactly once.
+If a kernel's indexing changes, its model here must change with it.
+"""
+
+import numpy as np
+import pytest
+
+from kernels import reference
+
+# ------------------------------------------------------------ PTX ISA fragment layouts
+# groupID g = laneid >> 2, threadID_in_group t = laneid % 4.
+_LANE = np.arange(32)
+_G, _T = _LANE >> 2, _LANE & 3
+
+
+def _a_layout():
+    """(row, k) of element a_i (i = 0..127, register i // 32, bit i % 32) for each lane."""
+    i = np.arange(128)
+    row = np.where((i < 32) | ((i >= 64) & (i < 96)), 0, 8)[None, :] + _G[:, None]
+    col = _T[:, None] * 32 + (i & 31)[None, :] + np.where(i >= 64, 128, 0)[None, :]
+    return row, col
+
+
+def _b_layout():
+    """(k, column) of element b_i (i = 0..63) for each lane."""
+    i = np.arange(64)
+    row = _T[:, None] * 32 + (i & 31)[None, :] + np.where(i >= 32, 128, 0)[None, :]
+    col = np.broadcast_to(_G[:, None], row.shape)
+    return row, col
+
+
+def _c_layout():
+    """(row, column) of accumulator c_i (i = 0..3) for each lane."""
+    i = np.arange(4)
+    row = _G[:, None] + np.where(i >= 2, 8, 0)[None, :]
+    col = _T[:, None] * 2 + (i & 1)[None, :]
+    return row, col
+
+
+A_ROW, A_COL = _a_layout()
+B_ROW, B_COL = _b_layout()
+C_ROW, C_COL = _c_layout()
+
+
+def test_layouts_cover_each_element_once():
+    for rows, cols, shape in ((A_ROW, A_COL, (16, 256)), (B_ROW, B_COL, (256, 8)),
+                              (C_ROW, C_COL, (16, 8))):
+        hits = np.zeros(shape, int)
+        np.add.at(hits, (rows, cols), 1)
+        assert (hits == 1).all()
+
+
+def _bits(regs):
+    """(32, R) uint32 registers -> (32, 32 R) bits, element i = bit i % 32 of register i // 32."""
+    regs = np.asarray(regs, dtype=np.uint64)
+    return ((regs[:, :, None] >> np.arange(32, dtype=np.uint64)) & np.uint64(1)).reshape(32, -1)
+
+
+def mma_m16n8k256_and_popc(a_regs, b_regs, c_regs):
+    """D = C + popcount(A AND B) per the PTX ISA; registers per lane: a (32, 4), b (32, 2), c (32, 4)."""
+    a = np.zeros((16, 256), np.int64)
+    b = np.zeros((256, 8), np.int64)
+    a[A_ROW, A_COL] = _bits(a_regs)
+    b[B_ROW, B_COL] = _bits(b_regs)
+    d = a @ b
+    return np.asarray(c_regs) + d[C_ROW, C_COL]
+
+
+def test_mma_model_on_one_tile():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 2, (16, 256))
+    b = rng.integers(0, 2, (256, 8))
+    a_regs = np.zeros((32, 4), np.uint64)
+    b_regs = np.zeros((32, 2), np.uint64)
+    np.add.at(a_regs, (np.arange(32)[:, None], np.arange(128)[None, :] // 32),
+              a[A_ROW, A_COL].astype(np.uint64) << (np.arange(128) % 32).astype(np.uint64)[None, :])
+    np.add.at(b_regs, (np.arange(32)[:, None], np.arange(64)[None, :] // 32),
+              b[B_ROW, B_COL].astype(np.uint64) << (np.arange(64) % 32).astype(np.uint64)[None, :])
+    d = mma_m16n8k256_and_popc(a_regs, b_regs, np.zeros((32, 4), np.int64))
+    full = a @ b
+    assert (d == full[C_ROW, C_COL]).all()
+
+
+# ---------------------------------------------------------- model of xnor_gemm_tc.cu
+
+TC_BM = TC_BN = 128
+TC_BKW, TC_LDW, TC_STAGES = 8, 12, 3
+TC_STAGE_WORDS = (TC_BM + TC_BN) * TC_LDW
+MASK32 = np.uint64(0xFFFFFFFF)
+
+
+def tc_kernel_model(ap, bp, pop_a, pop_b, m, n, wp, k):
+    """Run xnor_gemm_tc over its whole grid; returns (C, number of writes per output)."""
+    out = np.zeros((m, n), np.int64)
+    writes = np.zeros((m, n), np.int64)
+    flat_a, flat_b = ap.reshape(-1), bp.reshape(-1)
+    tid = np.arange(256)
+    n_stages = wp // TC_BKW
+    for by in range(ap.shape[0] // TC_BM):
+        for bx in range(bp.shape[0] // TC_BN):
+            row0, col0 = by * TC_BM, bx * TC_BN
+            smem = np.zeros(TC_STAGES * TC_STAGE_WORDS, np.uint64)
+
+            def load_stage(buf, stage):  # tc_load_stage, all 256 threads at once
+                s_a = buf * TC_STAGE_WORDS
+                s_b = s_a + TC_BM * TC_LDW
+                kw0 = stage * TC_BKW
+                for q in range(2):
+                    chunk = q * 256 + tid
+                    r, part = chunk >> 2, chunk & 3
+                    for half in range(2):  # the 16 bytes of one cp.async
+                        smem[s_a + r * TC_LDW + 2 * part + half] = flat_a[(row0 + r) * wp + kw0 + 2 * part + half]
+                        smem[s_b + r * TC_LDW + 2 * part + half] = flat_b[(col0 + r) * wp + kw0 + 2 * part + half]
+
+            acc = np.zeros((8, 4, 4, 32, 4), np.int64)  # warp, i, j, lane, register
+            for s in range(TC_STAGES - 1):
+                if s < n_stages:
+                    load_stage(s, s)
+            for s in range(n_stages):
+                nxt = s + TC_STAGES - 1
+                if nxt < n_stages:
+                    assert nxt % TC_STAGES != s % TC_STAGES
+                    load_stage(nxt % TC_STAGES, nxt)
+                s_a = (s % TC_STAGES) * TC_STAGE_WORDS
+                s_b = s_a + TC_BM * TC_LDW
+                for warp in range(8):
+                    wm, wn = warp >> 2, warp & 3
+                    for ks in range(TC_BKW // 4):
+                        af, bf = [], []
+                        for i in range(4):
+                            r = wm * 64 + i * 16 + _G
+                            x0 = smem[s_a + r * TC_LDW + 4 * ks + _T]
+                            x1 = smem[s_a + (r + 8) * TC_LDW + 4 * ks + _T]
+                            af.append(np.stack([x0 & MASK32, x1 & MASK32, x0 >> np.uint64(32),
+                                                x1 >> np.uint64(32)], axis=1))
+                        for j in range(4):
+                            c = wn * 32 + j * 8 + _G
+                            y = smem[s_b + c * TC_LDW + 4 * ks + _T]
+                            bf.append(np.stack([y & MASK32, y >> np.uint64(32)], axis=1))
+                        for i in range(4):
+                            for j in range(4):
+                                acc[warp, i, j] = mma_m16n8k256_and_popc(af[i], bf[j], acc[warp, i, j])
+            for warp in range(8):
+                wm, wn = warp >> 2, warp & 3
+                for i in range(4):
+                    for half in range(2):
+                        r = row0 + wm * 64 + i * 16 + _G + 8 * half
+                        for j in range(4):
+                            for e in range(2):
+                                c = col0 + wn * 32 + j * 8 + 2 * _T + e
+                                ok = (r < m) & (c < n)
+                                rr, cc = r[ok], c[ok]
+                                val = k - 2 * pop_a[rr] - 2 * pop_b[cc] + 4 * acc[warp, i, j][ok, 2 * half + e]
+                                out[rr, cc] = val
+                                writes[rr, cc] += 1
+    return out, writes
+
+
+def _pad(x, rows, words):  # what cupy_gpu._padded produces
+    out = np.zeros((rows, words), np.uint64)
+    out[: x.shape[0], : x.shape[1]] = x
+    return out
+
+
+@pytest.mark.parametrize("m,n,k", [(130, 200, 700), (16, 8, 256), (1, 129, 1025)])
+def test_tensor_core_kernel_model(m, n, k):
+    rng = np.random.default_rng(m + n + k)
+    a = reference.pack_rows(rng.standard_normal((m, k)))
+    b = reference.pack_rows(rng.standard_normal((n, k)))
+    w = a.shape[1]
+    wp = -(-w // TC_BKW) * TC_BKW
+    ap = _pad(a, -(-m // TC_BM) * TC_BM, wp)
+    bp = _pad(b, -(-n // TC_BN) * TC_BN, wp)
+    pop_a = np.bitwise_count(ap).sum(axis=1).astype(np.int64)[:m]
+    pop_b = np.bitwise_count(bp).sum(axis=1).astype(np.int64)[:n]
+    out, writes = tc_kernel_model(ap, bp, pop_a, pop_b, m, n, wp, k)
+    assert (writes == 1).all()
+    np.testing.assert_array_equal(out, reference.xnor_gemm(a, b, k))
+
+
+def test_tensor_core_fragment_loads_are_bank_conflict_free():
+    """A half warp's 16 lanes read 16 distinct 8-byte words over all 32 banks."""
+    for base_row in (0, 16, 72):
+        for ks in range(TC_BKW // 4):
+            for lanes in (_LANE[:16], _LANE[16:]):
+                word = (base_row + _G[lanes]) * TC_LDW + 4 * ks + _T[lanes]
+                banks = np.concatenate([(2 * word) % 32, (2 * word + 1) % 32])
+                assert len(set(banks.tolist())) == 32
+
+
+# ------------------------------------------------------------ model of xnor_gemm.cu
+
+CC_BM = CC_BN = 128
+CC_BKW = 8
+CC_LD = 2 * CC_BKW + 1
+
+
+def cuda_core_kernel_model(a, b, m, n, w, k):
+    out = np.zeros((m, n), np.int64)
+    writes = np.zeros((m, n), np.int64)
+    tid = np.arange(256)
+    tx, ty = tid & 15, tid >> 4
+    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
+    n_stages = -(-w // CC_BKW)
+    for by in range(-(-m // CC_BM)):
+        for bx in range(-(-n // CC_BN)):
+            row0, col0 = by * CC_BM, bx * CC_BN
+            acc = np.zeros((256, 8, 8), np.int64)
+            for s in range(n_stages):
+                s_a = np.zeros(CC_BM * CC_LD, np.uint64)
+                s_b = np.zeros(CC_BN * CC_LD, np.uint64)
+                for q in range(4):  # cc_load, then the stores to shared memory
+                    idx = q * 256 + tid
+                    r, ww = idx >> 3, s * CC_BKW + (idx & 7)
+                    ok_a = (row0 + r < m) & (ww < w)
+                    ok_b = (col0 + r < n) & (ww < w)
+                    ra = np.where(ok_a, flat_a[np.where(ok_a, (row0 + r) * w + ww, 0)], np.uint64(0))
+                    rb = np.where(ok_b, flat_b[np.where(ok_b, (col0 + r) * w + ww, 0)], np.uint64(0))
+                    col = 2 * (idx & 7)
+                    s_a[r * CC_LD + col] = ra & MASK32
+                    s_a[r * CC_LD + col + 1] = ra >> np.uint64(32)
+                    s_b[r * CC_LD + col] = rb & MASK32
+                    s_b[r * CC_LD + col + 1] = rb >> np.uint64(32)
+                for kk in range(2 * CC_BKW):
+                    av = s_a[(ty[:, None] + 16 * np.arange(8)[None, :]) * CC_LD + kk]
+                    bv = s_b[(tx[:, None] + 16 * np.arange(8)[None, :]) * CC_LD + kk]
+                    acc += np.bitwise_count(av[:, :, None] ^ bv[:, None, :])
+            r = row0 + ty[:, None, None] + 16 * np.arange(8)[None, :, None]
+            c = col0 + tx[:, None, None] + 16 * np.arange(8)[None, None, :]
+            r, c = np.broadcast_to(r, acc.shape), np.broadcast_to(c, acc.shape)
+            ok = (r < m) & (c < n)
+            out[r[ok], c[ok]] = k - 2 * acc[ok]
+            np.add.at(writes, (r[ok], c[ok]), 1)
+    return out, writes
+
+
+@pytest.mark.parametrize("m,n,k", [(130, 200, 700), (1, 1, 1), (129, 5, 4097)])
+def test_cuda_core_kernel_model(m, n, k):
+    rng = np.random.default_rng(m * n + k)
+    a = reference.pack_rows(rng.standard_normal((m, k)))
+    b = reference.pack_rows(rng.standard_normal((n, k)))
+    out, writes = cuda_core_kernel_model(a, b, m, n, a.shape[1], k)
+    assert (writes == 1).all()
+    np.testing.assert_array_equal(out, reference.xnor_gemm(a, b, k))
+
+
+# ------------------------------------------------------- model of the pack kernels
+
+
+def pack_kernel_model(x):
+    """pack_rows_*: warp (r, w) ballots x[r, 64w + lane] >= 0 and x[r, 64w + 32 + lane] >= 0."""
+    rows, k = x.shape
+    words = -(-k // 64)
+    out = np.zeros((rows, words), np.uint64)
+    for r in range(rows):
+        for w in range(words):
+            c0 = w * 64 + _LANE
+            c1 = c0 + 32
+            b0 = (c0 < k) & (x[r, np.minimum(c0, k - 1)] >= 0)
+            b1 = (c1 < k) & (x[r, np.minimum(c1, k - 1)] >= 0)
+            lo = int(np.sum(b0.astype(np.uint64) << _LANE.astype(np.uint64)))  # __ballot_sync
+            hi = int(np.sum(b1.astype(np.uint64) << _LANE.astype(np.uint64)))
+            out[r, w] = np.uint64((hi << 32) | lo)
+    return out
+
+
+def test_pack_kernel_model():
+    x = np.random.default_rng(3).standard_normal((3, 130))
+    x[:, ::7] = 0
+    np.testing.assert_array_equal(pack_kernel_model(x), reference.pack_rows(x))

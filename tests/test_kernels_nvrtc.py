@@ -1,0 +1,71 @@
+"""Every CUDA source compiles with NVRTC for compute_80 and compute_90 (no GPU needed).
+
+Needs the NVRTC library (``pip install nvidia-cuda-nvrtc-cu12``); skipped with the
+reason when it is missing.
+"""
+
+import re
+
+import pytest
+
+from kernels import cupy_gpu
+from kernels.cuda_sources import SOURCES, read_source
+from kernels.nvrtc_check import NVRTCError, NVRTCUnavailable, compile_all, compile_source, load_nvrtc
+
+try:
+    load_nvrtc()
+    NVRTC_WHY = ""
+except NVRTCUnavailable as exc:
+    NVRTC_WHY = str(exc)
+
+pytestmark = pytest.mark.skipif(bool(NVRTC_WHY), reason=NVRTC_WHY)
+
+ENTRIES = {
+    "xnor_gemm.cu": {"pack_rows_f32", "pack_rows_f64", "pack_rows_bool", "row_popcount",
+                     "xnor_gemm_cuda_core"},
+    "xnor_gemm_tc.cu": {"xnor_gemm_tc"},
+}
+
+
+@pytest.fixture(scope="module", params=["compute_80", "compute_90"])
+def ptx(request):
+    return compile_all(request.param)
+
+
+def test_every_source_compiles(ptx):
+    assert set(ptx) == set(SOURCES)
+    for name, text in ptx.items():
+        entries = set(re.findall(r"\.entry\s+(\w+)\s*\(", text))
+        assert entries == ENTRIES[name], name
+
+
+def test_tensor_core_source_uses_and_popc(ptx):
+    text = ptx["xnor_gemm_tc.cu"]
+    mmas = re.findall(r"mma\.sync\.aligned\.\S+", text)
+    # 2 k256 steps per stage x (4 x 4) mma tiles per warp, fully unrolled
+    assert len(mmas) == 32
+    assert set(mmas) == {"mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc"}
+    assert "xor.popc" not in text
+    assert "cp.async.cg.shared.global" in text and "cp.async.wait_group 1" in text
+
+
+def test_cuda_core_source_compiles_for_older_gpus():
+    ptx = compile_all("compute_70")
+    assert set(ptx) == {"xnor_gemm.cu"}
+    assert "popc.b32" in ptx["xnor_gemm.cu"]
+
+
+def test_compile_error_carries_the_log():
+    with pytest.raises(NVRTCError, match="undefined_thing"):
+        compile_source('extern "C" __global__ void f() { undefined_thing(); }', "compute_80")
+
+
+def test_wrapper_constants_match_the_source():
+    src = read_source("xnor_gemm_tc.cu")
+    d = {k: int(v) for k, v in re.findall(r"#define (TC_\w+) (\d+)\b", src)}
+    assert cupy_gpu._TC_BKW == d["TC_BKW"]
+    assert cupy_gpu._TILE == d["TC_BM"] == d["TC_BN"]
+    assert cupy_gpu._TC_SMEM_BYTES == d["TC_STAGES"] * (d["TC_BM"] + d["TC_BN"]) * d["TC_LDW"] * 8
+    assert "// 73728" in src and cupy_gpu._TC_SMEM_BYTES == 73728
+    cc = dict(re.findall(r"#define (CC_B\w) (\d+)\b", read_source("xnor_gemm.cu")))
+    assert int(cc["CC_BM"]) == int(cc["CC_BN"]) == cupy_gpu._TILE
