@@ -133,18 +133,27 @@ _KB_WORDS = 128  # words of K per cache block
 
 
 @_jit()
-def _pair_counts(a, b, i0, i1, j0, j1, w0, w1, cnt):
-    """cnt[i, j] += popcount(a[i, w0:w1] ^ b[j, w0:w1]) one pair at a time (edge tiles)."""
+def _pair_counts(a, b, i0, i1, j0, j1, w0, w1, cnt, k, final):
+    """cnt[i, j] += popcount(a[i, w0:w1] ^ b[j, w0:w1]) one pair at a time (edge tiles);
+    with ``final`` (the last K block) the sum becomes the result k - 2 * count."""
     for i in range(i0, i1):
         for j in range(j0, j1):
             s = np.uint64(0)
             for w in range(w0, w1):
                 s += popcount64(a[i, w] ^ b[j, w])
-            cnt[i, j] += np.int32(s)
+            _store(cnt, i, j, np.int32(s), k, final)
+
+
+@_jit(inline="always")
+def _store(cnt, i, j, s, k, final):
+    if final:
+        cnt[i, j] = k - 2 * (cnt[i, j] + s)
+    else:
+        cnt[i, j] += s
 
 
 @_jit(parallel=True)
-def _gemm_generic(a, b, cnt, n_chunks):
+def _gemm_generic(a, b, cnt, k, n_chunks):
     m, w_count = a.shape
     n = b.shape[0]
     tiles = m // _GR
@@ -156,6 +165,7 @@ def _gemm_generic(a, b, cnt, n_chunks):
             jt_end = jb + (je - jb) // _GC * _GC
             for wb in range(0, w_count, _KB_WORDS):
                 we = min(wb + _KB_WORDS, w_count)
+                final = we == w_count
                 for t in range(t0, t1):
                     i = t * _GR
                     for j in range(jb, jt_end, _GC):
@@ -176,17 +186,17 @@ def _gemm_generic(a, b, cnt, n_chunks):
                             c21 += popcount64(a2 ^ b1)
                             c30 += popcount64(a3 ^ b0)
                             c31 += popcount64(a3 ^ b1)
-                        cnt[i, j] += np.int32(c00)
-                        cnt[i, j + 1] += np.int32(c01)
-                        cnt[i + 1, j] += np.int32(c10)
-                        cnt[i + 1, j + 1] += np.int32(c11)
-                        cnt[i + 2, j] += np.int32(c20)
-                        cnt[i + 2, j + 1] += np.int32(c21)
-                        cnt[i + 3, j] += np.int32(c30)
-                        cnt[i + 3, j + 1] += np.int32(c31)
-                    _pair_counts(a, b, i, i + _GR, jt_end, je, wb, we, cnt)
+                        _store(cnt, i, j, np.int32(c00), k, final)
+                        _store(cnt, i, j + 1, np.int32(c01), k, final)
+                        _store(cnt, i + 1, j, np.int32(c10), k, final)
+                        _store(cnt, i + 1, j + 1, np.int32(c11), k, final)
+                        _store(cnt, i + 2, j, np.int32(c20), k, final)
+                        _store(cnt, i + 2, j + 1, np.int32(c21), k, final)
+                        _store(cnt, i + 3, j, np.int32(c30), k, final)
+                        _store(cnt, i + 3, j + 1, np.int32(c31), k, final)
+                    _pair_counts(a, b, i, i + _GR, jt_end, je, wb, we, cnt, k, final)
         if chunk == n_chunks - 1:  # rows below the last full tile
-            _pair_counts(a, b, tiles * _GR, m, 0, n, 0, w_count, cnt)
+            _pair_counts(a, b, tiles * _GR, m, 0, n, 0, w_count, cnt, k, True)
 
 
 # ------------------------------------------------------------------ AVX2 GEMM kernel
@@ -282,7 +292,7 @@ def _nibble_planes(x, planes):
 
 
 @_jit(parallel=True)
-def _gemm_avx2(a, b, pa, pb, cnt, n_chunks):
+def _gemm_avx2(a, b, pa, pb, cnt, k, n_chunks):
     m, w_count = a.shape
     n = b.shape[0]
     n_vec = pa.shape[1]
@@ -301,24 +311,18 @@ def _gemm_avx2(a, b, pa, pb, cnt, n_chunks):
             jt_end = jb + (je - jb) // _AC * _AC
             for vb in range(0, n_vec, _KB_VECS):
                 ve = min(vb + _KB_VECS, n_vec)
+                final = ve == n_vec
                 for t in range(t0, t1):
                     i = t * _AR
                     for j in range(jb, jt_end, _AC):
                         _mk_avx2_3x4(pa0 + i * sa, sa, pb0 + j * sb, sb, vb, ve, tmp_addr)
                         for r in range(_AR):
                             for c in range(_AC):
-                                cnt[i + r, j + c] += np.int32(tmp[r * _AC + c])
+                                _store(cnt, i + r, j + c, np.int32(tmp[r * _AC + c]), k, final)
                     _pair_counts(a, b, i, i + _AR, jt_end, je,
-                                 4 * vb, min(4 * ve, w_count), cnt)
+                                 4 * vb, min(4 * ve, w_count), cnt, k, final)
         if chunk == n_chunks - 1:
-            _pair_counts(a, b, tiles * _AR, m, 0, n, 0, w_count, cnt)
-
-
-@_jit(parallel=True)
-def _finish(cnt, k):
-    for i in prange(cnt.shape[0]):
-        for j in range(cnt.shape[1]):
-            cnt[i, j] = k - 2 * cnt[i, j]
+            _pair_counts(a, b, tiles * _AR, m, 0, n, 0, w_count, cnt, k, True)
 
 
 def _host_has_avx2():
@@ -373,8 +377,7 @@ def xnor_gemm(a, b, k, kernel=None):
             pb = np.empty((n, n_vec, 8), dtype=np.uint64)
             _nibble_planes(a, pa)
             _nibble_planes(b, pb)
-            _gemm_avx2(a, b, pa, pb, cnt, n_chunks)
+            _gemm_avx2(a, b, pa, pb, cnt, k, n_chunks)
         else:
-            _gemm_generic(a, b, cnt, n_chunks)
-    _finish(cnt, k)
+            _gemm_generic(a, b, cnt, k, n_chunks)
     return cnt
