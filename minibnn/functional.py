@@ -168,7 +168,8 @@ class Max(Function):
     def forward(self, a, axis=None, keepdims=False):
         out = a.max(axis=axis, keepdims=True)
         mask = a == out
-        self.save(mask / mask.sum(axis=axis, keepdims=True))
+        share = mask / mask.sum(axis=axis, keepdims=True)  # float64 from bool / int
+        self.save(share.astype(a.dtype) if a.dtype.kind == "f" else share)
         self.shape, self.axis, self.keepdims = a.shape, axis, keepdims
         return out if keepdims else out.reshape(
             [n for i, n in enumerate(a.shape) if i not in _normalize_axes(axis, a.ndim)])

@@ -140,17 +140,19 @@ class Tensor:
             if grad.shape != self.shape:
                 raise ValueError(f"grad shape {grad.shape} does not match tensor shape {self.shape}")
 
-        order, seen, stack = [], {id(self)}, [(self, False)]
+        order, seen, stack = [], set(), [(self, False)]
         while stack:
             node, expanded = stack.pop()
             if expanded:
                 order.append(node)
                 continue
+            if id(node) in seen:  # mark on expansion, not on push: a node reached again
+                continue          # through a longer path must still finish before its users
+            seen.add(id(node))
             stack.append((node, True))
             if node._ctx is not None:
                 for p in node._ctx.parents:
                     if p.requires_grad and id(p) not in seen:
-                        seen.add(id(p))
                         stack.append((p, False))
 
         grads = {id(self): grad}
