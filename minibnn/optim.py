@@ -25,7 +25,7 @@ class Optimizer:
         for i, p in enumerate(self.params):
             if not getattr(p, "requires_grad", False):
                 raise TypeError(f"{type(self).__name__}: parameter {i} does not require grad")
-        if lr <= 0:
+        if not lr > 0:  # also rejects nan
             raise ValueError(f"lr must be positive, got {lr}")
         self.lr = float(lr)
         self.hyper = {**self.defaults, **hyper}
@@ -82,7 +82,8 @@ class Optimizer:
                     raise ValueError(f"optimizer state {k!r} of parameter {i} has shape "
                                      f"{tuple(v.shape)}, the parameter has {tuple(p.shape)}")
         self.t, self.lr = int(sd["t"]), float(sd["lr"])
-        self.state = [{k: backend.asarray(v, dtype=p.dtype) for k, v in s.items()}
+        xp = backend.get_array_module(self.params[0].data)
+        self.state = [{k: xp.array(v, dtype=p.dtype, copy=True) for k, v in s.items()}
                       for p, s in zip(self.params, sd["state"])]
 
 
