@@ -8,9 +8,10 @@
 """
 
 from . import backend, binary, data, functional, losses, models, nn, optim
+from .binary import binary_matmul
 from .rng import seed
 from .tensor import Function, Tensor, no_grad
 
 __version__ = "0.1.0"
-__all__ = ["Tensor", "Function", "no_grad", "seed", "backend", "binary", "data", "functional",
+__all__ = ["binary_matmul", "Tensor", "Function", "no_grad", "seed", "backend", "binary", "data", "functional",
            "losses", "models", "nn", "optim"]

@@ -13,6 +13,7 @@ XNOR-popcount product. Ops never ask the backend for their array module: they us
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 
 import numpy as np
@@ -90,6 +91,16 @@ def use(name):
         yield name
     finally:
         _active = previous
+
+
+KERNEL_MODULES = {"numpy": "kernels.reference", "numba": "kernels.numba_cpu",
+                  "cupy": "kernels.cupy_gpu"}
+
+
+def kernel_module(name=None):
+    """The kernels of backend ``name`` (default: the active one): a module with
+    ``pack_rows(x)`` and ``xnor_gemm(a_packed, b_packed, k)``."""
+    return importlib.import_module(KERNEL_MODULES[_check(name) if name else active()])
 
 
 def xp():

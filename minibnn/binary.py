@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import backend
 from .backend import get_array_module
-from .tensor import Function
+from .functional import Linear
+from .tensor import Function, Tensor
 
 
 def sign(x):
@@ -91,3 +93,43 @@ def ap2(x):
     with np.errstate(divide="ignore"):
         mag = xp.exp2(xp.round(xp.log2(xp.abs(x))))
     return (sign(x) * mag).astype(x.dtype if x.dtype.kind == "f" else np.float64)
+
+
+def binary_matmul(a, b):
+    """Exact integer product of two sign matrices, a (M, K) @ b (K, N) -> int32 (M, N).
+
+    Entries are taken as signs (x >= 0 is +1). Both operands are packed 64 signs to a
+    word along K and multiplied by the active backend's XNOR-popcount kernel:
+    a . b = K - 2 * popcount(a XOR b) (paper Section 1.3 / Appendix). No gradient.
+    """
+    a = a.data if isinstance(a, Tensor) else a
+    b = b.data if isinstance(b, Tensor) else b
+    if getattr(a, "ndim", None) != 2 or getattr(b, "ndim", None) != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"binary_matmul: shapes {getattr(a, 'shape', type(a).__name__)} and "
+                         f"{getattr(b, 'shape', type(b).__name__)} do not align; expected "
+                         "(M, K) @ (K, N)")
+    kern = backend.kernel_module()
+    return kern.xnor_gemm(kern.pack_rows(a), kern.pack_rows(b.T), a.shape[1])
+
+
+def is_binary(x):
+    """True when every entry of the raw array ``x`` is exactly +1 or -1."""
+    return bool(get_array_module(x).all(abs(x) == 1))
+
+
+class BinaryLinearFn(Linear):
+    """y = x W_b^T for +-1 input x and +-1 weight W_b, computed by the XNOR-popcount
+    kernel of the active backend; gradients exactly as for the float product."""
+
+    def forward(self, x, w):
+        if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
+            raise ValueError(f"binary linear: input of shape {x.shape} does not fit weight of "
+                             f"shape {w.shape}")
+        self.save(x, w)
+        kern = backend.kernel_module()
+        return kern.xnor_gemm(kern.pack_rows(x), kern.pack_rows(w), x.shape[1]).astype(x.dtype)
+
+
+def binary_linear(x, wb):
+    """x W_b^T through the XNOR-popcount kernel (x and W_b must hold +-1 values)."""
+    return BinaryLinearFn.apply(x, wb)

@@ -152,6 +152,26 @@ class MatMul(Function):
         return ga, gb
 
 
+class Linear(Function):
+    """y = x W^T for x (..., in) and W (out, in): the layers' product, with W's gradient
+    g^T x computed directly in W's own (out, in) layout rather than through a transpose."""
+
+    def forward(self, x, w):
+        if x.ndim < 1 or w.ndim != 2 or x.shape[-1] != w.shape[1]:
+            raise ValueError(f"linear: input of shape {x.shape} does not fit weight of shape "
+                             f"{w.shape}; expected (..., {w.shape[1] if w.ndim == 2 else 'in'})")
+        self.save(x, w)
+        return x @ w.T
+
+    def backward(self, g):
+        x, w = self.saved
+        gx = g @ w if self.needs_input_grad[0] else None
+        gw = None
+        if self.needs_input_grad[1]:
+            gw = g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+        return gx, gw
+
+
 class Sum(Function):
     def forward(self, a, axis=None, keepdims=False):
         self.shape, self.axis, self.keepdims = a.shape, axis, keepdims
@@ -285,6 +305,7 @@ def log(a): return Log.apply(a)
 def maximum(a, b): return Maximum.apply(a, b)
 def relu(a): return Maximum.apply(a, 0.0)
 def matmul(a, b): return MatMul.apply(a, b)
+def linear(x, w): return Linear.apply(x, w)
 def sum(a, axis=None, keepdims=False): return Sum.apply(a, axis=axis, keepdims=keepdims)  # noqa: A001
 def max(a, axis=None, keepdims=False): return Max.apply(a, axis=axis, keepdims=keepdims)  # noqa: A001
 def reshape(a, *shape): return Reshape.apply(a, shape=_shape_arg(shape))

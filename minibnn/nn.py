@@ -15,7 +15,7 @@ import numpy as np
 
 from . import backend
 from . import functional as F
-from .binary import ap2, ap2_ste, binarize, sign_ste
+from .binary import ap2, ap2_ste, binarize, binary_linear, is_binary, sign_ste
 from .rng import get_rng
 from .tensor import Tensor
 
@@ -149,7 +149,7 @@ class Linear(Module):
 
     def forward(self, x):
         _check_features(x, self.in_features, type(self).__name__)
-        out = x @ self.weight.T
+        out = F.linear(x, self.weight)
         return out + self.bias if self.bias is not None else out
 
     def extra_repr(self):
@@ -181,7 +181,8 @@ class BinaryLinear(Module):
 
     def forward(self, x):
         _check_features(x, self.in_features, type(self).__name__)
-        out = x @ self.binary_weight().T
+        wb = self.binary_weight()
+        out = binary_linear(x, wb) if x.ndim == 2 and is_binary(x.data) else F.linear(x, wb)
         return out + self.bias if self.bias is not None else out
 
     def extra_repr(self):
