@@ -244,3 +244,19 @@ def test_numba_rejects_unknown_kernel():
     a = np.zeros((1, 1), np.uint64)
     with pytest.raises(ValueError, match="kernel: expected one of"):
         numba_cpu.xnor_gemm(a, a, 64, kernel="fortran")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU_OK, reason=GPU_WHY or "no GPU")
+def test_cupy_pack_reads_device_views_in_place():
+    import cupy as cp
+
+    rng = np.random.default_rng(9)
+    host = random_values(rng, (50, 333), np.float32)
+    dev = cp.asarray(host)
+    for h, d in ((host[::3, 4:300:2], dev[::3, 4:300:2]), (host.T, dev.T),
+                 (host[::-1, ::-1], dev[::-1, ::-1])):
+        np.testing.assert_array_equal(cupy_gpu.pack_rows(d).get(), reference.pack_rows(h))
+    got = cupy_gpu.xnor_gemm(cupy_gpu.pack_rows(dev), cupy_gpu.pack_rows(dev[:7]), 333)
+    assert isinstance(got, cp.ndarray)
+    np.testing.assert_array_equal(got.get(), float_matmul(host, host[:7]))
