@@ -76,8 +76,17 @@ def _cmd_train(args):
 
 def _cmd_eval(args):
     from .train import MODEL, error_rate, load_model, prepare_data, read_checkpoint, TrainConfig
-    from . import models
+    from . import deploy, models
     path = Path(args.path)
+    if path.is_file() and deploy.is_frozen_file(path):  # a frozen net: uint8 in, bits inside
+        from . import data
+        frozen = deploy.load(path)
+        mnist = data.load_mnist(args.data_dir)
+        pred = frozen.predict(mnist.test_images)
+        err = float((pred != mnist.test_labels.astype("int64")).mean())
+        print(f"{path} (frozen {frozen!r}): test error {100 * err:.2f}% on "
+              f"{len(mnist.test_labels)} images (backend {backend.active()})")
+        return 0
     if path.is_dir():
         if (path / MODEL).exists():
             model, _ = load_model(path / MODEL)
