@@ -87,6 +87,7 @@ def machine_info(use_gpu):
         "numba_threads": numba.get_num_threads(),
         "numba_kernels": list(numba_cpu.available_kernels()),
         "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
+        "load_average_at_start": list(os.getloadavg()),  # other work on the machine skews times
     }
     try:
         from threadpoolctl import threadpool_info
@@ -234,6 +235,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = ("gemm_gpu" if use_gpu else "gemm_cpu") + ("_quick" if args.quick else "")
+    info["load_average_at_end"] = list(os.getloadavg())
     (out / f"{stem}.json").write_text(json.dumps({"machine": info, "repeats": args.repeats,
                                                   "results": rows}, indent=1))
     print(f"wrote {out / (stem + '.json')}")
