@@ -57,7 +57,7 @@ FORMAT_VERSION = 1
 PLANES = 8  # bits per input pixel
 PIXEL_SCALE = 255  # z = PIXEL_SCALE * (x_f . w) for the first layer
 _WINDOW = 3  # integers either side of a float64 threshold checked against the float32 model
-_DEFAULT_BATCH = {"numpy": 256, "numba": 512, "cupy": 8192}
+_DEFAULT_BATCH = {"numpy": 256, "numba": 1024, "cupy": 8192}
 
 
 class FrozenFormatError(ValueError):

@@ -1,0 +1,358 @@
+"""Classify the MNIST test set with the paper's MLP: float32 forward vs the frozen binary net.
+
+The networks are the paper's permutation-invariant MLPs (Courbariaux et al. 2016,
+arXiv:1602.02830, Section 2.1 and the run-time discussion of Section 3): 784 -> 3 x 4096
+-> 10 and 784 -> 3 x 2048 -> 10. Their weights are random (timing does not depend on
+training) but their batch norms carry statistics of real MNIST batches, so the integer
+thresholds are the kind a trained net has. Each network runs
+
+* "float32 numpy": the eval-mode forward as the model computes it, in plain NumPy
+  float32 (BLAS matmul with the +-1 weights, batch norm, sign), from uint8 pixels;
+* "frozen <backend>": ``deploy.freeze(model)`` on the numpy (reference), numba and cupy
+  backends: bit planes of the uint8 input, XNOR-popcount GEMMs, integer thresholds,
+  packed activations, one float affine at the end;
+* "float32 cupy" (cuBLAS, TF32 off as CuPy's default) when the cupy backend runs.
+
+Every figure is the median of --repeats runs after a warm-up; the paths take turns in
+each repeat so that load from other work on the machine spreads over all of them. The
+NumPy reference backend is timed on a subset of the images (it is the readable ground
+truth, not a fast path) and its time is scaled to the full set; the table says so.
+Predictions of each path are compared with the float32 forward on all images it ran.
+Model sizes: float32 weights (4 bytes each) and the trained model's .npz against the
+saved frozen .npz. Results go to benchmarks/results/inference_{cpu,gpu}[_quick].{json,png}.
+
+    python benchmarks/bench_inference.py [--quick] [--repeats 5]
+                                         [--backends numpy,numba,cupy] [--out DIR]
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import minibnn  # noqa: E402
+from minibnn import backend, data, deploy, models, nn  # noqa: E402
+from minibnn import train as T  # noqa: E402
+from minibnn.binary import ap2  # noqa: E402
+from minibnn.tensor import Tensor, no_grad  # noqa: E402
+
+NETS = [(4096, 3), (2048, 3)]
+QUICK_NETS = [(512, 3), (256, 2)]
+QUICK_IMAGES = 1000
+REFERENCE_IMAGES = 200  # the NumPy reference backend runs on this many images of big nets
+
+
+# ----------------------------------------------------------------------------- the networks
+
+def build(hidden, layers, train_images, seed=0):
+    """The paper's MLP with random weights and batch-norm statistics from MNIST batches."""
+    rng = np.random.default_rng(seed)
+    model = models.mnist_mlp(hidden=hidden, layers=layers, rng=rng)
+    bns = [l for l in model.layers if isinstance(l, (nn.BatchNorm, nn.ShiftBatchNorm))]
+    for bn in bns:  # a trained net's gamma and beta are not 1 and 0
+        bn.gamma.data[...] = rng.uniform(0.5, 1.5, bn.num_features) * np.where(
+            rng.random(bn.num_features) < 0.1, -1, 1)
+        bn.beta.data[...] = rng.normal(0, 0.3, bn.num_features)
+        bn.momentum = 0.5
+    model.train()
+    with no_grad():
+        for i in range(0, 2000, 500):
+            model(Tensor(backend.asarray(data.to_pm1(train_images[i:i + 500]))))
+    for bn in bns:
+        bn.momentum = 0.1
+    return model.eval()
+
+
+class Float32Net:
+    """The model's eval-mode forward written out in NumPy (or CuPy) float32:
+    h <- sign(BN(h W_b^T)) per hidden layer, scores = BN(h W_b^T), from uint8 pixels."""
+
+    def __init__(self, model, xp=np):
+        self.xp = xp
+        self.blocks = []
+        layers = [l for l in model.layers if not isinstance(l, nn.Dropout)]
+        for i, layer in enumerate(layers):
+            if isinstance(layer, nn.BinaryLinear):
+                w = np.where(backend.to_numpy(layer.weight.data) >= 0, 1, -1).astype(np.float32)
+                self.blocks.append(dict(w_t=xp.asarray(np.ascontiguousarray(w.T)), bn=None,
+                                        sign=False))
+            elif isinstance(layer, (nn.BatchNorm, nn.ShiftBatchNorm)):
+                var = backend.to_numpy(layer.running_var)
+                inv = (1.0 / np.sqrt(var + layer.eps)).astype(np.float32)
+                gamma = backend.to_numpy(layer.gamma.data)
+                if isinstance(layer, nn.ShiftBatchNorm):
+                    inv, gamma = ap2(inv), ap2(gamma)
+                self.blocks[-1]["bn"] = [xp.asarray(v, dtype=np.float32) for v in (
+                    backend.to_numpy(layer.running_mean), inv, gamma,
+                    backend.to_numpy(layer.beta.data))]
+            elif isinstance(layer, nn.Sign):
+                self.blocks[-1]["sign"] = True
+            else:
+                raise ValueError(f"layer {i}: {type(layer).__name__} not supported here")
+
+    def scores(self, x_uint8):
+        xp = self.xp
+        h = xp.asarray(x_uint8).reshape(len(x_uint8), -1).astype(np.float32)
+        h /= np.float32(127.5)
+        h -= np.float32(1)
+        for b in self.blocks:
+            h = h @ b["w_t"]
+            if b["bn"] is not None:
+                mean, inv, gamma, beta = b["bn"]
+                h -= mean
+                h *= inv
+                h *= gamma
+                h += beta
+            if b["sign"]:
+                h = xp.where(h >= 0, np.float32(1), np.float32(-1))
+        return h
+
+    def predict(self, x_uint8):
+        return backend.to_numpy(self.scores(x_uint8).argmax(axis=1))
+
+
+# ----------------------------------------------------------------------------- timing
+
+def _sync(name):
+    if name == "cupy":
+        import cupy
+        cupy.cuda.Device().synchronize()
+
+
+def time_round_robin(paths, repeats):
+    """paths: name -> (fn, backend for sync). Warm up each, then time them in turns."""
+    times = {name: [] for name in paths}
+    for name, (fn, bk) in paths.items():
+        fn()
+        _sync(bk)
+    for _ in range(repeats):
+        for name, (fn, bk) in paths.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync(bk)
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(ts)) for name, ts in times.items()}
+
+
+def cpu_model():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(use_gpu):
+    import numba
+    info = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_model(),
+            "cores": os.cpu_count(), "python": platform.python_version(),
+            "numpy": np.__version__, "numba": numba.__version__,
+            "numba_threads": numba.get_num_threads(), "minibnn": minibnn.__version__,
+            "load_average_at_start": list(os.getloadavg())}
+    try:
+        from threadpoolctl import threadpool_info
+        info["blas"] = [{k: d.get(k) for k in ("internal_api", "version", "num_threads")}
+                        for d in threadpool_info()]
+    except ImportError:
+        pass
+    if use_gpu:
+        import cupy
+        dev = cupy.cuda.Device()
+        info["cupy"] = cupy.__version__
+        info["gpu"] = cupy.cuda.runtime.getDeviceProperties(dev.id)["name"].decode()
+        info["compute_capability"] = dev.compute_capability
+    return info
+
+
+def file_sizes(model, frozen, tmp):
+    """Bytes: float32 weights, the trained model's .npz (train.save_model), the frozen .npz."""
+    n_weights = sum(l.weight.data.size for l in model.layers if isinstance(l, nn.BinaryLinear))
+    model_path, frozen_path = Path(tmp) / "model.npz", Path(tmp) / "frozen.npz"
+    T.save_model(model_path, model)
+    frozen.save(frozen_path)
+    sizes = dict(float32_weights=4 * n_weights, model_npz=model_path.stat().st_size,
+                 frozen_npz=frozen_path.stat().st_size)
+    sizes["ratio_float32_weights"] = sizes["float32_weights"] / sizes["frozen_npz"]
+    sizes["ratio_model_npz"] = sizes["model_npz"] / sizes["frozen_npz"]
+    back = deploy.load(frozen_path)  # what is timed below is what the file holds
+    model_path.unlink()
+    frozen_path.unlink()
+    return sizes, back
+
+
+def bench_net(hidden, layers, images, train_images, backends, repeats, quick):
+    label = f"{layers}x{hidden}"
+    print(f"\n== {label} MLP: building, freezing ...", flush=True)
+    model = build(hidden, layers, train_images)
+    with tempfile.TemporaryDirectory() as tmp:
+        sizes, frozen = file_sizes(model, deploy.freeze(model), tmp)
+    n = len(images)
+    float_net = Float32Net(model)
+    reference = float_net.predict(images)
+    paths = {"float32 numpy": (lambda: float_net.predict(images), "numpy")}
+    counts = {"float32 numpy": n}
+    if "numba" in backends:
+        paths["frozen numba"] = (lambda: frozen.predict(images, backend="numba"), "numba")
+        counts["frozen numba"] = n
+    if "numpy" in backends:
+        m = n if quick else min(n, REFERENCE_IMAGES)
+        counts["frozen numpy"] = m
+        paths["frozen numpy"] = (lambda: frozen.predict(images[:m], backend="numpy"), "numpy")
+    if "cupy" in backends:
+        gpu_net = Float32Net(model, xp=_cupy())
+        paths["float32 cupy"] = (lambda: gpu_net.predict(images), "cupy")
+        paths["frozen cupy"] = (lambda: frozen.predict(images, backend="cupy"), "cupy")
+        counts["float32 cupy"] = counts["frozen cupy"] = n
+    print(f"   timing {', '.join(paths)} on {n} images, {repeats} repeats", flush=True)
+    times = time_round_robin(paths, repeats)
+    rows = []
+    for name, (fn, _) in paths.items():
+        pred = fn()
+        m = counts[name]
+        agree = int(np.sum(pred == reference[:m]))
+        t_full = times[name] * n / m
+        rows.append(dict(net=label, path=name, images_timed=m, seconds=times[name],
+                         seconds_full_set=t_full, images_per_second=m / times[name],
+                         agree_with_float32=agree, compared=m,
+                         note="" if m == n else f"timed on {m} images, scaled to {n}"))
+    base = {r["path"]: r["seconds_full_set"] for r in rows}
+    for r in rows:
+        ref = "float32 cupy" if r["path"].endswith("cupy") else "float32 numpy"
+        r["speedup_vs_float32"] = base[ref] / r["seconds_full_set"]
+        r["baseline"] = ref
+    s = minibnn.summary(frozen)
+    macs = dict(frozen_binary_macs=s.totals["binary_macs"],
+                float32_macs=minibnn.summary(model).totals["binary_macs"]
+                + minibnn.summary(model).totals["float_macs"])
+    return rows, dict(net=label, **sizes, **macs), s
+
+
+def _cupy():
+    import cupy
+    return cupy
+
+
+def print_table(rows, sizes, n):
+    head = ["net", "path", f"s / {n} img", "img/s", "speed-up", "agree", "note"]
+    body = [[r["net"], r["path"], f"{r['seconds_full_set']:.3f}",
+             f"{r['images_per_second']:,.0f}",
+             f"{r['speedup_vs_float32']:.2f}x vs {r['baseline']}",
+             f"{r['agree_with_float32']}/{r['compared']}", r["note"]] for r in rows]
+    widths = [max(len(str(c[i])) for c in body + [head]) for i in range(len(head))]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(c, widths)).rstrip()
+             for c in [head] + body]
+    lines.insert(1, "-" * max(len(l) for l in lines))
+    print("\n".join(lines))
+    print()
+    for s in sizes:
+        print(f"{s['net']}: float32 weights {s['float32_weights'] / 2**20:.2f} MiB, trained "
+              f"model.npz {s['model_npz'] / 2**20:.2f} MiB, frozen .npz "
+              f"{s['frozen_npz'] / 2**20:.2f} MiB -> {s['ratio_float32_weights']:.1f}x smaller "
+              f"than the float32 weights ({s['ratio_model_npz']:.1f}x than model.npz); "
+              f"MACs/image: {s['frozen_binary_macs']:,} binary (frozen) vs "
+              f"{s['float32_macs']:,} float32")
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNG written")
+        return
+    nets = list(dict.fromkeys(r["net"] for r in rows))
+    names = list(dict.fromkeys(r["path"] for r in rows))
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(max(7, 3 * len(nets)), 4.5))
+    for i, name in enumerate(names):
+        for j, net in enumerate(nets):
+            for r in rows:
+                if r["net"] == net and r["path"] == name:
+                    x = j + (i - (len(names) - 1) / 2) * width
+                    ax.bar(x, r["images_per_second"], width, color=f"C{i}",
+                           label=name if j == 0 else None)
+                    ax.text(x, r["images_per_second"], f"{r['speedup_vs_float32']:.1f}x",
+                            ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(nets)), [f"{net} MLP" for net in nets])
+    ax.set_yscale("log")
+    ax.set_ylabel("MNIST test images / s")
+    ax.set_title("Inference: float32 forward vs frozen BNN (label: speed-up vs float32)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help=f"small nets {QUICK_NETS} on {QUICK_IMAGES} images, for a smoke test")
+    p.add_argument("--backends", default="numpy,numba,cupy",
+                   help="frozen-net backends, comma list from numpy,numba,cupy (the float32 "
+                        "NumPy forward always runs; cupy adds the cuBLAS float32 forward)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = p.parse_args(argv)
+    backends = {s.strip() for s in args.backends.split(",") if s.strip()}
+    unknown = backends - set(backend.NAMES)
+    if unknown:
+        p.error(f"unknown backends: {sorted(unknown)}")
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    why = backend.available()
+    for name in sorted(backends):
+        if why[name] is not None:
+            print(f"{name} backend skipped: {why[name]}")
+            backends.discard(name)
+    use_gpu = "cupy" in backends
+    mnist = data.load_mnist()
+    images = mnist.test_images[:QUICK_IMAGES] if args.quick else mnist.test_images
+    info = machine_info(use_gpu)
+    print(json.dumps(info))
+    rows, sizes, summaries = [], [], []
+    for hidden, layers in (QUICK_NETS if args.quick else NETS):
+        r, s, summ = bench_net(hidden, layers, images, mnist.train_images, backends,
+                               args.repeats, args.quick)
+        rows += r
+        sizes.append(s)
+        summaries.append(summ)
+    print()
+    print(summaries[0])
+    print()
+    table = print_table(rows, sizes, len(images))
+    info["load_average_at_end"] = list(os.getloadavg())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = ("inference_gpu" if use_gpu else "inference_cpu") + ("_quick" if args.quick else "")
+    notes = [
+        "Median of --repeats runs after a warm-up; paths take turns within each repeat.",
+        "The machine may be shared: load_average_at_start/end show other work, which skews "
+        "absolute times and, less so, the ratios.",
+        "The frozen first layer costs 8 binary MACs per float MAC (one per input bit plane).",
+        "Predictions are compared with the float32 forward of the same network; the frozen "
+        "numpy reference path runs on a subset of big nets (see images_timed).",
+    ]
+    (out / f"{stem}.json").write_text(json.dumps(
+        {"machine": info, "repeats": args.repeats, "images": len(images), "results": rows,
+         "model_sizes": sizes, "notes": notes, "table": table,
+         "frozen_summary": str(summaries[0])}, indent=1))
+    print(f"wrote {out / (stem + '.json')}")
+    plot(rows, out / f"{stem}.png")
+
+
+if __name__ == "__main__":
+    main()
