@@ -31,11 +31,16 @@ CURVES = "curves.png"
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Everything that defines a run; stored in its checkpoint so ``--resume`` can rebuild it."""
+    """Everything that defines a run; stored in its checkpoint so ``--resume`` can rebuild it.
 
-    hidden: int = 1024
+    The defaults are a short recipe that reaches about 2.1% MNIST test error in 12 epochs
+    (a few minutes on 2 cores): the paper's architecture at 3 x 512, without dropout. The
+    paper's own recipes (3 x 4096 with dropout, 1000 epochs) are in the README.
+    """
+
+    hidden: int = 512
     layers: int = 3
-    epochs: int = 20
+    epochs: int = 12
     batch_size: int = 100
     lr_start: float = 0.003
     lr_end: float = 3e-5
@@ -45,8 +50,8 @@ class TrainConfig:
     bn: str = "standard"           # standard | shift
     loss: str = "squared-hinge"    # squared-hinge | cross-entropy
     stochastic: bool = False
-    dropout_in: float = 0.2
-    dropout_hidden: float = 0.5
+    dropout_in: float = 0.0
+    dropout_hidden: float = 0.0
     seed: int = 0
     data_dir: str | None = None
     train_limit: int | None = None  # use only the first N training images (quick runs)
