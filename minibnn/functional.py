@@ -216,7 +216,7 @@ class Transpose(Function):
         return a.transpose(self.axes)
 
     def backward(self, g):
-        return (g.transpose(np.argsort(self.axes)),)
+        return (g.transpose(tuple(int(i) for i in np.argsort(self.axes))),)
 
 
 class GetItem(Function):
