@@ -28,12 +28,16 @@ that:
   the only floating-point arithmetic left; ``predict`` is its argmax (ties go to the first
   index, as ``numpy.argmax``).
 
-Thresholds are computed in float64 and then checked against the layer's own float32
-forward on the integers next to them: where float32 rounding puts the model's decision
-one integer off, the threshold follows the model (``FrozenBNN.info['float32_adjusted']``
-counts those units). Hidden pre-activations are exact integers in the model too, so those
-layers agree with it bit for bit; the first layer's float32 product can differ from the
-exact integer by a BLAS rounding, which can flip a unit lying within ~1e-5 of its threshold.
+Agreement with the float32 model. Thresholds are computed in float64. A hidden layer's
+pre-activation is an exact integer in the model too (a sum of +-1 products), so there the
+threshold is also checked against the layer's own float32 batch norm on the integers next
+to it, and follows the model where float32 rounding moves its decision by one integer
+(``FrozenBNN.info['float32_adjusted']`` counts those units per layer): hidden layers agree
+with the float32 model bit for bit. The first layer is exact here but not in the model,
+whose float32 ``x / 127.5 - 1`` and BLAS sum of 784 terms err by ~1e-5; a unit whose exact
+pre-activation lies that close to its threshold (about one in a million unit-images on
+trained MNIST nets) can take the other sign in the model. The frozen net then gives the
+exact answer, the one the model computed in float64 gives.
 
 ``frozen.save(path)`` / ``load(path)`` use one ``.npz`` with a format version.
 """
@@ -467,8 +471,10 @@ def freeze(model, match_float32=True):
 
     Every hidden BN + sign becomes ``z >= tau`` on the exact integer ``z`` (weights of
     units with negative BN slope negated), the output BN a float64 affine. With
-    ``match_float32`` (default) each threshold is checked against the model's own float32
-    forward at the neighbouring integers and follows it where rounding moves the decision.
+    ``match_float32`` (default) each hidden-layer threshold (not the first layer's, whose
+    float32 input the model does not compute exactly) is checked against the model's own
+    float32 batch norm at the neighbouring integers and follows it where rounding moves the
+    decision; without it every threshold is the exact float64 one.
     Raises TypeError / ValueError for a model of another shape.
     """
     from kernels.reference import pack_rows
@@ -486,7 +492,8 @@ def freeze(model, match_float32=True):
         z_max = k * d
         _check_affine(bn, a, c, d, bias, z_max)
         if sign:
-            tau, flip, moved = _thresholds(bn, a, c, d, bias, z_max, match_float32)
+            tau, flip, moved = _thresholds(bn, a, c, d, bias, z_max,
+                                           match_float32 and not first)
             layers.append(FrozenLayer(_flip_rows(packed, k, flip), k, planes, threshold=tau))
             adjusted.append(moved)
         else:
