@@ -514,7 +514,8 @@ def _open(path):
         z = np.load(path, allow_pickle=False)
     except Exception as exc:
         raise FrozenFormatError(f"{path}: not a frozen minibnn network: not a readable .npz file "
-                                f"({type(exc).__name__}: {exc})") from exc
+                                f"(truncated, damaged or another kind of file; "
+                                f"{type(exc).__name__}: {exc})") from exc
     if not isinstance(z, np.lib.npyio.NpzFile):
         raise FrozenFormatError(f"{path}: not a frozen minibnn network: a single .npy array, "
                                 "not an .npz archive")
