@@ -365,9 +365,14 @@ def batches(n, batch_size, rng=None, drop_last=False) -> Iterator[np.ndarray]:
 
 
 def to_pm1(images_uint8, dtype=np.float32) -> np.ndarray:
-    """Scale uint8 pixels to [-1, 1] as `x / 127.5 - 1` and flatten to (n, H*W).
+    """Scale uint8 pixels to [-1, 1] as `(2x - 255) / 256` and flatten to (n, H*W).
 
-    The paper feeds MNIST to its MLP scaled to [-1, 1]: 0 maps to -1 and 255 to +1.
+    The paper feeds MNIST to its MLP scaled to [-1, 1] (2x/255 - 1). Dividing by 256
+    instead of 255 changes only a global factor 255/256, which the batch norm after the
+    first layer removes, and makes every value a multiple of 1/256: exact in binary
+    floating point, and so is any sum of up to 2^16 of them times +-1. The first layer's
+    float32 pre-activation is then exact, and the frozen integer network
+    (``deploy.freeze``) reproduces the float model bit for bit. 0 -> -255/256, 255 -> +255/256.
     """
     x = np.asarray(images_uint8)
     if x.dtype != np.uint8:
@@ -378,6 +383,7 @@ def to_pm1(images_uint8, dtype=np.float32) -> np.ndarray:
     if dtype.kind != "f":
         raise TypeError(f"dtype is {dtype}, expected a floating dtype")
     out = x.reshape(len(x), -1).astype(dtype)
-    out /= dtype.type(127.5)
-    out -= dtype.type(1)
+    out *= dtype.type(2)
+    out -= dtype.type(255)
+    out /= dtype.type(256)
     return out

@@ -14,30 +14,28 @@ that:
   weight row negated at freeze time (``-z`` is the dot product with ``-w``), so every
   hidden unit runs as one test: ``bit = z >= tau``.
 * **First layer on 8-bit input** (the paper's first-layer method). The model sees
-  ``x_f = x / 127.5 - 1`` for uint8 pixels ``x``. With the bit planes ``x^n`` of ``x``
-  and their signs ``y^n = 2 x^n - 1``, ``2 x - 255 = sum_n 2^n y^n``, hence
+  ``x_f = (2 x - 255) / 256`` for uint8 pixels ``x`` (``data.to_pm1``). With the bit
+  planes ``x^n`` of ``x`` and their signs ``y^n = 2 x^n - 1``, ``2 x - 255 = sum_n 2^n y^n``,
+  hence
 
-      x_f . w = (1 / 255) sum_{n=0..7} 2^n (y^n . w)        (y^n, w in {-1, +1})
+      x_f . w = (1 / 256) sum_{n=0..7} 2^n (y^n . w)        (y^n, w in {-1, +1})
 
   i.e. the paper's ``sum_n 2^(n-1) (x^n . w)`` written for +-1 planes: eight XNOR-popcount
   products of the packed planes, shifted and added into the exact integer
-  ``z = 255 (x_f . w)``, which is thresholded like any other layer.
+  ``z = 256 (x_f . w)``, which is thresholded like any other layer.
 * **Packed activations.** A hidden layer's bits are packed straight into the next layer's
   operand; nothing is unpacked in between.
 * **Output layer.** Its batch norm folds into ``scores = scale * z + offset`` (float64),
   the only floating-point arithmetic left; ``predict`` is its argmax (ties go to the first
   index, as ``numpy.argmax``).
 
-Agreement with the float32 model. Thresholds are computed in float64. A hidden layer's
-pre-activation is an exact integer in the model too (a sum of +-1 products), so there the
-threshold is also checked against the layer's own float32 batch norm on the integers next
-to it, and follows the model where float32 rounding moves its decision by one integer
-(``FrozenBNN.info['float32_adjusted']`` counts those units per layer): hidden layers agree
-with the float32 model bit for bit. The first layer is exact here but not in the model,
-whose float32 ``x / 127.5 - 1`` and BLAS sum of 784 terms err by ~1e-5; a unit whose exact
-pre-activation lies that close to its threshold (about one in a million unit-images on
-trained MNIST nets) can take the other sign in the model. The frozen net then gives the
-exact answer, the one the model computed in float64 gives.
+Agreement with the float32 model. Thresholds are computed in float64. Every pre-activation
+is exact in the float32 model too: a hidden layer's is a sum of +-1 products, and the first
+layer's is z / 256 with z an integer below 2^18, because its inputs are multiples of 1/256.
+So each threshold is also checked against the layer's own float32 batch norm on the
+integers next to it, and follows the model where float32 rounding of the batch norm moves
+its decision by one integer (``FrozenBNN.info['float32_adjusted']`` counts those units per
+layer): every layer agrees with the float32 model bit for bit.
 
 ``frozen.save(path)`` / ``load(path)`` use one ``.npz`` with a format version.
 """
@@ -59,7 +57,8 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "FrozenFormatError", "FrozenLayer", "Froz
 FORMAT = "minibnn.frozen-bnn"
 FORMAT_VERSION = 1
 PLANES = 8  # bits per input pixel
-PIXEL_SCALE = 255  # z = PIXEL_SCALE * (x_f . w) for the first layer
+PIXEL_SCALE = 256  # first layer: z = PIXEL_SCALE * (x_f . w), x_f = (2x - 255) / 256
+PIXEL_MAX = 255  # |sum_n 2^n y^n| <= 255: the first layer's |z| is at most 255 k
 _WINDOW = 3  # integers either side of a float64 threshold checked against the float32 model
 _DEFAULT_BATCH = {"numpy": 256, "numba": 1024, "cupy": 8192}
 
@@ -79,7 +78,7 @@ class FrozenLayer:
     * output: ``score = scale * z + offset`` (float64 per unit).
 
     ``weight`` is uint64 (n_out, ceil(k/64)), rows packed along the k inputs.
-    ``planes`` is 8 when the input is uint8 pixels (first layer: ``z = 255 x_f . w``) and
+    ``planes`` is 8 when the input is uint8 pixels (first layer: ``z = 256 x_f . w``) and
     1 when it is the previous layer's packed bits.
     """
 
@@ -102,7 +101,7 @@ class FrozenLayer:
     @property
     def z_max(self):
         """Largest |z| this layer can produce: k for bits, 255 k for 8-bit input."""
-        return self.k * (PIXEL_SCALE if self.planes == PLANES else 1)
+        return self.k * (PIXEL_MAX if self.planes == PLANES else 1)
 
     def __repr__(self):
         kind = "output affine" if self.is_output else "threshold"
@@ -275,7 +274,7 @@ def _array_module(name):
 
 
 def _first_layer(x, weight, k, kern, xp):
-    """z = sum_{n=0..7} 2^n (y^n . w) = 255 (x_f . w) for uint8 rows x (B, k).
+    """z = sum_{n=0..7} 2^n (y^n . w) = 256 (x_f . w) for uint8 rows x (B, k).
 
     The eight bit planes go through one XNOR GEMM as 8B rows (plane-major) and are
     combined by Horner's rule, z = (((g7) 2 + g6) 2 + ...) 2 + g0, in int32 (|z| <= 255 k).
@@ -466,14 +465,13 @@ def freeze(model, match_float32=True):
     ``model`` is a ``Sequential`` of the form of ``models.mnist_mlp``:
     [Dropout] -> [BinaryLinear -> [BN] -> Sign -> [Dropout]] x L -> BinaryLinear -> [BN]
     (BN = BatchNorm or ShiftBatchNorm; BinaryLinear with or without bias; Dropout is the
-    identity at inference and is dropped). Its input must be ``x / 127.5 - 1`` of uint8
+    identity at inference and is dropped). Its input must be ``(2x - 255) / 256`` of uint8
     pixels ``x`` (``data.to_pm1``); the frozen net takes the uint8 pixels themselves.
 
     Every hidden BN + sign becomes ``z >= tau`` on the exact integer ``z`` (weights of
     units with negative BN slope negated), the output BN a float64 affine. With
-    ``match_float32`` (default) each hidden-layer threshold (not the first layer's, whose
-    float32 input the model does not compute exactly) is checked against the model's own
-    float32 batch norm at the neighbouring integers and follows it where rounding moves the
+    ``match_float32`` (default) each threshold is checked against the model's own float32
+    batch norm at the neighbouring integers and follows it where rounding moves the
     decision; without it every threshold is the exact float64 one.
     Raises TypeError / ValueError for a model of another shape.
     """
@@ -489,11 +487,11 @@ def freeze(model, match_float32=True):
         packed = pack_rows(w >= 0)  # sign(W), sign(0) = +1: the eval-mode binary weight
         bias = None if lin.bias is None else _host(lin.bias).astype(np.float32)
         a, c = _bn_affine(bn, n)
-        z_max = k * d
+        z_max = k * (PIXEL_MAX if first else 1)
         _check_affine(bn, a, c, d, bias, z_max)
         if sign:
             tau, flip, moved = _thresholds(bn, a, c, d, bias, z_max,
-                                           match_float32 and not first)
+                                           match_float32)
             layers.append(FrozenLayer(_flip_rows(packed, k, flip), k, planes, threshold=tau))
             adjusted.append(moved)
         else:

@@ -440,9 +440,14 @@ def test_batches_errors_raised_at_call():
 def test_to_pm1(mnist):
     x = to_pm1(mnist.test_images[:100])
     assert x.shape == (100, 784) and x.dtype == np.float32
-    assert x.min() == -1.0 and x.max() == 1.0
+    assert x.min() == -255 / 256 and x.max() == 255 / 256
     px = np.array([[0, 255, 127, 128]], np.uint8)
-    np.testing.assert_allclose(to_pm1(px, np.float64), [[-1, 1, 127 / 127.5 - 1, 128 / 127.5 - 1]])
+    want = [[-255 / 256, 255 / 256, -1 / 256, 1 / 256]]
+    np.testing.assert_array_equal(to_pm1(px, np.float64), want)
+    np.testing.assert_array_equal(to_pm1(px, np.float32), np.float32(want))
+    # every value is k/256: its float32 sums with +-1 weights are exact
+    allpx = np.arange(256, dtype=np.uint8).reshape(1, 256)
+    np.testing.assert_array_equal(to_pm1(allpx) * 256, 2 * np.arange(256) - 255)
     assert to_pm1(px, np.float64).dtype == np.float64
 
 

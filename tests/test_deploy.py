@@ -87,7 +87,7 @@ def _linears(model):
 
 def _model_outputs(model, x_uint8, dtype=np.float32):
     """The model's eval-mode scores, the output of every Sign and the first layer's
-    pre-activation s (NumPy), on x / 127.5 - 1 computed in ``dtype``."""
+    pre-activation s (NumPy), on data.to_pm1(x) = (2x - 255) / 256 in ``dtype``."""
     model.eval()
     h, signs, first = Tensor(data.to_pm1(x_uint8, dtype=dtype)), [], None
     with no_grad():
@@ -100,29 +100,6 @@ def _model_outputs(model, x_uint8, dtype=np.float32):
     return backend.to_numpy(h.data), signs, first
 
 
-def _rounding_flips(model, frozen, x_uint8, signs, first):
-    """First-layer units where the float32 model and the frozen net disagree, as a bool
-    (n, units) array, after checking that each is explained by rounding: the frozen bit is
-    the float64 decision on the exact pre-activation s = (2x - 255) . w / 255 (+ b), and
-    the model's float32 s differs from it by less than 1e-4 (its x / 127.5 - 1 and BLAS
-    sum of 784 terms err by ~1e-5), so the two straddle the threshold by rounding alone."""
-    lin = _linears(model)[0]
-    bn = model.layers[model.layers.index(lin) + 1]
-    w = np.where(backend.to_numpy(lin.weight.data) >= 0, 1.0, -1.0)
-    s_exact = ((2.0 * x_uint8.reshape(len(x_uint8), -1) - 255.0) @ w.T) / 255.0  # exact
-    if lin.bias is not None:
-        s_exact = s_exact + backend.to_numpy(lin.bias.data).astype(np.float64)
-    with no_grad():
-        y64 = backend.to_numpy(bn(Tensor(s_exact)).data)  # float64 batch norm
-    z0 = frozen.trace(x_uint8, backend="numba")[0]
-    bits = z0 >= frozen.layers[0].threshold
-    differ = bits != (signs[0] > 0)
-    i, j = np.nonzero(differ)
-    np.testing.assert_array_equal(bits[i, j], y64[i, j] >= 0)
-    assert np.all(np.abs(first[i, j] - s_exact[i, j]) < 1e-4)
-    return differ
-
-
 MODELS = ["trained", "shift_trained", "planted", "bias"]
 
 
@@ -133,25 +110,20 @@ def case(request, mnist):
              else request.getfixturevalue(request.param))
     frozen = deploy.freeze(model)
     scores, signs, first = _model_outputs(model, test_x)
-    flips = _rounding_flips(model, frozen, test_x, signs, first)
-    return dict(model=model, frozen=frozen, scores=scores, signs=signs, flips=flips,
+    return dict(model=model, frozen=frozen, scores=scores, signs=signs, first=first,
                 name=request.param)
 
 
 @pytest.mark.parametrize("case", MODELS, indirect=True)
 @pytest.mark.parametrize("name", BACKENDS)
 def test_predictions_equal_the_model_on_all_test_images(case, name, mnist):
-    """Equal on all 10,000 images, except where the float32 model's first layer rounded a
-    unit across its threshold (see _rounding_flips) and that changed the class: at most a
-    couple of images in 10,000 on these nets, each one checked to be such a case."""
+    """Equal on all 10,000 images: every pre-activation is exact in the float32 model too
+    (to_pm1 gives multiples of 1/256), and the thresholds follow its float32 batch norm."""
     test_x, labels, _ = mnist
     got = case["frozen"].predict(test_x, backend=name)
     want = case["scores"].argmax(axis=1)
     assert got.shape == (10000,) and got.dtype == np.int64
-    differ = np.flatnonzero(got != want)
-    explained = np.flatnonzero(case["flips"].any(axis=1))
-    assert set(differ.tolist()) <= set(explained.tolist()), differ
-    assert len(differ) <= 2
+    np.testing.assert_array_equal(got, want)
     if case["name"] in ("trained", "shift_trained"):
         assert np.mean(got == labels) > 0.6
 
@@ -189,16 +161,20 @@ def test_scores_match_the_model_and_hidden_bits_are_exact(case, mnist):
     zs = frozen.trace(test_x, backend="numba")
     bits = [z >= layer.threshold for z, layer in zip(zs[:-1], frozen.layers[:-1])]
     model_bits = [s > 0 for s in signs]
-    # first layer: only rounding flips (checked in the fixture), about 1e-6 of all bits
-    np.testing.assert_array_equal(bits[0] != model_bits[0], case["flips"])
-    assert case["flips"].mean() < 1e-5
-    # later layers see the same input bits in images without such a flip: bit-exact there
-    clean = ~case["flips"].any(axis=1)
-    assert clean.mean() > 0.999
-    for b, mb in zip(bits[1:], model_bits[1:]):
-        np.testing.assert_array_equal(b[clean], mb[clean])
-    np.testing.assert_allclose(got[clean], scores[clean], rtol=1e-5,
-                               atol=1e-5 * np.abs(scores).max())
+    for b, mb in zip(bits, model_bits):  # every hidden layer, the first included: bit-exact
+        np.testing.assert_array_equal(b, mb)
+    # the first layer's integer z is exactly 256 times the model's float32 pre-activation
+    lin = _linears(case["model"])[0]
+    w = np.where(backend.to_numpy(lin.weight.data) >= 0, 1.0, -1.0)
+    s_exact = data.to_pm1(test_x, np.float64) @ w.T      # float64: exact as well
+    want = s_exact.astype(np.float32)                    # exact: multiples of 1/256
+    if lin.bias is not None:
+        want = want + backend.to_numpy(lin.bias.data)    # the model's float32 add
+    np.testing.assert_array_equal(case["first"], want)   # float32 x @ W^T (+ bias)
+    z0, exact = zs[0].astype(np.float64), 256 * s_exact
+    same, negated = np.all(z0 == exact, axis=0), np.all(z0 == -exact, axis=0)  # per unit
+    assert np.all(same | negated)
+    np.testing.assert_allclose(got, scores, rtol=1e-5, atol=1e-5 * np.abs(scores).max())
     np.testing.assert_array_equal(zs[-1][:1000],
                                   frozen.integer_scores(test_x[:1000], backend="numpy"))
 
@@ -351,9 +327,8 @@ def test_freeze_refuses_models_it_cannot_freeze():
 def test_freeze_without_batch_norm_or_hidden_layers(mnist):
     """BinaryLinear -> Sign without BN (threshold z >= 0), and one output layer on 8-bit input.
 
-    Without BN the first threshold sits on an integer, z = 0, which MNIST images do reach;
-    the float32 model then sees x_f . w = +-1e-7 from rounding x / 127.5 - 1 and may take
-    either sign, so this net is checked against exact integer arithmetic instead."""
+    Without BN the first threshold sits on an integer, z = 0, which MNIST images do reach:
+    sign(0) = +1 there, in the exact integers and in the float32 model alike."""
     rng = np.random.default_rng(3)
     x = mnist[0][:400].reshape(400, -1)
     l1, l2 = nn.BinaryLinear(784, 32, rng=rng), nn.BinaryLinear(32, 10, rng=rng)
@@ -361,6 +336,7 @@ def test_freeze_without_batch_norm_or_hidden_layers(mnist):
     w1, w2 = (np.where(l.weight.data >= 0, 1, -1).astype(np.int64) for l in (l1, l2))
     h = np.where((2 * x.astype(np.int64) - 255) @ w1.T >= 0, 1, -1)  # sign(0) = +1
     np.testing.assert_array_equal(frozen.scores(x), h @ w2.T)
+    np.testing.assert_array_equal(frozen.scores(x), _model_outputs(nn.Sequential(l1, nn.Sign(), l2), x)[0])
     model = nn.Sequential(nn.BinaryLinear(784, 10, rng=rng), nn.BatchNorm(10))
     scores, _, _ = _model_outputs(model, x)
     np.testing.assert_allclose(deploy.freeze(model).scores(x), scores, rtol=1e-5,
