@@ -7,12 +7,12 @@
     opt.zero_grad(); loss.backward(); opt.step()
 """
 
-from . import backend, binary, data, deploy, functional, losses, models, nn, optim
+from . import backend, binary, data, deploy, functional, losses, models, nn, optim, train
 from .binary import binary_matmul
-from .summary import summary
 from .rng import seed
+from .summary import summary
 from .tensor import Function, Tensor, no_grad
 
 __version__ = "0.1.0"
-__all__ = ["binary_matmul", "summary", "deploy", "Tensor", "Function", "no_grad", "seed", "backend", "binary", "data", "functional",
-           "losses", "models", "nn", "optim"]
+__all__ = ["Tensor", "Function", "no_grad", "seed", "binary_matmul", "summary", "backend",
+           "binary", "data", "deploy", "functional", "losses", "models", "nn", "optim", "train"]
