@@ -75,35 +75,27 @@ def _cmd_train(args):
 
 
 def _cmd_eval(args):
-    from .train import MODEL, error_rate, load_model, prepare_data, read_checkpoint, TrainConfig
-    from . import deploy, models
+    from . import data, deploy, models
+    from .train import MODEL, TrainConfig, error_rate, load_model, read_checkpoint
     path = Path(args.path)
+    mnist = data.load_mnist(args.data_dir)
+    labels = mnist.test_labels.astype("int64")
     if path.is_file() and deploy.is_frozen_file(path):  # a frozen net: uint8 in, bits inside
-        from . import data
         frozen = deploy.load(path)
-        mnist = data.load_mnist(args.data_dir)
-        pred = frozen.predict(mnist.test_images)
-        err = float((pred != mnist.test_labels.astype("int64")).mean())
-        print(f"{path} (frozen {frozen!r}): test error {100 * err:.2f}% on "
-              f"{len(mnist.test_labels)} images (backend {backend.active()})")
-        return 0
-    if path.is_dir():
-        if (path / MODEL).exists():
-            model, _ = load_model(path / MODEL)
-            source = path / MODEL
-        else:  # an unfinished run: evaluate its best epoch so far
+        err = float((frozen.predict(mnist.test_images) != labels).mean())
+        source = f"{path} ({frozen!r})"
+    else:
+        if path.is_dir() and not (path / MODEL).exists():  # unfinished run: best epoch so far
             ck = read_checkpoint(path)
             model = models.build(TrainConfig(**ck["meta"]["config"]).model_config())
             model.load_state_dict(ck["best"])
             model.eval()
-            source = path / "checkpoint.npz (best epoch so far)"
-    else:
-        model, _ = load_model(path)
-        source = path
-    from . import data
-    mnist = data.load_mnist(args.data_dir)
-    err = error_rate(model, data.to_pm1(mnist.test_images), mnist.test_labels.astype("int64"))
-    print(f"{source}: test error {100 * err:.2f}% on {len(mnist.test_labels)} images "
+            source = f"{path / 'checkpoint.npz'} (best epoch so far)"
+        else:
+            source = path / MODEL if path.is_dir() else path
+            model, _ = load_model(source)
+        err = error_rate(model, data.to_pm1(mnist.test_images), labels)
+    print(f"{source}: test error {100 * err:.2f}% on {len(labels)} images "
           f"(backend {backend.active()})")
     return 0
 
@@ -115,8 +107,9 @@ def main(argv=None):
                         help="numpy | numba | cupy (default: $MINIBNN_BACKEND or numpy)")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
-    pe = sub.add_parser("eval", help="test error of a run folder or saved model")
-    pe.add_argument("path", help="a run folder (from train) or a model .npz")
+    pe = sub.add_parser("eval", help="test error of a run folder, a model or a frozen net")
+    pe.add_argument("path", help="a run folder (from train), its model.npz, or a frozen .npz "
+                                 "(from deploy.freeze(...).save)")
     pe.add_argument("--data-dir", default=None, help="MNIST folder (default: the shipped copy)")
     args = parser.parse_args(argv)
     try:
