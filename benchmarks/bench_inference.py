@@ -145,7 +145,7 @@ def layer_breakdown(frozen, images, name, repeats):
     for i, (layer, weight, threshold) in enumerate(layers):
         if i == 0:
             z = clock("layer 0: 8 bit planes, XNOR GEMM, shift-add",
-                      lambda: deploy._first_layer(x, weight, layer.k, kern, xp))
+                      lambda: deploy._first_layer(x, weight, layer.k, kern))
         else:
             z = clock(f"layer {i}: XNOR GEMM", lambda: kern.xnor_gemm(h, weight, layer.k))
         if threshold is not None:

@@ -17,9 +17,11 @@ launch; kernels compile lazily, once per device.
 import numpy as np
 
 from .cuda_sources import read_source
-from .reference import check_gemm_operands, check_pack_input, n_words
+from .reference import (PLANES, check_bitplane_operands, check_gemm_operands, check_pack_input,
+                        check_pixels, n_words)
 
-__all__ = ["available", "pack_rows", "xnor_gemm", "default_kernel", "available_kernels"]
+__all__ = ["available", "pack_rows", "xnor_gemm", "pack_bitplanes", "bitplane_gemm",
+           "default_kernel", "available_kernels"]
 
 _THREADS = 256
 _TILE = 128  # block tile of both GEMM kernels (rows of A and rows of B)
@@ -187,3 +189,28 @@ def xnor_gemm(a, b, k, kernel=None):
        (ap, bp, pop_a, pop_b, out, np.int32(m), np.int32(n), np.int32(wp), np.int32(k)),
        shared_mem=_TC_SMEM_BYTES)
     return out
+
+
+def pack_bitplanes(x):
+    """uint8 pixels (M, K) -> uint64 (M, 8, ceil(K/64)) on the GPU (plane n = bit n)."""
+    cp = _cp()
+    x = check_pixels(cp.asarray(x))
+    shifts = cp.arange(PLANES, dtype=cp.uint8)[:, None]
+    planes = ((x[:, None, :] >> shifts) & 1).astype(cp.bool_)
+    return pack_rows(planes.reshape(-1, x.shape[1]), check_nan=False).reshape(
+        x.shape[0], PLANES, -1)
+
+
+def bitplane_gemm(planes, b, k):
+    """z = sum_n 2^n (planes[:, n] . b) = (2x - 255) . w, int32 (M, N): one XNOR GEMM over
+    the 8M plane rows, combined by shift-add (Horner's rule)."""
+    cp = _cp()
+    k = check_bitplane_operands(planes, b, k)
+    m = planes.shape[0]
+    g = xnor_gemm(cp.ascontiguousarray(planes.transpose(1, 0, 2)).reshape(PLANES * m, -1),
+                  b, k).reshape(PLANES, m, -1)
+    z = g[PLANES - 1].copy()
+    for n in range(PLANES - 2, -1, -1):
+        z <<= 1
+        z += g[n]
+    return z

@@ -30,9 +30,11 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 from llvmlite import ir
 
-from .reference import check_gemm_operands, check_pack_input, n_words, unpack_rows
+from .reference import (PLANES, check_bitplane_operands, check_gemm_operands,
+                        check_pack_input, check_pixels, n_words, unpack_rows)
 
-__all__ = ["pack_rows", "unpack_rows", "xnor_gemm", "available_kernels", "default_kernel"]
+__all__ = ["pack_rows", "unpack_rows", "xnor_gemm", "pack_bitplanes", "bitplane_gemm",
+           "available_kernels", "default_kernel"]
 
 
 def _jit(**kw):
@@ -383,3 +385,68 @@ def xnor_gemm(a, b, k, kernel=None):
         else:
             _gemm_generic(a, b, cnt, k, n_chunks)
     return cnt
+
+
+# ------------------------------------------------------- 8-bit input by bit planes
+
+
+@_jit(parallel=True)
+def _pack_bitplanes(x, out):
+    m, k = x.shape
+    w_count = out.shape[2]
+    for i in prange(m):
+        for w in range(w_count):
+            base = w * 64
+            words = np.zeros(8, dtype=np.uint64)
+            for j in range(min(64, k - base)):
+                v = np.uint64(x[i, base + j])
+                for p in range(8):
+                    words[p] |= ((v >> np.uint64(p)) & np.uint64(1)) << np.uint64(j)
+            for p in range(8):
+                out[i, p, w] = words[p]
+
+
+def pack_bitplanes(x):
+    """uint8 pixels (M, K) -> uint64 (M, 8, ceil(K/64)), plane n = bit n of every pixel;
+    the same as :func:`kernels.reference.pack_bitplanes`, in one parallel pass."""
+    x = np.ascontiguousarray(check_pixels(np.asarray(x)))
+    out = np.empty((x.shape[0], PLANES, n_words(x.shape[1])), dtype=np.uint64)
+    if out.size:
+        _pack_bitplanes(x, out)
+    return out
+
+
+@_jit(parallel=True)
+def _bitplane_gemm(p, b, z, k):
+    m, _, w_count = p.shape
+    n = b.shape[0]
+    for i in prange(m):
+        for j in range(n):
+            c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = np.uint64(0)
+            for w in range(w_count):
+                y = b[j, w]
+                c0 += popcount64(p[i, 0, w] ^ y)
+                c1 += popcount64(p[i, 1, w] ^ y)
+                c2 += popcount64(p[i, 2, w] ^ y)
+                c3 += popcount64(p[i, 3, w] ^ y)
+                c4 += popcount64(p[i, 4, w] ^ y)
+                c5 += popcount64(p[i, 5, w] ^ y)
+                c6 += popcount64(p[i, 6, w] ^ y)
+                c7 += popcount64(p[i, 7, w] ^ y)
+            s = c0 + 2 * c1 + 4 * c2 + 8 * c3 + 16 * c4 + 32 * c5 + 64 * c6 + 128 * c7
+            z[i, j] = np.int32(255 * k) - 2 * np.int32(s)
+
+
+def bitplane_gemm(planes, b, k):
+    """z[i, j] = sum_n 2^n (k - 2 popcount(planes[i, n] ^ b[j])) = (2x_i - 255) . w_j, int32.
+
+    One fused pass: the eight planes of an image meet each weight word while it sits in a
+    register, and only the combined z is written, not eight (M, N) partial products.
+    Same result as :func:`kernels.reference.bitplane_gemm`.
+    """
+    k = check_bitplane_operands(planes, b, k)
+    planes, b = np.ascontiguousarray(planes), np.ascontiguousarray(b)
+    z = np.empty((planes.shape[0], b.shape[0]), dtype=np.int32)
+    if z.size:
+        _bitplane_gemm(planes, b, z, k)
+    return z

@@ -26,6 +26,11 @@ __all__ = [
     "xnor_gemm",
     "check_gemm_operands",
     "check_pack_input",
+    "PLANES",
+    "pack_bitplanes",
+    "bitplane_gemm",
+    "check_bitplane_operands",
+    "check_pixels",
 ]
 
 WORD_BITS = 64
@@ -178,3 +183,51 @@ def xnor_gemm(a, b, k):
         disagree = np.bitwise_count(a[i] ^ b).sum(axis=1, dtype=np.int64)
         out[i] = k - 2 * disagree
     return out
+
+
+# ----------------------------------------------------------- 8-bit input by bit planes
+
+PLANES = 8  # bits of a uint8 pixel
+
+
+def check_pixels(x, name="x"):
+    """Validate uint8 input of shape (M, K) for :func:`pack_bitplanes`."""
+    if getattr(x, "dtype", None) != np.uint8 or x.ndim != 2:
+        raise ValueError(f"{name}: expected uint8 pixels of shape (M, K), got {_describe(x)}")
+    return x
+
+
+def pack_bitplanes(x):
+    """uint8 pixels (M, K) -> their 8 bit planes packed, uint64 (M, 8, ceil(K/64)).
+
+    Plane n of row i holds bit n of every pixel (bit 1 = +1), packed as :func:`pack_rows`
+    packs: with y^n = 2 x^n - 1 in +-1, ``2 x - 255 = sum_n 2^n y^n``.
+    """
+    x = check_pixels(np.asarray(x))
+    shifts = np.arange(PLANES, dtype=np.uint8)[:, None]
+    return pack_rows(((x[:, None, :] >> shifts) & 1).astype(bool))
+
+
+def check_bitplane_operands(planes, b, k):
+    """Validate ``bitplane_gemm`` operands (planes (M, 8, W), b (N, W)); return k."""
+    _check_words(planes, "planes")
+    if planes.ndim != 3 or planes.shape[1] != PLANES:
+        raise ValueError(f"planes: expected shape (M, {PLANES}, W) from pack_bitplanes, got "
+                         f"{_describe(planes)}")
+    return check_gemm_operands(planes[:, 0], b, k)
+
+
+def bitplane_gemm(planes, b, k):
+    """The first layer on 8-bit input (paper Section 3): int32 (M, N) with
+
+        z[i, j] = sum_{n=0..7} 2^n (y^n_i . w_j) = (2 x_i - 255) . w_j
+
+    where y^n_i . w_j = k - 2 popcount(planes[i, n] XOR b[j]) is one XNOR-popcount
+    product per plane, combined by shift-add (Horner's rule).
+    """
+    k = check_bitplane_operands(planes, b, k)
+    z = np.zeros((planes.shape[0], b.shape[0]), dtype=np.int32)
+    for n in range(PLANES - 1, -1, -1):
+        z <<= 1
+        z += xnor_gemm(planes[:, n], b, k)
+    return z

@@ -166,7 +166,7 @@ class FrozenBNN:
         h = None
         for layer, weight, threshold in layers:
             if layer.planes == PLANES:
-                z = _first_layer(x, weight, layer.k, kern, xp)
+                z = _first_layer(x, weight, layer.k, kern)
             else:
                 z = kern.xnor_gemm(h, weight, layer.k)
             if trace is not None:
@@ -273,22 +273,11 @@ def _array_module(name):
     return np
 
 
-def _first_layer(x, weight, k, kern, xp):
-    """z = sum_{n=0..7} 2^n (y^n . w) = 256 (x_f . w) for uint8 rows x (B, k).
-
-    The eight bit planes go through one XNOR GEMM as 8B rows (plane-major) and are
-    combined by Horner's rule, z = (((g7) 2 + g6) 2 + ...) 2 + g0, in int32 (|z| <= 255 k).
-    """
-    b = x.shape[0]
-    shifts = xp.arange(PLANES, dtype=np.uint8).reshape(PLANES, 1, 1)
-    planes = ((x[None] >> shifts) & np.uint8(1)).view(np.bool_)  # (8, B, k): bit n of x
-    g = kern.xnor_gemm(kern.pack_rows(planes.reshape(PLANES * b, k)), weight, k)
-    g = g.reshape(PLANES, b, -1)
-    z = g[PLANES - 1].copy()
-    for n in range(PLANES - 2, -1, -1):
-        z <<= 1
-        z += g[n]
-    return z
+def _first_layer(x, weight, k, kern):
+    """z = sum_{n=0..7} 2^n (y^n . w) = 256 (x_f . w) for uint8 rows x (B, k): the backend
+    packs the eight bit planes and runs its bit-plane XNOR GEMM (``kernels.*.bitplane_gemm``:
+    one XNOR-popcount product per plane, combined by shift-add), int32 (|z| <= 255 k)."""
+    return kern.bitplane_gemm(kern.pack_bitplanes(x), weight, k)
 
 
 # --------------------------------------------------------------------------------- freezing

@@ -260,3 +260,47 @@ def test_cupy_pack_reads_device_views_in_place():
     got = cupy_gpu.xnor_gemm(cupy_gpu.pack_rows(dev), cupy_gpu.pack_rows(dev[:7]), 333)
     assert isinstance(got, cp.ndarray)
     np.testing.assert_array_equal(got.get(), float_matmul(host, host[:7]))
+
+
+# ------------------------------------------------------- 8-bit input by bit planes
+
+BITPLANES = [
+    pytest.param(reference, id="numpy"),
+    pytest.param(numba_cpu, id="numba"),
+    pytest.param(cupy_gpu, id="cupy", marks=gpu),
+]
+
+
+@pytest.mark.parametrize("mod", BITPLANES)
+@pytest.mark.parametrize("m, k, n", [(1, 1, 1), (3, 63, 5), (2, 64, 1), (5, 65, 7), (4, 784, 9),
+                                     (1, 130, 3), (0, 784, 3), (4, 784, 0)])
+def test_bitplane_gemm_is_the_exact_first_layer(mod, m, k, n):
+    """z = sum_n 2^n (y^n . w) equals (2x - 255) . sign(w) in integers; pixel values 0, 255
+    and everything between are planted."""
+    rng = np.random.default_rng(m * 7919 + k * 31 + n)
+    x = rng.integers(0, 256, (m, k), dtype=np.uint8)
+    if x.size:
+        x.flat[:2] = (0, 255)[: min(2, x.size)]
+    w = random_values(rng, (n, k), np.float32)
+    planes = mod.pack_bitplanes(x)
+    assert planes.shape == (m, reference.PLANES, reference.n_words(k))
+    np.testing.assert_array_equal(_to_host(planes), reference.pack_bitplanes(x))
+    z = _to_host(mod.bitplane_gemm(planes, mod.pack_rows(w), k))
+    assert z.dtype == np.int32
+    np.testing.assert_array_equal(z, (2 * x.astype(np.int64) - 255) @ pm1(w).T)
+
+
+@pytest.mark.parametrize("mod", BITPLANES)
+def test_bitplane_inputs_are_checked_before_any_work(mod):
+    x = np.zeros((2, 70), np.uint8)
+    w = reference.pack_rows(np.ones((3, 70)))
+    for bad in (x.astype(np.float32), x.astype(np.int16), x[0]):
+        with pytest.raises(ValueError, match="uint8"):
+            mod.pack_bitplanes(bad)
+    planes = reference.pack_bitplanes(x)
+    with pytest.raises(ValueError, match="planes"):
+        mod.bitplane_gemm(planes[:, :4], w, 70)          # not 8 planes
+    with pytest.raises(ValueError, match="planes"):
+        mod.bitplane_gemm(planes.astype(np.float64), w, 70)
+    with pytest.raises(ValueError):
+        mod.bitplane_gemm(planes, w, 130)                # word count does not fit k
