@@ -162,7 +162,10 @@ class BinaryLinear(Module):
     The latent weight W (shape (out, in)) starts U(-1, 1), is clipped to [-1, 1] after each
     update, and its step is scaled by Glorot's factor 1 / sqrt(1.5 / (fan_in + fan_out))
     (the paper's Theano code, ``binary_net.py``). Stochastic binarization applies in training
-    only; evaluation always uses sign(W).
+    only; evaluation always uses sign(W). When the input is itself binary (a hidden layer
+    after Sign with no dropout in between, and always in eval) the product runs on the
+    active backend's XNOR-popcount kernel; otherwise (the first layer, dropout-scaled
+    input) it is a float product. Both give the same numbers.
     """
 
     def __init__(self, in_features, out_features, bias=False, stochastic=False, rng=None):
