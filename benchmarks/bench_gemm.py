@@ -13,10 +13,8 @@ Each figure is the median of --repeats runs after one warm-up run.
 """
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -25,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import common  # noqa: E402  (benchmarks/common.py, beside this script)
 from kernels import numba_cpu, reference  # noqa: E402
 from kernels import cupy_gpu  # noqa: E402
 
@@ -64,47 +63,8 @@ def gpu_time(fn, repeats):
     return float(np.median(times))
 
 
-def cpu_model():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info(use_gpu):
-    import numba
-
-    info = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "numba": numba.__version__,
-        "numba_threads": numba.get_num_threads(),
-        "numba_kernels": list(numba_cpu.available_kernels()),
-        "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
-        "load_average_at_start": list(os.getloadavg()),  # other work on the machine skews times
-    }
-    try:
-        from threadpoolctl import threadpool_info
-
-        info["blas"] = [{k: d.get(k) for k in ("internal_api", "version", "architecture",
-                                                 "num_threads")} for d in threadpool_info()]
-    except ImportError:
-        pass
-    if use_gpu:
-        import cupy as cp
-
-        dev = cp.cuda.Device()
-        info["cupy"] = cp.__version__
-        info["gpu"] = cp.cuda.runtime.getDeviceProperties(dev.id)["name"].decode()
-        info["compute_capability"] = dev.compute_capability
-    return info
-
+    return common.machine_info(use_gpu, numba_kernels=list(numba_cpu.available_kernels()))
 
 def bench_shape(m, k, n, backends, repeats, use_gpu):
     rng = np.random.default_rng(0)
@@ -177,35 +137,9 @@ def print_table(rows):
 
 
 def plot(rows, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no PNG written")
-        return
-    shapes = list(dict.fromkeys(r["shape"] for r in rows))
-    names = list(dict.fromkeys(r["backend"] for r in rows))
-    width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(max(7, 2.2 * len(shapes)), 4.5))
-    for i, name in enumerate(names):
-        xs, ys = [], []
-        for j, s in enumerate(shapes):
-            for r in rows:
-                if r["shape"] == s and r["backend"] == name:
-                    xs.append(j + (i - (len(names) - 1) / 2) * width)
-                    ys.append(r["tops"])
-        ax.bar(xs, ys, width, label=name)
-    ax.set_xticks(range(len(shapes)), [f"{s}\n(M x K x N)" for s in shapes])
-    ax.set_yscale("log")
-    ax.set_ylabel("TOPS (2 M N K / t)")
-    ax.set_title("XNOR-popcount GEMM vs float matmul")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
-
+    common.grouped_bars(rows, "shape", "backend", "tops", path,
+                        xlabel=lambda s: f"{s}\n(M x K x N)", ylabel="TOPS (2 M N K / t)",
+                        title="XNOR-popcount GEMM vs float matmul")
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

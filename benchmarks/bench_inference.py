@@ -26,10 +26,8 @@ saved frozen .npz. Results go to benchmarks/results/inference_{cpu,gpu}[_quick].
 """
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -39,6 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import common  # noqa: E402  (benchmarks/common.py, beside this script)
 import minibnn  # noqa: E402
 from minibnn import backend, data, deploy, models, nn  # noqa: E402
 from minibnn import train as T  # noqa: E402
@@ -176,37 +175,8 @@ def time_round_robin(paths, repeats):
     return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
-def cpu_model():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info(use_gpu):
-    import numba
-    info = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_model(),
-            "cores": os.cpu_count(), "python": platform.python_version(),
-            "numpy": np.__version__, "numba": numba.__version__,
-            "numba_threads": numba.get_num_threads(), "minibnn": minibnn.__version__,
-            "load_average_at_start": list(os.getloadavg())}
-    try:
-        from threadpoolctl import threadpool_info
-        info["blas"] = [{k: d.get(k) for k in ("internal_api", "version", "num_threads")}
-                        for d in threadpool_info()]
-    except ImportError:
-        pass
-    if use_gpu:
-        import cupy
-        dev = cupy.cuda.Device()
-        info["cupy"] = cupy.__version__
-        info["gpu"] = cupy.cuda.runtime.getDeviceProperties(dev.id)["name"].decode()
-        info["compute_capability"] = dev.compute_capability
-    return info
-
+    return common.machine_info(use_gpu, minibnn=minibnn.__version__)
 
 def file_sizes(model, frozen, tmp):
     """Bytes: float32 weights, the trained model's .npz (train.save_model), the frozen .npz."""
@@ -312,36 +282,11 @@ def print_table(rows, sizes, n):
 
 
 def plot(rows, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no PNG written")
-        return
-    nets = list(dict.fromkeys(r["net"] for r in rows))
-    names = list(dict.fromkeys(r["path"] for r in rows))
-    width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(max(7, 3 * len(nets)), 4.5))
-    for i, name in enumerate(names):
-        for j, net in enumerate(nets):
-            for r in rows:
-                if r["net"] == net and r["path"] == name:
-                    x = j + (i - (len(names) - 1) / 2) * width
-                    ax.bar(x, r["images_per_second"], width, color=f"C{i}",
-                           label=name if j == 0 else None)
-                    ax.text(x, r["images_per_second"], f"{r['speedup_vs_float32']:.1f}x",
-                            ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(nets)), [f"{net} MLP" for net in nets])
-    ax.set_yscale("log")
-    ax.set_ylabel("MNIST test images / s")
-    ax.set_title("Inference: float32 forward vs frozen BNN (label: speed-up vs float32)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
-
+    common.grouped_bars(rows, "net", "path", "images_per_second", path,
+                        xlabel=lambda net: f"{net} MLP", ylabel="MNIST test images / s",
+                        title="Inference: float32 forward vs frozen BNN (label: speed-up "
+                              "vs float32)",
+                        annotate=lambda r: f"{r['speedup_vs_float32']:.1f}x")
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
