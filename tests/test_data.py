@@ -447,7 +447,7 @@ def test_to_pm1(mnist):
     np.testing.assert_array_equal(to_pm1(px, np.float32), np.float32(want))
     # every value is k/256: its float32 sums with +-1 weights are exact
     allpx = np.arange(256, dtype=np.uint8).reshape(1, 256)
-    np.testing.assert_array_equal(to_pm1(allpx) * 256, 2 * np.arange(256) - 255)
+    np.testing.assert_array_equal(to_pm1(allpx)[0] * 256, 2 * np.arange(256) - 255)
     assert to_pm1(px, np.float64).dtype == np.float64
 
 
