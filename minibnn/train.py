@@ -261,7 +261,7 @@ def train(cfg=None, run_dir=None, resume=False, progress=True, stop_after=None, 
             if bar is not None:
                 bar.update(len(idx))
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{1 - wrong / seen:.4f}",
-                                ips=f"{seen / (time.perf_counter() - t0):.0f}/s", refresh=False)
+                                refresh=False)  # tqdm itself shows images/s
         if bar is not None:
             bar.close()
         train_seconds = time.perf_counter() - t0
