@@ -258,6 +258,8 @@ def _backend_name(name):
         return name
 
 
+# The two helpers below exist because the public methods take a ``backend=`` argument,
+# which shadows the module of that name inside them.
 def _kernels(name):
     return backend.kernel_module(name)
 
