@@ -348,18 +348,13 @@ def _host(x):
 
 
 def _bn_affine(bn, n):
-    """Per-unit (a, c) in float64 with eval-mode BN(s) = a s + c, from the float32 values
-    the layer's own forward uses."""
-    from .binary import ap2
+    """Per-unit (a, c) in float64 with eval-mode BN(s) = a s + c (``eval_affine``: the
+    float32 values the layer's own forward uses)."""
+    from .tensor import no_grad
     if bn is None:
         return np.ones(n), np.zeros(n)
-    var = _host(bn.running_var).astype(np.float32)
-    inv = (np.float32(1.0) / np.sqrt(var + np.float32(bn.eps))).astype(np.float32)
-    gamma = _host(bn.gamma).astype(np.float32)
-    if isinstance(bn, nn.ShiftBatchNorm):
-        inv, gamma = ap2(inv), ap2(gamma)
-    a = inv.astype(np.float64) * gamma.astype(np.float64)
-    c = _host(bn.beta).astype(np.float64) - a * _host(bn.running_mean).astype(np.float64)
+    with no_grad():
+        a, c = (_host(t).astype(np.float64) for t in bn.eval_affine())
     if not (np.all(np.isfinite(a)) and np.all(np.isfinite(c))):
         raise ValueError("cannot freeze: a batch norm has non-finite parameters or statistics")
     return a, c

@@ -222,6 +222,21 @@ class _BatchNormBase(Module):
         self.running_mean[...] = (1 - m) * self.running_mean + m * mean.astype(np.float32)
         self.running_var[...] = (1 - m) * self.running_var + m * var.astype(np.float32)
 
+    def _inv_std(self):
+        """1 / sqrt(running_var + eps) as a raw array (no gradient flows to the statistics)."""
+        xp = backend.get_array_module(self.running_var)
+        return 1.0 / xp.sqrt(self.running_var + self.eps)
+
+    def eval_affine(self):
+        """(a, c) with ``BN(x) = a * x + c`` per channel in eval mode, as Tensors."""
+        raise NotImplementedError
+
+    def _eval_forward(self, x):
+        self._axes(x)  # validates the shape
+        a, c = self.eval_affine()
+        shape = self._shape(x)
+        return x * a.reshape(shape) + c.reshape(shape)
+
     def extra_repr(self):
         return f"{self.num_features}, momentum={self.momentum}, eps={self.eps}"
 
@@ -240,11 +255,18 @@ class BatchNorm(_BatchNormBase):
             self._update_running(mean, var)
             return F.BatchNormTrain.apply(x, self.gamma, self.beta, mean=mean, var=var,
                                           eps=self.eps, axes=axes)
-        xp = backend.get_array_module(x.data)
-        shape = self._shape(x)
-        inv = (1.0 / xp.sqrt(self.running_var + self.eps)).astype(np.float32)
-        return ((x - self.running_mean.reshape(shape)) * inv.reshape(shape)
-                * self.gamma.reshape(shape) + self.beta.reshape(shape))
+        return self._eval_forward(x)
+
+    def eval_affine(self):
+        """The eval-mode layer as one affine per channel, ``BN(x) = a * x + c``:
+
+            a = gamma / sqrt(running_var + eps),   c = beta - a * running_mean
+
+        Returned as Tensors (gamma and beta stay on the tape). This is the one place the fold
+        is written: the eval forward applies it, and ``deploy.freeze`` turns it into integer
+        thresholds."""
+        a = self.gamma * self._inv_std()
+        return a, self.beta - a * self.running_mean
 
 
 class ShiftBatchNorm(_BatchNormBase):
@@ -259,19 +281,24 @@ class ShiftBatchNorm(_BatchNormBase):
     """
 
     def forward(self, x):
+        if not self.training:
+            return self._eval_forward(x)
         axes = self._axes(x)
         shape = self._shape(x)
         gamma = ap2_ste(self.gamma).reshape(shape)
-        if self.training:
-            centred = x - F.mean(x, axis=axes, keepdims=True)
-            var = F.mean(centred * ap2_ste(centred), axis=axes, keepdims=True)
-            self._update_running(x.data.mean(axis=axes), var.data.reshape(-1))
-            inv = ap2_ste((var + self.eps) ** -0.5)
-            return centred * inv * gamma + self.beta.reshape(shape)
-        xp = backend.get_array_module(x.data)
-        inv = ap2((1.0 / xp.sqrt(self.running_var + self.eps)).astype(np.float32))
-        return (x - self.running_mean.reshape(shape)) * inv.reshape(shape) * gamma \
-            + self.beta.reshape(shape)
+        centred = x - F.mean(x, axis=axes, keepdims=True)
+        var = F.mean(centred * ap2_ste(centred), axis=axes, keepdims=True)
+        self._update_running(x.data.mean(axis=axes), var.data.reshape(-1))
+        inv = ap2_ste((var + self.eps) ** -0.5)
+        return centred * inv * gamma + self.beta.reshape(shape)
+
+    def eval_affine(self):
+        """``BN(x) = a * x + c`` in eval mode, every factor a power of two:
+
+            a = AP2(gamma) * AP2(1 / sqrt(running_var + eps)),   c = beta - a * running_mean
+        """
+        a = ap2_ste(self.gamma) * ap2(self._inv_std())
+        return a, self.beta - a * self.running_mean
 
 
 class Sign(Module):

@@ -1,0 +1,97 @@
+"""Persistence shared by training, deployment and the data readers.
+
+Two rules keep a user's work safe:
+
+* **Atomic writes.** A file is written to a temporary name in its own folder, flushed to
+  disk, then renamed over the target: a crash at any moment leaves the old file or the
+  new one, never half of either.
+* **No code from files.** ``.npz`` archives are opened with ``allow_pickle=False``;
+  structured metadata travels as a JSON string inside the archive.
+
+Only NumPy and the standard library: every other minibnn module may import this one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["atomic_write_bytes", "atomic_savez", "json_array", "read_json", "open_npz",
+           "read_prefixed"]
+
+
+def _atomic_write(path, write):
+    """Call ``write(file)`` on a temporary file beside ``path``, fsync it, rename it over
+    ``path``; on any failure the temporary file is removed and ``path`` is untouched."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_bytes(path, data):
+    """Write ``data`` (bytes) to ``path`` atomically."""
+    return _atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_savez(path, arrays):
+    """Write the dict ``arrays`` as an uncompressed ``.npz`` to ``path`` atomically."""
+    return _atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def json_array(obj):
+    """``obj`` as a 0-d string array holding its JSON text (for an ``.npz`` entry)."""
+    return np.array(json.dumps(obj))
+
+
+def read_json(npz, key, path):
+    """The JSON object stored under ``key`` by :func:`json_array`; ValueError naming ``path``
+    when it is missing or unreadable."""
+    if key not in npz.files:
+        raise ValueError(f"{path}: no {key!r} entry")
+    try:
+        return json.loads(str(npz[key]))
+    except Exception as exc:
+        raise ValueError(f"{path}: damaged {key!r} entry ({type(exc).__name__}: {exc})") from exc
+
+
+def open_npz(path, what):
+    """Open the ``.npz`` at ``path`` without pickle support.
+
+    FileNotFoundError when it does not exist; ValueError naming the file and ``what`` was
+    expected (e.g. "model") when it cannot be read as an archive.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such {what} file")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable {what} file: not an .npz archive, or a "
+                         f"truncated or damaged one ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: not a {what} file: a single .npy array, not an .npz archive")
+    return z
+
+
+def read_prefixed(npz, prefix, path):
+    """``{name: array}`` for every entry ``prefix + name`` of an open archive.
+
+    A truncated member only shows when it is read: that raises ValueError naming ``path``.
+    """
+    try:
+        return {k[len(prefix):]: npz[k] for k in npz.files if k.startswith(prefix)}
+    except Exception as exc:
+        raise ValueError(f"{path}: damaged file ({type(exc).__name__}: {exc})") from exc
