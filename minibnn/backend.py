@@ -105,7 +105,12 @@ def kernel_module(name=None):
 
 def xp():
     """The array module new tensors are created in: cupy for the cupy backend, else numpy."""
-    if active() == "cupy":
+    return array_module()
+
+
+def array_module(name=None):
+    """The array module of backend ``name`` (default: the active one), checked to run here."""
+    if (_check(name) if name else active()) == "cupy":
         import cupy
         return cupy
     return np
@@ -135,3 +140,14 @@ def to_numpy(x):
     if is_cupy_array(x):
         return x.get()
     return np.asarray(x)
+
+
+def scatter_add(out, index, values):
+    """``out[index] += values`` where repeated indices accumulate (``np.add.at``; on the GPU
+    ``cupyx.scatter_add``)."""
+    if is_cupy_array(out):
+        import cupyx
+        cupyx.scatter_add(out, index, values)
+    else:
+        np.add.at(out, index, values)
+    return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import get_array_module
+from .backend import get_array_module, scatter_add
 from .tensor import Function, Tensor, as_tensor
 
 
@@ -211,8 +211,17 @@ class Reshape(Function):
 
 
 class Transpose(Function):
+    """Permute axes; the backward applies the inverse permutation (negative axes are
+    normalised first, so argsort sees the true permutation)."""
+
     def forward(self, a, axes=None):
-        self.axes = tuple(range(a.ndim))[::-1] if axes is None else tuple(axes)
+        if axes is None:
+            axes = tuple(range(a.ndim))[::-1]
+        axes = tuple(int(i) for i in axes)
+        if sorted(i % a.ndim if -a.ndim <= i < a.ndim else i for i in axes) != list(range(a.ndim)):
+            raise ValueError(f"transpose: axes {axes} are not a permutation of the "
+                             f"{a.ndim} axes of an array of shape {a.shape}")
+        self.axes = tuple(i % a.ndim for i in axes)
         return a.transpose(self.axes)
 
     def backward(self, g):
@@ -227,14 +236,8 @@ class GetItem(Function):
         return a[index]
 
     def backward(self, g):
-        xp = get_array_module(g)
-        out = xp.zeros(self.shape, dtype=g.dtype)
-        if xp is np:
-            np.add.at(out, self.index, g)
-        else:
-            import cupyx
-            cupyx.scatter_add(out, self.index, g)
-        return (out,)
+        out = get_array_module(g).zeros(self.shape, dtype=g.dtype)
+        return (scatter_add(out, self.index, g),)
 
 
 # --- neural-network building blocks ----------------------------------------------------
@@ -309,7 +312,12 @@ def linear(x, w): return Linear.apply(x, w)
 def sum(a, axis=None, keepdims=False): return Sum.apply(a, axis=axis, keepdims=keepdims)  # noqa: A001
 def max(a, axis=None, keepdims=False): return Max.apply(a, axis=axis, keepdims=keepdims)  # noqa: A001
 def reshape(a, *shape): return Reshape.apply(a, shape=_shape_arg(shape))
-def transpose(a, axes=None): return Transpose.apply(a, axes=axes)
+def transpose(a, *axes):
+    """Permute axes as ``ndarray.transpose``: ``transpose(a)`` reverses them;
+    ``transpose(a, (2, 0, 1))`` or ``transpose(a, 2, 0, 1)`` (negative axes allowed)."""
+    if len(axes) == 1 and (axes[0] is None or isinstance(axes[0], (tuple, list))):
+        axes = axes[0]
+    return Transpose.apply(a, axes=axes or None)
 def log_softmax(a, axis=-1): return LogSoftmax.apply(a, axis=axis)
 
 

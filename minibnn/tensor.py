@@ -35,10 +35,19 @@ def is_grad_enabled():
 
 
 def unbroadcast(grad, shape):
-    """Sum ``grad`` over the axes that broadcasting added or stretched, back to ``shape``."""
-    if grad.shape == tuple(shape):
+    """Sum ``grad`` over the axes that broadcasting added or stretched, back to ``shape``.
+
+    A gradient whose shape cannot be a broadcast of ``shape`` means an op's backward is
+    wrong: that raises instead of being reshaped into place.
+    """
+    shape = tuple(shape)
+    if grad.shape == shape:
         return grad
     extra = grad.ndim - len(shape)
+    if extra < 0 or any(n != 1 and n != g for n, g in zip(shape, grad.shape[extra:])):
+        raise ValueError(f"gradient of shape {grad.shape} cannot be reduced to an input of "
+                         f"shape {shape}: it is not a broadcast of it (an op's backward "
+                         "returned the wrong shape)")
     axes = tuple(range(extra)) + tuple(
         i + extra for i, n in enumerate(shape) if n == 1 and grad.shape[i + extra] != 1)
     grad = grad.sum(axis=axes, keepdims=True) if axes else grad

@@ -216,6 +216,21 @@ def test_reshape():
 def test_transpose():
     check_grad(F.transpose, [randn(2, 3, 4)])
     check_grad(lambda a: F.transpose(a, (1, 2, 0)), [randn(2, 3, 4)])
+
+
+@pytest.mark.parametrize("axes", [(-1, 0, 1), (2, -3, -2), (-1, -2, -3), (0, 2, 1)])
+def test_transpose_negative_axes(axes):
+    """A bug once hid here: argsort of raw negative axes gave a wrong-shaped gradient that
+    unbroadcast then reshaped into place. Checked with both call forms."""
+    check_grad(lambda a: F.transpose(a, axes), [randn(2, 3, 4)])
+    check_grad(lambda a: a.transpose(*axes), [randn(2, 3, 4)])
+
+
+def test_transpose_refuses_a_non_permutation():
+    with pytest.raises(ValueError, match="not a permutation"):
+        F.transpose(Tensor(np.zeros((2, 3))), (0, 0))
+    with pytest.raises(ValueError, match="not a permutation"):
+        F.transpose(Tensor(np.zeros((2, 3))), (0, 2))
     check_grad(lambda a: a.T, [randn(3, 5)])
 
 

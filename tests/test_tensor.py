@@ -233,6 +233,28 @@ def test_unbroadcast(shape, expected):
     np.testing.assert_array_equal(g, expected)
 
 
+@pytest.mark.parametrize("grad_shape,shape", [((4, 3, 2), (2, 3, 4)), ((3,), (2, 3)),
+                                              ((2, 5), (2, 3)), ((6,), (2, 3))])
+def test_unbroadcast_refuses_a_gradient_that_is_not_a_broadcast(grad_shape, shape):
+    with pytest.raises(ValueError, match="not a broadcast"):
+        unbroadcast(np.ones(grad_shape), shape)
+
+
+def test_a_wrong_backward_shape_is_caught():
+    from minibnn.tensor import Function
+
+    class WrongShape(Function):
+        def forward(self, a):
+            return a * 2
+
+        def backward(self, g):
+            return (g.T,)  # wrong: a transposed gradient for a non-square input
+
+    x = leaf(np.ones((2, 3)))
+    with pytest.raises(ValueError, match="not a broadcast"):
+        WrongShape.apply(x).sum().backward()
+
+
 def test_broadcast_gradient_shapes():
     a, b = leaf(np.ones((3, 1))), leaf(np.arange(4.0))
     (a * b).sum().backward()
