@@ -10,7 +10,6 @@ import numpy as np
 
 from . import backend
 from .backend import get_array_module
-from .functional import Linear
 from .tensor import Function, Tensor
 
 
@@ -112,21 +111,34 @@ def binary_matmul(a, b):
     return kern.xnor_gemm(kern.pack_rows(a), kern.pack_rows(b.T), a.shape[1])
 
 
-def is_binary(x):
-    """True when every entry of the raw array ``x`` is exactly +1 or -1."""
-    return bool(get_array_module(x).all(abs(x) == 1))
+class BinaryLinearFn(Function):
+    """y = x W_b^T for +-1 input x (B, K) and +-1 weight W_b (N, K), the product of a hidden
+    binary layer (paper Section 1.3 and Appendix: a . b = K - 2 popcount(a XOR b)).
 
+    forward:  both operands packed 64 signs to a word along K, multiplied by the active
+              backend's XNOR-popcount kernel; the integer result is exact in float.
+    backward: as for any product, g_x = g W_b and g_W = g^T x. The straight-through
+              estimators sit around this op, not in it: SignSTE masked the gradient that
+              reaches x's pre-activation, and BinarizeWeights hands g_W to the latent W.
+    """
 
-class BinaryLinearFn(Linear):
-    """y = x W_b^T for +-1 input x and +-1 weight W_b, computed by the XNOR-popcount
-    kernel of the active backend; gradients exactly as for the float product."""
-
-    def forward(self, x, w):
-        out = binary_matmul(x, w.T)  # validates the shapes before packing
-        self.save(x, w)
+    def forward(self, x, wb):
+        if x.ndim != 2 or wb.ndim != 2 or x.shape[1] != wb.shape[1]:
+            raise ValueError(f"binary_linear: input of shape {x.shape} does not fit weight of "
+                             f"shape {wb.shape}; expected (batch, {wb.shape[-1]})")
+        self.save(x, wb)
+        kern = backend.kernel_module()
+        out = kern.xnor_gemm(kern.pack_rows(x), kern.pack_rows(wb), x.shape[1])
         return out.astype(x.dtype)
+
+    def backward(self, g):
+        x, wb = self.saved
+        gx = g @ wb if self.needs_input_grad[0] else None
+        gw = g.T @ x if self.needs_input_grad[1] else None
+        return gx, gw
 
 
 def binary_linear(x, wb):
-    """x W_b^T through the XNOR-popcount kernel (x and W_b must hold +-1 values)."""
+    """x W_b^T through the XNOR-popcount kernel. x (batch, K) and W_b (N, K) must hold only
+    +-1 (a value >= 0 counts as +1): the caller promises it, nothing scans the values."""
     return BinaryLinearFn.apply(x, wb)

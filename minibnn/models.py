@@ -17,6 +17,8 @@ def mnist_mlp(hidden=4096, layers=3, in_features=784, classes=10, dropout_in=0.2
       -> BinaryLinear -> BN  (scores for the squared hinge loss)
 
     Dropout layers with p = 0 are left out. ``bn`` is "standard" or "shift" (Algorithm 3).
+    Hidden layers are marked ``binary_input`` (XNOR kernel; in eval only when dropout
+    scales their input in training), the first is not.
     The returned model carries its arguments as ``model.config`` so it can be rebuilt.
     """
     if bn not in BATCH_NORMS:
@@ -25,14 +27,18 @@ def mnist_mlp(hidden=4096, layers=3, in_features=784, classes=10, dropout_in=0.2
         raise ValueError(f"need layers >= 1 and hidden >= 1, got layers={layers}, hidden={hidden}")
     norm = BATCH_NORMS[bn]
     stack = [nn.Dropout(dropout_in, rng=rng)] if dropout_in else []
-    width = in_features
+    # what reaches a hidden layer: the signs of the layer before, scaled by dropout in training
+    after_sign = "eval" if dropout_hidden else True
+    width, binary_input = in_features, False  # the first layer sees pixels
     for _ in range(int(layers)):
-        stack += [nn.BinaryLinear(width, hidden, stochastic=stochastic, rng=rng),
+        stack += [nn.BinaryLinear(width, hidden, stochastic=stochastic, binary_input=binary_input,
+                                  rng=rng),
                   norm(hidden, momentum=momentum, eps=eps), nn.Sign()]
         if dropout_hidden:
             stack.append(nn.Dropout(dropout_hidden, rng=rng))
-        width = hidden
-    stack += [nn.BinaryLinear(width, classes, stochastic=stochastic, rng=rng),
+        width, binary_input = hidden, after_sign
+    stack += [nn.BinaryLinear(width, classes, stochastic=stochastic, binary_input=binary_input,
+                              rng=rng),
               norm(classes, momentum=momentum, eps=eps)]
     model = nn.Sequential(*stack)
     model.config = dict(arch="mnist_mlp", hidden=int(hidden), layers=int(layers),

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import backend
 from . import functional as F
-from .binary import ap2, ap2_ste, binarize, binary_linear, is_binary, sign_ste
+from .binary import ap2, ap2_ste, binarize, binary_linear, sign_ste
 from .rng import get_rng
 from .tensor import Tensor
 
@@ -162,16 +162,28 @@ class BinaryLinear(Module):
     The latent weight W (shape (out, in)) starts U(-1, 1), is clipped to [-1, 1] after each
     update, and its step is scaled by Glorot's factor 1 / sqrt(1.5 / (fan_in + fan_out))
     (the paper's Theano code, ``binary_net.py``). Stochastic binarization applies in training
-    only; evaluation always uses sign(W). When the input is itself binary (a hidden layer
-    after Sign with no dropout in between, and always in eval) the product runs on the
-    active backend's XNOR-popcount kernel; otherwise (the first layer, dropout-scaled
-    input) it is a float product. Both give the same numbers.
+    only; evaluation always uses sign(W).
+
+    ``binary_input`` says what the layer receives, as the model recipe knows it:
+
+    * ``False``: real values (the first layer, on pixels): a float product;
+    * ``True``: +-1 values (a Sign right before it): the active backend's XNOR-popcount
+      kernel, in training and in eval;
+    * ``"eval"``: +-1 in eval mode only (a Dropout sits between the Sign and this layer, and
+      scales its input in training): float product in training, XNOR kernel in eval.
+
+    Both products give the same numbers on +-1 input; the flag only picks the faster one.
+    Nothing checks the values: a layer marked binary treats any x >= 0 as +1.
     """
 
-    def __init__(self, in_features, out_features, bias=False, stochastic=False, rng=None):
+    def __init__(self, in_features, out_features, bias=False, stochastic=False,
+                 binary_input=False, rng=None):
         super().__init__()
+        if not (isinstance(binary_input, bool) or binary_input == "eval"):
+            raise ValueError(f"binary_input must be False, True or 'eval', got {binary_input!r}")
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.stochastic = bool(stochastic)
+        self.binary_input = binary_input
         self.rng = get_rng(rng)
         w = self.rng.uniform(-1.0, 1.0, (out_features, in_features)).astype(np.float32)
         scale = 1.0 / math.sqrt(1.5 / (in_features + out_features))
@@ -182,15 +194,24 @@ class BinaryLinear(Module):
         """The +-1 weight this forward pass uses (a Tensor on the tape)."""
         return binarize(self.weight, stochastic=self.stochastic and self.training, rng=self.rng)
 
+    def uses_xnor(self):
+        """True when this forward pass runs on the XNOR-popcount kernel."""
+        return self.binary_input is True or (self.binary_input == "eval" and not self.training)
+
     def forward(self, x):
         _check_features(x, self.in_features, type(self).__name__)
         wb = self.binary_weight()
-        out = binary_linear(x, wb) if x.ndim == 2 and is_binary(x.data) else F.linear(x, wb)
+        if self.uses_xnor():
+            lead = x.shape[:-1]
+            out = binary_linear(x if x.ndim == 2 else x.reshape(-1, self.in_features), wb)
+            out = out if x.ndim == 2 else out.reshape(*lead, self.out_features)
+        else:
+            out = F.linear(x, wb)
         return out + self.bias if self.bias is not None else out
 
     def extra_repr(self):
         return (f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, "
-                f"stochastic={self.stochastic}")
+                f"stochastic={self.stochastic}, binary_input={self.binary_input!r}")
 
 
 class _BatchNormBase(Module):

@@ -427,3 +427,58 @@ def test_mnist_mlp_bad_arguments():
         models.mnist_mlp(hidden=4, layers=0)
     with pytest.raises(ValueError, match="architecture"):
         models.build({"arch": "resnet"})
+
+
+# --- binary input: the recipe says which layers get +-1, nothing scans -----------------
+
+def test_binary_input_flag_is_checked():
+    for bad in (1, 0, "train", None):
+        with pytest.raises(ValueError, match="binary_input"):
+            nn.BinaryLinear(3, 4, binary_input=bad)
+
+
+@pytest.mark.parametrize("dropout_hidden", [0.0, 0.5])
+def test_mnist_mlp_marks_exactly_the_layers_that_receive_signs(dropout_hidden, monkeypatch):
+    model = models.mnist_mlp(hidden=32, layers=3, in_features=20, dropout_in=0.2,
+                             dropout_hidden=dropout_hidden, rng=rng())
+    layers = [m for m in model if isinstance(m, nn.BinaryLinear)]
+    hidden = "eval" if dropout_hidden else True
+    assert [l.binary_input for l in layers] == [False, hidden, hidden, hidden]
+    seen = []
+    real = nn.BinaryLinear.forward
+
+    def spy(self, x):
+        seen.append((self.uses_xnor(), bool(np.all(np.abs(x.data) == 1))))
+        return real(self, x)
+
+    monkeypatch.setattr(nn.BinaryLinear, "forward", spy)
+    x = Tensor(rng(3).uniform(-1, 1, (8, 20)).astype(np.float32))
+    for training in (True, False):
+        model.train(training)
+        seen.clear()
+        model(x)
+        # every layer on the XNOR path really receives +-1; the others do not
+        assert all(binary for xnor, binary in seen if xnor)
+        assert [xnor for xnor, _ in seen] == [False] + [not training or not dropout_hidden] * 3
+        assert all(not binary for xnor, binary in seen if not xnor)
+
+
+def test_xnor_path_equals_float_path_with_gradients(each_backend):
+    """binary_input=True (XNOR kernel) and False (float product) give the same outputs and
+    gradients on +-1 input, 2-D and 3-D."""
+    from minibnn import backend
+    r = rng(7)
+    w = r.uniform(-1, 1, (6, 70)).astype(np.float32)
+    for shape in ((5, 70), (2, 3, 70)):
+        x_np = np.where(r.standard_normal(shape) >= 0, 1.0, -1.0).astype(np.float32)
+        g = r.standard_normal(shape[:-1] + (6,)).astype(np.float32)
+        results = []
+        for flag in (True, False):
+            layer = nn.BinaryLinear(70, 6, binary_input=flag, bias=True)
+            layer.weight.data[...] = backend.asarray(w)
+            x = Tensor(backend.asarray(x_np), requires_grad=True)
+            layer(x).backward(backend.asarray(g))
+            results.append([backend.to_numpy(a) for a in
+                            (layer(x).data, x.grad, layer.weight.grad, layer.bias.grad)])
+        for a, b in zip(*results):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5)
