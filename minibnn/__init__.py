@@ -7,7 +7,8 @@
     opt.zero_grad(); loss.backward(); opt.step()
 """
 
-from . import backend, binary, data, deploy, functional, losses, models, nn, optim, train
+from . import (backend, binary, data, deploy, functional, io, losses, models, nn, optim,
+               registry, runs, train)
 from .binary import binary_matmul
 from .rng import seed
 from .summary import summary
@@ -15,4 +16,5 @@ from .tensor import Function, Tensor, no_grad
 
 __version__ = "0.1.0"
 __all__ = ["Tensor", "Function", "no_grad", "seed", "binary_matmul", "summary", "backend",
-           "binary", "data", "deploy", "functional", "losses", "models", "nn", "optim", "train"]
+           "binary", "data", "deploy", "functional", "io", "losses", "models", "nn", "optim",
+           "registry", "runs", "train"]

@@ -1,4 +1,4 @@
-"""``python -m minibnn train | eval | bench``."""
+"""``python -m minibnn train | eval``: see ``minibnn.cli``."""
 
 from .cli import main
 

@@ -1,4 +1,8 @@
-"""Command line: ``python -m minibnn train``, ``python -m minibnn eval RUN_DIR``."""
+"""Command line: ``python -m minibnn train``, ``python -m minibnn eval PATH``.
+
+The choices offered for optimizers, losses, batch norms and schedules come from
+``registry``, the one table of names the library accepts.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import backend
-
+from . import backend, registry
 
 
 def _train_parser(sub):
@@ -25,15 +28,15 @@ def _train_parser(sub):
     p.add_argument("--lr-start", type=float, default=d.lr_start, help="%(default)s")
     p.add_argument("--lr-end", type=float, default=d.lr_end,
                    help="final rate of the exponential schedule (%(default)s)")
-    p.add_argument("--schedule", choices=["exp", "halve"], default=d.schedule,
+    p.add_argument("--schedule", choices=registry.choices("schedule"), default=d.schedule,
                    help="exponential decay lr-start -> lr-end (Theano recipe) or halving every "
                         "--halve-every epochs (Torch recipe); default %(default)s")
     p.add_argument("--halve-every", type=int, default=d.halve_every, help="%(default)s")
-    p.add_argument("--optimizer", choices=["adam", "adamax", "shift-adamax", "sgd"],
+    p.add_argument("--optimizer", choices=registry.choices("optimizer"),
                    default=d.optimizer, help="%(default)s")
-    p.add_argument("--bn", choices=["standard", "shift"], default=d.bn,
+    p.add_argument("--bn", choices=registry.choices("bn"), default=d.bn,
                    help="batch norm: standard or shift-based (paper Algorithm 3); %(default)s")
-    p.add_argument("--loss", choices=["squared-hinge", "cross-entropy"], default=d.loss,
+    p.add_argument("--loss", choices=registry.choices("loss"), default=d.loss,
                    help="%(default)s")
     p.add_argument("--stochastic", action="store_true", help="stochastic weight binarization")
     p.add_argument("--dropout-in", type=float, default=d.dropout_in, help="%(default)s")
@@ -76,7 +79,9 @@ def _cmd_train(args):
 
 def _cmd_eval(args):
     from . import data, deploy, models
-    from .train import MODEL, TrainConfig, error_rate, load_model, read_checkpoint
+    from .models import load_model
+    from .runs import MODEL, read_checkpoint
+    from .train import TrainConfig, error_rate
     path = Path(args.path)
     mnist = data.load_mnist(args.data_dir)
     labels = mnist.test_labels.astype("int64")

@@ -1,7 +1,7 @@
 """Dataset readers and batching: IDX files (MNIST and anything in its layout), the
 paper's train/validation split, a shuffled index iterator, and pixel scaling to [-1, 1].
 
-Only NumPy and the standard library; no other minibnn module is imported.
+Only NumPy, the standard library and ``minibnn.io`` (atomic writes).
 """
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.resources
-import os
 import pathlib
-import tempfile
 import zlib
 from typing import Iterator, NamedTuple
 
 import numpy as np
+
+from .io import atomic_write_bytes
 
 __all__ = [
     "DatasetError",
@@ -163,14 +163,7 @@ def write_idx(path, array) -> None:
     path = pathlib.Path(path)
     if path.suffix == ".gz":
         data = gzip.compress(data, mtime=0)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, data)
 
 
 # --------------------------------------------------------------------------- MNIST

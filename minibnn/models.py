@@ -1,8 +1,11 @@
-"""The paper's networks as recipes that return ordinary ``Sequential`` models."""
+"""The paper's networks as recipes that return ordinary ``Sequential`` models, and the
+model file (config + weights) that rebuilds one."""
 
 from __future__ import annotations
 
-from . import nn
+import numpy as np
+
+from . import io, nn
 
 BATCH_NORMS = {"standard": nn.BatchNorm, "shift": nn.ShiftBatchNorm}
 
@@ -59,3 +62,26 @@ def build(config, rng=None):
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; known: {sorted(ARCHITECTURES)}")
     return ARCHITECTURES[arch](rng=rng, **config)
+
+
+# --- model files -------------------------------------------------------------------------
+
+def save_model(path, model, extra=None):
+    """Save a model's ``config`` and state dict to one .npz (atomically); ``load_model``
+    reads it back. ``extra`` (a JSON-able dict) is stored as the file's ``meta``."""
+    arrays = {f"state/{k}": v for k, v in model.state_dict().items()}
+    arrays["config"] = io.json_array(model.config)
+    arrays["meta"] = io.json_array(extra or {})
+    io.atomic_savez(path, arrays)
+
+
+def load_model(path):
+    """Rebuild a model saved by ``save_model``, in eval mode; returns (model, meta)."""
+    with io.open_npz(path, "model") as z:
+        if "config" not in z.files:
+            raise ValueError(f"{path}: not a minibnn model file (no 'config' entry)")
+        config, meta = io.read_json(z, "config", path), io.read_json(z, "meta", path)
+        state = io.read_prefixed(z, "state/", path)
+    model = build(config, rng=np.random.default_rng(0))
+    model.load_state_dict(state)
+    return model.eval(), meta
