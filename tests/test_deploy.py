@@ -11,11 +11,7 @@ from minibnn import backend, data, deploy, models, nn
 from minibnn import train as T
 from minibnn.tensor import Tensor, no_grad
 
-from kernels import cupy_gpu
-
-GPU_OK, GPU_WHY = cupy_gpu.available()
-GPU = [pytest.mark.gpu, pytest.mark.skipif(not GPU_OK, reason=GPU_WHY or "no GPU")]
-BACKENDS = ["numpy", "numba", pytest.param("cupy", marks=GPU)]
+from conftest import backend_params
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +111,7 @@ def case(request, mnist):
 
 
 @pytest.mark.parametrize("case", MODELS, indirect=True)
-@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("name", backend_params())
 def test_predictions_equal_the_model_on_all_test_images(case, name, mnist):
     """Equal on all 10,000 images: every pre-activation is exact in the float32 model too
     (to_pm1 gives multiples of 1/256), and the thresholds follow its float32 batch norm."""
@@ -140,15 +136,14 @@ def test_exact_arithmetic_equals_the_model_in_float64(case, mnist):
     np.testing.assert_allclose(got, scores64, rtol=1e-9, atol=1e-9 * np.abs(scores64).max())
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not GPU_OK, reason=GPU_WHY or "no GPU")
 @pytest.mark.parametrize("case", ["bias", "planted"], indirect=True)
-def test_cupy_equals_numba_bit_for_bit(case, mnist):
+@pytest.mark.parametrize("gpu", backend_params(["cupy"]))
+def test_cupy_equals_numba_bit_for_bit(case, gpu, mnist):
     frozen, x = case["frozen"], mnist[0]
-    for a, b in zip(frozen.trace(x[:2000], backend="cupy"),
+    for a, b in zip(frozen.trace(x[:2000], backend=gpu),
                     frozen.trace(x[:2000], backend="numba")):
         np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(frozen.integer_scores(x, backend="cupy", batch_size=3000),
+    np.testing.assert_array_equal(frozen.integer_scores(x, backend=gpu, batch_size=3000),
                                   frozen.integer_scores(x, backend="numba"))
 
 
@@ -361,3 +356,20 @@ def test_package_exports():
     assert minibnn.deploy is deploy
     assert callable(minibnn.summary)
     assert isinstance(models.mnist_mlp(hidden=8, layers=1), nn.Sequential)
+
+
+def test_deploy_leaves_backends_and_training_to_others():
+    """deploy reaches CuPy/Numba only through minibnn.backend, and needs nothing of train."""
+    import ast
+    from pathlib import Path
+    for path in sorted(Path(deploy.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] not in ("cupy", "cupyx", "numba"), (path.name, name)
+                assert name.split(".")[-1] != "train", (path.name, name)
