@@ -41,7 +41,6 @@ import common  # noqa: E402  (benchmarks/common.py, beside this script)
 import minibnn  # noqa: E402
 from minibnn import backend, data, deploy, models, nn  # noqa: E402
 from minibnn import train as T  # noqa: E402
-from minibnn.binary import ap2  # noqa: E402
 from minibnn.tensor import Tensor, no_grad  # noqa: E402
 
 NETS = [(4096, 3), (2048, 3)]
@@ -73,7 +72,9 @@ def build(hidden, layers, train_images, seed=0):
 
 class Float32Net:
     """The model's eval-mode forward written out in NumPy (or CuPy) float32:
-    h <- sign(BN(h W_b^T)) per hidden layer, scores = BN(h W_b^T), from uint8 pixels."""
+    h <- sign(BN(h W_b^T)) per hidden layer, scores = BN(h W_b^T), from uint8 pixels, with
+    each batch norm as the model applies it in eval mode, ``BN(h) = a h + c``
+    (``eval_affine``)."""
 
     def __init__(self, model, xp=np):
         self.xp = xp
@@ -85,14 +86,10 @@ class Float32Net:
                 self.blocks.append(dict(w_t=xp.asarray(np.ascontiguousarray(w.T)), bn=None,
                                         sign=False))
             elif isinstance(layer, (nn.BatchNorm, nn.ShiftBatchNorm)):
-                var = backend.to_numpy(layer.running_var)
-                inv = (1.0 / np.sqrt(var + layer.eps)).astype(np.float32)
-                gamma = backend.to_numpy(layer.gamma.data)
-                if isinstance(layer, nn.ShiftBatchNorm):
-                    inv, gamma = ap2(inv), ap2(gamma)
-                self.blocks[-1]["bn"] = [xp.asarray(v, dtype=np.float32) for v in (
-                    backend.to_numpy(layer.running_mean), inv, gamma,
-                    backend.to_numpy(layer.beta.data))]
+                with no_grad():
+                    a, c = layer.eval_affine()
+                self.blocks[-1]["bn"] = [xp.asarray(backend.to_numpy(t.data), dtype=np.float32)
+                                         for t in (a, c)]
             elif isinstance(layer, nn.Sign):
                 self.blocks[-1]["sign"] = True
             else:
@@ -104,11 +101,9 @@ class Float32Net:
         for b in self.blocks:
             h = h @ b["w_t"]
             if b["bn"] is not None:
-                mean, inv, gamma, beta = b["bn"]
-                h -= mean
-                h *= inv
-                h *= gamma
-                h += beta
+                a, c = b["bn"]
+                h *= a
+                h += c
             if b["sign"]:
                 h = xp.where(h >= 0, np.float32(1), np.float32(-1))
         return h
@@ -120,8 +115,8 @@ def layer_breakdown(frozen, images, name, repeats):
     """Seconds per 10,000 images spent in each stage of the frozen forward on one backend
     (timed on a batch of up to 1024 images, median of repeats)."""
     kern = backend.kernel_module(name)
-    xp = np if name != "cupy" else _cupy()
-    layers = frozen._layers_on(name)
+    xp = backend.array_module(name)
+    layers = frozen.layers_on(name)
     b = min(1024, len(images))
     x = xp.asarray(images[:b].reshape(b, -1))
     stages = {}
@@ -144,7 +139,7 @@ def layer_breakdown(frozen, images, name, repeats):
     for i, (layer, weight, threshold) in enumerate(layers):
         if i == 0:
             z = clock("layer 0: 8 bit planes, XNOR GEMM, shift-add",
-                      lambda: deploy._first_layer(x, weight, layer.k, kern))
+                      lambda: deploy.first_layer(x, weight, layer.k, kern))
         else:
             z = clock(f"layer {i}: XNOR GEMM", lambda: kern.xnor_gemm(h, weight, layer.k))
         if threshold is not None:
@@ -156,8 +151,7 @@ def layer_breakdown(frozen, images, name, repeats):
 
 def _sync(name):
     if name == "cupy":
-        import cupy
-        cupy.cuda.Device().synchronize()
+        backend.array_module("cupy").cuda.Device().synchronize()
 
 
 def time_round_robin(paths, repeats):
@@ -213,7 +207,7 @@ def bench_net(hidden, layers, images, train_images, backends, repeats, quick):
         counts["frozen numpy"] = len(subset)
         paths["frozen numpy"] = (lambda: frozen.predict(subset, backend="numpy"), "numpy")
     if "cupy" in backends:
-        gpu_net = Float32Net(model, xp=_cupy())
+        gpu_net = Float32Net(model, xp=backend.array_module("cupy"))
         paths["float32 cupy"] = (lambda: gpu_net.predict(images), "cupy")
         paths["frozen cupy"] = (lambda: frozen.predict(images, backend="cupy"), "cupy")
         counts["float32 cupy"] = counts["frozen cupy"] = n
@@ -246,11 +240,6 @@ def bench_net(hidden, layers, images, train_images, backends, repeats, quick):
         if name in backends:
             extra[f"breakdown_{name}"] = layer_breakdown(frozen, images, name, repeats)
     return rows, dict(net=label, **sizes, **extra), s
-
-
-def _cupy():
-    import cupy
-    return cupy
 
 
 def print_table(rows, sizes, n):
@@ -334,11 +323,11 @@ def main(argv=None):
         "The machine may be shared: load_average_at_start/end show other work, which skews "
         "absolute times and, less so, the ratios.",
         "The frozen first layer costs 8 binary MACs per float MAC (one per input bit plane).",
-        "Predictions are compared with the float32 forward of the same network; the frozen "
-        "numpy reference path runs on a subset of big nets (see images_timed). The frozen "
-        "net's first layer is exact integer arithmetic, the float32 forward's is not: an "
-        "image where float32 rounding puts a first-layer unit across its threshold can get "
-        "another class (rows' 'disagreements' list each such image and the units).",
+        "Predictions are compared with the float32 forward of the same network (each batch "
+        "norm as the model's eval_affine applies it); the frozen numpy reference path runs "
+        "on a subset of big nets (see images_timed). freeze follows that float32 batch norm "
+        "where rounding moves a threshold, so every image should agree; rows' "
+        "'differing_images' lists any that do not.",
     ]
     (out / f"{stem}.json").write_text(json.dumps(
         {"machine": info, "repeats": args.repeats, "images": len(images), "results": rows,
