@@ -1,8 +1,12 @@
 """Optimizers (SGD, Adam, AdaMax, shift-based AdaMax) and learning-rate schedules.
 
-Every optimizer scales its step for a parameter by ``Parameter.lr_scale`` and clips the
-parameter to ``[-clip, clip]`` after the update when ``Parameter.clip`` is set: that is how
-the latent weights of binary layers get Glorot's step scale and stay in [-1, 1].
+Each optimizer's docstring gives the update it implements, formula by formula, and the
+source it follows. The code computes the same lines in place (for speed, and so that no
+parameter-sized array is allocated per step); each in-place block is preceded by a comment
+giving the formula line it computes. ``lr`` in those formulas is the optimizer's rate times
+the parameter's ``Parameter.lr_scale``, and after the update a parameter with
+``Parameter.clip`` set is clipped to ``[-clip, clip]``: that is how the latent weights of
+binary layers get Glorot's step scale and stay in [-1, 1].
 """
 
 from __future__ import annotations
@@ -14,7 +18,12 @@ from .binary import ap2
 
 
 class Optimizer:
-    """Base class: holds the parameters, per-parameter state, and the step count ``t``."""
+    """Base class: holds the parameters, per-parameter state, and the step count ``t``.
+
+    A subclass writes ``_delta(g, state, lr)``, the step to subtract, into the scratch array
+    ``state["_scratch"]``. State arrays whose names start with "_" are scratch: they are not
+    saved in ``state_dict()``.
+    """
 
     defaults = {}
 
@@ -40,24 +49,29 @@ class Optimizer:
             p.grad = None
 
     def step(self):
-        """Apply one update to every parameter that has a gradient, then clip.
+        """t = t + 1, then for every parameter w that has a gradient g:
 
-        Updates run in place through a per-parameter scratch buffer: no array is allocated
-        per step, which matters on machines where fresh memory is slow to fault in.
+            w = w - delta(g)              (delta: the subclass's update, with lr * lr_scale)
+            w = clip(w, -clip, clip)      (when the parameter's clip is set)
+
+        Updates run in place on the moment arrays and one scratch array per parameter, all
+        created on the first step: after that no parameter-sized array is allocated per
+        step, which matters where fresh memory is slow to fault in.
         """
         self.t += 1
         for p, state in zip(self.params, self.state):
             if p.grad is None:
                 continue
             lr = self.lr * getattr(p, "lr_scale", 1.0)
+            # w = w - delta
             p.data -= self._delta(p.grad, state, lr)
             clip = getattr(p, "clip", None)
             if clip is not None:
-                xp = backend.get_array_module(p.data)
-                xp.clip(p.data, -clip, clip, out=p.data)
+                # w = clip(w, -clip, clip)
+                backend.get_array_module(p.data).clip(p.data, -clip, clip, out=p.data)
 
     def _delta(self, g, state, lr):
-        """The step to subtract, written into a scratch array (``self._buffer(state, ...)``)."""
+        """The step to subtract, written into ``self._buffer(state, "_scratch", g)``."""
         raise NotImplementedError
 
     def _buffer(self, state, name, like):
@@ -88,46 +102,85 @@ class Optimizer:
 
 
 class SGD(Optimizer):
-    """v = momentum * v + g;  w -= lr * v."""
+    """Stochastic gradient descent, with optional momentum in the form of
+    ``torch.optim.SGD`` (no dampening, no Nesterov):
+
+        v = momentum * v + g      (only when momentum > 0; otherwise v is g)
+        w = w - lr * v
+
+    With a constant lr this is Polyak's heavy ball. v accumulates gradients, not steps, so
+    after a change of lr it differs from the form v = momentum * v - lr * g; w = w + v.
+    """
 
     defaults = {"momentum": 0.0}
 
     def _delta(self, g, state, lr):
-        out = self._buffer(state, "_scratch", g)
+        xp = backend.get_array_module(g)
+        delta = self._buffer(state, "_scratch", g)
+        v = g
         if self.hyper["momentum"]:
             v = self._buffer(state, "v", g)
+            # v = momentum * v + g
             v *= self.hyper["momentum"]
             v += g
-            g = v
-        return backend.get_array_module(g).multiply(g, lr, out=out)
+        # delta = lr * v
+        return xp.multiply(v, lr, out=delta)
 
 
 class Adam(Optimizer):
-    """Adam (Kingma & Ba 2014, arXiv:1412.6980, Algorithm 1), the paper's Theano optimizer."""
+    """Adam (Kingma & Ba, "Adam: A Method for Stochastic Optimization", arXiv:1412.6980) in
+    the form of the last paragraph of their Section 2, which folds both bias corrections
+    into the step size alpha_t:
+
+        m       = beta1 * m + (1 - beta1) * g
+        v       = beta2 * v + (1 - beta2) * g^2
+        alpha_t = lr * sqrt(1 - beta2^t) / (1 - beta1^t)
+        w       = w - alpha_t * m / (sqrt(v) + eps)
+
+    eps is added to sqrt(v) after the bias correction has moved into alpha_t, so it plays
+    the role of that paragraph's eps-hat: this is Algorithm 1 run with eps / sqrt(1 - beta2^t)
+    in place of its eps. It is what Lasagne's ``lasagne.updates.adam`` computes, the
+    optimizer the BNN paper's Theano code calls. Defaults are Kingma & Ba's.
+    """
 
     defaults = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
 
     def _delta(self, g, state, lr):
         b1, b2, eps = self.hyper["beta1"], self.hyper["beta2"], self.hyper["eps"]
         xp = backend.get_array_module(g)
-        m, v, tmp = (self._buffer(state, k, g) for k in ("m", "v", "_scratch"))
+        m, v, delta = (self._buffer(state, k, g) for k in ("m", "v", "_scratch"))
+        # alpha_t is a NumPy float64: NumPy multiplies a float32 delta by it in float64 and
+        # rounds once (through a small casting buffer, not a parameter-sized array).
+        alpha_t = lr * np.sqrt(1 - b2 ** self.t) / (1 - b1 ** self.t)
+        # m = beta1 * m + (1 - beta1) * g
         m *= b1
-        m += xp.multiply(g, 1 - b1, out=tmp)
+        m += xp.multiply(g, 1 - b1, out=delta)
+        # v = beta2 * v + (1 - beta2) * g^2
         v *= b2
-        xp.multiply(g, g, out=tmp)
-        tmp *= 1 - b2
-        v += tmp
-        step = lr * np.sqrt(1 - b2 ** self.t) / (1 - b1 ** self.t)
-        xp.sqrt(v, out=tmp)
-        tmp += eps
-        xp.divide(m, tmp, out=tmp)
-        tmp *= step
-        return tmp
+        xp.multiply(g, g, out=delta)
+        delta *= 1 - b2
+        v += delta
+        # delta = alpha_t * m / (sqrt(v) + eps)
+        xp.sqrt(v, out=delta)
+        delta += eps
+        xp.divide(m, delta, out=delta)
+        delta *= alpha_t
+        return delta
 
 
 class AdaMax(Optimizer):
-    """AdaMax (Kingma & Ba 2014, Section 7.1): u = max(beta2 * u, |g|);
-    w -= lr / (1 - beta1^t) * m / u."""
+    """AdaMax (Kingma & Ba, arXiv:1412.6980, Section 7.1, Algorithm 2), Adam with the
+    infinity norm in place of the second moment:
+
+        m       = beta1 * m + (1 - beta1) * g
+        u       = max(beta2 * u, |g|)
+        alpha_t = lr / (1 - beta1^t)
+        w       = w - alpha_t * m / (u + eps)
+
+    Algorithm 2 divides by u alone; eps (as in Lasagne's ``adamax``) keeps a coordinate that
+    has seen only zero gradients (m = u = 0) from becoming 0/0. Defaults are Kingma & Ba's
+    (who suggest lr = 0.002).
+    """
 
     defaults = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
 
@@ -135,41 +188,66 @@ class AdaMax(Optimizer):
         """Update m and u in place; return them with the scratch array and array module."""
         b1, b2 = self.hyper["beta1"], self.hyper["beta2"]
         xp = backend.get_array_module(g)
-        m, u, tmp = (self._buffer(state, k, g) for k in ("m", "u", "_scratch"))
+        m, u, scratch = (self._buffer(state, k, g) for k in ("m", "u", "_scratch"))
+        # m = beta1 * m + (1 - beta1) * g
         m *= b1
-        m += xp.multiply(g, 1 - b1, out=tmp)
+        m += xp.multiply(g, 1 - b1, out=scratch)
+        # u = max(beta2 * u, |g|)
         u *= b2
-        xp.maximum(u, xp.abs(g, out=tmp), out=u)
-        return m, u, tmp, xp
+        xp.maximum(u, xp.abs(g, out=scratch), out=u)
+        return m, u, scratch, xp
 
     def _delta(self, g, state, lr):
-        m, u, tmp, xp = self._moments(g, state)
-        xp.add(u, self.hyper["eps"], out=tmp)
-        xp.divide(m, tmp, out=tmp)
-        tmp *= lr / (1 - self.hyper["beta1"] ** self.t)
-        return tmp
+        m, u, delta, xp = self._moments(g, state)
+        alpha_t = lr / (1 - self.hyper["beta1"] ** self.t)
+        # delta = alpha_t * m / (u + eps)
+        xp.add(u, self.hyper["eps"], out=delta)
+        xp.divide(m, delta, out=delta)
+        delta *= alpha_t
+        return delta
 
 
 class ShiftAdaMax(AdaMax):
-    """Shift-based AdaMax (paper Algorithm 4): AdaMax with the step size and the 1/u factor
-    rounded to powers of two, so the update needs only shifts:
+    """Shift-based AdaMax (Courbariaux et al., arXiv:1602.02830, Algorithm 4): AdaMax with
+    the step size and the 1/u factor each rounded to a power of two, so that applying them
+    is a bit shift:
 
-        w -= AP2(lr / (1 - beta1^t)) * m * AP2(1 / u)
+        m       = beta1 * m + (1 - beta1) * g
+        u       = max(beta2 * u, |g|)
+        alpha_t = AP2(lr / (1 - beta1^t))
+        w       = w - alpha_t * m * AP2(1 / (u + eps))
 
-    The paper's defaults are lr = 2^-10, 1 - beta1 = 2^-3, 1 - beta2 = 2^-10.
+    where AP2(y) = 2^round(log2 y) for y > 0 (the paper's Section 1.4, ``binary.ap2``; round
+    is half to even). The paper writes the last line with shift operators applied to the
+    bias-corrected step size and to u^-1; eps is AdaMax's guard against u = 0.
+    The paper's defaults: 1 - beta1 = 2^-3 and 1 - beta2 = 2^-10 (set here), lr = 2^-10
+    (pass it).
     """
 
     defaults = {"beta1": 1 - 2.0 ** -3, "beta2": 1 - 2.0 ** -10, "eps": 1e-8}
 
     def _delta(self, g, state, lr):
-        m, u, tmp, xp = self._moments(g, state)
-        step = float(ap2(np.float64(lr / (1 - self.hyper["beta1"] ** self.t))))
-        xp.add(u, self.hyper["eps"], out=tmp)
-        xp.reciprocal(tmp, out=tmp)
-        tmp[...] = ap2(tmp)
-        tmp *= m
-        tmp *= step
-        return tmp
+        m, u, delta, xp = self._moments(g, state)
+        alpha_t = float(ap2(np.float64(lr / (1 - self.hyper["beta1"] ** self.t))))
+        # delta = AP2(1 / (u + eps))
+        xp.add(u, self.hyper["eps"], out=delta)
+        xp.reciprocal(delta, out=delta)
+        _ap2_positive_inplace(delta)
+        # delta = alpha_t * m * delta
+        delta *= m
+        delta *= alpha_t
+        return delta
+
+
+def _ap2_positive_inplace(y):
+    """y = AP2(y) = 2^round(log2 y) in place, for y >= 0: ``binary.ap2`` without its sign
+    and its temporaries (same values; rint rounds half to even, as np.round does)."""
+    xp = backend.get_array_module(y)
+    with np.errstate(divide="ignore"):  # log2(0) = -inf, and AP2(0) = 2^-inf = 0
+        xp.log2(y, out=y)
+    xp.rint(y, out=y)
+    xp.exp2(y, out=y)
+    return y
 
 
 OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamax": AdaMax, "shift-adamax": ShiftAdaMax}

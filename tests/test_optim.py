@@ -1,9 +1,11 @@
 """Optimizers against hand-written NumPy steps; lr_scale, clipping, schedules, state dicts."""
 
+import tracemalloc
+
 import numpy as np
 import pytest
 
-from minibnn import nn, optim
+from minibnn import binary, nn, optim
 from minibnn.tensor import Tensor
 
 W0 = np.array([[0.3, -0.7, 0.05], [1.2, -0.01, 0.4]])
@@ -56,7 +58,7 @@ def test_adam():
     for t, (g, got) in enumerate(zip(GRADS, run(optim.Adam, lr=lr)), start=1):
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
-        # Kingma & Ba, Algorithm 1 with the bias corrections folded into the step size
+        # Kingma & Ba, end of Section 2: bias corrections folded into the step, eps after them
         w = w - lr * np.sqrt(1 - b2 ** t) / (1 - b1 ** t) * m / (np.sqrt(v) + eps)
         np.testing.assert_allclose(got, w, rtol=1e-13, atol=1e-15)
 
@@ -107,6 +109,63 @@ def test_shift_adamax_multipliers_are_powers_of_two():
         exponent = np.log2(multiplier)
         assert np.all(multiplier > 0)
         np.testing.assert_array_equal(exponent, np.round(exponent))
+
+
+def test_shift_adamax_in_place_ap2_equals_binary_ap2():
+    rng = np.random.default_rng(0)
+    k = np.arange(-30, 31, dtype=np.float64)
+    for dtype in (np.float32, np.float64):
+        powers = (2.0 ** k).astype(dtype)
+        halfway = (np.sqrt(2.0) * 2.0 ** k).astype(dtype)  # log2 near k + 1/2
+        near = [halfway]
+        for direction in (0, np.inf):
+            x = halfway
+            for _ in range(3):
+                near.append(x := np.nextafter(x, dtype(direction)))
+        x = np.concatenate([powers, powers * dtype(1.5), powers * dtype(0.75),
+                            np.nextafter(powers, dtype(0)), np.nextafter(powers, dtype(np.inf)),
+                            *near, np.exp(rng.uniform(-40, 40, 2000)).astype(dtype),
+                            np.array([1e-8, 1e8, 0.0, np.inf], dtype)])
+        y = x.copy()
+        assert optim._ap2_positive_inplace(y) is y and y.dtype == dtype
+        np.testing.assert_array_equal(y, binary.ap2(x))
+        np.testing.assert_array_equal(y[:len(k)], powers)
+        # where log2 lands exactly on a half, the exponent rounds to the even neighbour
+        finite = (x > 0) & np.isfinite(x)
+        log2 = np.log2(x[finite])
+        tie = log2 % 1 == 0.5
+        assert tie.sum() > 10
+        lo = np.floor(log2[tie])
+        even = np.where(lo % 2 == 0, lo, lo + 1)
+        np.testing.assert_array_equal(y[finite][tie], 2.0 ** even)
+
+
+@pytest.mark.parametrize("cls,hyper", [(optim.SGD, {}), (optim.SGD, {"momentum": 0.9}),
+                                       (optim.Adam, {}), (optim.AdaMax, {}),
+                                       (optim.ShiftAdaMax, {})])
+def test_step_allocates_no_parameter_sized_array(cls, hyper):
+    # NumPy reports its data allocations to tracemalloc. After a warm-up step (which creates
+    # the moment and scratch arrays) a step may allocate scalars and small buffers only.
+    rng = np.random.default_rng(0)
+    n = 1 << 20
+    ps = [nn.Parameter(rng.standard_normal(n).astype(np.float32), lr_scale=2.0, clip=1.0),
+          nn.Parameter(rng.standard_normal(n).astype(np.float32))]
+    for p in ps:
+        p.grad = rng.standard_normal(n).astype(np.float32)
+    opt = cls(ps, lr=1e-3, **hyper)
+    opt.step()
+    was_tracing = tracemalloc.is_tracing()
+    if not was_tracing:
+        tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        opt.step()
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        if not was_tracing:
+            tracemalloc.stop()
+    assert peak < 0.05 * ps[0].data.nbytes, f"{cls.__name__} step allocated {peak} bytes at peak"
 
 
 # --- lr_scale and clip ------------------------------------------------------------------
