@@ -105,7 +105,8 @@ def _cmd_eval(args):
     return 0
 
 
-def main(argv=None):
+def build_parser():
+    """The ``python -m minibnn`` argument parser (choices read from ``registry``)."""
     parser = argparse.ArgumentParser(prog="python -m minibnn",
                                      description="Binarized Neural Networks on NumPy.")
     parser.add_argument("--backend", choices=backend.NAMES, default=None,
@@ -116,6 +117,11 @@ def main(argv=None):
     pe.add_argument("path", help="a run folder (from train), its model.npz, or a frozen .npz "
                                  "(from deploy.freeze(...).save)")
     pe.add_argument("--data-dir", default=None, help="MNIST folder (default: the shipped copy)")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.backend:
