@@ -1,0 +1,98 @@
+"""The house rules of the layout, checked on the source: which modules may import what.
+
+* Only ``minibnn/backend.py`` and ``kernels/`` import the accelerator libraries (cupy,
+  cupyx, numba, llvmlite); everything else asks the backend.
+* ``kernels/`` is a leaf: it never imports minibnn.
+* Imports run one way, cli -> models/optim/data/deploy -> nn -> binary/functional ->
+  tensor -> backend -> kernels: a lower layer never imports a higher one.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATORS = {"cupy", "cupyx", "numba", "llvmlite"}
+
+# layer of each minibnn module: a module may import only modules of a lower or equal layer
+LAYERS = {
+    "io": 0, "rng": 0, "backend": 0,
+    "tensor": 1,
+    "functional": 2, "binary": 3,
+    "nn": 4, "losses": 4,
+    "optim": 5, "models": 5, "data": 1, "summary": 7, "deploy": 6,
+    "registry": 6, "runs": 6, "train": 7, "cli": 8, "__main__": 9, "__init__": 9,
+}
+
+
+# the one deliberate upward import: tensor.py's last line imports functional, which attaches
+# the operators (+, @, sum, ...) to Tensor once both classes exist
+ALLOWED = {("tensor", "functional")}
+
+
+def _modules():
+    for path in sorted((ROOT / "minibnn").rglob("*.py")):
+        yield path
+    for path in sorted((ROOT / "kernels").rglob("*.py")):
+        yield path
+
+
+def _imports(path):
+    """(top-level package, minibnn submodule or None) for every import in ``path``."""
+    tree = ast.parse(path.read_text(), str(path))
+    rel = path.relative_to(ROOT)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                yield parts[0], parts[1] if parts[0] == "minibnn" and len(parts) > 1 else None
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: inside the package of ``path``
+                pkg = rel.parts[0]
+                depth = len(rel.parts) - 1 - (node.level - 1)
+                base = list(rel.parts[:depth])
+                mod = (node.module or "").split(".") if node.module else []
+                full = base + [p for p in mod if p]
+                if full == [pkg]:  # from . import a, b
+                    for alias in node.names:
+                        yield pkg, alias.name if pkg == "minibnn" else None
+                else:
+                    yield pkg, full[1] if pkg == "minibnn" and len(full) > 1 else None
+            else:
+                parts = (node.module or "").split(".")
+                yield parts[0], parts[1] if parts[0] == "minibnn" and len(parts) > 1 else None
+
+
+def _name(path):
+    rel = path.relative_to(ROOT / "minibnn")
+    return rel.parts[0].removesuffix(".py")
+
+
+@pytest.mark.parametrize("path", list(_modules()), ids=lambda p: str(p.relative_to(ROOT)))
+def test_accelerator_libraries_stay_in_backend_and_kernels(path):
+    rel = path.relative_to(ROOT)
+    used = {top for top, _ in _imports(path)} & ACCELERATORS
+    if rel.parts[0] == "kernels" or rel == Path("minibnn/backend.py"):
+        return
+    assert not used, f"{rel} imports {sorted(used)}: ask minibnn.backend instead"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "kernels").rglob("*.py")),
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_kernels_never_import_minibnn(path):
+    assert "minibnn" not in {top for top, _ in _imports(path)}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "minibnn").rglob("*.py")),
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_imports_run_one_way(path):
+    me = _name(path)
+    assert me in LAYERS, f"{me}: new module, give it a layer in tests/test_structure.py"
+    for top, sub in _imports(path):
+        if top != "minibnn" or sub is None or sub == me or (me, sub) in ALLOWED:
+            continue
+        assert sub in LAYERS, f"{path.name} imports unknown module minibnn.{sub}"
+        assert LAYERS[sub] <= LAYERS[me], (
+            f"minibnn.{me} (layer {LAYERS[me]}) imports minibnn.{sub} (layer {LAYERS[sub]}): "
+            "a lower layer must not depend on a higher one")
