@@ -2,8 +2,87 @@
 
 A leaf package (it never imports minibnn): arrays in, arrays out.
 
+Modules
+-------
 - ``kernels.reference``: readable NumPy ground truth and the shared operand checks.
-- ``kernels.numba_cpu``: parallel CPU packing and GEMM (Numba).
-- ``kernels.cupy_gpu``: CUDA packing and GEMM through CuPy (imported lazily).
+- ``kernels.numba_cpu``: parallel CPU packing and GEMM (Numba); dispatches among GEMM
+  kernels: ``"generic"`` (in ``numba_cpu``) and ``"avx2"`` (``kernels.numba_avx2``, an
+  LLVM IR micro-kernel; ``kernels._numba_common`` holds what both share).
+- ``kernels.cupy_gpu``: CUDA packing and GEMM through CuPy (CuPy imported lazily).
+- ``kernels.cuda_sources``: the packaged ``*.cu`` files and their minimum architecture.
 - ``kernels.nvrtc_check``: compiles the ``*.cu`` sources with NVRTC, no GPU needed.
+
+Bit conventions (Courbariaux et al., "Binarized Neural Networks", arXiv:1602.02830)
+------------------------------------------------------------------------------------
+A value x is binarized to sign(x) with sign(0) = +1 (so -0.0 is +1 too); bool True
+is +1. Bit 1 stands for +1, bit 0 for -1. A row of K values is packed along its last
+axis K, least significant bit first, into W = ceil(K/64) uint64 words; the
+``64 W - K`` padding bits of the last word are 0. For two packed rows a, b of K bits
+
+    a . b = (#agreeing bits) - (#disagreeing bits) = K - 2 * popcount(a XOR b),
+
+and padding bits, 0 in both operands, never disagree. The GPU tensor-core kernel uses
+the equivalent ``K - 2 popcount(a) - 2 popcount(b) + 4 popcount(a AND b)``.
+``kernels.reference`` writes each of these out in NumPy.
+
+The backend interface
+---------------------
+Each backend module (``reference``, ``numba_cpu``, ``cupy_gpu``) provides these four
+functions with these leading parameters (``tests/test_kernels.py`` checks the names and
+parameters; a backend may add keyword parameters with defaults, noted below). All three
+give bit-identical results. "Array module" is NumPy for ``reference`` and ``numba_cpu``
+(NumPy input) and CuPy for ``cupy_gpu`` (NumPy or CuPy input, results stay on the GPU).
+
+``pack_rows(x)``
+    ``x`` (..., K) of bool, integer or real floating dtype, any memory layout ->
+    uint64 (..., W), W = ceil(K/64); a 1-D (K,) gives (W,). bit = (x >= 0), or x for
+    bool. Raises TypeError for any other dtype (complex, object, ...), ValueError for a
+    0-d input and ValueError for NaN (it has no sign). ``cupy_gpu.pack_rows(x,
+    check_nan=True)``: ``check_nan=False`` skips the NaN check, which reads one flag back
+    from the GPU.
+
+``xnor_gemm(a, b, k)``
+    ``a`` uint64 (M, W), ``b`` uint64 (N, W): rows packed by ``pack_rows``, ``b`` holds
+    the right factor transposed (a row per output unit); W = ceil(k/64); any layout.
+    Returns int32 (M, N) with ``out[i, j] = k - 2 popcount(a[i] XOR b[j])``, i.e.
+    ``unpack(a) @ unpack(b).T``; M = 0 or N = 0 gives an empty result, k = 0 zeros.
+    Raises ValueError naming the argument when: ``k`` is not a non-negative integer (bool
+    rejected); an operand is not an array, not uint64 (a float operand gets the hint to
+    pack it first), not 2-D, or has W != ceil(k/64); a padding bit (k mod 64 .. 63 of the
+    last word) is 1 -- checked by ``reference`` and ``numba_cpu``, not by ``cupy_gpu``
+    (reading it back would synchronize). ``numba_cpu`` and ``cupy_gpu`` take
+    ``kernel=None`` (a name from ``available_kernels()``, default ``default_kernel()``;
+    another name raises ValueError); ``cupy_gpu`` also raises ValueError when a size
+    exceeds the int32 or launch-grid limits of its kernels.
+
+``pack_bitplanes(x)``
+    ``x`` uint8 pixels (M, K) -> uint64 (M, 8, W): plane n of row i is bit n of every
+    pixel, packed as by ``pack_rows`` (bit 1 = +1). With y^n = 2 x^n - 1 in {-1, +1},
+    ``2 x - 255 = sum_n 2^n y^n``. Anything but a 2-D uint8 array raises ValueError.
+
+``bitplane_gemm(planes, b, k)``
+    ``planes`` uint64 (M, 8, W) from ``pack_bitplanes``, ``b`` uint64 (N, W) from
+    ``pack_rows`` -> int32 (M, N), ``z[i, j] = sum_n 2^n (k - 2 popcount(planes[i, n] XOR
+    b[j])) = (2 x_i - 255) . w_j`` (the paper's first layer on 8-bit input). Raises
+    ValueError if ``planes`` is not uint64 of shape (M, 8, W), and otherwise as
+    ``xnor_gemm`` for ``planes[:, 0]``, ``b`` and ``k`` (padding checked on every
+    backend here).
+
+Besides these:
+
+- ``unpack_rows(packed, k, dtype=np.float32)`` (``reference``, re-exported by
+  ``numba_cpu``): uint64 (..., W) -> +-1 values (..., k) of ``dtype``, NumPy; ValueError
+  unless ``packed`` is uint64 with W == ceil(k/64) and k a non-negative integer.
+- ``available_kernels()`` and ``default_kernel()`` (``numba_cpu``, ``cupy_gpu``): the
+  GEMM kernels this machine can run as a tuple of names, the default first, and that
+  default. ``numba_cpu``: ``("generic", "avx2")`` where the CPU has AVX2, else
+  ``("generic",)``; the default is ``"generic"``. ``cupy_gpu``: ``("tensorcore",
+  "cuda")`` on compute capability >= 8.0, else ``("cuda",)`` (asks the current GPU).
+- ``cupy_gpu.available()``: ``(True, "")`` or ``(False, reason)``, the one check of
+  whether the GPU path can run (``minibnn.backend`` reports its reason). Without CuPy,
+  ``import kernels.cupy_gpu`` still works; its functions raise ImportError with the
+  reason. Shapes, dtypes and k are checked before any kernel is launched (a NaN is
+  found while packing, and reported after).
+- ``reference`` also exports the helpers the others share: ``n_words(k)``,
+  ``pad_mask(k)``, ``WORD_BITS``, ``PLANES`` and the ``check_*`` validators.
 """

@@ -3,9 +3,10 @@
 This module is the ground truth the fast backends are tested against; it favours
 clarity over speed.
 
-Conventions (see DESIGN.md and Courbariaux et al., "Binarized Neural Networks",
-arXiv:1602.02830, section 1.4 / 3): a value x is binarized to sign(x) with
-sign(0) = +1. Bit 1 stands for +1 and bit 0 for -1. Rows are packed along their
+Conventions (Courbariaux et al., "Binarized Neural Networks", arXiv:1602.02830,
+section 1.4 / 3; the interface every backend shares is written out in the
+:mod:`kernels` package docstring, kernels/__init__.py): a value x is binarized to
+sign(x) with sign(0) = +1. Bit 1 stands for +1 and bit 0 for -1. Rows are packed along their
 last axis K, least significant bit first, into little-endian uint64 words; the
 ``ceil(K/64)*64 - K`` padding bits of the last word are 0. For two packed
 +-1 vectors of length K,

@@ -1,9 +1,10 @@
 // Bit packing and XNOR-popcount GEMM for minibnn (compiled by NVRTC through CuPy).
 //
-// Conventions (DESIGN.md): bit 1 = +1, bit 0 = -1, sign(0) = +1; rows packed along K,
-// least significant bit first, into uint64 words; padding bits 0. For packed rows a, b
-// of K bits:   a . b = K - 2 * popcount(a XOR b)
-//                    = K - 2 * popcount(a) - 2 * popcount(b) + 4 * popcount(a AND b).
+// Conventions (written out in the kernels/__init__.py docstring and kernels/reference.py):
+// bit 1 = +1, bit 0 = -1, sign(0) = +1; rows packed along K, least significant bit first,
+// into uint64 words; padding bits 0. For packed rows a, b of K bits:
+//     a . b = K - 2 * popcount(a XOR b)
+//           = K - 2 * popcount(a) - 2 * popcount(b) + 4 * popcount(a AND b).
 // NVRTC has no C standard headers: only built-in types are used.
 
 typedef unsigned long long u64;

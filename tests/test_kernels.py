@@ -4,15 +4,32 @@ The NumPy reference and the Numba kernels always run; the CuPy kernels run when 
 and a GPU are present (tests marked ``gpu``, skipped with the reason otherwise).
 """
 
+import importlib
+import inspect
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import kernels
+from conftest import REASONS, backend_params
 from kernels import cupy_gpu, numba_cpu, reference
+from minibnn.backend import KERNEL_MODULES
 
-GPU_OK, GPU_WHY = cupy_gpu.available()
-gpu = [pytest.mark.gpu, pytest.mark.skipif(not GPU_OK, reason=GPU_WHY or "no GPU")]
+
+def per_backend(values):
+    """One ``pytest.param`` per backend named in ``values`` ({backend: value}), carrying that
+    backend's marks (``gpu`` for cupy; skipped with the backend's reason where it cannot run)."""
+    return [pytest.param(values[p.values[0]], marks=p.marks, id=p.id)
+            for p in backend_params(tuple(values))]
+
+
+def per_kernel(variants):
+    """Like :func:`per_backend` for {backend: {kernel variant: value}}, ids ``backend-variant``."""
+    return [pytest.param(value, marks=p.marks, id=f"{p.id}-{kn}")
+            for p in backend_params(tuple(variants))
+            for kn, value in variants[p.values[0]].items()]
 
 
 def _to_host(x):
@@ -34,15 +51,12 @@ def _numba_gemm(kernel):
     return lambda a, b, k: numba_cpu.xnor_gemm(a, b, k, kernel=kernel)
 
 
-PACKERS = [
-    pytest.param(reference.pack_rows, id="numpy"),
-    pytest.param(numba_cpu.pack_rows, id="numba"),
-    pytest.param(_gpu_pack, id="cupy", marks=gpu),
-]
+PACKERS = per_backend({"numpy": reference.pack_rows, "numba": numba_cpu.pack_rows,
+                       "cupy": _gpu_pack})
 
 GEMMS = [pytest.param(reference.xnor_gemm, id="numpy")]
-GEMMS += [pytest.param(_numba_gemm(kn), id=f"numba-{kn}") for kn in numba_cpu.available_kernels()]
-GEMMS += [pytest.param(_gpu_gemm(kn), id=f"cupy-{kn}", marks=gpu) for kn in ("tensorcore", "cuda")]
+GEMMS += per_kernel({"numba": {kn: _numba_gemm(kn) for kn in numba_cpu.available_kernels()},
+                     "cupy": {kn: _gpu_gemm(kn) for kn in ("tensorcore", "cuda")}})
 
 SETTINGS = settings(max_examples=25, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -70,6 +84,46 @@ def random_values(rng, shape, dtype, zeros=0.2):
 
 K_VALUES = st.one_of(st.sampled_from([1, 63, 64, 65, 127, 128, 129, 4097]), st.integers(1, 700))
 DTYPES = st.sampled_from([np.float32, np.float64, np.int32, np.int8, np.bool_])
+
+
+# ---------------------------------------------------------------------- interface
+
+# The functions every backend module provides and their leading parameters, as written in
+# the kernels/__init__.py docstring.
+INTERFACE = {"pack_rows": ("x",), "xnor_gemm": ("a", "b", "k"),
+             "pack_bitplanes": ("x",), "bitplane_gemm": ("planes", "b", "k")}
+
+
+def test_interface_is_documented_as_tested():
+    for name, params in INTERFACE.items():
+        assert f"``{name}({', '.join(params)})``" in kernels.__doc__, name
+
+
+@pytest.mark.parametrize("backend_name", sorted(KERNEL_MODULES))
+def test_every_backend_module_has_the_interface(backend_name):
+    """Checked on the modules themselves, so it holds without a GPU: importing
+    ``kernels.cupy_gpu`` needs no CuPy."""
+    mod = importlib.import_module(KERNEL_MODULES[backend_name])
+    for name, params in INTERFACE.items():
+        assert name in mod.__all__, name
+        sig = inspect.signature(getattr(mod, name))
+        ps = list(sig.parameters.values())
+        assert tuple(p.name for p in ps[:len(params)]) == params, (name, sig)
+        assert all(p.kind is p.POSITIONAL_OR_KEYWORD for p in ps[:len(params)]), (name, sig)
+        extra = ps[len(params):]
+        assert all(p.default is not p.empty for p in extra), (name, sig)
+    if hasattr(mod, "available_kernels"):
+        assert {"available_kernels", "default_kernel"} <= set(mod.__all__)
+        kernel = inspect.signature(mod.xnor_gemm).parameters.get("kernel")
+        assert kernel is not None and kernel.default is None
+
+
+def test_numba_kernel_variants():
+    assert numba_cpu.default_kernel() == "generic" == numba_cpu.available_kernels()[0]
+    assert set(numba_cpu.available_kernels()) <= {"generic", "avx2"}
+    from kernels import numba_avx2
+
+    assert ("avx2" in numba_cpu.available_kernels()) == numba_avx2.host_has_avx2()
 
 
 # ------------------------------------------------------------------------ packing
@@ -208,9 +262,8 @@ def test_gemm_empty(gemm):
 
 # ----------------------------------------------------------------------- bad input
 
-CHECKED = [pytest.param(reference.xnor_gemm, id="numpy"),
-           pytest.param(numba_cpu.xnor_gemm, id="numba"),
-           pytest.param(cupy_gpu.xnor_gemm, id="cupy", marks=gpu)]
+CHECKED = per_backend({"numpy": reference.xnor_gemm, "numba": numba_cpu.xnor_gemm,
+                       "cupy": cupy_gpu.xnor_gemm})
 
 
 @pytest.mark.parametrize("gemm", CHECKED)
@@ -247,7 +300,7 @@ def test_numba_rejects_unknown_kernel():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not GPU_OK, reason=GPU_WHY or "no GPU")
+@pytest.mark.skipif(REASONS["cupy"] is not None, reason=str(REASONS["cupy"]))
 def test_cupy_pack_reads_device_views_in_place():
     import cupy as cp
 
@@ -264,11 +317,7 @@ def test_cupy_pack_reads_device_views_in_place():
 
 # ------------------------------------------------------- 8-bit input by bit planes
 
-BITPLANES = [
-    pytest.param(reference, id="numpy"),
-    pytest.param(numba_cpu, id="numba"),
-    pytest.param(cupy_gpu, id="cupy", marks=gpu),
-]
+BITPLANES = per_backend({"numpy": reference, "numba": numba_cpu, "cupy": cupy_gpu})
 
 
 @pytest.mark.parametrize("mod", BITPLANES)
