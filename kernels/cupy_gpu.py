@@ -40,14 +40,18 @@ def _cp():
             import cupy
         except Exception as exc:  # ImportError, or a broken CUDA install raising on import
             raise ImportError(
-                f"the cupy backend needs CuPy (pip install cupy-cuda12x); importing it failed: {exc}"
+                f"CuPy could not be imported ({type(exc).__name__}: {exc}); install it with "
+                "`pip install minibnn[gpu]`"
             ) from exc
         _cupy = cupy
     return _cupy
 
 
 def available():
-    """(True, "") if CuPy imports and sees a CUDA GPU, else (False, the reason)."""
+    """(True, "") if CuPy imports and sees a CUDA GPU, else (False, the reason).
+
+    The one availability check of the GPU path: ``minibnn.backend`` reports this reason.
+    """
     try:
         cp = _cp()
     except ImportError as exc:
@@ -207,6 +211,8 @@ def bitplane_gemm(planes, b, k):
     cp = _cp()
     k = check_bitplane_operands(planes, b, k)
     m = planes.shape[0]
+    if m == 0:  # no images: reshape(PLANES, 0, -1) below could not infer the -1
+        return cp.zeros((0, b.shape[0]), dtype=cp.int32)
     g = xnor_gemm(cp.ascontiguousarray(planes.transpose(1, 0, 2)).reshape(PLANES * m, -1),
                   b, k).reshape(PLANES, m, -1)
     z = g[PLANES - 1].copy()

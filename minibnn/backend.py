@@ -38,18 +38,10 @@ def _probe(name):
             return f"numba backend unavailable: {type(exc).__name__}: {exc}"
         return None
     if name == "cupy":
-        try:
-            import cupy
-        except Exception as exc:
-            return (f"cupy backend unavailable: {type(exc).__name__}: {exc} "
-                    "(install with `pip install minibnn[gpu]`)")
-        try:
-            count = cupy.cuda.runtime.getDeviceCount()
-        except Exception as exc:
-            return f"cupy backend unavailable: no usable CUDA device ({type(exc).__name__}: {exc})"
-        if count < 1:
-            return "cupy backend unavailable: no CUDA GPU found"
-        return None
+        from kernels import cupy_gpu  # imports CuPy only inside available()
+
+        ok, why = cupy_gpu.available()
+        return None if ok else f"cupy backend unavailable: {why}"
     return f"unknown backend {name!r}; expected one of {', '.join(NAMES)}"
 
 

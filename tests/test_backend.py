@@ -9,22 +9,12 @@ import numpy as np
 import pytest
 
 import minibnn
+from conftest import REASONS  # the each_backend fixture comes from conftest.py too
+from kernels import cupy_gpu
 from minibnn import backend, losses, models, nn, optim
 from minibnn.tensor import Tensor
 
 ROOT = Path(__file__).resolve().parents[1]
-REASONS = backend.available()
-BACKENDS = [pytest.param(name, marks=[pytest.mark.gpu] if name == "cupy" else [])
-            for name in backend.NAMES]
-
-
-@pytest.fixture(params=BACKENDS)
-def each_backend(request):
-    name = request.param
-    if REASONS[name] is not None:
-        pytest.skip(REASONS[name])
-    with backend.use(name):
-        yield name
 
 
 def pm1(a):
@@ -50,6 +40,25 @@ def test_unavailable_backend_says_why_and_never_falls_back():
     with pytest.raises(backend.BackendUnavailable, match="cupy backend unavailable"):
         backend.set_backend("cupy")
     assert backend.active() == before
+
+
+def test_cupy_availability_is_the_kernels_own_check(monkeypatch):
+    monkeypatch.setattr(cupy_gpu, "available", lambda: (False, "no GPU in this test"))
+    assert backend.available()["cupy"] == "cupy backend unavailable: no GPU in this test"
+    with pytest.raises(backend.BackendUnavailable, match="no GPU in this test"):
+        backend.set_backend("cupy")
+    monkeypatch.setattr(cupy_gpu, "available", lambda: (True, ""))
+    assert backend.available()["cupy"] is None
+
+
+def test_missing_cupy_gives_the_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # makes `import cupy` raise ImportError
+    monkeypatch.setattr(cupy_gpu, "_cupy", None)
+    reason = backend.available()["cupy"]
+    assert reason.startswith("cupy backend unavailable: CuPy could not be imported")
+    assert "pip install minibnn[gpu]" in reason
+    with pytest.raises(ImportError, match=r"pip install minibnn\[gpu\]"):
+        cupy_gpu.pack_rows(np.ones(3))
 
 
 def test_use_restores_the_previous_backend_even_on_error():

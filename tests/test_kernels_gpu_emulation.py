@@ -275,3 +275,23 @@ def test_pack_kernel_model():
     x = np.random.default_rng(3).standard_normal((3, 130))
     x[:, ::7] = 0
     np.testing.assert_array_equal(pack_kernel_model(x), reference.pack_rows(x))
+
+
+# ------------------------------------------- cupy_gpu.bitplane_gemm's host-side logic
+
+
+@pytest.mark.parametrize("m, k, n", [(3, 70, 5), (1, 64, 1), (0, 784, 3), (4, 130, 0),
+                                     (0, 10, 0)])
+def test_cupy_bitplane_gemm_combines_planes(monkeypatch, m, k, n):
+    """The wrapper's reshape and shift-add, run with NumPy standing in for CuPy and the
+    reference GEMM for the kernel; an empty batch (M = 0) returns int32 (0, N)."""
+    from kernels import cupy_gpu
+
+    monkeypatch.setattr(cupy_gpu, "_cp", lambda: np)
+    monkeypatch.setattr(cupy_gpu, "xnor_gemm", reference.xnor_gemm)
+    rng = np.random.default_rng(m * 31 + k + n)
+    planes = reference.pack_bitplanes(rng.integers(0, 256, (m, k), dtype=np.uint8))
+    b = reference.pack_rows(rng.standard_normal((n, k)))
+    z = cupy_gpu.bitplane_gemm(planes, b, k)
+    assert z.dtype == np.int32 and z.shape == (m, n)
+    np.testing.assert_array_equal(z, reference.bitplane_gemm(planes, b, k))
