@@ -40,7 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402  (benchmarks/common.py, beside this script)
 import minibnn  # noqa: E402
 from minibnn import backend, data, deploy, models, nn  # noqa: E402
-from minibnn import train as T  # noqa: E402
 from minibnn.tensor import Tensor, no_grad  # noqa: E402
 
 NETS = [(4096, 3), (2048, 3)]
@@ -173,10 +172,10 @@ def machine_info(use_gpu):
     return common.machine_info(use_gpu, minibnn=minibnn.__version__)
 
 def file_sizes(model, frozen, tmp):
-    """Bytes: float32 weights, the trained model's .npz (train.save_model), the frozen .npz."""
+    """Bytes: float32 weights, the trained model's .npz (models.save_model), the frozen .npz."""
     n_weights = sum(l.weight.data.size for l in model.layers if isinstance(l, nn.BinaryLinear))
     model_path, frozen_path = Path(tmp) / "model.npz", Path(tmp) / "frozen.npz"
-    T.save_model(model_path, model)
+    models.save_model(model_path, model)
     frozen.save(frozen_path)
     sizes = dict(float32_weights=4 * n_weights, model_npz=model_path.stat().st_size,
                  frozen_npz=frozen_path.stat().st_size)

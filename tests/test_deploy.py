@@ -357,19 +357,3 @@ def test_package_exports():
     assert callable(minibnn.summary)
     assert isinstance(models.mnist_mlp(hidden=8, layers=1), nn.Sequential)
 
-
-def test_deploy_leaves_backends_and_training_to_others():
-    """deploy reaches CuPy/Numba only through minibnn.backend, and needs nothing of train."""
-    import ast
-    from pathlib import Path
-    for path in sorted(Path(deploy.__file__).parent.glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                names = [node.module or ""] + [a.name for a in node.names]
-            else:
-                continue
-            for name in names:
-                assert name.split(".")[0] not in ("cupy", "cupyx", "numba"), (path.name, name)
-                assert name.split(".")[-1] != "train", (path.name, name)
