@@ -96,3 +96,15 @@ def test_imports_run_one_way(path):
         assert LAYERS[sub] <= LAYERS[me], (
             f"minibnn.{me} (layer {LAYERS[me]}) imports minibnn.{sub} (layer {LAYERS[sub]}): "
             "a lower layer must not depend on a higher one")
+
+
+def test_every_package_is_installed():
+    """A sub-package missing from setup.cfg works in an editable install and breaks a
+    normal one; list every folder with an __init__.py."""
+    import configparser
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    listed = set(cfg["options"]["packages"].split())
+    found = {".".join(p.parent.relative_to(ROOT).parts)
+             for top in ("minibnn", "kernels") for p in (ROOT / top).rglob("__init__.py")}
+    assert found <= listed, f"add {sorted(found - listed)} to [options] packages in setup.cfg"
