@@ -114,7 +114,7 @@ def test_binary_linear_uses_the_kernel_for_binary_input(each_backend, monkeypatc
         return real(name)
 
     monkeypatch.setattr(backend, "kernel_module", spy)
-    layer = nn.BinaryLinear(70, 5, rng=np.random.default_rng(0))
+    layer = nn.BinaryLinear(70, 5, binary_input=True, rng=np.random.default_rng(0))
     xb = Tensor(backend.asarray(pm1(np.random.default_rng(1).standard_normal((4, 70)))
                                 .astype(np.float32)), requires_grad=True)
     out = layer(xb)
@@ -126,8 +126,9 @@ def test_binary_linear_uses_the_kernel_for_binary_input(each_backend, monkeypatc
     np.testing.assert_allclose(backend.to_numpy(layer.weight.grad),
                                np.tile(backend.to_numpy(xb.data).sum(0), (5, 1)))
     calls.clear()
+    layer.binary_input = False
     layer(Tensor(backend.asarray(np.full((4, 70), 0.5, np.float32))))
-    assert not calls, "real-valued input must use the float product"
+    assert not calls, "a layer not marked binary must use the float product"
 
 
 def _losses_after_training(name, steps=6):
