@@ -150,6 +150,7 @@ def _losses_after_training(name, steps=6):
         return out
 
 
+@pytest.mark.slow
 def test_training_gives_the_same_losses_on_numba_as_on_numpy():
     ref = _losses_after_training("numpy")
     assert ref[-1] < ref[0]

@@ -110,6 +110,7 @@ def case(request, mnist):
                 name=request.param)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", MODELS, indirect=True)
 @pytest.mark.parametrize("name", backend_params())
 def test_predictions_equal_the_model_on_all_test_images(case, name, mnist):
@@ -124,6 +125,7 @@ def test_predictions_equal_the_model_on_all_test_images(case, name, mnist):
         assert np.mean(got == labels) > 0.6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", MODELS, indirect=True)
 def test_exact_arithmetic_equals_the_model_in_float64(case, mnist):
     """With float64 thresholds (match_float32=False) the frozen net is the model computed
@@ -136,6 +138,7 @@ def test_exact_arithmetic_equals_the_model_in_float64(case, mnist):
     np.testing.assert_allclose(got, scores64, rtol=1e-9, atol=1e-9 * np.abs(scores64).max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["bias", "planted"], indirect=True)
 @pytest.mark.parametrize("gpu", backend_params(["cupy"]))
 def test_cupy_equals_numba_bit_for_bit(case, gpu, mnist):
@@ -147,6 +150,7 @@ def test_cupy_equals_numba_bit_for_bit(case, gpu, mnist):
                                   frozen.integer_scores(x, backend="numba"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", MODELS, indirect=True)
 def test_scores_match_the_model_and_hidden_bits_are_exact(case, mnist):
     frozen, scores, signs = case["frozen"], case["scores"], case["signs"]
@@ -174,6 +178,7 @@ def test_scores_match_the_model_and_hidden_bits_are_exact(case, mnist):
                                   frozen.integer_scores(test_x[:1000], backend="numpy"))
 
 
+@pytest.mark.slow
 def test_first_layer_is_the_exact_bit_plane_sum(trained, mnist):
     """z = sum_n 2^n (y^n . w) = (2x - 255) . w: checked against integer matmul."""
     frozen = deploy.freeze(trained, match_float32=False)
@@ -187,6 +192,7 @@ def test_first_layer_is_the_exact_bit_plane_sum(trained, mnist):
     assert frozen.layers[0].threshold.dtype == np.int32
 
 
+@pytest.mark.slow
 def test_float32_matching_moves_only_rounding_ties(trained):
     plain = deploy.freeze(trained, match_float32=False)
     matched = deploy.freeze(trained)
@@ -198,6 +204,7 @@ def test_float32_matching_moves_only_rounding_ties(trained):
         for a, b in zip(plain.layers[:-1], matched.layers[:-1]))
 
 
+@pytest.mark.slow
 def test_threshold_edge_cases_planted(planted):
     frozen = deploy.freeze(planted)
     t0, t1 = frozen.layers[0], frozen.layers[1]
@@ -210,6 +217,7 @@ def test_threshold_edge_cases_planted(planted):
     assert np.array_equal(rows[0], -w[0]) and np.array_equal(rows[1], w[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["trained"], indirect=True)
 def test_inputs_accepted_and_refused(case, mnist):
     frozen = case["frozen"]
@@ -229,6 +237,7 @@ def test_inputs_accepted_and_refused(case, mnist):
         frozen.predict(x, batch_size=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["planted"], indirect=True)
 def test_save_load_round_trip(case, tmp_path, mnist):
     model, frozen = case["model"], case["frozen"]
@@ -260,6 +269,7 @@ def _rewrite(src, dst, **changes):
     return dst
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["trained"], indirect=True)
 def test_load_refuses_what_is_not_a_frozen_net(case, tmp_path, run_dir):
     good = case["frozen"].save(tmp_path / "good.npz")
@@ -338,6 +348,7 @@ def test_freeze_without_batch_norm_or_hidden_layers(mnist):
                                atol=1e-5 * np.abs(scores).max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["trained"], indirect=True)
 def test_cli_eval_accepts_a_frozen_file(case, tmp_path, capsys, mnist):
     from minibnn import cli

@@ -32,6 +32,7 @@ def read_model(path):
         return {k: z[k] for k in z.files if k.startswith("state/")}
 
 
+@pytest.mark.slow
 def test_training_learns_and_writes_run_folder(tmp_path):
     m = T.train(small(epochs=3), tmp_path / "run", progress=False, log=quiet)
     hist = m["history"]
@@ -51,6 +52,7 @@ def test_training_learns_and_writes_run_folder(tmp_path):
     assert T.error_rate(model, x, y) == pytest.approx(m["test_error"])
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted_run(tmp_path):
     cfg = small(epochs=3, stochastic=True, bn="shift", optimizer="shift-adamax")
     full = T.train(cfg, tmp_path / "full", progress=False, log=quiet)
@@ -68,12 +70,14 @@ def test_resume_matches_uninterrupted_run(tmp_path):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_a_run(tmp_path):
     T.train(small(epochs=1), tmp_path / "run", progress=False, log=quiet)
     with pytest.raises(FileExistsError, match="--resume"):
         T.train(small(epochs=1), tmp_path / "run", progress=False, log=quiet)
 
 
+@pytest.mark.slow
 def test_damaged_checkpoint_is_reported(tmp_path):
     T.train(small(epochs=1), tmp_path / "run", progress=False, log=quiet)
     ck = tmp_path / "run" / T.CHECKPOINT
@@ -115,6 +119,7 @@ def _wait_for_epochs(run, n, proc, timeout=120):
     raise AssertionError("training did not reach its checkpoint in time")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, sig):
     run = tmp_path / "run"
@@ -141,6 +146,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, sig):
         [h["train_loss"] for h in reference["history"]]
 
 
+@pytest.mark.slow
 def test_cli_train_and_eval(tmp_path):
     run = tmp_path / "run"
     proc = _cli(*QUICK, "--epochs", "2", "--out", str(run))
