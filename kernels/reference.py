@@ -4,7 +4,7 @@ This module is the ground truth the fast backends are tested against; it favours
 clarity over speed.
 
 Conventions (Courbariaux et al., "Binarized Neural Networks", arXiv:1602.02830,
-section 1.4 / 3; the interface every backend shares is written out in the
+Sections 3 and 4; the interface every backend shares is written out in the
 :mod:`kernels` package docstring, kernels/__init__.py): a value x is binarized to
 sign(x) with sign(0) = +1. Bit 1 stands for +1 and bit 0 for -1. Rows are packed along their
 last axis K, least significant bit first, into little-endian uint64 words; the
@@ -219,7 +219,7 @@ def check_bitplane_operands(planes, b, k):
 
 
 def bitplane_gemm(planes, b, k):
-    """The first layer on 8-bit input (paper Section 3): int32 (M, N) with
+    """The first layer on 8-bit input (paper Section 1.6): int32 (M, N) with
 
         z[i, j] = sum_{n=0..7} 2^n (y^n_i . w_j) = (2 x_i - 255) . w_j
 

@@ -99,7 +99,7 @@ def binary_matmul(a, b):
 
     Entries are taken as signs (x >= 0 is +1). Both operands are packed 64 signs to a
     word along K and multiplied by the active backend's XNOR-popcount kernel:
-    a . b = K - 2 * popcount(a XOR b) (paper Section 1.3 / Appendix). No gradient.
+    a . b = K - 2 * popcount(a XOR b) (paper Sections 3 and 4). No gradient.
     """
     a = a.data if isinstance(a, Tensor) else a
     b = b.data if isinstance(b, Tensor) else b
@@ -113,7 +113,7 @@ def binary_matmul(a, b):
 
 class BinaryLinearFn(Function):
     """y = x W_b^T for +-1 input x (B, K) and +-1 weight W_b (N, K), the product of a hidden
-    binary layer (paper Section 1.3 and Appendix: a . b = K - 2 popcount(a XOR b)).
+    binary layer (paper Sections 3 and 4: a . b = K - 2 popcount(a XOR b)).
 
     forward:  both operands packed 64 signs to a word along K, multiplied by the active
               backend's XNOR-popcount kernel; the integer result is exact in float.

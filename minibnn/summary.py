@@ -16,7 +16,7 @@ Counting rules:
 * Frozen layers: k n packed binary weights plus n int32 thresholds (hidden) or 2 n float64
   (output affine); their packed memory is the bytes actually stored (rows padded to 64
   bits). The first layer's 8-bit input costs 8 k n binary MACs (one per bit plane, paper
-  Section 3); the output affine costs n float MACs.
+  Section 1.6); the output affine costs n float MACs.
 """
 
 from __future__ import annotations

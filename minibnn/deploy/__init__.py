@@ -14,7 +14,7 @@ that, in the order the paper's Section 3 reads:
   ``z >= ceil(-c / a)`` when ``a > 0`` and iff ``z <= floor(-c / a)`` when ``a < 0``. A
   unit with ``a < 0`` has its weight row negated at freeze time (``-z`` is the dot product
   with ``-w``), so every hidden unit runs as one test: ``bit = z >= tau``.
-* **The first layer on 8-bit input** (the paper's first-layer method). The model sees
+* **The first layer on 8-bit input** (the paper's Section 1.6). The model sees
   ``x_f = (2 x - 255) / 256`` for uint8 pixels ``x`` (``data.to_pm1``). With the bit
   planes ``x^n`` of ``x`` and their signs ``y^n = 2 x^n - 1``, ``2 x - 255 = sum_n 2^n y^n``,
   hence
