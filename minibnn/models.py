@@ -52,7 +52,95 @@ def mnist_mlp(hidden=4096, layers=3, in_features=784, classes=10, dropout_in=0.2
     return model
 
 
-ARCHITECTURES = {"mnist_mlp": mnist_mlp}
+def binary_convnet(stages, fc, in_channels=3, image_size=32, classes=10, bn="standard",
+                   stochastic=False, momentum=0.1, eps=1e-4, rng=None):
+    """A VGG-like binary ConvNet in the layout of the paper's CIFAR-10 and SVHN networks.
+
+    Each stage of width c is two 3x3 convolutions (padding 1), the second followed by a
+    2x2 max-pool, in the authors' order conv -> pool -> BN -> sign:
+
+        [BinaryConv2d(c) -> BN -> Sign -> BinaryConv2d(c) -> MaxPool2d(2) -> BN -> Sign]
+          per stage, then Flatten
+        -> [BinaryLinear(f) -> BN -> Sign] per entry f of ``fc``
+        -> BinaryLinear(classes) -> BN  (scores for the squared hinge loss)
+
+    The first convolution sees the real-valued image; every later layer is marked
+    ``binary_input=True`` and runs on the XNOR kernel. ``image_size`` must be divisible by
+    2 ** len(stages).
+    """
+    norm1, norm2 = _norms(bn)
+    stages, fc = [int(c) for c in stages], [int(f) for f in fc]
+    if not stages or min(stages) < 1 or (fc and min(fc) < 1) or int(classes) < 1:
+        raise ValueError(f"need at least one stage and positive widths, got stages={stages}, "
+                         f"fc={fc}, classes={classes}")
+    size = int(image_size)
+    if size < 1 or size % 2 ** len(stages):
+        raise ValueError(f"image_size {image_size} must be a positive multiple of "
+                         f"2 ** {len(stages)} (one 2x2 max-pool per stage)")
+    layers, width, binary_input = [], int(in_channels), False
+    for c in stages:
+        layers += [nn.BinaryConv2d(width, c, 3, padding=1, stochastic=stochastic,
+                                   binary_input=binary_input, rng=rng),
+                   norm2(c, momentum=momentum, eps=eps), nn.Sign(),
+                   nn.BinaryConv2d(c, c, 3, padding=1, stochastic=stochastic,
+                                   binary_input=True, rng=rng),
+                   nn.MaxPool2d(2), norm2(c, momentum=momentum, eps=eps), nn.Sign()]
+        width, binary_input, size = c, True, size // 2
+    layers.append(nn.Flatten())
+    width *= size * size
+    for f in fc + [int(classes)]:
+        layers += [nn.BinaryLinear(width, f, stochastic=stochastic, binary_input=True, rng=rng),
+                   norm1(f, momentum=momentum, eps=eps), nn.Sign()]
+        width = f
+    layers.pop()  # no Sign after the output batch norm
+    return nn.Sequential(*layers)
+
+
+def _norms(bn):
+    if bn not in BATCH_NORMS:
+        raise ValueError(f"bn must be one of {sorted(BATCH_NORMS)}, got {bn!r}")
+    return BATCH_NORMS[bn], {"standard": nn.BatchNorm2d, "shift": nn.ShiftBatchNorm2d}[bn]
+
+
+def _with_config(model, arch, **config):
+    model.config = dict(arch=arch, **config)
+    return model
+
+
+def cifar10_convnet(classes=10, bn="standard", stochastic=False, momentum=0.1, eps=1e-4,
+                    rng=None):
+    """The paper's CIFAR-10 ConvNet (Table 1; the authors' Theano ``cifar10.py``):
+    2x128C3 - MP2 - 2x256C3 - MP2 - 2x512C3 - MP2 - 2x1024FC - 10, on 3x32x32 input."""
+    kw = dict(classes=int(classes), bn=bn, stochastic=bool(stochastic),
+              momentum=float(momentum), eps=float(eps))
+    return _with_config(binary_convnet((128, 256, 512), (1024, 1024), 3, 32, rng=rng, **kw),
+                        "cifar10_convnet", **kw)
+
+
+def svhn_convnet(classes=10, bn="standard", stochastic=False, momentum=0.1, eps=1e-4,
+                 rng=None):
+    """The paper's SVHN ConvNet (the authors' Theano ``svhn.py``): the CIFAR-10 network with
+    half the convolution widths, 2x64C3 - MP2 - 2x128C3 - MP2 - 2x256C3 - MP2 - 2x1024FC - 10."""
+    kw = dict(classes=int(classes), bn=bn, stochastic=bool(stochastic),
+              momentum=float(momentum), eps=float(eps))
+    return _with_config(binary_convnet((64, 128, 256), (1024, 1024), 3, 32, rng=rng, **kw),
+                        "svhn_convnet", **kw)
+
+
+def mnist_convnet(channels=(32, 64), hidden=512, classes=10, bn="standard", stochastic=False,
+                  momentum=0.1, eps=1e-4, rng=None):
+    """A small binary ConvNet for MNIST (not in the paper) that trains on a 2-core CPU in
+    minutes: 2x32C3 - MP2 - 2x64C3 - MP2 - 512FC - 10 on 1x28x28 input, by default."""
+    kw = dict(channels=[int(c) for c in channels], hidden=int(hidden), classes=int(classes),
+              bn=bn, stochastic=bool(stochastic), momentum=float(momentum), eps=float(eps))
+    model = binary_convnet(kw["channels"], (kw["hidden"],), 1, 28, classes=kw["classes"],
+                           bn=bn, stochastic=kw["stochastic"], momentum=kw["momentum"],
+                           eps=kw["eps"], rng=rng)
+    return _with_config(model, "mnist_convnet", **kw)
+
+
+ARCHITECTURES = {"mnist_mlp": mnist_mlp, "mnist_convnet": mnist_convnet,
+                 "cifar10_convnet": cifar10_convnet, "svhn_convnet": svhn_convnet}
 
 
 def build(config, rng=None):

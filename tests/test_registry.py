@@ -15,6 +15,7 @@ def test_every_kind_lists_what_it_builds():
     assert registry.lookup("bn", "shift") is nn.ShiftBatchNorm
     assert registry.lookup("schedule", "exp") is optim.ExponentialDecay
     assert registry.lookup("arch", "mnist_mlp") is models.mnist_mlp
+    assert registry.lookup("arch", "cifar10_convnet") is models.cifar10_convnet
 
 
 def test_unknown_names_list_the_choices():
@@ -24,8 +25,10 @@ def test_unknown_names_list_the_choices():
         registry.choices("activation")
     with pytest.raises(ValueError, match="schedule must be one of"):
         TrainConfig(schedule="cosine").validate()
-    with pytest.raises(ValueError, match="arch must be one of"):
-        TrainConfig(arch="resnet").validate()
+    with pytest.raises(ValueError, match="model must be one of"):
+        TrainConfig(model="resnet").validate()
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        TrainConfig(dataset="imagenet").validate()
 
 
 def _train_choices(option):
