@@ -1,7 +1,9 @@
-"""Dataset readers and batching: IDX files (MNIST and anything in its layout), the
-paper's train/validation split, a shuffled index iterator, and pixel scaling to [-1, 1].
+"""Dataset readers and batching: IDX files (MNIST and anything in its layout), CIFAR-10's
+binary batches, SVHN's format-2 .mat files (through scipy, an optional extra), the paper's
+train/validation splits, a shuffled index iterator, pixel scaling to [-1, 1] and ZCA whitening.
 
-Only NumPy, the standard library and ``minibnn.io`` (atomic writes).
+Only NumPy, the standard library and ``minibnn.io`` (atomic writes); scipy is imported
+lazily by the SVHN reader alone. No reader unpickles anything.
 """
 
 from __future__ import annotations
@@ -29,6 +31,16 @@ __all__ = [
     "split_train_valid",
     "batches",
     "to_pm1",
+    "CIFAR10",
+    "CIFAR10_CLASSES",
+    "read_cifar10_batch",
+    "load_cifar10",
+    "split_cifar10",
+    "SVHN",
+    "read_svhn_mat",
+    "load_svhn",
+    "split_svhn",
+    "ZCA",
 ]
 
 
@@ -308,6 +320,228 @@ def _check_pair(images, labels, img_path, lab_path):
     return images, labels.astype(np.uint8, copy=False)
 
 
+# --------------------------------------------------------------------------- CIFAR-10
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
+CIFAR10_FOLDER = "cifar-10-batches-bin"
+CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
+CIFAR10_TEST_FILE = "test_batch.bin"
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)
+_CIFAR_PIXELS = 3 * 32 * 32
+_CIFAR_RECORD = 1 + _CIFAR_PIXELS
+
+
+class CIFAR10(NamedTuple):
+    """CIFAR-10: uint8 images (n, 3, 32, 32) in NCHW (RGB) order and uint8 labels 0..9 (n,)."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+
+
+def _check_data_dir(data_dir, func):
+    if not isinstance(data_dir, (str, bytes, pathlib.PurePath)) and not hasattr(
+        data_dir, "__fspath__"
+    ):
+        raise TypeError(
+            f"{func}: data_dir must be a path (str or os.PathLike), "
+            f"got {type(data_dir).__name__} {data_dir!r}"
+        )
+    return pathlib.Path(data_dir)
+
+
+def _cifar10_folder(data_dir) -> pathlib.Path:
+    """The folder holding the batches: `data_dir` itself or its `cifar-10-batches-bin`."""
+    data_dir = _check_data_dir(data_dir, "load_cifar10")
+    names = (*CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE)
+    folder = data_dir / CIFAR10_FOLDER if (data_dir / CIFAR10_FOLDER).is_dir() else data_dir
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        hint = ""
+        if (data_dir / "cifar-10-batches-py").is_dir() or (folder / "data_batch_1").exists():
+            hint = (
+                " (this looks like the Python version: minibnn does not read it, because "
+                "unpickling a file can run code from it)"
+            )
+        raise FileNotFoundError(
+            f"CIFAR-10 not found in {data_dir}: missing {', '.join(missing)} in {folder}{hint}. "
+            f"Expected {CIFAR10_FOLDER}/{{{','.join(names)}}} (data_dir may be that folder "
+            f"or its parent): download the \"CIFAR-10 binary version\" from {CIFAR10_URL} "
+            "and unpack it with tar xzf cifar-10-binary.tar.gz"
+        )
+    return folder
+
+
+def read_cifar10_batch(path, records=10000):
+    """Read one batch file of CIFAR-10's binary version into (images, labels).
+
+    Each record is 1 label byte (0..9) then 3072 pixel bytes: 1024 red, 1024 green,
+    1024 blue, each plane 32x32 row-major (https://www.cs.toronto.edu/~kriz/cifar.html),
+    so a plain reshape gives NCHW uint8 (n, 3, 32, 32). The official files hold 10,000
+    records each; `records` insists on that count. Pass another int, or None for any
+    positive whole number of records, only for tests and partial copies.
+    A wrong size or a label above 9 raises DatasetError naming the file.
+    """
+    if records is not None:
+        records = _check_int("records", records, 1)
+    with open(path, "rb") as f:
+        raw = f.read()
+    n, extra = divmod(len(raw), _CIFAR_RECORD)
+    if extra or n == 0:
+        raise DatasetError(
+            f"{path}: {len(raw)} bytes is not a whole, positive number of {_CIFAR_RECORD}-byte "
+            f"records (1 label byte + {_CIFAR_PIXELS} pixel bytes): {n} records and {extra} "
+            "bytes over; the file is truncated or not a CIFAR-10 binary batch: replace it "
+            f"with an intact copy from {CIFAR10_URL}"
+        )
+    if records is not None and n != records:
+        raise DatasetError(
+            f"{path}: holds {n} records, expected {records} ({records * _CIFAR_RECORD} bytes); "
+            f"the file is truncated or not a CIFAR-10 binary batch: replace it with an intact "
+            f"copy from {CIFAR10_URL} (or, for a partial copy, pass records_per_batch=None)"
+        )
+    table = np.frombuffer(raw, dtype=np.uint8).reshape(n, _CIFAR_RECORD)
+    labels = table[:, 0].copy()
+    bad = np.flatnonzero(labels > 9)
+    if bad.size:
+        raise DatasetError(
+            f"{path}: record {bad[0]} has label {labels[bad[0]]}, expected 0..9 "
+            f"({bad.size} bad labels in all); the file is corrupted or not CIFAR-10"
+        )
+    images = table[:, 1:].reshape(n, 3, 32, 32).copy()
+    return images, labels
+
+
+def load_cifar10(data_dir, records_per_batch=10000) -> CIFAR10:
+    """Load CIFAR-10's binary version (Krizhevsky 2009, https://www.cs.toronto.edu/~kriz/cifar.html).
+
+    `data_dir` is the folder `cifar-10-batches-bin` or its parent; it must hold
+    data_batch_1..5.bin (50,000 training images, in that order) and test_batch.bin (10,000).
+    Returns a CIFAR10 of uint8 images (n, 3, 32, 32) and uint8 labels (n,).
+    The authors' ConvNet (Binarized Neural Networks, arXiv:1602.02830, Section 2; their
+    Theano ``cifar10.py``) trains on the first 45,000 and validates on the last 5,000:
+    see `split_cifar10`.
+
+    Only the binary version is read: the Python version is pickles, and unpickling runs
+    code from the file. A missing file raises FileNotFoundError saying what is expected
+    and where to get it; a damaged one raises DatasetError naming it (`read_cifar10_batch`,
+    which also explains `records_per_batch`).
+    """
+    folder = _cifar10_folder(data_dir)
+    train = [read_cifar10_batch(folder / n, records_per_batch) for n in CIFAR10_TRAIN_FILES]
+    test_images, test_labels = read_cifar10_batch(folder / CIFAR10_TEST_FILE, records_per_batch)
+    return CIFAR10(
+        np.concatenate([x for x, _ in train]),
+        np.concatenate([y for _, y in train]),
+        test_images,
+        test_labels,
+    )
+
+
+# --------------------------------------------------------------------------- SVHN
+
+SVHN_URL = "http://ufldl.stanford.edu/housenumbers/"
+SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat", "extra": "extra_32x32.mat"}
+
+
+class SVHN(NamedTuple):
+    """SVHN: uint8 images (n, 3, 32, 32) NCHW (RGB) and uint8 labels 0..9 (n,); the extra
+    set is None unless loaded with ``extra=True``."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    extra_images: np.ndarray | None = None
+    extra_labels: np.ndarray | None = None
+
+
+def _import_loadmat():
+    try:
+        from scipy.io import loadmat
+    except ImportError as e:
+        raise ImportError(
+            "load_svhn reads SVHN's MATLAB .mat files with scipy.io.loadmat, and scipy is not "
+            f"installed ({e}): pip install minibnn[svhn] (or pip install scipy)"
+        ) from e
+    return loadmat
+
+
+def read_svhn_mat(path):
+    """Read one SVHN format-2 file (``*_32x32.mat``) into (images, labels).
+
+    The file holds X, uint8 (32, 32, 3, n) as (row, column, channel, example), and y,
+    (n, 1) with labels 1..10 where 10 means the digit 0 (http://ufldl.stanford.edu/housenumbers/,
+    "Format 2: Cropped Digits"). Returns NCHW uint8 (n, 3, 32, 32) and uint8 labels 0..9.
+    Needs scipy (``pip install minibnn[svhn]``); a damaged file, wrong shapes or labels
+    outside 1..10 raise DatasetError naming the file.
+    """
+    loadmat = _import_loadmat()
+    try:
+        mat = loadmat(path, variable_names=("X", "y"))
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # scipy raises ValueError, MatReadError, TypeError, OSError, ...
+        raise DatasetError(
+            f"{path}: not a readable MATLAB .mat file ({type(e).__name__}: {e}); the file is "
+            f"truncated or damaged: replace it with an intact copy from {SVHN_URL}"
+        ) from e
+    missing = [k for k in ("X", "y") if k not in mat]
+    if missing:
+        raise DatasetError(
+            f"{path}: no variable {' or '.join(missing)}; expected X (32, 32, 3, n) uint8 and "
+            f"y (n, 1) as in SVHN's format 2 ({SVHN_URL})"
+        )
+    x, y = mat["X"], mat["y"]
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[:3] != (32, 32, 3):
+        raise DatasetError(
+            f"{path}: X is {x.dtype} with shape {x.shape}, expected uint8 (32, 32, 3, n)"
+        )
+    n = x.shape[3]
+    if y.dtype.kind not in "iuf" or y.shape not in ((n, 1), (n,)):
+        raise DatasetError(
+            f"{path}: y is {y.dtype} with shape {y.shape}, expected integer labels ({n}, 1) "
+            f"to match X's {n} images"
+        )
+    y = y.reshape(n)
+    bad = np.flatnonzero((y < 1) | (y > 10) | (y != np.round(y)))
+    if bad.size:
+        raise DatasetError(
+            f"{path}: example {bad[0]} has label {y[bad[0]]}, expected 1..10 (10 is the "
+            f"digit 0; {bad.size} bad labels in all); the file is corrupted or not SVHN"
+        )
+    images = np.ascontiguousarray(x.transpose(3, 2, 0, 1))
+    return images, (y.astype(np.uint8) % 10)
+
+
+def load_svhn(data_dir, extra=False) -> SVHN:
+    """Load SVHN format 2 (Netzer et al. 2011, http://ufldl.stanford.edu/housenumbers/).
+
+    `data_dir` holds train_32x32.mat (73,257 images) and test_32x32.mat (26,032), and
+    extra_32x32.mat (531,131) when `extra`: the authors (Binarized Neural Networks,
+    arXiv:1602.02830, Section 2; their Theano ``svhn.py``) train on train + extra minus a
+    validation set, see `split_svhn`. Labels are mapped to 0..9 (the files'
+    10 is the digit 0). Needs scipy: ``pip install minibnn[svhn]``.
+    """
+    data_dir = _check_data_dir(data_dir, "load_svhn")
+    if not isinstance(extra, bool):
+        raise TypeError(f"extra must be a bool, got {type(extra).__name__} {extra!r}")
+    _import_loadmat()  # say scipy is missing before looking for files
+    wanted = ("train", "test", "extra") if extra else ("train", "test")
+    missing = [SVHN_FILES[k] for k in wanted if not (data_dir / SVHN_FILES[k]).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"SVHN not found in {data_dir}: missing {', '.join(missing)}. Expected "
+            f"{', '.join(SVHN_FILES[k] for k in wanted)} in that folder: download them from "
+            f"{SVHN_URL} (\"Format 2: Cropped Digits\")"
+        )
+    parts = [read_svhn_mat(data_dir / SVHN_FILES[k]) for k in wanted]
+    return SVHN(*(a for part in parts for a in part))
+
+
 # --------------------------------------------------------------------------- batching
 
 
@@ -338,6 +572,73 @@ def split_train_valid(images, labels, n_valid=10000):
     return images[:cut], labels[:cut], images[cut:], labels[cut:]
 
 
+def split_cifar10(cifar, n_valid=5000):
+    """The paper's CIFAR-10 split: the first 45,000 training images train, the last 5,000
+    validate (the authors' Theano ``cifar10.py``: train_set_size = 45000).
+
+    `cifar` is a CIFAR10 (or any tuple whose first two items are the training images and
+    labels). Returns (train_x, train_y, valid_x, valid_y) as views, like `split_train_valid`.
+    """
+    return split_train_valid(cifar[0], cifar[1], n_valid)
+
+
+def split_svhn(svhn, valid_per_class_train=400, valid_per_class_extra=200, seed=0):
+    """Hold out a class-balanced validation set from SVHN train and extra; the rest trains.
+
+    The authors' Theano ``svhn.py`` (BinaryNet) takes pylearn2's SVHN sets
+    ``splitted_train`` and ``valid``. pylearn2 (``datasets/svhn.py``, ``split_train_valid``)
+    draws, per class, 400 examples of train and 200 of extra for validation (6,000, as in
+    Sermanet et al. 2012) and trains on everything else of train + extra (598,388). This
+    does the same with its own random draw: `seed` feeds ``numpy.random.default_rng``, so
+    the chosen examples differ from pylearn2's (which drew from its own seeded stream)
+    but the sizes and the rule are the same. The training set lists the remaining train
+    examples, then the remaining extra ones, in file order (`batches` shuffles); the
+    validation set likewise. Returns new arrays (train_x, train_y, valid_x, valid_y).
+
+    With `svhn` loaded without extra, pass ``valid_per_class_extra=0`` to split train alone.
+    """
+    n_t = _check_int("valid_per_class_train", valid_per_class_train, 0)
+    n_e = _check_int("valid_per_class_extra", valid_per_class_extra, 0)
+    seed = _check_int("seed", seed, 0)
+    if not isinstance(svhn, SVHN):
+        raise TypeError(f"svhn must be an SVHN from load_svhn, got {type(svhn).__name__}")
+    parts = [("train", svhn.train_images, svhn.train_labels, n_t)]
+    if svhn.extra_images is not None:
+        parts.append(("extra", svhn.extra_images, svhn.extra_labels, n_e))
+    elif n_e:
+        raise ValueError(
+            f"valid_per_class_extra is {n_e} but svhn has no extra set: load it with "
+            "load_svhn(data_dir, extra=True), as the authors did, or pass valid_per_class_extra=0"
+        )
+    rng = np.random.default_rng(seed)
+    keeps, valids = [], []
+    for name, _, labels, per_class in parts:
+        is_valid = np.zeros(len(labels), dtype=bool)
+        for c in range(10):
+            members = np.flatnonzero(labels == c)
+            if len(members) < per_class:
+                raise ValueError(
+                    f"svhn {name} set has {len(members)} examples of digit {c}, fewer than "
+                    f"the {per_class} per class asked for validation"
+                )
+            is_valid[rng.choice(members, per_class, replace=False)] = True
+        keeps.append(np.flatnonzero(~is_valid))
+        valids.append(np.flatnonzero(is_valid))
+
+    def gather(index_lists):
+        total = sum(len(i) for i in index_lists)
+        x = np.empty((total, *svhn.train_images.shape[1:]), dtype=np.uint8)
+        y = np.empty(total, dtype=np.uint8)
+        start = 0
+        for (_, images, labels, _), idx in zip(parts, index_lists):
+            np.take(images, idx, axis=0, out=x[start : start + len(idx)])
+            np.take(labels, idx, axis=0, out=y[start : start + len(idx)])
+            start += len(idx)
+        return x, y
+
+    return (*gather(keeps), *gather(valids))
+
+
 def batches(n, batch_size, rng=None, drop_last=False) -> Iterator[np.ndarray]:
     """Yield index arrays covering range(n) in batches of `batch_size`.
 
@@ -357,8 +658,12 @@ def batches(n, batch_size, rng=None, drop_last=False) -> Iterator[np.ndarray]:
     return (order[i : i + batch_size] for i in range(0, stop, batch_size))
 
 
-def to_pm1(images_uint8, dtype=np.float32) -> np.ndarray:
+def to_pm1(images_uint8, dtype=np.float32, flatten=True) -> np.ndarray:
     """Scale uint8 pixels to [-1, 1] as `(2x - 255) / 256` and flatten to (n, H*W).
+
+    With ``flatten=False`` the shape is kept: NCHW images (n, 3, 32, 32) come back as
+    (n, 3, 32, 32) floats, the input of the CIFAR-10 and SVHN ConvNets (whose Theano code
+    scales by 2x/255 - 1, the same up to the factor discussed below).
 
     The paper feeds MNIST to its MLP scaled to [-1, 1] (2x/255 - 1). Dividing by 256
     instead of 255 changes only a global factor 255/256, which the batch norm after the
@@ -375,8 +680,87 @@ def to_pm1(images_uint8, dtype=np.float32) -> np.ndarray:
     dtype = np.dtype(dtype)
     if dtype.kind != "f":
         raise TypeError(f"dtype is {dtype}, expected a floating dtype")
-    out = x.reshape(len(x), -1).astype(dtype)
+    if not isinstance(flatten, bool):
+        raise TypeError(f"flatten must be a bool, got {type(flatten).__name__} {flatten!r}")
+    out = (x.reshape(len(x), -1) if flatten else x).astype(dtype)
     out *= dtype.type(2)
     out -= dtype.type(255)
     out /= dtype.type(256)
     return out
+
+
+class ZCA:
+    """ZCA whitening (Bell & Sejnowski 1997): x -> (x - mean) W, W = U diag(1/sqrt(s + eps)) U^T
+    where U, s are the eigenvectors and eigenvalues of the training data's covariance.
+
+    For CIFAR-10 the authors' Torch7 code (``Main_BinaryNet_Cifar10.lua``, ``-whiten`` on by
+    default) whitens the inputs; their Theano ``cifar10.py`` does not (it feeds 2x/255 - 1).
+    Binarized Neural Networks, arXiv:1602.02830, Section 2 reports both. Fit on the
+    training split only (`ZCA.fit`), then `transform` train, validation and test alike, so
+    nothing of the held-out images leaks into the model.
+
+    `eps` is added to every eigenvalue, in the input's units squared: it bounds how much a
+    direction of tiny variance (pixel noise) is amplified, at most 1/sqrt(eps). The default
+    1e-2 suits inputs in [-1, 1] (`to_pm1`); it is this library's choice, not a value taken
+    from the authors' code. Directions with variance well above `eps` come out with unit
+    variance, the others are damped. Computed in float64, stored as float32.
+    """
+
+    def __init__(self, mean, matrix, eps):
+        self.mean = mean
+        self.matrix = matrix
+        self.eps = eps
+
+    @classmethod
+    def fit(cls, x, eps=1e-2, chunk=4096):
+        """Fit on `x`, floats (n, d) or images (n, C, H, W) flattened to (n, C*H*W).
+
+        Uses only `x` (it is not modified); deterministic. `chunk` rows at a time bound the
+        float64 working memory.
+        """
+        x2 = _float_rows(x, "x")
+        if len(x2) < 2:
+            raise ValueError(f"x has {len(x2)} examples, expected at least 2 to fit a covariance")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)):
+            raise TypeError(f"eps must be a float, got {type(eps).__name__} {eps!r}")
+        if not eps > 0 or not np.isfinite(eps):
+            raise ValueError(f"eps is {eps}, expected a finite number > 0")
+        chunk = _check_int("chunk", chunk, 1)
+        n, d = x2.shape
+        mean = np.zeros(d)
+        for i in range(0, n, chunk):
+            mean += x2[i : i + chunk].sum(axis=0, dtype=np.float64)
+        mean /= n
+        cov = np.zeros((d, d))
+        for i in range(0, n, chunk):
+            c = x2[i : i + chunk].astype(np.float64) - mean
+            cov += c.T @ c
+        cov /= n
+        s, u = np.linalg.eigh(cov)
+        s = np.maximum(s, 0.0)  # rounding can leave tiny negative eigenvalues
+        matrix = (u * (1.0 / np.sqrt(s + eps))) @ u.T
+        return cls(mean.astype(np.float32), matrix.astype(np.float32), float(eps))
+
+    def transform(self, x):
+        """Whiten `x` (n, d) or (n, C, H, W) with the fitted mean and matrix; float32, same shape."""
+        x2 = _float_rows(x, "x")
+        d = len(self.mean)
+        if x2.shape[1] != d:
+            raise ValueError(
+                f"x has shape {np.shape(x)}, {x2.shape[1]} values per example; this ZCA was "
+                f"fitted on {d}"
+            )
+        out = (x2.astype(np.float32) - self.mean) @ self.matrix
+        return out.reshape(np.shape(x))
+
+
+def _float_rows(x, name):
+    """`x` as a 2-D (n, d) view of a float array with at least 2 dimensions."""
+    x = np.asarray(x)
+    if x.dtype.kind != "f":
+        raise TypeError(
+            f"{name} has dtype {x.dtype}, expected floats (scale uint8 pixels with to_pm1 first)"
+        )
+    if x.ndim < 2 or x.shape[0] == 0 or any(s == 0 for s in x.shape[1:]):
+        raise ValueError(f"{name} has shape {x.shape}, expected (n, d) or (n, C, H, W), non-empty")
+    return x.reshape(len(x), -1)
