@@ -572,14 +572,14 @@ def split_train_valid(images, labels, n_valid=10000):
     return images[:cut], labels[:cut], images[cut:], labels[cut:]
 
 
-def split_cifar10(cifar, n_valid=5000):
+def split_cifar10(images, labels, n_valid=5000):
     """The paper's CIFAR-10 split: the first 45,000 training images train, the last 5,000
     validate (the authors' Theano ``cifar10.py``: train_set_size = 45000).
 
-    `cifar` is a CIFAR10 (or any tuple whose first two items are the training images and
-    labels). Returns (train_x, train_y, valid_x, valid_y) as views, like `split_train_valid`.
+    Call it on a CIFAR10's ``train_images, train_labels``. Returns (train_x, train_y,
+    valid_x, valid_y) as views, like `split_train_valid`.
     """
-    return split_train_valid(cifar[0], cifar[1], n_valid)
+    return split_train_valid(images, labels, n_valid)
 
 
 def split_svhn(svhn, valid_per_class_train=400, valid_per_class_extra=200, seed=0):

@@ -171,12 +171,15 @@ def test_split_cifar10_is_first_45000_and_last_5000():
     n = 50000
     ids = np.arange(n)
     c = CIFAR10(ids, ids % 10, ids[:10], ids[:10] % 10)
-    tx, ty, vx, vy = split_cifar10(c)
+    tx, ty, vx, vy = split_cifar10(c.train_images, c.train_labels)
     assert len(tx) == len(ty) == 45000 and len(vx) == len(vy) == 5000
     np.testing.assert_array_equal(tx, ids[:45000])
     np.testing.assert_array_equal(vx, ids[45000:])
     assert not set(tx.tolist()) & set(vx.tolist())
-    assert len(split_cifar10(c, n_valid=0)[2]) == 0
+    np.testing.assert_array_equal(ty, ids[:45000] % 10)
+    assert len(split_cifar10(ids, ids, n_valid=0)[2]) == 0
+    with pytest.raises(ValueError, match="images has 50000 examples but labels has 3"):
+        split_cifar10(ids, ids[:3])
 
 
 # --------------------------------------------------------------------------- to_pm1
