@@ -170,7 +170,7 @@ def prepare_data(cfg):
         ds = data.load_cifar10(cfg.data_dir)
         tx, ty, vx, vy = data.split_cifar10(ds.train_images, ds.train_labels)
     else:
-        ds = data.load_svhn(cfg.data_dir)
+        ds = data.load_svhn(cfg.data_dir, extra=True)  # the authors trained on train + extra
         tx, ty, vx, vy = data.split_svhn(ds)
     if cfg.train_limit is not None:
         tx, ty = tx[:cfg.train_limit], ty[:cfg.train_limit]
