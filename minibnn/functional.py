@@ -7,6 +7,8 @@ gradient checker in ``tests/test_gradcheck.py``.
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 from .backend import get_array_module, scatter_add
@@ -295,6 +297,203 @@ class BatchNormTrain(Function):
         return gx, ggamma, gbeta
 
 
+# --- convolution and pooling (NCHW) ---------------------------------------------------
+
+def _check_int(value, name, op, minimum):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{op}: {name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _window_geometry(x_shape, kh, kw, stride, padding, op):
+    """(Ho, Wo) of kh x kw windows over a (N, C, H, W) input padded by ``padding``;
+    ValueError naming ``op`` and the shapes when the windows do not fit."""
+    x_shape = tuple(int(n) for n in x_shape)
+    if len(x_shape) != 4:
+        raise ValueError(f"{op}: input of shape {x_shape} is not 4-D; expected "
+                         "(batch, channels, height, width)")
+    kh, kw = _check_int(kh, "kernel height", op, 1), _check_int(kw, "kernel width", op, 1)
+    stride = _check_int(stride, "stride", op, 1)
+    padding = _check_int(padding, "padding", op, 0)
+    hp, wp = x_shape[2] + 2 * padding, x_shape[3] + 2 * padding
+    if kh > hp or kw > wp:
+        raise ValueError(f"{op}: kernel {kh}x{kw} is larger than the padded input {hp}x{wp} "
+                         f"(input of shape {x_shape}, padding {padding})")
+    return (hp - kh) // stride + 1, (wp - kw) // stride + 1
+
+
+def conv_output_shape(x_shape, w_shape, stride=1, padding=0, op="conv2d"):
+    """(N, O, Ho, Wo) of ``conv2d(x, w, stride, padding)``, Ho = (H + 2p - kh) // stride + 1.
+
+    Raises ValueError naming ``op`` (the op or layer) and both shapes when x is not
+    (N, C, H, W), w not (O, C, kh, kw), the channels differ, the kernel is larger than the
+    padded input, or stride (integer >= 1) or padding (integer >= 0) is invalid."""
+    x_shape, w_shape = tuple(int(n) for n in x_shape), tuple(int(n) for n in w_shape)
+    if len(w_shape) != 4:
+        raise ValueError(f"{op}: weight of shape {w_shape} is not 4-D; expected "
+                         "(out_channels, in_channels, kernel_height, kernel_width)")
+    if len(x_shape) == 4 and x_shape[1] != w_shape[1]:
+        raise ValueError(f"{op}: input of shape {x_shape} has {x_shape[1]} channels, the weight "
+                         f"of shape {w_shape} expects {w_shape[1]}; expected "
+                         f"(batch, {w_shape[1]}, height, width)")
+    ho, wo = _window_geometry(x_shape, w_shape[2], w_shape[3], stride, padding, op)
+    return x_shape[0], w_shape[0], ho, wo
+
+
+def pad2d(x, padding, value=0):
+    """x (N, C, H, W) with ``padding`` rows and columns of ``value`` added on every side of
+    H and W (a new array; x itself when padding is 0)."""
+    if padding == 0:
+        return x
+    xp = get_array_module(x)
+    n, c, h, w = x.shape
+    out = xp.full((n, c, h + 2 * padding, w + 2 * padding), value, dtype=x.dtype)
+    out[:, :, padding:padding + h, padding:padding + w] = x
+    return out
+
+
+def kernel_offsets(kh, kw, stride, ho, wo):
+    """Yield (i, j, rows, cols) for every kernel offset (i, j) in row-major order, where
+    ``xpad[..., rows, cols]`` (rows and cols are slices) holds, for every output position
+    (ho, wo), the padded input element that offset reads:
+    ``xpad[..., ho*stride + i, wo*stride + j]``."""
+    for i in range(kh):
+        for j in range(kw):
+            yield i, j, slice(i, i + stride * (ho - 1) + 1, stride), \
+                slice(j, j + stride * (wo - 1) + 1, stride)
+
+
+def im2col(x, kh, kw, stride=1, padding=0, pad_value=0):
+    """The kh x kw patches of x (N, C, H, W) as rows of a matrix (N*Ho*Wo, C*kh*kw):
+
+        patches[(n, ho, wo), (c, i, j)] = xpad[n, c, ho*stride + i, wo*stride + j]
+
+    rows in (n, ho, wo) order, columns in (c, i, j) order, the order of ``w.reshape(O, -1)``
+    for a weight w (O, C, kh, kw), so a convolution is one GEMM: ``patches @ w2.T``.
+    ``xpad`` is x with ``padding`` rows and columns of ``pad_value`` around H and W (0 for
+    the convolution; +1, i.e. bit 1, for an XNOR product, which then subtracts
+    ``binary.padding_correction``).
+
+    Built by one strided slice copy per kernel offset (kh*kw copies, vectorised over N, C
+    and positions) into a K-major buffer (C, kh, kw, N, Ho, Wo); the result is that buffer's
+    transposed view (F-ordered), which BLAS takes without a copy and ``.T`` makes
+    contiguous again. Raw arrays, NumPy or CuPy; no gradient.
+    """
+    n, c = x.shape[:2]
+    ho, wo = _window_geometry(x.shape, kh, kw, stride, padding, "im2col")
+    xpad = pad2d(x, padding, pad_value)
+    cols = get_array_module(x).empty((c, kh, kw, n, ho, wo), dtype=x.dtype)
+    for i, j, rows, columns in kernel_offsets(kh, kw, stride, ho, wo):
+        cols[:, i, j] = xpad[:, :, rows, columns].transpose(1, 0, 2, 3)
+    return cols.reshape(c * kh * kw, n * ho * wo).T
+
+
+def col2im(cols, x_shape, kh, kw, stride=1, padding=0):
+    """The adjoint of ``im2col`` (zero padding): cols (N*Ho*Wo, C*kh*kw) -> (N, C, H, W).
+
+    Every entry is added back to the input element its patch copied, so an element shared
+    by overlapping windows receives the sum of their entries; entries of padding taps are
+    dropped. One slice-add per kernel offset (within one offset the targets are distinct,
+    so ``+=`` accumulates correctly on NumPy and CuPy alike).
+    """
+    n, c, h, w = (int(s) for s in x_shape)
+    ho, wo = _window_geometry(x_shape, kh, kw, stride, padding, "col2im")
+    if tuple(cols.shape) != (n * ho * wo, c * kh * kw):
+        raise ValueError(f"col2im: columns of shape {tuple(cols.shape)} do not fit an input of "
+                         f"shape {tuple(x_shape)}; expected {(n * ho * wo, c * kh * kw)}")
+    cols = cols.T.reshape(c, kh, kw, n, ho, wo)
+    xp = get_array_module(cols)
+    out = xp.zeros((n, c, h + 2 * padding, w + 2 * padding), dtype=cols.dtype)
+    for i, j, rows, columns in kernel_offsets(kh, kw, stride, ho, wo):
+        out[:, :, rows, columns] += cols[:, i, j].transpose(1, 0, 2, 3)
+    return out[:, :, padding:padding + h, padding:padding + w] if padding else out
+
+
+def conv2d_backward(g, x_shape, w, stride, padding, patches=None, need_x=True):
+    """Gradients of out = conv2d(x, w, stride, padding) (zero padding) from g = dL/dout.
+
+    With g2 = g as (N*Ho*Wo, O) and W2 = w.reshape(O, -1):
+        g_x = col2im(g2 @ W2)       (None unless ``need_x``)
+        g_w = g2^T @ patches        (None when ``patches``, im2col of x, is not given)
+    """
+    o = w.shape[0]
+    xp = get_array_module(g)
+    g2t = xp.ascontiguousarray(g.transpose(1, 0, 2, 3)).reshape(o, -1)  # (O, N*Ho*Wo)
+    gx = gw = None
+    if need_x:
+        gx = col2im((w.reshape(o, -1).T @ g2t).T, x_shape, w.shape[2], w.shape[3], stride, padding)
+    if patches is not None:
+        gw = (g2t @ patches).reshape(w.shape)
+    return gx, gw
+
+
+class Conv2d(Function):
+    """out[n, o] = sum_c x[n, c] (cross-correlated with) w[o, c], zero padding, integer stride.
+
+    forward:  one GEMM, out = im2col(x) @ W2^T with W2 = w.reshape(O, C*kh*kw)
+    backward: g_x = col2im(g2 @ W2), g_w = g2^T im2col(x) (see ``conv2d_backward``)
+    """
+
+    def forward(self, x, w, stride=1, padding=0):
+        n, o, ho, wo = conv_output_shape(x.shape, w.shape, stride, padding)
+        patches = im2col(x, w.shape[2], w.shape[3], stride, padding)
+        self.save(x.shape, w, patches if self.needs_input_grad[1] else None)
+        self.stride, self.padding = stride, padding
+        out = (w.reshape(o, -1) @ patches.T).reshape(o, n, ho, wo).transpose(1, 0, 2, 3)
+        return get_array_module(out).ascontiguousarray(out)
+
+    def backward(self, g):
+        x_shape, w, patches = self.saved
+        return conv2d_backward(g, x_shape, w, self.stride, self.padding, patches,
+                               need_x=self.needs_input_grad[0])
+
+
+def pool_output_shape(x_shape, k, stride=None, op="max_pool2d"):
+    """(N, C, Ho, Wo) of ``max_pool2d(x, k, stride)``: Ho = (H - k) // stride + 1 (floor mode,
+    stride defaults to k); ValueError naming ``op`` and the shape when it does not fit."""
+    k = _check_int(k, "kernel size", op, 1)
+    stride = k if stride is None else stride
+    ho, wo = _window_geometry(x_shape, k, k, stride, 0, op)
+    return int(x_shape[0]), int(x_shape[1]), ho, wo
+
+
+class MaxPool2d(Function):
+    """Max over k x k windows with a stride, no padding, floor mode (trailing rows and
+    columns that do not fill a window are dropped).
+
+    Tie rule: a window's gradient goes entirely to its FIRST maximal element in row-major
+    order (as PyTorch and cuDNN), not shared. Ties are common in BNNs, whose convolution
+    outputs are integers. With stride < k an element in several windows gets the sum.
+    """
+
+    def forward(self, x, k, stride=None):
+        stride = k if stride is None else stride
+        n, c, ho, wo = pool_output_shape(x.shape, k, stride)
+        xp = get_array_module(x)
+        best = arg = None
+        for t, (_, _, rows, columns) in enumerate(kernel_offsets(k, k, stride, ho, wo)):
+            v = x[:, :, rows, columns]
+            if best is None:
+                best = v.copy()
+                arg = xp.zeros(best.shape, dtype=np.uint8 if k * k < 256 else np.int32)
+                continue
+            better = v > best  # strict: an equal later element never takes over
+            xp.copyto(best, v, where=better)
+            xp.copyto(arg, t, where=better)
+        self.save(arg)
+        self.x_shape, self.k, self.stride = x.shape, k, stride
+        return best
+
+    def backward(self, g):
+        arg = self.saved[0]
+        _, _, ho, wo = g.shape
+        gx = get_array_module(g).zeros(self.x_shape, dtype=g.dtype)
+        offsets = kernel_offsets(self.k, self.k, self.stride, ho, wo)
+        for t, (_, _, rows, columns) in enumerate(offsets):
+            gx[:, :, rows, columns] += g * (arg == t)
+        return (gx,)
+
+
 # --- public wrappers -------------------------------------------------------------------
 
 def add(a, b): return Add.apply(a, b)
@@ -319,6 +518,19 @@ def transpose(a, *axes):
         axes = axes[0]
     return Transpose.apply(a, axes=axes or None)
 def log_softmax(a, axis=-1): return LogSoftmax.apply(a, axis=axis)
+
+
+def conv2d(x, w, stride=1, padding=0):
+    """2-D convolution (cross-correlation, as in every deep-learning library), NCHW:
+    x (N, C, H, W), w (O, C, kh, kw) -> (N, O, Ho, Wo), Ho = (H + 2*padding - kh) // stride + 1,
+    zero padding; one GEMM through ``im2col``. ValueError names the shapes when they do not fit."""
+    return Conv2d.apply(x, w, stride=stride, padding=padding)
+
+
+def max_pool2d(x, k, stride=None):
+    """Max over k x k windows of x (N, C, H, W), stride k by default, no padding, floor mode.
+    A window's gradient goes to its first maximal element in row-major order."""
+    return MaxPool2d.apply(x, k=k, stride=stride)
 
 
 def clip(a, lo, hi):
