@@ -10,6 +10,7 @@ import numpy as np
 
 from . import backend
 from .backend import get_array_module
+from .functional import conv2d_backward, conv_output_shape, im2col, kernel_offsets
 from .tensor import Function, Tensor
 
 
@@ -142,3 +143,125 @@ def binary_linear(x, wb):
     """x W_b^T through the XNOR-popcount kernel. x (batch, K) and W_b (N, K) must hold only
     +-1 (a value >= 0 counts as +1): the caller promises it, nothing scans the values."""
     return BinaryLinearFn.apply(x, wb)
+
+
+# --- binary convolution ----------------------------------------------------------------
+#
+# The XNOR path orders K = kh*kw*C tap-major, channel-minor, (i, j, c), unlike im2col's
+# (c, i, j): each tap then reads C adjacent values of an NHWC copy, the patch matrix comes
+# out row-major (fast to pack), and a later kernel could pack channels once per pixel.
+# Only the order of the patches and of the weight rows must agree; the sum is the same.
+
+def conv_weight_rows(w):
+    """Weight (O, C, kh, kw) as rows (O, kh*kw*C) in the (i, j, c) order of
+    ``conv_sign_patches``: ``w.transpose(0, 2, 3, 1).reshape(O, -1)``."""
+    return w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
+
+
+def conv_sign_patches(x, kh, kw, stride=1, padding=0):
+    """The kh x kw patches of sign(x) as bits, ready for ``pack_rows``: bool
+    (N*Ho*Wo, kh*kw*C), rows (n, ho, wo), columns (i, j, c) (see ``conv_weight_rows``):
+
+        patches[(n, ho, wo), (i, j, c)] = xpad[n, c, ho*stride + i, wo*stride + j] >= 0
+
+    where the taps that fall in the padding are True, i.e. +1 (a zero has no sign): a
+    product with these patches must subtract ``padding_correction``. One slice copy per
+    kernel offset; x (N, C, H, W) may be any real array (a value >= 0 is +1).
+    """
+    n, c, h, w = x.shape
+    _, _, ho, wo = conv_output_shape(x.shape, (1, c, kh, kw), stride, padding,
+                                     op="conv_sign_patches")
+    xp = get_array_module(x)
+    bits = xp.ones((n, h + 2 * padding, w + 2 * padding, c), dtype=bool)  # NHWC, border +1
+    bits[:, padding:padding + h, padding:padding + w, :] = (x >= 0).transpose(0, 2, 3, 1)
+    out = xp.empty((n, ho, wo, kh, kw, c), dtype=bool)
+    for i, j, rows, columns in kernel_offsets(kh, kw, stride, ho, wo):
+        out[:, :, :, i, j, :] = bits[:, rows, columns, :]
+    return out.reshape(n * ho * wo, kh * kw * c)
+
+
+def padding_correction(wb, in_hw, stride=1, padding=0):
+    """What +1 padding adds to a binary convolution, int32 (O, Ho, Wo):
+
+        corr[o, ho, wo] = sum of wb[o, c, i, j] over the taps (c, i, j) of window (ho, wo)
+                          that fall in the padding
+
+    ``xnor(x padded with +1) - corr`` is exactly ``conv2d(x, wb, stride, padding)`` (zero
+    padding); see ``xnor_conv2d``. It depends on the weight and the geometry only, not on
+    the input. The padding mask m (1 on the border, 0 inside) is the same in every channel,
+    so corr = conv2d(m, sum_c wb[:, c]), a product of size (Ho*Wo, kh*kw) x (kh*kw, O).
+    ``wb`` (O, C, kh, kw) is taken as signs (a value >= 0 is +1); ``in_hw`` = (H, W).
+    """
+    o, c, kh, kw = wb.shape
+    h, w = (int(v) for v in in_hw)
+    _, _, ho, wo = conv_output_shape((1, c, h, w), wb.shape, stride, padding,
+                                     op="padding_correction")
+    xp = get_array_module(wb)
+    if padding == 0:
+        return xp.zeros((o, ho, wo), dtype=np.int32)
+    wsum = sign(wb).astype(np.float32).sum(axis=1)  # (O, kh, kw); integers, exact
+    mask = xp.ones((1, 1, h + 2 * padding, w + 2 * padding), dtype=np.float32)
+    mask[:, :, padding:padding + h, padding:padding + w] = 0
+    corr = wsum.reshape(o, -1) @ im2col(mask, kh, kw, stride).T  # (O, Ho*Wo)
+    return xp.rint(corr).astype(np.int32).reshape(o, ho, wo)
+
+
+def xnor_conv2d(x, wb, stride=1, padding=0, dtype=np.int32):
+    """conv2d(x, wb, stride, padding) for +-1 x and wb by one XNOR-popcount GEMM, exact.
+
+    Zero padding has no sign, so the patches are taken with the border padded by +1
+    (bit 1) and the difference is subtracted. For output (n, o, ho, wo) let T be the taps
+    of the window, B the ones in the padding, x~ the +1-padded input:
+
+        xnor[n, o, ho, wo] = sum_{t in T} wb[o, t] x~[n, t]
+                           = sum_{t in T, t not in B} wb[o, t] x[n, t] + sum_{t in B} wb[o, t]
+                           = conv2d(x, wb)[n, o, ho, wo] + corr[o, ho, wo]
+
+    so conv2d = xnor - corr, with ``corr = padding_correction(wb, (H, W), stride, padding)``
+    (integers throughout, exact). The GEMM multiplies ``pack_rows(conv_sign_patches(x))``
+    (N*Ho*Wo, words) by ``pack_rows(conv_weight_rows(wb))`` (O, words) on the active
+    backend's kernel. Returns (N, O, Ho, Wo) C-contiguous in ``dtype``; raw arrays, values
+    >= 0 count as +1, no gradient.
+    """
+    n, o, ho, wo = conv_output_shape(x.shape, wb.shape, stride, padding, op="xnor_conv2d")
+    kh, kw = wb.shape[2:]
+    kern = backend.kernel_module()
+    out = kern.xnor_gemm(kern.pack_rows(conv_sign_patches(x, kh, kw, stride, padding)),
+                         kern.pack_rows(conv_weight_rows(wb)), wb[0].size)
+    out = out.reshape(n, ho * wo, o)
+    if padding:
+        out -= padding_correction(wb, x.shape[2:], stride, padding).reshape(o, -1).T
+    return out.reshape(n, ho, wo, o).transpose(0, 3, 1, 2).astype(dtype, order="C")
+
+
+class BinaryConv2dFn(Function):
+    """out = conv2d(x, W_b, stride, padding) with zero padding, for +-1 input x (N, C, H, W)
+    and +-1 weight W_b (O, C, kh, kw): the convolution of a hidden binary layer.
+
+    forward:  ``xnor_conv2d``: one XNOR-popcount GEMM on the patches of x padded with +1,
+              minus the padding correction; exact integers, returned in x's dtype.
+    backward: that of the zero-padded float convolution (``functional.conv2d_backward``):
+              g_x = col2im(g2 @ W2), g_W = g2^T im2col(x) with x padded by ZEROS (the
+              +1 border is only a device of the forward; its taps contribute nothing).
+    """
+
+    def forward(self, x, wb, stride=1, padding=0):
+        out = xnor_conv2d(x, wb, stride, padding, dtype=x.dtype)
+        self.save(x, wb)
+        self.stride, self.padding = stride, padding
+        return out
+
+    def backward(self, g):
+        x, wb = self.saved
+        patches = None
+        if self.needs_input_grad[1]:
+            patches = im2col(x, wb.shape[2], wb.shape[3], self.stride, self.padding)
+        return conv2d_backward(g, x.shape, wb, self.stride, self.padding, patches,
+                               need_x=self.needs_input_grad[0])
+
+
+def binary_conv2d(x, wb, stride=1, padding=0):
+    """conv2d(x, W_b, stride, padding) (zero padding) through the XNOR-popcount kernel. x
+    (N, C, H, W) and W_b (O, C, kh, kw) must hold only +-1 (a value >= 0 counts as +1):
+    the caller promises it, nothing scans the values."""
+    return BinaryConv2dFn.apply(x, wb, stride=stride, padding=padding)
