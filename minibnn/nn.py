@@ -15,7 +15,7 @@ import numpy as np
 
 from . import backend
 from . import functional as F
-from .binary import ap2, ap2_ste, binarize, binary_linear, sign_ste
+from .binary import ap2, ap2_ste, binarize, binary_conv2d, binary_linear, sign_ste
 from .rng import get_rng
 from .tensor import Tensor
 
@@ -156,7 +156,34 @@ class Linear(Module):
         return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}"
 
 
-class BinaryLinear(Module):
+class _BinaryLayer(Module):
+    """What the binary layers share: a latent weight U(-1, 1) clipped to [-1, 1], its
+    Glorot learning-rate scale 1 / sqrt(1.5 / (fan_in + fan_out)) (the paper's Theano code,
+    ``binary_net.py``), binarization in every forward pass (stochastic in training only),
+    and the ``binary_input`` flag that picks the float or the XNOR product."""
+
+    def __init__(self, weight_shape, fan_in, fan_out, stochastic, binary_input, rng):
+        super().__init__()
+        if not (isinstance(binary_input, bool) or binary_input == "eval"):
+            raise ValueError(f"{type(self).__name__}: binary_input must be False, True or "
+                             f"'eval', got {binary_input!r}")
+        self.stochastic = bool(stochastic)
+        self.binary_input = binary_input
+        self.rng = get_rng(rng)
+        w = self.rng.uniform(-1.0, 1.0, weight_shape).astype(np.float32)
+        scale = 1.0 / math.sqrt(1.5 / (fan_in + fan_out))
+        self.weight = Parameter(backend.asarray(w), lr_scale=scale, clip=1.0)
+
+    def binary_weight(self):
+        """The +-1 weight this forward pass uses (a Tensor on the tape)."""
+        return binarize(self.weight, stochastic=self.stochastic and self.training, rng=self.rng)
+
+    def uses_xnor(self):
+        """True when this forward pass runs on the XNOR-popcount kernel."""
+        return self.binary_input is True or (self.binary_input == "eval" and not self.training)
+
+
+class BinaryLinear(_BinaryLayer):
     """y = x W_b^T with W_b = binarize(W): the paper's binary fully connected layer.
 
     The latent weight W (shape (out, in)) starts U(-1, 1), is clipped to [-1, 1] after each
@@ -178,25 +205,10 @@ class BinaryLinear(Module):
 
     def __init__(self, in_features, out_features, bias=False, stochastic=False,
                  binary_input=False, rng=None):
-        super().__init__()
-        if not (isinstance(binary_input, bool) or binary_input == "eval"):
-            raise ValueError(f"binary_input must be False, True or 'eval', got {binary_input!r}")
         self.in_features, self.out_features = int(in_features), int(out_features)
-        self.stochastic = bool(stochastic)
-        self.binary_input = binary_input
-        self.rng = get_rng(rng)
-        w = self.rng.uniform(-1.0, 1.0, (out_features, in_features)).astype(np.float32)
-        scale = 1.0 / math.sqrt(1.5 / (in_features + out_features))
-        self.weight = Parameter(backend.asarray(w), lr_scale=scale, clip=1.0)
+        super().__init__((out_features, in_features), in_features, out_features,
+                         stochastic, binary_input, rng)
         self.bias = Parameter(backend.xp().zeros(out_features, np.float32)) if bias else None
-
-    def binary_weight(self):
-        """The +-1 weight this forward pass uses (a Tensor on the tape)."""
-        return binarize(self.weight, stochastic=self.stochastic and self.training, rng=self.rng)
-
-    def uses_xnor(self):
-        """True when this forward pass runs on the XNOR-popcount kernel."""
-        return self.binary_input is True or (self.binary_input == "eval" and not self.training)
 
     def forward(self, x):
         _check_features(x, self.in_features, type(self).__name__)
@@ -212,6 +224,119 @@ class BinaryLinear(Module):
     def extra_repr(self):
         return (f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, "
                 f"stochastic={self.stochastic}, binary_input={self.binary_input!r}")
+
+
+def _kernel_pair(kernel_size, layer):
+    """kernel_size as (kh, kw): an integer >= 1 or a pair of them."""
+    pair = kernel_size if isinstance(kernel_size, (tuple, list)) else (kernel_size, kernel_size)
+    if len(pair) != 2 or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1
+                             for k in pair):
+        raise ValueError(f"{layer}: kernel_size must be an integer >= 1 or a pair of them, "
+                         f"got {kernel_size!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _conv_args(layer, in_channels, out_channels, kernel_size, stride, padding):
+    """Validated (in_channels, out_channels, (kh, kw), stride, padding) of a conv layer."""
+    kh, kw = _kernel_pair(kernel_size, layer)
+    for name, value, low in (("in_channels", in_channels, 1), ("out_channels", out_channels, 1),
+                             ("stride", stride, 1), ("padding", padding, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{layer}: {name} must be an integer >= {low}, got {value!r}")
+    return int(in_channels), int(out_channels), (kh, kw), int(stride), int(padding)
+
+
+class _ConvMixin:
+    """Shape checks and repr shared by Conv2d and BinaryConv2d."""
+
+    def _check_input(self, x):
+        F.conv_output_shape(x.shape, self.weight.shape, self.stride, self.padding,
+                            op=type(self).__name__)
+
+    def _add_bias(self, out):
+        return out + self.bias.reshape(1, -1, 1, 1) if self.bias is not None else out
+
+    def extra_repr(self):
+        k = self.kernel_size[0] if self.kernel_size[0] == self.kernel_size[1] else self.kernel_size
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={k}, "
+                f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}")
+
+
+class Conv2d(_ConvMixin, Module):
+    """Real-valued 2-D convolution, NCHW: x (N, C_in, H, W) -> (N, C_out, Ho, Wo), zero
+    padding, Ho = (H + 2*padding - k) // stride + 1; weight (C_out, C_in, kh, kw),
+    Glorot-uniform with fan_in = C_in*kh*kw and fan_out = C_out*kh*kw; bias per channel."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
+                 rng=None):
+        super().__init__()
+        (self.in_channels, self.out_channels, self.kernel_size, self.stride,
+         self.padding) = _conv_args(type(self).__name__, in_channels, out_channels,
+                                    kernel_size, stride, padding)
+        kh, kw = self.kernel_size
+        fan_in, fan_out = self.in_channels * kh * kw, self.out_channels * kh * kw
+        limit = math.sqrt(6.0 / (fan_in + fan_out))
+        w = get_rng(rng).uniform(-limit, limit, (self.out_channels, self.in_channels, kh, kw))
+        self.weight = Parameter(backend.asarray(w.astype(np.float32)))
+        self.bias = Parameter(backend.xp().zeros(self.out_channels, np.float32)) if bias else None
+
+    def forward(self, x):
+        self._check_input(x)
+        return self._add_bias(F.conv2d(x, self.weight, self.stride, self.padding))
+
+
+class BinaryConv2d(_ConvMixin, _BinaryLayer):
+    """2-D convolution with W_b = binarize(W), NCHW: the paper's binary convolution layer.
+
+    The latent weight W (C_out, C_in, kh, kw) starts U(-1, 1), is clipped to [-1, 1] after
+    each update, and its step is scaled by 1 / sqrt(1.5 / (fan_in + fan_out)) with
+    fan_in = kh*kw*C_in and fan_out = kh*kw*C_out (the authors' code). Zero padding.
+    ``binary_input`` as in ``BinaryLinear``: False, a float convolution; True, the XNOR
+    convolution (``binary.binary_conv2d``) in training and eval; "eval", XNOR in eval only.
+    Both give the same numbers on +-1 input; a layer marked binary treats x >= 0 as +1.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=False,
+                 stochastic=False, binary_input=False, rng=None):
+        (self.in_channels, self.out_channels, self.kernel_size, self.stride,
+         self.padding) = _conv_args(type(self).__name__, in_channels, out_channels,
+                                    kernel_size, stride, padding)
+        kh, kw = self.kernel_size
+        super().__init__((self.out_channels, self.in_channels, kh, kw),
+                         kh * kw * self.in_channels, kh * kw * self.out_channels,
+                         stochastic, binary_input, rng)
+        self.bias = Parameter(backend.xp().zeros(self.out_channels, np.float32)) if bias else None
+
+    def forward(self, x):
+        self._check_input(x)
+        wb = self.binary_weight()
+        conv = binary_conv2d if self.uses_xnor() else F.conv2d
+        return self._add_bias(conv(x, wb, self.stride, self.padding))
+
+    def extra_repr(self):
+        return (super().extra_repr() + f", stochastic={self.stochastic}, "
+                f"binary_input={self.binary_input!r}")
+
+
+class MaxPool2d(Module):
+    """Max over kernel_size x kernel_size windows, stride kernel_size by default, no padding,
+    floor mode. A window's gradient goes to its first maximal element (row-major)."""
+
+    def __init__(self, kernel_size, stride=None):
+        super().__init__()
+        for name, value in (("kernel_size", kernel_size), ("stride", stride)):
+            if value is not None and (isinstance(value, bool) or
+                                      not isinstance(value, (int, np.integer)) or value < 1):
+                raise ValueError(f"MaxPool2d: {name} must be an integer >= 1, got {value!r}")
+        self.kernel_size = int(kernel_size)
+        self.stride = self.kernel_size if stride is None else int(stride)
+
+    def forward(self, x):
+        F.pool_output_shape(x.shape, self.kernel_size, self.stride, op=type(self).__name__)
+        return F.max_pool2d(x, self.kernel_size, self.stride)
+
+    def extra_repr(self):
+        return f"kernel_size={self.kernel_size}, stride={self.stride}"
 
 
 class _BatchNormBase(Module):
@@ -322,6 +447,26 @@ class ShiftBatchNorm(_BatchNormBase):
         return a, self.beta - a * self.running_mean
 
 
+class _Require4D:
+    """Mixin for the 2-D batch norms: the input must be (batch, C, height, width)."""
+
+    def _axes(self, x):
+        if x.ndim != 4 or x.shape[1] != self.num_features:
+            raise ValueError(f"{type(self).__name__}: input of shape {tuple(x.shape)} does not "
+                             f"fit; expected (batch, {self.num_features}, height, width)")
+        return (0, 2, 3)
+
+
+class BatchNorm2d(_Require4D, BatchNorm):
+    """``BatchNorm`` over the channels of NCHW input: statistics per channel over the batch
+    and every position (axes 0, 2, 3). Anything but 4-D input is refused."""
+
+
+class ShiftBatchNorm2d(_Require4D, ShiftBatchNorm):
+    """``ShiftBatchNorm`` over the channels of NCHW input (statistics over axes 0, 2, 3).
+    Anything but 4-D input is refused."""
+
+
 class Sign(Module):
     """The BNN activation: sign(x) forward (sign(0) = +1), g * 1{|x| <= 1} backward."""
 
@@ -354,7 +499,7 @@ class Dropout(Module):
 
 
 class Flatten(Module):
-    """(batch, ...) -> (batch, prod(...))."""
+    """(batch, ...) -> (batch, prod(...)); (N, C, H, W) becomes (N, C*H*W) in C, H, W order."""
 
     def forward(self, x):
         return F.reshape(x, (x.shape[0], -1))
