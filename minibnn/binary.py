@@ -218,20 +218,22 @@ def xnor_conv2d(x, wb, stride=1, padding=0, dtype=np.int32):
                            = conv2d(x, wb)[n, o, ho, wo] + corr[o, ho, wo]
 
     so conv2d = xnor - corr, with ``corr = padding_correction(wb, (H, W), stride, padding)``
-    (integers throughout, exact). The GEMM multiplies ``pack_rows(conv_sign_patches(x))``
-    (N*Ho*Wo, words) by ``pack_rows(conv_weight_rows(wb))`` (O, words) on the active
+    (integers throughout, exact). The GEMM multiplies ``pack_rows(conv_weight_rows(wb))``
+    (O, words) by ``pack_rows(conv_sign_patches(x))`` (N*Ho*Wo, words) on the active
     backend's kernel. Returns (N, O, Ho, Wo) C-contiguous in ``dtype``; raw arrays, values
     >= 0 count as +1, no gradient.
     """
     n, o, ho, wo = conv_output_shape(x.shape, wb.shape, stride, padding, op="xnor_conv2d")
     kh, kw = wb.shape[2:]
     kern = backend.kernel_module()
-    out = kern.xnor_gemm(kern.pack_rows(conv_sign_patches(x, kh, kw, stride, padding)),
-                         kern.pack_rows(conv_weight_rows(wb)), wb[0].size)
-    out = out.reshape(n, ho * wo, o)
+    # weights as the left operand: the product (O, N*Ho*Wo) becomes NCHW by moving whole
+    # Ho*Wo planes, cheaper than transposing (N*Ho*Wo, O)
+    out = kern.xnor_gemm(kern.pack_rows(conv_weight_rows(wb)),
+                         kern.pack_rows(conv_sign_patches(x, kh, kw, stride, padding)), wb[0].size)
+    out = out.reshape(o, n, ho * wo)
     if padding:
-        out -= padding_correction(wb, x.shape[2:], stride, padding).reshape(o, -1).T
-    return out.reshape(n, ho, wo, o).transpose(0, 3, 1, 2).astype(dtype, order="C")
+        out -= padding_correction(wb, x.shape[2:], stride, padding).reshape(o, 1, ho * wo)
+    return out.reshape(o, n, ho, wo).transpose(1, 0, 2, 3).astype(dtype, order="C")
 
 
 class BinaryConv2dFn(Function):
