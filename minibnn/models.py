@@ -127,10 +127,10 @@ def svhn_convnet(classes=10, bn="standard", stochastic=False, momentum=0.1, eps=
                         "svhn_convnet", **kw)
 
 
-def mnist_convnet(channels=(32, 64), hidden=512, classes=10, bn="standard", stochastic=False,
+def mnist_convnet(channels=(16, 32), hidden=256, classes=10, bn="standard", stochastic=False,
                   momentum=0.1, eps=1e-4, rng=None):
     """A small binary ConvNet for MNIST (not in the paper) that trains on a 2-core CPU in
-    minutes: 2x32C3 - MP2 - 2x64C3 - MP2 - 512FC - 10 on 1x28x28 input, by default."""
+    minutes: 2x16C3 - MP2 - 2x32C3 - MP2 - 256FC - 10 on 1x28x28 input, by default."""
     kw = dict(channels=[int(c) for c in channels], hidden=int(hidden), classes=int(classes),
               bn=bn, stochastic=bool(stochastic), momentum=float(momentum), eps=float(eps))
     model = binary_convnet(kw["channels"], (kw["hidden"],), 1, 28, classes=kw["classes"],

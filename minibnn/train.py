@@ -27,6 +27,17 @@ from .tensor import Tensor, no_grad
 DATASETS = {"mnist": ((1, 28, 28), 10), "cifar10": ((3, 32, 32), 10), "svhn": ((3, 32, 32), 10)}
 MODELS = ("mlp", "convnet")
 
+_WHERE_TO_GET = {
+    "cifar10": "data_dir: --data-dir is needed for cifar10: download the CIFAR-10 binary version "
+               "(cifar-10-binary.tar.gz) from https://www.cs.toronto.edu/~kriz/cifar.html, "
+               "unpack it, and pass the cifar-10-batches-bin folder (data_batch_1.bin .. "
+               "data_batch_5.bin, test_batch.bin) or its parent",
+    "svhn": "data_dir: --data-dir is needed for svhn: download train_32x32.mat, test_32x32.mat "
+            "and extra_32x32.mat (format 2, cropped digits) from "
+            "http://ufldl.stanford.edu/housenumbers/ into one folder and pass it; reading them "
+            "needs scipy (pip install minibnn[svhn])",
+}
+
 #: the authors' recipes, per (dataset, model): what differs from TrainConfig's defaults
 RECIPES = {
     ("mnist", "mlp"): {},
@@ -99,6 +110,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.train_limit is not None and self.train_limit < 1:
             raise ValueError(f"train_limit must be >= 1, got {self.train_limit}")
+        if self.dataset != "mnist" and self.data_dir is None:
+            raise ValueError(_WHERE_TO_GET[self.dataset])
         if self.zca and self.dataset == "mnist":
             raise ValueError("zca: ZCA whitening is for the colour data sets (cifar10, svhn)")
         return self
