@@ -1,24 +1,47 @@
 """The frozen runtime: run a frozen network on a backend with bits, XNOR and popcount.
 
-A ``FrozenBNN`` holds ``FrozenLayer``s: packed weights, int32 thresholds for hidden layers,
-a float64 affine for the output layer. Running it needs only the backend's kernels
-(``pack_bitplanes``, ``bitplane_gemm``, ``xnor_gemm``, ``pack_rows``) and its array module;
-which backend runs is named by ``backend=`` or is the active one.
+A ``FrozenBNN`` holds ``FrozenConv`` layers (a ConvNet's convolutions, each with its
+max-pool) followed by ``FrozenLayer``s (dense): packed weights, int32 thresholds for hidden
+layers, a float64 affine for the output layer. Running it needs only the backend's kernels
+(``pack_bitplanes``, ``bitplane_gemm``, ``xnor_gemm``, ``pack_rows``) and its array module
+(slicing, shifts, OR/AND on uint64 words); which backend runs is named by ``backend=`` or is
+the active one.
+
+Packed activations between layers
+---------------------------------
+A convolution's output bits stay packed NHWC: uint64 ``(N, H, W, ceil(C/64))``, the C
+channels of a pixel packed along C (bit 1 = +1, padding bits 0). A patch is the
+concatenation of its kh*kw pixels' channel *slots*, taps in (i, j, c) order
+(``binary.conv_weight_rows``), where a slot is ``slot_bits(C)`` bits: C when C divides 64
+(1, 2, ..., 32, 64: 64 / C pixels share a word, nothing is wasted) and otherwise whole
+words, ``64 ceil(C/64)``, the bits past C being 0 in both operands. Building a patch is
+then a gather of words (and, for C < 64, one shift-OR per tap), never a repacking of bits;
+its XNOR-popcount product over ``kh*kw*slot_bits(C)`` bits counts every 0-0 slot padding
+bit as an agreement, so ``z = xnor - (kh*kw*slot_bits(C) - kh*kw*C)``. The dense layer
+after the last convolution reads the same layout over the H*W pixels (its weight columns
+were permuted from the model's (C, H, W) flatten order to (H, W, C) at freeze time).
 """
 
 from __future__ import annotations
 
 import math
+from collections import namedtuple
 
 import numpy as np
 
-from .. import backend as _backend  # the methods' ``backend=`` argument shadows the name
+from kernels.reference import n_words, pack_rows, pad_mask, unpack_rows
 
-__all__ = ["PLANES", "PIXEL_MAX", "FrozenLayer", "FrozenBNN", "first_layer"]
+from .. import backend as _backend  # the methods' ``backend=`` argument shadows the name
+from ..functional import conv_output_shape, kernel_offsets, pool_output_shape
+
+__all__ = ["PLANES", "PIXEL_MAX", "FrozenLayer", "FrozenConv", "FrozenBNN", "first_layer",
+           "slot_bits", "pack_slots", "check_chain"]
 
 PLANES = 8  # bits per input pixel
 PIXEL_MAX = 255  # |sum_n 2^n y^n| <= 255: the first layer's |z| is at most 255 k
+WORD = 64
 _DEFAULT_BATCH = {"numpy": 256, "numba": 1024, "cupy": 8192}
+_CONV_BATCH = {"numpy": 64, "numba": 256, "cupy": 2048}  # a ConvNet's activations are larger
 
 
 def first_layer(x, weight, k, kern):
@@ -28,24 +51,90 @@ def first_layer(x, weight, k, kern):
     return kern.bitplane_gemm(kern.pack_bitplanes(x), weight, k)
 
 
+# ----------------------------------------------------------------------- the slot layout
+
+def slot_bits(c):
+    """Bits one pixel's ``c`` channels take in a packed patch (or flattened image): ``c``
+    when c divides 64 (several pixels share a word), else ``64 ceil(c/64)`` whole words."""
+    c = int(c)
+    return c if WORD % c == 0 else WORD * n_words(c)
+
+
+def pack_slots(bits, c):
+    """bool (..., L, c) -> uint64 (..., ceil(L slot_bits(c) / 64)): the L pixels' slots
+    concatenated, each c bits then ``slot_bits(c) - c`` zero bits, packed as ``pack_rows``."""
+    s = slot_bits(c)
+    if s != c:
+        pad = np.zeros(bits.shape[:-1] + (s - c,), dtype=bool)
+        bits = np.concatenate([bits, pad], axis=-1)
+    return pack_rows(bits.reshape(bits.shape[:-2] + (-1,)))
+
+
+def slot_mask(length, c):
+    """uint64 words with 1 on every valid bit of ``length`` slots of ``c`` channels."""
+    return pack_slots(np.ones((length, c), dtype=bool), c)
+
+
+def _channel_mask(c):
+    """uint64 (ceil(c/64),): the valid bits of one pixel's packed channels (a +1 pixel)."""
+    mask = np.full(n_words(c), np.uint64(0xFFFFFFFFFFFFFFFF), dtype=np.uint64)
+    mask[-1] = pad_mask(c)
+    return mask
+
+
+def _tap_sums(weight, layer):
+    """sum over channels of each tap's +-1 weights, int64 (O, kh, kw), from packed rows."""
+    o, (kh, kw), c = layer.n_out, layer.kernel, layer.c_in
+    if layer.planes == PLANES:
+        w = unpack_rows(weight, layer.k, np.int64).reshape(o, kh, kw, c)
+    else:
+        w = unpack_rows(weight, layer.gemm_k, np.int64).reshape(o, kh, kw, -1)[..., :c]
+    return w.sum(axis=-1)
+
+
+def border_correction(tap_sums, in_hw, stride, padding):
+    """corr[o, ho, wo] = sum of tap_sums[o, i, j] over the taps of window (ho, wo) that fall
+    in the padding (``binary.padding_correction`` for the channel-summed filter), int32."""
+    o, kh, kw = tap_sums.shape
+    h, w = in_hw
+    _, _, ho, wo = conv_output_shape((1, 1, h, w), (o, 1, kh, kw), stride, padding)
+    border = np.ones((h + 2 * padding, w + 2 * padding), dtype=np.int64)
+    border[padding:padding + h, padding:padding + w] = 0
+    corr = np.zeros((o, ho, wo), dtype=np.int64)
+    for i, j, rows, columns in kernel_offsets(kh, kw, stride, ho, wo):
+        corr += tap_sums[:, i, j, None, None] * border[rows, columns]
+    return corr.astype(np.int32)
+
+
+# ----------------------------------------------------------------------------- layers
+
 class FrozenLayer:
-    """One frozen binary layer: ``z = w . input`` as an exact integer, then either
+    """One frozen binary dense layer: ``z = w . input`` as an exact integer, then either
 
     * hidden: ``bit = z >= threshold`` (int32 per unit), packed for the next layer, or
     * output: ``score = scale * z + offset`` (float64 per unit).
 
     ``weight`` is uint64 (n_out, ceil(k/64)), rows packed along the k inputs.
     ``planes`` is 8 when the input is uint8 pixels (first layer: ``z = 256 x_f . w``) and
-    1 when it is the previous layer's packed bits.
+    1 when it is the previous layer's packed bits. ``in_hwc = (H, W, C)`` when the input is
+    a convolution's packed (H, W, C) bits (k = H W C): the rows are then packed in slots
+    (``pack_slots``: columns in (h, w, c) order, ``gemm_k = H W slot_bits(C)`` bits).
     """
 
-    def __init__(self, weight, k, planes, threshold=None, scale=None, offset=None):
+    kind = "dense"
+
+    def __init__(self, weight, k, planes, threshold=None, scale=None, offset=None,
+                 in_hwc=None):
         self.weight = weight
         self.k = int(k)
         self.planes = int(planes)
         self.threshold = threshold
         self.scale = scale
         self.offset = offset
+        self.in_hwc = None if in_hwc is None else tuple(int(v) for v in in_hwc)
+        if self.in_hwc is not None and math.prod(self.in_hwc) != self.k:
+            raise ValueError(f"in_hwc: {self.in_hwc} holds {math.prod(self.in_hwc)} inputs, "
+                             f"k is {self.k}")
 
     @property
     def n_out(self):
@@ -56,42 +145,213 @@ class FrozenLayer:
         return self.threshold is None
 
     @property
+    def gemm_k(self):
+        """Bits of a packed input row: k, or H W slot_bits(C) after a convolution."""
+        if self.in_hwc is None:
+            return self.k
+        h, w, c = self.in_hwc
+        return h * w * slot_bits(c)
+
+    @property
     def z_max(self):
         """Largest |z| this layer can produce: k for bits, 255 k for 8-bit input."""
         return self.k * (PIXEL_MAX if self.planes == PLANES else 1)
 
+    @property
+    def out_shape(self):
+        return (self.n_out,)
+
     def __repr__(self):
         kind = "output affine" if self.is_output else "threshold"
-        src = "uint8 bit planes" if self.planes == PLANES else "packed bits"
+        src = ("uint8 bit planes" if self.planes == PLANES else
+               "packed bits" if self.in_hwc is None else "packed (H, W, C) bits")
         return f"FrozenLayer({self.k} -> {self.n_out}, input {src}, {kind})"
 
 
-class FrozenBNN:
-    """A frozen binarized MLP: packed weights, integer thresholds, a float64 output affine.
+class FrozenConv:
+    """One frozen binary convolution with its max-pool, BN and sign: a hidden layer.
 
-    ``scores(x)`` and ``predict(x)`` take raw uint8 images (n, in_features) or
-    (n, H, W) with H * W = in_features: the pixels that ``data.to_pm1`` would have scaled.
-    They run on the active backend (or the one named by ``backend=``) and return NumPy.
+    For output position (ho, wo) and channel o the exact integer pre-activation is
+
+        z[o, ho, wo] = xnor(patch with +1 padding, w'_o) - corr[o, ho, wo]
+
+    (``binary.xnor_conv2d``: padded taps are +1 in the patch, and ``corr`` = the sum of
+    w'_o over the taps in the padding, ``border_correction``), exactly the zero-padded float
+    convolution. Then ``bit = z >= threshold[o]`` and, with a pool, the bits of a window are
+    ORed, or ANDed for the ``negated`` channels: the model computes sign(BN(max z)); a
+    channel with BN slope > 0 fires iff max z >= t iff some z >= t, one with slope < 0 iff
+    max z <= t iff every -z >= -t, and freeze stored -w (so z' = -z) for those. Max-pool
+    ties do not matter: only the maximum's value reaches BN.
+
+    ``planes`` = 8: the first layer on uint8 pixels. Padded pixels are 255 (every plane
+    bit 1, i.e. +1 in each plane: +255 w per padded tap), so ``z = bitplane_gemm - 255 corr``
+    = 256 x the model's float convolution of ``(2x - 255) / 256``; ``weight`` (O,
+    ceil(K/64)) packs each filter's K = kh*kw*C taps densely in (i, j, c) order.
+    ``planes`` = 1: the input is packed activations; ``weight`` (O, ceil(kh*kw*S/64)) packs
+    the filter's slots (``pack_slots``, S = ``slot_bits(C)``).
+
+    ``in_hwc`` = (H, W, C) of the input; ``kernel`` (kh, kw); ``pool`` None or
+    (kernel, stride) of a MaxPool2d; ``threshold`` int32 (O,); ``negated`` bool (O,).
+    ``correction`` is computed here from the weights and the geometry.
+    """
+
+    kind = "conv"
+    is_output = False
+
+    def __init__(self, weight, in_hwc, kernel, stride, padding, planes, threshold, negated,
+                 pool=None):
+        self.weight = weight
+        self.in_hwc = tuple(int(v) for v in in_hwc)
+        self.kernel = tuple(int(v) for v in kernel)
+        self.stride, self.padding, self.planes = int(stride), int(padding), int(planes)
+        self.threshold = threshold
+        self.negated = negated
+        self.pool = None if pool is None else tuple(int(v) for v in pool)
+        h, w, c = self.in_hwc
+        o = int(weight.shape[0])
+        _, _, ho, wo = conv_output_shape((1, c, h, w), (o, c) + self.kernel, self.stride,
+                                         self.padding, op="FrozenConv")
+        self.conv_hw = (ho, wo)
+        if self.pool is None:
+            self.out_hw = (ho, wo)
+        else:
+            self.out_hw = pool_output_shape((1, o, ho, wo), *self.pool, op="FrozenConv pool")[2:]
+        self.correction = border_correction(_tap_sums(weight, self), (h, w), self.stride,
+                                            self.padding)
+
+    @property
+    def n_out(self):
+        return int(self.weight.shape[0])
+
+    @property
+    def c_in(self):
+        return self.in_hwc[2]
+
+    @property
+    def k(self):
+        """Taps of one filter: kh kw C."""
+        return self.kernel[0] * self.kernel[1] * self.c_in
+
+    @property
+    def gemm_k(self):
+        """Bits of a packed patch: K for 8-bit input, kh kw slot_bits(C) for packed bits."""
+        if self.planes == PLANES:
+            return self.k
+        return self.kernel[0] * self.kernel[1] * slot_bits(self.c_in)
+
+    @property
+    def z_max(self):
+        return self.k * (PIXEL_MAX if self.planes == PLANES else 1)
+
+    @property
+    def out_shape(self):
+        """(C, H, W) of the layer's output bits (after the pool)."""
+        return (self.n_out,) + tuple(self.out_hw)
+
+    @property
+    def macs(self):
+        """Binary multiply-accumulates per image (x 8 bit planes on 8-bit input)."""
+        return self.planes * self.conv_hw[0] * self.conv_hw[1] * self.k * self.n_out
+
+    def z_offset(self):
+        """int64 (Ho*Wo, O): what the XNOR product adds to z, ``pix corr + slot padding``
+        (pix = 255 for 8-bit planes, 1 for bits): ``raw = z + z_offset``."""
+        pix = PIXEL_MAX if self.planes == PLANES else 1
+        off = pix * self.correction.astype(np.int64) + (self.gemm_k - self.k)
+        return off.reshape(self.n_out, -1).T
+
+    def position_thresholds(self):
+        """int32 (Ho*Wo, O): ``threshold + z_offset``, compared with the raw product."""
+        return (self.threshold.astype(np.int64)[None, :] + self.z_offset()).astype(np.int32)
+
+    def __repr__(self):
+        h, w, c = self.in_hwc
+        src = "uint8 bit planes" if self.planes == PLANES else "packed bits"
+        pool = "" if self.pool is None else f", max-pool {self.pool[0]}/{self.pool[1]}"
+        return (f"FrozenConv({c}x{h}x{w} -> {'x'.join(map(str, self.out_shape))}, "
+                f"{self.kernel[0]}x{self.kernel[1]} stride {self.stride} padding "
+                f"{self.padding}{pool}, input {src}, threshold)")
+
+
+def check_chain(layers):
+    """ValueError unless ``layers`` is [FrozenConv ...] [FrozenLayer hidden ...] FrozenLayer
+    output, each layer taking what the one before gives."""
+    if not layers or not isinstance(layers[-1], FrozenLayer) or not layers[-1].is_output or \
+            any(l.is_output for l in layers[:-1]):
+        raise ValueError("layers: expected threshold layers followed by one output layer")
+    prev = None
+    for i, l in enumerate(layers):
+        if not isinstance(l, (FrozenConv, FrozenLayer)):
+            raise ValueError(f"layers: layer {i} is a {type(l).__name__}, expected FrozenConv "
+                             "or FrozenLayer")
+        if l.planes != (PLANES if i == 0 else 1):
+            raise ValueError(f"layers: layer {i} has planes {l.planes}; the first layer takes "
+                             f"{PLANES} bit planes, every other 1")
+        if isinstance(l, FrozenConv):
+            if prev is not None and (len(prev) != 3 or l.in_hwc != prev[1:] + prev[:1]):
+                raise ValueError(f"layers: conv layer {i} takes (H, W, C) = {l.in_hwc}, the "
+                                 f"layer before gives {prev}")
+        elif prev is not None and len(prev) == 3:
+            if l.in_hwc != prev[1:] + prev[:1]:
+                raise ValueError(f"layers: dense layer {i} takes in_hwc {l.in_hwc}, the conv "
+                                 f"layer before gives (C, H, W) = {prev}")
+        elif l.in_hwc is not None or (prev is not None and l.k != prev[0]):
+            raise ValueError(f"layers: layer {i} takes {l.k} inputs"
+                             + ("" if prev is None else f", the layer before gives {prev[0]}")
+                             + ("" if l.in_hwc is None else f" (in_hwc {l.in_hwc} where no "
+                                                           "conv layer comes before)"))
+        prev = l.out_shape
+
+
+# ------------------------------------------------------------------------------ the net
+
+_Prepared = namedtuple("_Prepared", "layer weight threshold and_mask")
+
+
+class FrozenBNN:
+    """A frozen binarized MLP or ConvNet: packed weights, integer thresholds, max-pool on
+    bits, a float64 output affine.
+
+    ``scores(x)`` and ``predict(x)`` take raw uint8 images: for an MLP (n, in_features) or
+    (n, H, W) with H * W = in_features; for a ConvNet (n, C, H, W), or (n, H, W) when C = 1.
+    They are the pixels that ``data.to_pm1`` would have scaled. They run on the active
+    backend (or the one named by ``backend=``) and return NumPy.
     """
 
     def __init__(self, layers, info=None):
-        if not layers or not layers[-1].is_output or any(l.is_output for l in layers[:-1]):
-            raise ValueError("layers: expected threshold layers followed by one output layer")
+        check_chain(layers)
         self.layers = list(layers)
         self.info = dict(info or {})
         self._device_cache = {}
 
     @property
+    def is_conv(self):
+        return isinstance(self.layers[0], FrozenConv)
+
+    @property
+    def input_shape(self):
+        """(C, H, W) of a ConvNet's images, (in_features,) of an MLP's rows."""
+        if self.is_conv:
+            h, w, c = self.layers[0].in_hwc
+            return (c, h, w)
+        return (self.layers[0].k,)
+
+    @property
     def in_features(self):
-        return self.layers[0].k
+        return math.prod(self.input_shape)
 
     @property
     def classes(self):
         return self.layers[-1].n_out
 
     def __repr__(self):
-        widths = " -> ".join([str(self.in_features)] + [str(l.n_out) for l in self.layers])
-        return f"FrozenBNN({widths}, {len(self.layers) - 1} threshold layers + output affine)"
+        shape = lambda s: str(s[0]) if len(s) == 1 else "x".join(map(str, s))  # noqa: E731
+        widths = " -> ".join([shape(self.input_shape)] + [shape(l.out_shape)
+                                                          for l in self.layers])
+        convs = sum(isinstance(l, FrozenConv) for l in self.layers)
+        conv = f"{convs} conv + " if convs else ""
+        return (f"FrozenBNN({widths}, {conv}{len(self.layers) - 1 - convs} threshold layers + "
+                "output affine)")
 
     def save(self, path):
         """Write this network to one ``.npz`` (atomically: temporary file, then rename);
@@ -116,48 +376,87 @@ class FrozenBNN:
 
     def trace(self, x, backend=None):
         """Every layer's integer pre-activation z for uint8 images ``x`` (one batch), as a list
-        of NumPy int32 (n, n_out): hidden unit j is +1 iff ``z[:, j] >= layer.threshold[j]``.
+        of NumPy int32: (n, n_out) for a dense layer, hidden unit j +1 iff
+        ``z[:, j] >= layer.threshold[j]``; (n, O, Ho, Wo) for a conv layer, before its pool.
         (For a unit frozen with a negative BN slope, z is minus the model's pre-activation.)"""
         x = self._check_input(x)
         name = _backend_name(backend)
         out = []
-        _forward_batch(_backend.array_module(name).asarray(x), self.layers_on(name),
+        _forward_batch(_backend.array_module(name).asarray(x), self._prepare(name),
                        _backend.kernel_module(name), trace=out)
         return [_backend.to_numpy(z) for z in out]
 
+    def activations(self, x, backend=None):
+        """Every hidden layer's output bits for uint8 images ``x`` (one batch), bool NumPy
+        (True = +1): (n, C, H, W) after a conv layer's pool, (n, n_out) after a dense layer.
+        They equal the outputs of the model's Sign layers."""
+        x = self._check_input(x)
+        name = _backend_name(backend)
+        out = []
+        _forward_batch(_backend.array_module(name).asarray(x), self._prepare(name),
+                       _backend.kernel_module(name), bits=out)
+        return [_backend.to_numpy(b) for b in out]
+
     def layers_on(self, name):
         """``[(layer, weight, threshold)]`` with the arrays in backend ``name``'s array module:
-        the layers' own NumPy arrays, or copies on the GPU made once and cached."""
+        the layers' own NumPy arrays, or copies on the GPU made once and cached. A conv
+        layer's threshold is its ``position_thresholds()`` table (Ho*Wo, O)."""
+        return [(p.layer, p.weight, p.threshold) for p in self._prepare(name)]
+
+    def _prepare(self, name):
         xp = _backend.array_module(name)
-        if xp is np:
-            return [(l, l.weight, l.threshold) for l in self.layers]
-        if name not in self._device_cache:
-            self._device_cache[name] = [
-                (l, xp.asarray(l.weight), None if l.is_output else xp.asarray(l.threshold))
-                for l in self.layers]
-        return self._device_cache[name]
+        if xp is not np and name in self._device_cache:
+            return self._device_cache[name]
+        prepared = []
+        for l in self.layers:
+            if isinstance(l, FrozenConv):
+                and_mask = None
+                if l.pool is not None and l.negated.any():
+                    and_mask = xp.asarray(pack_rows(l.negated))
+                prepared.append(_Prepared(l, xp.asarray(l.weight),
+                                          xp.asarray(l.position_thresholds()), and_mask))
+            else:
+                prepared.append(_Prepared(l, xp.asarray(l.weight), None if l.is_output
+                                          else xp.asarray(l.threshold), None))
+        if xp is not np:
+            self._device_cache[name] = prepared
+        return prepared
 
     def _check_input(self, x):
         if not hasattr(x, "dtype") or not hasattr(x, "shape"):
             x = np.asarray(x)
+        if not self.is_conv:
+            if x.dtype != np.uint8:
+                raise TypeError(f"x: expected uint8 pixels (0..255) of shape (n, "
+                                f"{self.in_features}), got dtype {x.dtype}; a frozen net takes "
+                                "the raw 8-bit images, not the [-1, 1] floats of data.to_pm1")
+            if x.ndim < 2 or math.prod(x.shape[1:]) != self.in_features:
+                raise ValueError(f"x: expected shape (n, {self.in_features}) (or (n, H, W) with "
+                                 f"H*W = {self.in_features}), got shape {tuple(x.shape)}")
+            return x.reshape(x.shape[0], self.in_features)
+        c, h, w = self.input_shape
+        alt = f" or (n, {h}, {w})" if c == 1 else ""
         if x.dtype != np.uint8:
-            raise TypeError(f"x: expected uint8 pixels (0..255) of shape (n, {self.in_features}),"
-                            f" got dtype {x.dtype}; a frozen net takes the raw 8-bit images, not "
-                            "the [-1, 1] floats of data.to_pm1")
-        if x.ndim < 2 or math.prod(x.shape[1:]) != self.in_features:
-            raise ValueError(f"x: expected shape (n, {self.in_features}) (or (n, H, W) with "
-                             f"H*W = {self.in_features}), got shape {tuple(x.shape)}")
-        return x.reshape(x.shape[0], self.in_features)
+            raise TypeError(f"x: expected uint8 images (0..255) of shape (n, {c}, {h}, {w})"
+                            f"{alt}, got dtype {x.dtype}; a frozen net takes the raw 8-bit "
+                            "images, not the [-1, 1] floats of data.to_pm1")
+        if x.ndim == 4 and tuple(x.shape[1:]) == (c, h, w):
+            return x
+        if c == 1 and x.ndim == 3 and tuple(x.shape[1:]) == (h, w):
+            return x.reshape(x.shape[0], 1, h, w)
+        raise ValueError(f"x: expected uint8 images of shape (n, {c}, {h}, {w}){alt}, got "
+                         f"shape {tuple(x.shape)}")
 
     def _run(self, x, name, batch_size, final):
         x = self._check_input(x)
         name = _backend_name(name)
         kern = _backend.kernel_module(name)
         xp = _backend.array_module(name)
-        batch = _DEFAULT_BATCH[name] if batch_size is None else int(batch_size)
+        default = (_CONV_BATCH if self.is_conv else _DEFAULT_BATCH)[name]
+        batch = default if batch_size is None else int(batch_size)
         if batch < 1:
             raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
-        layers = self.layers_on(name)
+        layers = self._prepare(name)
         out = self.layers[-1]
         scale = xp.asarray(out.scale)
         offset = xp.asarray(out.offset)
@@ -177,21 +476,162 @@ class FrozenBNN:
         return np.zeros((0,) + width, dtype)
 
 
-def _forward_batch(x, layers, kern, trace=None):
-    """Integer z of the output layer for one batch of uint8 rows ``x`` (B, k), the arrays of
-    ``layers`` (``FrozenBNN.layers_on``) on the backend whose kernels are ``kern``."""
-    h = None
-    for layer, weight, threshold in layers:
+# ---------------------------------------------------------------------- the forward pass
+
+def _forward_batch(x, layers, kern, trace=None, bits=None):
+    """Integer z of the output layer for one batch of uint8 input ``x`` ((B, k) rows for an
+    MLP, (B, C, H, W) images for a ConvNet), the ``FrozenBNN._prepare``d layers, on the
+    backend whose kernels are ``kern``. ``trace`` / ``bits`` (lists) collect every layer's z
+    and every hidden layer's output bits."""
+    xp = _backend.get_array_module(x)
+    n = x.shape[0]
+    h = None  # packed activations: (B, H, W, ceil(C/64)) after a conv, (B, words) after dense
+    for layer, weight, threshold, and_mask in layers:
+        if isinstance(layer, FrozenConv):
+            if layer.planes == PLANES:
+                raw = _conv_first(pixel_patches(x, layer, xp), weight, layer.k, kern)
+            else:
+                raw = _conv_gemm(conv_patches(h, layer, xp), weight, layer.gemm_k, kern)
+            o, (ho, wo) = layer.n_out, layer.conv_hw
+            raw = raw.reshape(n, ho * wo, o)
+            if trace is not None:
+                z = raw - xp.asarray(layer.z_offset())
+                trace.append(z.astype(np.int32).transpose(0, 2, 1).reshape(n, o, ho, wo))
+            fire = raw >= threshold  # (B, Ho*Wo, O) against the per-position table
+            h = kern.pack_rows(fire.reshape(n * ho * wo, o)).reshape(n, ho, wo, -1)
+            if layer.pool is not None:
+                h = pool_words(h, layer.pool, and_mask, xp)
+            if bits is not None:
+                bits.append(unpack_words(h, o, xp).transpose(0, 3, 1, 2))
+            continue
         if layer.planes == PLANES:
             z = first_layer(x, weight, layer.k, kern)
         else:
-            z = kern.xnor_gemm(h, weight, layer.k)
+            a = h if layer.in_hwc is None else flatten_words(h, layer.in_hwc[2], xp)
+            z = kern.xnor_gemm(a, weight, layer.gemm_k)
+            if layer.gemm_k != layer.k:
+                z -= layer.gemm_k - layer.k  # slot padding bits: 0 in both, counted as +1
         if trace is not None:
             trace.append(z)
         if threshold is None:
             return z
         h = kern.pack_rows(z >= threshold)  # bit 1 (+1) iff z >= tau
+        if bits is not None:
+            bits.append(unpack_words(h, layer.n_out, xp))
     raise AssertionError("unreachable: the last layer is an output layer")
+
+
+def _is_reference(kern):
+    """The NumPy reference kernels loop in Python over the rows of their left operand."""
+    return kern.__name__ == "kernels.reference"
+
+
+def _conv_gemm(patches, weight, k, kern):
+    """int32 (B*Ho*Wo, O) XNOR products of patches and filters. On the NumPy reference the
+    few filters are the left operand (its Python loop runs over O, not B*Ho*Wo rows)."""
+    if _is_reference(kern):
+        return kern.xnor_gemm(weight, patches, k).T
+    return kern.xnor_gemm(patches, weight, k)
+
+
+def _conv_first(patches, weight, k, kern):
+    """``first_layer`` on uint8 patches: sum_n 2^n (y^n . w), int32 (B*Ho*Wo, O). On the
+    NumPy reference, one ``_conv_gemm`` per bit plane combined by shift-add, for the reason
+    given there; elsewhere the backend's ``bitplane_gemm``."""
+    if not _is_reference(kern):
+        return first_layer(patches, weight, k, kern)
+    planes = kern.pack_bitplanes(patches)
+    z = None
+    for n in range(PLANES - 1, -1, -1):
+        y = _conv_gemm(planes[:, n], weight, k, kern)
+        z = y if z is None else (z << 1) + y
+    return z
+
+
+def pixel_patches(x, layer, xp):
+    """uint8 images (B, C, H, W) -> their patches uint8 (B*Ho*Wo, kh*kw*C), taps in (i, j, c)
+    order, padded pixels 255 (+1 in every bit plane; ``z_offset`` removes 255 corr)."""
+    n, c, h, w = x.shape
+    p, (kh, kw), (ho, wo) = layer.padding, layer.kernel, layer.conv_hw
+    nhwc = x.transpose(0, 2, 3, 1)
+    if p:
+        padded = xp.full((n, h + 2 * p, w + 2 * p, c), PIXEL_MAX, dtype=np.uint8)
+        padded[:, p:p + h, p:p + w] = nhwc
+    else:
+        padded = nhwc
+    out = xp.empty((n, ho, wo, kh, kw, c), dtype=np.uint8)
+    for i, j, rows, columns in kernel_offsets(kh, kw, layer.stride, ho, wo):
+        out[:, :, :, i, j, :] = padded[:, rows, columns, :]
+    return out.reshape(n * ho * wo, kh * kw * c)
+
+
+def conv_patches(h, layer, xp):
+    """Packed activations (B, H, W, ceil(C/64)) -> packed patches uint64 (B*Ho*Wo, words):
+    each tap's channel words gathered into its slot (shifted into a shared word when C
+    divides 64), padded pixels all +1 (every valid channel bit set)."""
+    n, hh, ww, wc = h.shape
+    c = layer.c_in
+    p, (kh, kw), (ho, wo) = layer.padding, layer.kernel, layer.conv_hw
+    if p:
+        padded = xp.empty((n, hh + 2 * p, ww + 2 * p, wc), dtype=np.uint64)
+        padded[...] = xp.asarray(_channel_mask(c))
+        padded[:, p:p + hh, p:p + ww] = h
+    else:
+        padded = h
+    s = slot_bits(c)
+    out = xp.zeros((n, ho, wo, n_words(layer.gemm_k)), dtype=np.uint64)
+    for t, (_, _, rows, columns) in enumerate(kernel_offsets(kh, kw, layer.stride, ho, wo)):
+        tap = padded[:, rows, columns, :]
+        if s % WORD == 0:
+            out[..., t * wc:(t + 1) * wc] = tap
+        else:  # s divides 64: the slot lies inside one word
+            word, shift = divmod(t * s, WORD)
+            out[..., word] |= tap[..., 0] << np.uint64(shift)
+    return out.reshape(n * ho * wo, -1)
+
+
+def flatten_words(h, c, xp):
+    """Packed activations (B, H, W, ceil(C/64)) -> (B, ceil(H W slot_bits(C) / 64)): the
+    H*W pixels' slots concatenated, the input row of the dense layer after the convs."""
+    n = h.shape[0]
+    s = slot_bits(c)
+    if s % WORD == 0:
+        return h.reshape(n, -1)
+    flat = h.reshape(n, -1)  # one word per pixel
+    g = WORD // s  # pixels per word: pixel l goes to word l // g at bit (l % g) s
+    out = xp.zeros((n, n_words(flat.shape[1] * s)), dtype=np.uint64)
+    for r in range(min(g, flat.shape[1])):
+        part = flat[:, r::g]
+        out[:, :part.shape[1]] |= part << np.uint64(r * s)
+    return out
+
+
+def pool_words(h, pool, and_mask, xp):
+    """Max-pool on packed bits (B, H, W, words): per window the OR of the words, and the AND
+    for the channels set in ``and_mask`` (uint64 (words,) or None):
+    ``pooled = (OR & ~and_mask) | (AND & and_mask)``."""
+    k, stride = pool
+    _, _, ho, wo = pool_output_shape((h.shape[0], 1) + h.shape[1:3], k, stride)
+    any_ = all_ = None
+    for _, _, rows, columns in kernel_offsets(k, k, stride, ho, wo):
+        v = h[:, rows, columns, :]
+        if any_ is None:
+            any_ = v.copy()
+            all_ = v.copy() if and_mask is not None else None
+            continue
+        any_ |= v
+        if and_mask is not None:
+            all_ &= v
+    if and_mask is None:
+        return any_
+    return (any_ & ~and_mask) | (all_ & and_mask)
+
+
+def unpack_words(h, c, xp):
+    """Packed bits (..., words) -> bool (..., c), True = +1."""
+    shifts = xp.arange(WORD, dtype=np.uint64)
+    bits = ((h[..., None] >> shifts) & np.uint64(1)).astype(bool)
+    return bits.reshape(h.shape[:-1] + (-1,))[..., :c]
 
 
 def _backend_name(name):
