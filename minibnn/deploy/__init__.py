@@ -1,4 +1,4 @@
-"""Deploy: freeze a trained BNN into packed bits and integer thresholds, and run it.
+"""Deploy: freeze a trained BNN (MLP or ConvNet) into packed bits and integer thresholds.
 
 Once trained, a BNN needs only bits, XNOR and popcount at run time (Courbariaux et al.,
 "Binarized Neural Networks", arXiv:1602.02830, Section 3). ``freeze(model)`` keeps just
@@ -38,15 +38,34 @@ that, in the order the paper's Section 3 reads:
   (``FrozenBNN.info['float32_adjusted']`` counts those units per layer): every layer
   agrees with the float32 model bit for bit.
 
-``frozen.save(path)`` / ``load(path)`` use one ``.npz`` with a format version.
+**ConvNets** (``BinaryConv2d -> [MaxPool2d] -> [BN] -> Sign`` blocks, then Flatten and the
+dense layers above) freeze the same way, per channel (``freezing``'s docstring has the
+math):
 
-One job per module: ``freezing`` (the freeze math above), ``runtime`` (``FrozenLayer``,
-``FrozenBNN``: running a frozen net on a backend), ``fileformat`` (save, load, validation).
+* A binary convolution's exact integer ``z`` is the XNOR-popcount product of the patches,
+  padded taps set to +1, minus the padding correction ``corr[o, ho, wo]`` = the sum of the
+  filter's weights over the taps in the padding (``binary.padding_correction``): the
+  model's zero-padded convolution exactly. The first one runs on the pixels' bit planes
+  with the pixels padded by 255, minus ``255 corr``: ``z = 256 x`` the float convolution.
+* conv -> pool -> BN -> sign is ``sign(BN(max z))``: for a BN slope > 0 the OR over the
+  window of ``z >= tau``, for a slope < 0 (filter negated) the AND of ``-z >= -t``. So the
+  bits are thresholded first and max-pooled as packed words (OR, or AND per channel).
+* Activations stay packed between layers, NHWC with the channels of a pixel in uint64
+  words; a patch is a gather of those words (``runtime``'s docstring has the layout). The
+  first dense layer's weight columns are permuted at freeze time from the model's
+  (C, H, W) flatten order to the runtime's (H, W, C).
+
+``frozen.save(path)`` / ``load(path)`` use one ``.npz`` with a format version (1 for an
+MLP, 2 with convolutions; ``fileformat``).
+
+One job per module: ``freezing`` (the freeze math above), ``runtime`` (``FrozenConv``,
+``FrozenLayer``, ``FrozenBNN``: running a frozen net on a backend), ``fileformat`` (save,
+load, validation).
 """
 
 from .fileformat import FORMAT, FORMAT_VERSION, FrozenFormatError, is_frozen_file, load
-from .freezing import freeze
-from .runtime import FrozenBNN, FrozenLayer, first_layer
+from .freezing import INPUT_SHAPES, freeze
+from .runtime import FrozenBNN, FrozenConv, FrozenLayer, first_layer
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "FrozenFormatError", "FrozenLayer", "FrozenBNN",
-           "freeze", "load", "is_frozen_file"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "FrozenFormatError", "FrozenConv", "FrozenLayer",
+           "FrozenBNN", "INPUT_SHAPES", "freeze", "load", "is_frozen_file"]
