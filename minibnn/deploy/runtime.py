@@ -41,7 +41,7 @@ PLANES = 8  # bits per input pixel
 PIXEL_MAX = 255  # |sum_n 2^n y^n| <= 255: the first layer's |z| is at most 255 k
 WORD = 64
 _DEFAULT_BATCH = {"numpy": 256, "numba": 1024, "cupy": 8192}
-_CONV_BATCH = {"numpy": 64, "numba": 256, "cupy": 2048}  # a ConvNet's activations are larger
+_CONV_BATCH = {"numpy": 64, "numba": 128, "cupy": 2048}  # a ConvNet's activations are larger
 
 
 def first_layer(x, weight, k, kern):
