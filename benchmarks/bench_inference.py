@@ -1,28 +1,45 @@
-"""Classify the MNIST test set with the paper's MLP: float32 forward vs the frozen binary net.
+"""Inference: the float32 forward vs the frozen binary net, for the paper's MLPs and its
+CIFAR-10 ConvNet.
 
-The networks are the paper's permutation-invariant MLPs (Courbariaux et al. 2016,
-arXiv:1602.02830, Section 2.1 and the run-time discussion of Section 3): 784 -> 3 x 4096
--> 10 and 784 -> 3 x 2048 -> 10. Their weights are random (timing does not depend on
-training) but their batch norms carry statistics of real MNIST batches, so the integer
-thresholds are the kind a trained net has. Each network runs
+The networks (Courbariaux et al. 2016, arXiv:1602.02830, Sections 2.1-2.2 and the run-time
+discussion of Section 3):
 
-* "float32 numpy": the eval-mode forward as the model computes it, in plain NumPy
-  float32 (BLAS matmul with the +-1 weights, batch norm, sign), from uint8 pixels;
+* "mlp": the permutation-invariant MLPs 784 -> 3 x 4096 -> 10 and 784 -> 3 x 2048 -> 10 on
+  the MNIST test set (shipped with the package); their batch norms carry statistics of real
+  MNIST batches.
+* "convnet": the CIFAR-10 ConvNet (``models.cifar10_convnet``: 2x128C3 - MP2 - 2x256C3 -
+  MP2 - 2x512C3 - MP2 - 2x1024FC - 10) on *synthetic* uint8 images (n, 3, 32, 32): random
+  4x4 and 8x8 blocks plus pixel noise, so that the run needs no CIFAR-10 files; its batch
+  norms take their statistics from such images. --conv-images of them (500 on a CPU, where
+  the float32 forward costs ~0.62 GMAC an image, 10,000 when the cupy backend runs).
+
+Weights are random (timing does not depend on training); gamma and beta are drawn as a
+trained net's are not 1 and 0, about 10% of gammas negative. Each network runs
+
+* "float32 numpy": the model's eval-mode forward written out in plain NumPy float32 from
+  uint8 pixels (BLAS matmul with the +-1 weights; convolutions as im2col + BLAS through
+  ``functional.conv2d``; max-pool; each batch norm as its ``eval_affine``; sign), checked
+  equal to ``model(x)`` on a few images before timing;
 * "frozen <backend>": ``deploy.freeze(model)`` on the numpy (reference), numba and cupy
   backends: bit planes of the uint8 input, XNOR-popcount GEMMs, integer thresholds,
-  packed activations, one float affine at the end;
-* "float32 cupy" (cuBLAS, TF32 off as CuPy's default) when the cupy backend runs.
+  max-pool as OR/AND of packed bits, one float affine at the end;
+* on a GPU: "float32 cupy" (the same forward on CuPy: cuBLAS, TF32 off as CuPy's default)
+  and, for the ConvNet, "cuDNN fp32 (torch)" and "cuDNN fp16 (torch)" when PyTorch with
+  CUDA is importable (``torch.nn.functional.conv2d`` etc., cudnn.benchmark on).
 
 Every figure is the median of --repeats runs after a warm-up; the paths take turns in
 each repeat so that load from other work on the machine spreads over all of them. The
-NumPy reference backend is timed on a subset of the images (it is the readable ground
-truth, not a fast path) and its time is scaled to the full set; the table says so.
-Predictions of each path are compared with the float32 forward on all images it ran.
-Model sizes: float32 weights (4 bytes each) and the trained model's .npz against the
-saved frozen .npz. Results go to benchmarks/results/inference_{cpu,gpu}[_quick].{json,png}.
+NumPy reference backend (and, on a GPU machine, the ConvNet's CPU paths) run on a subset of
+the images and their time is scaled to the full set; the table says so. Predictions of each
+path are compared with the float32 forward on all images it ran. Model sizes: float32
+weights (4 bytes each), the trained model's .npz and the saved frozen .npz. Results go to
+benchmarks/results/inference_{cpu,gpu}[_quick].json (both nets; a run of one net keeps the
+other's rows from the file), inference_{cpu,gpu}[_quick].png (MLPs) and
+inference_conv_{cpu,gpu}[_quick].png (ConvNet).
 
-    python benchmarks/bench_inference.py [--quick] [--repeats 5]
-                                         [--backends numpy,numba,cupy] [--out DIR]
+    python benchmarks/bench_inference.py [--quick] [--nets mlp,convnet] [--repeats 5]
+                                         [--conv-images N] [--backends numpy,numba,cupy]
+                                         [--out DIR]
 """
 
 import argparse
@@ -39,27 +56,45 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import common  # noqa: E402  (benchmarks/common.py, beside this script)
 import minibnn  # noqa: E402
-from minibnn import backend, data, deploy, models, nn  # noqa: E402
+from minibnn import backend, data, deploy, functional, models, nn  # noqa: E402
+from minibnn.deploy import runtime  # noqa: E402
+from minibnn.functional import kernel_offsets, pool_output_shape  # noqa: E402
 from minibnn.tensor import Tensor, no_grad  # noqa: E402
 
 NETS = [(4096, 3), (2048, 3)]
 QUICK_NETS = [(512, 3), (256, 2)]
 QUICK_IMAGES = 1000
-REFERENCE_IMAGES = 200  # the NumPy reference backend runs on this many images of big nets
+REFERENCE_IMAGES = 200  # the NumPy reference backend runs on this many images of big MLPs
+SECTIONS = ("mlp", "convnet")
+CONV_LABEL, QUICK_CONV_LABEL = "CIFAR-10 ConvNet", "MNIST-sized ConvNet"
+CONV_IMAGES = {"cpu": 500, "gpu": 10000}
+QUICK_CONV_IMAGES = 200
+CONV_REFERENCE_IMAGES = 20  # the NumPy reference backend on the CIFAR-10 ConvNet
+CONV_CPU_IMAGES_ON_GPU = 1000  # the ConvNet's CPU paths when the GPU runs 10,000
+FLOAT_BATCH = {"numpy": 100, "cupy": 500, "torch": 1000}  # ConvNet images per float forward
+CONV_INPUT = ("synthetic uint8 images (random 4x4 and 8x8 blocks plus pixel noise), not "
+              "CIFAR-10; timing does not depend on the pixels")
 
 
 # ----------------------------------------------------------------------------- the networks
+
+def _plant_batch_norms(model, rng):
+    """A trained net's gamma and beta are not 1 and 0: gamma U(0.5, 1.5) with ~10% negative,
+    beta N(0, 0.3); momentum 0.5 while the caller fills the running statistics."""
+    bns = [l for l in model.layers if isinstance(l, (nn.BatchNorm, nn.ShiftBatchNorm))]
+    for bn in bns:
+        bn.gamma.data[...] = rng.uniform(0.5, 1.5, bn.num_features) * np.where(
+            rng.random(bn.num_features) < 0.1, -1, 1)
+        bn.beta.data[...] = rng.normal(0, 0.3, bn.num_features)
+        bn.momentum = 0.5
+    return bns
+
 
 def build(hidden, layers, train_images, seed=0):
     """The paper's MLP with random weights and batch-norm statistics from MNIST batches."""
     rng = np.random.default_rng(seed)
     model = models.mnist_mlp(hidden=hidden, layers=layers, rng=rng)
-    bns = [l for l in model.layers if isinstance(l, (nn.BatchNorm, nn.ShiftBatchNorm))]
-    for bn in bns:  # a trained net's gamma and beta are not 1 and 0
-        bn.gamma.data[...] = rng.uniform(0.5, 1.5, bn.num_features) * np.where(
-            rng.random(bn.num_features) < 0.1, -1, 1)
-        bn.beta.data[...] = rng.normal(0, 0.3, bn.num_features)
-        bn.momentum = 0.5
+    bns = _plant_batch_norms(model, rng)
     model.train()
     with no_grad():
         for i in range(0, 2000, 500):
@@ -69,57 +104,200 @@ def build(hidden, layers, train_images, seed=0):
     return model.eval()
 
 
+def synthetic_images(n, shape, seed=1):
+    """uint8 (n, C, H, W) with some spatial structure: the sum of random 4x4- and 8x8-cell
+    block images (each cell about H/4 or H/8 pixels wide) and per-pixel noise."""
+    rng = np.random.default_rng(seed)
+    c, h, w = shape
+    x = np.zeros((n, c, h, w), dtype=np.float32)
+    for cells, weight in ((4, 0.5), (8, 0.3)):
+        block = rng.uniform(0, 255, (n, c, cells, cells)).astype(np.float32)
+        x += weight * np.repeat(np.repeat(block, -(-h // cells), axis=2), -(-w // cells),
+                                axis=3)[:, :, :h, :w]
+    x += 0.2 * rng.uniform(0, 255, x.shape).astype(np.float32)
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def build_convnet(quick, seed=0):
+    """(model, input shape (C, H, W)): the CIFAR-10 ConvNet (quick: ``mnist_convnet``) with
+    random weights and batch-norm statistics from synthetic images (4 batches of 100)."""
+    rng = np.random.default_rng(seed)
+    model = models.mnist_convnet(rng=rng) if quick else models.cifar10_convnet(rng=rng)
+    shape = deploy.INPUT_SHAPES[model.config["arch"]]
+    bns = _plant_batch_norms(model, rng)
+    calib = synthetic_images(400, shape, seed=seed + 100)
+    model.train()
+    with _fast_backend(), no_grad():
+        for i in range(0, len(calib), 100):
+            model(Tensor(backend.asarray(data.to_pm1(calib[i:i + 100], flatten=False))))
+    for bn in bns:
+        bn.momentum = 0.1
+    return model.eval(), shape
+
+
+def _fast_backend():
+    """numba when it runs here (the model's XNOR layers), else the NumPy reference."""
+    return backend.use("numba" if backend.available()["numba"] is None else "numpy")
+
+
+def _max_pool(h, k, stride, xp):
+    """Max over k x k windows (floor mode, no padding): the values ``MaxPool2d`` gives, without
+    the argmax it keeps for the backward pass."""
+    _, _, ho, wo = pool_output_shape(h.shape, k, stride)
+    out = None
+    for _, _, rows, columns in kernel_offsets(k, k, stride, ho, wo):
+        v = h[:, :, rows, columns]
+        if out is None:
+            out = v.copy()
+        else:
+            xp.maximum(out, v, out=out)
+    return out
+
+
+def _model_ops(model):
+    """The eval-mode model as a list of ops on raw NumPy arrays: ("conv", w_b, stride,
+    padding, bias), ("pool", k, stride), ("affine", a, c), ("sign",), ("flatten",),
+    ("linear", w_b^T, bias); w_b = sign(W) as float32 (sign(0) = +1)."""
+    ops = []
+    for i, layer in enumerate(l for l in model.layers if not isinstance(l, nn.Dropout)):
+        bias = None if getattr(layer, "bias", None) is None else backend.to_numpy(layer.bias.data)
+        if isinstance(layer, (nn.BinaryLinear, nn.BinaryConv2d)):
+            w = np.where(backend.to_numpy(layer.weight.data) >= 0, 1, -1).astype(np.float32)
+            if isinstance(layer, nn.BinaryLinear):
+                ops.append(("linear", np.ascontiguousarray(w.T), bias))
+            else:
+                ops.append(("conv", w, layer.stride, layer.padding, bias))
+        elif isinstance(layer, nn.MaxPool2d):
+            ops.append(("pool", layer.kernel_size, layer.stride))
+        elif isinstance(layer, (nn.BatchNorm, nn.ShiftBatchNorm)):
+            with no_grad():
+                a, c = layer.eval_affine()
+            ops.append(("affine",) + tuple(backend.to_numpy(t.data).astype(np.float32)
+                                           for t in (a, c)))
+        elif isinstance(layer, nn.Sign):
+            ops.append(("sign",))
+        elif isinstance(layer, nn.Flatten):
+            ops.append(("flatten",))
+        else:
+            raise ValueError(f"layer {i}: {type(layer).__name__} not supported here")
+    return ops
+
+
+def _per_channel(v, ndim):
+    return v if ndim == 2 else v.reshape(-1, 1, 1)
+
+
 class Float32Net:
-    """The model's eval-mode forward written out in NumPy (or CuPy) float32:
-    h <- sign(BN(h W_b^T)) per hidden layer, scores = BN(h W_b^T), from uint8 pixels, with
-    each batch norm as the model applies it in eval mode, ``BN(h) = a h + c``
-    (``eval_affine``)."""
+    """The model's eval-mode forward written out in NumPy (or CuPy) float32 from uint8 pixels:
+    x_f = (2x - 255) / 256 as ``data.to_pm1``; per block conv (im2col + BLAS,
+    ``functional.conv2d``) or matmul with the +-1 weights, max-pool, each batch norm as the
+    model applies it in eval mode, ``BN(h) = a h + c`` (``eval_affine``), sign. Every
+    pre-activation is an exact float32 integer (or multiple of 1/256 in the first layer), so
+    this is the model's own arithmetic; ``check`` compares it with ``model(x)``."""
 
     def __init__(self, model, xp=np):
         self.xp = xp
-        self.blocks = []
-        layers = [l for l in model.layers if not isinstance(l, nn.Dropout)]
-        for i, layer in enumerate(layers):
-            if isinstance(layer, nn.BinaryLinear):
-                w = np.where(backend.to_numpy(layer.weight.data) >= 0, 1, -1).astype(np.float32)
-                self.blocks.append(dict(w_t=xp.asarray(np.ascontiguousarray(w.T)), bn=None,
-                                        sign=False))
-            elif isinstance(layer, (nn.BatchNorm, nn.ShiftBatchNorm)):
-                with no_grad():
-                    a, c = layer.eval_affine()
-                self.blocks[-1]["bn"] = [xp.asarray(backend.to_numpy(t.data), dtype=np.float32)
-                                         for t in (a, c)]
-            elif isinstance(layer, nn.Sign):
-                self.blocks[-1]["sign"] = True
-            else:
-                raise ValueError(f"layer {i}: {type(layer).__name__} not supported here")
+        self.ops = [tuple(xp.asarray(v) if isinstance(v, np.ndarray) else v for v in op)
+                    for op in _model_ops(model)]
+        self.is_conv = self.ops[0][0] == "conv"
 
     def scores(self, x_uint8):
         xp = self.xp
-        h = xp.asarray(data.to_pm1(x_uint8))  # (2x - 255) / 256, as the model sees it
-        for b in self.blocks:
-            h = h @ b["w_t"]
-            if b["bn"] is not None:
-                a, c = b["bn"]
-                h *= a
-                h += c
-            if b["sign"]:
+        x = xp.asarray(x_uint8)
+        h = (x if self.is_conv else x.reshape(len(x), -1)).astype(np.float32)
+        h *= np.float32(2)  # data.to_pm1's arithmetic, on the device when xp is CuPy
+        h -= np.float32(255)
+        h /= np.float32(256)
+        for op in self.ops:
+            kind = op[0]
+            if kind == "conv":
+                with no_grad():
+                    h = functional.conv2d(h, op[1], op[2], op[3]).data
+            elif kind == "linear":
+                h = h @ op[1]
+            elif kind == "pool":
+                h = _max_pool(h, op[1], op[2], xp)
+            elif kind == "affine":
+                h *= _per_channel(op[1], h.ndim)
+                h += _per_channel(op[2], h.ndim)
+            elif kind == "sign":
                 h = xp.where(h >= 0, np.float32(1), np.float32(-1))
+            elif kind == "flatten":
+                h = h.reshape(len(h), -1)
+            if kind in ("conv", "linear") and op[-1] is not None:
+                h += _per_channel(op[-1], h.ndim)
         return h
 
-    def predict(self, x_uint8):
-        return backend.to_numpy(self.scores(x_uint8).argmax(axis=1))
+    def predict(self, x_uint8, batch=None):
+        batch = batch or max(len(x_uint8), 1)
+        return np.concatenate([backend.to_numpy(self.scores(x_uint8[i:i + batch]).argmax(axis=1))
+                               for i in range(0, len(x_uint8), batch)])
 
-def layer_breakdown(frozen, images, name, repeats):
-    """Seconds per 10,000 images spent in each stage of the frozen forward on one backend
-    (timed on a batch of up to 1024 images, median of repeats)."""
-    kern = backend.kernel_module(name)
-    xp = backend.array_module(name)
-    layers = frozen.layers_on(name)
-    b = min(1024, len(images))
-    x = xp.asarray(images[:b].reshape(b, -1))
-    stages = {}
+    def check(self, model, x_uint8):
+        """ValueError unless the scores equal the model's eval forward on ``x_uint8``."""
+        x = data.to_pm1(x_uint8, flatten=not self.is_conv)
+        with _fast_backend(), no_grad():
+            want = backend.to_numpy(model(Tensor(backend.asarray(x))).data)
+        got = backend.to_numpy(self.scores(x_uint8))
+        if not np.array_equal(got, want):
+            raise ValueError(f"the float32 forward differs from model(x) on {len(x_uint8)} "
+                             f"images: max |diff| {np.abs(got - want).max()}")
 
+
+class TorchNet:
+    """The same forward through PyTorch on the GPU (cuDNN convolutions, cuBLAS matmuls) in
+    ``dtype`` (float16 or float32), batch norm and sign included, from uint8 pixels."""
+
+    def __init__(self, model, torch, dtype):
+        self.torch, self.dtype = torch, dtype
+        dev = "cuda"
+        self.ops = [tuple(torch.as_tensor(v, device=dev, dtype=dtype)
+                          if isinstance(v, np.ndarray) else v for v in op)
+                    for op in _model_ops(model)]
+        self.is_conv = self.ops[0][0] == "conv"
+        self.one = torch.ones((), device=dev, dtype=dtype)
+
+    def predict(self, x_uint8, batch):
+        torch = self.torch
+        F = torch.nn.functional
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(x_uint8), batch):
+                x = torch.as_tensor(x_uint8[i:i + batch]).to("cuda", non_blocking=True)
+                h = (x if self.is_conv else x.reshape(len(x), -1)).to(self.dtype)
+                h = (h * 2 - 255) / 256
+                for op in self.ops:
+                    kind = op[0]
+                    if kind == "conv":
+                        h = F.conv2d(h, op[1], op[4], stride=op[2], padding=op[3])
+                    elif kind == "linear":
+                        h = h @ op[1]
+                        if op[2] is not None:
+                            h = h + op[2]
+                    elif kind == "pool":
+                        h = F.max_pool2d(h, op[1], op[2])
+                    elif kind == "affine":
+                        h = h * _per_channel(op[1], h.ndim) + _per_channel(op[2], h.ndim)
+                    elif kind == "sign":
+                        h = torch.where(h >= 0, self.one, -self.one)
+                    elif kind == "flatten":
+                        h = h.reshape(len(h), -1)
+                out.append(h.argmax(dim=1).cpu().numpy())
+        return np.concatenate(out)
+
+
+def _torch_cuda():
+    """torch when it is importable and sees a GPU, else None."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() else None
+
+
+# ----------------------------------------------------------------------------- breakdowns
+
+def _stage_clock(name, repeats, b, stages):
     def clock(key, fn):
         def run():
             out = fn()
@@ -131,9 +309,21 @@ def layer_breakdown(frozen, images, name, repeats):
             t0 = time.perf_counter()
             out = run()
             ts.append(time.perf_counter() - t0)
-        stages[key] = float(np.median(ts)) * 10000 / b
+        stages[key] = stages.get(key, 0.0) + float(np.median(ts)) * 10000 / b
         return out
+    return clock
 
+
+def layer_breakdown(frozen, images, name, repeats):
+    """Seconds per 10,000 images spent in each stage of a frozen MLP's forward on one backend
+    (timed on a batch of up to 1024 images, median of repeats)."""
+    kern = backend.kernel_module(name)
+    xp = backend.array_module(name)
+    layers = frozen.layers_on(name)
+    b = min(1024, len(images))
+    x = xp.asarray(images[:b].reshape(b, -1))
+    stages = {}
+    clock = _stage_clock(name, repeats, b, stages)
     h = None
     for i, (layer, weight, threshold) in enumerate(layers):
         if i == 0:
@@ -146,11 +336,67 @@ def layer_breakdown(frozen, images, name, repeats):
     return stages
 
 
+def conv_breakdown(frozen, images, name, repeats):
+    """Seconds per 10,000 images in each stage of a frozen ConvNet's forward on numba or cupy
+    (one batch of the runtime's size, median of repeats), the steps of ``runtime``'s forward
+    written out; the output z is checked against ``integer_scores``. Keys "<layer>: <stage>"."""
+    kern = backend.kernel_module(name)
+    xp = backend.array_module(name)
+    b = min(runtime._CONV_BATCH[name], len(images))
+    x = xp.asarray(images[:b])
+    stages = {}
+    clock = _stage_clock(name, repeats, b, stages)
+    h = z = None
+    for i, (layer, weight, threshold) in enumerate(frozen.layers_on(name)):
+        if isinstance(layer, deploy.FrozenConv):
+            key = f"conv {i}"
+            if layer.planes == runtime.PLANES:
+                p = clock(f"{key}: patches", lambda: runtime.pixel_patches(x, layer, xp))
+                raw = clock(f"{key}: XNOR GEMM", lambda: deploy.first_layer(p, weight, layer.k,
+                                                                             kern))
+            else:
+                p = clock(f"{key}: patches", lambda: runtime.conv_patches(h, layer, xp))
+                raw = clock(f"{key}: XNOR GEMM", lambda: kern.xnor_gemm(p, weight, layer.gemm_k))
+            (ho, wo), o = layer.conv_hw, layer.n_out
+            h = clock(f"{key}: threshold + pack", lambda: kern.pack_rows(
+                (raw.reshape(b, ho * wo, o) >= threshold).reshape(b * ho * wo, o)
+            ).reshape(b, ho, wo, -1))
+            if layer.pool is not None:
+                mask = (xp.asarray(runtime.pack_rows(layer.negated)) if layer.negated.any()
+                        else None)
+                h = clock(f"{key}: max-pool on bits",
+                          lambda: runtime.pool_words(h, layer.pool, mask, xp))
+            continue
+        key = f"dense {i}"
+        if layer.in_hwc is not None:
+            h = clock(f"{key}: flatten", lambda: runtime.flatten_words(h, layer.in_hwc[2], xp))
+        z = clock(f"{key}: XNOR GEMM", lambda: kern.xnor_gemm(h, weight, layer.gemm_k)
+                  - (layer.gemm_k - layer.k))
+        if threshold is not None:
+            h = clock(f"{key}: threshold + pack", lambda: kern.pack_rows(z >= threshold))
+    want = frozen.integer_scores(images[:b], backend=name)
+    if not np.array_equal(backend.to_numpy(z), want):
+        raise AssertionError(f"conv_breakdown on {name} does not reproduce integer_scores")
+    return stages
+
+
+def _by_stage(breakdown):
+    """{stage kind: seconds} summed over the layers ("patches", "XNOR GEMM", ...)."""
+    out = {}
+    for key, v in breakdown.items():
+        stage = key.split(": ", 1)[1]
+        out[stage] = out.get(stage, 0.0) + v
+    return out
+
+
 # ----------------------------------------------------------------------------- timing
 
 def _sync(name):
     if name == "cupy":
         backend.array_module("cupy").cuda.Device().synchronize()
+    elif name == "torch":
+        import torch
+        torch.cuda.synchronize()
 
 
 def time_round_robin(paths, repeats):
@@ -169,11 +415,19 @@ def time_round_robin(paths, repeats):
 
 
 def machine_info(use_gpu):
-    return common.machine_info(use_gpu, minibnn=minibnn.__version__)
+    info = common.machine_info(use_gpu, minibnn=minibnn.__version__)
+    torch = _torch_cuda() if use_gpu else None
+    if torch is not None:
+        info["torch"] = torch.__version__
+        info["cudnn"] = torch.backends.cudnn.version()
+        info["torch_cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
+    return info
+
 
 def file_sizes(model, frozen, tmp):
     """Bytes: float32 weights, the trained model's .npz (models.save_model), the frozen .npz."""
-    n_weights = sum(l.weight.data.size for l in model.layers if isinstance(l, nn.BinaryLinear))
+    n_weights = sum(l.weight.data.size for l in model.layers
+                    if isinstance(l, (nn.BinaryLinear, nn.BinaryConv2d)))
     model_path, frozen_path = Path(tmp) / "model.npz", Path(tmp) / "frozen.npz"
     models.save_model(model_path, model)
     frozen.save(frozen_path)
@@ -187,30 +441,47 @@ def file_sizes(model, frozen, tmp):
     return sizes, back
 
 
-def bench_net(hidden, layers, images, train_images, backends, repeats, quick):
-    label = f"{layers}x{hidden}"
-    print(f"\n== {label} MLP: building, freezing ...", flush=True)
-    model = build(hidden, layers, train_images)
+def bench_model(label, model, images, backends, repeats, reference_images, cpu_images=None,
+                float_batch=None, torch=None):
+    """Time every path of one network on ``images`` (uint8); returns (rows, sizes, summary).
+
+    ``reference_images``: how many images the frozen numpy reference runs on;
+    ``cpu_images``: how many the other CPU paths run on (all by default); ``float_batch``:
+    images per float forward ({"numpy", "cupy", "torch"} -> n, or None for all at once);
+    ``torch``: the torch module, for the cuDNN paths (ConvNet on a GPU)."""
     with tempfile.TemporaryDirectory() as tmp:
         sizes, frozen = file_sizes(model, deploy.freeze(model), tmp)
     n = len(images)
+    fb = float_batch or {}
+    m_cpu = min(n, cpu_images or n)
+    cpu_set, ref_set = images[:m_cpu], images[:min(n, reference_images)]
     float_net = Float32Net(model)
-    reference = float_net.predict(images)
-    paths = {"float32 numpy": (lambda: float_net.predict(images), "numpy")}
-    counts = {"float32 numpy": n}
+    float_net.check(model, images[:16])
+    paths = {"float32 numpy": (lambda: float_net.predict(cpu_set, fb.get("numpy")), "numpy")}
+    counts = {"float32 numpy": m_cpu}
     if "numba" in backends:
-        paths["frozen numba"] = (lambda: frozen.predict(images, backend="numba"), "numba")
-        counts["frozen numba"] = n
+        paths["frozen numba"] = (lambda: frozen.predict(cpu_set, backend="numba"), "numba")
+        counts["frozen numba"] = m_cpu
     if "numpy" in backends:
-        subset = images[:n if quick else min(n, REFERENCE_IMAGES)]
-        counts["frozen numpy"] = len(subset)
-        paths["frozen numpy"] = (lambda: frozen.predict(subset, backend="numpy"), "numpy")
+        counts["frozen numpy"] = len(ref_set)
+        paths["frozen numpy"] = (lambda: frozen.predict(ref_set, backend="numpy"), "numpy")
     if "cupy" in backends:
         gpu_net = Float32Net(model, xp=backend.array_module("cupy"))
-        paths["float32 cupy"] = (lambda: gpu_net.predict(images), "cupy")
+        paths["float32 cupy"] = (lambda: gpu_net.predict(images, fb.get("cupy")), "cupy")
         paths["frozen cupy"] = (lambda: frozen.predict(images, backend="cupy"), "cupy")
         counts["float32 cupy"] = counts["frozen cupy"] = n
-    print(f"   timing {', '.join(paths)} on {n} images, {repeats} repeats", flush=True)
+        if torch is not None:
+            torch.backends.cudnn.benchmark = True
+            for bits, dtype in ((32, torch.float32), (16, torch.float16)):
+                tnet = TorchNet(model, torch, dtype)
+                paths[f"cuDNN fp{bits} (torch)"] = (
+                    lambda tnet=tnet: tnet.predict(images, fb.get("torch", n)), "torch")
+                counts[f"cuDNN fp{bits} (torch)"] = n
+    # the float32 forward on every image: on the GPU when it runs (same arithmetic, and
+    # float32 numpy is then compared with it on its subset), else NumPy
+    reference = (gpu_net if "cupy" in backends else float_net).predict(
+        images, fb.get("cupy" if "cupy" in backends else "numpy"))
+    print(f"   timing {', '.join(paths)} on up to {n} images, {repeats} repeats", flush=True)
     times = time_round_robin(paths, repeats)
     rows = []
     for name, (fn, _) in paths.items():
@@ -221,13 +492,14 @@ def bench_net(hidden, layers, images, train_images, backends, repeats, quick):
         if len(differ):
             notes.append(f"{len(differ)} predictions differ from float32")
         t_full = times[name] * n / m
-        rows.append(dict(net=label, path=name, images_timed=m, seconds=times[name],
+        rows.append(dict(net=label, path=name, images=n, images_timed=m, seconds=times[name],
                          seconds_full_set=t_full, images_per_second=m / times[name],
                          agree_with_float32=m - len(differ), compared=m,
                          differing_images=differ.tolist(), note="; ".join(notes)))
     base = {r["path"]: r["seconds_full_set"] for r in rows}
     for r in rows:
-        ref = "float32 cupy" if r["path"].endswith("cupy") else "float32 numpy"
+        gpu = r["path"].endswith("cupy") or "torch" in r["path"]
+        ref = "float32 cupy" if gpu else "float32 numpy"
         r["speedup_vs_float32"] = base[ref] / r["seconds_full_set"]
         r["baseline"] = ref
     s = minibnn.summary(frozen)
@@ -235,13 +507,48 @@ def bench_net(hidden, layers, images, train_images, backends, repeats, quick):
     extra = dict(frozen_binary_macs=s.totals["binary_macs"],
                  float32_macs=ms.totals["binary_macs"] + ms.totals["float_macs"],
                  float32_adjusted_thresholds=frozen.info["float32_adjusted"])
+    breakdown = conv_breakdown if frozen.is_conv else layer_breakdown
     for name in ("numba", "cupy"):
         if name in backends:
-            extra[f"breakdown_{name}"] = layer_breakdown(frozen, images, name, repeats)
+            extra[f"breakdown_{name}"] = breakdown(frozen, images, name, repeats)
     return rows, dict(net=label, **sizes, **extra), s
 
 
-def print_table(rows, sizes, n):
+def bench_mlps(mnist, quick, backends, repeats):
+    images = mnist.test_images[:QUICK_IMAGES] if quick else mnist.test_images
+    rows, sizes, summaries = [], [], []
+    for hidden, layers in (QUICK_NETS if quick else NETS):
+        label = f"{layers}x{hidden}"
+        print(f"\n== {label} MLP: building, freezing ...", flush=True)
+        model = build(hidden, layers, mnist.train_images)
+        r, s, summ = bench_model(label, model, images, backends, repeats,
+                                 len(images) if quick else REFERENCE_IMAGES)
+        rows += r
+        sizes.append(s)
+        summaries.append(summ)
+    return rows, sizes, summaries[0], len(images)
+
+
+def bench_convnet(quick, n, backends, repeats):
+    label = QUICK_CONV_LABEL if quick else CONV_LABEL
+    print(f"\n== {label}: building (batch-norm statistics from synthetic images), freezing ...",
+          flush=True)
+    model, shape = build_convnet(quick)
+    images = synthetic_images(n, shape)
+    gpu = "cupy" in backends
+    rows, sizes, summ = bench_model(
+        label, model, images, backends, repeats,
+        reference_images=n if quick else CONV_REFERENCE_IMAGES,
+        cpu_images=CONV_CPU_IMAGES_ON_GPU if gpu and not quick else None,
+        float_batch=FLOAT_BATCH, torch=_torch_cuda() if gpu else None)
+    sizes["input"] = f"{n} {CONV_INPUT}, shape {(n,) + tuple(shape)}"
+    return rows, sizes, summ, shape
+
+
+# ----------------------------------------------------------------------------- reporting
+
+def format_table(rows):
+    n = rows[0]["images"]
     head = ["net", "path", f"s / {n} img", "img/s", "speed-up", "agree", "note"]
     body = [[r["net"], r["path"], f"{r['seconds_full_set']:.3f}",
              f"{r['images_per_second']:,.0f}",
@@ -251,89 +558,160 @@ def print_table(rows, sizes, n):
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(c, widths)).rstrip()
              for c in [head] + body]
     lines.insert(1, "-" * max(len(l) for l in lines))
-    print("\n".join(lines))
-    print()
-    for s in sizes:
-        for key in ("breakdown_numba", "breakdown_cupy"):
-            if key in s:
-                total = sum(s[key].values())
-                print(f"{s['net']} frozen {key[10:]}, s per 10000 images by stage (batch 1024): "
-                      + ", ".join(f"{k} {v:.3f} ({100 * v / total:.0f}%)"
-                                  for k, v in s[key].items()))
-        print(f"{s['net']}: float32 weights {s['float32_weights'] / 2**20:.2f} MiB, trained "
-              f"model.npz {s['model_npz'] / 2**20:.2f} MiB, frozen .npz "
-              f"{s['frozen_npz'] / 2**20:.2f} MiB -> {s['ratio_float32_weights']:.1f}x smaller "
-              f"than the float32 weights ({s['ratio_model_npz']:.1f}x than model.npz); "
-              f"MACs/image: {s['frozen_binary_macs']:,} binary (frozen) vs "
-              f"{s['float32_macs']:,} float32")
     return "\n".join(lines)
 
 
-def plot(rows, path):
+def describe_sizes(s):
+    lines = []
+    for key in ("breakdown_numba", "breakdown_cupy"):
+        if key not in s:
+            continue
+        stages = s[key]
+        if any(k.startswith("conv ") for k in stages):  # a ConvNet: by stage kind and layer
+            by_layer = {}
+            for k, v in stages.items():
+                by_layer[k.split(": ")[0]] = by_layer.get(k.split(": ")[0], 0.0) + v
+            parts = [_by_stage(stages), by_layer]
+            what = "by stage kind; by layer"
+        else:
+            parts, what = [stages], "by stage (batch 1024)"
+        total = sum(stages.values())
+        lines.append(f"{s['net']} frozen {key[10:]}, s per 10000 images {what}: " + "; ".join(
+            ", ".join(f"{k} {v:.3f} ({100 * v / total:.0f}%)" for k, v in part.items())
+            for part in parts))
+    lines.append(
+        f"{s['net']}: float32 weights {s['float32_weights'] / 2**20:.2f} MiB, trained "
+        f"model.npz {s['model_npz'] / 2**20:.2f} MiB, frozen .npz "
+        f"{s['frozen_npz'] / 2**20:.2f} MiB -> {s['ratio_float32_weights']:.1f}x smaller "
+        f"than the float32 weights ({s['ratio_model_npz']:.1f}x than model.npz); "
+        f"MACs/image: {s['frozen_binary_macs']:,} binary (frozen) vs "
+        f"{s['float32_macs']:,} float32")
+    if "input" in s:
+        lines.append(f"{s['net']} input: {s['input']}")
+    return "\n".join(lines)
+
+
+def plot(rows, path, conv_shape=None):
+    if conv_shape:
+        kw = dict(xlabel=str, ylabel=f"images / s ({'x'.join(map(str, conv_shape))}, synthetic)")
+    else:
+        kw = dict(xlabel=lambda net: f"{net} MLP", ylabel="MNIST test images / s")
     common.grouped_bars(rows, "net", "path", "images_per_second", path,
-                        xlabel=lambda net: f"{net} MLP", ylabel="MNIST test images / s",
                         title="Inference: float32 forward vs frozen BNN (label: speed-up "
                               "vs float32)",
-                        annotate=lambda r: f"{r['speedup_vs_float32']:.1f}x")
+                        annotate=lambda r: f"{r['speedup_vs_float32']:.1f}x", **kw)
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help=f"small nets {QUICK_NETS} on {QUICK_IMAGES} images, for a smoke test")
+                   help=f"small MLPs {QUICK_NETS} on {QUICK_IMAGES} images and mnist_convnet "
+                        f"on {QUICK_CONV_IMAGES} synthetic images, for a smoke test")
+    p.add_argument("--nets", default=",".join(SECTIONS),
+                   help="comma list from mlp,convnet (default both)")
+    p.add_argument("--conv-images", type=int, default=None,
+                   help=f"synthetic images for the ConvNet (default {CONV_IMAGES['cpu']} on a "
+                        f"CPU, {CONV_IMAGES['gpu']} with cupy, {QUICK_CONV_IMAGES} with --quick)")
     p.add_argument("--backends", default="numpy,numba,cupy",
                    help="frozen-net backends, comma list from numpy,numba,cupy (the float32 "
-                        "NumPy forward always runs; cupy adds the cuBLAS float32 forward)")
+                        "NumPy forward always runs; cupy adds the float32 CuPy forward and, "
+                        "for the ConvNet, cuDNN through torch when importable)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
+    nets = [s.strip() for s in args.nets.split(",") if s.strip()]
+    if not nets or set(nets) - set(SECTIONS):
+        p.error(f"--nets: expected a comma list from {','.join(SECTIONS)}, got {args.nets!r}")
     backends = {s.strip() for s in args.backends.split(",") if s.strip()}
     unknown = backends - set(backend.NAMES)
     if unknown:
         p.error(f"unknown backends: {sorted(unknown)}")
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
+    if args.conv_images is not None and args.conv_images < 1:
+        p.error("--conv-images must be >= 1")
     why = backend.available()
     for name in sorted(backends):
         if why[name] is not None:
             print(f"{name} backend skipped: {why[name]}")
             backends.discard(name)
     use_gpu = "cupy" in backends
-    mnist = data.load_mnist()
-    images = mnist.test_images[:QUICK_IMAGES] if args.quick else mnist.test_images
     info = machine_info(use_gpu)
     print(json.dumps(info))
-    rows, sizes, summaries = [], [], []
-    for hidden, layers in (QUICK_NETS if args.quick else NETS):
-        r, s, summ = bench_net(hidden, layers, images, mnist.train_images, backends,
-                               args.repeats, args.quick)
-        rows += r
-        sizes.append(s)
-        summaries.append(summ)
-    print()
-    print(summaries[0])
-    print()
-    table = print_table(rows, sizes, len(images))
-    info["load_average_at_end"] = list(os.getloadavg())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = ("inference_gpu" if use_gpu else "inference_cpu") + ("_quick" if args.quick else "")
-    notes = [
+    suffix = ("gpu" if use_gpu else "cpu") + ("_quick" if args.quick else "")
+    result = {"machine": info, "repeats": args.repeats, "nets": nets}
+    rows, sizes, tables, summaries = [], [], {}, {}
+    if "mlp" in nets:
+        r, s, summ, n = bench_mlps(data.load_mnist(), args.quick, backends, args.repeats)
+        rows += r
+        sizes += s
+        result["images"] = n
+        summaries["mlp"] = summ
+        tables["mlp"] = format_table(r) + "\n\n" + "\n".join(map(describe_sizes, s))
+        plot(r, out / f"inference_{suffix}.png")
+    if "convnet" in nets:
+        n = args.conv_images or (QUICK_CONV_IMAGES if args.quick else
+                                 CONV_IMAGES["gpu" if use_gpu else "cpu"])
+        r, s, summ, shape = bench_convnet(args.quick, n, backends, args.repeats)
+        rows += r
+        sizes.append(s)
+        result["conv_images"] = n
+        result["conv_input"] = CONV_INPUT
+        summaries["convnet"] = summ
+        tables["convnet"] = format_table(r) + "\n\n" + describe_sizes(s)
+        plot(r, out / f"inference_conv_{suffix}.png", conv_shape=shape)
+    for key, summ in summaries.items():
+        print()
+        print(summ)
+    for table in tables.values():
+        print()
+        print(table)
+    info["load_average_at_end"] = list(os.getloadavg())
+    path = out / f"inference_{suffix}.json"
+    labels = {r["net"] for r in rows}
+    if set(nets) != set(SECTIONS) and path.exists():  # keep the other section's results
+        old = json.loads(path.read_text())
+        kept = [r for r in old.get("results", []) if r["net"] not in labels]
+        if kept:
+            kept_sizes = [s for s in old.get("model_sizes", []) if s["net"] not in labels]
+            if "mlp" in nets:
+                rows, sizes = rows + kept, sizes + kept_sizes
+            else:  # the MLPs first, as a run of both writes them
+                rows, sizes = kept + rows, kept_sizes + sizes
+            for key in ("images", "conv_images", "conv_input"):
+                if key in old and key not in result:
+                    result[key] = old[key]
+            old_tables = old.get("tables", {})
+            tables = {k: tables.get(k, old_tables.get(k)) for k in SECTIONS
+                      if k in tables or k in old_tables}
+            for k in ("frozen_summary", "frozen_summary_convnet"):
+                if k in old:
+                    result[k] = old[k]
+            result["kept_from_earlier_run"] = dict(
+                nets=sorted({r["net"] for r in kept}), machine=old.get("machine"))
+    result.update(results=rows, model_sizes=sizes, tables=tables,
+                  table="\n\n".join(tables.values()), notes=[
         "Median of --repeats runs after a warm-up; paths take turns within each repeat.",
         "The machine may be shared: load_average_at_start/end show other work, which skews "
         "absolute times and, less so, the ratios.",
         "The frozen first layer costs 8 binary MACs per float MAC (one per input bit plane).",
         "Predictions are compared with the float32 forward of the same network (each batch "
-        "norm as the model's eval_affine applies it); the frozen numpy reference path runs "
-        "on a subset of big nets (see images_timed). freeze follows that float32 batch norm "
+        "norm as the model's eval_affine applies it; computed by CuPy when the GPU runs); the "
+        "frozen numpy reference path runs on a subset of big nets, and on a GPU machine so do "
+        "the ConvNet's CPU paths (see images_timed). freeze follows that float32 batch norm "
         "where rounding moves a threshold, so every image should agree; rows' "
-        "'differing_images' lists any that do not.",
-    ]
-    (out / f"{stem}.json").write_text(json.dumps(
-        {"machine": info, "repeats": args.repeats, "images": len(images), "results": rows,
-         "model_sizes": sizes, "notes": notes, "table": table,
-         "frozen_summary": str(summaries[0])}, indent=1))
-    print(f"wrote {out / (stem + '.json')}")
-    plot(rows, out / f"{stem}.png")
+        "'differing_images' lists any that do not. cuDNN fp16 rounds pre-activations and "
+        "batch-norm outputs to float16, so it may differ on a few images.",
+        "MLPs run on the MNIST test set; the ConvNet on " + CONV_INPUT + ".",
+    ])
+    if "mlp" in summaries:
+        result["frozen_summary"] = str(summaries["mlp"])
+    if "convnet" in summaries:
+        result["frozen_summary_convnet"] = str(summaries["convnet"])
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
