@@ -58,6 +58,9 @@ def _train_parser(sub):
                    help=recipe(d.dropout_hidden, "MLP hidden dropout"))
     p.add_argument("--zca", action="store_true", default=None,
                    help="ZCA-whiten the images, fitted on the training split (cifar10, svhn)")
+    p.add_argument("--bn-momentum", type=float,
+                   help=recipe(d.bn_momentum, "weight of each batch in batch norm's running "
+                                              "statistics (used in eval only)"))
     p.add_argument("--seed", type=int, help=f"default {d.seed}")
     p.add_argument("--data-dir", default=None,
                    help="MNIST: a folder with the four IDX files (default: the copy shipped "
@@ -77,7 +80,7 @@ def _train_parser(sub):
 
 _OPTIONS = ("hidden", "layers", "epochs", "batch_size", "lr_start", "lr_end", "schedule",
             "halve_every", "optimizer", "bn", "loss", "stochastic", "dropout_in",
-            "dropout_hidden", "zca", "seed", "data_dir", "train_limit")
+            "dropout_hidden", "zca", "bn_momentum", "seed", "data_dir", "train_limit")
 
 
 def _cmd_train(args):

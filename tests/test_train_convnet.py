@@ -31,6 +31,20 @@ def test_recipes_are_the_authors():
         T.TrainConfig.recipe("mnist", "resnet")
 
 
+def test_bn_momentum_reaches_every_batch_norm():
+    cfg = T.TrainConfig.recipe("mnist", "convnet").validate()
+    assert cfg.bn_momentum == 0.01
+    model = models.build(cfg.model_config())
+    bns = [m for m in model if isinstance(m, (nn.BatchNorm, nn.ShiftBatchNorm))]
+    assert len(bns) == 6 and all(b.momentum == 0.01 for b in bns)
+    mlp = models.build(T.TrainConfig(bn_momentum=0.05).model_config())
+    assert {m.momentum for m in mlp if isinstance(m, nn.BatchNorm)} == {0.05}
+    assert "momentum" not in T.TrainConfig().model_config()  # default configs unchanged
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="bn_momentum"):
+            T.TrainConfig(bn_momentum=bad).validate()
+
+
 @pytest.mark.parametrize("dataset, where", [("cifar10", "cifar.html"),
                                             ("svhn", "housenumbers")])
 def test_colour_data_without_data_dir_says_where_to_get_it(dataset, where, tmp_path, capsys,
@@ -129,3 +143,28 @@ def test_convnet_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
         for k in a.files:
             if k.startswith("state/"):
                 np.testing.assert_array_equal(a[k], b[k])
+
+
+@pytest.mark.slow
+def test_cli_evaluates_a_convnet_run_and_its_frozen_net(tmp_path, capsys, monkeypatch):
+    from minibnn import deploy
+    real = T.prepare_data
+
+    def small(cfg):  # 300 training images; the test set stays whole (10,000 images)
+        tx, ty, vx, vy, sx, sy = real(cfg)
+        return tx[:300], ty[:300], vx[:200], vy[:200], sx, sy
+
+    monkeypatch.setattr(T, "prepare_data", small)
+    run = tmp_path / "run"
+    assert cli.main(["--backend", "numba", "train", "--model", "convnet", "--epochs", "1",
+                     "--no-progress", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert cli.main(["--backend", "numba", "eval", str(run)]) == 0
+    line = capsys.readouterr().out
+    assert "on 10000 mnist images" in line
+    model_err = float(line.split("test error ")[1].split("%")[0])
+    model, _ = T.load_model(run / T.MODEL)
+    deploy.freeze(model).save(tmp_path / "net.frozen.npz")
+    assert cli.main(["--backend", "numba", "eval", str(tmp_path / "net.frozen.npz")]) == 0
+    frozen_line = capsys.readouterr().out
+    assert float(frozen_line.split("test error ")[1].split("%")[0]) == model_err
