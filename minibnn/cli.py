@@ -61,6 +61,9 @@ def _train_parser(sub):
     p.add_argument("--bn-momentum", type=float,
                    help=recipe(d.bn_momentum, "weight of each batch in batch norm's running "
                                               "statistics (used in eval only)"))
+    p.add_argument("--bn-recompute", type=int, metavar="N",
+                   help=recipe(d.bn_recompute, "before each evaluation, recompute batch norm's "
+                                               "statistics from N training images"))
     p.add_argument("--seed", type=int, help=f"default {d.seed}")
     p.add_argument("--data-dir", default=None,
                    help="MNIST: a folder with the four IDX files (default: the copy shipped "
@@ -80,7 +83,8 @@ def _train_parser(sub):
 
 _OPTIONS = ("hidden", "layers", "epochs", "batch_size", "lr_start", "lr_end", "schedule",
             "halve_every", "optimizer", "bn", "loss", "stochastic", "dropout_in",
-            "dropout_hidden", "zca", "bn_momentum", "seed", "data_dir", "train_limit")
+            "dropout_hidden", "zca", "bn_momentum", "bn_recompute", "seed", "data_dir",
+            "train_limit")
 
 
 def _cmd_train(args):

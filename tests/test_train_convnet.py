@@ -32,8 +32,7 @@ def test_recipes_are_the_authors():
 
 
 def test_bn_momentum_reaches_every_batch_norm():
-    cfg = T.TrainConfig.recipe("mnist", "convnet").validate()
-    assert cfg.bn_momentum == 0.01
+    cfg = T.TrainConfig(model="convnet", bn_momentum=0.01).validate()
     model = models.build(cfg.model_config())
     bns = [m for m in model if isinstance(m, (nn.BatchNorm, nn.ShiftBatchNorm))]
     assert len(bns) == 6 and all(b.momentum == 0.01 for b in bns)
@@ -43,6 +42,45 @@ def test_bn_momentum_reaches_every_batch_norm():
     for bad in (0.0, 1.5, float("nan")):
         with pytest.raises(ValueError, match="bn_momentum"):
             T.TrainConfig(bn_momentum=bad).validate()
+    with pytest.raises(ValueError, match="bn_recompute"):
+        T.TrainConfig(bn_recompute=-1).validate()
+    assert T.TrainConfig.recipe("mnist", "convnet").bn_recompute == 10000
+
+
+def test_recompute_bn_statistics_is_the_mean_of_the_batch_statistics():
+    from minibnn import Tensor, no_grad
+    rng = np.random.default_rng(4)
+    model = models.mnist_mlp(hidden=16, layers=2, in_features=12, dropout_in=0.3,
+                             dropout_hidden=0.5, stochastic=True, rng=rng)
+    x = rng.uniform(-1, 1, (90, 12)).astype(np.float32)
+    state = rng.bit_generator.state
+    T.recompute_bn_statistics(model, x, 30)
+    assert rng.bit_generator.state == state  # no dropout mask or stochastic sign drawn
+    assert model.training and all(b.momentum == 0.1 for b in model
+                                  if isinstance(b, nn.BatchNorm))
+    # by hand: the eval network's per-batch statistics at each batch norm, averaged
+    model.eval()
+    bns = [m for m in model if isinstance(m, nn.BatchNorm)]
+    got = {id(b): (b.running_mean.copy(), b.running_var.copy()) for b in bns}
+    means = {id(b): [] for b in bns}
+    variances = {id(b): [] for b in bns}
+    with no_grad():
+        for i in range(0, 90, 30):
+            h = Tensor(x[i:i + 30])
+            for layer in model:
+                if isinstance(layer, nn.BatchNorm):
+                    means[id(layer)].append(h.data.mean(axis=0))
+                    variances[id(layer)].append(h.data.var(axis=0))
+                    layer.training = True  # normalise as recompute_bn_statistics does
+                    h = layer(h)
+                    layer.training = False
+                else:
+                    h = layer(h)
+    for b in bns:
+        np.testing.assert_allclose(got[id(b)][0], np.mean(means[id(b)], axis=0), rtol=1e-5,
+                                   atol=1e-6)
+        np.testing.assert_allclose(got[id(b)][1], np.mean(variances[id(b)], axis=0), rtol=1e-5,
+                                   atol=1e-6)
 
 
 @pytest.mark.parametrize("dataset, where", [("cifar10", "cifar.html"),
