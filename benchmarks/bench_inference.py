@@ -683,7 +683,7 @@ def main(argv=None):
             for key in ("images", "conv_images", "conv_input"):
                 if key in old and key not in result:
                     result[key] = old[key]
-            old_tables = old.get("tables", {})
+            old_tables = old.get("tables") or ({"mlp": old["table"]} if "table" in old else {})
             tables = {k: tables.get(k, old_tables.get(k)) for k in SECTIONS
                       if k in tables or k in old_tables}
             for k in ("frozen_summary", "frozen_summary_convnet"):
