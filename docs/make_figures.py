@@ -33,6 +33,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the checkout's minibnn and kernels, installed or not
+sys.path.insert(0, str(ROOT / "benchmarks"))  # benchmarks/common.py: cpu_model
 
 try:
     import matplotlib
@@ -45,6 +46,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 import numba  # noqa: E402
 
+from common import cpu_model  # noqa: E402
 from kernels import numba_cpu  # noqa: E402
 from minibnn import Tensor, backend, binary, data, registry, train  # noqa: E402
 from minibnn import functional as F  # noqa: E402
@@ -62,17 +64,6 @@ QUICK = dict(hidden=64, layers=2, train_limit=2000, epochs=2, seed=0,
 
 
 # ----------------------------------------------------------------------------- the machine
-
-def cpu_model():
-    """The 'model name' line of /proc/cpuinfo (platform.processor() elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 def machine_info():
     return dict(cpu=cpu_model(), logical_cpus=os.cpu_count(),

@@ -67,11 +67,11 @@ def read_json(npz, key, path):
         raise ValueError(f"{path}: damaged {key!r} entry ({type(exc).__name__}: {exc})") from exc
 
 
-def open_npz(path, what):
+def open_npz(path, what, error=ValueError):
     """Open the ``.npz`` at ``path`` without pickle support.
 
-    FileNotFoundError when it does not exist; ValueError naming the file and ``what`` was
-    expected (e.g. "model") when it cannot be read as an archive.
+    FileNotFoundError when it does not exist; ``error`` (a ValueError subclass) naming the
+    file and ``what`` was expected (e.g. "model") when it is not a readable archive.
     """
     path = Path(path)
     if not path.is_file():
@@ -79,10 +79,10 @@ def open_npz(path, what):
     try:
         z = np.load(path, allow_pickle=False)
     except Exception as exc:
-        raise ValueError(f"{path}: not a readable {what} file: not an .npz archive, or a "
-                         f"truncated or damaged one ({type(exc).__name__}: {exc})") from exc
+        raise error(f"{path}: not a {what} file: not a readable .npz archive (truncated, "
+                    f"damaged or another kind of file; {type(exc).__name__}: {exc})") from exc
     if not isinstance(z, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path}: not a {what} file: a single .npy array, not an .npz archive")
+        raise error(f"{path}: not a {what} file: a single .npy array, not an .npz archive")
     return z
 
 

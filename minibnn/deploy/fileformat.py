@@ -35,7 +35,7 @@ import numpy as np
 
 from kernels.reference import n_words, pad_mask
 
-from ..io import atomic_savez, json_array
+from ..io import atomic_savez, json_array, open_npz
 from .runtime import PLANES, FrozenBNN, FrozenConv, FrozenLayer, slot_mask
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "FrozenFormatError", "save", "load", "is_frozen_file"]
@@ -131,19 +131,7 @@ def is_frozen_file(path):
 
 
 def _open(path):
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        z = np.load(path, allow_pickle=False)
-    except Exception as exc:
-        raise FrozenFormatError(f"{path}: not a frozen minibnn network: not a readable .npz file "
-                                f"(truncated, damaged or another kind of file; "
-                                f"{type(exc).__name__}: {exc})") from exc
-    if not isinstance(z, np.lib.npyio.NpzFile):
-        raise FrozenFormatError(f"{path}: not a frozen minibnn network: a single .npy array, "
-                                "not an .npz archive")
-    return z
+    return open_npz(path, "frozen minibnn network", FrozenFormatError)
 
 
 def _read(path):
