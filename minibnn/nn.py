@@ -239,11 +239,9 @@ def _kernel_pair(kernel_size, layer):
 def _conv_args(layer, in_channels, out_channels, kernel_size, stride, padding):
     """Validated (in_channels, out_channels, (kh, kw), stride, padding) of a conv layer."""
     kh, kw = _kernel_pair(kernel_size, layer)
-    for name, value, low in (("in_channels", in_channels, 1), ("out_channels", out_channels, 1),
-                             ("stride", stride, 1), ("padding", padding, 0)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise ValueError(f"{layer}: {name} must be an integer >= {low}, got {value!r}")
-    return int(in_channels), int(out_channels), (kh, kw), int(stride), int(padding)
+    return (F._check_int(in_channels, "in_channels", layer, 1),
+            F._check_int(out_channels, "out_channels", layer, 1), (kh, kw),
+            F._check_int(stride, "stride", layer, 1), F._check_int(padding, "padding", layer, 0))
 
 
 class _ConvMixin:

@@ -379,23 +379,23 @@ class FrozenBNN:
         of NumPy int32: (n, n_out) for a dense layer, hidden unit j +1 iff
         ``z[:, j] >= layer.threshold[j]``; (n, O, Ho, Wo) for a conv layer, before its pool.
         (For a unit frozen with a negative BN slope, z is minus the model's pre-activation.)"""
-        x = self._check_input(x)
-        name = _backend_name(backend)
-        out = []
-        _forward_batch(_backend.array_module(name).asarray(x), self._prepare(name),
-                       _backend.kernel_module(name), trace=out)
-        return [_backend.to_numpy(z) for z in out]
+        return self._record(x, backend, "trace")
 
     def activations(self, x, backend=None):
         """Every hidden layer's output bits for uint8 images ``x`` (one batch), bool NumPy
         (True = +1): (n, C, H, W) after a conv layer's pool, (n, n_out) after a dense layer.
         They equal the outputs of the model's Sign layers."""
+        return self._record(x, backend, "bits")
+
+    def _record(self, x, backend, what):
+        """Run one batch, collecting each layer's ``what`` ("trace": integer z, "bits":
+        output bits) as NumPy arrays."""
         x = self._check_input(x)
         name = _backend_name(backend)
         out = []
         _forward_batch(_backend.array_module(name).asarray(x), self._prepare(name),
-                       _backend.kernel_module(name), bits=out)
-        return [_backend.to_numpy(b) for b in out]
+                       _backend.kernel_module(name), **{what: out})
+        return [_backend.to_numpy(a) for a in out]
 
     def layers_on(self, name):
         """``[(layer, weight, threshold)]`` with the arrays in backend ``name``'s array module:
