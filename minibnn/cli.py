@@ -124,12 +124,12 @@ def _cmd_eval(args):
     from . import deploy, models
     from .models import load_model
     from .runs import CHECKPOINT, MODEL, read_checkpoint
-    from .train import TrainConfig, error_rate, prepare_data
+    from .train import TrainConfig, error_rate, load_dataset, prepare_data
     path = Path(args.path)
     if path.is_file() and deploy.is_frozen_file(path):  # a frozen net: uint8 in, bits inside
         frozen = deploy.load(path)
         cfg = TrainConfig(dataset=args.dataset or "mnist", data_dir=args.data_dir).validate()
-        test = _test_images(cfg)
+        test = load_dataset(cfg, training=False)
         err = float((frozen.predict(test.test_images) != test.test_labels).mean())
         print(f"{path} ({frozen!r}): test error {100 * err:.2f}% on {len(test.test_labels)} "
               f"{cfg.dataset} images (backend {backend.active()})")
@@ -157,16 +157,6 @@ def _cmd_eval(args):
     print(f"{source}: test error {100 * err:.2f}% on {len(sy)} {cfg.dataset} images "
           f"(backend {backend.active()})")
     return 0
-
-
-def _test_images(cfg):
-    """The uint8 test images and labels of ``cfg``'s data set (for a frozen net)."""
-    from . import data
-    if cfg.dataset == "mnist":
-        return data.load_mnist(cfg.data_dir)
-    if cfg.dataset == "cifar10":
-        return data.load_cifar10(cfg.data_dir)
-    return data.load_svhn(cfg.data_dir)
 
 
 def build_parser():

@@ -180,6 +180,16 @@ def error_rate(model, x, y, batch_size=1000):
 
 # --- data ----------------------------------------------------------------------------------
 
+def load_dataset(cfg, training=True):
+    """The uint8 data set ``cfg`` names, from ``cfg.data_dir``; SVHN with its extra set
+    when ``training`` (the authors trained on train + extra), without it to score a model."""
+    if cfg.dataset == "mnist":
+        return data.load_mnist(cfg.data_dir)
+    if cfg.dataset == "cifar10":
+        return data.load_cifar10(cfg.data_dir)
+    return data.load_svhn(cfg.data_dir, extra=training)
+
+
 def prepare_data(cfg):
     """(train_x, train_y, valid_x, valid_y, test_x, test_y): images scaled to [-1, 1] as
     float32 (flattened for an MLP, (n, C, H, W) for a ConvNet), labels int64.
@@ -189,14 +199,12 @@ def prepare_data(cfg):
     on the training split only.
     """
     shape, _ = DATASETS[cfg.dataset]
+    ds = load_dataset(cfg)
     if cfg.dataset == "mnist":
-        ds = data.load_mnist(cfg.data_dir)
         tx, ty, vx, vy = data.split_train_valid(ds.train_images, ds.train_labels)
     elif cfg.dataset == "cifar10":
-        ds = data.load_cifar10(cfg.data_dir)
         tx, ty, vx, vy = data.split_cifar10(ds.train_images, ds.train_labels)
     else:
-        ds = data.load_svhn(cfg.data_dir, extra=True)  # the authors trained on train + extra
         tx, ty, vx, vy = data.split_svhn(ds)
     if cfg.train_limit is not None:
         tx, ty = tx[:cfg.train_limit], ty[:cfg.train_limit]
