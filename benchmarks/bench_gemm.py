@@ -24,8 +24,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import common  # noqa: E402  (benchmarks/common.py, beside this script)
-from kernels import numba_cpu, reference  # noqa: E402
-from kernels import cupy_gpu  # noqa: E402
+from minibnn.kernels import numba_cpu, reference  # noqa: E402
+from minibnn.kernels import cupy_gpu  # noqa: E402
 
 CPU_SHAPES = [(100, 4096, 4096), (10000, 4096, 4096), (4096, 4096, 4096)]
 GPU_SHAPES = CPU_SHAPES + [(8192, 8192, 8192)]

@@ -47,7 +47,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 import numba  # noqa: E402
 
 from common import cpu_model  # noqa: E402
-from kernels import numba_cpu  # noqa: E402
+from minibnn.kernels import numba_cpu  # noqa: E402
 from minibnn import Tensor, backend, binary, data, registry, train  # noqa: E402
 from minibnn import functional as F  # noqa: E402
 from minibnn import models, nn  # noqa: E402

@@ -4,13 +4,13 @@ A leaf package (it never imports minibnn): arrays in, arrays out.
 
 Modules
 -------
-- ``kernels.reference``: readable NumPy ground truth and the shared operand checks.
-- ``kernels.numba_cpu``: parallel CPU packing and GEMM (Numba); dispatches among GEMM
-  kernels: ``"generic"`` (in ``numba_cpu``) and ``"avx2"`` (``kernels.numba_avx2``, an
+- ``minibnn.kernels.reference``: readable NumPy ground truth and the shared operand checks.
+- ``minibnn.kernels.numba_cpu``: parallel CPU packing and GEMM (Numba); dispatches among GEMM
+  kernels: ``"generic"`` (in ``numba_cpu``) and ``"avx2"`` (``minibnn.kernels.numba_avx2``, an
   LLVM IR micro-kernel; ``kernels._numba_common`` holds what both share).
-- ``kernels.cupy_gpu``: CUDA packing and GEMM through CuPy (CuPy imported lazily).
+- ``minibnn.kernels.cupy_gpu``: CUDA packing and GEMM through CuPy (CuPy imported lazily).
 - ``kernels.cuda_sources``: the packaged ``*.cu`` files and their minimum architecture.
-- ``kernels.nvrtc_check``: compiles the ``*.cu`` sources with NVRTC, no GPU needed.
+- ``minibnn.kernels.nvrtc_check``: compiles the ``*.cu`` sources with NVRTC, no GPU needed.
 
 Bit conventions (Courbariaux et al., "Binarized Neural Networks", arXiv:1602.02830)
 ------------------------------------------------------------------------------------
@@ -23,7 +23,7 @@ axis K, least significant bit first, into W = ceil(K/64) uint64 words; the
 
 and padding bits, 0 in both operands, never disagree. The GPU tensor-core kernel uses
 the equivalent ``K - 2 popcount(a) - 2 popcount(b) + 4 popcount(a AND b)``.
-``kernels.reference`` writes each of these out in NumPy.
+``minibnn.kernels.reference`` writes each of these out in NumPy.
 
 The backend interface
 ---------------------
@@ -80,7 +80,7 @@ Besides these:
   "cuda")`` on compute capability >= 8.0, else ``("cuda",)`` (asks the current GPU).
 - ``cupy_gpu.available()``: ``(True, "")`` or ``(False, reason)``, the one check of
   whether the GPU path can run (``minibnn.backend`` reports its reason). Without CuPy,
-  ``import kernels.cupy_gpu`` still works; its functions raise ImportError with the
+  ``import minibnn.kernels.cupy_gpu`` still works; its functions raise ImportError with the
   reason. Shapes, dtypes and k are checked before any kernel is launched (a NaN is
   found while packing, and reported after).
 - ``reference`` also exports the helpers the others share: ``n_words(k)``,

@@ -1,4 +1,4 @@
-"""Pieces shared by the Numba GEMM kernels (:mod:`kernels.numba_cpu`, :mod:`kernels.numba_avx2`).
+"""Pieces shared by the Numba GEMM kernels (:mod:`minibnn.kernels.numba_cpu`, :mod:`minibnn.kernels.numba_avx2`).
 
 Kept apart so that both kernel modules import from here and neither imports the other
 back: ``numba_cpu -> numba_avx2 -> _numba_common``.

@@ -1,6 +1,6 @@
 """CuPy backend: bit packing and XNOR GEMM as NVRTC-compiled CUDA kernels.
 
-Same conventions and results as :mod:`kernels.reference`. Two GEMM kernels
+Same conventions and results as :mod:`minibnn.kernels.reference`. Two GEMM kernels
 (sources ``xnor_gemm.cu`` and ``xnor_gemm_tc.cu`` next to this module):
 
 * ``"cuda"``: CUDA-core XNOR-popcount, ``k - 2 * popcount(a ^ b)``, 128 x 128 block
@@ -9,7 +9,7 @@ Same conventions and results as :mod:`kernels.reference`. Two GEMM kernels
   chosen automatically there), with ``a . b = k - 2 pa - 2 pb + 4 popcount(a & b)``
   where pa, pb are the row popcounts.
 
-CuPy is imported on first use, so ``import kernels.cupy_gpu`` works without it; the
+CuPy is imported on first use, so ``import minibnn.kernels.cupy_gpu`` works without it; the
 functions then raise ImportError saying why. Operands are validated before any
 launch; kernels compile lazily, once per device.
 """

@@ -2,7 +2,7 @@
 
 Selected through :func:`kernels.numba_cpu.xnor_gemm` with ``kernel="avx2"`` (offered by
 :func:`kernels.numba_cpu.available_kernels` when the host CPU has AVX2); this module only
-computes, the checks and dispatch live in :mod:`kernels.numba_cpu`.
+computes, the checks and dispatch live in :mod:`minibnn.kernels.numba_cpu`.
 
 For 256-bit vectors the popcount of ``a ^ b`` is taken byte-wise from a 16-entry table
 applied with ``vpshufb`` to the low and the high nibbles (the nibble-table popcount of

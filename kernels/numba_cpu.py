@@ -1,6 +1,6 @@
 """Numba CPU backend: parallel bit packing and the XNOR-popcount GEMM.
 
-Same conventions and results as :mod:`kernels.reference` (bit-exact):
+Same conventions and results as :mod:`minibnn.kernels.reference` (bit-exact):
 ``xnor_gemm(a (M, W), b (N, W), k)[i, j] = k - 2 * popcount(a[i] XOR b[j])``.
 
 This module holds the packing, the generic GEMM kernel, the dispatch among GEMM
@@ -11,7 +11,7 @@ over K (so a register tile's operands stay in L1):
 * ``"generic"`` (here): plain Numba code on a 4 x 2 register tile with popcount through
   ``llvm.ctpop.i64`` (numba has no popcount of its own); LLVM vectorizes the K loop or
   emits ``popcnt`` as the target allows. Runs on any CPU; the default.
-* ``"avx2"`` (:mod:`kernels.numba_avx2`): a hand-written LLVM IR micro-kernel with the
+* ``"avx2"`` (:mod:`minibnn.kernels.numba_avx2`): a hand-written LLVM IR micro-kernel with the
   nibble-table popcount on 256-bit vectors. Offered when the host CPU has AVX2; how it
   compares with the generic kernel depends on the CPU, so it is not the default.
 """

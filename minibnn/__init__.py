@@ -7,14 +7,44 @@
     opt.zero_grad(); loss.backward(); opt.step()
 """
 
+import importlib.util as _ilu
+import sys as _sys
+from pathlib import Path as _Path
+
+
+def _kernels_from_source_checkout():
+    """Make ``minibnn.kernels`` importable when minibnn runs from a source checkout.
+
+    The repository keeps the kernels in a top-level ``kernels/`` folder; an install maps
+    that folder to ``minibnn.kernels`` (``package_dir`` in setup.cfg), so that no top-level
+    module named ``kernels`` is installed (one on the package index would collide). Run
+    from a checkout without installing (``PYTHONPATH=.``), or from an editable install of
+    another checkout, the sibling folder of this package is loaded under the same name.
+    """
+    here = _Path(__file__).resolve().parent
+    src = here.parent / "kernels"
+    if (here / "kernels").is_dir() or "minibnn.kernels" in _sys.modules:
+        return  # installed layout, or already loaded
+    if not ((here.parent / "setup.cfg").is_file() and (src / "reference.py").is_file()):
+        return
+    spec = _ilu.spec_from_file_location("minibnn.kernels", src / "__init__.py",
+                                        submodule_search_locations=[str(src)])
+    module = _ilu.module_from_spec(spec)
+    _sys.modules["minibnn.kernels"] = module
+    spec.loader.exec_module(module)
+
+
+_kernels_from_source_checkout()
+
+from . import kernels  # noqa: E402  (the XNOR kernels, a leaf that never imports minibnn)
 from . import (backend, binary, data, deploy, functional, io, losses, models, nn, optim,
                registry, runs, train)
-from .binary import binary_matmul
-from .rng import seed
-from .summary import summary
+from .binary import binary_matmul  # noqa: E402
+from .rng import seed  # noqa: E402
+from .summary import summary  # noqa: E402
 from .tensor import Function, Tensor, no_grad
 
 __version__ = "0.1.0"
 __all__ = ["Tensor", "Function", "no_grad", "seed", "binary_matmul", "summary", "backend",
-           "binary", "data", "deploy", "functional", "io", "losses", "models", "nn", "optim",
+           "binary", "data", "deploy", "functional", "io", "kernels", "losses", "models", "nn", "optim",
            "registry", "runs", "train"]

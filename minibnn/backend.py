@@ -33,12 +33,12 @@ def _probe(name):
         return None
     if name == "numba":
         try:
-            import kernels.numba_cpu  # noqa: F401  (compiles nothing until first call)
+            from .kernels import numba_cpu  # noqa: F401  (compiles nothing until first call)
         except Exception as exc:  # ImportError, or numba failing to load LLVM
             return f"numba backend unavailable: {type(exc).__name__}: {exc}"
         return None
     if name == "cupy":
-        from kernels import cupy_gpu  # imports CuPy only inside available()
+        from .kernels import cupy_gpu  # imports CuPy only inside available()
 
         ok, why = cupy_gpu.available()
         return None if ok else f"cupy backend unavailable: {why}"
@@ -85,8 +85,8 @@ def use(name):
         _active = previous
 
 
-KERNEL_MODULES = {"numpy": "kernels.reference", "numba": "kernels.numba_cpu",
-                  "cupy": "kernels.cupy_gpu"}
+KERNEL_MODULES = {"numpy": "minibnn.kernels.reference", "numba": "minibnn.kernels.numba_cpu",
+                  "cupy": "minibnn.kernels.cupy_gpu"}
 
 
 def kernel_module(name=None):

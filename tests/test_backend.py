@@ -10,7 +10,7 @@ import pytest
 
 import minibnn
 from conftest import REASONS  # the each_backend fixture comes from conftest.py too
-from kernels import cupy_gpu
+from minibnn.kernels import cupy_gpu
 from minibnn import backend, losses, models, nn, optim
 from minibnn.tensor import Tensor
 
@@ -66,10 +66,10 @@ def test_use_restores_the_previous_backend_even_on_error():
     with pytest.raises(RuntimeError):
         with backend.use("numba"):
             assert backend.active() == "numba"
-            assert backend.kernel_module().__name__ == "kernels.numba_cpu"
+            assert backend.kernel_module().__name__ == "minibnn.kernels.numba_cpu"
             raise RuntimeError("boom")
     assert backend.active() == "numpy"
-    assert backend.kernel_module().__name__ == "kernels.reference"
+    assert backend.kernel_module().__name__ == "minibnn.kernels.reference"
 
 
 @pytest.mark.parametrize("value, ok", [("numba", True), ("NumPy", True), ("gpu", False)])

@@ -212,7 +212,7 @@ def test_threshold_edge_cases_planted(planted):
     assert t1.threshold[7] == -(t1.z_max + 1)  # beta = 1e6: always +1
     # negative gamma: the unit's weight row is negated (valid bits flipped, padding kept 0)
     w = np.where(_linears(planted)[1].weight.data >= 0, 1.0, -1.0)
-    from kernels.reference import unpack_rows
+    from minibnn.kernels.reference import unpack_rows
     rows = unpack_rows(t1.weight, t1.k)
     assert np.array_equal(rows[0], -w[0]) and np.array_equal(rows[1], w[1])
 

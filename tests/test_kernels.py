@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import kernels
+from minibnn import kernels
 from conftest import REASONS, backend_params
-from kernels import cupy_gpu, numba_cpu, reference
+from minibnn.kernels import cupy_gpu, numba_cpu, reference
 from minibnn.backend import KERNEL_MODULES
 
 
@@ -121,7 +121,7 @@ def test_every_backend_module_has_the_interface(backend_name):
 def test_numba_kernel_variants():
     assert numba_cpu.default_kernel() == "generic" == numba_cpu.available_kernels()[0]
     assert set(numba_cpu.available_kernels()) <= {"generic", "avx2"}
-    from kernels import numba_avx2
+    from minibnn.kernels import numba_avx2
 
     assert ("avx2" in numba_cpu.available_kernels()) == numba_avx2.host_has_avx2()
 

@@ -12,7 +12,7 @@ If a kernel's indexing changes, its model here must change with it.
 import numpy as np
 import pytest
 
-from kernels import reference
+from minibnn.kernels import reference
 
 # ------------------------------------------------------------ PTX ISA fragment layouts
 # groupID g = laneid >> 2, threadID_in_group t = laneid % 4.
@@ -285,7 +285,7 @@ def test_pack_kernel_model():
 def test_cupy_bitplane_gemm_combines_planes(monkeypatch, m, k, n):
     """The wrapper's reshape and shift-add, run with NumPy standing in for CuPy and the
     reference GEMM for the kernel; an empty batch (M = 0) returns int32 (0, N)."""
-    from kernels import cupy_gpu
+    from minibnn.kernels import cupy_gpu
 
     monkeypatch.setattr(cupy_gpu, "_cp", lambda: np)
     monkeypatch.setattr(cupy_gpu, "xnor_gemm", reference.xnor_gemm)

@@ -8,9 +8,9 @@ import re
 
 import pytest
 
-from kernels import cupy_gpu
-from kernels.cuda_sources import SOURCES, read_source
-from kernels.nvrtc_check import NVRTCError, NVRTCUnavailable, compile_all, compile_source, load_nvrtc
+from minibnn.kernels import cupy_gpu
+from minibnn.kernels.cuda_sources import SOURCES, read_source
+from minibnn.kernels.nvrtc_check import NVRTCError, NVRTCUnavailable, compile_all, compile_source, load_nvrtc
 
 try:
     load_nvrtc()

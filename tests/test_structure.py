@@ -17,6 +17,7 @@ ACCELERATORS = {"cupy", "cupyx", "numba", "llvmlite"}
 
 # layer of each minibnn module: a module may import only modules of a lower or equal layer
 LAYERS = {
+    "kernels": -1,  # the kernels/ folder, installed as minibnn.kernels
     "io": 0, "rng": 0, "backend": 0,
     "tensor": 1,
     "functional": 2, "binary": 3,
@@ -105,6 +106,17 @@ def test_every_package_is_installed():
     cfg = configparser.ConfigParser()
     cfg.read(ROOT / "setup.cfg")
     listed = set(cfg["options"]["packages"].split())
-    found = {".".join(p.parent.relative_to(ROOT).parts)
-             for top in ("minibnn", "kernels") for p in (ROOT / top).rglob("__init__.py")}
+    # package_dir maps an installed name to a folder of the repository
+    mapped = dict(line.split("=") for line in cfg["options"]["package_dir"].split("\n") if "=" in line)
+    folder_of = {k.strip(): v.strip() for k, v in mapped.items()}
+    assert folder_of == {"minibnn.kernels": "kernels"}
+    installed_as = {v: k for k, v in folder_of.items()}
+    found = set()
+    for top in ("minibnn", "kernels"):
+        for p in (ROOT / top).rglob("__init__.py"):
+            parts = p.parent.relative_to(ROOT).parts
+            name = ".".join(parts)
+            found.add(installed_as.get(name, name))
     assert found <= listed, f"add {sorted(found - listed)} to [options] packages in setup.cfg"
+    assert not any(name == "kernels" or name.startswith("kernels.") for name in listed), (
+        "no top-level package named kernels may be installed")

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kernels.reference import n_words, pad_mask
+from ..kernels.reference import n_words, pad_mask
 
 from ..io import atomic_savez, json_array, open_npz
 from .runtime import PLANES, FrozenBNN, FrozenConv, FrozenLayer, slot_mask

@@ -38,7 +38,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from kernels.reference import pack_rows
+from ..kernels.reference import pack_rows
 
 from .. import backend, nn
 from ..binary import conv_weight_rows

@@ -29,7 +29,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from kernels.reference import n_words, pack_rows, pad_mask, unpack_rows
+from ..kernels.reference import n_words, pack_rows, pad_mask, unpack_rows
 
 from .. import backend as _backend  # the methods' ``backend=`` argument shadows the name
 from ..functional import conv_output_shape, kernel_offsets, pool_output_shape
@@ -523,7 +523,7 @@ def _forward_batch(x, layers, kern, trace=None, bits=None):
 
 def _is_reference(kern):
     """The NumPy reference kernels loop in Python over the rows of their left operand."""
-    return kern.__name__ == "kernels.reference"
+    return kern.__name__ == "minibnn.kernels.reference"
 
 
 def _conv_gemm(patches, weight, k, kern):
