@@ -95,6 +95,19 @@ def kernel_module(name=None):
     return importlib.import_module(KERNEL_MODULES[_check(name) if name else active()])
 
 
+def conv_kernels(name=None):
+    """Compiled convolution glue of backend ``name`` (default: the active one), or None.
+
+    The numba backend has :mod:`minibnn.kernels.numba_conv` (col2im, sign-patch
+    packing, max pool; the same values as the NumPy code, bit for bit); on the other
+    backends the NumPy/CuPy array code in ``functional`` and ``binary`` runs as written.
+    """
+    if (_check(name) if name else active()) != "numba":
+        return None
+    from .kernels import numba_conv
+    return numba_conv
+
+
 def xp():
     """The array module new tensors are created in: cupy for the cupy backend, else numpy."""
     return array_module()

@@ -10,7 +10,8 @@ import numpy as np
 
 from . import backend
 from .backend import get_array_module
-from .functional import conv2d_backward, conv_output_shape, im2col, kernel_offsets
+from .functional import (compiled_glue, conv2d_backward, conv_output_shape, im2col,
+                         kernel_offsets)
 from .tensor import Function, Tensor
 
 
@@ -226,10 +227,13 @@ def xnor_conv2d(x, wb, stride=1, padding=0, dtype=np.int32):
     n, o, ho, wo = conv_output_shape(x.shape, wb.shape, stride, padding, op="xnor_conv2d")
     kh, kw = wb.shape[2:]
     kern = backend.kernel_module()
+    if (glue := compiled_glue(x)) is not None:  # numba: sign, patches and packing in one pass
+        patches = glue.pack_sign_patches(x, kh, kw, stride, padding)
+    else:
+        patches = kern.pack_rows(conv_sign_patches(x, kh, kw, stride, padding))
     # weights as the left operand: the product (O, N*Ho*Wo) becomes NCHW by moving whole
     # Ho*Wo planes, cheaper than transposing (N*Ho*Wo, O)
-    out = kern.xnor_gemm(kern.pack_rows(conv_weight_rows(wb)),
-                         kern.pack_rows(conv_sign_patches(x, kh, kw, stride, padding)), wb[0].size)
+    out = kern.xnor_gemm(kern.pack_rows(conv_weight_rows(wb)), patches, wb[0].size)
     out = out.reshape(o, n, ho * wo)
     if padding:
         out -= padding_correction(wb, x.shape[2:], stride, padding).reshape(o, 1, ho * wo)

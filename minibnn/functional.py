@@ -11,6 +11,7 @@ import numbers
 
 import numpy as np
 
+from . import backend
 from .backend import get_array_module, scatter_add
 from .tensor import Function, Tensor, as_tensor
 
@@ -352,6 +353,14 @@ def pad2d(x, padding, value=0):
     return out
 
 
+def compiled_glue(x):
+    """The numba backend's compiled col2im/max pool/sign patches (``backend.conv_kernels()``)
+    when it is active and ``x`` is a NumPy array, else None: the array code here runs.
+    Both give the same values bit for bit (tests/test_conv.py checks every op)."""
+    glue = backend.conv_kernels()
+    return glue if glue is not None and isinstance(x, np.ndarray) else None
+
+
 def kernel_offsets(kh, kw, stride, ho, wo):
     """Yield (i, j, rows, cols) for every kernel offset (i, j) in row-major order, where
     ``xpad[..., rows, cols]`` (rows and cols are slices) holds, for every output position
@@ -401,6 +410,8 @@ def col2im(cols, x_shape, kh, kw, stride=1, padding=0):
     if tuple(cols.shape) != (n * ho * wo, c * kh * kw):
         raise ValueError(f"col2im: columns of shape {tuple(cols.shape)} do not fit an input of "
                          f"shape {tuple(x_shape)}; expected {(n * ho * wo, c * kh * kw)}")
+    if (glue := compiled_glue(cols)) is not None:
+        return glue.col2im(cols, x_shape, kh, kw, stride, padding)
     cols = cols.T.reshape(c, kh, kw, n, ho, wo)
     xp = get_array_module(cols)
     out = xp.zeros((n, c, h + 2 * padding, w + 2 * padding), dtype=cols.dtype)
@@ -469,6 +480,11 @@ class MaxPool2d(Function):
     def forward(self, x, k, stride=None):
         stride = k if stride is None else stride
         n, c, ho, wo = pool_output_shape(x.shape, k, stride)
+        self.x_shape, self.k, self.stride = x.shape, k, stride
+        if (glue := compiled_glue(x)) is not None:
+            best, arg = glue.max_pool2d(x, k, stride)
+            self.save(arg)
+            return best
         xp = get_array_module(x)
         best = arg = None
         for t, (_, _, rows, columns) in enumerate(kernel_offsets(k, k, stride, ho, wo)):
@@ -481,11 +497,12 @@ class MaxPool2d(Function):
             xp.copyto(best, v, where=better)
             xp.copyto(arg, t, where=better)
         self.save(arg)
-        self.x_shape, self.k, self.stride = x.shape, k, stride
         return best
 
     def backward(self, g):
         arg = self.saved[0]
+        if (glue := compiled_glue(g)) is not None:
+            return (glue.max_pool2d_backward(g, arg, self.x_shape, self.k, self.stride),)
         _, _, ho, wo = g.shape
         gx = get_array_module(g).zeros(self.x_shape, dtype=g.dtype)
         offsets = kernel_offsets(self.k, self.k, self.stride, ho, wo)
