@@ -14,8 +14,8 @@ from pathlib import Path
 
 from .cuda_sources import SOURCES, read_source
 
-__all__ = ["NVRTCError", "NVRTCUnavailable", "load_nvrtc", "nvrtc_version", "compile_source",
-           "compile_all"]
+__all__ = ["NVRTCError", "NVRTCUnavailable", "load_nvrtc", "nvrtc_version", "supported_archs",
+           "compile_source", "compile_all"]
 
 
 class NVRTCUnavailable(RuntimeError):
@@ -43,7 +43,7 @@ def _candidates():
                 p = Path(loc) / "lib" / name
                 if p.exists():
                     yield str(p)
-    for name in ("libnvrtc.so.12", "libnvrtc.so"):
+    for name in ("libnvrtc.so.12", "libnvrtc.so.13", "libnvrtc.so"):
         yield name
     found = ctypes.util.find_library("nvrtc")
     if found:
@@ -77,6 +77,21 @@ def nvrtc_version():
     major, minor = ctypes.c_int(), ctypes.c_int()
     _check(lib, lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)), "nvrtcVersion")
     return major.value, minor.value
+
+
+def supported_archs():
+    """The compute capabilities the loaded NVRTC compiles for, as sorted ints (75, 80, ...).
+
+    NVRTC's own list (``nvrtcGetSupportedArchs``, CUDA 11.2 and later): each CUDA release
+    drops old architectures (CUDA 13 no longer has compute_70), so a check that names an
+    architecture asks here first.
+    """
+    lib = load_nvrtc()
+    count = ctypes.c_int()
+    _check(lib, lib.nvrtcGetNumSupportedArchs(ctypes.byref(count)), "nvrtcGetNumSupportedArchs")
+    archs = (ctypes.c_int * count.value)()
+    _check(lib, lib.nvrtcGetSupportedArchs(archs), "nvrtcGetSupportedArchs")
+    return sorted(int(a) for a in archs)
 
 
 def _check(lib, status, what, log=""):
