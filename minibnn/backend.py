@@ -108,6 +108,14 @@ def conv_kernels(name=None):
     return numba_conv
 
 
+def synchronize():
+    """Wait until the device has finished the work queued so far (a no-op on the CPU
+    backends); for timing a GPU path with a host clock."""
+    if active() == "cupy":
+        import cupy
+        cupy.cuda.get_current_stream().synchronize()
+
+
 def xp():
     """The array module new tensors are created in: cupy for the cupy backend, else numpy."""
     return array_module()

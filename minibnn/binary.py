@@ -6,6 +6,9 @@ Courbariaux, Hubara, Soudry, El-Yaniv, Bengio, "Binarized Neural Networks", arXi
 
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 
 from . import backend
@@ -113,12 +116,94 @@ def binary_matmul(a, b):
     return kern.xnor_gemm(kern.pack_rows(a), kern.pack_rows(b.T), a.shape[1])
 
 
+# --- which product runs: the XNOR kernel or a float GEMM ---------------------------------
+#
+# A product of +-1 operands is a sum of +-1 terms: an integer of magnitude <= K, which float32
+# holds exactly while K < 2**24. So the XNOR-popcount kernel and the float BLAS product give
+# the same numbers, and which one runs is a question of speed only. That depends on the
+# backend, the CPU or GPU and the shape: packing the operands costs a pass over each, the
+# XNOR GEMM then does 64 MACs per word; a small batch or a thin layer may not repay the
+# packing, and NumPy's reference XNOR (``np.bitwise_count``) rarely beats BLAS at all.
+# With the "auto" setting each product shape is timed once on first use (both paths, after
+# a warm-up) and the faster one is kept for that shape in this process.
+
+PRODUCT_PATHS = ("auto", "xnor", "float")
+_product_path = None  # resolved from MINIBNN_BINARY_PRODUCT on first use
+_choices = {}         # (backend, op, shape...) -> "xnor" | "float"
+FLOAT_EXACT_K = 2 ** 24  # float32 holds every integer of magnitude <= 2**24
+
+
+def product_path():
+    """How products of +-1 operands run in binary layers: "auto" (default; the faster path
+    per shape, measured on first use), "xnor" (always the XNOR-popcount kernel) or "float"
+    (always the float product). Set by ``set_product_path`` or ``MINIBNN_BINARY_PRODUCT``."""
+    global _product_path
+    if _product_path is None:
+        _product_path = _check_path(os.environ.get("MINIBNN_BINARY_PRODUCT", "auto"),
+                                    "MINIBNN_BINARY_PRODUCT")
+    return _product_path
+
+
+def _check_path(name, what):
+    name = str(name).strip().lower()
+    if name not in PRODUCT_PATHS:
+        raise ValueError(f"{what}: expected one of {', '.join(PRODUCT_PATHS)}, got {name!r}")
+    return name
+
+
+def set_product_path(name):
+    """Choose how binary layers multiply (see ``product_path``); returns the previous one."""
+    global _product_path
+    previous = product_path()
+    _product_path = _check_path(name, "set_product_path")
+    return previous
+
+
+def product_choices():
+    """{(backend, op, shape...): "xnor" | "float"}: what "auto" measured so far."""
+    return dict(_choices)
+
+
+def _timed(fn, repeats):
+    out, best = None, float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        backend.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return out, best
+
+
+def _run_product(op, key, k, run_xnor, run_float):
+    """The result of ``run_xnor()`` or ``run_float()`` (equal values), whichever path the
+    setting picks for this shape; under "auto" the first call times both."""
+    setting = product_path()
+    if k >= FLOAT_EXACT_K or setting == "xnor":
+        return run_xnor()
+    if setting == "float":
+        return run_float()
+    key = (backend.active(), op) + tuple(int(v) for v in key)
+    choice = _choices.get(key)
+    if choice == "xnor":
+        return run_xnor()
+    if choice == "float":
+        return run_float()
+    run_xnor()  # warm-up: JIT compilation, first allocations
+    run_float()
+    out_x, t_x = _timed(run_xnor, 2)
+    out_f, t_f = _timed(run_float, 2)
+    _choices[key] = "xnor" if t_x <= t_f else "float"
+    return out_x if t_x <= t_f else out_f
+
+
 class BinaryLinearFn(Function):
     """y = x W_b^T for +-1 input x (B, K) and +-1 weight W_b (N, K), the product of a hidden
     binary layer (paper Sections 3 and 4: a . b = K - 2 popcount(a XOR b)).
 
     forward:  both operands packed 64 signs to a word along K, multiplied by the active
-              backend's XNOR-popcount kernel; the integer result is exact in float.
+              backend's XNOR-popcount kernel; the integer result is exact in float. Where
+              a float GEMM is faster for this shape (``product_path``), that runs instead:
+              the same integers, exact in float32 while K < 2**24.
     backward: as for any product, g_x = g W_b and g_W = g^T x. The straight-through
               estimators sit around this op, not in it: SignSTE masked the gradient that
               reaches x's pre-activation, and BinarizeWeights hands g_W to the latent W.
@@ -130,8 +215,15 @@ class BinaryLinearFn(Function):
                              f"shape {wb.shape}; expected (batch, {wb.shape[-1]})")
         self.save(x, wb)
         kern = backend.kernel_module()
-        out = kern.xnor_gemm(kern.pack_rows(x), kern.pack_rows(wb), x.shape[1])
-        return out.astype(x.dtype)
+
+        def run_xnor():
+            return kern.xnor_gemm(kern.pack_rows(x), kern.pack_rows(wb), x.shape[1]).astype(x.dtype)
+
+        def run_float():
+            return x @ wb.T.astype(x.dtype, copy=False)
+
+        return _run_product("linear", (x.shape[0], x.shape[1], wb.shape[0]), x.shape[1],
+                            run_xnor, run_float)
 
     def backward(self, g):
         x, wb = self.saved
@@ -245,22 +337,37 @@ class BinaryConv2dFn(Function):
     and +-1 weight W_b (O, C, kh, kw): the convolution of a hidden binary layer.
 
     forward:  ``xnor_conv2d``: one XNOR-popcount GEMM on the patches of x padded with +1,
-              minus the padding correction; exact integers, returned in x's dtype.
+              minus the padding correction; exact integers, returned in x's dtype. Where
+              the float im2col + GEMM is faster for this shape (``product_path``), that
+              runs instead (same integers) and its patches serve the backward too.
     backward: that of the zero-padded float convolution (``functional.conv2d_backward``):
               g_x = col2im(g2 @ W2), g_W = g2^T im2col(x) with x padded by ZEROS (the
               +1 border is only a device of the forward; its taps contribute nothing).
     """
 
     def forward(self, x, wb, stride=1, padding=0):
-        out = xnor_conv2d(x, wb, stride, padding, dtype=x.dtype)
         self.save(x, wb)
-        self.stride, self.padding = stride, padding
-        return out
+        self.stride, self.padding, self.patches = stride, padding, None
+        n, o, ho, wo = conv_output_shape(x.shape, wb.shape, stride, padding, op="binary_conv2d")
+
+        def run_xnor():
+            self.patches = None
+            return xnor_conv2d(x, wb, stride, padding, dtype=x.dtype)
+
+        def run_float():
+            patches = im2col(x, wb.shape[2], wb.shape[3], stride, padding)
+            self.patches = patches if self.needs_input_grad[1] else None
+            out = (wb.reshape(o, -1).astype(x.dtype, copy=False) @ patches.T)
+            out = out.reshape(o, n, ho, wo).transpose(1, 0, 2, 3)
+            return get_array_module(out).ascontiguousarray(out)
+
+        return _run_product("conv2d", x.shape + wb.shape + (stride, padding), wb[0].size,
+                            run_xnor, run_float)
 
     def backward(self, g):
         x, wb = self.saved
-        patches = None
-        if self.needs_input_grad[1]:
+        patches, self.patches = self.patches, None
+        if self.needs_input_grad[1] and patches is None:
             patches = im2col(x, wb.shape[2], wb.shape[3], self.stride, self.padding)
         return conv2d_backward(g, x.shape, wb, self.stride, self.padding, patches,
                                need_x=self.needs_input_grad[0])

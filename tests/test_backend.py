@@ -105,7 +105,7 @@ def test_binary_matmul_accepts_tensors_and_rejects_bad_shapes():
         minibnn.binary_matmul(np.ones(3), b)
 
 
-def test_binary_linear_uses_the_kernel_for_binary_input(each_backend, monkeypatch):
+def test_binary_linear_uses_the_kernel_for_binary_input(each_backend, monkeypatch, xnor_products):
     calls = []
     real = backend.kernel_module
 

@@ -245,7 +245,7 @@ def test_flatten_on_nchw_keeps_c_h_w_order_and_gradient():
 # --- binary convolution -----------------------------------------------------------------
 
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
-def test_xnor_conv_equals_float_conv_exactly(each_backend, shape):
+def test_xnor_conv_equals_float_conv_exactly(each_backend, shape, xnor_products):
     x, wb, s, p = conv_case(shape)
     x32, w32 = backend.asarray(x, np.float32), backend.asarray(wb, np.float32)
     got = binary.binary_conv2d(Tensor(x32), Tensor(w32), stride=s, padding=p)
@@ -260,7 +260,7 @@ def test_xnor_conv_equals_float_conv_exactly(each_backend, shape):
 
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[4], SHAPES[6]],
                          ids=[IDS[0], IDS[1], IDS[4], IDS[6]])
-def test_xnor_conv_layer_gradients_equal_float_path(each_backend, shape):
+def test_xnor_conv_layer_gradients_equal_float_path(each_backend, shape, xnor_products):
     x, wb, s, p = conv_case(shape)
     o, c, kh, kw = wb.shape
     outs = {}

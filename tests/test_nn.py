@@ -463,7 +463,7 @@ def test_mnist_mlp_marks_exactly_the_layers_that_receive_signs(dropout_hidden, m
         assert all(not binary for xnor, binary in seen if not xnor)
 
 
-def test_xnor_path_equals_float_path_with_gradients(each_backend):
+def test_xnor_path_equals_float_path_with_gradients(each_backend, xnor_products):
     """binary_input=True (XNOR kernel) and False (float product) give the same outputs and
     gradients on +-1 input, 2-D and 3-D."""
     from minibnn import backend
