@@ -140,7 +140,10 @@ def claim(run_dir=None, resume=False, parent="runs", stem="run"):
             pass
         except OSError as exc:
             raise OSError(f"cannot create the run folder {run_dir}: {exc.strerror}") from None
-    elif resume and not (run_dir / CHECKPOINT).is_file():
+    if not resume and holds_run(run_dir):  # checked again under the lock below
+        raise FileExistsError(f"{run_dir} already holds a run ({holds_run(run_dir)}); "
+                              "pass --resume to continue it or choose another --out folder")
+    if resume and not (run_dir / CHECKPOINT).is_file():
         raise FileNotFoundError(f"{run_dir / CHECKPOINT}: no such checkpoint file; --resume "
                                 "takes the folder of a run that finished at least one epoch")
     try:
@@ -247,7 +250,8 @@ def write_results(run_dir, config, model_config, history, best, log=print, data=
                                                processor=platform.processor(),
                                                cpus=os.cpu_count(), numpy=np.__version__))
     models.save_model(Path(run_dir) / MODEL, model,
-                      extra=dict(test_error=test_at_best, best_epoch=best["epoch"], data=data))
+                      extra=dict(test_error=test_at_best, best_epoch=best["epoch"], data=data,
+                                 run_config=config))
     io.atomic_write_bytes(Path(run_dir) / METRICS, json.dumps(metrics, indent=2).encode())
     plot_curves(history, Path(run_dir) / CURVES)
     log(f"best validation error {100 * best['valid']:.2f}% at epoch {best['epoch']}; "

@@ -206,8 +206,9 @@ class TrainConfig:
         need = n * _BYTES_PER_PARAMETER
         have = _physical_memory()
         if have is not None and need > have:
-            raise ConfigError("hidden", f"{self.hidden} with {self.layers} layers: "
-                                        f"{n:,} parameters need about {_size(need)} to train "
+            raise ConfigError("hidden", f"{self.hidden}: {self.layers} x {self.hidden} units "
+                                        f"make {n:,} parameters, which need about "
+                                        f"{_size(need)} to train "
                                         f"({_BYTES_PER_PARAMETER} bytes each: weights, "
                                         "gradients, optimizer moments, checkpoint copies); "
                                         f"this machine has {_size(have)}")
@@ -549,6 +550,9 @@ def train(cfg=None, run_dir=None, resume=False, progress=True, stop_after=None, 
     Raises TrainingDiverged when the loss or the weights become NaN or infinite (the last
     good checkpoint stays, no model.npz is written) and TrainingInterrupted on Ctrl-C.
     """
+    if resume_options and not resume:
+        raise TypeError(f"train: {sorted(resume_options)} are for resume=True; a new run takes "
+                        "its options in cfg")
     if resume:
         if run_dir is None:
             raise ValueError("resume needs run_dir, the folder of the run to continue")
@@ -666,7 +670,9 @@ def load_for_eval(path, dataset=None, data_dir=None):
     else:
         model, meta = load_model(path)
         source, record = path, meta.get("data")
-        if record:
+        if "run_config" in meta:  # every option, ZCA included
+            cfg = stored_config(meta["run_config"], path)
+        elif record:
             cfg = TrainConfig(dataset=record["dataset"], model=record["model"],
                               data_dir=record["data_dir"],
                               train_limit=record["split"].get("train_limit"))
