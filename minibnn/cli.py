@@ -121,6 +121,11 @@ def _cmd_eval(args):
         frozen = deploy.load(path)
         cfg = TrainConfig(dataset=args.dataset or "mnist", data_dir=args.data_dir).validate()
         test = load_dataset(cfg, training=False)
+        if test.test_images[0].size != frozen.in_features:
+            raise ValueError(f"{cfg.data_dir or 'the shipped copy'}: test images of "
+                             f"{'x'.join(map(str, test.test_images.shape[1:]))} hold "
+                             f"{test.test_images[0].size} values; {path} takes "
+                             f"{frozen.in_features}")
         data.check_labels(test.test_labels, DATASETS[cfg.dataset][1],
                           f"{cfg.data_dir or 'the shipped copy'}, test split")
         err = float((frozen.predict(test.test_images) != test.test_labels).mean())

@@ -437,6 +437,10 @@ def test_cli_failures_are_one_error_line(tmp_path, capsys, monkeypatch, one_epoc
     assert "big: the training images are 10010 of 32x32" in err and "28x28" in err
     err = cli_error(capsys, ["eval", str(one_epoch_run), "--data-dir", "big"])
     assert "32x32" in err
+    net = models.mnist_mlp(hidden=16, layers=1, rng=np.random.default_rng(0)).eval()
+    deploy.freeze(net).save(tmp_path / "net.frozen.npz")
+    err = cli_error(capsys, ["eval", "net.frozen.npz", "--data-dir", "big"])
+    assert "test images of 32x32 hold 1024 values; net.frozen.npz takes 784" in err
 
 
 def test_ctrl_c_messages_fit_the_command(tmp_path, capsys, monkeypatch, one_epoch_run):
