@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from . import backend, registry
@@ -99,7 +98,6 @@ def _cmd_train(args):
             if value:
                 raise ValueError(f"{flag} cannot be given with --resume (the run keeps its "
                                  "folder and options)")
-        args.run_dir = args.resume
         train(run_dir=args.resume, resume=True, progress=progress, **given)
         return 0
     cfg = TrainConfig.recipe(given.pop("dataset", "mnist"), given.pop("model", "mlp"),
@@ -137,8 +135,8 @@ def _cmd_eval(args):
     check_same_data(record, sx, sy, cfg, source)
     err = error_rate(model, sx, sy, cfg.eval_batch_size)
     where = cfg.data_dir or "the shipped copy"
-    whose = ("the run's own data" if record else "no record of the run's data: given or "
-             "default data")
+    whose = ("the run's own data" if record else "as given" if args.dataset or args.data_dir
+             else "the file records no data: its architecture's data set")
     print(f"{source}: test error {100 * err:.2f}% on {len(sy)} {cfg.dataset} test images "
           f"from {where} ({whose}; backend {backend.active()})")
     return 0

@@ -122,10 +122,11 @@ def claim(run_dir=None, resume=False, parent="runs", stem="run"):
     block fails before the first checkpoint of a new run exists, what ``claim`` created is
     removed again, so a failed start leaves no empty folder behind.
     """
-    created = None
+    created, new_parent = None, None
     if run_dir is None:
         if resume:
             raise ValueError("resume needs the run folder")
+        new_parent = None if Path(parent).exists() else Path(parent)
         run_dir = created = new_run_dir(parent, stem)
     run_dir = Path(run_dir)
     if not resume and created is None:
@@ -149,7 +150,7 @@ def claim(run_dir=None, resume=False, parent="runs", stem="run"):
     try:
         fd = lock(run_dir)
     except BaseException:
-        _remove_created(created, run_dir)
+        _remove_created(created, new_parent)
         raise
     try:
         if not resume and holds_run(run_dir):
@@ -159,20 +160,24 @@ def claim(run_dir=None, resume=False, parent="runs", stem="run"):
         yield run_dir
     except BaseException:
         if not resume and not (run_dir / CHECKPOINT).exists():
-            _remove_created(created, run_dir)
+            _remove_created(created, new_parent)
         raise
     finally:
         os.close(fd)
 
 
-def _remove_created(created, run_dir):
-    """Remove ``created`` (a folder this process made for ``run_dir``) if nothing but the
-    lock file was written into it."""
+def _remove_created(created, new_parent):
+    """Remove ``created`` (a folder this process made for a run) if nothing but the lock
+    file was written into it, and ``new_parent`` (the ``runs`` folder, if this process
+    made it too) if that leaves it empty."""
     if created is None:
         return
     leftovers = [p for p in Path(created).rglob("*") if p.is_file() and p.name != LOCK]
     if not leftovers:
         shutil.rmtree(created, ignore_errors=True)
+    if new_parent is not None:
+        with contextlib.suppress(OSError):
+            new_parent.rmdir()  # only when empty: another run may have started in it
 
 
 #: what a checkpoint's ``meta`` entry must hold
@@ -185,9 +190,7 @@ def save_checkpoint(run_dir, config, epoch, model, opt, rng, history, best, data
 
     ``config`` is the run's options (a dict), ``rng`` the generator that shuffles and drops
     out, ``best`` a dict with the best epoch, its validation error and its state dict,
-    ``data`` what the run trained on (``train.data_record``). The names of each
-    parameter's optimizer arrays are recorded too, so that a checkpoint that lost some is
-    refused rather than resumed with a fresh optimizer.
+    ``data`` what the run trained on (``train.data_record``).
     """
     arrays = {f"model/{k}": v for k, v in model.state_dict().items()}
     arrays.update({f"best/{k}": v for k, v in best["state"].items()})

@@ -344,6 +344,8 @@ def test_a_failed_start_leaves_no_folder(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "nothing was saved" in err and "--resume" not in err
     assert list(tmp_path.iterdir()) == []  # a/ was made for the run: removed with it
+    assert cli.main(["train", "--no-progress", "--hidden", "16"]) == 130
+    assert list(tmp_path.iterdir()) == []  # runs/ and runs/mnist-mlp-... alike
 
 
 def test_resume_refuses_options_that_cannot_change(tmp_path, capsys, one_epoch_run):
