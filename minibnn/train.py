@@ -667,7 +667,10 @@ def load_for_eval(path, dataset=None, data_dir=None):
             source = path / runs.MODEL
         else:  # unfinished run: best epoch so far
             model = models.build(cfg.model_config(), rng=np.random.default_rng(0))
-            model.load_state_dict(ck["best"])
+            try:
+                model.load_state_dict(ck["best"])
+            except ValueError as exc:
+                raise ValueError(f"{path / runs.CHECKPOINT}: damaged checkpoint: {exc}") from None
             model.eval()
             source = f"{path / runs.CHECKPOINT} (best epoch so far)"
     else:

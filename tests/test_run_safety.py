@@ -425,6 +425,15 @@ def test_cli_failures_are_one_error_line(tmp_path, capsys, monkeypatch, one_epoc
     for argv in (["eval", str(run)], ["train", "--resume", str(run), "--no-progress"]):
         err = cli_error(capsys, argv)
         assert "checkpoint.npz: damaged checkpoint: its 'meta' entry lacks 'epoch'" in err
+    run = copy_run(one_epoch_run, tmp_path / "run2")
+    with np.load(run / T.CHECKPOINT) as z:
+        gone = [next(k for k in z.files if k.startswith(p) and k.endswith("gamma"))
+                for p in ("model/", "best/")]
+    rewrite_npz(run / T.CHECKPOINT, drop=gone)
+    for argv in (["eval", str(run)], ["train", "--resume", str(run), "--no-progress"]):
+        err = cli_error(capsys, argv)
+        assert "checkpoint.npz: damaged checkpoint: state dict does not match the model: " \
+               "missing keys" in err
     np.save(tmp_path / "array.npy", np.zeros(3))
     err = cli_error(capsys, ["eval", "array.npy"])
     assert "array.npy: not a model file: a single .npy array" in err
