@@ -360,6 +360,7 @@ def test_resume_refuses_options_that_cannot_change(tmp_path, capsys, one_epoch_r
     assert "--epochs" in err
 
 
+@pytest.mark.slow
 def test_extending_a_run_with_the_halving_schedule_ends_as_a_longer_run_would(tmp_path):
     cfg = dict(schedule="halve", halve_every=1, epochs=2, stochastic=True, dropout_in=0.2)
     T.train(small(**cfg), tmp_path / "short", progress=False, log=quiet)  # finished at 2
