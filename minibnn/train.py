@@ -648,12 +648,13 @@ def stored_config(config, path):
 
 
 def load_for_eval(path, dataset=None, data_dir=None):
-    """What ``eval`` scores and on which data: (model, cfg, source, own).
+    """What ``eval`` scores and on which data: (model, cfg, source, record).
 
     ``path`` is a run folder (its ``model.npz``, or the best epoch so far of an unfinished
     run) or a model file. ``cfg`` names the data: the run's own (data set, absolute
     folder, model and split, as recorded in the checkpoint or model file), unless
-    ``dataset`` or ``data_dir`` is given; ``own`` says whether it is the run's own. A model
+    ``dataset`` or ``data_dir`` is given. ``record`` is the run's ``data_record`` when
+    ``cfg`` is its own data (``check_same_data`` compares it), else None. A model
     file without a record (older minibnn) is scored on its architecture's data set
     (MNIST: the shipped copy).
     """
