@@ -14,7 +14,8 @@ For each layer whose input is binary (all but the first), on a batch of +-1 acti
 
 Each result is checked to equal the float convolution exactly. Figures are medians of
 --repeats runs after a warm-up, the paths taking turns in each repeat. Results go to
-benchmarks/results/conv_{cpu,gpu}[_quick].{json,png}.
+benchmarks/results/conv_{cpu,gpu}.{json,png}; a --quick run writes
+benchmarks/results/quick/conv_{cpu,gpu}_quick.{json,png} (ignored by git).
 
     python benchmarks/bench_conv.py [--quick] [--batch 50] [--repeats 5] [--out DIR]
 """
@@ -132,7 +133,9 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="small layers and batch: a smoke run")
     p.add_argument("--batch", type=int, default=None, help="images per batch (50, quick 8)")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--out", default=None,
+                   help="folder for the JSON and PNG (default benchmarks/results, with "
+                        "--quick benchmarks/results/quick, which git ignores)")
     args = p.parse_args(argv)
     batch = args.batch or (8 if args.quick else 50)
     if batch < 1 or args.repeats < 1:
@@ -143,7 +146,7 @@ def main(argv=None):
         rows += bench_layer(c_in, c_out, h, batch, args.repeats)
     print(f"binary vs float convolution, 3x3 padding 1, batch {batch}, CPU {common.cpu_model()}")
     print_table(rows)
-    out = Path(args.out)
+    out = common.results_dir(args.out, args.quick)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"conv_{'gpu' if use_gpu else 'cpu'}{'_quick' if args.quick else ''}"
     result = dict(machine=common.machine_info(use_gpu), batch=batch, repeats=args.repeats,

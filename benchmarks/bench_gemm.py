@@ -9,7 +9,9 @@ from float32) is timed apart, and "end to end" runs pack A + pack B + GEMM.
 Each figure is the median of --repeats runs after one warm-up run.
 
     python benchmarks/bench_gemm.py [--quick] [--backends numpy,reference,numba,cupy]
-                                    [--repeats 5] [--out benchmarks/results]
+                                    [--repeats 5] [--out DIR]
+
+Results go to benchmarks/results/ (--quick: benchmarks/results/quick/, ignored by git).
 """
 
 import argparse
@@ -147,7 +149,9 @@ def main(argv=None):
     p.add_argument("--backends", default="numpy,reference,numba,cupy",
                    help="comma list from numpy,reference,numba,cupy (numpy float32 always runs)")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--out", default=None,
+                   help="folder for the JSON and PNG (default benchmarks/results, with "
+                        "--quick benchmarks/results/quick, which git ignores)")
     args = p.parse_args(argv)
     backends = {s.strip() for s in args.backends.split(",") if s.strip()}
     unknown = backends - {"numpy", "reference", "numba", "cupy"}
@@ -166,7 +170,7 @@ def main(argv=None):
         print(f"{m}x{k}x{n}:", flush=True)
         rows += bench_shape(m, k, n, backends, args.repeats, use_gpu)
     print_table(rows)
-    out = Path(args.out)
+    out = common.results_dir(args.out, args.quick)
     out.mkdir(parents=True, exist_ok=True)
     stem = ("gemm_gpu" if use_gpu else "gemm_cpu") + ("_quick" if args.quick else "")
     info["load_average_at_end"] = list(os.getloadavg())

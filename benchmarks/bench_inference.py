@@ -35,7 +35,8 @@ path are compared with the float32 forward on all images it ran. Model sizes: fl
 weights (4 bytes each), the trained model's .npz and the saved frozen .npz. Results go to
 benchmarks/results/inference_{cpu,gpu}[_quick].json (both nets; a run of one net keeps the
 other's rows from the file), inference_{cpu,gpu}[_quick].png (MLPs) and
-inference_conv_{cpu,gpu}[_quick].png (ConvNet).
+inference_conv_{cpu,gpu}[_quick].png (ConvNet); a --quick run writes under
+benchmarks/results/quick/ (ignored by git), never over the tracked results.
 
     python benchmarks/bench_inference.py [--quick] [--nets mlp,convnet] [--repeats 5]
                                          [--conv-images N] [--backends numpy,numba,cupy]
@@ -617,7 +618,9 @@ def main(argv=None):
                         "NumPy forward always runs; cupy adds the float32 CuPy forward and, "
                         "for the ConvNet, cuDNN through torch when importable)")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--out", default=None,
+                   help="folder for the JSON and PNG (default benchmarks/results, with "
+                        "--quick benchmarks/results/quick, which git ignores)")
     args = p.parse_args(argv)
     nets = [s.strip() for s in args.nets.split(",") if s.strip()]
     if not nets or set(nets) - set(SECTIONS):
@@ -638,7 +641,7 @@ def main(argv=None):
     use_gpu = "cupy" in backends
     info = machine_info(use_gpu)
     print(json.dumps(info))
-    out = Path(args.out)
+    out = common.results_dir(args.out, args.quick)
     out.mkdir(parents=True, exist_ok=True)
     suffix = ("gpu" if use_gpu else "cpu") + ("_quick" if args.quick else "")
     result = {"machine": info, "repeats": args.repeats, "nets": nets}

@@ -8,6 +8,18 @@ from pathlib import Path
 import numpy as np
 
 
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def results_dir(out, quick):
+    """Where a benchmark writes: ``--out`` when given, else ``benchmarks/results/`` for a
+    full run and ``benchmarks/results/quick/`` (ignored by git) for a ``--quick`` smoke run,
+    so a smoke run never overwrites the tracked results."""
+    if out is not None:
+        return Path(out)
+    return RESULTS / "quick" if quick else RESULTS
+
+
 def cpu_model():
     """The CPU's model name (from /proc/cpuinfo where there is one)."""
     try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from . import backend, registry
@@ -23,9 +22,9 @@ def _train_parser(sub):
                                    "CIFAR-10 (45k / 5k / 10k) or SVHN. Options left out take the "
                                    "authors' recipe for the data set and model; the test error "
                                    "is reported at the epoch with the best validation error.")
-    p.add_argument("--dataset", choices=sorted(DATASETS), default="mnist",
-                   help="%(default)s; cifar10 and svhn need --data-dir")
-    p.add_argument("--model", choices=MODELS, default="mlp", help="%(default)s")
+    p.add_argument("--dataset", choices=sorted(DATASETS), default=None,
+                   help="mnist (default); cifar10 and svhn need --data-dir")
+    p.add_argument("--model", choices=MODELS, default=None, help="mlp (default)")
     p.add_argument("--torch", action="store_true",
                    help="the recipe's Torch7 variant: shift-based AdaMax and shift-based BN")
     def recipe(value, what=""):
@@ -39,7 +38,8 @@ def _train_parser(sub):
     p.add_argument("--batch-size", type=int, help=recipe(d.batch_size))
     p.add_argument("--lr-start", type=float, help=recipe(d.lr_start))
     p.add_argument("--lr-end", type=float,
-                   help=recipe(d.lr_end, "final rate of the exponential schedule"))
+                   help=recipe(d.lr_end, "rate of the last epoch: the exponential schedule "
+                                         "runs lr-start in the first epoch, lr-end in the last"))
     p.add_argument("--schedule", choices=registry.choices("schedule"),
                    help="exponential decay lr-start -> lr-end (Theano recipe) or halving every "
                         "--halve-every epochs (Torch recipe); default exp")
@@ -73,10 +73,11 @@ def _train_parser(sub):
     p.add_argument("--train-limit", type=int, default=None,
                    help="train on only the first N training images (quick runs)")
     p.add_argument("--out", default=None,
-                   help="run folder to create (default runs/DATASET-MODEL-YYYYmmdd-HHMMSS)")
+                   help="run folder to create; one that holds a run is refused (default: a "
+                        "new runs/DATASET-MODEL-YYYYmmdd-HHMMSS[-N])")
     p.add_argument("--resume", metavar="RUN_DIR", default=None,
-                   help="continue the run in RUN_DIR from its last checkpoint (its stored "
-                        "options are used)")
+                   help="continue the run in RUN_DIR from its last checkpoint with its own "
+                        "options; --epochs may change its length, other options are refused")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -90,72 +91,54 @@ _OPTIONS = ("hidden", "layers", "epochs", "batch_size", "lr_start", "lr_end", "s
 def _cmd_train(args):
     from .train import TrainConfig, train
     progress = not args.no_progress
+    given = {k: getattr(args, k) for k in _OPTIONS + ("dataset", "model")
+             if getattr(args, k) is not None}
     if args.resume:
-        train(run_dir=args.resume, resume=True, progress=progress)
+        for flag, value in (("--out", args.out), ("--torch", args.torch)):
+            if value:
+                raise ValueError(f"{flag} cannot be given with --resume (the run keeps its "
+                                 "folder and options)")
+        train(run_dir=args.resume, resume=True, progress=progress, **given)
         return 0
-    given = {k: getattr(args, k) for k in _OPTIONS if getattr(args, k) is not None}
-    cfg = TrainConfig.recipe(args.dataset, args.model, torch=args.torch, **given).validate()
-    out = args.out or str(Path("runs") / time.strftime(
-        f"{cfg.dataset}-{cfg.model}-%Y%m%d-%H%M%S"))
+    cfg = TrainConfig.recipe(given.pop("dataset", "mnist"), given.pop("model", "mlp"),
+                             torch=args.torch, **given).validate()
     net = (f"{cfg.layers}x{cfg.hidden} binary MLP" if cfg.model == "mlp"
            else f"binary ConvNet ({cfg.arch})")
     print(f"training {net} on {cfg.dataset}, {cfg.optimizer}, {cfg.bn} BN, batch "
-          f"{cfg.batch_size}, {cfg.epochs} epochs, backend {backend.active()}; run folder {out}")
-    args.run_dir = out
-    train(cfg, run_dir=out, progress=progress)
+          f"{cfg.batch_size}, {cfg.epochs} epochs, backend {backend.active()}")
+    train(cfg, run_dir=args.out, progress=progress)
     return 0
 
 
-def _config_for(path, model_config, args):
-    """The TrainConfig that says which data a model is scored on: the run's own, else one
-    made from the model's architecture and --dataset / --data-dir."""
-    from .train import TrainConfig
-    arch = model_config["arch"]
-    dataset = args.dataset or (arch.split("_")[0] if arch != "mnist_mlp" else "mnist")
-    return TrainConfig(dataset=dataset, model="mlp" if arch.endswith("mlp") else "convnet",
-                       data_dir=args.data_dir).validate()
-
-
 def _cmd_eval(args):
-    import dataclasses
-
-    import numpy as np
-
-    from . import deploy, models
-    from .models import load_model
-    from .runs import CHECKPOINT, MODEL, read_checkpoint
-    from .train import TrainConfig, error_rate, load_dataset, prepare_data
+    from . import data, deploy
+    from .train import (DATASETS, TrainConfig, check_same_data, error_rate, load_dataset,
+                        load_for_eval, prepare_data)
     path = Path(args.path)
     if path.is_file() and deploy.is_frozen_file(path):  # a frozen net: uint8 in, bits inside
         frozen = deploy.load(path)
         cfg = TrainConfig(dataset=args.dataset or "mnist", data_dir=args.data_dir).validate()
         test = load_dataset(cfg, training=False)
+        if test.test_images[0].size != frozen.in_features:
+            raise ValueError(f"{cfg.data_dir or 'the shipped copy'}: test images of "
+                             f"{'x'.join(map(str, test.test_images.shape[1:]))} hold "
+                             f"{test.test_images[0].size} values; {path} takes "
+                             f"{frozen.in_features}")
+        data.check_labels(test.test_labels, DATASETS[cfg.dataset][1],
+                          f"{cfg.data_dir or 'the shipped copy'}, test split")
         err = float((frozen.predict(test.test_images) != test.test_labels).mean())
         print(f"{path} ({frozen!r}): test error {100 * err:.2f}% on {len(test.test_labels)} "
               f"{cfg.dataset} images (backend {backend.active()})")
         return 0
-    if path.is_dir():
-        ck = read_checkpoint(path)
-        cfg = TrainConfig(**ck["meta"]["config"])
-        if args.data_dir is not None or args.dataset is not None:
-            cfg = dataclasses.replace(cfg, data_dir=args.data_dir or cfg.data_dir,
-                                      dataset=args.dataset or cfg.dataset)
-        if (path / MODEL).exists():
-            model, _ = load_model(path / MODEL)
-            source = path / MODEL
-        else:  # unfinished run: best epoch so far
-            model = models.build(cfg.model_config(), rng=np.random.default_rng(0))
-            model.load_state_dict(ck["best"])
-            model.eval()
-            source = f"{path / CHECKPOINT} (best epoch so far)"
-    else:
-        model, _ = load_model(path)
-        source = path
-        cfg = _config_for(path, model.config, args)
+    model, cfg, source, record = load_for_eval(path, args.dataset, args.data_dir)
     *_, sx, sy = prepare_data(cfg)
+    check_same_data(record, sx, sy, cfg, source)
     err = error_rate(model, sx, sy, cfg.eval_batch_size)
-    print(f"{source}: test error {100 * err:.2f}% on {len(sy)} {cfg.dataset} images "
-          f"(backend {backend.active()})")
+    where = cfg.data_dir or "the shipped copy"
+    whose = ("the run's own data" if record else "as given" if args.dataset or args.data_dir
+             else "the file records no data: its architecture's data set")
+    print(f"{source}: test error {100 * err:.2f}% on {len(sy)} {cfg.dataset} test images "
+          f"from {where} ({whose}; backend {backend.active()})")
     return 0
 
 
@@ -184,12 +167,38 @@ def main(argv=None):
         if args.backend:
             backend.set_backend(args.backend)
         return {"train": _cmd_train, "eval": _cmd_eval}[args.command](args)
-    except KeyboardInterrupt:
-        run = getattr(args, "run_dir", None) or getattr(args, "resume", None)
-        hint = f"; resume with: python -m minibnn train --resume {run}" if run else ""
-        print(f"\ninterrupted: the last complete epoch's checkpoint is kept{hint}", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"\n{_interrupted(args, exc)}", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError,
-            backend.BackendUnavailable) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:
+        return _error(exc)
+
+
+def _interrupted(args, exc):
+    """The Ctrl-C message of the command that ran: only training has checkpoints."""
+    if args.command != "train":
+        return "interrupted"
+    run = getattr(exc, "run_dir", None) or args.resume
+    epoch = getattr(exc, "epoch", None)
+    if not run or (epoch == 0 and not args.resume):
+        return "interrupted before the first epoch finished: nothing was saved"
+    kept = f"the checkpoint of epoch {epoch}" if epoch else "its last checkpoint"
+    return f"interrupted: {kept} is kept; resume with: python -m minibnn train --resume {run}"
+
+
+def _error(exc):
+    """One ``error:`` line for a failure the user can act on; anything else is a bug and
+    keeps its traceback."""
+    from .runs import RunLocked
+    from .train import ConfigError
+    if isinstance(exc, ConfigError):
+        message = f"--{exc.option.replace('_', '-')} {exc.problem}"
+    elif isinstance(exc, (ValueError, TypeError, OSError, RunLocked,
+                          backend.BackendUnavailable)):
+        message = str(exc)
+    elif isinstance(exc, MemoryError):
+        message = f"out of memory ({exc or 'a smaller --hidden or --batch-size may fit'})"
+    else:
+        raise exc
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    return 2

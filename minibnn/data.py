@@ -643,7 +643,10 @@ def batches(n, batch_size, rng=None, drop_last=False) -> Iterator[np.ndarray]:
     """Yield index arrays covering range(n) in batches of `batch_size`.
 
     Shuffled by `rng` (a numpy.random.Generator) when given, in order otherwise. The last
-    batch may be smaller unless `drop_last`. Arguments are checked when called, and the
+    batch may be smaller unless `drop_last`, but never a batch of one after a full one: a
+    trailing single index is merged into the batch before it (which then holds
+    ``batch_size + 1``), because batch norm cannot train on one example (its batch
+    variance is 0 and every output the same). Arguments are checked when called, and the
     permutation is drawn then too.
     """
     n = _check_int("n", n, 0)
@@ -655,7 +658,26 @@ def batches(n, batch_size, rng=None, drop_last=False) -> Iterator[np.ndarray]:
         )
     order = rng.permutation(n) if rng is not None else np.arange(n)
     stop = n - n % batch_size if drop_last else n
-    return (order[i : i + batch_size] for i in range(0, stop, batch_size))
+    starts = list(range(0, stop, batch_size))
+    if not drop_last and len(starts) > 1 and n - starts[-1] == 1 and batch_size > 1:
+        starts.pop()  # the single last index joins the batch before it
+    ends = starts[1:] + [stop]
+    return (order[i:j] for i, j in zip(starts, ends))
+
+
+def check_labels(labels, classes, where):
+    """Raise DatasetError naming ``where`` unless every label lies in 0 .. classes - 1.
+
+    Training would stop on such a label, but in validation or test it would silently
+    count as an error, so every split is checked the same way before use.
+    """
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        bad = int(np.count_nonzero((labels < 0) | (labels >= classes)))
+        raise DatasetError(f"{where}: {bad} label{'s' if bad != 1 else ''} outside the "
+                           f"{classes} classes (labels range over {labels.min()}.."
+                           f"{labels.max()}, expected 0..{classes - 1})")
+    return labels
 
 
 def to_pm1(images_uint8, dtype=np.float32, flatten=True) -> np.ndarray:

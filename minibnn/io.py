@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["atomic_write_bytes", "atomic_savez", "json_array", "read_json", "open_npz",
-           "read_prefixed"]
+           "read_prefixed", "check_finite"]
 
 
 def _atomic_write(path, write):
@@ -76,13 +76,20 @@ def open_npz(path, what, error=ValueError):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such {what} file")
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head.startswith(b"\x93NUMPY"):
+        raise error(f"{path}: not a {what} file: a single .npy array, not an .npz archive")
+    if not head.startswith(b"PK"):  # every .npz is a zip archive
+        raise error(f"{path}: not a {what} file: not a readable .npz archive (no zip "
+                    "header: damaged or another kind of file)")
     try:
         z = np.load(path, allow_pickle=False)
+        z.files  # noqa: B018  (a damaged zip directory shows here)
     except Exception as exc:
-        raise error(f"{path}: not a {what} file: not a readable .npz archive (truncated, "
-                    f"damaged or another kind of file; {type(exc).__name__}: {exc})") from exc
-    if not isinstance(z, np.lib.npyio.NpzFile):
-        raise error(f"{path}: not a {what} file: a single .npy array, not an .npz archive")
+        # NumPy's own message may advise allow_pickle=True: never repeat that advice
+        raise error(f"{path}: not a {what} file: not a readable .npz archive (truncated "
+                    f"or damaged; {type(exc).__name__})") from None
     return z
 
 
@@ -95,3 +102,15 @@ def read_prefixed(npz, prefix, path):
         return {k[len(prefix):]: npz[k] for k in npz.files if k.startswith(prefix)}
     except Exception as exc:
         raise ValueError(f"{path}: damaged file ({type(exc).__name__}: {exc})") from exc
+
+
+def check_finite(arrays, path, prefix=""):
+    """ValueError naming ``path`` and the entry ``prefix + name`` when a floating array of
+    the dict ``arrays`` holds NaN or infinity: such a file would load and then compute
+    nothing but NaN (a model trained into divergence, or a damaged file)."""
+    for name, a in arrays.items():
+        a = np.asarray(a)
+        if a.dtype.kind in "fc" and not np.isfinite(a).all():
+            bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
+            raise ValueError(f"{path}: array {prefix + name!r} holds {bad} NaN or infinite "
+                             f"value{'s' if bad != 1 else ''}; refusing to load it")

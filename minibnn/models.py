@@ -164,12 +164,19 @@ def save_model(path, model, extra=None):
 
 
 def load_model(path):
-    """Rebuild a model saved by ``save_model``, in eval mode; returns (model, meta)."""
+    """Rebuild a model saved by ``save_model``, in eval mode; returns (model, meta).
+
+    A file whose config does not build, whose arrays do not fit, or that holds NaN or
+    infinity is a ValueError naming the file."""
     with io.open_npz(path, "model") as z:
         if "config" not in z.files:
             raise ValueError(f"{path}: not a minibnn model file (no 'config' entry)")
         config, meta = io.read_json(z, "config", path), io.read_json(z, "meta", path)
         state = io.read_prefixed(z, "state/", path)
-    model = build(config, rng=np.random.default_rng(0))
-    model.load_state_dict(state)
+    io.check_finite(state, path, "state/")
+    try:
+        model = build(config, rng=np.random.default_rng(0))
+        model.load_state_dict(state)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"{path}: damaged model file: {exc}") from None
     return model.eval(), meta

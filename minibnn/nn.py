@@ -361,6 +361,18 @@ class _BatchNormBase(Module):
     def _shape(self, x):
         return (1, -1) if x.ndim == 2 else (1, -1, 1, 1)
 
+    def _train_axes(self, x):
+        """``_axes``, refusing a batch whose statistics rest on one value per feature: its
+        variance is 0, so training would normalise every output to beta (zeros)."""
+        axes = self._axes(x)
+        n = int(np.prod([x.shape[a] for a in axes]))
+        if n < 2:
+            raise ValueError(f"{type(self).__name__} in training mode got a batch of "
+                             f"{x.shape[0]} (input shape {tuple(x.shape)}): a batch of one has "
+                             "no batch variance; train with batches of 2 or more, or call "
+                             ".eval() to use the running statistics")
+        return axes
+
     def _update_running(self, mean, var):
         m = self.momentum
         self.running_mean[...] = (1 - m) * self.running_mean + m * mean.astype(np.float32)
@@ -393,8 +405,8 @@ class BatchNorm(_BatchNormBase):
     """
 
     def forward(self, x):
-        axes = self._axes(x)
         if self.training:
+            axes = self._train_axes(x)
             mean, var = x.data.mean(axis=axes), x.data.var(axis=axes)
             self._update_running(mean, var)
             return F.BatchNormTrain.apply(x, self.gamma, self.beta, mean=mean, var=var,
@@ -427,7 +439,7 @@ class ShiftBatchNorm(_BatchNormBase):
     def forward(self, x):
         if not self.training:
             return self._eval_forward(x)
-        axes = self._axes(x)
+        axes = self._train_axes(x)
         shape = self._shape(x)
         gamma = ap2_ste(self.gamma).reshape(shape)
         centred = x - F.mean(x, axis=axes, keepdims=True)

@@ -27,6 +27,11 @@ class Optimizer:
 
     defaults = {}
 
+    def state_keys(self):
+        """The names of the moment arrays a step keeps per parameter (what ``state_dict``
+        saves once the parameter has had a gradient)."""
+        return ()
+
     def __init__(self, params, lr, **hyper):
         self.params = list(params)
         if not self.params:
@@ -95,6 +100,12 @@ class Optimizer:
                 if tuple(v.shape) != tuple(p.shape):
                     raise ValueError(f"optimizer state {k!r} of parameter {i} has shape "
                                      f"{tuple(v.shape)}, the parameter has {tuple(p.shape)}")
+            # after a step every parameter has its moments: a state without them would
+            # silently restart the optimizer from scratch
+            if int(sd["t"]) > 0 and sorted(s) != sorted(self.state_keys()):
+                raise ValueError(f"optimizer state of parameter {i} holds {sorted(s)}, "
+                                 f"{type(self).__name__} after {int(sd['t'])} steps needs "
+                                 f"{sorted(self.state_keys())}")
         self.t, self.lr = int(sd["t"]), float(sd["lr"])
         xp = backend.get_array_module(self.params[0].data)
         self.state = [{k: xp.array(v, dtype=p.dtype, copy=True) for k, v in s.items()}
@@ -113,6 +124,9 @@ class SGD(Optimizer):
     """
 
     defaults = {"momentum": 0.0}
+
+    def state_keys(self):
+        return ("v",) if self.hyper["momentum"] else ()
 
     def _delta(self, g, state, lr):
         xp = backend.get_array_module(g)
@@ -144,6 +158,9 @@ class Adam(Optimizer):
     """
 
     defaults = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
+
+    def state_keys(self):
+        return ("m", "v")
 
     def _delta(self, g, state, lr):
         b1, b2, eps = self.hyper["beta1"], self.hyper["beta2"], self.hyper["eps"]
@@ -183,6 +200,9 @@ class AdaMax(Optimizer):
     """
 
     defaults = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
+
+    def state_keys(self):
+        return ("m", "u")
 
     def _moments(self, g, state):
         """Update m and u in place; return them with the scratch array and array module."""
@@ -254,17 +274,28 @@ OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamax": AdaMax, "shift-adamax": ShiftA
 
 
 class ExponentialDecay:
-    """lr(epoch) = lr_start * (lr_end / lr_start) ** (epoch / epochs): the paper's Theano
-    recipe, which multiplies the rate by a constant factor after every epoch."""
+    """lr(epoch) = lr_start * (lr_end / lr_start) ** (epoch / (epochs - 1)) for epochs
+    0 .. epochs - 1: the first epoch runs at ``lr_start``, the last at exactly ``lr_end``,
+    and the rate shrinks by a constant factor after every epoch in between. A one-epoch
+    schedule runs at ``lr_start``; epochs past the last continue the decay.
+
+    The paper's Theano code multiplies by (lr_end / lr_start) ** (1 / epochs) after each
+    epoch, so its last epoch runs one factor above lr_end; here ``lr_end`` is the rate of
+    the last epoch, as the command line's ``--lr-end`` says.
+    """
 
     def __init__(self, lr_start, lr_end, epochs):
-        if lr_start <= 0 or lr_end <= 0 or epochs < 1:
-            raise ValueError(f"need lr_start > 0, lr_end > 0, epochs >= 1; got "
+        if not (0 < lr_start < float("inf") and 0 < lr_end < float("inf")) or epochs < 1:
+            raise ValueError(f"need finite lr_start > 0, lr_end > 0, epochs >= 1; got "
                              f"{lr_start}, {lr_end}, {epochs}")
         self.lr_start, self.lr_end, self.epochs = lr_start, lr_end, epochs
 
     def __call__(self, epoch):
-        return self.lr_start * (self.lr_end / self.lr_start) ** (epoch / self.epochs)
+        if self.epochs == 1:
+            return self.lr_start * (self.lr_end / self.lr_start) ** epoch
+        if epoch == self.epochs - 1:
+            return self.lr_end  # exactly, not up to rounding
+        return self.lr_start * (self.lr_end / self.lr_start) ** (epoch / (self.epochs - 1))
 
 
 class StepHalving:

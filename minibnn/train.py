@@ -10,6 +10,9 @@ where an uninterrupted one would).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -54,6 +57,53 @@ RECIPES = {
 }
 #: the Torch7 variant of a recipe: shift-based AdaMax and shift-based batch norm
 TORCH_VARIANT = dict(optimizer="shift-adamax", bn="shift")
+
+
+class ConfigError(ValueError):
+    """A training option out of range; ``option`` is its TrainConfig name (``lr_start``),
+    ``problem`` the rest of the message."""
+
+    def __init__(self, option, problem):
+        super().__init__(f"{option} {problem}")
+        self.option, self.problem = option, problem
+
+
+def _check_option(cfg, name, kind, low, high=None, open_low=False, why=""):
+    """ConfigError unless ``cfg.<name>`` is a ``kind`` (int, or a finite float) with
+    low <= value (low < value when ``open_low``) and value < high."""
+    value = getattr(cfg, name)
+    ok_type = (isinstance(value, (int, np.integer)) if kind is int
+               else isinstance(value, (int, float, np.integer, np.floating)))
+    if isinstance(value, bool) or not ok_type:
+        raise ConfigError(name, f"must be {'an integer' if kind is int else 'a number'}, "
+                                f"got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(name, f"must be a finite number, got {value}")
+    if value < low or (open_low and value == low) or (high is not None and value >= high):
+        rng = (f"in [{low}, {high})" if high is not None else
+               f"> {low}" if open_low else f">= {low}")
+        raise ConfigError(name, f"must be {rng}, got {value}" + (f": {why}" if why else ""))
+
+
+#: bytes of training state per MLP parameter: float32 latent weight, gradient, two
+#: optimizer moments, the optimizer's scratch array, and the model and best-epoch copies
+#: a checkpoint writes
+_BYTES_PER_PARAMETER = 7 * 4
+
+
+def _physical_memory():
+    """This machine's physical memory in bytes, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _size(n_bytes):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n_bytes < 1024 or unit == "TiB":
+            return f"{n_bytes:,.1f} {unit}"
+        n_bytes /= 1024
 
 
 @dataclasses.dataclass
@@ -104,6 +154,12 @@ class TrainConfig:
         return cls(**kw)
 
     def validate(self):
+        """Check every option; ConfigError (a ValueError) names the first one at fault.
+
+        Sizes are integers in range, rates finite and positive, probabilities in range; a
+        batch needs two images (batch norm has no batch variance on one); an MLP whose
+        parameters would not fit in this machine's memory is refused with what it needs.
+        """
         for kind, name in (("optimizer", self.optimizer), ("loss", self.loss),
                            ("schedule", self.schedule), ("bn", self.bn)):
             registry.lookup(kind, name)  # ValueError listing the choices
@@ -112,20 +168,50 @@ class TrainConfig:
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {list(MODELS)}, got {self.model!r}")
         registry.lookup("arch", self.arch)
-        for name in ("hidden", "layers", "epochs", "batch_size", "halve_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.train_limit is not None and self.train_limit < 1:
-            raise ValueError(f"train_limit must be >= 1, got {self.train_limit}")
+        for name in ("hidden", "layers", "epochs", "halve_every"):
+            _check_option(self, name, int, 1)
+        _check_option(self, "batch_size", int, 2,
+                      why="batch norm needs two or more images per batch (one image has no "
+                          "batch variance)")
+        _check_option(self, "seed", int, 0)
+        _check_option(self, "bn_recompute", int, 0)
+        if self.bn_recompute == 1:
+            raise ConfigError("bn_recompute", "must be 0 (off) or >= 2 images, got 1: one "
+                                              "image has no batch variance")
+        if self.train_limit is not None:
+            _check_option(self, "train_limit", int, 2)
+        for name in ("lr_start", "lr_end"):
+            _check_option(self, name, float, 0.0, open_low=True)
+        for name in ("dropout_in", "dropout_hidden"):
+            _check_option(self, name, float, 0.0, 1.0)
+        _check_option(self, "bn_momentum", float, 0.0, open_low=True)
+        if self.bn_momentum > 1.0:
+            raise ConfigError("bn_momentum", f"must be in (0, 1], got {self.bn_momentum}")
         if self.dataset != "mnist" and self.data_dir is None:
             raise ValueError(_WHERE_TO_GET[self.dataset])
-        if self.bn_recompute < 0:
-            raise ValueError(f"bn_recompute must be >= 0 images, got {self.bn_recompute}")
-        if not 0.0 < self.bn_momentum <= 1.0:
-            raise ValueError(f"bn_momentum must be in (0, 1], got {self.bn_momentum}")
         if self.zca and self.dataset == "mnist":
             raise ValueError("zca: ZCA whitening is for the colour data sets (cifar10, svhn)")
+        self._check_memory()
         return self
+
+    def _check_memory(self):
+        """Refuse an MLP whose training state (``_BYTES_PER_PARAMETER`` bytes a parameter)
+        exceeds the machine's physical memory: it would fail with a MemoryError deep in
+        NumPy, or swap the machine to a halt."""
+        if self.model != "mlp":
+            return  # the ConvNets' sizes are fixed by their recipes
+        shape, classes = DATASETS[self.dataset]
+        n_in = int(np.prod(shape))
+        n = n_in * self.hidden + (self.layers - 1) * self.hidden ** 2 + self.hidden * classes
+        need = n * _BYTES_PER_PARAMETER
+        have = _physical_memory()
+        if have is not None and need > have:
+            raise ConfigError("hidden", f"{self.hidden}: {self.layers} x {self.hidden} units "
+                                        f"make {n:,} parameters, which need about "
+                                        f"{_size(need)} to train "
+                                        f"({_BYTES_PER_PARAMETER} bytes each: weights, "
+                                        "gradients, optimizer moments, checkpoint copies); "
+                                        f"this machine has {_size(have)}")
 
     @property
     def arch(self):
@@ -190,6 +276,49 @@ def load_dataset(cfg, training=True):
     return data.load_svhn(cfg.data_dir, extra=training)
 
 
+def _data_name(cfg):
+    """How messages name the data of ``cfg``: its folder, or MNIST's shipped copy."""
+    return (f"{cfg.dataset} data in {cfg.data_dir}" if cfg.data_dir is not None
+            else f"the shipped {cfg.dataset} copy")
+
+
+def check_images(ds, cfg):
+    """DatasetError unless the images of ``ds`` have the shape ``cfg``'s networks take
+    (``DATASETS``): MNIST's layout with other image sizes would fail deep in a matmul."""
+    shape, _ = DATASETS[cfg.dataset]
+    for split, images in (("training", ds.train_images), ("test", ds.test_images)):
+        got = tuple(images.shape[1:])
+        if got != (shape[1:] if len(got) == 2 else shape) or len(images) == 0:
+            raise data.DatasetError(
+                f"{_data_name(cfg)}: the {split} images are {len(images)} of "
+                f"{'x'.join(map(str, got))}, but {cfg.dataset}'s networks take images of "
+                f"{'x'.join(map(str, shape[1:] if shape[0] == 1 else shape))}")
+
+
+def data_record(cfg, tx, ty, vx, vy, sx, sy):
+    """What a run trained and is scored on, stored in its checkpoint and model file so it
+    can be evaluated on its own data: data set, absolute data folder (None: the shipped
+    MNIST), model, split sizes, and checksums of the labels and of the test split."""
+    labels = hashlib.sha256()
+    for y in (ty, vy):
+        labels.update(np.ascontiguousarray(y, np.int64).tobytes())
+    return dict(dataset=cfg.dataset, data_dir=cfg.data_dir, model=cfg.model,
+                split=dict(train=len(ty), valid=len(vy), test=len(sy),
+                           train_limit=cfg.train_limit),
+                labels_sha256=labels.hexdigest(), test_sha256=split_checksum(sx, sy, cfg))
+
+
+def split_checksum(sx, sy, cfg):
+    """sha256 of the prepared test split: the same only for the same data, prepared the
+    same way. ZCA-whitened images depend on the BLAS that whitened them, so with ``zca``
+    only the labels and the images' shape are hashed."""
+    h = hashlib.sha256(np.ascontiguousarray(sy, np.int64).tobytes())
+    h.update(repr(tuple(sx.shape)).encode())
+    if not cfg.zca:
+        h.update(np.ascontiguousarray(sx).tobytes())
+    return h.hexdigest()
+
+
 def prepare_data(cfg):
     """(train_x, train_y, valid_x, valid_y, test_x, test_y): images scaled to [-1, 1] as
     float32 (flattened for an MLP, (n, C, H, W) for a ConvNet), labels int64.
@@ -198,14 +327,18 @@ def prepare_data(cfg):
     ``data.split_svhn``. With ``cfg.zca`` the images are ZCA-whitened by a transform fitted
     on the training split only.
     """
-    shape, _ = DATASETS[cfg.dataset]
+    shape, classes = DATASETS[cfg.dataset]
     ds = load_dataset(cfg)
+    check_images(ds, cfg)
     if cfg.dataset == "mnist":
         tx, ty, vx, vy = data.split_train_valid(ds.train_images, ds.train_labels)
     elif cfg.dataset == "cifar10":
         tx, ty, vx, vy = data.split_cifar10(ds.train_images, ds.train_labels)
     else:
         tx, ty, vx, vy = data.split_svhn(ds)
+    where = _data_name(cfg)
+    for split, labels in (("training", ty), ("validation", vy), ("test", ds.test_labels)):
+        data.check_labels(labels, classes, f"{where}, {split} split")
     if cfg.train_limit is not None:
         tx, ty = tx[:cfg.train_limit], ty[:cfg.train_limit]
     out_shape = (-1, int(np.prod(shape))) if cfg.model == "mlp" else (-1,) + shape
@@ -263,25 +396,47 @@ def recompute_bn_statistics(model, x, batch_size):
         b.training = True
     try:
         with no_grad():
-            for k, i in enumerate(range(0, len(x), batch_size)):
+            for k, idx in enumerate(data.batches(len(x), batch_size)):  # never a batch of one
                 for b in norms:  # running = mean of the batches seen so far
                     b.momentum = 1.0 / (k + 1)
-                model(Tensor(backend.asarray(x[i:i + batch_size])))
+                model(Tensor(backend.asarray(x[idx])))
     finally:
         for b, m in zip(norms, momenta):
             b.momentum = m
         model.train(was_training)
 
 
+class TrainingDiverged(ValueError):
+    """The training loss or the weights became NaN or infinite."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``train``: ``run_dir`` is the run's folder, ``epoch`` the epoch of its
+    last checkpoint (0: none was written, and a new run's folder was removed)."""
+
+    def __init__(self, run_dir, epoch):
+        super().__init__(f"interrupted: {run_dir} after epoch {epoch}")
+        self.run_dir, self.epoch = run_dir, epoch
+
+
 def train_epoch(model, opt, loss_fn, x, y, batch_size, rng, bar=None):
     """One pass over (x, y) in mini-batches shuffled by ``rng``; returns
-    (mean loss, training error, images seen)."""
+    (mean loss, training error, images seen).
+
+    ``data.batches`` never yields a trailing batch of one (it joins the batch before it),
+    which batch norm could not train on. A NaN or infinite loss stops the pass with
+    TrainingDiverged: every step after it would only spread NaN through the weights.
+    """
     model.train()
     loss_sum, wrong, seen = 0.0, 0, 0
-    for idx in data.batches(len(x), batch_size, rng=rng):
+    for b, idx in enumerate(data.batches(len(x), batch_size, rng=rng)):
         yb = backend.asarray(y[idx])
         loss, scores = train_step(model, opt, loss_fn, backend.asarray(x[idx]), yb)
-        loss_sum += float(loss.item()) * len(idx)
+        value = float(loss.item())
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"the training loss became {value} in batch {b + 1} "
+                                   f"(learning rate {opt.lr:.3g})")
+        loss_sum += value * len(idx)
         wrong += int((scores.data.argmax(axis=1) != yb).sum())
         seen += len(idx)
         if bar is not None:
@@ -315,20 +470,72 @@ class _Run:
         self.history, self.epoch = [], 0
         self.best = dict(epoch=-1, valid=float("inf"), state=self.model.state_dict())
 
-    def restore(self, ck):
+    def restore(self, ck, path):
+        """Continue from the checkpoint ``ck`` (read from ``path``); a checkpoint that does
+        not fit this run's model or optimizer is a ValueError naming ``path``."""
         meta = ck["meta"]
-        self.model.load_state_dict(ck["model"])
-        self.opt.load_state_dict(dict(t=meta["optim_t"], lr=meta["optim_lr"], state=ck["optim"]))
-        self.rng.bit_generator.state = meta["rng"]
+        try:
+            self.model.load_state_dict(ck["model"])
+            self.opt.load_state_dict(dict(t=meta["optim_t"], lr=meta["optim_lr"],
+                                          state=ck["optim"]))
+            self.rng.bit_generator.state = meta["rng"]
+            best_model = models.build(self.cfg.model_config(), rng=np.random.default_rng(0))
+            best_model.load_state_dict(ck["best"])
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"{path}: damaged checkpoint: {exc}") from None
         self.history, self.epoch = meta["history"], meta["epoch"]
         self.best = dict(epoch=meta["best_epoch"], valid=meta["best_valid"], state=ck["best"])
 
-    def save(self, run_dir):
+    def save(self, run_dir, record):
         runs.save_checkpoint(run_dir, dataclasses.asdict(self.cfg), self.epoch, self.model,
-                             self.opt, self.rng, self.history, self.best)
+                             self.opt, self.rng, self.history, self.best, record)
 
 
-def train(cfg=None, run_dir=None, resume=False, progress=True, stop_after=None, log=print):
+#: the options that a resumed run may change (``resume_config``)
+RESUMABLE = ("epochs",)
+
+
+def resume_config(stored, **given):
+    """The TrainConfig of a run resumed with the options ``given`` (None: not given).
+
+    A run continues with its own options: giving another value for any of them is a
+    ConfigError naming each, except ``epochs``, which may extend (or shorten) the run, and
+    ``data_dir``, which may point at the same data moved elsewhere (``train`` checks that
+    it is the same data). Giving an option its stored value is accepted.
+    """
+    cfg = stored if isinstance(stored, TrainConfig) else TrainConfig(**stored)
+    changes, differ = {}, []
+    for name, value in given.items():
+        if value is None:
+            continue
+        if name == "data_dir":
+            value = str(Path(value).expanduser().resolve())
+        if name in RESUMABLE or name == "data_dir":
+            changes[name] = value
+        elif value != getattr(cfg, name):
+            differ.append(f"--{name.replace('_', '-')} (the run has {getattr(cfg, name)!r}, "
+                          f"given {value!r})")
+    if differ:
+        raise ConfigError("resume", "continues a run with the options it started with; "
+                                    "these cannot change: " + ", ".join(differ))
+    return dataclasses.replace(cfg, **changes)
+
+
+def _schedule_note(cfg, done, old_epochs):
+    """What happens to the learning rate when a run's length changes on resume."""
+    if cfg.schedule == "halve":
+        return (f"epochs {old_epochs} -> {cfg.epochs}: the halving schedule does not depend "
+                "on the length, so this run ends where one trained "
+                f"{cfg.epochs} epochs from the start would")
+    return (f"epochs {old_epochs} -> {cfg.epochs}: the exponential schedule is re-planned "
+            f"over {cfg.epochs} epochs: epochs {done + 1}..{cfg.epochs} run at its rates "
+            f"(the last at lr_end {cfg.lr_end:g}), the {done} done ran at the "
+            f"{old_epochs}-epoch schedule's, so the result differs from a run trained "
+            f"{cfg.epochs} epochs from the start")
+
+
+def train(cfg=None, run_dir=None, resume=False, progress=True, stop_after=None, log=print,
+          **resume_options):
     """Train (or, with ``resume=True``, continue training) the run in ``run_dir``.
 
     Each epoch: set the learning rate from the schedule, one pass of ``train_step`` over
@@ -336,56 +543,169 @@ def train(cfg=None, run_dir=None, resume=False, progress=True, stop_after=None, 
     ``runs.write_results`` keeps the best validation epoch. ``stop_after`` ends this call
     after that many epochs (the run stays resumable); it exists for tests and for training
     in slices. Returns the metrics dict.
+
+    A new run validates its options and loads its data before it creates its folder
+    (``run_dir``, or a fresh ``runs/DATASET-MODEL-YYYYmmdd-HHMMSS`` when None), so a bad
+    start leaves nothing behind. The folder is locked while training (``runs.claim``). A
+    relative ``data_dir`` is stored as an absolute path. With ``resume``, options in
+    ``resume_options`` are checked by ``resume_config``; ``epochs`` may change the length.
+
+    Raises TrainingDiverged when the loss or the weights become NaN or infinite (the last
+    good checkpoint stays, no model.npz is written) and TrainingInterrupted on Ctrl-C.
     """
-    run_dir = Path(run_dir)
+    if resume_options and not resume:
+        raise TypeError(f"train: {sorted(resume_options)} are for resume=True; a new run takes "
+                        "its options in cfg")
     if resume:
-        ck = runs.read_checkpoint(run_dir)
-        cfg = TrainConfig(**ck["meta"]["config"])
-    else:
-        cfg = cfg or TrainConfig()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if (run_dir / runs.CHECKPOINT).exists():
-            raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it "
-                                  "or choose another --out folder")
+        if run_dir is None:
+            raise ValueError("resume needs run_dir, the folder of the run to continue")
+        with runs.claim(run_dir, resume=True) as run_dir:
+            path = run_dir / runs.CHECKPOINT
+            ck = runs.read_checkpoint(run_dir)
+            cfg = resume_config(stored_config(ck["meta"]["config"], path), **resume_options)
+            cfg.validate()
+            done, old_epochs = ck["meta"]["epoch"], ck["meta"]["config"]["epochs"]
+            if cfg.epochs < done:
+                raise ConfigError("epochs", f"{cfg.epochs} is fewer than the {done} epochs "
+                                            f"{run_dir} has already trained")
+            splits = prepare_data(cfg)
+            check_same_data(ck["meta"].get("data"), *splits[4:], cfg, run_dir)
+            run = _Run(cfg)
+            run.restore(ck, path)
+            log(f"resuming {run_dir} after epoch {run.epoch}/{cfg.epochs}")
+            if cfg.epochs != old_epochs:
+                log(_schedule_note(cfg, done, old_epochs))
+            return _train_epochs(run, run_dir, splits, progress, stop_after, log)
+    cfg = cfg or TrainConfig()
+    if cfg.data_dir is not None:
+        cfg = dataclasses.replace(cfg, data_dir=str(Path(cfg.data_dir).expanduser().resolve()))
     cfg.validate()
-    tx, ty, vx, vy, sx, sy = prepare_data(cfg)
+    splits = prepare_data(cfg)
     run = _Run(cfg)
-    if resume:
-        run.restore(ck)
-        log(f"resuming {run_dir} after epoch {run.epoch}/{cfg.epochs}")
+    with runs.claim(run_dir, stem=f"{cfg.dataset}-{cfg.model}") as run_dir:
+        log(f"run folder {run_dir}")
+        return _train_epochs(run, run_dir, splits, progress, stop_after, log)
 
+
+def _train_epochs(run, run_dir, splits, progress, stop_after, log):
+    """The epochs of ``train``, from ``run.epoch`` on, in the claimed folder ``run_dir``."""
+    cfg = run.cfg
+    tx, ty, vx, vy, sx, sy = splits
+    record = data_record(cfg, *splits)
+    saved = run.epoch if (run_dir / runs.CHECKPOINT).exists() else 0
     end = cfg.epochs if stop_after is None else min(cfg.epochs, run.epoch + stop_after)
-    while run.epoch < end:
-        run.opt.lr = run.schedule(run.epoch)
-        bar = _progress(len(tx), f"epoch {run.epoch + 1}/{cfg.epochs}", progress)
-        t0 = time.perf_counter()
-        loss, train_err, seen = train_epoch(run.model, run.opt, run.loss_fn, tx, ty,
-                                            cfg.batch_size, run.rng, bar)
-        seconds = time.perf_counter() - t0
-        if bar is not None:
-            bar.close()
-        if cfg.bn_recompute:
-            recompute_bn_statistics(run.model, tx[:cfg.bn_recompute], cfg.eval_batch_size)
-        valid_err = error_rate(run.model, vx, vy, cfg.eval_batch_size)
-        test_err = error_rate(run.model, sx, sy, cfg.eval_batch_size)
-        run.epoch += 1
-        run.history.append(dict(epoch=run.epoch, lr=run.opt.lr, train_loss=loss,
-                                train_error=train_err, valid_error=valid_err,
-                                test_error=test_err, seconds=seconds,
-                                images_per_second=seen / seconds))
-        if valid_err < run.best["valid"]:
-            run.best = dict(epoch=run.epoch, valid=valid_err, state=run.model.state_dict())
-        run.save(run_dir)
-        log(f"epoch {run.epoch:3d}/{cfg.epochs}  lr {run.opt.lr:.2e}  loss {loss:.4f}  "
-            f"train {100 * train_err:5.2f}%  valid {100 * valid_err:5.2f}%  "
-            f"test {100 * test_err:5.2f}%  {seconds:6.1f}s  {seen / seconds:,.0f} img/s")
+    try:
+        while run.epoch < end:
+            run.opt.lr = run.schedule(run.epoch)
+            bar = _progress(len(tx), f"epoch {run.epoch + 1}/{cfg.epochs}", progress)
+            t0 = time.perf_counter()
+            try:
+                loss, train_err, seen = train_epoch(run.model, run.opt, run.loss_fn, tx, ty,
+                                                    cfg.batch_size, run.rng, bar)
+            finally:
+                if bar is not None:
+                    bar.close()
+            seconds = time.perf_counter() - t0
+            state = run.model.state_dict()
+            bad = [k for k, v in state.items() if not np.isfinite(v).all()]
+            if bad:
+                raise TrainingDiverged(f"the weights {bad[:3]} hold NaN or infinity")
+            if cfg.bn_recompute:
+                recompute_bn_statistics(run.model, tx[:cfg.bn_recompute], cfg.eval_batch_size)
+            valid_err = error_rate(run.model, vx, vy, cfg.eval_batch_size)
+            test_err = error_rate(run.model, sx, sy, cfg.eval_batch_size)
+            run.epoch += 1
+            run.history.append(dict(epoch=run.epoch, lr=run.opt.lr, train_loss=loss,
+                                    train_error=train_err, valid_error=valid_err,
+                                    test_error=test_err, seconds=seconds,
+                                    images_per_second=seen / seconds))
+            if valid_err < run.best["valid"]:
+                run.best = dict(epoch=run.epoch, valid=valid_err, state=run.model.state_dict())
+            run.save(run_dir, record)
+            saved = run.epoch
+            log(f"epoch {run.epoch:3d}/{cfg.epochs}  lr {run.opt.lr:.2e}  loss {loss:.4f}  "
+                f"train {100 * train_err:5.2f}%  valid {100 * valid_err:5.2f}%  "
+                f"test {100 * test_err:5.2f}%  {seconds:6.1f}s  {seen / seconds:,.0f} img/s")
+        if end < cfg.epochs:
+            return dict(config=dataclasses.asdict(cfg), history=run.history, finished=False)
+        return finish(run_dir, cfg, run.history, run.best, log, record)
+    except TrainingDiverged as exc:
+        kept = (f"the last good checkpoint (epoch {saved}) is kept in {run_dir}" if saved
+                else "nothing was saved")
+        raise TrainingDiverged(f"epoch {run.epoch + 1}: {exc}; training stopped and "
+                               f"{kept}; try a smaller --lr-start") from None
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(run_dir, saved) from None
 
-    if end < cfg.epochs:
-        return dict(config=dataclasses.asdict(cfg), history=run.history, finished=False)
-    return finish(run_dir, cfg, run.history, run.best, log)
+
+def stored_config(config, path):
+    """The TrainConfig stored in a checkpoint or model file at ``path``; ValueError naming
+    the file when the stored options are not TrainConfig's."""
+    try:
+        return TrainConfig(**config)
+    except TypeError as exc:
+        raise ValueError(f"{path}: damaged run options ({exc})") from None
 
 
-def finish(run_dir, cfg, history, best, log=print):
-    """Write model.npz (best validation epoch), metrics.json and curves.png; return metrics."""
+def load_for_eval(path, dataset=None, data_dir=None):
+    """What ``eval`` scores and on which data: (model, cfg, source, record).
+
+    ``path`` is a run folder (its ``model.npz``, or the best epoch so far of an unfinished
+    run) or a model file. ``cfg`` names the data: the run's own (data set, absolute
+    folder, model and split, as recorded in the checkpoint or model file), unless
+    ``dataset`` or ``data_dir`` is given. ``record`` is the run's ``data_record`` when
+    ``cfg`` is its own data (``check_same_data`` compares it), else None. A model
+    file without a record (older minibnn) is scored on its architecture's data set
+    (MNIST: the shipped copy).
+    """
+    path = Path(path)
+    if path.is_dir():
+        ck = runs.read_checkpoint(path)
+        record = ck["meta"].get("data")
+        cfg = stored_config(ck["meta"]["config"], path / runs.CHECKPOINT)
+        if (path / runs.MODEL).exists():
+            model, meta = load_model(path / runs.MODEL)
+            source = path / runs.MODEL
+        else:  # unfinished run: best epoch so far
+            model = models.build(cfg.model_config(), rng=np.random.default_rng(0))
+            try:
+                model.load_state_dict(ck["best"])
+            except ValueError as exc:
+                raise ValueError(f"{path / runs.CHECKPOINT}: damaged checkpoint: {exc}") from None
+            model.eval()
+            source = f"{path / runs.CHECKPOINT} (best epoch so far)"
+    else:
+        model, meta = load_model(path)
+        source, record = path, meta.get("data")
+        if "run_config" in meta:  # every option, ZCA included
+            cfg = stored_config(meta["run_config"], path)
+        elif record:
+            cfg = TrainConfig(dataset=record["dataset"], model=record["model"],
+                              data_dir=record["data_dir"],
+                              train_limit=record["split"].get("train_limit"))
+        else:
+            arch = model.config["arch"]
+            cfg = TrainConfig(dataset=arch.split("_")[0] if arch != "mnist_mlp" else "mnist",
+                              model="mlp" if arch.endswith("mlp") else "convnet")
+    own = dataset is None and data_dir is None and record is not None
+    if dataset is not None or data_dir is not None:
+        cfg = dataclasses.replace(cfg, dataset=dataset or cfg.dataset, data_dir=data_dir
+                                  if data_dir is not None else cfg.data_dir)
+    return model, cfg.validate(), source, (record if own else None)
+
+
+def check_same_data(record, sx, sy, cfg, source):
+    """ValueError unless the prepared test split (sx, sy) is the one ``record`` (a
+    ``data_record``) was made from: the data folder changed since the run trained."""
+    if record is not None and record.get("test_sha256") not in (None,
+                                                                split_checksum(sx, sy, cfg)):
+        raise ValueError(f"{_data_name(cfg)} is not the data {source} was trained and scored "
+                         "on (its test split's checksum differs); pass --data-dir (and "
+                         "--dataset) to score it on other data anyway")
+
+
+def finish(run_dir, cfg, history, best, log=print, data=None):
+    """Write model.npz (best validation epoch), metrics.json and curves.png; return metrics.
+    ``data`` (``data_record``) is stored in both, so the model can be scored on its own data."""
     return runs.write_results(run_dir, dataclasses.asdict(cfg), cfg.model_config(), history,
-                              best, log)
+                              best, log, data)

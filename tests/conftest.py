@@ -3,9 +3,14 @@
 ``each_backend`` runs a test once per backend (numpy, numba, cupy) with that backend
 active; a backend that cannot run here is skipped with its reason, and the cupy case
 carries the ``gpu`` marker. Use it for every test that should hold on every backend.
+
+``checkout_stays_clean`` fails the session when a test wrote into the checkout (a run
+folder under ``runs/``, a file under ``benchmarks/results/``): tests write under
+``tmp_path``.
 """
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -49,3 +54,23 @@ def xnor_products():
         yield
     finally:
         binary.set_product_path(previous)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _checkout_entries():
+    """What tests must not add: top-level entries of the checkout (hidden ones and caches
+    aside) and everything under runs/ and benchmarks/results/."""
+    top = {p.name for p in ROOT.iterdir() if not p.name.startswith((".", "__"))}
+    deep = {str(p.relative_to(ROOT)) for d in ("runs", "benchmarks/results")
+            if (ROOT / d).is_dir() for p in (ROOT / d).rglob("*") if "__pycache__" not in p.parts}
+    return top | deep
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_stays_clean():
+    before = _checkout_entries()
+    yield
+    added = sorted(_checkout_entries() - before)
+    assert not added, f"the test suite wrote into the checkout {ROOT}: {added}"

@@ -400,8 +400,12 @@ def test_split_train_valid_errors():
 
 
 def test_batches_in_order():
-    got = [b.tolist() for b in batches(7, 3)]
-    assert got == [[0, 1, 2], [3, 4, 5], [6]]
+    got = [b.tolist() for b in batches(8, 3)]
+    assert got == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    # a trailing batch of one would leave batch norm without a batch variance: merged
+    assert [b.tolist() for b in batches(7, 3)] == [[0, 1, 2], [3, 4, 5, 6]]
+    assert [b.tolist() for b in batches(1, 3)] == [[0]]  # n = 1 cannot be merged
+    assert [len(b) for b in batches(4, 1)] == [1, 1, 1, 1]  # asked for batches of one
     assert [b.tolist() for b in batches(7, 3, drop_last=True)] == [[0, 1, 2], [3, 4, 5]]
     assert list(batches(0, 3)) == []
     assert list(batches(2, 3, drop_last=True)) == []
@@ -413,6 +417,8 @@ def test_batches_shuffled_cover_each_index_once(n, bs, seed, drop_last):
     out = list(batches(n, bs, rng=np.random.default_rng(seed), drop_last=drop_last))
     sizes = [len(b) for b in out]
     assert all(s == bs for s in sizes[:-1])
+    assert not sizes or sizes[-1] <= bs + 1
+    assert 1 not in sizes or n == 1 or bs == 1  # never a lone trailing example
     allidx = np.concatenate(out) if out else np.array([], int)
     assert len(np.unique(allidx)) == len(allidx)
     assert len(allidx) == (n - n % bs if drop_last else n)

@@ -233,13 +233,22 @@ def test_float32_parameters_stay_float32():
 
 # --- schedules --------------------------------------------------------------------------
 
-def test_exponential_decay():
-    s = optim.ExponentialDecay(1e-3, 1e-5, epochs=10)
-    assert s(0) == pytest.approx(1e-3, rel=1e-12)
+def test_exponential_decay_ends_at_lr_end_in_the_last_epoch():
+    s = optim.ExponentialDecay(1e-3, 1e-5, epochs=11)
+    assert s(0) == 1e-3
     assert s(5) == pytest.approx(1e-4, rel=1e-12)
-    assert s(10) == pytest.approx(1e-5, rel=1e-12)
+    assert s(10) == 1e-5  # the last epoch (0-based 10 of 11) runs at exactly lr_end
     ratios = [s(e + 1) / s(e) for e in range(10)]
     np.testing.assert_allclose(ratios, 0.01 ** 0.1, rtol=1e-12)  # a constant factor per epoch
+    for epochs in (2, 3, 12, 500):  # the recipes' lengths: always lr_end in the last epoch
+        last = optim.ExponentialDecay(3e-3, 3e-5, epochs)(epochs - 1)
+        assert last == 3e-5
+    assert optim.ExponentialDecay(3e-3, 3e-5, 1)(0) == 3e-3  # one epoch: lr_start
+    # the training loop sets the optimizer's rate from it: the history says so too
+    from minibnn.train import TrainConfig
+    cfg = TrainConfig(epochs=4, lr_start=1e-2, lr_end=1e-4)
+    rates = [cfg.schedule_fn()(e) for e in range(cfg.epochs)]
+    assert rates[0] == 1e-2 and rates[-1] == 1e-4
 
 
 def test_step_halving():
@@ -248,7 +257,8 @@ def test_step_halving():
 
 
 def test_schedule_bad_arguments():
-    for args in [(0, 1e-5, 10), (1e-3, -1.0, 10), (1e-3, 1e-5, 0)]:
+    for args in [(0, 1e-5, 10), (1e-3, -1.0, 10), (1e-3, 1e-5, 0), (float('inf'), 1e-5, 3),
+                 (1e-3, float('nan'), 3)]:
         with pytest.raises(ValueError):
             optim.ExponentialDecay(*args)
     for args in [(0.0, 3), (0.1, 0)]:

@@ -95,9 +95,10 @@ def test_bad_config_is_rejected():
             small(**bad).validate()
 
 
-def _cli(*args, **kw):
+def _cli(*args, cwd, **kw):
+    """``python -m minibnn ARGS`` in the folder ``cwd`` (a tmp_path: never the checkout)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "minibnn", *args], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "minibnn", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
@@ -123,7 +124,7 @@ def _wait_for_epochs(run, n, proc, timeout=120):
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, sig):
     run = tmp_path / "run"
-    proc = _cli(*QUICK, "--epochs", "400", "--out", str(run))
+    proc = _cli(*QUICK, "--epochs", "400", "--out", str(run), cwd=tmp_path)
     try:
         _wait_for_epochs(run, 2, proc)
         proc.send_signal(sig)
@@ -149,23 +150,24 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, sig):
 @pytest.mark.slow
 def test_cli_train_and_eval(tmp_path):
     run = tmp_path / "run"
-    proc = _cli(*QUICK, "--epochs", "2", "--out", str(run))
+    proc = _cli(*QUICK, "--epochs", "2", "--out", str(run), cwd=tmp_path)
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err
     assert "epoch   2/2" in out and "test error there" in out
     metrics = json.loads((run / T.METRICS).read_text())
-    proc = _cli("eval", str(run))
+    proc = _cli("eval", str(run), cwd=tmp_path)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert f"test error {100 * metrics['test_error']:.2f}%" in out
 
 
 def test_cli_reports_errors_without_traceback(tmp_path):
-    proc = _cli("train", "--resume", str(tmp_path / "missing"), "--no-progress")
+    proc = _cli("train", "--resume", str(tmp_path / "missing"), "--no-progress", cwd=tmp_path)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert "error:" in err and "checkpoint" in err and "Traceback" not in err
-    proc = _cli(*QUICK, "--epochs", "1", "--data-dir", str(tmp_path))
+    proc = _cli(*QUICK, "--epochs", "1", "--data-dir", str(tmp_path), cwd=tmp_path)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert "train-images-idx3-ubyte" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()  # a failed start leaves no run folder

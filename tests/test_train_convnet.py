@@ -199,7 +199,7 @@ def test_cli_evaluates_a_convnet_run_and_its_frozen_net(tmp_path, capsys, monkey
     capsys.readouterr()
     assert cli.main(["--backend", "numba", "eval", str(run)]) == 0
     line = capsys.readouterr().out
-    assert "on 10000 mnist images" in line
+    assert "on 10000 mnist test images" in line and "the run's own data" in line
     model_err = float(line.split("test error ")[1].split("%")[0])
     model, _ = T.load_model(run / T.MODEL)
     deploy.freeze(model).save(tmp_path / "net.frozen.npz")

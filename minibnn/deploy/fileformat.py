@@ -204,6 +204,7 @@ def _layer(path, i, spec, arrays, prev, last, version=1):
         for name, v in (("scale", s), ("offset", o)):
             _expect(v is not None and v.dtype == np.float64 and v.shape == (n_out,), path,
                     f"layer{i}/{name} missing or not float64 ({n_out},)")
+            _expect(np.isfinite(v).all(), path, f"layer{i}/{name} holds NaN or infinity")
         return FrozenLayer(w, k, planes, scale=s, offset=o, **w_layer)
     t = arrays.get(f"layer{i}/threshold")
     _expect(t is not None and t.dtype == np.int32 and t.shape == (n_out,), path,
