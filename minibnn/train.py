@@ -89,6 +89,11 @@ class TrainConfig:
     bn_momentum: float = 0.1        # weight of a batch in BN's running statistics (eval only)
     bn_recompute: int = 0           # before each evaluation, BN statistics from this many
                                     # training images and the epoch's final weights (0: off)
+    val_size: int | None = None     # validation images (None: the data set's split, as today)
+    # taken from the data when a run starts (``fit_data``), so that the run rebuilds its
+    # model without its data; None until then (DATASETS' sizes)
+    input_shape: tuple | None = None  # one input as the model takes it: (C, H, W), MLP (n,)
+    classes: int | None = None        # 1 + the largest training or validation label
 
     @classmethod
     def recipe(cls, dataset="mnist", model="mlp", torch=False, **overrides):
@@ -125,7 +130,28 @@ class TrainConfig:
             raise ValueError(f"bn_momentum must be in (0, 1], got {self.bn_momentum}")
         if self.zca and self.dataset == "mnist":
             raise ValueError("zca: ZCA whitening is for the colour data sets (cifar10, svhn)")
+        if self.val_size is not None:
+            if self.dataset == "svhn":
+                raise ValueError("val_size: SVHN's validation set is the authors' class-balanced "
+                                 "draw (400 images per class from train, 200 from extra); "
+                                 "--val-size applies to mnist and cifar10")
+            if isinstance(self.val_size, bool) or not isinstance(self.val_size, int) \
+                    or self.val_size < 1:
+                raise ValueError(f"val_size must be an integer >= 1, got {self.val_size!r}")
         return self
+
+    def fit_data(self, input_shape, classes):
+        """This config with ``input_shape`` (one input as the model takes it: (C, H, W) for a
+        ConvNet, (features,) for an MLP) and ``classes`` of the data filled in; ValueError
+        when the config already names others (a run resumed on other data)."""
+        shape = tuple(int(v) for v in input_shape)
+        for name, stored, found in (("input_shape", self.input_shape, shape),
+                                    ("classes", self.classes, int(classes))):
+            if stored is not None and (tuple(stored) if name == "input_shape"
+                                       else stored) != found:
+                raise ValueError(f"{name}: the run was built for {stored} but the data in "
+                                 f"{self.data_dir or 'the shipped MNIST'} gives {found}")
+        return dataclasses.replace(self, input_shape=shape, classes=int(classes))
 
     @property
     def arch(self):
@@ -142,16 +168,31 @@ class TrainConfig:
     def model_config(self):
         """The keyword arguments of the architecture's recipe (``models.build`` takes it)."""
         shape, classes = DATASETS[self.dataset]
+        shape = tuple(self.input_shape) if self.input_shape else shape
+        classes = self.classes or classes
         common = dict(arch=self.arch, bn=self.bn, stochastic=self.stochastic)
         if self.bn_momentum != 0.1:  # recorded only when it differs from the recipes' default
             common["momentum"] = self.bn_momentum
-        if self.model == "convnet":
+        if classes != 10:  # every recipe's default
+            common["classes"] = int(classes)
+        if self.model == "mlp":
+            config = dict(common, hidden=self.hidden, layers=self.layers,
+                          dropout_in=self.dropout_in, dropout_hidden=self.dropout_hidden)
+            if int(np.prod(shape)) != 784 or self.dataset != "mnist":  # mnist_mlp's default
+                config["in_features"] = int(np.prod(shape))
+            return config
+        if self.arch != "mnist_convnet":
+            if shape != DATASETS[self.dataset][0]:
+                raise ValueError(f"input_shape: the paper's {self.dataset} ConvNet takes images "
+                                 f"of shape {DATASETS[self.dataset][0]}, the data holds {shape}")
             return common
-        config = dict(common, hidden=self.hidden, layers=self.layers,
-                      dropout_in=self.dropout_in, dropout_hidden=self.dropout_hidden)
-        if self.dataset != "mnist":
-            config.update(in_features=int(np.prod(shape)), classes=classes)
-        return config
+        if shape != DATASETS["mnist"][0]:
+            if len(shape) != 3 or shape[1] != shape[2] or shape[1] % 4:
+                raise ValueError(f"input_shape: the MNIST ConvNet takes square images whose side "
+                                 f"is a multiple of 4 (two 2x2 max-pools), the data holds "
+                                 f"{shape}")
+            common.update(in_channels=shape[0], image_size=shape[1])
+        return common
 
     @property
     def eval_batch_size(self):
@@ -195,20 +236,27 @@ def prepare_data(cfg):
     float32 (flattened for an MLP, (n, C, H, W) for a ConvNet), labels int64.
 
     The authors' splits: MNIST 50k / 10k, CIFAR-10 45k / 5k (``data.load_cifar10``), SVHN as
-    ``data.split_svhn``. With ``cfg.zca`` the images are ZCA-whitened by a transform fitted
-    on the training split only.
+    ``data.split_svhn``; ``cfg.val_size`` sets another validation size (MNIST, CIFAR-10).
+    Images keep the data's own size (``cfg.fit_data`` records it in the run). With
+    ``cfg.zca`` the images are ZCA-whitened by a transform fitted on the training split only.
     """
-    shape, _ = DATASETS[cfg.dataset]
     ds = load_dataset(cfg)
-    if cfg.dataset == "mnist":
-        tx, ty, vx, vy = data.split_train_valid(ds.train_images, ds.train_labels)
-    elif cfg.dataset == "cifar10":
-        tx, ty, vx, vy = data.split_cifar10(ds.train_images, ds.train_labels)
-    else:
+    if cfg.dataset == "svhn":
         tx, ty, vx, vy = data.split_svhn(ds)
+    else:
+        split = data.split_train_valid if cfg.dataset == "mnist" else data.split_cifar10
+        size = () if cfg.val_size is None else (cfg.val_size,)  # default: the split's own
+        try:
+            tx, ty, vx, vy = split(ds.train_images, ds.train_labels, *size)
+        except ValueError as exc:
+            raise ValueError(f"val_size: the {len(ds.train_images)} training images cannot "
+                             f"give a validation split of that size and keep one to train on "
+                             f"({exc}); pass a smaller --val-size") from exc
     if cfg.train_limit is not None:
         tx, ty = tx[:cfg.train_limit], ty[:cfg.train_limit]
-    out_shape = (-1, int(np.prod(shape))) if cfg.model == "mlp" else (-1,) + shape
+    image = ds.train_images.shape[1:]
+    out_shape = (-1, int(np.prod(image))) if cfg.model == "mlp" else (-1,) + (
+        (1,) + image if len(image) == 2 else image)
 
     def scale(images):
         return data.to_pm1(images).reshape(out_shape)
@@ -220,6 +268,15 @@ def prepare_data(cfg):
                       for x in (tx, vx, sx))
     return (tx, ty.astype(np.int64), vx, vy.astype(np.int64), sx,
             ds.test_labels.astype(np.int64))
+
+
+def classes_in(*labels):
+    """The number of classes that label arrays name: 1 + the largest label (at least 2)."""
+    largest = max((int(y.max()) for y in labels if len(y)), default=-1)
+    if largest < 1:
+        raise ValueError(f"labels: the training data name {largest + 1} class(es) (largest "
+                         f"label {largest}); a classifier needs at least two")
+    return largest + 1
 
 
 # --- the loop ------------------------------------------------------------------------------
@@ -349,6 +406,7 @@ def train(cfg=None, run_dir=None, resume=False, progress=True, stop_after=None, 
                                   "or choose another --out folder")
     cfg.validate()
     tx, ty, vx, vy, sx, sy = prepare_data(cfg)
+    cfg = cfg.fit_data(tx.shape[1:], classes_in(ty, vy))
     run = _Run(cfg)
     if resume:
         run.restore(ck)
