@@ -45,7 +45,12 @@ def save_checkpoint(run_dir, config, epoch, model, opt, rng, history, best):
 def read_checkpoint(run_dir):
     """A run folder's checkpoint as a dict: ``meta`` (config, epoch, history, generator
     state, ...), ``model`` and ``best`` state dicts, ``optim`` (one dict per parameter)."""
-    path = Path(run_dir) / CHECKPOINT
+    return read_checkpoint_file(Path(run_dir) / CHECKPOINT)
+
+
+def read_checkpoint_file(path):
+    """``read_checkpoint`` of the checkpoint file ``path`` itself, wherever it lies."""
+    path = Path(path)
     with io.open_npz(path, "checkpoint") as z:
         if "meta" not in z.files:
             raise ValueError(f"{path}: not a minibnn checkpoint (no 'meta' entry)")
@@ -76,9 +81,16 @@ def write_results(run_dir, config, model_config, history, best, log=print):
                       extra=dict(test_error=test_at_best, best_epoch=best["epoch"]))
     io.atomic_write_bytes(Path(run_dir) / METRICS, json.dumps(metrics, indent=2).encode())
     plot_curves(history, Path(run_dir) / CURVES)
-    log(f"best validation error {100 * best['valid']:.2f}% at epoch {best['epoch']}; "
-        f"test error there {100 * test_at_best:.2f}%  (run folder: {run_dir})")
+    log(result_line(metrics, run_dir))
     return metrics
+
+
+def result_line(metrics, run_dir):
+    """The one line that reports a finished run (the last line of ``train``'s log; all that
+    ``python -m minibnn train --quiet`` prints)."""
+    return (f"best validation error {100 * metrics['best_valid_error']:.2f}% at epoch "
+            f"{metrics['best_epoch']}; test error there {100 * metrics['test_error']:.2f}%  "
+            f"(run folder: {run_dir})")
 
 
 def plot_curves(history, path):

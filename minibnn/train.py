@@ -202,8 +202,9 @@ class TrainConfig:
 
 # --- evaluation ------------------------------------------------------------------------------
 
-def predict(model, x, batch_size=1000):
-    """Class predictions for float inputs ``x`` (NumPy, in [-1, 1]) in eval mode, no tape."""
+def predict(model, x, batch_size=1000, bar=None):
+    """Class predictions for float inputs ``x`` (NumPy, in [-1, 1]) in eval mode, no tape;
+    ``bar`` (a tqdm bar, optional) advances by each batch's images."""
     was_training = model.training
     model.eval()
     out = []
@@ -211,12 +212,15 @@ def predict(model, x, batch_size=1000):
         for i in range(0, len(x), batch_size):
             scores = model(Tensor(backend.asarray(x[i:i + batch_size])))
             out.append(backend.to_numpy(scores.data.argmax(axis=1)))
+            if bar is not None:
+                bar.update(len(out[-1]))
     model.train(was_training)
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
-def error_rate(model, x, y, batch_size=1000):
-    return float(np.mean(predict(model, x, batch_size) != y))
+def error_rate(model, x, y, batch_size=1000, bar=None):
+    """Fraction of ``x`` whose predicted class differs from the label ``y``."""
+    return float(np.mean(predict(model, x, batch_size, bar) != y))
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -241,19 +245,7 @@ def prepare_data(cfg):
     ``cfg.zca`` the images are ZCA-whitened by a transform fitted on the training split only.
     """
     ds = load_dataset(cfg)
-    if cfg.dataset == "svhn":
-        tx, ty, vx, vy = data.split_svhn(ds)
-    else:
-        split = data.split_train_valid if cfg.dataset == "mnist" else data.split_cifar10
-        size = () if cfg.val_size is None else (cfg.val_size,)  # default: the split's own
-        try:
-            tx, ty, vx, vy = split(ds.train_images, ds.train_labels, *size)
-        except ValueError as exc:
-            raise ValueError(f"val_size: the {len(ds.train_images)} training images cannot "
-                             f"give a validation split of that size and keep one to train on "
-                             f"({exc}); pass a smaller --val-size") from exc
-    if cfg.train_limit is not None:
-        tx, ty = tx[:cfg.train_limit], ty[:cfg.train_limit]
+    tx, ty, vx, vy = split_dataset(cfg, ds)
     image = ds.train_images.shape[1:]
     out_shape = (-1, int(np.prod(image))) if cfg.model == "mlp" else (-1,) + (
         (1,) + image if len(image) == 2 else image)
@@ -268,6 +260,26 @@ def prepare_data(cfg):
                       for x in (tx, vx, sx))
     return (tx, ty.astype(np.int64), vx, vy.astype(np.int64), sx,
             ds.test_labels.astype(np.int64))
+
+
+def split_dataset(cfg, ds):
+    """(train_x, train_y, valid_x, valid_y) of the loaded data set ``ds`` as ``cfg`` splits
+    it (``prepare_data``), still uint8 images: ``cfg.val_size`` validation images (default:
+    the data set's split), the first ``cfg.train_limit`` training images when set."""
+    if cfg.dataset == "svhn":
+        tx, ty, vx, vy = data.split_svhn(ds)
+    else:
+        split = data.split_train_valid if cfg.dataset == "mnist" else data.split_cifar10
+        size = () if cfg.val_size is None else (cfg.val_size,)  # default: the split's own
+        try:
+            tx, ty, vx, vy = split(ds.train_images, ds.train_labels, *size)
+        except ValueError as exc:
+            raise ValueError(f"val_size: the {len(ds.train_images)} training images cannot "
+                             f"give a validation split of that size and keep one to train on "
+                             f"({exc}); pass a smaller --val-size") from exc
+    if cfg.train_limit is not None:
+        tx, ty = tx[:cfg.train_limit], ty[:cfg.train_limit]
+    return tx, ty, vx, vy
 
 
 def classes_in(*labels):
@@ -349,6 +361,8 @@ def train_epoch(model, opt, loss_fn, x, y, batch_size, rng, bar=None):
 
 
 def _progress(total, desc, enabled):
+    """A tqdm bar on stderr counting images, or None when ``enabled`` is false (no bar is
+    drawn into a log: the command line enables it only on a terminal) or tqdm is missing."""
     if not enabled:
         return None
     try:
@@ -424,8 +438,12 @@ def train(cfg=None, run_dir=None, resume=False, progress=True, stop_after=None, 
             bar.close()
         if cfg.bn_recompute:
             recompute_bn_statistics(run.model, tx[:cfg.bn_recompute], cfg.eval_batch_size)
-        valid_err = error_rate(run.model, vx, vy, cfg.eval_batch_size)
-        test_err = error_rate(run.model, sx, sy, cfg.eval_batch_size)
+        bar = _progress(len(vx) + len(sx), f"epoch {run.epoch + 1}/{cfg.epochs} evaluating",
+                        progress)
+        valid_err = error_rate(run.model, vx, vy, cfg.eval_batch_size, bar)
+        test_err = error_rate(run.model, sx, sy, cfg.eval_batch_size, bar)
+        if bar is not None:
+            bar.close()
         run.epoch += 1
         run.history.append(dict(epoch=run.epoch, lr=run.opt.lr, train_loss=loss,
                                 train_error=train_err, valid_error=valid_err,
@@ -435,8 +453,8 @@ def train(cfg=None, run_dir=None, resume=False, progress=True, stop_after=None, 
             run.best = dict(epoch=run.epoch, valid=valid_err, state=run.model.state_dict())
         run.save(run_dir)
         log(f"epoch {run.epoch:3d}/{cfg.epochs}  lr {run.opt.lr:.2e}  loss {loss:.4f}  "
-            f"train {100 * train_err:5.2f}%  valid {100 * valid_err:5.2f}%  "
-            f"test {100 * test_err:5.2f}%  {seconds:6.1f}s  {seen / seconds:,.0f} img/s")
+            f"train error {100 * train_err:5.2f}%  valid error {100 * valid_err:5.2f}%  "
+            f"test error {100 * test_err:5.2f}%  {seconds:6.1f}s  {seen / seconds:,.0f} img/s")
 
     if end < cfg.epochs:
         return dict(config=dataclasses.asdict(cfg), history=run.history, finished=False)
