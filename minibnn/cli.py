@@ -167,6 +167,16 @@ class _Trained(NamedTuple):
     net: object
     cfg: object
     source: str
+    zca: bool = False  # trained on ZCA-whitened images, whose transform is not stored
+
+    def check_raw_pixels(self, what):
+        """ValueError when ``what`` (freeze, predict) would feed raw pixels to a network
+        trained on whitened ones: a silent wrong result otherwise."""
+        if self.zca:
+            raise ValueError(f"{self.source}: trained on ZCA-whitened images (--zca); the "
+                             "whitening, fitted on the run's training split, is not stored "
+                             f"with the model, so {what} on raw pixels would give wrong "
+                             "classes; eval RUN_DIR scores it with the whitening refitted")
 
     @property
     def frozen(self):
@@ -210,7 +220,7 @@ def _from_checkpoint(ck, source):
     model = models.build(cfg.model_config(), rng=np.random.default_rng(0))
     model.load_state_dict(ck["best"])
     return _Trained(model.eval(), cfg, f"{source} (best epoch so far, "
-                                       f"{ck['meta']['best_epoch']})")
+                                       f"{ck['meta']['best_epoch']})", bool(cfg.zca))
 
 
 def _load_trained(path):
@@ -226,7 +236,8 @@ def _load_trained(path):
         if not (path / MODEL).exists():  # unfinished run: best epoch so far
             return _from_checkpoint(ck, str(path / CHECKPOINT))
         model, _ = load_model(path / MODEL)
-        return _Trained(model, TrainConfig(**ck["meta"]["config"]), str(path / MODEL))
+        cfg = TrainConfig(**ck["meta"]["config"])
+        return _Trained(model, cfg, str(path / MODEL), bool(cfg.zca))
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such run folder or file")
     kind = _npz_kind(path)
@@ -234,8 +245,8 @@ def _load_trained(path):
         return _Trained(deploy.load(path), None, str(path))
     if kind == "checkpoint":
         return _from_checkpoint(read_checkpoint_file(path), str(path))
-    model, _ = load_model(path)
-    return _Trained(model, None, str(path))
+    model, meta = load_model(path)
+    return _Trained(model, None, str(path), isinstance(meta, dict) and bool(meta.get("zca")))
 
 
 def _batch_size(value):
@@ -327,6 +338,7 @@ def _cmd_freeze(args):
     if trained.frozen:
         raise ValueError(f"{args.source}: already a frozen network; freeze takes a run folder, "
                          "a model.npz or a checkpoint")
+    trained.check_raw_pixels("freeze")
     src = Path(args.source)
     out = Path(args.output) if args.output else (
         src / "model.frozen.npz" if src.is_dir() else src.with_name(src.stem + ".frozen.npz"))
@@ -420,6 +432,7 @@ def _cmd_predict(args):
     from .train import _progress
     batch_size = _batch_size(args.batch_size)
     trained = _load_trained(args.model)
+    trained.check_raw_pixels("predict")
     images = _images_for(trained, _read_images(args.images), args.images)
     out = Path(args.output) if args.output else None
     if out is not None:

@@ -78,7 +78,8 @@ def write_results(run_dir, config, model_config, history, best, log=print):
                                                processor=platform.processor(),
                                                cpus=os.cpu_count(), numpy=np.__version__))
     models.save_model(Path(run_dir) / MODEL, model,
-                      extra=dict(test_error=test_at_best, best_epoch=best["epoch"]))
+                      extra=dict(test_error=test_at_best, best_epoch=best["epoch"],
+                                 zca=bool(config.get("zca"))))  # its input is not raw pixels
     io.atomic_write_bytes(Path(run_dir) / METRICS, json.dumps(metrics, indent=2).encode())
     plot_curves(history, Path(run_dir) / CURVES)
     log(result_line(metrics, run_dir))

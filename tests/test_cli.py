@@ -203,3 +203,16 @@ def test_freeze_and_predict_a_convnet(tmp_path, images, capsys):
     code, _, err = _run(capsys, "predict", str(tmp_path / "conv.frozen.npz"),
                         str(tmp_path / "rgb.npy"))
     assert code == 2 and "3x28x28" in err and "1x28x28 images" in err
+
+
+def test_a_model_trained_on_whitened_images_is_not_fed_raw_pixels(run, images, tmp_path,
+                                                                   capsys):
+    folder, _ = images
+    model, meta = T.load_model(run / T.MODEL)
+    assert meta["zca"] is False  # every run records whether its inputs were whitened
+    models.save_model(tmp_path / "zca.npz", model, extra=dict(meta, zca=True))
+    for argv in (["freeze", str(tmp_path / "zca.npz")],
+                 ["predict", str(tmp_path / "zca.npz"), str(folder / "rows.npy")]):
+        code, out, err = _run(capsys, *argv)
+        assert code == 2 and out == "" and "ZCA-whitened" in err, argv
+    assert not (tmp_path / "zca.frozen.npz").exists()
