@@ -216,3 +216,12 @@ def test_a_model_trained_on_whitened_images_is_not_fed_raw_pixels(run, images, t
         code, out, err = _run(capsys, *argv)
         assert code == 2 and out == "" and "ZCA-whitened" in err, argv
     assert not (tmp_path / "zca.frozen.npz").exists()
+
+
+def test_eval_says_when_the_data_does_not_fit_the_model(tmp_path, capsys):
+    model = models.mnist_mlp(hidden=8, layers=1, in_features=144, classes=4,
+                             rng=np.random.default_rng(0))
+    models.save_model(tmp_path / "small-images.npz", model.eval())
+    code, out, err = _run(capsys, "eval", str(tmp_path / "small-images.npz"))
+    assert code == 2 and out == ""
+    assert "mnist data: images of shape 784" in err and "takes 144 values" in err
