@@ -1,4 +1,4 @@
-"""``python -m minibnn train | eval``: see ``minibnn.cli``."""
+"""``python -m minibnn train | eval | freeze | predict``: see ``minibnn.cli``."""
 
 from .cli import main
 

@@ -5,6 +5,9 @@ Two rules keep a user's work safe:
 * **Atomic writes.** A file is written to a temporary name in its own folder, flushed to
   disk, then renamed over the target: a crash at any moment leaves the old file or the
   new one, never half of either.
+* **The user's permissions.** The temporary file (created 0600 by ``tempfile.mkstemp``)
+  gets the mode that the user's umask gives any new file (``0666 & ~umask``) before the
+  rename, so checkpoints, models and frozen nets read like the run's other files.
 * **No code from files.** ``.npz`` archives are opened with ``allow_pickle=False``;
   structured metadata travels as a JSON string inside the archive.
 
@@ -24,13 +27,31 @@ __all__ = ["atomic_write_bytes", "atomic_savez", "json_array", "read_json", "ope
            "read_prefixed", "check_finite"]
 
 
+def current_umask():
+    """The process's umask, read without changing it where the system says it
+    (``/proc/self/status`` on Linux 4.7+); elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path, write):
-    """Call ``write(file)`` on a temporary file beside ``path``, fsync it, rename it over
-    ``path``; on any failure the temporary file is removed and ``path`` is untouched."""
+    """Call ``write(file)`` on a temporary file beside ``path``, give it the mode a new file
+    gets from the umask, fsync it, rename it over ``path``; on any failure the temporary
+    file is removed and ``path`` is untouched."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):  # mkstemp's 0600 -> what open() would have created
+                os.fchmod(f.fileno(), 0o666 & ~current_umask())
             write(f)
             f.flush()
             os.fsync(f.fileno())

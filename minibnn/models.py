@@ -128,14 +128,18 @@ def svhn_convnet(classes=10, bn="standard", stochastic=False, momentum=0.1, eps=
 
 
 def mnist_convnet(channels=(16, 32), hidden=256, classes=10, bn="standard", stochastic=False,
-                  momentum=0.1, eps=1e-4, rng=None):
+                  momentum=0.1, eps=1e-4, in_channels=1, image_size=28, rng=None):
     """A small binary ConvNet for MNIST (not in the paper) that trains on a 2-core CPU in
-    minutes: 2x16C3 - MP2 - 2x32C3 - MP2 - 256FC - 10 on 1x28x28 input, by default."""
+    minutes: 2x16C3 - MP2 - 2x32C3 - MP2 - 256FC - 10 on 1x28x28 input, by default.
+    ``in_channels`` and ``image_size`` fit it to other data in MNIST's layout; they are
+    recorded in ``model.config`` only when they differ from 1 and 28."""
     kw = dict(channels=[int(c) for c in channels], hidden=int(hidden), classes=int(classes),
               bn=bn, stochastic=bool(stochastic), momentum=float(momentum), eps=float(eps))
-    model = binary_convnet(kw["channels"], (kw["hidden"],), 1, 28, classes=kw["classes"],
-                           bn=bn, stochastic=kw["stochastic"], momentum=kw["momentum"],
-                           eps=kw["eps"], rng=rng)
+    model = binary_convnet(kw["channels"], (kw["hidden"],), int(in_channels), int(image_size),
+                           classes=kw["classes"], bn=bn, stochastic=kw["stochastic"],
+                           momentum=kw["momentum"], eps=kw["eps"], rng=rng)
+    if (int(in_channels), int(image_size)) != (1, 28):
+        kw.update(in_channels=int(in_channels), image_size=int(image_size))
     return _with_config(model, "mnist_convnet", **kw)
 
 

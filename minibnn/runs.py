@@ -213,7 +213,12 @@ def read_checkpoint(run_dir):
     file and what is wrong (missing optimizer arrays are caught by
     ``Optimizer.load_state_dict``).
     """
-    path = Path(run_dir) / CHECKPOINT
+    return read_checkpoint_file(Path(run_dir) / CHECKPOINT)
+
+
+def read_checkpoint_file(path):
+    """``read_checkpoint`` of the checkpoint file ``path`` itself, wherever it lies."""
+    path = Path(path)
     with io.open_npz(path, "checkpoint") as z:
         if "meta" not in z.files:
             raise ValueError(f"{path}: not a minibnn checkpoint (no 'meta' entry)")
@@ -254,12 +259,20 @@ def write_results(run_dir, config, model_config, history, best, log=print, data=
                                                cpus=os.cpu_count(), numpy=np.__version__))
     models.save_model(Path(run_dir) / MODEL, model,
                       extra=dict(test_error=test_at_best, best_epoch=best["epoch"], data=data,
-                                 run_config=config))
+                                 run_config=config,
+                                 zca=bool(config.get("zca"))))  # its input is not raw pixels
     io.atomic_write_bytes(Path(run_dir) / METRICS, json.dumps(metrics, indent=2).encode())
     plot_curves(history, Path(run_dir) / CURVES)
-    log(f"best validation error {100 * best['valid']:.2f}% at epoch {best['epoch']}; "
-        f"test error there {100 * test_at_best:.2f}%  (run folder: {run_dir})")
+    log(result_line(metrics, run_dir))
     return metrics
+
+
+def result_line(metrics, run_dir):
+    """The one line that reports a finished run (the last line of ``train``'s log; all that
+    ``python -m minibnn train --quiet`` prints)."""
+    return (f"best validation error {100 * metrics['best_valid_error']:.2f}% at epoch "
+            f"{metrics['best_epoch']}; test error there {100 * metrics['test_error']:.2f}%  "
+            f"(run folder: {run_dir})")
 
 
 def plot_curves(history, path):

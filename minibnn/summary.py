@@ -83,10 +83,13 @@ def _input_shape(model, layers, input_shape):
                  None)
     if first is None or not isinstance(first, _CONVS):
         return None if first is None else first.in_features
-    from .deploy.freezing import INPUT_SHAPES
+    from .deploy.freezing import model_input_shape
     if input_shape is not None:
         return tuple(int(v) for v in input_shape)
-    return INPUT_SHAPES.get((getattr(model, "config", None) or {}).get("arch"))
+    try:
+        return model_input_shape(model)
+    except ValueError:  # a ConvNet of no known recipe
+        return None
 
 
 def _conv_row(name, inp, layer, shape, binary_input):

@@ -139,6 +139,11 @@ class TrainConfig:
     bn_momentum: float = 0.1        # weight of a batch in BN's running statistics (eval only)
     bn_recompute: int = 0           # before each evaluation, BN statistics from this many
                                     # training images and the epoch's final weights (0: off)
+    val_size: int | None = None     # validation images (None: the data set's split, as today)
+    # taken from the data when a run starts (``fit_data``), so that the run rebuilds its
+    # model without its data; None until then (DATASETS' sizes)
+    input_shape: tuple | None = None  # one input as the model takes it: (C, H, W), MLP (n,)
+    classes: int | None = None        # 1 + the largest training or validation label
 
     @classmethod
     def recipe(cls, dataset="mnist", model="mlp", torch=False, **overrides):
@@ -191,6 +196,14 @@ class TrainConfig:
             raise ValueError(_WHERE_TO_GET[self.dataset])
         if self.zca and self.dataset == "mnist":
             raise ValueError("zca: ZCA whitening is for the colour data sets (cifar10, svhn)")
+        if self.val_size is not None:
+            if self.dataset == "svhn":
+                raise ValueError("val_size: SVHN's validation set is the authors' class-balanced "
+                                 "draw (400 images per class from train, 200 from extra); "
+                                 "--val-size applies to mnist and cifar10")
+            if isinstance(self.val_size, bool) or not isinstance(self.val_size, int) \
+                    or self.val_size < 1:
+                raise ValueError(f"val_size must be an integer >= 1, got {self.val_size!r}")
         self._check_memory()
         return self
 
@@ -201,6 +214,8 @@ class TrainConfig:
         if self.model != "mlp":
             return  # the ConvNets' sizes are fixed by their recipes
         shape, classes = DATASETS[self.dataset]
+        shape = self.input_shape or shape
+        classes = self.classes or classes
         n_in = int(np.prod(shape))
         n = n_in * self.hidden + (self.layers - 1) * self.hidden ** 2 + self.hidden * classes
         need = n * _BYTES_PER_PARAMETER
@@ -212,6 +227,19 @@ class TrainConfig:
                                         f"({_BYTES_PER_PARAMETER} bytes each: weights, "
                                         "gradients, optimizer moments, checkpoint copies); "
                                         f"this machine has {_size(have)}")
+
+    def fit_data(self, input_shape, classes):
+        """This config with ``input_shape`` (one input as the model takes it: (C, H, W) for a
+        ConvNet, (features,) for an MLP) and ``classes`` of the data filled in; ValueError
+        when the config already names others (a run resumed on other data)."""
+        shape = tuple(int(v) for v in input_shape)
+        for name, stored, found in (("input_shape", self.input_shape, shape),
+                                    ("classes", self.classes, int(classes))):
+            if stored is not None and (tuple(stored) if name == "input_shape"
+                                       else stored) != found:
+                raise ValueError(f"{name}: the run was built for {stored} but the data in "
+                                 f"{self.data_dir or 'the shipped MNIST'} gives {found}")
+        return dataclasses.replace(self, input_shape=shape, classes=int(classes))
 
     @property
     def arch(self):
@@ -228,16 +256,31 @@ class TrainConfig:
     def model_config(self):
         """The keyword arguments of the architecture's recipe (``models.build`` takes it)."""
         shape, classes = DATASETS[self.dataset]
+        shape = tuple(self.input_shape) if self.input_shape else shape
+        classes = self.classes or classes
         common = dict(arch=self.arch, bn=self.bn, stochastic=self.stochastic)
         if self.bn_momentum != 0.1:  # recorded only when it differs from the recipes' default
             common["momentum"] = self.bn_momentum
-        if self.model == "convnet":
+        if classes != 10:  # every recipe's default
+            common["classes"] = int(classes)
+        if self.model == "mlp":
+            config = dict(common, hidden=self.hidden, layers=self.layers,
+                          dropout_in=self.dropout_in, dropout_hidden=self.dropout_hidden)
+            if int(np.prod(shape)) != 784 or self.dataset != "mnist":  # mnist_mlp's default
+                config["in_features"] = int(np.prod(shape))
+            return config
+        if self.arch != "mnist_convnet":
+            if shape != DATASETS[self.dataset][0]:
+                raise ValueError(f"input_shape: the paper's {self.dataset} ConvNet takes images "
+                                 f"of shape {DATASETS[self.dataset][0]}, the data holds {shape}")
             return common
-        config = dict(common, hidden=self.hidden, layers=self.layers,
-                      dropout_in=self.dropout_in, dropout_hidden=self.dropout_hidden)
-        if self.dataset != "mnist":
-            config.update(in_features=int(np.prod(shape)), classes=classes)
-        return config
+        if shape != DATASETS["mnist"][0]:
+            if len(shape) != 3 or shape[1] != shape[2] or shape[1] % 4:
+                raise ValueError(f"input_shape: the MNIST ConvNet takes square images whose side "
+                                 f"is a multiple of 4 (two 2x2 max-pools), the data holds "
+                                 f"{shape}")
+            common.update(in_channels=shape[0], image_size=shape[1])
+        return common
 
     @property
     def eval_batch_size(self):
@@ -247,8 +290,9 @@ class TrainConfig:
 
 # --- evaluation ------------------------------------------------------------------------------
 
-def predict(model, x, batch_size=1000):
-    """Class predictions for float inputs ``x`` (NumPy, in [-1, 1]) in eval mode, no tape."""
+def predict(model, x, batch_size=1000, bar=None):
+    """Class predictions for float inputs ``x`` (NumPy, in [-1, 1]) in eval mode, no tape;
+    ``bar`` (a tqdm bar, optional) advances by each batch's images."""
     was_training = model.training
     model.eval()
     out = []
@@ -256,12 +300,15 @@ def predict(model, x, batch_size=1000):
         for i in range(0, len(x), batch_size):
             scores = model(Tensor(backend.asarray(x[i:i + batch_size])))
             out.append(backend.to_numpy(scores.data.argmax(axis=1)))
+            if bar is not None:
+                bar.update(len(out[-1]))
     model.train(was_training)
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
-def error_rate(model, x, y, batch_size=1000):
-    return float(np.mean(predict(model, x, batch_size) != y))
+def error_rate(model, x, y, batch_size=1000, bar=None):
+    """Fraction of ``x`` whose predicted class differs from the label ``y``."""
+    return float(np.mean(predict(model, x, batch_size, bar) != y))
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -283,16 +330,17 @@ def _data_name(cfg):
 
 
 def check_images(ds, cfg):
-    """DatasetError unless the images of ``ds`` have the shape ``cfg``'s networks take
-    (``DATASETS``): MNIST's layout with other image sizes would fail deep in a matmul."""
-    shape, _ = DATASETS[cfg.dataset]
+    """DatasetError unless the training and test images of ``ds`` are there and of one
+    size (a run takes its input size from the data: ``TrainConfig.fit_data``)."""
+    sizes = {}
     for split, images in (("training", ds.train_images), ("test", ds.test_images)):
-        got = tuple(images.shape[1:])
-        if got != (shape[1:] if len(got) == 2 else shape) or len(images) == 0:
-            raise data.DatasetError(
-                f"{_data_name(cfg)}: the {split} images are {len(images)} of "
-                f"{'x'.join(map(str, got))}, but {cfg.dataset}'s networks take images of "
-                f"{'x'.join(map(str, shape[1:] if shape[0] == 1 else shape))}")
+        sizes[split] = tuple(images.shape[1:])
+        if len(images) == 0:
+            raise data.DatasetError(f"{_data_name(cfg)}: the {split} split holds no images")
+    if sizes["training"] != sizes["test"]:
+        raise data.DatasetError(
+            f"{_data_name(cfg)}: the training images are {'x'.join(map(str, sizes['training']))}"
+            f" but the test images {'x'.join(map(str, sizes['test']))}")
 
 
 def data_record(cfg, tx, ty, vx, vy, sx, sy):
@@ -324,24 +372,22 @@ def prepare_data(cfg):
     float32 (flattened for an MLP, (n, C, H, W) for a ConvNet), labels int64.
 
     The authors' splits: MNIST 50k / 10k, CIFAR-10 45k / 5k (``data.load_cifar10``), SVHN as
-    ``data.split_svhn``. With ``cfg.zca`` the images are ZCA-whitened by a transform fitted
-    on the training split only.
+    ``data.split_svhn``; ``cfg.val_size`` sets another validation size (MNIST, CIFAR-10).
+    Images keep the data's own size (``cfg.fit_data`` records it in the run). With
+    ``cfg.zca`` the images are ZCA-whitened by a transform fitted on the training split only.
     """
-    shape, classes = DATASETS[cfg.dataset]
     ds = load_dataset(cfg)
     check_images(ds, cfg)
-    if cfg.dataset == "mnist":
-        tx, ty, vx, vy = data.split_train_valid(ds.train_images, ds.train_labels)
-    elif cfg.dataset == "cifar10":
-        tx, ty, vx, vy = data.split_cifar10(ds.train_images, ds.train_labels)
-    else:
-        tx, ty, vx, vy = data.split_svhn(ds)
+    tx, ty, vx, vy = split_dataset(cfg, ds)
+    # the training labels define the classes (unless the run recorded them); a validation
+    # or test label outside them would silently count as an error, so it is refused
+    classes = cfg.classes if cfg.classes is not None else classes_in(ty)
     where = _data_name(cfg)
     for split, labels in (("training", ty), ("validation", vy), ("test", ds.test_labels)):
         data.check_labels(labels, classes, f"{where}, {split} split")
-    if cfg.train_limit is not None:
-        tx, ty = tx[:cfg.train_limit], ty[:cfg.train_limit]
-    out_shape = (-1, int(np.prod(shape))) if cfg.model == "mlp" else (-1,) + shape
+    image = ds.train_images.shape[1:]
+    out_shape = (-1, int(np.prod(image))) if cfg.model == "mlp" else (-1,) + (
+        (1,) + image if len(image) == 2 else image)
 
     def scale(images):
         return data.to_pm1(images).reshape(out_shape)
@@ -353,6 +399,41 @@ def prepare_data(cfg):
                       for x in (tx, vx, sx))
     return (tx, ty.astype(np.int64), vx, vy.astype(np.int64), sx,
             ds.test_labels.astype(np.int64))
+
+
+def split_dataset(cfg, ds):
+    """(train_x, train_y, valid_x, valid_y) of the loaded data set ``ds`` as ``cfg`` splits
+    it (``prepare_data``), still uint8 images: ``cfg.val_size`` validation images (default:
+    the data set's split), the first ``cfg.train_limit`` training images when set."""
+    if cfg.dataset == "svhn":
+        tx, ty, vx, vy = data.split_svhn(ds)
+    else:
+        split = data.split_train_valid if cfg.dataset == "mnist" else data.split_cifar10
+        size = () if cfg.val_size is None else (cfg.val_size,)  # default: the split's own
+        try:
+            tx, ty, vx, vy = split(ds.train_images, ds.train_labels, *size)
+        except ValueError as exc:
+            raise ValueError(f"val_size: the {len(ds.train_images)} training images cannot "
+                             f"give a validation split of that size and keep one to train on "
+                             f"({exc}); pass a smaller --val-size") from exc
+    if cfg.train_limit is not None:
+        tx, ty = tx[:cfg.train_limit], ty[:cfg.train_limit]
+    return tx, ty, vx, vy
+
+
+def _classes(cfg, splits):
+    """The number of classes of a run: its recorded one, else what its training labels name
+    (the validation and test labels must then fit: ``prepare_data`` checks them)."""
+    return cfg.classes if cfg.classes is not None else classes_in(splits[1])
+
+
+def classes_in(*labels):
+    """The number of classes that label arrays name: 1 + the largest label (at least 2)."""
+    largest = max((int(y.max()) for y in labels if len(y)), default=-1)
+    if largest < 1:
+        raise ValueError(f"labels: the training data name {largest + 1} class(es) (largest "
+                         f"label {largest}); a classifier needs at least two")
+    return largest + 1
 
 
 # --- the loop ------------------------------------------------------------------------------
@@ -447,6 +528,8 @@ def train_epoch(model, opt, loss_fn, x, y, batch_size, rng, bar=None):
 
 
 def _progress(total, desc, enabled):
+    """A tqdm bar on stderr counting images, or None when ``enabled`` is false (no bar is
+    drawn into a log: the command line enables it only on a terminal) or tqdm is missing."""
     if not enabled:
         return None
     try:
@@ -569,6 +652,7 @@ def train(cfg=None, run_dir=None, resume=False, progress=True, stop_after=None, 
                 raise ConfigError("epochs", f"{cfg.epochs} is fewer than the {done} epochs "
                                             f"{run_dir} has already trained")
             splits = prepare_data(cfg)
+            cfg = cfg.fit_data(splits[0].shape[1:], _classes(cfg, splits))
             check_same_data(ck["meta"].get("data"), *splits[4:], cfg, run_dir)
             run = _Run(cfg)
             run.restore(ck, path)
@@ -581,6 +665,7 @@ def train(cfg=None, run_dir=None, resume=False, progress=True, stop_after=None, 
         cfg = dataclasses.replace(cfg, data_dir=str(Path(cfg.data_dir).expanduser().resolve()))
     cfg.validate()
     splits = prepare_data(cfg)
+    cfg = cfg.fit_data(splits[0].shape[1:], _classes(cfg, splits))
     run = _Run(cfg)
     with runs.claim(run_dir, stem=f"{cfg.dataset}-{cfg.model}") as run_dir:
         log(f"run folder {run_dir}")
@@ -612,8 +697,14 @@ def _train_epochs(run, run_dir, splits, progress, stop_after, log):
                 raise TrainingDiverged(f"the weights {bad[:3]} hold NaN or infinity")
             if cfg.bn_recompute:
                 recompute_bn_statistics(run.model, tx[:cfg.bn_recompute], cfg.eval_batch_size)
-            valid_err = error_rate(run.model, vx, vy, cfg.eval_batch_size)
-            test_err = error_rate(run.model, sx, sy, cfg.eval_batch_size)
+            bar = _progress(len(vx) + len(sx), f"epoch {run.epoch + 1}/{cfg.epochs} evaluating",
+                            progress)
+            try:
+                valid_err = error_rate(run.model, vx, vy, cfg.eval_batch_size, bar)
+                test_err = error_rate(run.model, sx, sy, cfg.eval_batch_size, bar)
+            finally:
+                if bar is not None:
+                    bar.close()
             run.epoch += 1
             run.history.append(dict(epoch=run.epoch, lr=run.opt.lr, train_loss=loss,
                                     train_error=train_err, valid_error=valid_err,
@@ -624,11 +715,13 @@ def _train_epochs(run, run_dir, splits, progress, stop_after, log):
             run.save(run_dir, record)
             saved = run.epoch
             log(f"epoch {run.epoch:3d}/{cfg.epochs}  lr {run.opt.lr:.2e}  loss {loss:.4f}  "
-                f"train {100 * train_err:5.2f}%  valid {100 * valid_err:5.2f}%  "
-                f"test {100 * test_err:5.2f}%  {seconds:6.1f}s  {seen / seconds:,.0f} img/s")
+                f"train error {100 * train_err:5.2f}%  valid error {100 * valid_err:5.2f}%  "
+                f"test error {100 * test_err:5.2f}%  {seconds:6.1f}s  {seen / seconds:,.0f} img/s")
         if end < cfg.epochs:
-            return dict(config=dataclasses.asdict(cfg), history=run.history, finished=False)
-        return finish(run_dir, cfg, run.history, run.best, log, record)
+            return dict(config=dataclasses.asdict(cfg), history=run.history, finished=False,
+                        run_dir=str(run_dir))
+        return dict(finish(run_dir, cfg, run.history, run.best, log, record),
+                    run_dir=str(run_dir))
     except TrainingDiverged as exc:
         kept = (f"the last good checkpoint (epoch {saved}) is kept in {run_dir}" if saved
                 else "nothing was saved")

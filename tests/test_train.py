@@ -171,3 +171,74 @@ def test_cli_reports_errors_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "train-images-idx3-ubyte" in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()  # a failed start leaves no run folder
+
+
+# --- sizes from the data: input shape, classes, validation split ---------------------------
+
+def _idx_folder(folder, side=12, classes=4, n_train=160, n_test=40, seed=0):
+    """An MNIST-layout folder of small random images whose label is set by their brightness,
+    so a network can learn it; ``classes`` classes of ``side`` x ``side`` images."""
+    from minibnn import data
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(n) % classes
+        rng.shuffle(labels)
+        images = rng.integers(0, 40, (n, side, side)) + (200 * labels / (classes - 1))[:, None, None]
+        data.write_idx(folder / f"{split}-images-idx3-ubyte.gz", images.astype(np.uint8))
+        data.write_idx(folder / f"{split}-labels-idx1-ubyte", labels.astype(np.uint8))
+    return folder
+
+
+def test_model_sizes_come_from_the_data(tmp_path):
+    folder = _idx_folder(tmp_path / "data", side=12, classes=4)
+    cfg = T.TrainConfig(hidden=16, layers=1, epochs=1, batch_size=20, val_size=40,
+                        data_dir=str(folder), lr_start=0.01, lr_end=0.01)
+    m = T.train(cfg, tmp_path / "mlp", progress=False, log=quiet)
+    assert list(m["config"]["input_shape"]) == [144] and m["config"]["classes"] == 4
+    model, _ = T.load_model(tmp_path / "mlp" / T.MODEL)
+    assert model.config["in_features"] == 144 and model.config["classes"] == 4
+    tx, ty, vx, vy, sx, sy = T.prepare_data(cfg)
+    assert tx.shape == (120, 144) and vx.shape == (40, 144) and sx.shape == (40, 144)
+    assert T.predict(model, sx).max() < 4
+    conv = T.TrainConfig(model="convnet", epochs=1, batch_size=20, val_size=40,
+                         data_dir=str(folder), lr_start=0.01, lr_end=0.01)
+    m = T.train(conv, tmp_path / "conv", progress=False, log=quiet)
+    assert list(m["config"]["input_shape"]) == [1, 12, 12]
+    model, _ = T.load_model(tmp_path / "conv" / T.MODEL)
+    assert (model.config["in_channels"], model.config["image_size"]) == (1, 12)
+    from minibnn import deploy
+    frozen = deploy.freeze(model)
+    assert frozen.input_shape == (1, 12, 12) and frozen.classes == 4
+
+
+def test_default_configs_are_unchanged_by_the_data_sizes():
+    assert T.TrainConfig().model_config() == T.TrainConfig().fit_data((784,), 10).model_config()
+    conv = T.TrainConfig(model="convnet")
+    assert conv.model_config() == conv.fit_data((1, 28, 28), 10).model_config()
+    assert "in_features" not in T.TrainConfig().model_config()
+    with pytest.raises(ValueError, match="multiple of 4"):
+        conv.fit_data((1, 30, 30), 10).model_config()
+    with pytest.raises(ValueError, match="input_shape"):
+        T.TrainConfig(model="convnet", dataset="cifar10",
+                      data_dir="x").fit_data((3, 28, 28), 10).model_config()
+    with pytest.raises(ValueError, match="classes: the run was built for 10"):
+        T.TrainConfig(classes=10).fit_data((784,), 4)
+    with pytest.raises(ValueError, match="at least two"):
+        T.classes_in(np.zeros(5, np.int64))
+    assert T.classes_in(np.array([0, 3]), np.array([7])) == 8
+
+
+def test_val_size(tmp_path):
+    assert len(T.prepare_data(T.TrainConfig())[2]) == 10000  # the paper's 50k / 10k
+    tx, _, vx, _, _, _ = T.prepare_data(T.TrainConfig(val_size=500))
+    assert (len(tx), len(vx)) == (59500, 500)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="val_size"):
+            T.TrainConfig(val_size=bad).validate()
+    with pytest.raises(ValueError, match="val_size: SVHN"):
+        T.TrainConfig(dataset="svhn", data_dir="x", model="convnet", val_size=10).validate()
+    folder = _idx_folder(tmp_path / "data", n_train=100)
+    for size in (None, 100):  # the default 10,000 and an explicit size: nothing left to train
+        with pytest.raises(ValueError, match="val_size.*--val-size"):
+            T.prepare_data(T.TrainConfig(data_dir=str(folder), val_size=size))

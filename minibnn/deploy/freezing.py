@@ -111,9 +111,13 @@ def freeze(model, match_float32=True, input_shape=None):
 
 def model_input_shape(model, input_shape=None):
     """(C, H, W) of a ConvNet's images: ``input_shape`` checked, or the recipe's
-    (``INPUT_SHAPES[model.config["arch"]]``); ValueError when neither says."""
+    (``model.config``'s ``in_channels`` and ``image_size`` when it records them, else
+    ``INPUT_SHAPES[model.config["arch"]]``); ValueError when none says."""
     if input_shape is None:
-        arch = (getattr(model, "config", None) or {}).get("arch")
+        config = getattr(model, "config", None) or {}
+        if "in_channels" in config and "image_size" in config:
+            return (int(config["in_channels"]),) + (int(config["image_size"]),) * 2
+        arch = config.get("arch")
         if arch not in INPUT_SHAPES:
             raise ValueError("input_shape: a ConvNet's frozen form depends on the image size; "
                              "pass input_shape=(C, H, W) (known only for the recipes "
