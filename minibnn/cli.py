@@ -78,6 +78,11 @@ def _train_parser(sub):
                    help="continue the run in RUN_DIR from its last checkpoint (its stored "
                         "options are used)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel over MPI ranks: start with mpiexec -n N python -m "
+                        "minibnn train --distributed ...; every batch is split across the "
+                        "ranks (needs mpi4py: pip install minibnn[dist]; without it, or "
+                        "without mpiexec, runs on one rank and says so)")
     return p
 
 
@@ -88,21 +93,39 @@ _OPTIONS = ("hidden", "layers", "epochs", "batch_size", "lr_start", "lr_end", "s
 
 
 def _cmd_train(args):
+    if args.distributed:
+        from . import distributed
+        comm = distributed.init()
+        if comm.rank == 0:
+            print(f"distributed: {comm.describe()}", flush=True)
+        def hint():
+            run = args.resume or getattr(args, "run_dir", None)
+            return f"; the last complete checkpoint in {run} is kept" if run else ""
+        with distributed.abort_on_error(comm, hint):
+            return _train(args, comm)
+    return _train(args, None)
+
+
+def _train(args, comm):
     from .train import TrainConfig, train
     progress = not args.no_progress
     if args.resume:
-        train(run_dir=args.resume, resume=True, progress=progress)
+        train(run_dir=args.resume, resume=True, progress=progress, comm=comm)
         return 0
     given = {k: getattr(args, k) for k in _OPTIONS if getattr(args, k) is not None}
     cfg = TrainConfig.recipe(args.dataset, args.model, torch=args.torch, **given).validate()
     out = args.out or str(Path("runs") / time.strftime(
         f"{cfg.dataset}-{cfg.model}-%Y%m%d-%H%M%S"))
+    if comm is not None:  # every rank uses rank 0's folder name (its clock may differ)
+        out = comm.bcast_object(out)
     net = (f"{cfg.layers}x{cfg.hidden} binary MLP" if cfg.model == "mlp"
            else f"binary ConvNet ({cfg.arch})")
-    print(f"training {net} on {cfg.dataset}, {cfg.optimizer}, {cfg.bn} BN, batch "
-          f"{cfg.batch_size}, {cfg.epochs} epochs, backend {backend.active()}; run folder {out}")
+    if comm is None or comm.rank == 0:
+        print(f"training {net} on {cfg.dataset}, {cfg.optimizer}, {cfg.bn} BN, batch "
+              f"{cfg.batch_size}, {cfg.epochs} epochs, backend {backend.active()}; run folder "
+              f"{out}")
     args.run_dir = out
-    train(cfg, run_dir=out, progress=progress)
+    train(cfg, run_dir=out, progress=progress, comm=comm)
     return 0
 
 

@@ -24,11 +24,12 @@ METRICS = "metrics.json"
 CURVES = "curves.png"
 
 
-def save_checkpoint(run_dir, config, epoch, model, opt, rng, history, best):
+def save_checkpoint(run_dir, config, epoch, model, opt, rng, history, best, ranks=1):
     """Write the run's state after ``epoch`` epochs to ``run_dir/checkpoint.npz``.
 
     ``config`` is the run's options (a dict), ``rng`` the generator that shuffles and drops
-    out, ``best`` a dict with the best epoch, its validation error and its state dict.
+    out, ``best`` a dict with the best epoch, its validation error and its state dict,
+    ``ranks`` the number of data-parallel processes that trained it.
     """
     arrays = {f"model/{k}": v for k, v in model.state_dict().items()}
     arrays.update({f"best/{k}": v for k, v in best["state"].items()})
@@ -37,7 +38,8 @@ def save_checkpoint(run_dir, config, epoch, model, opt, rng, history, best):
         arrays.update({f"optim/{i}/{k}": v for k, v in s.items()})
     meta = dict(config=config, epoch=epoch, history=history,
                 rng=rng.bit_generator.state, optim_t=sd["t"], optim_lr=sd["lr"],
-                n_params=len(sd["state"]), best_epoch=best["epoch"], best_valid=best["valid"])
+                n_params=len(sd["state"]), best_epoch=best["epoch"], best_valid=best["valid"],
+                ranks=int(ranks))
     arrays["meta"] = io.json_array(meta)
     io.atomic_savez(Path(run_dir) / CHECKPOINT, arrays)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backend, data, models, registry, runs
+from . import backend, data, distributed, models, registry, runs
 from .io import atomic_savez  # noqa: F401  (kept importable from here)
 from .models import load_model, save_model  # noqa: F401  (kept importable from here)
 from .runs import CHECKPOINT, CURVES, METRICS, MODEL, plot_curves, read_checkpoint  # noqa: F401
@@ -174,8 +174,14 @@ def predict(model, x, batch_size=1000):
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
-def error_rate(model, x, y, batch_size=1000):
-    return float(np.mean(predict(model, x, batch_size) != y))
+def error_rate(model, x, y, batch_size=1000, dp=None):
+    """Fraction of ``x`` misclassified; with ``dp`` (a ``distributed.DataParallel``) each
+    rank scores its block of the rows and the counts are added over the ranks."""
+    if dp is None:
+        return float(np.mean(predict(model, x, batch_size) != y))
+    lo, hi = dp.comm.block(len(x))
+    wrong = int((predict(model, x[lo:hi], batch_size) != y[lo:hi]).sum())
+    return dp.comm.sum_values(wrong)[0] / len(x)
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -224,7 +230,7 @@ def prepare_data(cfg):
 
 # --- the loop ------------------------------------------------------------------------------
 
-def train_step(model, opt, loss_fn, x, y):
+def train_step(model, opt, loss_fn, x, y, dp=None):
     """One mini-batch of the paper's Algorithm 1 (arXiv:1602.02830); returns (loss, scores).
 
     1.1 forward:  every BinaryLinear binarizes its latent weights, W_b = sign(W), and
@@ -236,16 +242,21 @@ def train_step(model, opt, loss_fn, x, y):
     2.  update:   the optimizer steps every parameter (a binary layer's step scaled by its
                   Glorot ``lr_scale``) and clips the latent weights to [-1, 1].
     The learning-rate decay of Algorithm 1's last line happens once per epoch (``train``).
+    With ``dp`` (``distributed.DataParallel``), ``x`` and ``y`` are this rank's shard: its
+    loss is weighted by the shard's share of the batch and the gradients are added over the
+    ranks before the update, which every rank then takes alike.
     """
     scores = model(Tensor(x))         # 1.1
     loss = loss_fn(scores, y)
     opt.zero_grad()
-    loss.backward()                   # 1.2
+    (loss if dp is None else dp.scale_loss(loss)).backward()  # 1.2
+    if dp is not None:
+        dp.allreduce_gradients()
     opt.step()                        # 2.
     return loss, scores
 
 
-def recompute_bn_statistics(model, x, batch_size):
+def recompute_bn_statistics(model, x, batch_size, dp=None):
     """Set every batch norm's running mean and variance to the average of its batch
     statistics over ``x`` (in batches of ``batch_size``), computed with the current weights.
 
@@ -253,7 +264,8 @@ def recompute_bn_statistics(model, x, batch_size):
     many steps back, and a BNN's first layers can change fast enough for that to matter
     in eval. Only the batch norms run in training mode; everything else (dropout,
     stochastic binarization) runs in eval mode, so no random number is drawn and the
-    training run is unchanged apart from these statistics.
+    training run is unchanged apart from these statistics. With ``dp`` each rank feeds its
+    block of every batch and the (synchronised) batch norms see the whole batch.
     """
     from . import nn
     norms = [m for m in model.modules() if isinstance(m, nn._BatchNormBase)]
@@ -266,28 +278,37 @@ def recompute_bn_statistics(model, x, batch_size):
             for k, i in enumerate(range(0, len(x), batch_size)):
                 for b in norms:  # running = mean of the batches seen so far
                     b.momentum = 1.0 / (k + 1)
-                model(Tensor(backend.asarray(x[i:i + batch_size])))
+                xb = x[i:i + batch_size]
+                if dp is not None:
+                    xb = xb[slice(*dp.comm.block(len(xb)))]
+                model(Tensor(backend.asarray(xb)))
     finally:
         for b, m in zip(norms, momenta):
             b.momentum = m
         model.train(was_training)
 
 
-def train_epoch(model, opt, loss_fn, x, y, batch_size, rng, bar=None):
+def train_epoch(model, opt, loss_fn, x, y, batch_size, rng, bar=None, dp=None):
     """One pass over (x, y) in mini-batches shuffled by ``rng``; returns
-    (mean loss, training error, images seen)."""
+    (mean loss, training error, images seen). With ``dp`` every rank draws the same
+    permutation, trains on its shard of each batch, and the sums are added over the ranks
+    at the end (the progress bar shows rank 0's shards)."""
     model.train()
     loss_sum, wrong, seen = 0.0, 0, 0
-    for idx in data.batches(len(x), batch_size, rng=rng):
+    for batch in data.batches(len(x), batch_size, rng=rng):
+        idx = batch if dp is None else dp.shard(batch)
         yb = backend.asarray(y[idx])
-        loss, scores = train_step(model, opt, loss_fn, backend.asarray(x[idx]), yb)
+        loss, scores = train_step(model, opt, loss_fn, backend.asarray(x[idx]), yb, dp)
         loss_sum += float(loss.item()) * len(idx)
         wrong += int((scores.data.argmax(axis=1) != yb).sum())
         seen += len(idx)
         if bar is not None:
-            bar.update(len(idx))
+            bar.update(len(batch))
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{1 - wrong / seen:.4f}",
                             refresh=False)  # tqdm itself shows images/s
+    if dp is not None:
+        loss_sum, wrong, seen = dp.comm.sum_values(loss_sum, wrong, seen)
+        wrong, seen = int(wrong), int(seen)
     return loss_sum / max(seen, 1), wrong / max(seen, 1), seen
 
 
@@ -323,12 +344,18 @@ class _Run:
         self.history, self.epoch = meta["history"], meta["epoch"]
         self.best = dict(epoch=meta["best_epoch"], valid=meta["best_valid"], state=ck["best"])
 
-    def save(self, run_dir):
+    def save(self, run_dir, ranks=1):
         runs.save_checkpoint(run_dir, dataclasses.asdict(self.cfg), self.epoch, self.model,
-                             self.opt, self.rng, self.history, self.best)
+                             self.opt, self.rng, self.history, self.best, ranks=ranks)
 
 
-def train(cfg=None, run_dir=None, resume=False, progress=True, stop_after=None, log=print):
+def _on_root(comm, fn):
+    """``fn()`` here, or on rank 0 only with its result or error handed to every rank."""
+    return fn() if comm is None else comm.root_call(fn)
+
+
+def train(cfg=None, run_dir=None, resume=False, progress=True, stop_after=None, log=print,
+          comm=None):
     """Train (or, with ``resume=True``, continue training) the run in ``run_dir``.
 
     Each epoch: set the learning rate from the schedule, one pass of ``train_step`` over
@@ -336,23 +363,51 @@ def train(cfg=None, run_dir=None, resume=False, progress=True, stop_after=None, 
     ``runs.write_results`` keeps the best validation epoch. ``stop_after`` ends this call
     after that many epochs (the run stays resumable); it exists for tests and for training
     in slices. Returns the metrics dict.
+
+    ``comm`` (a ``distributed.Communicator``) trains data-parallel over its ranks, each
+    started with the same arguments: every global batch is split across the ranks
+    (``distributed.DataParallel``), evaluation is sharded and reduced, and rank 0 alone
+    reads and writes the run folder and logs.
     """
     run_dir = Path(run_dir)
+    if comm is not None and comm.rank != 0:
+        log, progress = (lambda *_: None), False
     if resume:
-        ck = runs.read_checkpoint(run_dir)
+        ck = _on_root(comm, lambda: runs.read_checkpoint(run_dir))
         cfg = TrainConfig(**ck["meta"]["config"])
     else:
         cfg = cfg or TrainConfig()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if (run_dir / runs.CHECKPOINT).exists():
-            raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it "
-                                  "or choose another --out folder")
+
+        def create():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if (run_dir / runs.CHECKPOINT).exists():
+                raise FileExistsError(f"{run_dir} already holds a run; pass --resume to "
+                                      "continue it or choose another --out folder")
+        _on_root(comm, create)
     cfg.validate()
     tx, ty, vx, vy, sx, sy = prepare_data(cfg)
     run = _Run(cfg)
     if resume:
         run.restore(ck)
         log(f"resuming {run_dir} after epoch {run.epoch}/{cfg.epochs}")
+    dp = None if comm is None else distributed.DataParallel(run.model, comm)
+    ranks = 1 if comm is None else comm.size
+    if resume and ck["meta"].get("ranks", 1) != ranks:
+        log(f"note: this run was trained on {ck['meta'].get('ranks', 1)} rank(s) and resumes "
+            f"on {ranks}: it follows the same sequence up to float rounding, not bit for bit")
+    if dp is not None:
+        dp.check_batches(len(tx), cfg.batch_size)
+    try:
+        return _epochs(run, cfg, run_dir, (tx, ty, vx, vy, sx, sy), progress, stop_after,
+                       log, dp, comm)
+    finally:
+        if dp is not None:
+            dp.close()
+
+
+def _epochs(run, cfg, run_dir, arrays, progress, stop_after, log, dp, comm):
+    """The epochs of ``train`` from ``run.epoch`` on; the metrics dict at the end."""
+    tx, ty, vx, vy, sx, sy = arrays
 
     end = cfg.epochs if stop_after is None else min(cfg.epochs, run.epoch + stop_after)
     while run.epoch < end:
@@ -360,14 +415,16 @@ def train(cfg=None, run_dir=None, resume=False, progress=True, stop_after=None, 
         bar = _progress(len(tx), f"epoch {run.epoch + 1}/{cfg.epochs}", progress)
         t0 = time.perf_counter()
         loss, train_err, seen = train_epoch(run.model, run.opt, run.loss_fn, tx, ty,
-                                            cfg.batch_size, run.rng, bar)
+                                            cfg.batch_size, run.rng, bar, dp)
         seconds = time.perf_counter() - t0
         if bar is not None:
             bar.close()
         if cfg.bn_recompute:
-            recompute_bn_statistics(run.model, tx[:cfg.bn_recompute], cfg.eval_batch_size)
-        valid_err = error_rate(run.model, vx, vy, cfg.eval_batch_size)
-        test_err = error_rate(run.model, sx, sy, cfg.eval_batch_size)
+            recompute_bn_statistics(run.model, tx[:cfg.bn_recompute], cfg.eval_batch_size, dp)
+        if dp is not None:
+            dp.check_replicas()
+        valid_err = error_rate(run.model, vx, vy, cfg.eval_batch_size, dp)
+        test_err = error_rate(run.model, sx, sy, cfg.eval_batch_size, dp)
         run.epoch += 1
         run.history.append(dict(epoch=run.epoch, lr=run.opt.lr, train_loss=loss,
                                 train_error=train_err, valid_error=valid_err,
@@ -375,14 +432,14 @@ def train(cfg=None, run_dir=None, resume=False, progress=True, stop_after=None, 
                                 images_per_second=seen / seconds))
         if valid_err < run.best["valid"]:
             run.best = dict(epoch=run.epoch, valid=valid_err, state=run.model.state_dict())
-        run.save(run_dir)
+        _on_root(comm, lambda: run.save(run_dir, 1 if comm is None else comm.size))
         log(f"epoch {run.epoch:3d}/{cfg.epochs}  lr {run.opt.lr:.2e}  loss {loss:.4f}  "
             f"train {100 * train_err:5.2f}%  valid {100 * valid_err:5.2f}%  "
             f"test {100 * test_err:5.2f}%  {seconds:6.1f}s  {seen / seconds:,.0f} img/s")
 
     if end < cfg.epochs:
         return dict(config=dataclasses.asdict(cfg), history=run.history, finished=False)
-    return finish(run_dir, cfg, run.history, run.best, log)
+    return _on_root(comm, lambda: finish(run_dir, cfg, run.history, run.best, log))
 
 
 def finish(run_dir, cfg, history, best, log=print):
