@@ -151,13 +151,19 @@ def small_config(**kw):
     return T.TrainConfig(**base)
 
 
+#: the end-to-end runs: standard BN with its statistics recomputed before evaluation
+#: (250 images: one batch, split across the ranks), and shift BN with dropout and
+#: stochastic binary weights
+TRAIN_CASES = {"train-standard": dict(bn_recompute=250),
+               "train-shift-dropout": dict(bn="shift", dropout_in=0.2, dropout_hidden=0.3,
+                                           stochastic=True)}
+
+
 def case_train(comm, out):
     """The whole ``train`` on an MNIST subset, and the same run stopped after one epoch and
     resumed twice (the resume test)."""
     quiet = lambda *_: None  # noqa: E731
-    for name, kw in (("train-standard", {}), ("train-shift-dropout",
-                                              dict(bn="shift", dropout_in=0.2,
-                                                   dropout_hidden=0.3, stochastic=True))):
+    for name, kw in TRAIN_CASES.items():
         T.train(small_config(**kw), out / name, progress=False, log=quiet, comm=comm)
     cfg = small_config(bn="shift", dropout_hidden=0.3, optimizer="adam")
     T.train(cfg, out / "full", progress=False, log=quiet, comm=comm)

@@ -238,15 +238,13 @@ def test_two_ranks_compute_what_one_process_computes(two_rank_equivalence, name)
 @pytest.mark.slow
 def test_distributed_train_matches_one_process_and_resumes(tmp_path):
     """``train`` on an MNIST subset under two ranks: the history and the saved model of
-    one process (standard BN; shift BN with dropout and stochastic weights), and a run
+    one process (``dist_worker.TRAIN_CASES``), and a run
     stopped after one epoch and resumed twice equals the uninterrupted two-rank run."""
     mpi_or_skip()
     run_worker("train", tmp_path)
     strip = lambda h: [{k: v for k, v in e.items() if k not in ("seconds", "images_per_second")}
                        for e in h]
-    for name, kw in (("train-standard", {}), ("train-shift-dropout",
-                                              dict(bn="shift", dropout_in=0.2,
-                                                   dropout_hidden=0.3, stochastic=True))):
+    for name, kw in W.TRAIN_CASES.items():
         ref = T.train(W.small_config(**kw), tmp_path / f"ref-{name}", progress=False,
                       log=lambda *_: None)
         got = json.loads((tmp_path / name / T.METRICS).read_text())
