@@ -140,6 +140,19 @@ class Communicator:
             raise error
         return result
 
+    def check_same(self, value, what):
+        """Raise ValueError on every rank unless every rank holds the same ``value`` (a
+        picklable, comparable object) as rank 0: ranks started with different options
+        would otherwise wait on each other forever or train different things."""
+        root = self.bcast_object(value)
+        differ = self.sum_values(root != value)[0]
+        if differ:
+            error = ValueError(f"{what} differs between the ranks: {int(differ)} of "
+                               f"{self.size} ranks disagree with rank 0 ({root!r}); start "
+                               "every rank with the same options")
+            error.minibnn_all_ranks = True
+            raise error
+
     def abort(self, code=1):
         """Stop every rank of the job now (``MPI_Abort``); without MPI, exit this process."""
         if self._mpi is not None:

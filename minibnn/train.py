@@ -385,6 +385,8 @@ def train(cfg=None, run_dir=None, resume=False, progress=True, stop_after=None, 
                                       "continue it or choose another --out folder")
         _on_root(comm, create)
     cfg.validate()
+    if comm is not None:
+        comm.check_same(dataclasses.asdict(cfg), "the training configuration")
     tx, ty, vx, vy, sx, sy = prepare_data(cfg)
     run = _Run(cfg)
     if resume:

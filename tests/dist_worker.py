@@ -202,6 +202,20 @@ def comm_rank():
     return MPI.COMM_WORLD.Get_rank()
 
 
+def case_mismatch(comm, out):
+    """Ranks started with different options (here: seeds) are refused on every rank."""
+    try:
+        T.train(small_config(seed=comm.rank, epochs=1), out / "run", progress=False,
+                log=lambda *_: None, comm=comm)
+    except ValueError as exc:
+        assert "the training configuration differs between the ranks" in str(exc), exc
+        assert "1 of 2 ranks disagree" in str(exc), exc
+        if comm.rank == 0:
+            (out / "refused.txt").write_text(str(exc))
+    else:
+        raise AssertionError("ranks with different seeds were accepted")
+
+
 def main(case, out):
     if case in ("raise", "kill"):
         return fail(case, out)

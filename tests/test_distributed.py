@@ -209,6 +209,12 @@ def test_communicator_collectives_on_two_ranks(tmp_path):
     assert info["size"] == 2 and info["describe"].startswith("2 ranks over MPI")
 
 
+def test_ranks_with_different_options_are_refused(tmp_path):
+    mpi_or_skip()
+    run_worker("mismatch", tmp_path)
+    assert "'seed': 0" in (tmp_path / "refused.txt").read_text()
+
+
 @pytest.fixture(scope="module")
 def two_rank_equivalence(tmp_path_factory):
     mpi_or_skip()
