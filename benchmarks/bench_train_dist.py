@@ -91,7 +91,9 @@ def run(ranks, threads, layers, hidden, batch, steps, backend_name):
     threads = str(threads)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=threads,
                OPENBLAS_NUM_THREADS=threads, NUMBA_NUM_THREADS=threads)
-    cmd = [shutil.which("mpiexec") or "mpiexec", "-n", str(ranks), sys.executable, __file__,
+    here = Path(sys.executable).parent / "mpiexec"  # the mpich wheel's, in a venv
+    mpiexec = str(here) if here.exists() else shutil.which("mpiexec") or "mpiexec"
+    cmd = [mpiexec, "-n", str(ranks), sys.executable, __file__,
            "--worker", f"{layers},{hidden},{batch},{steps},{backend_name}"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     if res.returncode:

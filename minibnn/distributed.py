@@ -207,13 +207,11 @@ class NcclComm:
                         backend.cuda_stream_ptr())
 
 
-def init(use_mpi=True):
+def init():
     """The world communicator: MPI's COMM_WORLD through mpi4py when it can be imported
     (started by ``mpiexec``/``srun`` or as a one-rank singleton), else a one-rank
     communicator whose ``note`` says why. Under the cupy backend each rank takes GPU
     ``local rank % number of GPUs`` (one rank per GPU on each node)."""
-    if not use_mpi:
-        return Communicator(None, "distributed training not asked for")
     try:
         from mpi4py import MPI
     except ImportError as exc:

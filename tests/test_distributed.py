@@ -41,9 +41,15 @@ def _env():
     return dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
 
 
+def _mpiexec():
+    """The mpiexec beside this Python (the mpich wheel's, in a venv), else on PATH."""
+    here = Path(sys.executable).parent / "mpiexec"
+    return str(here) if here.exists() else shutil.which("mpiexec")
+
+
 def mpirun(*args, n=2, timeout=240):
     """``mpiexec -n N python ARGS`` from the repository root; a CompletedProcess."""
-    return subprocess.run([shutil.which("mpiexec"), "-n", str(n), sys.executable, *args],
+    return subprocess.run([_mpiexec(), "-n", str(n), sys.executable, *args],
                           cwd=ROOT, env=_env(), capture_output=True, text=True,
                           timeout=timeout)
 
@@ -55,8 +61,8 @@ def mpi_or_skip():
     """Skip, saying why, where two MPI ranks cannot start (checked once)."""
     if not _MPI_REASON:
         reason = ""
-        if shutil.which("mpiexec") is None:
-            reason = "no mpiexec on PATH (pip install minibnn[dist])"
+        if _mpiexec() is None:
+            reason = "no mpiexec beside Python or on PATH (pip install minibnn[dist])"
         else:
             try:
                 import mpi4py  # noqa: F401
