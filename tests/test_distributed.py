@@ -331,6 +331,14 @@ def _gpu_or_skip():
         pytest.skip(str(exc))
 
 
+def test_nccl_says_why_it_is_unavailable():
+    reason = backend.available()["cupy"]
+    if reason is None:
+        pytest.skip("a GPU is present: NCCL is tested below")
+    with pytest.raises(backend.BackendUnavailable, match="NCCL needs the cupy backend: cupy"):
+        backend.nccl()
+
+
 @pytest.mark.gpu
 def test_nccl_one_rank_communicator():
     """One rank per GPU; with one GPU, a one-rank NCCL communicator still runs every call."""
