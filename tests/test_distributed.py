@@ -106,24 +106,26 @@ def _after(n):
 
 @pytest.mark.parametrize("kind", ["standard", "shift"])
 @pytest.mark.parametrize("shape", [(12, 3), (4, 3, 2, 2)])
-def test_synced_batch_norm_on_one_rank_is_batch_norm(kind, shape):
+def test_synced_batch_norm_on_one_rank_is_batch_norm(kind, shape, each_backend):
     """With a sync that adds over one rank (the identity), the synchronised code path
-    gives batch norm's forward, gradients and running statistics."""
+    gives batch norm's forward, gradients and running statistics (on every backend: the
+    cupy case runs the float64 sums on the GPU)."""
     rng = np.random.default_rng(0)
-    x = rng.normal(1.0, 2.0, shape).astype(np.float32)
-    g = rng.normal(size=shape).astype(np.float32)
+    x = backend.asarray(rng.normal(1.0, 2.0, shape).astype(np.float32))
+    g = backend.asarray(rng.normal(size=shape).astype(np.float32))
     cls = {("standard", 2): nn.BatchNorm, ("shift", 2): nn.ShiftBatchNorm,
            ("standard", 4): nn.BatchNorm2d, ("shift", 4): nn.ShiftBatchNorm2d}[kind, len(shape)]
     outs = []
     for sync in (None, lambda a: a):
         bn = cls(3)
-        bn.gamma.data[...] = [0.7, 1.3, 2.1]
+        bn.gamma.data[...] = backend.asarray(np.array([0.7, 1.3, 2.1], np.float32))
         bn.sync = sync
         xt = Tensor(x, requires_grad=True)
         y = bn(xt)
         y.backward(g)
-        outs.append((y.data, xt.grad, bn.gamma.grad, bn.beta.grad, bn.running_mean.copy(),
-                     bn.running_var.copy()))
+        outs.append([backend.to_numpy(a) for a in (y.data, xt.grad, bn.gamma.grad,
+                                                   bn.beta.grad, bn.running_mean,
+                                                   bn.running_var)])
     for a, b in zip(*outs):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
 
