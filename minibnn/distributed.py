@@ -103,6 +103,27 @@ class Communicator:
             self._mpi.Bcast(array, root=root)
         return array
 
+    def allreduce_start(self, array, op="sum"):
+        """Start ``allreduce(array, op)`` without waiting (MPI ``Iallreduce``); returns a
+        handle for ``wait``. ``array`` must stay untouched until then. CuPy arrays: the
+        NCCL call is enqueued on the current stream, and the handle is None."""
+        if op not in ("sum", "max"):
+            raise ValueError(f"allreduce_start: op must be 'sum' or 'max', got {op!r}")
+        _check_contiguous(array, "allreduce_start")
+        self.messages, self.bytes = self.messages + 1, self.bytes + array.nbytes
+        if self.size == 1:
+            return None
+        if backend.is_cupy_array(array):
+            self._nccl_comm().allreduce(array, op)
+            return None
+        from mpi4py import MPI
+        return self._mpi.Iallreduce(MPI.IN_PLACE, array, op=MPI.SUM if op == "sum" else MPI.MAX)
+
+    def wait(self, handle):
+        """Wait for a collective that ``allreduce_start`` began."""
+        if handle is not None:
+            handle.Wait()
+
     def barrier(self):
         """Wait until every rank has reached this call."""
         if self._mpi is not None:
@@ -276,13 +297,16 @@ class DataParallel:
     norm and whole-batch dropout masks in the model (``close`` turns them off).
 
     Per step: ``shard(idx)`` gives this rank's rows of the global batch ``idx`` (and tells
-    the dropout layers where they lie), ``scale_loss`` weights the shard's mean loss by its
-    share of the batch, ``allreduce_gradients`` adds the gradients over the ranks after
-    ``backward()``. ``grad_dtype="float16"`` sends the gradients as float16 (half the
-    bytes, about 3 significant digits per addend; the sum is rounded to float16 too).
+    the dropout layers where they lie), ``backward(loss)`` back-propagates the shard's
+    mean loss weighted by its share of the batch (``scale_loss``) and adds the gradients
+    over the ranks (``allreduce_gradients``). ``grad_dtype="float16"`` sends the gradients
+    as float16 (half the bytes, about 3 significant digits per addend; the sum is rounded
+    to float16 too). ``overlap=True`` starts each bucket's all-reduce during the backward
+    pass, as soon as its gradients are complete (buckets run from the last layer back).
     """
 
-    def __init__(self, model, comm, bucket_bytes=BUCKET_BYTES, grad_dtype="float32"):
+    def __init__(self, model, comm, bucket_bytes=BUCKET_BYTES, grad_dtype="float32",
+                 overlap=False):
         if grad_dtype not in GRAD_DTYPES:
             raise ValueError(f"grad_dtype must be one of {GRAD_DTYPES}, got {grad_dtype!r}")
         if int(bucket_bytes) < 1:
@@ -290,9 +314,12 @@ class DataParallel:
         self.model, self.comm = model, comm
         self.grad_dtype = np.dtype(grad_dtype)
         self.params = model.parameters()
-        self.bucket_bytes = int(bucket_bytes)
-        self.buckets = _split([p.data.size * self.grad_dtype.itemsize for p in self.params],
-                              self.bucket_bytes)
+        self.bucket_bytes, self.overlap = int(bucket_bytes), bool(overlap)
+        # buckets from the last parameter back: the backward pass completes them in order
+        last_first = list(range(len(self.params)))[::-1]
+        self.buckets = [[last_first[i] for i in group] for group in _split(
+            [self.params[i].data.size * self.grad_dtype.itemsize for i in last_first],
+            self.bucket_bytes)]
         self._broadcast_state()
         self.norms = [m for m in model.modules() if isinstance(m, nn._BatchNormBase)]
         self.dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
@@ -350,24 +377,70 @@ class DataParallel:
         back-propagates so that the gradients' sum over the ranks is the batch mean's."""
         return loss if self.comm.size == 1 else loss * self.scale
 
+    def backward(self, loss):
+        """``backward()`` of this rank's scaled loss (``scale_loss``) and the gradients
+        added over the ranks. With ``overlap``, each bucket's all-reduce starts (MPI's
+        non-blocking ``Iallreduce``) as soon as the backward pass has completed its
+        gradients, and runs while the earlier layers' gradients are computed; the sums
+        are the same as without. On GPUs the NCCL call is issued early too, but runs on
+        CuPy's current stream, in order with the backward's kernels."""
+        if self.comm.size == 1:
+            loss.backward()
+            return
+        if not self.overlap:
+            self.scale_loss(loss).backward()
+            self.allreduce_gradients()
+            return
+        bucket_of = {id(self.params[i]): k for k, b in enumerate(self.buckets) for i in b}
+        missing = [len(b) for b in self.buckets]
+        started = {}
+
+        def on_leaf(tensor):
+            k = bucket_of.get(id(tensor))
+            if k is not None:
+                missing[k] -= 1
+                if missing[k] == 0:
+                    started[k] = self._start(k)
+
+        self.scale_loss(loss).backward(on_leaf=on_leaf)
+        for k in range(len(self.buckets)):  # buckets with a parameter the loss does not reach
+            if k not in started:
+                started[k] = self._start(k)
+        for k, (flat, handle) in started.items():
+            self.comm.wait(handle)
+            self._unpack(k, flat)
+
     def allreduce_gradients(self):
         """After ``backward()``: add every parameter's gradient over the ranks, one flat
         buffer per bucket. A parameter without a gradient adds zeros (every rank runs the
         same graph, so all agree on which ones have one)."""
         if self.comm.size == 1:
             return
-        for bucket in self.buckets:
-            ps = [self.params[i] for i in bucket]
-            xp = backend.get_array_module(ps[0].data)
-            flat = xp.concatenate([(p.grad if p.grad is not None else xp.zeros_like(p.data))
-                                   .reshape(-1).astype(self.grad_dtype) for p in ps])
+        for k in range(len(self.buckets)):
+            flat = self._pack(k)
             self.comm.allreduce(flat)
-            offset = 0
-            for p in ps:
-                n = p.data.size
-                if p.grad is not None:
-                    p.grad = flat[offset:offset + n].reshape(p.data.shape).astype(p.data.dtype)
-                offset += n
+            self._unpack(k, flat)
+
+    def _pack(self, k):
+        """Bucket ``k``'s gradients in one flat buffer of ``grad_dtype``."""
+        ps = [self.params[i] for i in self.buckets[k]]
+        xp = backend.get_array_module(ps[0].data)
+        return xp.concatenate([(p.grad if p.grad is not None else xp.zeros_like(p.data))
+                               .reshape(-1).astype(self.grad_dtype) for p in ps])
+
+    def _start(self, k):
+        flat = self._pack(k)
+        return flat, self.comm.allreduce_start(flat)
+
+    def _unpack(self, k, flat):
+        """The summed gradients of bucket ``k`` back into its parameters' ``grad``."""
+        offset = 0
+        for i in self.buckets[k]:
+            p = self.params[i]
+            n = p.data.size
+            if p.grad is not None:
+                p.grad = flat[offset:offset + n].reshape(p.data.shape).astype(p.data.dtype)
+            offset += n
 
     def check_replicas(self):
         """Raise RuntimeError if the ranks' parameters have drifted apart (compares a

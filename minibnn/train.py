@@ -249,9 +249,10 @@ def train_step(model, opt, loss_fn, x, y, dp=None):
     scores = model(Tensor(x))         # 1.1
     loss = loss_fn(scores, y)
     opt.zero_grad()
-    (loss if dp is None else dp.scale_loss(loss)).backward()  # 1.2
-    if dp is not None:
-        dp.allreduce_gradients()
+    if dp is None:
+        loss.backward()               # 1.2
+    else:                             # 1.2, and the gradients added over the ranks
+        dp.backward(loss)
     opt.step()                        # 2.
     return loss, scores
 

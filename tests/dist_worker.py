@@ -44,17 +44,17 @@ def synthetic(shape, n=ROWS, seed=11):
     return x, (x.reshape(n, -1) @ w).argmax(axis=1).astype(np.int64)
 
 
-def equivalence(name, comm=None):
+def equivalence(name, comm=None, **dp_options):
     """EPOCHS epochs of ``train.train_epoch`` on synthetic data, data-parallel over ``comm``
-    (one process when None): per-epoch (loss, training error, held-out error), and the
-    final state dict."""
+    (one process when None; ``dp_options`` for ``DataParallel``): per-epoch (loss,
+    training error, held-out error), and the final state dict."""
     build, shape = CASES[name]
     rng = np.random.default_rng(5)
     model = build(rng)
     opt = optim.Adam(model.parameters(), lr=3e-3)
     x, y = synthetic(shape)
     hx, hy = synthetic(shape, n=101, seed=12)
-    dp = None if comm is None else distributed.DataParallel(model, comm)
+    dp = None if comm is None else distributed.DataParallel(model, comm, **dp_options)
     history = []
     for _ in range(EPOCHS):
         loss, err, seen = T.train_epoch(model, opt, losses.squared_hinge, x, y, BATCH, rng,
@@ -69,6 +69,10 @@ def case_equivalence(comm, out):
         history, state = equivalence(name, comm)
         if comm.rank == 0:
             np.savez(out / f"{name}.npz", history=np.array(history), **state)
+    # the all-reduce overlapped with the backward pass, in small buckets: the same sums
+    history, state = equivalence("mlp-dropout-stochastic", comm, overlap=True, bucket_bytes=3000)
+    if comm.rank == 0:
+        np.savez(out / "overlap.npz", history=np.array(history), **state)
 
 
 def case_comm(comm, out):
@@ -111,21 +115,23 @@ def case_comm(comm, out):
                              dropout_hidden=0, rng=np.random.default_rng(1))
     x, y = synthetic((20,), n=40)
     grads = {}
-    for dtype in ("float32", "float16"):
-        dp = distributed.DataParallel(model, comm, bucket_bytes=1000, grad_dtype=dtype)
+    for dtype, overlap in (("float32", False), ("float16", False), ("float32", True)):
+        dp = distributed.DataParallel(model, comm, bucket_bytes=1000, grad_dtype=dtype,
+                                      overlap=overlap)
         assert 1 < len(dp.buckets) < len(dp.params), dp.buckets
         idx = dp.shard(np.arange(40))
         loss = losses.squared_hinge(model(T.Tensor(x[idx])), y[idx])
         model.zero_grad()
-        dp.scale_loss(loss).backward()
         before = comm.messages
-        dp.allreduce_gradients()
-        assert comm.messages - before == len(dp.buckets)
-        grads[dtype] = [p.grad.copy() for p in dp.params]
-        assert all(g.dtype == np.float32 for g in grads[dtype])
+        dp.backward(loss)
+        assert comm.messages - before == len(dp.buckets) + 3  # + one per batch norm
+        grads[dtype, overlap] = [p.grad.copy() for p in dp.params]
+        assert all(g.dtype == np.float32 for g in grads[dtype, overlap])
         dp.close()
-    for a, b in zip(grads["float32"], grads["float16"]):
+    for a, b, c in zip(grads["float32", False], grads["float16", False],
+                       grads["float32", True]):
         np.testing.assert_allclose(b, a, rtol=2e-3, atol=1e-3 * np.abs(a).max())
+        np.testing.assert_array_equal(c, a)  # overlapped: the same sums
     if r == 0:
         (out / "comm.json").write_text(json.dumps(dict(size=n, describe=comm.describe(),
                                                        messages=comm.messages)))

@@ -249,6 +249,15 @@ def test_two_ranks_compute_what_one_process_computes(two_rank_equivalence, name)
             np.testing.assert_allclose(theirs[k], v, rtol=1e-5, atol=1e-5, err_msg=k)
 
 
+def test_overlapped_all_reduce_gives_the_same_run(two_rank_equivalence):
+    """Buckets all-reduced while the backward pass runs: the very same numbers."""
+    with np.load(two_rank_equivalence / "overlap.npz") as a, \
+            np.load(two_rank_equivalence / "mlp-dropout-stochastic.npz") as b:
+        assert a.files == b.files
+        for k in a.files:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
 @pytest.mark.slow
 def test_distributed_train_matches_one_process_and_resumes(tmp_path):
     """``train`` on an MNIST subset under two ranks: the history and the saved model of
