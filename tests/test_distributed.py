@@ -307,9 +307,11 @@ def test_a_failing_rank_stops_the_job_and_keeps_the_checkpoint(tmp_path, how):
         assert f"the last complete checkpoint in {tmp_path / 'run'} is kept" in res.stderr
     ck = T.read_checkpoint(tmp_path / "run")
     assert ck["meta"]["epoch"] == 1 and ck["meta"]["ranks"] == 2
+    said = []
     resumed = T.train(run_dir=tmp_path / "run", resume=True, progress=False, stop_after=1,
-                      log=lambda *_: None)
+                      log=said.append)
     assert len(resumed["history"]) == 2
+    assert any("trained on 2 rank(s) and resumes on 1" in line for line in said), said
 
 
 @pytest.mark.slow
