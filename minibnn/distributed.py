@@ -19,7 +19,11 @@ process computes with batch B, up to float32 reduction order:
   all-reduce of per-channel sums (float64) in the forward, and one of the backward's two
   per-channel sums (``nn._BatchNormBase.sync``, ``functional.BatchNormTrain``,
   ``functional.SyncMean`` for the shift-based variant).
-* **initial state** is broadcast from rank 0, so ranks agree even if their seeds did not.
+* **initial state** is broadcast from rank 0, so the replicas start equal however they
+  were built (``train`` also refuses ranks started with different options, and checks
+  after every epoch that the replicas are still equal).
+* **buckets**: the gradients travel in a few large flat buffers, optionally as float16,
+  optionally all-reduced while the backward pass still runs (``DataParallel``).
 
 The engine is MPI through mpi4py (imported here only, lazily: the rest of minibnn never
 needs it); CuPy arrays go through NCCL (``cupy.cuda.nccl``, reached via
@@ -68,7 +72,7 @@ class Communicator:
         if self._mpi is None:
             return f"1 rank, no MPI ({self.note})" if self.note else "1 rank, no MPI"
         from mpi4py import MPI
-        library = MPI.Get_library_version().splitlines()[0].strip()
+        library = " ".join(MPI.Get_library_version().splitlines()[0].split())
         text = f"{self.size} rank{'s' if self.size > 1 else ''} over MPI ({library})"
         return text + (f"; {self.note}" if self.note else "")
 
