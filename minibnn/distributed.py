@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 import traceback
 
 import numpy as np
@@ -276,6 +277,7 @@ def abort_on_error(comm, hint=""):
         hint = hint() if callable(hint) else hint
         print(f"{tb}minibnn: rank {comm.rank} of {comm.size} failed: {what}; stopping all "
               f"{comm.size} ranks{hint}", file=sys.stderr, flush=True)
+        time.sleep(1.0)  # let mpiexec pass the message on before MPI_Abort tears the job down
         comm.abort(1)
 
 
@@ -355,16 +357,16 @@ class DataParallel:
         """Bytes of gradient this rank hands to the all-reduce per step (the payload)."""
         return sum(p.data.size for p in self.params) * self.grad_dtype.itemsize
 
-    def check_batches(self, n, batch_size):
-        """Refuse a split that would leave a rank without rows (the last batch of an epoch
-        of ``n`` rows, or a batch smaller than the number of ranks)."""
+    def check_batches(self, n, batch_size, what="batch_size", change="batch_size or train_limit"):
+        """Refuse a split that would leave a rank without rows (the last batch of ``n``
+        rows, or a batch smaller than the number of ranks); ``what`` and ``change`` name
+        the options in the message."""
         last = n % batch_size
-        if batch_size < self.comm.size or 0 < last < self.comm.size:
+        if n and (batch_size < self.comm.size or 0 < last < self.comm.size):
             raise ValueError(
-                f"batch_size {batch_size} with {n} training rows gives a batch of "
+                f"{what} {batch_size} with {n} rows gives a batch of "
                 f"{min(batch_size, last or batch_size)} rows, fewer than the {self.comm.size} "
-                "ranks: every rank needs at least one row of every batch; change batch_size "
-                "or train_limit")
+                f"ranks: every rank needs at least one row of every batch; change {change}")
 
     def shard(self, idx):
         """This rank's rows of the global batch ``idx`` (a contiguous block, ``block``);

@@ -400,6 +400,8 @@ def train(cfg=None, run_dir=None, resume=False, progress=True, stop_after=None, 
             f"on {ranks}: it follows the same sequence up to float rounding, not bit for bit")
     if dp is not None:
         dp.check_batches(len(tx), cfg.batch_size)
+        dp.check_batches(min(cfg.bn_recompute, len(tx)), cfg.eval_batch_size,
+                         "bn_recompute's batch of", "bn_recompute")
     try:
         return _epochs(run, cfg, run_dir, (tx, ty, vx, vy, sx, sy), progress, stop_after,
                        log, dp, comm)

@@ -189,9 +189,12 @@ def test_a_batch_smaller_than_the_ranks_is_refused():
                                   distributed.Communicator())
     dp.comm = comm
     dp.check_batches(600, 50)
+    dp.check_batches(0, 1000)  # no bn_recompute
     for n, batch in ((602, 50), (600, 3)):
-        with pytest.raises(ValueError, match="fewer than the 4 ranks"):
+        with pytest.raises(ValueError, match="fewer than the 4 ranks.*batch_size or train_lim"):
             dp.check_batches(n, batch)
+    with pytest.raises(ValueError, match="bn_recompute's batch of 1000 with 1001 rows"):
+        dp.check_batches(1001, 1000, "bn_recompute's batch of", "bn_recompute")
 
 
 def test_without_mpi4py_distributed_runs_on_one_rank_and_says_so(tmp_path):
