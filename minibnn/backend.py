@@ -164,3 +164,37 @@ def scatter_add(out, index, values):
     else:
         np.add.at(out, index, values)
     return out
+
+
+# --- what minibnn.distributed needs from CuPy (the only module allowed to import it) ----------
+
+def nccl():
+    """``cupy.cuda.nccl``: NCCL through CuPy, for ``minibnn.distributed`` between GPUs.
+    Raises ``BackendUnavailable`` saying why when CuPy, a GPU or NCCL is missing."""
+    reason = _probe("cupy")
+    if reason is not None:
+        raise BackendUnavailable(f"NCCL needs the cupy backend: {reason}")
+    try:
+        from cupy.cuda import nccl as module
+    except ImportError as exc:
+        raise BackendUnavailable(f"NCCL unavailable in CuPy: {exc}; install the NCCL "
+                                 "library (e.g. pip install nvidia-nccl-cu12)") from exc
+    if not getattr(module, "available", True):
+        raise BackendUnavailable("NCCL unavailable: CuPy was built without NCCL support; "
+                                 "install the NCCL library (e.g. pip install nvidia-nccl-cu12)")
+    return module
+
+
+def select_gpu(index):
+    """Make GPU ``index % number of GPUs`` CuPy's current device (one rank per GPU);
+    returns the device number."""
+    import cupy
+    device = int(index) % cupy.cuda.runtime.getDeviceCount()
+    cupy.cuda.Device(device).use()
+    return device
+
+
+def cuda_stream_ptr():
+    """The raw handle of CuPy's current stream (NCCL collectives run on it)."""
+    import cupy
+    return cupy.cuda.get_current_stream().ptr

@@ -115,6 +115,11 @@ def _train_parser(sub, common):
                         "options; --epochs may change its length, other options are refused")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (none is drawn when the output is not a terminal)")
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel over MPI ranks: start with mpiexec -n N python -m "
+                        "minibnn train --distributed ...; every batch is split across the "
+                        "ranks (needs mpi4py: pip install minibnn[dist]; without it, or "
+                        "without mpiexec, runs on one rank and says so)")
     return p
 
 
@@ -125,6 +130,22 @@ _OPTIONS = ("hidden", "layers", "epochs", "batch_size", "lr_start", "lr_end", "s
 
 
 def _cmd_train(args):
+    if args.distributed:
+        from . import distributed
+        comm = distributed.init()
+        if comm.rank == 0:
+            print(f"distributed: {comm.describe()}", flush=True)
+
+        def hint():
+            run = args.resume or args.out or getattr(args, "run_dir", None)
+            return (f"; the last complete checkpoint in {run} is kept" if run else
+                    "; the last complete checkpoint in the run folder named above is kept")
+        with distributed.abort_on_error(comm, hint):
+            return _train(args, comm)
+    return _train(args, None)
+
+
+def _train(args, comm):
     from .runs import result_line
     from .train import TrainConfig, train
     progress = not args.no_progress and not args.quiet and _interactive()
@@ -136,16 +157,19 @@ def _cmd_train(args):
             if value:
                 raise ValueError(f"{flag} cannot be given with --resume (the run keeps its "
                                  "folder and options)")
-        metrics = train(run_dir=args.resume, resume=True, progress=progress, log=log, **given)
+        metrics = train(run_dir=args.resume, resume=True, progress=progress, log=log,
+                        comm=comm, **given)
     else:
         cfg = TrainConfig.recipe(given.pop("dataset", "mnist"), given.pop("model", "mlp"),
                                  torch=args.torch, **given).validate()
         net = (f"{cfg.layers}x{cfg.hidden} binary MLP" if cfg.model == "mlp"
                else f"binary ConvNet ({cfg.arch})")
-        log(f"training {net} on {cfg.dataset}, {cfg.optimizer}, {cfg.bn} BN, batch "
-            f"{cfg.batch_size}, {cfg.epochs} epochs, backend {backend.active()}")
-        metrics = train(cfg, run_dir=args.out, progress=progress, log=log)
-    if args.quiet and metrics.get("finished", True):
+        if comm is None or comm.rank == 0:
+            log(f"training {net} on {cfg.dataset}, {cfg.optimizer}, {cfg.bn} BN, batch "
+                f"{cfg.batch_size}, {cfg.epochs} epochs, backend {backend.active()}")
+        metrics = train(cfg, run_dir=args.out, progress=progress, log=log, comm=comm)
+    args.run_dir = metrics.get("run_dir")
+    if args.quiet and metrics.get("finished", True) and (comm is None or comm.rank == 0):
         print(result_line(metrics, metrics.get("run_dir")))
     return 0
 

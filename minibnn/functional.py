@@ -261,11 +261,22 @@ class LogSoftmax(Function):
 
 
 class Dropout(Function):
-    """Inverted dropout: zero each unit with probability p, scale survivors by 1/(1-p)."""
+    """Inverted dropout: zero each unit with probability p, scale survivors by 1/(1-p).
 
-    def forward(self, a, p, rng):
+    With ``rows=(start, total)``, ``a`` is rows ``start:start + len(a)`` of a batch of
+    ``total`` rows: the mask is drawn for the whole batch and those rows are kept, so every
+    data-parallel rank draws the same numbers from the shared generator as one process
+    does, and its rows get the mask one process would give them (``minibnn.distributed``).
+    """
+
+    def forward(self, a, p, rng, rows=None):
         xp = get_array_module(a)
-        keep = xp.asarray(rng.random(a.shape, dtype=np.float32) >= p)
+        if rows is None:
+            draw = rng.random(a.shape, dtype=np.float32)
+        else:
+            start, total = rows
+            draw = rng.random((total,) + a.shape[1:], dtype=np.float32)[start:start + a.shape[0]]
+        keep = xp.asarray(draw >= p)
         self.save(keep.astype(a.dtype) * a.dtype.type(1.0 / (1.0 - p)))
         return a * self.saved[0]
 
@@ -276,15 +287,23 @@ class Dropout(Function):
 class BatchNormTrain(Function):
     """y = gamma * (x - mean) / sqrt(var + eps) + beta with the batch's own mean and
     (biased) variance over ``axes``; the backward pass differentiates through both
-    (Ioffe & Szegedy 2015, arXiv:1502.03167, Algorithm 1)."""
+    (Ioffe & Szegedy 2015, arXiv:1502.03167, Algorithm 1).
 
-    def forward(self, x, gamma, beta, mean, var, eps, axes):
+    Synchronised batch norm: when ``mean`` and ``var`` are statistics of a batch split
+    across ranks, ``sync`` (an in-place sum over the ranks of a float64 array) and ``count``
+    (the batch's size over all ranks) make the backward's two per-channel means,
+    mean(g_xhat) and mean(g_xhat * xhat), means over the whole batch too. gamma's and
+    beta's gradients stay this rank's sums; the gradient all-reduce adds them up.
+    """
+
+    def forward(self, x, gamma, beta, mean, var, eps, axes, sync=None, count=None):
         shape = [1 if i in axes else n for i, n in enumerate(x.shape)]
         xp = get_array_module(x)
         invstd = (1.0 / xp.sqrt(var + eps)).astype(x.dtype).reshape(shape)
         xhat = (x - mean.reshape(shape)) * invstd
         self.save(xhat, invstd, gamma.reshape(shape))
-        self.axes, self.count = axes, x.size // int(np.prod(shape))
+        self.axes, self.sync = axes, sync
+        self.count = x.size // int(np.prod(shape)) if count is None else count
         return gamma.reshape(shape) * xhat + beta.reshape(shape)
 
     def backward(self, g):
@@ -293,9 +312,41 @@ class BatchNormTrain(Function):
         gbeta = g.sum(axis=axes)
         ggamma = (g * xhat).sum(axis=axes)
         gxhat = g * gamma
-        gx = invstd * (gxhat - gxhat.mean(axis=axes, keepdims=True)
-                       - xhat * (gxhat * xhat).mean(axis=axes, keepdims=True))
+        if self.sync is None:
+            m1 = gxhat.mean(axis=axes, keepdims=True)
+            m2 = (gxhat * xhat).mean(axis=axes, keepdims=True)
+        else:  # one message: both per-channel sums, added over the ranks in float64
+            xp = get_array_module(g)
+            sums = xp.stack([gxhat.sum(axis=axes, dtype=np.float64),
+                             (gxhat * xhat).sum(axis=axes, dtype=np.float64)])
+            sums = self.sync(sums) / self.count
+            m1, m2 = (s.astype(g.dtype).reshape(invstd.shape) for s in sums)
+        gx = invstd * (gxhat - m1 - xhat * m2)
         return gx, ggamma, gbeta
+
+
+class SyncMean(Function):
+    """The mean over ``axes`` (kept as size-1 axes) of an array split across ranks along
+    axis 0: this rank's sums and row count, added over the ranks by ``sync`` (an in-place
+    float64 sum), divided by the total count. Every rank gets the same mean, so its
+    gradient is the sum of every rank's incoming gradient over the total count: the
+    backward adds the incoming gradients over the ranks with ``sync`` as well.
+    """
+
+    def forward(self, a, axes, sync):
+        xp = get_array_module(a)
+        local = a.sum(axis=axes, keepdims=True, dtype=np.float64)
+        count = a.size // local.size if local.size else 0
+        both = sync(xp.concatenate([local.reshape(-1), xp.asarray([count], np.float64)]))
+        self.shape, self.sync, self.count = a.shape, sync, float(both[-1])
+        if self.count == 0:
+            raise ValueError(f"mean over an empty batch (shape {a.shape} on every rank)")
+        return (both[:-1] / self.count).astype(a.dtype).reshape(local.shape)
+
+    def backward(self, g):
+        xp = get_array_module(g)
+        total = self.sync(g.astype(np.float64).reshape(-1)).reshape(g.shape)
+        return (xp.broadcast_to((total / self.count).astype(g.dtype), self.shape),)
 
 
 # --- convolution and pooling (NCHW) ---------------------------------------------------
@@ -569,13 +620,27 @@ def mean(a, axis=None, keepdims=False):
     return Sum.apply(a, axis=axis, keepdims=keepdims) * (1.0 / count)
 
 
-def dropout(a, p, rng, training=True):
-    """Inverted dropout with drop probability ``p``, mask drawn from ``rng`` (a NumPy Generator)."""
+def dropout(a, p, rng, training=True, rows=None):
+    """Inverted dropout with drop probability ``p``, mask drawn from ``rng`` (a NumPy Generator).
+
+    ``rows=(start, total)``: ``a`` holds rows ``start:start + len(a)`` of a batch of ``total``
+    rows; the mask is drawn for all ``total`` rows and ``a``'s rows of it are used."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability p must be in [0, 1), got {p}")
     if not training or p == 0.0:
         return as_tensor(a)
-    return Dropout.apply(a, p=p, rng=rng)
+    if rows is not None:
+        start, total = rows
+        if not 0 <= start <= start + as_tensor(a).shape[0] <= total:
+            raise ValueError(f"dropout rows: rows {start}:{start + as_tensor(a).shape[0]} do not "
+                             f"lie in a batch of {total} rows")
+    return Dropout.apply(a, p=p, rng=rng, rows=rows)
+
+
+def sync_mean(a, axes, sync):
+    """Mean over ``axes`` (kept) of a batch split across ranks; ``sync`` adds a float64
+    array over the ranks in place (see ``SyncMean``)."""
+    return SyncMean.apply(a, axes=tuple(axes), sync=sync)
 
 
 def _shape_arg(shape):

@@ -350,6 +350,24 @@ class _BatchNormBase(Module):
         self.beta = Parameter(xp.zeros(num_features, np.float32))
         self.register_buffer("running_mean", xp.zeros(num_features, np.float32))
         self.register_buffer("running_var", xp.ones(num_features, np.float32))
+        # synchronised batch norm: None, or a function that adds a float64 array over the
+        # data-parallel ranks in place (set by minibnn.distributed.DataParallel); then the
+        # training statistics, and their gradients, are those of the batch over all ranks
+        self.sync = None
+
+    def _synced_moments(self, x, axes):
+        """(mean, biased variance, count) per channel of the batch over every rank: one
+        message of this rank's float64 sums of x and x^2 and its count. The float64 sums
+        keep E[x^2] - E[x]^2 free of float32 cancellation."""
+        xp = backend.get_array_module(x)
+        x64 = x.astype(np.float64)
+        local = xp.concatenate([x64.sum(axis=axes), (x64 * x64).sum(axis=axes),
+                                xp.asarray([x.size // self.num_features], np.float64)])
+        total = self.sync(local)
+        count = float(total[-1])
+        mean = total[:self.num_features] / count
+        var = xp.maximum(total[self.num_features:-1] / count - mean * mean, 0.0)
+        return mean.astype(x.dtype), var.astype(x.dtype), count
 
     def _axes(self, x):
         if x.ndim not in (2, 4) or x.shape[1] != self.num_features:
@@ -363,8 +381,12 @@ class _BatchNormBase(Module):
 
     def _train_axes(self, x):
         """``_axes``, refusing a batch whose statistics rest on one value per feature: its
-        variance is 0, so training would normalise every output to beta (zeros)."""
+        variance is 0, so training would normalise every output to beta (zeros). With
+        synchronised statistics (``sync``) a rank's shard may hold one image: the batch
+        whose statistics count is that of every rank together."""
         axes = self._axes(x)
+        if self.sync is not None:
+            return axes
         n = int(np.prod([x.shape[a] for a in axes]))
         if n < 2:
             raise ValueError(f"{type(self).__name__} in training mode got a batch of "
@@ -407,10 +429,13 @@ class BatchNorm(_BatchNormBase):
     def forward(self, x):
         if self.training:
             axes = self._train_axes(x)
-            mean, var = x.data.mean(axis=axes), x.data.var(axis=axes)
+            if self.sync is None:
+                mean, var, count = x.data.mean(axis=axes), x.data.var(axis=axes), None
+            else:
+                mean, var, count = self._synced_moments(x.data, axes)
             self._update_running(mean, var)
             return F.BatchNormTrain.apply(x, self.gamma, self.beta, mean=mean, var=var,
-                                          eps=self.eps, axes=axes)
+                                          eps=self.eps, axes=axes, sync=self.sync, count=count)
         return self._eval_forward(x)
 
     def eval_affine(self):
@@ -442,9 +467,16 @@ class ShiftBatchNorm(_BatchNormBase):
         axes = self._train_axes(x)
         shape = self._shape(x)
         gamma = ap2_ste(self.gamma).reshape(shape)
-        centred = x - F.mean(x, axis=axes, keepdims=True)
-        var = F.mean(centred * ap2_ste(centred), axis=axes, keepdims=True)
-        self._update_running(x.data.mean(axis=axes), var.data.reshape(-1))
+        if self.sync is None:
+            mean = F.mean(x, axis=axes, keepdims=True)
+            centred = x - mean
+            var = F.mean(centred * ap2_ste(centred), axis=axes, keepdims=True)
+            self._update_running(x.data.mean(axis=axes), var.data.reshape(-1))
+        else:  # both means over the batch of every rank (synchronised batch norm)
+            mean = F.sync_mean(x, axes, self.sync)
+            centred = x - mean
+            var = F.sync_mean(centred * ap2_ste(centred), axes, self.sync)
+            self._update_running(mean.data.reshape(-1), var.data.reshape(-1))
         inv = ap2_ste((var + self.eps) ** -0.5)
         return centred * inv * gamma + self.beta.reshape(shape)
 
@@ -500,9 +532,12 @@ class Dropout(Module):
             raise ValueError(f"dropout probability p must be in [0, 1), got {p}")
         self.p = float(p)
         self.rng = get_rng(rng)
+        # None, or (start, total): the input is rows start:start+len of a batch of total rows
+        # (set per step by minibnn.distributed.DataParallel; see functional.Dropout)
+        self.rows = None
 
     def forward(self, x):
-        return F.dropout(x, self.p, self.rng, training=self.training)
+        return F.dropout(x, self.p, self.rng, training=self.training, rows=self.rows)
 
     def extra_repr(self):
         return f"p={self.p}"

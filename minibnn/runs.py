@@ -185,12 +185,14 @@ META_KEYS = ("config", "epoch", "history", "rng", "optim_t", "optim_lr", "n_para
              "best_epoch", "best_valid")
 
 
-def save_checkpoint(run_dir, config, epoch, model, opt, rng, history, best, data=None):
+def save_checkpoint(run_dir, config, epoch, model, opt, rng, history, best, data=None,
+                    ranks=1):
     """Write the run's state after ``epoch`` epochs to ``run_dir/checkpoint.npz``.
 
     ``config`` is the run's options (a dict), ``rng`` the generator that shuffles and drops
     out, ``best`` a dict with the best epoch, its validation error and its state dict,
-    ``data`` what the run trained on (``train.data_record``).
+    ``data`` what the run trained on (``train.data_record``), ``ranks`` the number of
+    data-parallel processes that trained it.
     """
     arrays = {f"model/{k}": v for k, v in model.state_dict().items()}
     arrays.update({f"best/{k}": v for k, v in best["state"].items()})
@@ -200,7 +202,8 @@ def save_checkpoint(run_dir, config, epoch, model, opt, rng, history, best, data
     meta = dict(config=config, epoch=epoch, history=history,
                 rng=rng.bit_generator.state, optim_t=sd["t"], optim_lr=sd["lr"],
                 n_params=len(sd["state"]),
-                best_epoch=best["epoch"], best_valid=best["valid"], data=data)
+                best_epoch=best["epoch"], best_valid=best["valid"], data=data,
+                ranks=int(ranks))
     arrays["meta"] = io.json_array(meta)
     io.atomic_savez(Path(run_dir) / CHECKPOINT, arrays)
 

@@ -131,11 +131,13 @@ class Tensor:
         return Tensor(self.data)
 
     # --- autodiff -----------------------------------------------------------------------
-    def backward(self, grad=None):
+    def backward(self, grad=None, on_leaf=None):
         """Accumulate d(self)/d(leaf) into every leaf's ``.grad`` that requires it.
 
         ``grad`` defaults to 1 for a one-element tensor. The topological order is built with
         an explicit stack, so depth is limited by memory, not Python's recursion limit.
+        ``on_leaf(leaf)`` is called as soon as a leaf's gradient is complete (data-parallel
+        training starts its all-reduce then, while the rest of the pass runs).
         """
         if not self.requires_grad:
             raise RuntimeError("backward() on a tensor that does not require grad")
@@ -171,6 +173,8 @@ class Tensor:
                 continue
             if node._ctx is None:
                 node.grad = g if node.grad is None else node.grad + g
+                if on_leaf is not None:
+                    on_leaf(node)
                 continue
             ctx = node._ctx
             for p, pg in zip(ctx.parents, ctx.backward(g)):

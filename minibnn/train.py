@@ -9,6 +9,7 @@ where an uninterrupted one would).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backend, data, models, registry, runs
+from . import backend, data, distributed, models, registry, runs
 from .io import atomic_savez  # noqa: F401  (kept importable from here)
 from .models import load_model, save_model  # noqa: F401  (kept importable from here)
 from .runs import CHECKPOINT, CURVES, METRICS, MODEL, plot_curves, read_checkpoint  # noqa: F401
@@ -306,9 +307,15 @@ def predict(model, x, batch_size=1000, bar=None):
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
-def error_rate(model, x, y, batch_size=1000, bar=None):
-    """Fraction of ``x`` whose predicted class differs from the label ``y``."""
-    return float(np.mean(predict(model, x, batch_size, bar) != y))
+def error_rate(model, x, y, batch_size=1000, bar=None, dp=None):
+    """Fraction of ``x`` misclassified; with ``dp`` (a ``distributed.DataParallel``) each
+    rank scores its block of the rows and the counts are added over the ranks (``bar``
+    then advances by rank 0's block)."""
+    if dp is None:
+        return float(np.mean(predict(model, x, batch_size, bar) != y))
+    lo, hi = dp.comm.block(len(x))
+    wrong = int((predict(model, x[lo:hi], batch_size, bar) != y[lo:hi]).sum())
+    return dp.comm.sum_values(wrong)[0] / len(x)
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -438,7 +445,7 @@ def classes_in(*labels):
 
 # --- the loop ------------------------------------------------------------------------------
 
-def train_step(model, opt, loss_fn, x, y):
+def train_step(model, opt, loss_fn, x, y, dp=None):
     """One mini-batch of the paper's Algorithm 1 (arXiv:1602.02830); returns (loss, scores).
 
     1.1 forward:  every BinaryLinear binarizes its latent weights, W_b = sign(W), and
@@ -450,16 +457,22 @@ def train_step(model, opt, loss_fn, x, y):
     2.  update:   the optimizer steps every parameter (a binary layer's step scaled by its
                   Glorot ``lr_scale``) and clips the latent weights to [-1, 1].
     The learning-rate decay of Algorithm 1's last line happens once per epoch (``train``).
+    With ``dp`` (``distributed.DataParallel``), ``x`` and ``y`` are this rank's shard: its
+    loss is weighted by the shard's share of the batch and the gradients are added over the
+    ranks before the update, which every rank then takes alike.
     """
     scores = model(Tensor(x))         # 1.1
     loss = loss_fn(scores, y)
     opt.zero_grad()
-    loss.backward()                   # 1.2
+    if dp is None:
+        loss.backward()               # 1.2
+    else:                             # 1.2, and the gradients added over the ranks
+        dp.backward(loss)
     opt.step()                        # 2.
     return loss, scores
 
 
-def recompute_bn_statistics(model, x, batch_size):
+def recompute_bn_statistics(model, x, batch_size, dp=None):
     """Set every batch norm's running mean and variance to the average of its batch
     statistics over ``x`` (in batches of ``batch_size``), computed with the current weights.
 
@@ -467,7 +480,8 @@ def recompute_bn_statistics(model, x, batch_size):
     many steps back, and a BNN's first layers can change fast enough for that to matter
     in eval. Only the batch norms run in training mode; everything else (dropout,
     stochastic binarization) runs in eval mode, so no random number is drawn and the
-    training run is unchanged apart from these statistics.
+    training run is unchanged apart from these statistics. With ``dp`` each rank feeds its
+    block of every batch and the (synchronised) batch norms see the whole batch.
     """
     from . import nn
     norms = [m for m in model.modules() if isinstance(m, nn._BatchNormBase)]
@@ -480,7 +494,10 @@ def recompute_bn_statistics(model, x, batch_size):
             for k, idx in enumerate(data.batches(len(x), batch_size)):  # never a batch of one
                 for b in norms:  # running = mean of the batches seen so far
                     b.momentum = 1.0 / (k + 1)
-                model(Tensor(backend.asarray(x[idx])))
+                xb = x[idx]
+                if dp is not None:
+                    xb = xb[slice(*dp.comm.block(len(xb)))]
+                model(Tensor(backend.asarray(xb)))
     finally:
         for b, m in zip(norms, momenta):
             b.momentum = m
@@ -500,19 +517,22 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.run_dir, self.epoch = run_dir, epoch
 
 
-def train_epoch(model, opt, loss_fn, x, y, batch_size, rng, bar=None):
+def train_epoch(model, opt, loss_fn, x, y, batch_size, rng, bar=None, dp=None):
     """One pass over (x, y) in mini-batches shuffled by ``rng``; returns
     (mean loss, training error, images seen).
 
     ``data.batches`` never yields a trailing batch of one (it joins the batch before it),
     which batch norm could not train on. A NaN or infinite loss stops the pass with
-    TrainingDiverged: every step after it would only spread NaN through the weights.
+    TrainingDiverged: every step after it would only spread NaN through the weights. With
+    ``dp`` every rank draws the same permutation, trains on its shard of each batch, and
+    the sums are added over the ranks at the end (the progress bar shows rank 0's shards).
     """
     model.train()
     loss_sum, wrong, seen = 0.0, 0, 0
-    for b, idx in enumerate(data.batches(len(x), batch_size, rng=rng)):
+    for b, batch in enumerate(data.batches(len(x), batch_size, rng=rng)):
+        idx = batch if dp is None else dp.shard(batch)
         yb = backend.asarray(y[idx])
-        loss, scores = train_step(model, opt, loss_fn, backend.asarray(x[idx]), yb)
+        loss, scores = train_step(model, opt, loss_fn, backend.asarray(x[idx]), yb, dp)
         value = float(loss.item())
         if not math.isfinite(value):
             raise TrainingDiverged(f"the training loss became {value} in batch {b + 1} "
@@ -521,9 +541,12 @@ def train_epoch(model, opt, loss_fn, x, y, batch_size, rng, bar=None):
         wrong += int((scores.data.argmax(axis=1) != yb).sum())
         seen += len(idx)
         if bar is not None:
-            bar.update(len(idx))
+            bar.update(len(batch))
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{1 - wrong / seen:.4f}",
                             refresh=False)  # tqdm itself shows images/s
+    if dp is not None:
+        loss_sum, wrong, seen = dp.comm.sum_values(loss_sum, wrong, seen)
+        wrong, seen = int(wrong), int(seen)
     return loss_sum / max(seen, 1), wrong / max(seen, 1), seen
 
 
@@ -569,9 +592,40 @@ class _Run:
         self.history, self.epoch = meta["history"], meta["epoch"]
         self.best = dict(epoch=meta["best_epoch"], valid=meta["best_valid"], state=ck["best"])
 
-    def save(self, run_dir, record):
+    def save(self, run_dir, record, ranks=1):
         runs.save_checkpoint(run_dir, dataclasses.asdict(self.cfg), self.epoch, self.model,
-                             self.opt, self.rng, self.history, self.best, record)
+                             self.opt, self.rng, self.history, self.best, record, ranks=ranks)
+
+
+def _on_root(comm, fn):
+    """``fn()`` here, or on rank 0 only with its result or error handed to every rank."""
+    return fn() if comm is None else comm.root_call(fn)
+
+
+@contextlib.contextmanager
+def _claimed(comm, run_dir, **kw):
+    """``runs.claim(run_dir, **kw)`` on rank 0 (every rank of a distributed run gets its
+    folder, or its error); the folder is locked by rank 0 alone, which alone writes it."""
+    if comm is None:
+        with runs.claim(run_dir, **kw) as folder:
+            yield folder
+        return
+    held = {}
+
+    def enter():
+        held["cm"] = runs.claim(run_dir, **kw)
+        return str(held["cm"].__enter__())
+
+    folder = Path(_on_root(comm, enter))
+    try:
+        yield folder
+    except BaseException:
+        if "cm" in held:
+            held["cm"].__exit__(*sys.exc_info())  # removes a new run's folder if unsaved
+        raise
+    else:
+        if "cm" in held:
+            held["cm"].__exit__(None, None, None)
 
 
 #: the options that a resumed run may change (``resume_config``)
@@ -618,7 +672,7 @@ def _schedule_note(cfg, done, old_epochs):
 
 
 def train(cfg=None, run_dir=None, resume=False, progress=True, stop_after=None, log=print,
-          **resume_options):
+          comm=None, **resume_options):
     """Train (or, with ``resume=True``, continue training) the run in ``run_dir``.
 
     Each epoch: set the learning rate from the schedule, one pass of ``train_step`` over
@@ -633,24 +687,33 @@ def train(cfg=None, run_dir=None, resume=False, progress=True, stop_after=None, 
     relative ``data_dir`` is stored as an absolute path. With ``resume``, options in
     ``resume_options`` are checked by ``resume_config``; ``epochs`` may change the length.
 
+    ``comm`` (a ``distributed.Communicator``) trains data-parallel over its ranks, each
+    started with the same arguments: every global batch is split across the ranks
+    (``distributed.DataParallel``), evaluation is sharded and reduced, and rank 0 alone
+    claims, reads and writes the run folder and logs.
+
     Raises TrainingDiverged when the loss or the weights become NaN or infinite (the last
     good checkpoint stays, no model.npz is written) and TrainingInterrupted on Ctrl-C.
     """
     if resume_options and not resume:
         raise TypeError(f"train: {sorted(resume_options)} are for resume=True; a new run takes "
                         "its options in cfg")
+    if comm is not None and comm.rank != 0:
+        log, progress = (lambda *_: None), False
     if resume:
         if run_dir is None:
             raise ValueError("resume needs run_dir, the folder of the run to continue")
-        with runs.claim(run_dir, resume=True) as run_dir:
+        with _claimed(comm, run_dir, resume=True) as run_dir:
             path = run_dir / runs.CHECKPOINT
-            ck = runs.read_checkpoint(run_dir)
+            ck = _on_root(comm, lambda: runs.read_checkpoint(run_dir))
             cfg = resume_config(stored_config(ck["meta"]["config"], path), **resume_options)
             cfg.validate()
             done, old_epochs = ck["meta"]["epoch"], ck["meta"]["config"]["epochs"]
             if cfg.epochs < done:
                 raise ConfigError("epochs", f"{cfg.epochs} is fewer than the {done} epochs "
                                             f"{run_dir} has already trained")
+            if comm is not None:
+                comm.check_same(dataclasses.asdict(cfg), "the training configuration")
             splits = prepare_data(cfg)
             cfg = cfg.fit_data(splits[0].shape[1:], _classes(cfg, splits))
             check_same_data(ck["meta"].get("data"), *splits[4:], cfg, run_dir)
@@ -659,26 +722,39 @@ def train(cfg=None, run_dir=None, resume=False, progress=True, stop_after=None, 
             log(f"resuming {run_dir} after epoch {run.epoch}/{cfg.epochs}")
             if cfg.epochs != old_epochs:
                 log(_schedule_note(cfg, done, old_epochs))
-            return _train_epochs(run, run_dir, splits, progress, stop_after, log)
+            ranks = 1 if comm is None else comm.size
+            if ck["meta"].get("ranks", 1) != ranks:
+                log(f"note: this run was trained on {ck['meta'].get('ranks', 1)} rank(s) and "
+                    f"resumes on {ranks}: it follows the same sequence up to float rounding, "
+                    "not bit for bit")
+            return _train_epochs(run, run_dir, splits, progress, stop_after, log, comm)
     cfg = cfg or TrainConfig()
     if cfg.data_dir is not None:
         cfg = dataclasses.replace(cfg, data_dir=str(Path(cfg.data_dir).expanduser().resolve()))
     cfg.validate()
+    if comm is not None:
+        comm.check_same(dataclasses.asdict(cfg), "the training configuration")
     splits = prepare_data(cfg)
     cfg = cfg.fit_data(splits[0].shape[1:], _classes(cfg, splits))
     run = _Run(cfg)
-    with runs.claim(run_dir, stem=f"{cfg.dataset}-{cfg.model}") as run_dir:
+    with _claimed(comm, run_dir, stem=f"{cfg.dataset}-{cfg.model}") as run_dir:
         log(f"run folder {run_dir}")
-        return _train_epochs(run, run_dir, splits, progress, stop_after, log)
+        return _train_epochs(run, run_dir, splits, progress, stop_after, log, comm)
 
 
-def _train_epochs(run, run_dir, splits, progress, stop_after, log):
+def _train_epochs(run, run_dir, splits, progress, stop_after, log, comm=None):
     """The epochs of ``train``, from ``run.epoch`` on, in the claimed folder ``run_dir``."""
     cfg = run.cfg
     tx, ty, vx, vy, sx, sy = splits
     record = data_record(cfg, *splits)
-    saved = run.epoch if (run_dir / runs.CHECKPOINT).exists() else 0
+    saved = run.epoch  # a new run starts at 0 (nothing saved), a resumed one at its checkpoint
     end = cfg.epochs if stop_after is None else min(cfg.epochs, run.epoch + stop_after)
+    dp = None if comm is None else distributed.DataParallel(run.model, comm)
+    if dp is not None:
+        dp.check_batches(len(tx), cfg.batch_size)
+        dp.check_batches(min(cfg.bn_recompute, len(tx)), cfg.eval_batch_size,
+                         "bn_recompute's batch of", "bn_recompute")
+    ranks = 1 if comm is None else comm.size
     try:
         while run.epoch < end:
             run.opt.lr = run.schedule(run.epoch)
@@ -686,7 +762,7 @@ def _train_epochs(run, run_dir, splits, progress, stop_after, log):
             t0 = time.perf_counter()
             try:
                 loss, train_err, seen = train_epoch(run.model, run.opt, run.loss_fn, tx, ty,
-                                                    cfg.batch_size, run.rng, bar)
+                                                    cfg.batch_size, run.rng, bar, dp)
             finally:
                 if bar is not None:
                     bar.close()
@@ -696,12 +772,15 @@ def _train_epochs(run, run_dir, splits, progress, stop_after, log):
             if bad:
                 raise TrainingDiverged(f"the weights {bad[:3]} hold NaN or infinity")
             if cfg.bn_recompute:
-                recompute_bn_statistics(run.model, tx[:cfg.bn_recompute], cfg.eval_batch_size)
+                recompute_bn_statistics(run.model, tx[:cfg.bn_recompute], cfg.eval_batch_size,
+                                        dp)
+            if dp is not None:
+                dp.check_replicas()
             bar = _progress(len(vx) + len(sx), f"epoch {run.epoch + 1}/{cfg.epochs} evaluating",
                             progress)
             try:
-                valid_err = error_rate(run.model, vx, vy, cfg.eval_batch_size, bar)
-                test_err = error_rate(run.model, sx, sy, cfg.eval_batch_size, bar)
+                valid_err = error_rate(run.model, vx, vy, cfg.eval_batch_size, bar, dp)
+                test_err = error_rate(run.model, sx, sy, cfg.eval_batch_size, bar, dp)
             finally:
                 if bar is not None:
                     bar.close()
@@ -712,7 +791,7 @@ def _train_epochs(run, run_dir, splits, progress, stop_after, log):
                                     images_per_second=seen / seconds))
             if valid_err < run.best["valid"]:
                 run.best = dict(epoch=run.epoch, valid=valid_err, state=run.model.state_dict())
-            run.save(run_dir, record)
+            _on_root(comm, lambda: run.save(run_dir, record, ranks))
             saved = run.epoch
             log(f"epoch {run.epoch:3d}/{cfg.epochs}  lr {run.opt.lr:.2e}  loss {loss:.4f}  "
                 f"train error {100 * train_err:5.2f}%  valid error {100 * valid_err:5.2f}%  "
@@ -720,8 +799,9 @@ def _train_epochs(run, run_dir, splits, progress, stop_after, log):
         if end < cfg.epochs:
             return dict(config=dataclasses.asdict(cfg), history=run.history, finished=False,
                         run_dir=str(run_dir))
-        return dict(finish(run_dir, cfg, run.history, run.best, log, record),
-                    run_dir=str(run_dir))
+        metrics = _on_root(comm, lambda: finish(run_dir, cfg, run.history, run.best, log,
+                                                record))
+        return dict(metrics, run_dir=str(run_dir))
     except TrainingDiverged as exc:
         kept = (f"the last good checkpoint (epoch {saved}) is kept in {run_dir}" if saved
                 else "nothing was saved")
@@ -729,6 +809,9 @@ def _train_epochs(run, run_dir, splits, progress, stop_after, log):
                                f"{kept}; try a smaller --lr-start") from None
     except KeyboardInterrupt:
         raise TrainingInterrupted(run_dir, saved) from None
+    finally:
+        if dp is not None:
+            dp.close()
 
 
 def stored_config(config, path):

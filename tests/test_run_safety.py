@@ -142,8 +142,8 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path, caps
     before = (run / T.CHECKPOINT).read_bytes()
     real, calls = T.train_step, []
 
-    def nan_in_the_third_batch(model, opt, loss_fn, x, y):
-        loss, scores = real(model, opt, loss_fn, x, y)
+    def nan_in_the_third_batch(model, opt, loss_fn, x, y, dp=None):
+        loss, scores = real(model, opt, loss_fn, x, y, dp)
         calls.append(1)
         return (Tensor(np.float32(np.nan)) if len(calls) == 3 else loss), scores
 

@@ -23,7 +23,8 @@ LAYERS = {
     "functional": 2, "binary": 3,
     "nn": 4, "losses": 4,
     "optim": 5, "models": 5, "data": 1, "summary": 7, "deploy": 6,
-    "registry": 6, "runs": 6, "train": 7, "cli": 8, "__main__": 9, "__init__": 9,
+    "registry": 6, "runs": 6, "distributed": 6,
+    "train": 7, "cli": 8, "__main__": 9, "__init__": 9,
 }
 
 
