@@ -193,7 +193,7 @@ def main(argv=None):
             ap.error(f"--nets: unknown network {net!r}; expected {', '.join(NETS)}")
     steps = args.steps or (3 if args.quick else 10)
     repeats = args.repeats or (3 if args.quick else 5)
-    out_dir = args.out or (RESULTS / "quick" if args.quick else RESULTS)
+    out_dir = common.results_dir(args.out, args.quick)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     info = common.machine_info(gpu, backends=backends, steps=steps, repeats=repeats)
