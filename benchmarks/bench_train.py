@@ -45,7 +45,6 @@ import common  # noqa: E402  (benchmarks/common.py, beside this script)
 import minibnn as bnn  # noqa: E402
 from minibnn import backend, losses, models, optim, train  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 #: name -> (builder(rng), input shape, batch size)
 NETS = {
