@@ -41,6 +41,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+try:  # the PyTorch anchor, imported before minibnn: minibnn's numba kernels set the OpenMP
+    import torch  # noqa: F401,E402  wait policy when the user has not; PyTorch keeps its own
+except ImportError:
+    pass
+
 import common  # noqa: E402  (benchmarks/common.py, beside this script)
 import minibnn as bnn  # noqa: E402
 from minibnn import backend, losses, models, optim, train  # noqa: E402
