@@ -6,8 +6,13 @@ Modules
 -------
 - ``minibnn.kernels.reference``: readable NumPy ground truth and the shared operand checks.
 - ``minibnn.kernels.numba_cpu``: parallel CPU packing and GEMM (Numba); dispatches among GEMM
-  kernels: ``"generic"`` (in ``numba_cpu``) and ``"avx2"`` (``minibnn.kernels.numba_avx2``, an
-  LLVM IR micro-kernel; ``kernels._numba_common`` holds what both share).
+  kernels: ``"generic"`` (in ``numba_cpu``), ``"scalar"``, ``"simd256"`` and ``"simd512"``
+  (``minibnn.kernels.numba_simd``: LLVM IR micro-kernels on ``llvm.ctpop`` of 1, 4 or 8
+  64-bit lanes, ``vpopcntq`` where the CPU has AVX512_VPOPCNTDQ) and ``"avx2"``
+  (``minibnn.kernels.numba_avx2``, a nibble-table LLVM IR micro-kernel);
+  ``kernels._numba_common`` holds what they share.
+- ``minibnn.kernels.autotune``: the CPU's ISA features (``isa_features()``) and the measured
+  choice among the CPU GEMM kernels per shape class, cached on disk per machine.
 - ``minibnn.kernels.cupy_gpu``: CUDA packing and GEMM through CuPy (CuPy imported lazily).
 - ``kernels.cuda_sources``: the packaged ``*.cu`` files and their minimum architecture.
 - ``minibnn.kernels.nvrtc_check``: compiles the ``*.cu`` sources with NVRTC, no GPU needed.
@@ -74,10 +79,14 @@ Besides these:
   ``numba_cpu``): uint64 (..., W) -> +-1 values (..., k) of ``dtype``, NumPy; ValueError
   unless ``packed`` is uint64 with W == ceil(k/64) and k a non-negative integer.
 - ``available_kernels()`` and ``default_kernel()`` (``numba_cpu``, ``cupy_gpu``): the
-  GEMM kernels this machine can run as a tuple of names, the default first, and that
-  default. ``numba_cpu``: ``("generic", "avx2")`` where the CPU has AVX2, else
-  ``("generic",)``; the default is ``"generic"``. ``cupy_gpu``: ``("tensorcore",
-  "cuda")`` on compute capability >= 8.0, else ``("cuda",)`` (asks the current GPU).
+  GEMM kernels this machine can run as a tuple of names, and the default.
+  ``numba_cpu``: ``"generic"``, ``"scalar"``, then ``"simd256"`` and ``"avx2"`` where the
+  CPU has AVX2 and ``"simd512"`` where it has AVX512F; the default
+  (``default_kernel(m, n, k)``) is the autotune's measured choice for the shape class
+  (``kernels.autotune``: ``MINIBNN_GEMM_KERNEL`` forces one, ``MINIBNN_AUTOTUNE=0`` skips
+  measuring); ``numba_cpu.xnor_gemm`` also takes ``out=`` (an int32 (M, N) buffer to
+  reuse). ``cupy_gpu``: ``("tensorcore", "cuda")`` on compute capability >= 8.0, else
+  ``("cuda",)`` (asks the current GPU), the default first.
 - ``cupy_gpu.available()``: ``(True, "")`` or ``(False, reason)``, the one check of
   whether the GPU path can run (``minibnn.backend`` reports its reason). Without CuPy,
   ``import minibnn.kernels.cupy_gpu`` still works; its functions raise ImportError with the

@@ -3,11 +3,22 @@
 ``each_backend`` runs a test once per backend (numpy, numba, cupy) with that backend
 active; a backend that cannot run here is skipped with its reason, and the cupy case
 carries the ``gpu`` marker. Use it for every test that should hold on every backend.
+The GEMM autotune cache goes to a fresh temporary directory (``MINIBNN_CACHE_DIR``).
 """
+
+import atexit
+import os
+import shutil
+import tempfile
 
 import pytest
 
-from minibnn import backend
+# The GEMM autotune (minibnn.kernels.autotune) caches its choices on disk: never in the
+# user's real cache directory from a test run.
+os.environ["MINIBNN_CACHE_DIR"] = tempfile.mkdtemp(prefix="minibnn-test-cache-")
+atexit.register(shutil.rmtree, os.environ["MINIBNN_CACHE_DIR"], ignore_errors=True)
+
+from minibnn import backend  # noqa: E402
 
 REASONS = backend.available()
 

@@ -119,11 +119,18 @@ def test_every_backend_module_has_the_interface(backend_name):
 
 
 def test_numba_kernel_variants():
-    assert numba_cpu.default_kernel() == "generic" == numba_cpu.available_kernels()[0]
-    assert set(numba_cpu.available_kernels()) <= {"generic", "avx2"}
-    from minibnn.kernels import numba_avx2
+    """The variants on offer follow the CPU's features (``autotune.isa_features``); the
+    default is whichever the autotune picks, always one of them."""
+    from minibnn.kernels import autotune, numba_avx2
 
-    assert ("avx2" in numba_cpu.available_kernels()) == numba_avx2.host_has_avx2()
+    names = numba_cpu.available_kernels()
+    f = autotune.isa_features()["features"]
+    assert names[:2] == ("generic", "scalar")
+    assert set(names) <= {"generic", "scalar", "simd256", "simd512", "avx2"}
+    assert ("avx2" in names) == numba_avx2.host_has_avx2()
+    assert ("simd256" in names) == f["avx2"] and ("simd512" in names) == f["avx512f"]
+    assert numba_cpu.default_kernel() in names
+    assert numba_cpu.default_kernel(5, 3, 70) in names
 
 
 # ------------------------------------------------------------------------ packing

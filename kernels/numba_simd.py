@@ -1,0 +1,212 @@
+"""XNOR-popcount GEMM kernels built on LLVM vector popcount: ``"scalar"``, ``"simd256"``, ``"simd512"``.
+
+Selected through :func:`kernels.numba_cpu.xnor_gemm` (``kernel=`` one of these names, or
+picked by :mod:`minibnn.kernels.autotune`); this module only computes, the checks and the
+dispatch live in :mod:`minibnn.kernels.numba_cpu`.
+
+Each kernel is one micro-kernel, written as LLVM IR through a Numba intrinsic, and one
+blocked driver. The micro-kernel keeps an R x C tile of output pairs in registers and, for
+a range of words of K, adds ``popcount(a_r ^ b_c)`` with ``llvm.ctpop`` on vectors of L
+64-bit lanes:
+
+* ``"simd512"``: L = 8 (``<8 x i64>``). LLVM lowers ``llvm.ctpop.v8i64`` to one
+  ``vpopcntq zmm`` where the CPU has AVX512_VPOPCNTDQ, else to a nibble-table expansion
+  (``vpshufb`` + ``vpsadbw``, Mula, Kurz and Lemire 2016). Offered when the CPU has AVX512F.
+* ``"simd256"``: L = 4 (``<4 x i64>``): ``vpopcntq ymm`` with AVX512_VPOPCNTDQ + AVX512VL,
+  else the nibble table on AVX2. Offered when the CPU has AVX2.
+* ``"scalar"``: L = 1 (``i64``): one ``popcnt`` per word pair. Offered on every CPU.
+
+The words of K past the last whole vector are counted by a scalar tail loop inside the
+micro-kernel, so K need not be a multiple of 64 L bits. Lane sums are 64-bit and cannot
+overflow. The driver splits the work over threads either by blocks of rows of A (``cols
+= False``) or by blocks of rows of B (``cols = True``, for a few rows of A, e.g. the
+paper's training batch of 100), and blocks over rows of B (a block stays in L2) and over
+K (a register tile's operands stay in L1); rows and columns past the last whole tile go
+through :func:`kernels._numba_common.pair_counts`.
+"""
+
+import numba
+import numpy as np
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+from llvmlite import ir
+
+from ._numba_common import jit, pair_counts, store
+
+__all__ = ["KERNELS", "LANES", "TILE", "xnor_gemm_into"]
+
+TILE = (4, 4)  # R x C register tile: 16 accumulators + 8 operands fit the 32 zmm registers
+LANES = {"scalar": 1, "simd256": 4, "simd512": 8}
+KERNELS = tuple(LANES)
+_KB_WORDS = 256  # words of K per cache block (16384 bits)
+_L2_BLOCK = 256 * 1024  # bytes of B per cache block
+
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+
+
+def _ctpop_name(lanes):
+    """LLVM's name of the popcount intrinsic on ``lanes`` 64-bit lanes."""
+    return "llvm.ctpop.i64" if lanes == 1 else f"llvm.ctpop.v{lanes}i64"
+
+
+def _reduce_lanes(builder, vectors, lanes):
+    """Horizontal sums of many vectors at once, by a shuffle tree: each step adds the two
+    halves of every group of lanes of two neighbouring vectors, so the P vectors of L lanes
+    become P / L vectors whose lane l of vector q is the sum of input vector q L + l
+    (P L - P adds and shuffles instead of P (L - 1) extracts and adds)."""
+    if lanes == 1:
+        return vectors
+    groups = 1  # groups of lanes per vector; a group holds one input vector's partial sums
+    while groups < lanes:
+        size = lanes // groups  # lanes per group now
+        lo = [q * size + t for q in range(groups) for t in range(size // 2)]
+        hi = [q * size + size // 2 + t for q in range(groups) for t in range(size // 2)]
+        mask_lo = ir.Constant(ir.VectorType(_I32, lanes), lo + [lanes + i for i in lo])
+        mask_hi = ir.Constant(ir.VectorType(_I32, lanes), hi + [lanes + i for i in hi])
+        vectors = [builder.add(builder.shuffle_vector(x, y, mask_lo),
+                               builder.shuffle_vector(x, y, mask_hi))
+                   for x, y in zip(vectors[0::2], vectors[1::2])]
+        groups *= 2
+    return vectors
+
+
+def _micro_kernel(lanes, rows, cols):
+    """A Numba intrinsic ``mk(a_addr, a_stride, b_addr, b_stride, w0, w1, out_addr)``:
+    for the ``rows`` rows of A at byte address ``a_addr`` (row stride ``a_stride`` bytes)
+    and the ``cols`` rows of B at ``b_addr``, store sum over words w in [w0, w1) of
+    popcount(a[r, w] ^ b[c, w]) as int64 at ``out_addr[r * cols + c]``."""
+    vec = _I64 if lanes == 1 else ir.VectorType(_I64, lanes)
+
+    @intrinsic
+    def mk(typingctx, a_addr, a_stride, b_addr, b_stride, w0, w1, out_addr):
+        sig = types.void(*([types.intp] * 7))
+
+        def codegen(context, builder, signature, args):
+            a_addr, a_stride, b_addr, b_stride, w0, w1, out_addr = args
+            c64 = lambda v: ir.Constant(_I64, v)  # noqa: E731
+            ctpop_v = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vec, [vec]), _ctpop_name(lanes))
+            ctpop_s = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(_I64, [_I64]), _ctpop_name(1))
+
+            def load(base, stride, row, w, ty):
+                off = builder.add(builder.mul(c64(row), stride), builder.mul(w, c64(8)))
+                ptr = builder.inttoptr(builder.add(base, off), ty.as_pointer())
+                return builder.load(ptr, align=8)
+
+            pairs = [(r, c) for r in range(rows) for c in range(cols)]
+            zero_v = ir.Constant(vec, None)
+            acc = {p: cgutils.alloca_once_value(builder, zero_v) for p in pairs}
+            tail = {p: cgutils.alloca_once_value(builder, c64(0)) for p in pairs}
+            n_vec = builder.udiv(builder.sub(w1, w0), c64(lanes))
+            with cgutils.for_range(builder, n_vec) as loop:
+                w = builder.add(w0, builder.mul(loop.index, c64(lanes)))
+                av = [load(a_addr, a_stride, r, w, vec) for r in range(rows)]
+                bv = [load(b_addr, b_stride, c, w, vec) for c in range(cols)]
+                for r, c in pairs:
+                    cnt = builder.call(ctpop_v, [builder.xor(av[r], bv[c])])
+                    builder.store(builder.add(builder.load(acc[(r, c)]), cnt), acc[(r, c)])
+            if lanes > 1:  # the words past the last whole vector, one at a time
+                start = builder.add(w0, builder.mul(n_vec, c64(lanes)))
+                with cgutils.for_range_slice(builder, start, w1, c64(1)) as (w, _):
+                    av = [load(a_addr, a_stride, r, w, _I64) for r in range(rows)]
+                    bv = [load(b_addr, b_stride, c, w, _I64) for c in range(cols)]
+                    for r, c in pairs:
+                        cnt = builder.call(ctpop_s, [builder.xor(av[r], bv[c])])
+                        builder.store(builder.add(builder.load(tail[(r, c)]), cnt), tail[(r, c)])
+            out = builder.inttoptr(out_addr, _I64.as_pointer())
+            sums = _reduce_lanes(builder, [builder.load(acc[p]) for p in pairs], lanes)
+            for q, s in enumerate(sums):  # sums[q] holds pairs q L .. q L + L - 1
+                ptr = builder.bitcast(builder.gep(out, [c64(q * lanes)]), vec.as_pointer())
+                builder.store(s, ptr, align=8)
+            if lanes > 1:
+                has_tail = builder.icmp_unsigned("!=", builder.urem(builder.sub(w1, w0),
+                                                                    c64(lanes)), c64(0))
+                with builder.if_then(has_tail, likely=False):
+                    for idx, p in enumerate(pairs):
+                        ptr = builder.gep(out, [c64(idx)])
+                        builder.store(builder.add(builder.load(ptr), builder.load(tail[p])), ptr)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return mk
+
+
+_R, _C = TILE
+_mk_scalar = _micro_kernel(1, _R, _C)
+_mk_simd256 = _micro_kernel(4, _R, _C)
+_mk_simd512 = _micro_kernel(8, _R, _C)
+
+
+@jit(inline="always")
+def _split(chunk, n_chunks, m, n, cols):
+    """Row tiles [t0, t1) and columns [j0, j1) (j0 at a tile boundary) of one chunk."""
+    tiles_i, tiles_j = m // _R, n // _C
+    if cols:
+        u0 = tiles_j * chunk // n_chunks
+        u1 = tiles_j * (chunk + 1) // n_chunks
+        return 0, tiles_i, u0 * _C, n if chunk == n_chunks - 1 else u1 * _C
+    return tiles_i * chunk // n_chunks, tiles_i * (chunk + 1) // n_chunks, 0, n
+
+
+@jit(parallel=True)
+def _drive(a, b, cnt, k, lanes, n_chunks, cols, kb, nb):
+    """The blocked, parallel driver of every micro-kernel (``lanes`` picks which: one
+    compiled function for the three, the branch is taken once per tile and K block)."""
+    m, w_count = a.shape
+    n = b.shape[0]
+    sa, sb = a.strides[0], b.strides[0]
+    a0, b0 = a.ctypes.data, b.ctypes.data
+    tiles_i, jt_all = m // _R, n // _C * _C
+    for chunk in prange(n_chunks):
+        tmp = np.zeros(_R * _C, dtype=np.int64)
+        tmp_addr = tmp.ctypes.data
+        t0, t1, j0, j1 = _split(chunk, n_chunks, m, n, cols)
+        jt = min(j1, jt_all)  # end of this chunk's whole column tiles
+        for jb in range(j0, jt, nb):
+            je = min(jb + nb, jt)
+            for wb in range(0, w_count, kb):
+                we = min(wb + kb, w_count)
+                final = we == w_count
+                for t in range(t0, t1):
+                    i = t * _R
+                    for j in range(jb, je, _C):
+                        pa, pb = a0 + i * sa, b0 + j * sb
+                        if lanes == 8:
+                            _mk_simd512(pa, sa, pb, sb, wb, we, tmp_addr)
+                        elif lanes == 4:
+                            _mk_simd256(pa, sa, pb, sb, wb, we, tmp_addr)
+                        else:
+                            _mk_scalar(pa, sa, pb, sb, wb, we, tmp_addr)
+                        for r in range(_R):
+                            for c in range(_C):
+                                store(cnt, i + r, j + c, np.int32(tmp[r * _C + c]), k, final)
+        # pairs outside whole tiles: columns past the last whole column tile for this
+        # chunk's row tiles; rows past the last whole row tile (chunk holding it) for j0..j1
+        if j1 > jt_all:
+            pair_counts(a, b, t0 * _R, t1 * _R, max(j0, jt_all), j1, 0, w_count, cnt, k, True)
+        if t1 == tiles_i:
+            pair_counts(a, b, tiles_i * _R, m, j0, j1, 0, w_count, cnt, k, True)
+
+
+def xnor_gemm_into(name, a, b, cnt, k, cols=None, threads=None):
+    """Write k - 2 popcount(a[i] ^ b[j]) into ``cnt[i, j]`` with kernel ``name``.
+
+    Expects what :func:`kernels.numba_cpu.xnor_gemm` has checked and prepared: C-contiguous
+    uint64 ``a`` (M, W) and ``b`` (N, W), M, N, W >= 1, zero padding bits, ``cnt`` int32
+    (M, N) C-contiguous and all zero. ``cols``: split the threads over rows of B (True) or of
+    A (False); None picks rows of B when A has fewer row tiles than there are threads x 4.
+    ``threads``: at most this many (default ``numba.get_num_threads()``).
+    """
+    m, w_count = a.shape
+    n = b.shape[0]
+    threads = numba.get_num_threads() if threads is None else threads
+    if cols is None:
+        cols = m // _R < 4 * threads
+    n_chunks = max(1, min(threads, (n // _C) if cols else (m // _R)))
+    kb = min(w_count, _KB_WORDS)
+    nb = max(_C, _L2_BLOCK // (8 * kb) // _C * _C)
+    _drive(a, b, cnt, k, LANES[name], n_chunks, bool(cols), kb, nb)
