@@ -75,6 +75,13 @@ give bit-identical results. "Array module" is NumPy for ``reference`` and ``numb
 
 Besides these:
 
+- ``pack_threshold(z, threshold)`` (every backend): a frozen hidden layer's sign(BN(z)),
+  packed: ``z`` (M, N) integer or float, ``threshold`` (N,) or a (P, N) table with P
+  dividing M (row i uses ``threshold[i mod P]``: a convolution's per-position table) ->
+  uint64 (M, ceil(N/64)) with bit (i, j) = ``z[i, j] >= threshold``. ``numba_cpu`` does it
+  in one parallel pass and takes ``out=`` (a uint64 buffer to reuse); ValueError for other
+  dtypes or shapes.
+
 - ``unpack_rows(packed, k, dtype=np.float32)`` (``reference``, re-exported by
   ``numba_cpu``): uint64 (..., W) -> +-1 values (..., k) of ``dtype``, NumPy; ValueError
   unless ``packed`` is uint64 with W == ceil(k/64) and k a non-negative integer.

@@ -28,10 +28,11 @@ from numba import prange
 from . import autotune, numba_avx2, numba_simd
 from ._numba_common import NB_ROWS, jit, pair_counts, popcount64, store
 from .reference import (PLANES, check_bitplane_operands, check_gemm_operands,
-                        check_pack_input, check_pixels, n_words, unpack_rows)
+                        check_pack_input, check_pixels, check_threshold_operands, n_words,
+                        unpack_rows)
 
 __all__ = ["pack_rows", "unpack_rows", "xnor_gemm", "pack_bitplanes", "bitplane_gemm",
-           "available_kernels", "default_kernel"]
+           "pack_threshold", "available_kernels", "default_kernel"]
 
 
 # --------------------------------------------------------------------------- packing
@@ -97,6 +98,45 @@ def pack_rows(x):
                 f"input of shape {tuple(x.shape)} and dtype {x.dtype}"
             )
     return out.reshape(lead + (out.shape[1],))
+
+
+@jit(parallel=True)
+def _pack_threshold(z, t, out):
+    m, n = z.shape
+    p = t.shape[0]
+    w_count = out.shape[1]
+    for i in prange(m):
+        r = i % p
+        for w in range(w_count):
+            base = w * 64
+            word = np.uint64(0)
+            for j in range(min(64, n - base)):
+                word |= np.uint64(z[i, base + j] >= t[r, base + j]) << np.uint64(j)
+            out[i, w] = word
+
+
+def pack_threshold(z, threshold, out=None):
+    """Threshold and pack in one parallel pass: bit (i, j) = z[i, j] >= threshold[j] (or
+    ``threshold[i mod P, j]`` for a (P, N) table), uint64 (M, ceil(N/64)), the same as
+    :func:`kernels.reference.pack_threshold` without the (M, N) bool array between.
+    ``out``: a C-contiguous uint64 (M, ceil(N/64)) array to write into (reused buffers)."""
+    z, threshold = np.asarray(z), np.asarray(threshold)
+    check_threshold_operands(z, threshold)
+    m, n = z.shape
+    shape = (m, n_words(n))
+    if out is None:
+        out = np.empty(shape, dtype=np.uint64)
+    elif not isinstance(out, np.ndarray) or out.dtype != np.uint64 or out.shape != shape or \
+            not out.flags.c_contiguous:
+        raise ValueError(f"out: expected a C-contiguous uint64 array of shape {shape}, got "
+                         f"{getattr(out, 'dtype', type(out).__name__)} of shape "
+                         f"{getattr(out, 'shape', None)}")
+    if out.size:
+        t = threshold.reshape(-1, n)
+        if z.dtype.byteorder not in "=|" or t.dtype.byteorder not in "=|":
+            z, t = z.astype(z.dtype.newbyteorder("=")), t.astype(t.dtype.newbyteorder("="))
+        _pack_threshold(z, t, out)
+    return out
 
 
 # --------------------------------------------------------------- generic GEMM kernel
