@@ -92,7 +92,8 @@ Besides these:
   (``default_kernel(m, n, k)``) is the autotune's measured choice for the shape class
   (``kernels.autotune``: ``MINIBNN_GEMM_KERNEL`` forces one, ``MINIBNN_AUTOTUNE=0`` skips
   measuring); ``numba_cpu.xnor_gemm`` also takes ``out=`` (an int32 (M, N) buffer to
-  reuse). ``cupy_gpu``: ``("tensorcore", "cuda")`` on compute capability >= 8.0, else
+  reuse), and ``numba_cpu.bitplane_gemm`` takes ``kernel=None`` (``"generic"`` or one of
+  the ``simd``/``scalar`` kernels; default the autotune's choice). ``cupy_gpu``: ``("tensorcore", "cuda")`` on compute capability >= 8.0, else
   ``("cuda",)`` (asks the current GPU), the default first.
 - ``cupy_gpu.available()``: ``(True, "")`` or ``(False, reason)``, the one check of
   whether the GPU path can run (``minibnn.backend`` reports its reason). Without CuPy,

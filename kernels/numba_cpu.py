@@ -316,16 +316,33 @@ def _bitplane_gemm(p, b, z, k):
             z[i, j] = np.int32(255 * k) - 2 * np.int32(s)
 
 
-def bitplane_gemm(planes, b, k):
+def bitplane_gemm(planes, b, k, kernel=None):
     """z[i, j] = sum_n 2^n (k - 2 popcount(planes[i, n] ^ b[j])) = (2x_i - 255) . w_j, int32.
 
     One fused pass: the eight planes of an image meet each weight word while it sits in a
     register, and only the combined z is written, not eight (M, N) partial products.
+    ``kernel``: ``"generic"`` (8 scalar counters per pair), or ``"scalar"``, ``"simd256"``,
+    ``"simd512"`` (:func:`kernels.numba_simd.bitplane_gemm_into`: a 4 x 4 tile of 4 planes
+    x 4 weight rows); default: the autotune's choice for the (8 M, N, W) product.
     Same result as :func:`kernels.reference.bitplane_gemm`.
     """
     k = check_bitplane_operands(planes, b, k)
     planes, b = np.ascontiguousarray(planes), np.ascontiguousarray(b)
-    z = np.empty((planes.shape[0], b.shape[0]), dtype=np.int32)
-    if z.size:
+    m, n, w_count = planes.shape[0], b.shape[0], planes.shape[2]
+    names = ("generic",) + tuple(kn for kn in numba_simd.KERNELS if kn in available_kernels())
+    if kernel is None or kernel == "auto":
+        kernel = default_kernel(8 * m, n, k) if m and n and w_count else "generic"
+        kernel = kernel if kernel in names else "generic"
+    if kernel not in names:
+        raise ValueError(f"kernel: expected one of {names} or 'auto', got {kernel!r}")
+    z = np.zeros((m, n), dtype=np.int32)
+    if not z.size:
+        return z
+    if w_count == 0:  # k = 0: every product is 0
+        return z
+    if kernel == "generic":
         _bitplane_gemm(planes, b, z, k)
+    else:
+        threads = 1 if 8 * m * n * w_count < _SERIAL_WORK else numba.get_num_threads()
+        numba_simd.bitplane_gemm_into(kernel, planes, b, z, k, threads=threads)
     return z

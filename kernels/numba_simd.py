@@ -16,8 +16,9 @@ a range of words of K, adds ``popcount(a_r ^ b_c)`` with ``llvm.ctpop`` on vecto
   else the nibble table on AVX2. Offered when the CPU has AVX2.
 * ``"scalar"``: L = 1 (``i64``): one ``popcnt`` per word pair. Offered on every CPU.
 
-The words of K past the last whole vector are counted by a scalar tail loop inside the
-micro-kernel, so K need not be a multiple of 64 L bits. Lane sums are 64-bit and cannot
+The words of K past the last whole vector are counted inside the micro-kernel by one step
+each of L/2, L/4, ..., 2 lanes where they remain, then one scalar word (13 words, MNIST's
+784 inputs, take 8 + 4 + 1), so K need not be a multiple of 64 L bits. Lane sums are 64-bit and cannot
 overflow. The driver splits the work over threads either by blocks of rows of A (``cols
 = False``) or by blocks of rows of B (``cols = True``, for a few rows of A, e.g. the
 paper's training batch of 100), and blocks over rows of B (a block stays in L2) and over
@@ -32,9 +33,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 from llvmlite import ir
 
-from ._numba_common import jit, pair_counts, store
+from ._numba_common import jit, pair_counts, popcount64, store
 
-__all__ = ["KERNELS", "LANES", "TILE", "xnor_gemm_into"]
+__all__ = ["KERNELS", "LANES", "TILE", "xnor_gemm_into", "bitplane_gemm_into"]
 
 TILE = (4, 4)  # R x C register tile: 16 accumulators + 8 operands fit the 32 zmm registers
 LANES = {"scalar": 1, "simd256": 4, "simd512": 8}
@@ -108,9 +109,29 @@ def _micro_kernel(lanes, rows, cols):
                 for r, c in pairs:
                     cnt = builder.call(ctpop_v, [builder.xor(av[r], bv[c])])
                     builder.store(builder.add(builder.load(acc[(r, c)]), cnt), acc[(r, c)])
-            if lanes > 1:  # the words past the last whole vector, one at a time
-                start = builder.add(w0, builder.mul(n_vec, c64(lanes)))
-                with cgutils.for_range_slice(builder, start, w1, c64(1)) as (w, _):
+            # the words past the last whole vector: one step each of L/2, L/4, ..., 2 lanes
+            # where they remain (added to the L-lane counters, zero-extended), then one word
+            cur = cgutils.alloca_once_value(builder, builder.add(w0, builder.mul(n_vec,
+                                                                               c64(lanes))))
+            width = lanes // 2
+            while width >= 2:
+                part = ir.VectorType(_I64, width)
+                ctpop_p = cgutils.get_or_insert_function(
+                    builder.module, ir.FunctionType(part, [part]), _ctpop_name(width))
+                widen = ir.Constant(ir.VectorType(_I32, lanes),
+                                    list(range(width)) + [width] * (lanes - width))
+                w = builder.load(cur)
+                with builder.if_then(builder.icmp_signed(">=", builder.sub(w1, w), c64(width))):
+                    av = [load(a_addr, a_stride, r, w, part) for r in range(rows)]
+                    bv = [load(b_addr, b_stride, c, w, part) for c in range(cols)]
+                    for r, c in pairs:
+                        cnt = builder.call(ctpop_p, [builder.xor(av[r], bv[c])])
+                        cnt = builder.shuffle_vector(cnt, ir.Constant(part, None), widen)
+                        builder.store(builder.add(builder.load(acc[(r, c)]), cnt), acc[(r, c)])
+                    builder.store(builder.add(w, c64(width)), cur)
+                width //= 2
+            if lanes > 1:
+                with cgutils.for_range_slice(builder, builder.load(cur), w1, c64(1)) as (w, _):
                     av = [load(a_addr, a_stride, r, w, _I64) for r in range(rows)]
                     bv = [load(b_addr, b_stride, c, w, _I64) for c in range(cols)]
                     for r, c in pairs:
@@ -122,8 +143,7 @@ def _micro_kernel(lanes, rows, cols):
                 ptr = builder.bitcast(builder.gep(out, [c64(q * lanes)]), vec.as_pointer())
                 builder.store(s, ptr, align=8)
             if lanes > 1:
-                has_tail = builder.icmp_unsigned("!=", builder.urem(builder.sub(w1, w0),
-                                                                    c64(lanes)), c64(0))
+                has_tail = builder.icmp_signed("<", builder.load(cur), w1)  # an odd last word
                 with builder.if_then(has_tail, likely=False):
                     for idx, p in enumerate(pairs):
                         ptr = builder.gep(out, [c64(idx)])
@@ -210,3 +230,62 @@ def xnor_gemm_into(name, a, b, cnt, k, cols=None, threads=None):
     kb = min(w_count, _KB_WORDS)
     nb = max(_C, _L2_BLOCK // (8 * kb) // _C * _C)
     _drive(a, b, cnt, k, LANES[name], n_chunks, bool(cols), kb, nb)
+
+
+# ------------------------------------------------------------ 8-bit input by bit planes
+
+
+@jit(parallel=True)
+def _drive_planes(p, b, z, k, lanes, n_chunks, nb):
+    """z[i, j] = 255 k - 2 sum_n 2^n popcount(p[8 i + n] ^ b[j]) with the micro-kernels: the
+    4 x 4 tile takes planes 0-3, then 4-7, of one image against 4 rows of B, and the counts
+    are weighted by 2^n as they leave the registers (no (8 M, N) partial products)."""
+    m8, w_count = p.shape
+    m, n = m8 // 8, b.shape[0]
+    sp, sb = p.strides[0], b.strides[0]
+    p0, b0 = p.ctypes.data, b.ctypes.data
+    jt = n // _C * _C
+    for chunk in prange(n_chunks):
+        tmp = np.zeros(_R * _C, dtype=np.int64)
+        tmp_addr = tmp.ctypes.data
+        i0, i1 = m * chunk // n_chunks, m * (chunk + 1) // n_chunks
+        for jb in range(0, jt, nb):
+            je = min(jb + nb, jt)
+            for i in range(i0, i1):
+                for half in range(2):
+                    pa = p0 + (8 * i + 4 * half) * sp
+                    for j in range(jb, je, _C):
+                        pb = b0 + j * sb
+                        if lanes == 8:
+                            _mk_simd512(pa, sp, pb, sb, 0, w_count, tmp_addr)
+                        elif lanes == 4:
+                            _mk_simd256(pa, sp, pb, sb, 0, w_count, tmp_addr)
+                        else:
+                            _mk_scalar(pa, sp, pb, sb, 0, w_count, tmp_addr)
+                        for c in range(_C):
+                            s = np.int64(0)
+                            for r in range(_R):
+                                s += tmp[r * _C + c] << (4 * half + r)
+                            z[i, j + c] += np.int32(s)
+        for i in range(i0, i1):
+            for j in range(jt, n):  # columns past the last whole tile
+                s = np.int64(0)
+                for plane in range(8):
+                    c = np.uint64(0)
+                    for w in range(w_count):
+                        c += popcount64(p[8 * i + plane, w] ^ b[j, w])
+                    s += np.int64(c) << plane
+                z[i, j] = np.int32(s)
+            for j in range(n):
+                z[i, j] = np.int32(255 * k) - 2 * z[i, j]
+
+
+def bitplane_gemm_into(name, planes, b, z, k, threads=None):
+    """Write sum_n 2^n (k - 2 popcount(planes[i, n] ^ b[j])) into ``z[i, j]`` with kernel
+    ``name``: C-contiguous uint64 ``planes`` (M, 8, W) and ``b`` (N, W), M, N, W >= 1, zero
+    padding bits, ``z`` int32 (M, N) C-contiguous and all zero (checked by the caller)."""
+    m, _, w_count = planes.shape
+    threads = numba.get_num_threads() if threads is None else threads
+    n_chunks = max(1, min(threads, m))
+    nb = max(_C, _L2_BLOCK // (8 * w_count) // _C * _C)
+    _drive_planes(planes.reshape(8 * m, w_count), b, z, k, LANES[name], n_chunks, nb)

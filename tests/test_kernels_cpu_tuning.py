@@ -19,7 +19,8 @@ SIMD = [k for k in numba_simd.KERNELS if k in numba_cpu.available_kernels()]
 # (M, N, K): K not a multiple of 64 or of a vector, M or N of 1, odd sizes, more than one
 # K block (W > 256 words) and more than one block of B rows.
 AWKWARD = [(1, 1, 1), (1, 7, 65), (7, 1, 130), (3, 5, 63), (5, 3, 64 * 9 + 1), (4, 4, 512),
-           (9, 13, 4095), (17, 33, 64 * 257 + 5), (6, 1030, 300), (33, 2, 1000), (2, 33, 200)]
+           (9, 13, 4095), (17, 33, 64 * 257 + 5), (6, 1030, 300), (33, 2, 1000), (2, 33, 200),
+           (5, 6, 389), (3, 9, 784)]  # 7 words = 4 + 2 + 1, 13 words = 8 + 4 + 1
 
 
 def operands(m, n, k, seed):
@@ -37,6 +38,28 @@ def test_micro_kernels_bit_exact(name, cols, threads, m, n, k):
     cnt = np.zeros((m, n), np.int32)
     numba_simd.xnor_gemm_into(name, a, b, cnt, k, cols=cols, threads=threads)
     np.testing.assert_array_equal(cnt, reference.xnor_gemm(a, b, k))
+
+
+@pytest.mark.parametrize("name", ["generic"] + SIMD)
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (3, 5, 70), (2, 7, 784), (9, 4, 389),
+                                   (5, 13, 4096), (4, 6, 64 * 9 + 3)])
+def test_bitplane_variants_bit_exact(name, m, n, k):
+    """Every variant of the fused bit-plane product (the first layer on 8-bit input)."""
+    rng = np.random.default_rng(m + n + k)
+    x = rng.integers(0, 256, size=(m, k), dtype=np.uint8)
+    x[0, :3] = (0, 255, 128)[:k]
+    planes = reference.pack_bitplanes(x)
+    w = reference.pack_rows(rng.random((n, k)) < 0.5)
+    want = reference.bitplane_gemm(planes, w, k)
+    np.testing.assert_array_equal(numba_cpu.bitplane_gemm(planes, w, k, kernel=name), want)
+    np.testing.assert_array_equal(want, (2 * x.astype(np.int64) - 255)
+                                  @ reference.unpack_rows(w, k, np.int64).T)
+
+
+def test_bitplane_rejects_unknown_kernel():
+    planes = reference.pack_bitplanes(np.zeros((1, 10), np.uint8))
+    with pytest.raises(ValueError, match="kernel: expected one of"):
+        numba_cpu.bitplane_gemm(planes, reference.pack_rows(np.ones((2, 10))), 10, kernel="avx2")
 
 
 @pytest.mark.parametrize("name", numba_cpu.available_kernels())
