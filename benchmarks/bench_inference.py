@@ -21,8 +21,8 @@ trained net's are not 1 and 0, about 10% of gammas negative. Each network runs
   ``functional.conv2d``; max-pool; each batch norm as its ``eval_affine``; sign), checked
   equal to ``model(x)`` on a few images before timing;
 * "frozen <backend>": ``deploy.freeze(model)`` on the numpy (reference), numba and cupy
-  backends: the first layer on the uint8 input (bit planes, or float32 BLAS on the pixels
-  where that is exact and measured faster), XNOR-popcount GEMMs, integer thresholds fused
+  backends: the first layer on the uint8 input (bit planes, float32 BLAS on the pixels, or a
+  uint8 x int8 VNNI product: the fastest exact one, measured), XNOR-popcount GEMMs, integer thresholds fused
   with packing, max-pool as OR/AND of packed bits, one float affine at the end;
 * on a GPU: "float32 cupy" (the same forward on CuPy: cuBLAS, TF32 off as CuPy's default)
   and, for the ConvNet, "cuDNN fp32 (torch)" and "cuDNN fp16 (torch)" when PyTorch with
@@ -331,8 +331,8 @@ def layer_breakdown(frozen, images, name, repeats):
     clock = _stage_clock(name, repeats, b, stages)
     h = None
     for i, (layer, weight, threshold) in enumerate(layers):
-        if i == 0 and plan.method == "float32" and threshold is not None:
-            s = clock("layer 0: float32 BLAS on the pixels",
+        if i == 0 and plan.method != "bitplanes" and threshold is not None:
+            s = clock(f"layer 0: first layer ({plan.method} product)",
                       lambda: runtime.first_layer_sums(x, plan.dense))
             h = clock("layer 0: threshold + pack",
                       lambda: kern.pack_threshold(s, plan.sums_threshold))
@@ -745,8 +745,9 @@ def main(argv=None):
         "The machine may be shared: load_average_at_start/end show other work, which skews "
         "absolute times and, less so, the ratios.",
         "The frozen first layer runs by the method FrozenBNN picks (first_layer_method "
-        "'auto': the faster exact one, timed once): 8 bit planes (8 binary MACs per float "
-        "MAC) or float32 BLAS on the pixel values (exact while 255 k <= 2^24).",
+        "'auto': the fastest exact one, timed once): 8 bit planes (8 binary MACs per float "
+        "MAC), float32 BLAS on the pixel values (exact while 255 k <= 2^24) or, on numba with "
+        "AVX512-VNNI, uint8 x int8 -> int32 (vpdpbusd); breakdown stages name it.",
         "gemm (per MLP): the hidden layers' product alone, float32 vs the numba XNOR GEMM, "
         "in the same run; frozen_over_gemm_speedup is the frozen net's speed-up over it.",
         "Predictions are compared with the float32 forward of the same network (each batch "

@@ -12,6 +12,7 @@ from minibnn.kernels import numba_cpu, reference
 from conftest import backend_params
 
 CPU = backend_params(["numpy", "numba"])
+VNNI = runtime.int8_available("numba")
 
 
 def exact_first(x, w_pm1):
@@ -29,7 +30,7 @@ def test_both_methods_are_the_exact_first_layer(name, m, k, n):
     packed = reference.pack_rows(w)
     kern = numba_cpu if name == "numba" else reference
     want = exact_first(x, w)
-    for method in ("bitplanes", "float32"):
+    for method in ("bitplanes", "float32") + (("int8",) if VNNI else ()):
         z = deploy.first_layer(x, packed, k, kern, method)
         assert z.dtype == np.int32 and z.shape == (m, n)
         np.testing.assert_array_equal(z, want)
@@ -42,7 +43,7 @@ def test_float32_bound():
     w = reference.pack_rows(np.ones((1, 65794)))
     with pytest.raises(ValueError, match="'float32' is not exact for k = 65794"):
         deploy.first_layer(x, w, 65794, reference, "float32")
-    with pytest.raises(ValueError, match="method: expected 'bitplanes' or 'float32'"):
+    with pytest.raises(ValueError, match="method: expected 'bitplanes', 'float32' or 'int8'"):
         deploy.first_layer(x, w, 65794, reference, "int4")
 
 
@@ -79,7 +80,8 @@ def test_methods_and_batches_agree(name):
     want = frozen.integer_scores(x, backend=name)
     want_pred = frozen.predict(x, backend=name)
     bits = frozen.activations(x, backend=name)
-    for method in ("float32", "auto", "bitplanes"):
+    methods = ("float32", "auto", "bitplanes") + (("int8",) if VNNI and name == "numba" else ())
+    for method in methods:
         frozen.first_layer_method = method
         for batch in (300, 64, 7):
             got = frozen.integer_scores(x, backend=name, batch_size=batch)
@@ -96,7 +98,8 @@ def test_auto_times_both_methods_once_per_backend():
     x = np.random.default_rng(2).integers(0, 256, size=(40, 784), dtype=np.uint8)
     frozen.predict(x, backend="numba")
     times = frozen.first_layer_timings["numba"]
-    assert set(times) == {"bitplanes", "float32"} and all(t > 0 for t in times.values())
+    assert set(times) == {"bitplanes", "float32"} | ({"int8"} if VNNI else set())
+    assert all(t > 0 for t in times.values())
     plan = frozen._first_plans["numba"]
     assert plan.method == min(times, key=times.get)
     frozen.predict(x, backend="numba")
@@ -109,8 +112,8 @@ def test_auto_times_both_methods_once_per_backend():
 def test_first_layer_method_is_checked():
     frozen = small_net()
     with pytest.raises(ValueError, match=r"first_layer_method: expected one of \('auto', "
-                                         r"'bitplanes', 'float32'\), got 'int8'"):
-        frozen.first_layer_method = "int8"
+                                         r"'bitplanes', 'float32', 'int8'\), got 'int4'"):
+        frozen.first_layer_method = "int4"
     assert frozen.first_layer_method == "auto"
     wide = runtime.FrozenBNN([
         runtime.FrozenLayer(reference.pack_rows(np.ones((2, 70000))), 70000, 8,
@@ -122,3 +125,18 @@ def test_first_layer_method_is_checked():
     x = np.full((2, 70000), 255, np.uint8)
     np.testing.assert_array_equal(wide.integer_scores(x, backend="numba"), [[2, 2, 2]] * 2)
     assert wide._first_plans["numba"].method == "bitplanes"  # auto falls back
+
+
+def test_int8_only_where_it_runs():
+    frozen = small_net()
+    x = np.zeros((3, 784), np.uint8)
+    frozen.first_layer_method = "int8"
+    with pytest.raises(ValueError, match="'int8' runs on the numba backend of a CPU with "
+                                         "AVX512-VNNI, not on backend 'numpy'"):
+        frozen.predict(x, backend="numpy")
+    if VNNI:
+        frozen.first_layer_method = "bitplanes"
+        want = frozen.integer_scores(x, backend="numba")
+        frozen.first_layer_method = "int8"
+        np.testing.assert_array_equal(frozen.integer_scores(x, backend="numba"), want)
+        assert frozen._first_plans["numba"].method == "int8"

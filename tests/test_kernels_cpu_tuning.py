@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import pytest
 
-from minibnn.kernels import autotune, numba_cpu, numba_simd, reference
+from minibnn.kernels import autotune, numba_cpu, numba_simd, numba_vnni, reference
 
 SIMD = [k for k in numba_simd.KERNELS if k in numba_cpu.available_kernels()]
 
@@ -109,6 +109,39 @@ def test_isa_features_are_reported():
     assert all(isinstance(v, bool) for v in isa["features"].values())
     assert isinstance(isa["cpu"], str) and isa["cpu"]
     assert "numba" in autotune.machine_key(isa)
+
+
+@pytest.mark.skipif(not numba_vnni.available(), reason="this CPU has no AVX512-VNNI")
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (5, 7, 3), (13, 784, 70), (4, 64, 64),
+                                   (9, 1001, 129), (0, 5, 3), (3, 0, 5), (300, 33, 200)])
+def test_vnni_product_is_exact(m, k, n):
+    rng = np.random.default_rng(m + k + n)
+    x = rng.integers(0, 256, size=(m, k), dtype=np.uint8)
+    w = rng.integers(-128, 128, size=(n, k), dtype=np.int8)  # any int8, +-1 among them
+    w[:, :1] = -128
+    x[:, :1] = 255
+    got = numba_vnni.int8_gemm(x, numba_vnni.pack_weights(w), n)
+    assert got.dtype == np.int32 and got.shape == (m, n)
+    np.testing.assert_array_equal(got, x.astype(np.int64) @ w.T.astype(np.int64))
+    # reused buffers with stale contents give the same
+    mp, kp = -(-m // 4) * 4, -(-k // 4) * 4
+    out = np.full((mp, -(-n // 64) * 64), 7, np.int32)
+    xb = np.full((mp, kp), 9, np.uint8)
+    again = numba_vnni.int8_gemm(x, numba_vnni.pack_weights(w), n, out=out, x_buf=xb)
+    np.testing.assert_array_equal(again, got)
+
+
+@pytest.mark.skipif(not numba_vnni.available(), reason="this CPU has no AVX512-VNNI")
+def test_vnni_operands_are_checked():
+    w = numba_vnni.pack_weights(np.ones((3, 10), np.int8))
+    with pytest.raises(ValueError, match="w: expected int8 weights of shape"):
+        numba_vnni.pack_weights(np.ones((3, 10)))
+    with pytest.raises(ValueError, match="x: expected uint8 pixels"):
+        numba_vnni.int8_gemm(np.ones((2, 10), np.int8), w, 3)
+    with pytest.raises(ValueError, match="wp: expected packed int8 weights for K = 13"):
+        numba_vnni.int8_gemm(np.ones((2, 13), np.uint8), w, 3)
+    with pytest.raises(ValueError, match="out: expected a C-contiguous int32 array"):
+        numba_vnni.int8_gemm(np.ones((2, 10), np.uint8), w, 3, out=np.zeros((2, 3), np.int32))
 
 
 # ------------------------------------------------------------------------- autotune

@@ -37,8 +37,8 @@ from .. import backend as _backend  # the methods' ``backend=`` argument shadows
 from ..functional import conv_output_shape, kernel_offsets, pool_output_shape
 
 __all__ = ["PLANES", "PIXEL_MAX", "FrozenLayer", "FrozenConv", "FrozenBNN", "first_layer",
-           "FIRST_LAYER_METHODS", "float32_is_exact", "dense_first_weights", "slot_bits",
-           "pack_slots", "check_chain"]
+           "FIRST_LAYER_METHODS", "float32_is_exact", "int8_available", "dense_first_weights",
+           "first_layer_sums", "slot_bits", "pack_slots", "check_chain"]
 
 PLANES = 8  # bits per input pixel
 PIXEL_MAX = 255  # |sum_n 2^n y^n| <= 255: the first layer's |z| is at most 255 k
@@ -47,7 +47,7 @@ _DEFAULT_BATCH = {"numpy": 256, "numba": 1024, "cupy": 8192}
 _CONV_BATCH = {"numpy": 64, "numba": 128, "cupy": 2048}  # a ConvNet's activations are larger
 
 
-FIRST_LAYER_METHODS = ("auto", "bitplanes", "float32")
+FIRST_LAYER_METHODS = ("auto", "bitplanes", "float32", "int8")
 FLOAT32_INTEGERS = 2 ** 24  # float32 holds every integer of magnitude <= 2^24 exactly
 
 
@@ -58,54 +58,89 @@ def float32_is_exact(k):
     return PIXEL_MAX * int(k) <= FLOAT32_INTEGERS
 
 
+def int8_available(name):
+    """Whether backend ``name`` runs the "int8" first layer: numba on an AVX512-VNNI CPU."""
+    if name != "numba":
+        return False
+    from ..kernels import numba_vnni
+
+    return numba_vnni.available()
+
+
 DenseFirst = namedtuple("DenseFirst", "w_t offset")
 DenseFirst.__doc__ = """The first layer's weights for the float32 method: ``w_t`` float32 (k, N)
 +-1 (the packed rows unpacked and transposed for BLAS) and ``offset`` float32 (N,) =
 255 sum_k w (exact)."""
 
+Int8First = namedtuple("Int8First", "wp offset n")
+Int8First.__doc__ = """The first layer's weights for the int8 method: ``wp`` the +-1 weights as
+int8 in ``kernels.numba_vnni.pack_weights``' layout, ``offset`` float32 (N,) = 255 sum_k w,
+``n`` = N."""
 
-def dense_first_weights(weight, k, xp=np):
-    """:class:`DenseFirst` of packed first-layer weights (N, ceil(k/64)), in array module xp."""
+
+def dense_first_weights(weight, k, xp=np, method="float32"):
+    """:class:`DenseFirst` (``method="float32"``, in array module xp) or :class:`Int8First`
+    (``"int8"``, NumPy) of packed first-layer weights (N, ceil(k/64))."""
     w = unpack_rows(_backend.to_numpy(weight), k, np.float32)  # (N, k) of +-1
     offset = (PIXEL_MAX * w.sum(axis=1, dtype=np.float64)).astype(np.float32)
+    if method == "int8":
+        from ..kernels import numba_vnni
+
+        return Int8First(numba_vnni.pack_weights(w.astype(np.int8)), offset, w.shape[0])
     return DenseFirst(xp.asarray(np.ascontiguousarray(w.T)), xp.asarray(offset))
 
 
 def first_layer(x, weight, k, kern, method="bitplanes", dense=None):
     """z = sum_{n=0..7} 2^n (y^n . w) = (2x - 255) . w = 256 (x_f . w) for uint8 rows x
-    (B, k), int32 (|z| <= 255 k), by one of two exact methods:
+    (B, k), int32 (|z| <= 255 k), by one of three exact methods:
 
     * ``"bitplanes"`` (the paper's, Section 1.6): the backend packs the eight bit planes and
       runs its bit-plane XNOR GEMM (``kernels.*.bitplane_gemm``: one XNOR-popcount product
       per plane, combined by shift-add);
     * ``"float32"``: s = x . w as a float32 BLAS product of the pixel values with the +-1
-      weights, exact while :func:`float32_is_exact` (k); then z = 2 s - 255 sum(w).
-      ``dense``: the :func:`dense_first_weights` (made here when None).
+      weights, exact while :func:`float32_is_exact` (k); then z = 2 s - 255 sum(w);
+    * ``"int8"``: s = x . w as a uint8 x int8 product accumulated in int32 with AVX512-VNNI
+      ``vpdpbusd`` (``kernels.numba_vnni``; NumPy input, :func:`int8_available`), then the same.
+
+    ``dense``: the :func:`dense_first_weights` of the method (made here when None).
     """
     if method == "bitplanes":
         return kern.bitplane_gemm(kern.pack_bitplanes(x), weight, k)
-    if method != "float32":
-        raise ValueError(f"method: expected 'bitplanes' or 'float32', got {method!r}")
-    if not float32_is_exact(k):
+    if method not in ("float32", "int8"):
+        raise ValueError(f"method: expected 'bitplanes', 'float32' or 'int8', got {method!r}")
+    if method == "float32" and not float32_is_exact(k):
         raise ValueError(f"method: 'float32' is not exact for k = {k} inputs (255 k > 2^24); "
                          "use 'bitplanes'")
     xp = _backend.get_array_module(x)
-    dense = dense_first_weights(weight, k, xp) if dense is None else dense
+    if method == "int8" and (xp is not np or not int8_available("numba")):
+        raise ValueError("method: 'int8' needs NumPy input and a CPU with AVX512-VNNI")
+    dense = dense_first_weights(weight, k, xp, method) if dense is None else dense
     s = first_layer_sums(x, dense)
-    s *= 2  # 2 s - 255 sum(w): integers of magnitude < 2^25, even: exact in float32
-    s -= dense.offset
-    return s.astype(np.int32)
+    z = s.astype(np.int32) if method == "float32" else s.copy()
+    z *= 2  # 2 s - 255 sum(w): integers of magnitude <= 2 * 255 k
+    z -= dense.offset.astype(np.int32)
+    return z
 
 
-def first_layer_sums(x, dense, out=None, x_buf=None):
-    """s = x . w, float32 (B, N), exact (see :func:`float32_is_exact`): the uint8 rows
-    converted to float32 (into ``x_buf`` when given) times ``dense.w_t`` (into ``out``)."""
+def first_layer_sums(x, dense, ws=None):
+    """s = x . w exactly, (B, N): float32 from BLAS for a :class:`DenseFirst` (see
+    :func:`float32_is_exact`), int32 from ``vpdpbusd`` for an :class:`Int8First`. ``ws``: a
+    dict of buffers to reuse (the result is then one of them)."""
     xp = _backend.get_array_module(x)
-    if x_buf is None:
+    m = x.shape[0]
+    if isinstance(dense, Int8First):
+        from ..kernels import numba_vnni
+
+        mp, kp = -(-m // 4) * 4, -(-x.shape[1] // 4) * 4
+        return numba_vnni.int8_gemm(x, dense.wp, dense.n,
+                                    out=_buf(ws, "s8", (mp, dense.wp.shape[0] * 16), np.int32, xp),
+                                    x_buf=_buf(ws, "x8", (mp, kp), np.uint8, xp))
+    xf = _buf(ws, "xf", x.shape, np.float32, xp)
+    if xf is None:
         xf = x.astype(np.float32)
     else:
-        xf = x_buf
         xf[...] = x
+    out = _buf(ws, "sf", (m, dense.w_t.shape[1]), np.float32, xp)
     if out is None:
         return xf @ dense.w_t
     return xp.matmul(xf, dense.w_t, out=out)
@@ -376,9 +411,10 @@ def check_chain(layers):
 # ------------------------------------------------------------------------------ the net
 
 _Prepared = namedtuple("_Prepared", "layer weight threshold and_mask")
-# How a backend runs the first layer: "bitplanes" or "float32" (then ``dense`` holds the
-# DenseFirst weights and, for a dense hidden first layer, ``sums_threshold`` the thresholds
-# on s = x . w); ``weight`` is the layer weight it was made from (a replaced one remakes it).
+# How a backend runs the first layer: "bitplanes", "float32" or "int8" (then ``dense`` holds
+# the DenseFirst / Int8First weights and, for a dense hidden first layer, ``sums_threshold``
+# the thresholds on s = x . w); ``weight`` is the layer weight it was made from (a replaced
+# one remakes it).
 _FirstPlan = namedtuple("_FirstPlan", "method dense sums_threshold weight")
 _TUNE_ROWS = 256  # rows (MLP) or patches' images (ConvNet) the first-layer methods are timed on
 
@@ -392,10 +428,11 @@ class FrozenBNN:
     They are the pixels that ``data.to_pm1`` would have scaled. They run on the active
     backend (or the one named by ``backend=``) and return NumPy.
 
-    ``first_layer_method`` picks how the first layer meets the 8-bit pixels (both exact,
-    see :func:`first_layer`): ``"bitplanes"``, ``"float32"``, or ``"auto"`` (the default):
-    on the CPU backends the faster of the two, timed once per backend on the first batch
-    (``first_layer_timings`` keeps the times), where float32 is exact; bit planes on cupy.
+    ``first_layer_method`` picks how the first layer meets the 8-bit pixels (all exact, see
+    :func:`first_layer`): ``"bitplanes"``, ``"float32"``, ``"int8"`` (numba on an AVX512-VNNI
+    CPU), or ``"auto"`` (the default): on the CPU backends the fastest of those that apply,
+    timed once per backend on the first batch (``first_layer_timings`` keeps the times);
+    bit planes on cupy.
     """
 
     def __init__(self, layers, info=None):
@@ -525,10 +562,10 @@ class FrozenBNN:
 
     def first_layer_plan(self, x, backend=None):
         """How backend ``backend`` runs the first layer: a namedtuple with ``method``
-        (``"bitplanes"`` or ``"float32"``), ``dense`` (the float32 weights, or None) and
-        ``sums_threshold`` (for a dense hidden first layer on float32, else None). With
-        ``first_layer_method = "auto"`` the first call times both on the uint8 batch ``x``
-        (NumPy rows or images as ``predict`` takes them)."""
+        (``"bitplanes"``, ``"float32"`` or ``"int8"``), ``dense`` (the method's weights, or
+        None) and ``sums_threshold`` (for a dense hidden first layer not on bit planes, else
+        None). With ``first_layer_method = "auto"`` the first call times the candidates on the
+        uint8 batch ``x`` (NumPy rows or images as ``predict`` takes them)."""
         name = _backend_name(backend)
         xb = _backend.array_module(name).asarray(self._check_input(x))
         layers = self._prepare(name)
@@ -542,30 +579,36 @@ class FrozenBNN:
             return plan
         layer, xp = first.layer, _backend.array_module(name)
         method = self.first_layer_method
-        if method == "auto" and (name == "cupy" or not float32_is_exact(layer.k)):
-            method = "bitplanes"  # on a GPU float32 may run as TF32: not exact
-        if method == "bitplanes":
-            plan = _FirstPlan("bitplanes", None, None, layer.weight)
-            self._first_plans[name] = plan
-            return plan
-        dense = dense_first_weights(first.weight, layer.k, xp)
-        t_s = None
-        if isinstance(layer, FrozenLayer) and not layer.is_output:
-            t_s = xp.asarray(sums_threshold(layer.threshold, _backend.to_numpy(dense.offset),
-                                            layer.k))
+        if method == "int8" and not int8_available(name):
+            raise ValueError(f"first_layer_method: 'int8' runs on the numba backend of a CPU "
+                             f"with AVX512-VNNI, not on backend {name!r} here")
+        candidates = [method]
         if method == "auto":
+            candidates = ["bitplanes"]
+            if name != "cupy" and float32_is_exact(layer.k):  # a GPU may run float32 as TF32
+                candidates.append("float32")
+            if int8_available(name):
+                candidates.append("int8")
+        weights = {m: dense_first_weights(first.weight, layer.k, xp, m)
+                   for m in candidates if m != "bitplanes"}
+        if len(candidates) > 1:
             sample = (x[:_TUNE_ROWS] if isinstance(layer, FrozenLayer) else
                       pixel_patches(x[:max(1, _TUNE_ROWS // math.prod(layer.conv_hw))],
                                     layer, xp))
             if sample.shape[0] == 0:  # nothing to time on: bit planes, decided later
                 return _FirstPlan("bitplanes", None, None, layer.weight)
             times = {m: _best_time(lambda m=m: first_layer(sample, first.weight, layer.k, kern,
-                                                           m, dense), name)
-                     for m in ("bitplanes", "float32")}
+                                                           m, weights.get(m)), name)
+                     for m in candidates}
             self.first_layer_timings[name] = times
             method = min(times, key=times.get)
-        plan = _FirstPlan(method, dense if method == "float32" else None,
-                          t_s if method == "float32" else None, layer.weight)
+        else:
+            method = candidates[0]
+        dense, t_s = weights.get(method), None
+        if dense is not None and isinstance(layer, FrozenLayer) and not layer.is_output:
+            t_s = sums_threshold(layer.threshold, _backend.to_numpy(dense.offset), layer.k)
+            t_s = xp.asarray(t_s if method == "float32" else t_s.astype(np.int32))
+        plan = _FirstPlan(method, dense, t_s, layer.weight)
         self._first_plans[name] = plan
         return plan
 
@@ -663,10 +706,9 @@ def _forward_batch(x, layers, kern, trace=None, bits=None, first=None, ws=None):
                 bits.append(unpack_words(h, o, xp).transpose(0, 3, 1, 2))
             continue
         hidden = threshold is not None
-        if layer.planes == PLANES and method == "float32" and hidden and trace is None:
-            # fused: threshold the exact float32 sums s = x . w directly (z >= t iff s >= t_s)
-            s = first_layer_sums(x, dense, out=_buf(ws, "s", (n, layer.n_out), np.float32, xp),
-                                 x_buf=_buf(ws, "x", x.shape, np.float32, xp))
+        if layer.planes == PLANES and method != "bitplanes" and hidden and trace is None:
+            # fused: threshold the exact sums s = x . w directly (z >= t iff s >= t_s)
+            s = first_layer_sums(x, dense, ws)
             h = _pack_threshold(kern, s, first.sums_threshold,
                                 _buf(ws, ("h", i), (n, n_words(layer.n_out)), np.uint64, xp))
             if bits is not None:
