@@ -4,8 +4,8 @@ Which of :func:`kernels.numba_cpu.available_kernels` is fastest depends on the C
 popcount is one instruction with AVX512_VPOPCNTDQ, a nibble-table expansion without it) and
 on the shape (a few rows of A, a short K). Like FFTW's wisdom, the first product of each
 *shape class* (:func:`shape_class`: buckets of M, N and the words of K) times every
-candidate kernel on a small product of that class (random operands, best of a few runs,
-well under a second in all once the kernels are compiled) and keeps the fastest. Choices
+candidate kernel on a small product of that class (random operands, in turns, best of a
+few runs, about 0.3 s in all once the kernels are compiled) and keeps the fastest. Choices
 are cached in a JSON file (:func:`cache_path`) keyed by :func:`machine_key` (CPU model,
 ISA features, Numba version), so the next process reads them back.
 
@@ -217,26 +217,26 @@ def clear_memory():
     _warned.clear()
 
 
-def tune(run, candidates, m, n, w, repeats=(3, 15), budget_s=0.03, seed=0):
+def tune(run, candidates, m, n, w, rounds=(3, 25), budget_s=0.3, seed=0):
     """Seconds per candidate: the fastest of its timed runs of ``run(name, a, b, k)`` on
-    random operands a (m, w), b (n, w), k = 64 w, after one warm-up run. Each candidate
-    runs at least ``repeats[0]`` and at most ``repeats[1]`` times, stopping once
-    ``budget_s`` has passed: the minimum discards the runs that another process on a busy
-    machine interrupted."""
+    random operands a (m, w), b (n, w), k = 64 w, after one warm-up run each. The
+    candidates take turns, round after round (at least ``rounds[0]``, at most ``rounds[1]``,
+    stopping once ``budget_s`` has passed), so that load from other work on the machine
+    falls on all of them alike; the minimum discards the runs another process interrupted."""
     rng = np.random.default_rng(seed)
     a = rng.integers(0, 2**63, size=(m, w), dtype=np.uint64) << np.uint64(1)
     b = rng.integers(0, 2**63, size=(n, w), dtype=np.uint64) >> np.uint64(1)
-    times = {}
     for name in candidates:
         run(name, a, b, 64 * w)
-        best, start = float("inf"), time.perf_counter()
-        for i in range(repeats[1]):
-            if i >= repeats[0] and time.perf_counter() - start > budget_s:
-                break
+    times = {name: float("inf") for name in candidates}
+    start = time.perf_counter()
+    for i in range(rounds[1]):
+        if i >= rounds[0] and time.perf_counter() - start > budget_s:
+            break
+        for name in candidates:
             t0 = time.perf_counter()
             run(name, a, b, 64 * w)
-            best = min(best, time.perf_counter() - t0)
-        times[name] = best
+            times[name] = min(times[name], time.perf_counter() - t0)
     return times
 
 

@@ -244,8 +244,9 @@ def xnor_gemm(a, b, k, kernel=None, out=None):
     if kernel not in available_kernels():
         raise ValueError(f"kernel: expected one of {available_kernels()} or 'auto', "
                          f"got {kernel!r}")
+    zeroed = kernel in ("generic", "avx2")  # these add to cnt; the simd kernels overwrite it
     if out is None:
-        cnt = np.zeros((m, n), dtype=np.int32)
+        cnt = (np.zeros if zeroed or not w_count else np.empty)((m, n), dtype=np.int32)
     else:
         if not isinstance(out, np.ndarray) or out.dtype != np.int32 or out.shape != (m, n) \
                 or not out.flags.c_contiguous:
@@ -253,7 +254,8 @@ def xnor_gemm(a, b, k, kernel=None, out=None):
                              f"{getattr(out, 'dtype', type(out).__name__)} of shape "
                              f"{getattr(out, 'shape', None)}")
         cnt = out
-        cnt.fill(0)
+        if zeroed or not w_count:
+            cnt.fill(0)
     if m == 0 or n == 0 or w_count == 0:  # nothing to count (k = 0: every product is 0)
         return cnt
     threads = 1 if m * n * w_count < _SERIAL_WORK else numba.get_num_threads()

@@ -73,92 +73,144 @@ def _reduce_lanes(builder, vectors, lanes):
     return vectors
 
 
-def _micro_kernel(lanes, rows, cols):
+def _micro_kernel(lanes, rows, cols, epilogue=False):
     """A Numba intrinsic ``mk(a_addr, a_stride, b_addr, b_stride, w0, w1, out_addr)``:
     for the ``rows`` rows of A at byte address ``a_addr`` (row stride ``a_stride`` bytes)
     and the ``cols`` rows of B at ``b_addr``, store sum over words w in [w0, w1) of
-    popcount(a[r, w] ^ b[c, w]) as int64 at ``out_addr[r * cols + c]``."""
+    popcount(a[r, w] ^ b[c, w]) as int64 at ``out_addr[r * cols + c]``.
+
+    With ``epilogue``, ``mk(..., w0, w1, out_addr, out_stride, k, mode)`` writes the int32
+    result tile itself: ``v = count`` (plus the int32 already at ``out_addr + r out_stride +
+    4 c`` unless ``mode & 1``, the first K block), then ``v = k - 2 v`` when ``mode & 2``
+    (the last K block), a row of ``cols`` values per vector store: no zero-filled output,
+    no separate pass over the counts."""
     vec = _I64 if lanes == 1 else ir.VectorType(_I64, lanes)
 
-    @intrinsic
-    def mk(typingctx, a_addr, a_stride, b_addr, b_stride, w0, w1, out_addr):
-        sig = types.void(*([types.intp] * 7))
+    def codegen(context, builder, signature, args):
+        a_addr, a_stride, b_addr, b_stride, w0, w1, out_addr = args[:7]
+        c64 = lambda v: ir.Constant(_I64, v)  # noqa: E731
+        ctpop_v = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vec, [vec]), _ctpop_name(lanes))
+        ctpop_s = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_I64, [_I64]), _ctpop_name(1))
 
-        def codegen(context, builder, signature, args):
-            a_addr, a_stride, b_addr, b_stride, w0, w1, out_addr = args
-            c64 = lambda v: ir.Constant(_I64, v)  # noqa: E731
-            ctpop_v = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(vec, [vec]), _ctpop_name(lanes))
-            ctpop_s = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(_I64, [_I64]), _ctpop_name(1))
+        def load(base, stride, row, w, ty):
+            off = builder.add(builder.mul(c64(row), stride), builder.mul(w, c64(8)))
+            ptr = builder.inttoptr(builder.add(base, off), ty.as_pointer())
+            return builder.load(ptr, align=8)
 
-            def load(base, stride, row, w, ty):
-                off = builder.add(builder.mul(c64(row), stride), builder.mul(w, c64(8)))
-                ptr = builder.inttoptr(builder.add(base, off), ty.as_pointer())
-                return builder.load(ptr, align=8)
-
-            pairs = [(r, c) for r in range(rows) for c in range(cols)]
-            zero_v = ir.Constant(vec, None)
-            acc = {p: cgutils.alloca_once_value(builder, zero_v) for p in pairs}
-            tail = {p: cgutils.alloca_once_value(builder, c64(0)) for p in pairs}
-            n_vec = builder.udiv(builder.sub(w1, w0), c64(lanes))
-            with cgutils.for_range(builder, n_vec) as loop:
-                w = builder.add(w0, builder.mul(loop.index, c64(lanes)))
-                av = [load(a_addr, a_stride, r, w, vec) for r in range(rows)]
-                bv = [load(b_addr, b_stride, c, w, vec) for c in range(cols)]
+        pairs = [(r, c) for r in range(rows) for c in range(cols)]
+        zero_v = ir.Constant(vec, None)
+        acc = {p: cgutils.alloca_once_value(builder, zero_v) for p in pairs}
+        tail = {p: cgutils.alloca_once_value(builder, c64(0)) for p in pairs}
+        n_vec = builder.udiv(builder.sub(w1, w0), c64(lanes))
+        with cgutils.for_range(builder, n_vec) as loop:
+            w = builder.add(w0, builder.mul(loop.index, c64(lanes)))
+            av = [load(a_addr, a_stride, r, w, vec) for r in range(rows)]
+            bv = [load(b_addr, b_stride, c, w, vec) for c in range(cols)]
+            for r, c in pairs:
+                cnt = builder.call(ctpop_v, [builder.xor(av[r], bv[c])])
+                builder.store(builder.add(builder.load(acc[(r, c)]), cnt), acc[(r, c)])
+        # the words past the last whole vector: one step each of L/2, L/4, ..., 2 lanes
+        # where they remain (added to the L-lane counters, zero-extended), then one word
+        cur = cgutils.alloca_once_value(builder, builder.add(w0, builder.mul(n_vec,
+                                                                           c64(lanes))))
+        width = lanes // 2
+        while width >= 2:
+            part = ir.VectorType(_I64, width)
+            ctpop_p = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(part, [part]), _ctpop_name(width))
+            widen = ir.Constant(ir.VectorType(_I32, lanes),
+                                list(range(width)) + [width] * (lanes - width))
+            w = builder.load(cur)
+            with builder.if_then(builder.icmp_signed(">=", builder.sub(w1, w), c64(width))):
+                av = [load(a_addr, a_stride, r, w, part) for r in range(rows)]
+                bv = [load(b_addr, b_stride, c, w, part) for c in range(cols)]
                 for r, c in pairs:
-                    cnt = builder.call(ctpop_v, [builder.xor(av[r], bv[c])])
+                    cnt = builder.call(ctpop_p, [builder.xor(av[r], bv[c])])
+                    cnt = builder.shuffle_vector(cnt, ir.Constant(part, None), widen)
                     builder.store(builder.add(builder.load(acc[(r, c)]), cnt), acc[(r, c)])
-            # the words past the last whole vector: one step each of L/2, L/4, ..., 2 lanes
-            # where they remain (added to the L-lane counters, zero-extended), then one word
-            cur = cgutils.alloca_once_value(builder, builder.add(w0, builder.mul(n_vec,
-                                                                               c64(lanes))))
-            width = lanes // 2
-            while width >= 2:
-                part = ir.VectorType(_I64, width)
-                ctpop_p = cgutils.get_or_insert_function(
-                    builder.module, ir.FunctionType(part, [part]), _ctpop_name(width))
-                widen = ir.Constant(ir.VectorType(_I32, lanes),
-                                    list(range(width)) + [width] * (lanes - width))
-                w = builder.load(cur)
-                with builder.if_then(builder.icmp_signed(">=", builder.sub(w1, w), c64(width))):
-                    av = [load(a_addr, a_stride, r, w, part) for r in range(rows)]
-                    bv = [load(b_addr, b_stride, c, w, part) for c in range(cols)]
-                    for r, c in pairs:
-                        cnt = builder.call(ctpop_p, [builder.xor(av[r], bv[c])])
-                        cnt = builder.shuffle_vector(cnt, ir.Constant(part, None), widen)
-                        builder.store(builder.add(builder.load(acc[(r, c)]), cnt), acc[(r, c)])
-                    builder.store(builder.add(w, c64(width)), cur)
-                width //= 2
-            if lanes > 1:
-                with cgutils.for_range_slice(builder, builder.load(cur), w1, c64(1)) as (w, _):
-                    av = [load(a_addr, a_stride, r, w, _I64) for r in range(rows)]
-                    bv = [load(b_addr, b_stride, c, w, _I64) for c in range(cols)]
-                    for r, c in pairs:
-                        cnt = builder.call(ctpop_s, [builder.xor(av[r], bv[c])])
-                        builder.store(builder.add(builder.load(tail[(r, c)]), cnt), tail[(r, c)])
+                builder.store(builder.add(w, c64(width)), cur)
+            width //= 2
+        if lanes > 1:
+            with cgutils.for_range_slice(builder, builder.load(cur), w1, c64(1)) as (w, _):
+                av = [load(a_addr, a_stride, r, w, _I64) for r in range(rows)]
+                bv = [load(b_addr, b_stride, c, w, _I64) for c in range(cols)]
+                for r, c in pairs:
+                    cnt = builder.call(ctpop_s, [builder.xor(av[r], bv[c])])
+                    builder.store(builder.add(builder.load(tail[(r, c)]), cnt), tail[(r, c)])
+        sums = _reduce_lanes(builder, [builder.load(acc[p]) for p in pairs], lanes)
+        sums = [cgutils.alloca_once_value(builder, v) for v in sums]  # sums[q]: pairs qL..
+        if lanes > 1:
+            has_tail = builder.icmp_signed("<", builder.load(cur), w1)  # an odd last word
+            with builder.if_then(has_tail, likely=False):
+                for idx, p in enumerate(pairs):
+                    q, lane = divmod(idx, lanes)
+                    v = builder.load(sums[q])
+                    x = builder.add(builder.extract_element(v, c64(lane)),
+                                    builder.load(tail[p]))
+                    builder.store(builder.insert_element(v, x, c64(lane)), sums[q])
+        if epilogue:
+            _store_tile(builder, [builder.load(v) for v in sums], lanes, rows, cols,
+                        out_addr, *args[7:])
+        else:
             out = builder.inttoptr(out_addr, _I64.as_pointer())
-            sums = _reduce_lanes(builder, [builder.load(acc[p]) for p in pairs], lanes)
-            for q, s in enumerate(sums):  # sums[q] holds pairs q L .. q L + L - 1
+            for q, v in enumerate(sums):
                 ptr = builder.bitcast(builder.gep(out, [c64(q * lanes)]), vec.as_pointer())
-                builder.store(s, ptr, align=8)
-            if lanes > 1:
-                has_tail = builder.icmp_signed("<", builder.load(cur), w1)  # an odd last word
-                with builder.if_then(has_tail, likely=False):
-                    for idx, p in enumerate(pairs):
-                        ptr = builder.gep(out, [c64(idx)])
-                        builder.store(builder.add(builder.load(ptr), builder.load(tail[p])), ptr)
-            return context.get_dummy_value()
+                builder.store(builder.load(v), ptr, align=8)
+        return context.get_dummy_value()
 
-        return sig, codegen
-
+    if epilogue:
+        @intrinsic
+        def mk(typingctx, a_addr, a_stride, b_addr, b_stride, w0, w1, out_addr, out_stride, k,
+               mode):
+            return types.void(*([types.intp] * 10)), codegen
+    else:
+        @intrinsic
+        def mk(typingctx, a_addr, a_stride, b_addr, b_stride, w0, w1, out_addr):
+            return types.void(*([types.intp] * 7)), codegen
     return mk
+
+
+def _store_tile(builder, sums, lanes, rows, cols, out_addr, out_stride, k, mode):
+    """The epilogue of an ``epilogue`` micro-kernel: per row of the tile, the ``cols`` int32
+    counts as one vector, added to what the output holds unless ``mode & 1``, turned into
+    ``k - 2 v`` when ``mode & 2``, and stored (unaligned) into the int32 output."""
+    c64 = lambda v: ir.Constant(_I64, v)  # noqa: E731
+    row_t = ir.VectorType(_I32, cols)
+    first = builder.icmp_unsigned("!=", builder.and_(mode, c64(1)), c64(0))
+    final = builder.icmp_unsigned("!=", builder.and_(mode, c64(2)), c64(0))
+    k32 = builder.trunc(k, _I32)
+    kv = builder.insert_element(ir.Constant(row_t, ir.Undefined), k32, ir.Constant(_I32, 0))
+    kv = builder.shuffle_vector(kv, ir.Constant(row_t, ir.Undefined),
+                                ir.Constant(ir.VectorType(_I32, cols), [0] * cols))
+    for r in range(rows):
+        if lanes == 1:
+            v = ir.Constant(row_t, ir.Undefined)
+            for c in range(cols):
+                v = builder.insert_element(v, builder.trunc(sums[r * cols + c], _I32),
+                                           ir.Constant(_I32, c))
+        else:
+            q, lane = divmod(r * cols, lanes)  # a row's cols counts lie in one vector
+            wide = builder.trunc(sums[q], ir.VectorType(_I32, lanes))
+            v = builder.shuffle_vector(wide, ir.Constant(ir.VectorType(_I32, lanes), ir.Undefined),
+                                       ir.Constant(ir.VectorType(_I32, cols),
+                                                   list(range(lane, lane + cols))))
+        ptr = builder.inttoptr(builder.add(out_addr, builder.mul(c64(r), out_stride)),
+                               row_t.as_pointer())
+        prev = builder.load(ptr, align=4)
+        v = builder.select(first, v, builder.add(v, prev))
+        done = builder.sub(kv, builder.shl(v, ir.Constant(row_t, [1] * cols)))
+        builder.store(builder.select(final, done, v), ptr, align=4)
 
 
 _R, _C = TILE
 _mk_scalar = _micro_kernel(1, _R, _C)
 _mk_simd256 = _micro_kernel(4, _R, _C)
 _mk_simd512 = _micro_kernel(8, _R, _C)
+_mk_scalar_st = _micro_kernel(1, _R, _C, epilogue=True)
+_mk_simd256_st = _micro_kernel(4, _R, _C, epilogue=True)
+_mk_simd512_st = _micro_kernel(8, _R, _C, epilogue=True)
 
 
 @jit(inline="always")
@@ -175,41 +227,47 @@ def _split(chunk, n_chunks, m, n, cols):
 @jit(parallel=True)
 def _drive(a, b, cnt, k, lanes, n_chunks, cols, kb, nb):
     """The blocked, parallel driver of every micro-kernel (``lanes`` picks which: one
-    compiled function for the three, the branch is taken once per tile and K block)."""
+    compiled function for the three, the branch is taken once per tile and K block). The
+    micro-kernels write ``cnt`` themselves, so it need not be zeroed."""
     m, w_count = a.shape
     n = b.shape[0]
-    sa, sb = a.strides[0], b.strides[0]
-    a0, b0 = a.ctypes.data, b.ctypes.data
+    sa, sb, so = a.strides[0], b.strides[0], cnt.strides[0]
+    a0, b0, o0 = a.ctypes.data, b.ctypes.data, cnt.ctypes.data
     tiles_i, jt_all = m // _R, n // _C * _C
     for chunk in prange(n_chunks):
-        tmp = np.zeros(_R * _C, dtype=np.int64)
-        tmp_addr = tmp.ctypes.data
         t0, t1, j0, j1 = _split(chunk, n_chunks, m, n, cols)
         jt = min(j1, jt_all)  # end of this chunk's whole column tiles
         for jb in range(j0, jt, nb):
             je = min(jb + nb, jt)
             for wb in range(0, w_count, kb):
                 we = min(wb + kb, w_count)
-                final = we == w_count
+                mode = (1 if wb == 0 else 0) | (2 if we == w_count else 0)
                 for t in range(t0, t1):
                     i = t * _R
                     for j in range(jb, je, _C):
-                        pa, pb = a0 + i * sa, b0 + j * sb
+                        pa, pb, po = a0 + i * sa, b0 + j * sb, o0 + i * so + 4 * j
                         if lanes == 8:
-                            _mk_simd512(pa, sa, pb, sb, wb, we, tmp_addr)
+                            _mk_simd512_st(pa, sa, pb, sb, wb, we, po, so, k, mode)
                         elif lanes == 4:
-                            _mk_simd256(pa, sa, pb, sb, wb, we, tmp_addr)
+                            _mk_simd256_st(pa, sa, pb, sb, wb, we, po, so, k, mode)
                         else:
-                            _mk_scalar(pa, sa, pb, sb, wb, we, tmp_addr)
-                        for r in range(_R):
-                            for c in range(_C):
-                                store(cnt, i + r, j + c, np.int32(tmp[r * _C + c]), k, final)
+                            _mk_scalar_st(pa, sa, pb, sb, wb, we, po, so, k, mode)
         # pairs outside whole tiles: columns past the last whole column tile for this
         # chunk's row tiles; rows past the last whole row tile (chunk holding it) for j0..j1
         if j1 > jt_all:
+            _fill(cnt, t0 * _R, t1 * _R, max(j0, jt_all), j1)
             pair_counts(a, b, t0 * _R, t1 * _R, max(j0, jt_all), j1, 0, w_count, cnt, k, True)
         if t1 == tiles_i:
+            _fill(cnt, tiles_i * _R, m, j0, j1)
             pair_counts(a, b, tiles_i * _R, m, j0, j1, 0, w_count, cnt, k, True)
+
+
+@jit(inline="always")
+def _fill(cnt, i0, i1, j0, j1):
+    """Zero cnt[i0:i1, j0:j1] (``pair_counts`` adds to what is there)."""
+    for i in range(i0, i1):
+        for j in range(j0, j1):
+            cnt[i, j] = 0
 
 
 def xnor_gemm_into(name, a, b, cnt, k, cols=None, threads=None):
@@ -217,7 +275,7 @@ def xnor_gemm_into(name, a, b, cnt, k, cols=None, threads=None):
 
     Expects what :func:`kernels.numba_cpu.xnor_gemm` has checked and prepared: C-contiguous
     uint64 ``a`` (M, W) and ``b`` (N, W), M, N, W >= 1, zero padding bits, ``cnt`` int32
-    (M, N) C-contiguous and all zero. ``cols``: split the threads over rows of B (True) or of
+    (M, N) C-contiguous (its contents are overwritten, need not be zero). ``cols``: split the threads over rows of B (True) or of
     A (False); None picks rows of B when A has fewer row tiles than there are threads x 4.
     ``threads``: at most this many (default ``numba.get_num_threads()``).
     """
