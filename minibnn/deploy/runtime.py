@@ -24,6 +24,7 @@ were permuted from the model's (C, H, W) flatten order to (H, W, C) at freeze ti
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import time
@@ -743,6 +744,7 @@ def _buf(ws, key, shape, dtype, xp):
     return b
 
 
+@functools.lru_cache(maxsize=None)
 def _takes_out(fn):
     """Whether a kernel function takes an ``out=`` buffer (``kernels.numba_cpu``'s do)."""
     try:
