@@ -162,7 +162,7 @@ def _load(path):
     """The cache's dict, or an empty one (with a warning when the file is unreadable)."""
     try:
         text = path.read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no cache yet (or no such directory)
         return {"format": FORMAT, "machines": {}}
     except OSError as exc:
         _warn_once(f"read:{path}", f"{path}: cannot read the GEMM autotune cache ({exc}); "
