@@ -34,6 +34,7 @@ __all__ = ["isa_features", "machine_key", "cache_dir", "cache_path", "shape_clas
 
 CACHE_FILE = "gemm_autotune.json"
 FORMAT = 1
+TUNER = 2  # how choices are measured; a record made another way is measured again
 # Feature names as LLVM (llvmlite.binding.get_host_cpu_features) and /proc/cpuinfo spell them.
 _FEATURES = {  # ours: (llvm name, /proc/cpuinfo flag)
     "popcnt": ("popcnt", "popcnt"),
@@ -262,12 +263,13 @@ def choose(m, n, w, available, run):
     isa = isa_features()
     key = machine_key(isa)
     record = _load(path)["machines"].get(key, {}).get("choices", {}).get(cls)
-    if isinstance(record, dict) and record.get("kernel") in available:
+    if isinstance(record, dict) and record.get("kernel") in available and \
+            record.get("tuner") == TUNER:
         _memory[mem_key] = record["kernel"]
         return record["kernel"]
     times = tune(run, available, tm, tn, tw)
     best = min(times, key=times.get)
-    _save(path, key, isa, cls, {"kernel": best, "timed_shape": [tm, tn, 64 * tw],
+    _save(path, key, isa, cls, {"kernel": best, "tuner": TUNER, "timed_shape": [tm, tn, 64 * tw],
                                 "seconds": times,
                                 "date": time.strftime("%Y-%m-%dT%H:%M:%S")})
     _memory[mem_key] = best

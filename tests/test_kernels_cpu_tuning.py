@@ -193,6 +193,12 @@ def test_choice_is_measured_written_and_read_back(cache):
     cache.write_text(json.dumps(data))
     autotune.clear_memory()
     assert autotune.choose(100, 4096, 64, names, fake_runner(calls)) != got and calls == []
+    # unless an older tuner made it: then it is measured again
+    machine["choices"][cls]["tuner"] = autotune.TUNER - 1
+    cache.write_text(json.dumps(data))
+    autotune.clear_memory()
+    autotune.choose(100, 4096, 64, names, fake_runner(calls))
+    assert calls
 
 
 def test_other_shape_classes_are_timed_apart(cache):
