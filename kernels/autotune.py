@@ -34,7 +34,7 @@ __all__ = ["isa_features", "machine_key", "cache_dir", "cache_path", "shape_clas
 
 CACHE_FILE = "gemm_autotune.json"
 FORMAT = 1
-TUNER = 2  # how choices are measured; a record made another way is measured again
+TUNER = 3  # how choices are measured; a record made another way is measured again
 # Feature names as LLVM (llvmlite.binding.get_host_cpu_features) and /proc/cpuinfo spell them.
 _FEATURES = {  # ours: (llvm name, /proc/cpuinfo flag)
     "popcnt": ("popcnt", "popcnt"),

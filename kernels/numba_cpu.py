@@ -221,8 +221,16 @@ def default_kernel(m=100, n=4096, k=4096):
 
 
 def _run_tuned(name, a, b, k):
-    """One product with kernel ``name``, for the autotune to time."""
-    return xnor_gemm(a, b, k, kernel=name)
+    """One product with kernel ``name`` on one thread, for the autotune to time: a kernel's
+    rate per core ranks the candidates, and a single thread never waits for a second core
+    that other work on a busy machine holds (a parallel run there often does, which would
+    rank the candidates by luck)."""
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        return xnor_gemm(a, b, k, kernel=name)
+    finally:
+        numba.set_num_threads(threads)
 
 
 def xnor_gemm(a, b, k, kernel=None, out=None):
