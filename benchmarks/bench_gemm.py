@@ -91,13 +91,15 @@ def _peak_loop(a, b, lanes, reps, sink):
         sink[t] = total
 
 
-def roofline(repeats=5, target_s=0.1):
+def roofline(repeats=50, target_s=0.005):
     """The machine's XOR-popcount-accumulate peak, TOPS (2 ops per bit pair), on all cores.
 
     Every thread runs the kernels' 4 x 4 register tile (``numba_simd``: 8 loads, then 16
     xor + popcount + add per vector of K) over its own 4 + 4 rows of 256 words (16 KiB,
     resident in L1), so neither cache nor memory limits it: the rate of the arithmetic
-    itself. The peak is the best over the vector widths this CPU offers (1, 4, 8 lanes).
+    itself. The peak is the best over the vector widths this CPU offers (1, 4, 8 lanes),
+    each the best of ``repeats`` runs of about ``target_s`` (short runs, like the GEMM
+    timings' best-of: on a busy machine a long run measures its share of the cores).
     Returns (peak TOPS, {lanes: TOPS}).
     """
     threads = numba.get_num_threads()
@@ -112,12 +114,13 @@ def roofline(repeats=5, target_s=0.1):
             continue
         lanes = numba_simd.LANES[name]
         reps = 16
-        while True:  # grow the run until it lasts target_s: the launch (and, on a busy
-            # machine, waiting for a core) is then a small part of it
-            t = best_time(lambda: _peak_loop(a, b, lanes, reps, sink), 2)
-            if t >= target_s or reps > 1 << 30:
+        while True:  # the cost of a rep from a run of >= 50 ms, where the launch (and, on
+            # a busy machine, waiting for a core) is a small part
+            t = best_time(lambda: _peak_loop(a, b, lanes, reps, sink), 1)
+            if t >= 0.05 or reps > 1 << 30:
                 break
             reps *= 2
+        reps = max(16, int(reps * target_s / t))
         t = best_time(lambda: _peak_loop(a, b, lanes, reps, sink), repeats)
         bit_pairs = threads * reps * _PEAK_ROWS * _PEAK_ROWS * _PEAK_WORDS * 64
         per[lanes] = 2 * bit_pairs / t / 1e12
@@ -322,8 +325,7 @@ def main(argv=None):
     print(json.dumps(info))
     peak = None
     if "numba" in backends:
-        peak, per_lanes = roofline(repeats=3 if args.quick else args.repeats,
-                                   target_s=0.03 if args.quick else 0.1)
+        peak, per_lanes = roofline(repeats=20 if args.quick else max(50, args.repeats))
         info["roofline_tops"] = peak
         info["roofline_tops_by_lanes"] = {str(k): v for k, v in per_lanes.items()}
         print(f"XOR-popcount-accumulate peak: {peak:.3f} TOPS "
