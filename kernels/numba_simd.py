@@ -18,12 +18,16 @@ a range of words of K, adds ``popcount(a_r ^ b_c)`` with ``llvm.ctpop`` on vecto
 
 The words of K past the last whole vector are counted inside the micro-kernel by one step
 each of L/2, L/4, ..., 2 lanes where they remain, then one scalar word (13 words, MNIST's
-784 inputs, take 8 + 4 + 1), so K need not be a multiple of 64 L bits. Lane sums are 64-bit and cannot
-overflow. The driver splits the work over threads either by blocks of rows of A (``cols
-= False``) or by blocks of rows of B (``cols = True``, for a few rows of A, e.g. the
-paper's training batch of 100), and blocks over rows of B (a block stays in L2) and over
-K (a register tile's operands stay in L1); rows and columns past the last whole tile go
-through :func:`kernels._numba_common.pair_counts`.
+784 inputs, take 8 + 4 + 1), so K need not be a multiple of 64 L bits. Lane sums are
+64-bit and cannot overflow. At the end of its K range the micro-kernel sums the lanes of
+all 16 counters at once by a shuffle tree and writes its int32 tile itself, one vector
+store per row (``k - 2 count`` in the last K block). The driver splits the work over
+threads either by blocks of rows of A (``cols = False``) or by blocks of rows of B
+(``cols = True``, for a few rows of A, e.g. the paper's training batch of 100), and blocks
+over rows of B (a block stays in L2) and over K (a register tile's operands stay in L1);
+rows and columns past the last whole tile go through
+:func:`kernels._numba_common.pair_counts`. :func:`bitplane_gemm_into` runs the same
+micro-kernels on an image's 8 bit planes (the first layer on 8-bit input).
 """
 
 import numba
