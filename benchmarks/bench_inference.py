@@ -21,9 +21,10 @@ trained net's are not 1 and 0, about 10% of gammas negative. Each network runs
   ``functional.conv2d``; max-pool; each batch norm as its ``eval_affine``; sign), checked
   equal to ``model(x)`` on a few images before timing;
 * "frozen <backend>": ``deploy.freeze(model)`` on the numpy (reference), numba and cupy
-  backends: the first layer on the uint8 input (bit planes, float32 BLAS on the pixels, or a
-  uint8 x int8 VNNI product: the fastest exact one, measured), XNOR-popcount GEMMs, integer thresholds fused
-  with packing, max-pool as OR/AND of packed bits, one float affine at the end;
+  backends: the first layer on the uint8 input (bit planes, float32 BLAS on the pixels, or
+  a uint8 x int8 VNNI product: the fastest exact one, measured), XNOR-popcount GEMMs,
+  integer thresholds fused with packing, max-pool as OR/AND of packed bits, one float
+  affine at the end;
 * on a GPU: "float32 cupy" (the same forward on CuPy: cuBLAS, TF32 off as CuPy's default)
   and, for the ConvNet, "cuDNN fp32 (torch)" and "cuDNN fp16 (torch)" when PyTorch with
   CUDA is importable (``torch.nn.functional.conv2d`` etc., cudnn.benchmark on).
