@@ -96,8 +96,9 @@ Besides these:
   (``kernels.autotune``: ``MINIBNN_GEMM_KERNEL`` forces one, ``MINIBNN_AUTOTUNE=0`` skips
   measuring); ``numba_cpu.xnor_gemm`` also takes ``out=`` (an int32 (M, N) buffer to
   reuse), and ``numba_cpu.bitplane_gemm`` takes ``kernel=None`` (``"generic"`` or one of
-  the ``simd``/``scalar`` kernels; default the autotune's choice). ``cupy_gpu``: ``("tensorcore", "cuda")`` on compute capability >= 8.0, else
-  ``("cuda",)`` (asks the current GPU), the default first.
+  the ``simd``/``scalar`` kernels; default the autotune's choice). ``cupy_gpu``:
+  ``("tensorcore", "cuda")`` on compute capability >= 8.0, else ``("cuda",)`` (asks the
+  current GPU), the default first.
 - ``cupy_gpu.available()``: ``(True, "")`` or ``(False, reason)``, the one check of
   whether the GPU path can run (``minibnn.backend`` reports its reason). Without CuPy,
   ``import minibnn.kernels.cupy_gpu`` still works; its functions raise ImportError with the

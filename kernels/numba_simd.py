@@ -279,8 +279,9 @@ def xnor_gemm_into(name, a, b, cnt, k, cols=None, threads=None):
 
     Expects what :func:`kernels.numba_cpu.xnor_gemm` has checked and prepared: C-contiguous
     uint64 ``a`` (M, W) and ``b`` (N, W), M, N, W >= 1, zero padding bits, ``cnt`` int32
-    (M, N) C-contiguous (its contents are overwritten, need not be zero). ``cols``: split the threads over rows of B (True) or of
-    A (False); None picks rows of B when A has fewer row tiles than there are threads x 4.
+    (M, N) C-contiguous (its contents are overwritten, need not be zero). ``cols``: split
+    the threads over rows of B (True) or of A (False); None picks rows of B when A has
+    fewer row tiles than there are threads x 4.
     ``threads``: at most this many (default ``numba.get_num_threads()``).
     """
     m, w_count = a.shape
