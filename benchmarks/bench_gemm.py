@@ -1,12 +1,19 @@
-"""Time the binary XNOR-popcount GEMM against float matrix products, one run, one machine.
+"""Time the binary XNOR-popcount GEMM against float matrix products and the popcount roofline.
 
 Shapes are M x K x N (A is M x K, the weights B are N x K): 100 x 4096 x 4096 is one
 batch of the paper's MNIST MLP (Courbariaux et al. 2016, arXiv:1602.02830, section 4),
 10000 x 4096 x 4096 its run-time batch, 4096^3 a square reference, 8192^3 on a GPU.
 TOPS counts 2 operations per multiply-accumulate: 2 M N K / t. "x f32" is the speed-up
-over NumPy's float32 matmul of the same +-1 matrices in the same run. Packing (A and B
-from float32) is timed apart, and "end to end" runs pack A + pack B + GEMM.
-Each figure is the median of --repeats runs after one warm-up run.
+over NumPy's float32 matmul of the same +-1 matrices in the same run.
+
+CPU rows: every Numba kernel variant (``numba_cpu.available_kernels()``), the autotune's
+choice ("numba auto"), and "plain 4x4 ctpop": a first-attempt kernel written here (a 4 x 4
+register tile, ``prange`` over row tiles, ``llvm.ctpop`` per word, no cache blocking), the
+baseline of issue #10. "% peak" is a kernel's TOPS over the machine's XOR-popcount-accumulate
+peak, measured first by an L1-resident micro-benchmark on all cores (:func:`roofline`).
+Packing (A and B from float32) is timed apart, and "end to end" runs pack A + pack B + GEMM.
+Each figure is the best of --repeats runs after one warm-up run (the median is kept in the
+JSON too): on a shared machine the best run is the one least disturbed by other work.
 
     python benchmarks/bench_gemm.py [--quick] [--backends numpy,reference,numba,cupy]
                                     [--repeats 5] [--out DIR]
@@ -26,8 +33,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import common  # noqa: E402  (benchmarks/common.py, beside this script)
-from minibnn.kernels import numba_cpu, reference  # noqa: E402
+import numba  # noqa: E402
+from numba import njit, prange  # noqa: E402
+
+from minibnn.kernels import autotune, numba_cpu, numba_simd, reference  # noqa: E402
 from minibnn.kernels import cupy_gpu  # noqa: E402
+from minibnn.kernels._numba_common import popcount64  # noqa: E402
 
 CPU_SHAPES = [(100, 4096, 4096), (10000, 4096, 4096), (4096, 4096, 4096)]
 GPU_SHAPES = CPU_SHAPES + [(8192, 8192, 8192)]
@@ -35,18 +46,134 @@ QUICK_SHAPES = [(64, 512, 256), (300, 1024, 700)]
 REFERENCE_BUDGET_S = 2.0  # the NumPy reference GEMM runs on a row subsample past this
 
 
-def median_time(fn, repeats, sync=None):
+def timings(fn, repeats, sync=None):
+    """(best, median) seconds of ``repeats`` runs of ``fn`` after one warm-up run."""
     fn()
     if sync:
         sync()
     times = []
-    for _ in range(repeats):
+    for _ in range(max(1, repeats)):
         t0 = time.perf_counter()
         fn()
         if sync:
             sync()
         times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return float(np.min(times)), float(np.median(times))
+
+
+def best_time(fn, repeats, sync=None):
+    return timings(fn, repeats, sync)[0]
+
+
+# ------------------------------------------------------------- the popcount roofline
+
+_PEAK_ROWS, _PEAK_WORDS = numba_simd.TILE[0], 256  # 4 + 4 rows x 2 KiB: 16 KiB, in L1
+
+
+@njit(parallel=True, cache=False)
+def _peak_loop(a, b, lanes, reps, sink):
+    """Each thread runs the 4 x 4 micro-kernel ``reps`` times over its own L1-resident rows."""
+    for t in prange(a.shape[0]):
+        tmp = np.zeros(16, dtype=np.int64)
+        pa, pb = a[t].ctypes.data, b[t].ctypes.data
+        sa, sb = a.strides[1], b.strides[1]
+        total = 0
+        for _ in range(reps):
+            if lanes == 8:
+                numba_simd._mk_simd512(pa, sa, pb, sb, 0, _PEAK_WORDS, tmp.ctypes.data)
+            elif lanes == 4:
+                numba_simd._mk_simd256(pa, sa, pb, sb, 0, _PEAK_WORDS, tmp.ctypes.data)
+            else:
+                numba_simd._mk_scalar(pa, sa, pb, sb, 0, _PEAK_WORDS, tmp.ctypes.data)
+            total += tmp[0]
+        sink[t] = total
+
+
+def roofline(repeats=50, target_s=0.005):
+    """The machine's XOR-popcount-accumulate peak, TOPS (2 ops per bit pair), on all cores.
+
+    Every thread runs the kernels' 4 x 4 register tile (``numba_simd``: 8 loads, then 16
+    xor + popcount + add per vector of K) over its own 4 + 4 rows of 256 words (16 KiB,
+    resident in L1), so neither cache nor memory limits it: the rate of the arithmetic
+    itself. The peak is the best over the vector widths this CPU offers (1, 4, 8 lanes),
+    each the best of ``repeats`` runs of about ``target_s`` (short runs, like the GEMM
+    timings' best-of: on a busy machine a long run measures its share of the cores).
+    Returns (peak TOPS, {lanes: TOPS}).
+    """
+    threads = numba.get_num_threads()
+    rng = np.random.default_rng(1)
+    shape = (threads, _PEAK_ROWS, _PEAK_WORDS)
+    a = rng.integers(0, 2**63, size=shape, dtype=np.uint64)
+    b = rng.integers(0, 2**63, size=shape, dtype=np.uint64)
+    sink = np.zeros(threads, np.int64)
+    per = {}
+    for name in numba_simd.KERNELS:
+        if name not in numba_cpu.available_kernels():
+            continue
+        lanes = numba_simd.LANES[name]
+        reps = 16
+        while True:  # the cost of a rep from a run of >= 50 ms, where the launch (and, on
+            # a busy machine, waiting for a core) is a small part
+            t = best_time(lambda: _peak_loop(a, b, lanes, reps, sink), 1)
+            if t >= 0.05 or reps > 1 << 30:
+                break
+            reps *= 2
+        reps = max(16, int(reps * target_s / t))
+        t = best_time(lambda: _peak_loop(a, b, lanes, reps, sink), repeats)
+        bit_pairs = threads * reps * _PEAK_ROWS * _PEAK_ROWS * _PEAK_WORDS * 64
+        per[lanes] = 2 * bit_pairs / t / 1e12
+    return max(per.values()), per
+
+
+# ------------------------------------------------- the plain blocked kernel (baseline)
+
+
+@njit(parallel=True, cache=False)
+def plain_4x4(a, b, k):
+    """k - 2 popcount(a[i] ^ b[j]) with a 4 x 4 register tile and ``prange`` over row tiles:
+    16 scalar ``llvm.ctpop`` counters over the whole of K, no cache blocking."""
+    m, w_count = a.shape
+    n = b.shape[0]
+    out = np.empty((m, n), dtype=np.int32)
+    for t in prange((m + 3) // 4):
+        i = 4 * t
+        if i + 4 <= m:
+            for j in range(0, n - n % 4, 4):
+                c00 = c01 = c02 = c03 = c10 = c11 = c12 = c13 = np.uint64(0)
+                c20 = c21 = c22 = c23 = c30 = c31 = c32 = c33 = np.uint64(0)
+                for w in range(w_count):
+                    a0, a1, a2, a3 = a[i, w], a[i + 1, w], a[i + 2, w], a[i + 3, w]
+                    b0, b1, b2, b3 = b[j, w], b[j + 1, w], b[j + 2, w], b[j + 3, w]
+                    c00 += popcount64(a0 ^ b0)
+                    c01 += popcount64(a0 ^ b1)
+                    c02 += popcount64(a0 ^ b2)
+                    c03 += popcount64(a0 ^ b3)
+                    c10 += popcount64(a1 ^ b0)
+                    c11 += popcount64(a1 ^ b1)
+                    c12 += popcount64(a1 ^ b2)
+                    c13 += popcount64(a1 ^ b3)
+                    c20 += popcount64(a2 ^ b0)
+                    c21 += popcount64(a2 ^ b1)
+                    c22 += popcount64(a2 ^ b2)
+                    c23 += popcount64(a2 ^ b3)
+                    c30 += popcount64(a3 ^ b0)
+                    c31 += popcount64(a3 ^ b1)
+                    c32 += popcount64(a3 ^ b2)
+                    c33 += popcount64(a3 ^ b3)
+                cs = (c00, c01, c02, c03, c10, c11, c12, c13,
+                      c20, c21, c22, c23, c30, c31, c32, c33)
+                for q in range(16):
+                    out[i + q // 4, j + q % 4] = k - 2 * np.int32(cs[q])
+            j_start = n - n % 4
+        else:
+            j_start = 0
+        for r in range(i, min(i + 4, m)):  # the pairs outside whole tiles
+            for j in range(j_start if i + 4 <= m else 0, n):
+                s = np.uint64(0)
+                for w in range(w_count):
+                    s += popcount64(a[r, w] ^ b[j, w])
+                out[r, j] = k - 2 * np.int32(s)
+    return out
 
 
 def gpu_time(fn, repeats):
@@ -66,48 +193,68 @@ def gpu_time(fn, repeats):
 
 
 def machine_info(use_gpu):
-    return common.machine_info(use_gpu, numba_kernels=list(numba_cpu.available_kernels()))
+    isa = autotune.isa_features()
+    return common.machine_info(use_gpu, numba_kernels=list(numba_cpu.available_kernels()),
+                               isa=isa, autotune_key=autotune.machine_key(isa))
 
-def bench_shape(m, k, n, backends, repeats, use_gpu):
+
+def bench_shape(m, k, n, backends, repeats, use_gpu, peak):
     rng = np.random.default_rng(0)
     x = np.where(rng.random((m, k)) < 0.5, -1.0, 1.0).astype(np.float32)
     y = np.where(rng.random((n, k)) < 0.5, -1.0, 1.0).astype(np.float32)
     ops = 2.0 * m * n * k
     rows = []
 
-    def add(name, t, pack=None, e2e=None, note=""):
+    def add(name, t, pack=None, e2e=None, note="", median=None, cpu=True):
+        frac = ops / t / 1e12 / peak if (peak and cpu) else None
         rows.append({"shape": f"{m}x{k}x{n}", "M": m, "K": k, "N": n, "backend": name,
-                     "time_s": t, "tops": ops / t / 1e12, "pack_s": pack, "end_to_end_s": e2e,
+                     "time_s": t, "median_s": median, "tops": ops / t / 1e12,
+                     "fraction_of_peak": frac, "pack_s": pack, "end_to_end_s": e2e,
                      "note": note})
-        print(f"  {name:24s} {t * 1e3:10.2f} ms  {ops / t / 1e12:8.3f} TOPS" + (f"  ({note})" if note else ""),
-              flush=True)
+        print(f"  {name:24s} {t * 1e3:10.2f} ms  {ops / t / 1e12:8.3f} TOPS"
+              + (f"  {100 * frac:5.1f}% peak" if frac is not None else "")
+              + (f"  ({note})" if note else ""), flush=True)
 
-    add("numpy float32 matmul", median_time(lambda: x @ y.T, repeats))
+    best, med = timings(lambda: x @ y.T, repeats)
+    add("numpy float32 matmul", best, median=med, note="BLAS, float")
+    rows[-1]["fraction_of_peak"] = None
     a = numba_cpu.pack_rows(x)
     b = numba_cpu.pack_rows(y)
+    want = reference.xnor_gemm(a[:8], b, k)
     if "reference" in backends:
-        t_row = median_time(lambda: reference.xnor_gemm(a[:8], b, k), 1) / 8
+        t_row = best_time(lambda: reference.xnor_gemm(a[:8], b, k), 1) / 8
         sub = m if t_row * m <= REFERENCE_BUDGET_S else max(8, int(REFERENCE_BUDGET_S / t_row))
         reps = repeats if t_row * sub * repeats <= 4 * REFERENCE_BUDGET_S else 1
-        t = median_time(lambda: reference.xnor_gemm(a[:sub], b, k), reps) * m / sub
-        t_pack = median_time(lambda: (reference.pack_rows(x), reference.pack_rows(y)), reps)
+        t = best_time(lambda: reference.xnor_gemm(a[:sub], b, k), reps) * m / sub
+        t_pack = best_time(lambda: (reference.pack_rows(x), reference.pack_rows(y)), reps)
         note = "" if sub == m else f"{sub} of {m} rows timed, scaled to {m}"
         add("numpy reference xnor", t, t_pack, t + t_pack, note)
     if "numba" in backends:
-        t_pack = median_time(lambda: (numba_cpu.pack_rows(x), numba_cpu.pack_rows(y)), repeats)
-        for kern in numba_cpu.available_kernels():
-            t = median_time(lambda: numba_cpu.xnor_gemm(a, b, k, kernel=kern), repeats)
-            e2e = median_time(lambda: numba_cpu.xnor_gemm(numba_cpu.pack_rows(x),
-                                                          numba_cpu.pack_rows(y), k, kernel=kern),
-                              repeats)
-            add(f"numba {kern}", t, t_pack, e2e)
+        t_pack = best_time(lambda: (numba_cpu.pack_rows(x), numba_cpu.pack_rows(y)), repeats)
+        full = plain_4x4(a, b, k)  # checked against the reference on its first 8 rows
+        ok = bool((full[:8] == want).all())
+        best, med = timings(lambda: plain_4x4(a, b, k), repeats)
+        add("plain 4x4 ctpop", best, median=med, note="baseline" if ok else "WRONG RESULT")
+        out = np.empty((m, n), np.int32)
+        chosen = numba_cpu.default_kernel(m, n, k)
+        for kern in numba_cpu.available_kernels() + ("auto",):
+            best, med = timings(lambda: numba_cpu.xnor_gemm(a, b, k, kernel=kern, out=out),
+                                repeats)
+            ok = bool((out == full).all())  # the whole product, as the baseline gives it
+            e2e = best_time(lambda: numba_cpu.xnor_gemm(numba_cpu.pack_rows(x),
+                                                        numba_cpu.pack_rows(y), k, kernel=kern,
+                                                        out=out), repeats)
+            note = "" if ok else "WRONG RESULT"
+            if kern == "auto":
+                note = (note + " " if note else "") + f"autotune chose {chosen}"
+            add(f"numba {kern}", best, t_pack, e2e, note, median=med)
     if use_gpu:
         import cupy as cp
 
         xg, yg = cp.asarray(x), cp.asarray(y)
-        add("cuBLAS fp32 (cupy)", gpu_time(lambda: xg @ yg.T, repeats))
+        add("cuBLAS fp32 (cupy)", gpu_time(lambda: xg @ yg.T, repeats), cpu=False)
         xh, yh = xg.astype(cp.float16), yg.astype(cp.float16)
-        add("cuBLAS fp16 (cupy)", gpu_time(lambda: xh @ yh.T, repeats))
+        add("cuBLAS fp16 (cupy)", gpu_time(lambda: xh @ yh.T, repeats), cpu=False)
         t_pack = gpu_time(lambda: (cupy_gpu.pack_rows(xg, check_nan=False),
                                    cupy_gpu.pack_rows(yg, check_nan=False)), repeats)
         ag, bg = cp.asarray(a), cp.asarray(b)
@@ -118,24 +265,31 @@ def bench_shape(m, k, n, backends, repeats, use_gpu):
                                                       k, kernel=kern), repeats)
             ok = bool((cupy_gpu.xnor_gemm(ag[:64], bg[:64], k, kernel=kern).get()
                        == numba_cpu.xnor_gemm(a[:64], b[:64], k)).all())
-            add(f"cupy {kern}", t, t_pack, e2e, "" if ok else "WRONG RESULT")
+            add(f"cupy {kern}", t, t_pack, e2e, "" if ok else "WRONG RESULT", cpu=False)
     base = rows[0]["time_s"]
+    plain = next((r["time_s"] for r in rows if r["backend"] == "plain 4x4 ctpop"), None)
     for r in rows:
         r["speedup_vs_f32"] = base / r["time_s"]
         r["end_to_end_speedup_vs_f32"] = base / r["end_to_end_s"] if r["end_to_end_s"] else None
+        r["speedup_vs_plain_4x4"] = plain / r["time_s"] if plain else None
     return rows
 
 
-def print_table(rows):
-    head = (f"{'shape MxKxN':18s} {'backend':24s} {'time ms':>10s} {'TOPS':>8s} {'x f32':>7s} "
-            f"{'pack ms':>9s} {'e2e ms':>9s} {'e2e x f32':>9s}  note")
+def print_table(rows, peak):
+    if peak:
+        print(f"\nXOR-popcount-accumulate peak (L1-resident, all cores): {peak:.3f} TOPS")
+    head = (f"{'shape MxKxN':18s} {'backend':24s} {'time ms':>10s} {'TOPS':>8s} {'% peak':>7s} "
+            f"{'x f32':>7s} {'x plain':>7s} {'pack ms':>9s} {'e2e ms':>9s} {'e2e x f32':>9s}  note")
     print("\n" + head + "\n" + "-" * len(head))
+    dash = lambda w: f"{'-':>{w}s}"  # noqa: E731
     for r in rows:
-        pack = f"{r['pack_s'] * 1e3:9.2f}" if r["pack_s"] is not None else f"{'-':>9s}"
-        e2e = f"{r['end_to_end_s'] * 1e3:9.2f}" if r["end_to_end_s"] else f"{'-':>9s}"
-        e2x = f"{r['end_to_end_speedup_vs_f32']:9.1f}" if r["end_to_end_speedup_vs_f32"] else f"{'-':>9s}"
+        pack = f"{r['pack_s'] * 1e3:9.2f}" if r["pack_s"] is not None else dash(9)
+        e2e = f"{r['end_to_end_s'] * 1e3:9.2f}" if r["end_to_end_s"] else dash(9)
+        e2x = f"{r['end_to_end_speedup_vs_f32']:9.1f}" if r["end_to_end_speedup_vs_f32"] else dash(9)
+        frac = f"{100 * r['fraction_of_peak']:7.1f}" if r["fraction_of_peak"] else dash(7)
+        xp = f"{r['speedup_vs_plain_4x4']:7.2f}" if r["speedup_vs_plain_4x4"] else dash(7)
         print(f"{r['shape']:18s} {r['backend']:24s} {r['time_s'] * 1e3:10.2f} {r['tops']:8.3f} "
-              f"{r['speedup_vs_f32']:7.1f} {pack} {e2e} {e2x}  {r['note']}")
+              f"{frac} {r['speedup_vs_f32']:7.1f} {xp} {pack} {e2e} {e2x}  {r['note']}")
 
 
 def plot(rows, path):
@@ -145,7 +299,9 @@ def plot(rows, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small shapes, for a smoke test")
+    p.add_argument("--quick", action="store_true",
+                   help="small shapes, for a smoke test (writes to a temporary directory "
+                        "unless --out is given)")
     p.add_argument("--backends", default="numpy,reference,numba,cupy",
                    help="comma list from numpy,reference,numba,cupy (numpy float32 always runs)")
     p.add_argument("--repeats", type=int, default=5)
@@ -153,6 +309,8 @@ def main(argv=None):
                    help="folder for the JSON and PNG (default benchmarks/results, with "
                         "--quick benchmarks/results/quick, which git ignores)")
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats: expected a positive integer, got {args.repeats}")
     backends = {s.strip() for s in args.backends.split(",") if s.strip()}
     unknown = backends - {"numpy", "reference", "numba", "cupy"}
     if unknown:
@@ -165,16 +323,25 @@ def main(argv=None):
     shapes = QUICK_SHAPES if args.quick else (GPU_SHAPES if use_gpu else CPU_SHAPES)
     info = machine_info(use_gpu)
     print(json.dumps(info))
+    peak = None
+    if "numba" in backends:
+        peak, per_lanes = roofline(repeats=20 if args.quick else max(50, args.repeats))
+        info["roofline_tops"] = peak
+        info["roofline_tops_by_lanes"] = {str(k): v for k, v in per_lanes.items()}
+        print(f"XOR-popcount-accumulate peak: {peak:.3f} TOPS "
+              f"(by 64-bit lanes per vector: {', '.join(f'{k}: {v:.3f}' for k, v in per_lanes.items())})",
+              flush=True)
     rows = []
     for m, k, n in shapes:
         print(f"{m}x{k}x{n}:", flush=True)
-        rows += bench_shape(m, k, n, backends, args.repeats, use_gpu)
-    print_table(rows)
+        rows += bench_shape(m, k, n, backends, args.repeats, use_gpu, peak)
+    print_table(rows, peak)
     out = common.results_dir(args.out, args.quick)
     out.mkdir(parents=True, exist_ok=True)
     stem = ("gemm_gpu" if use_gpu else "gemm_cpu") + ("_quick" if args.quick else "")
     info["load_average_at_end"] = list(os.getloadavg())
     (out / f"{stem}.json").write_text(json.dumps({"machine": info, "repeats": args.repeats,
+                                                  "timing": "best of repeats (median_s too)",
                                                   "results": rows}, indent=1))
     print(f"wrote {out / (stem + '.json')}")
     plot(rows, out / f"{stem}.png")

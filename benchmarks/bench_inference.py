@@ -21,8 +21,10 @@ trained net's are not 1 and 0, about 10% of gammas negative. Each network runs
   ``functional.conv2d``; max-pool; each batch norm as its ``eval_affine``; sign), checked
   equal to ``model(x)`` on a few images before timing;
 * "frozen <backend>": ``deploy.freeze(model)`` on the numpy (reference), numba and cupy
-  backends: bit planes of the uint8 input, XNOR-popcount GEMMs, integer thresholds,
-  max-pool as OR/AND of packed bits, one float affine at the end;
+  backends: the first layer on the uint8 input (bit planes, float32 BLAS on the pixels, or
+  a uint8 x int8 VNNI product: the fastest exact one, measured), XNOR-popcount GEMMs,
+  integer thresholds fused with packing, max-pool as OR/AND of packed bits, one float
+  affine at the end;
 * on a GPU: "float32 cupy" (the same forward on CuPy: cuBLAS, TF32 off as CuPy's default)
   and, for the ConvNet, "cuDNN fp32 (torch)" and "cuDNN fp16 (torch)" when PyTorch with
   CUDA is importable (``torch.nn.functional.conv2d`` etc., cudnn.benchmark on).
@@ -36,7 +38,9 @@ weights (4 bytes each), the trained model's .npz and the saved frozen .npz. Resu
 benchmarks/results/inference_{cpu,gpu}[_quick].json (both nets; a run of one net keeps the
 other's rows from the file), inference_{cpu,gpu}[_quick].png (MLPs) and
 inference_conv_{cpu,gpu}[_quick].png (ConvNet); a --quick run writes under
-benchmarks/results/quick/ (ignored by git), never over the tracked results.
+benchmarks/results/quick/ (ignored by git), never over the tracked results. For each MLP the
+numba run also times the hidden layers' GEMM alone against float32 ("gemm" in the JSON):
+issue #10's goal compares the frozen speed-up with it.
 
     python benchmarks/bench_inference.py [--quick] [--nets mlp,convnet] [--repeats 5]
                                          [--conv-images N] [--backends numpy,numba,cupy]
@@ -317,24 +321,52 @@ def _stage_clock(name, repeats, b, stages):
 
 def layer_breakdown(frozen, images, name, repeats):
     """Seconds per 10,000 images spent in each stage of a frozen MLP's forward on one backend
-    (timed on a batch of up to 1024 images, median of repeats)."""
+    (timed on a batch of up to 1024 images, median of repeats), as the runtime runs it: the
+    first layer by its method (``FrozenBNN.first_layer_plan``), thresholds fused with packing."""
     kern = backend.kernel_module(name)
     xp = backend.array_module(name)
     layers = frozen.layers_on(name)
     b = min(1024, len(images))
     x = xp.asarray(images[:b].reshape(b, -1))
+    plan = frozen.first_layer_plan(images[:b].reshape(b, -1), backend=name)
     stages = {}
     clock = _stage_clock(name, repeats, b, stages)
     h = None
     for i, (layer, weight, threshold) in enumerate(layers):
+        if i == 0 and plan.method != "bitplanes" and threshold is not None:
+            s = clock(f"layer 0: first layer ({plan.method} product)",
+                      lambda: runtime.first_layer_sums(x, plan.dense))
+            h = clock("layer 0: threshold + pack",
+                      lambda: kern.pack_threshold(s, plan.sums_threshold))
+            continue
         if i == 0:
-            z = clock("layer 0: 8 bit planes, XNOR GEMM, shift-add",
-                      lambda: deploy.first_layer(x, weight, layer.k, kern))
+            z = clock(f"layer 0: first layer ({plan.method})",
+                      lambda: deploy.first_layer(x, weight, layer.k, kern, plan.method,
+                                                 plan.dense))
         else:
             z = clock(f"layer {i}: XNOR GEMM", lambda: kern.xnor_gemm(h, weight, layer.k))
         if threshold is not None:
-            h = clock(f"layer {i}: threshold + pack", lambda: kern.pack_rows(z >= threshold))
+            h = clock(f"layer {i}: threshold + pack", lambda: kern.pack_threshold(z, threshold))
     return stages
+
+
+def gemm_speedup(hidden, n, repeats):
+    """The hidden layers' product alone, in the same run: NumPy float32 (n, hidden) @
+    (hidden, hidden) against the numba XNOR GEMM (autotuned kernel) of the packed operands;
+    median seconds of each and the ratio (the goal compares the frozen net's speed-up to it)."""
+    from minibnn.kernels import numba_cpu
+
+    rng = np.random.default_rng(0)
+    x = np.where(rng.random((n, hidden)) < 0.5, -1.0, 1.0).astype(np.float32)
+    w = np.where(rng.random((hidden, hidden)) < 0.5, -1.0, 1.0).astype(np.float32)
+    a, b = numba_cpu.pack_rows(x), numba_cpu.pack_rows(w)
+    out = np.empty((n, hidden), np.int32)
+    times = time_round_robin({"float32": (lambda: x @ w.T, "numpy"),
+                              "xnor": (lambda: numba_cpu.xnor_gemm(a, b, hidden, out=out),
+                                       "numba")}, repeats)
+    return dict(shape=f"{n}x{hidden}x{hidden}", float32_s=times["float32"], xnor_s=times["xnor"],
+                kernel=numba_cpu.default_kernel(n, hidden, hidden),
+                speedup=times["float32"] / times["xnor"])
 
 
 def conv_breakdown(frozen, images, name, repeats):
@@ -348,20 +380,21 @@ def conv_breakdown(frozen, images, name, repeats):
     stages = {}
     clock = _stage_clock(name, repeats, b, stages)
     h = z = None
+    plan = frozen.first_layer_plan(images[:b], backend=name)
     for i, (layer, weight, threshold) in enumerate(frozen.layers_on(name)):
         if isinstance(layer, deploy.FrozenConv):
             key = f"conv {i}"
             if layer.planes == runtime.PLANES:
                 p = clock(f"{key}: patches", lambda: runtime.pixel_patches(x, layer, xp))
-                raw = clock(f"{key}: XNOR GEMM", lambda: deploy.first_layer(p, weight, layer.k,
-                                                                             kern))
+                raw = clock(f"{key}: first layer ({plan.method})",
+                            lambda: runtime._conv_first(p, weight, layer.k, kern, plan.method,
+                                                        plan.dense))
             else:
                 p = clock(f"{key}: patches", lambda: runtime.conv_patches(h, layer, xp))
                 raw = clock(f"{key}: XNOR GEMM", lambda: kern.xnor_gemm(p, weight, layer.gemm_k))
             (ho, wo), o = layer.conv_hw, layer.n_out
-            h = clock(f"{key}: threshold + pack", lambda: kern.pack_rows(
-                (raw.reshape(b, ho * wo, o) >= threshold).reshape(b * ho * wo, o)
-            ).reshape(b, ho, wo, -1))
+            h = clock(f"{key}: threshold + pack", lambda: kern.pack_threshold(
+                raw.reshape(b * ho * wo, o), threshold).reshape(b, ho, wo, -1))
             if layer.pool is not None:
                 mask = (xp.asarray(runtime.pack_rows(layer.negated)) if layer.negated.any()
                         else None)
@@ -374,7 +407,7 @@ def conv_breakdown(frozen, images, name, repeats):
         z = clock(f"{key}: XNOR GEMM", lambda: kern.xnor_gemm(h, weight, layer.gemm_k)
                   - (layer.gemm_k - layer.k))
         if threshold is not None:
-            h = clock(f"{key}: threshold + pack", lambda: kern.pack_rows(z >= threshold))
+            h = clock(f"{key}: threshold + pack", lambda: kern.pack_threshold(z, threshold))
     want = frozen.integer_scores(images[:b], backend=name)
     if not np.array_equal(backend.to_numpy(z), want):
         raise AssertionError(f"conv_breakdown on {name} does not reproduce integer_scores")
@@ -524,6 +557,12 @@ def bench_mlps(mnist, quick, backends, repeats):
         model = build(hidden, layers, mnist.train_images)
         r, s, summ = bench_model(label, model, images, backends, repeats,
                                  len(images) if quick else REFERENCE_IMAGES)
+        if "numba" in backends:
+            g = gemm_speedup(hidden, len(images), repeats)
+            frozen_x = next(row["speedup_vs_float32"] for row in r
+                            if row["path"] == "frozen numba")
+            s["gemm"] = dict(g, frozen_numba_speedup=frozen_x,
+                             frozen_over_gemm_speedup=frozen_x / g["speedup"])
         rows += r
         sizes.append(s)
         summaries.append(summ)
@@ -580,6 +619,11 @@ def describe_sizes(s):
         lines.append(f"{s['net']} frozen {key[10:]}, s per 10000 images {what}: " + "; ".join(
             ", ".join(f"{k} {v:.3f} ({100 * v / total:.0f}%)" for k, v in part.items())
             for part in parts))
+    if "gemm" in s:
+        g = s["gemm"]
+        lines.append(f"{s['net']}: hidden-layer GEMM alone ({g['shape']}, numba {g['kernel']}) "
+                     f"{g['speedup']:.1f}x float32 in this run; the frozen net's "
+                     f"{g['frozen_numba_speedup']:.1f}x is {g['frozen_over_gemm_speedup']:.2f} of it")
     lines.append(
         f"{s['net']}: float32 weights {s['float32_weights'] / 2**20:.2f} MiB, trained "
         f"model.npz {s['model_npz'] / 2**20:.2f} MiB, frozen .npz "
@@ -699,7 +743,12 @@ def main(argv=None):
         "Median of --repeats runs after a warm-up; paths take turns within each repeat.",
         "The machine may be shared: load_average_at_start/end show other work, which skews "
         "absolute times and, less so, the ratios.",
-        "The frozen first layer costs 8 binary MACs per float MAC (one per input bit plane).",
+        "The frozen first layer runs by the method FrozenBNN picks (first_layer_method "
+        "'auto': the fastest exact one, timed once): 8 bit planes (8 binary MACs per float "
+        "MAC), float32 BLAS on the pixel values (exact while 255 k <= 2^24) or, on numba with "
+        "AVX512-VNNI, uint8 x int8 -> int32 (vpdpbusd); breakdown stages name it.",
+        "gemm (per MLP): the hidden layers' product alone, float32 vs the numba XNOR GEMM, "
+        "in the same run; frozen_over_gemm_speedup is the frozen net's speed-up over it.",
         "Predictions are compared with the float32 forward of the same network (each batch "
         "norm as the model's eval_affine applies it; computed by CuPy when the GPU runs); the "
         "frozen numpy reference path runs on a subset of big nets, and on a GPU machine so do "

@@ -6,8 +6,16 @@ Modules
 -------
 - ``minibnn.kernels.reference``: readable NumPy ground truth and the shared operand checks.
 - ``minibnn.kernels.numba_cpu``: parallel CPU packing and GEMM (Numba); dispatches among GEMM
-  kernels: ``"generic"`` (in ``numba_cpu``) and ``"avx2"`` (``minibnn.kernels.numba_avx2``, an
-  LLVM IR micro-kernel; ``kernels._numba_common`` holds what both share).
+  kernels: ``"generic"`` (in ``numba_cpu``), ``"scalar"``, ``"simd256"`` and ``"simd512"``
+  (``minibnn.kernels.numba_simd``: LLVM IR micro-kernels on ``llvm.ctpop`` of 1, 4 or 8
+  64-bit lanes, ``vpopcntq`` where the CPU has AVX512_VPOPCNTDQ) and ``"avx2"``
+  (``minibnn.kernels.numba_avx2``, a nibble-table LLVM IR micro-kernel);
+  ``kernels._numba_common`` holds what they share.
+- ``minibnn.kernels.numba_vnni``: uint8 x int8 -> int32 product with AVX512-VNNI ``vpdpbusd``
+  (``available()``, ``pack_weights(w)``, ``int8_gemm(x, wp, n)``), one exact way to run the
+  first layer on pixels (``minibnn.deploy.runtime.first_layer``).
+- ``minibnn.kernels.autotune``: the CPU's ISA features (``isa_features()``) and the measured
+  choice among the CPU GEMM kernels per shape class, cached on disk per machine.
 - ``minibnn.kernels.cupy_gpu``: CUDA packing and GEMM through CuPy (CuPy imported lazily).
 - ``kernels.cuda_sources``: the packaged ``*.cu`` files and their minimum architecture.
 - ``minibnn.kernels.nvrtc_check``: compiles the ``*.cu`` sources with NVRTC, no GPU needed.
@@ -70,14 +78,27 @@ give bit-identical results. "Array module" is NumPy for ``reference`` and ``numb
 
 Besides these:
 
+- ``pack_threshold(z, threshold)`` (every backend): a frozen hidden layer's sign(BN(z)),
+  packed: ``z`` (M, N) integer or float, ``threshold`` (N,) or a (P, N) table with P
+  dividing M (row i uses ``threshold[i mod P]``: a convolution's per-position table) ->
+  uint64 (M, ceil(N/64)) with bit (i, j) = ``z[i, j] >= threshold``. ``numba_cpu`` does it
+  in one parallel pass and takes ``out=`` (a uint64 buffer to reuse); ValueError for other
+  dtypes or shapes.
+
 - ``unpack_rows(packed, k, dtype=np.float32)`` (``reference``, re-exported by
   ``numba_cpu``): uint64 (..., W) -> +-1 values (..., k) of ``dtype``, NumPy; ValueError
   unless ``packed`` is uint64 with W == ceil(k/64) and k a non-negative integer.
 - ``available_kernels()`` and ``default_kernel()`` (``numba_cpu``, ``cupy_gpu``): the
-  GEMM kernels this machine can run as a tuple of names, the default first, and that
-  default. ``numba_cpu``: ``("generic", "avx2")`` where the CPU has AVX2, else
-  ``("generic",)``; the default is ``"generic"``. ``cupy_gpu``: ``("tensorcore",
-  "cuda")`` on compute capability >= 8.0, else ``("cuda",)`` (asks the current GPU).
+  GEMM kernels this machine can run as a tuple of names, and the default.
+  ``numba_cpu``: ``"generic"``, ``"scalar"``, then ``"simd256"`` and ``"avx2"`` where the
+  CPU has AVX2 and ``"simd512"`` where it has AVX512F; the default
+  (``default_kernel(m, n, k)``) is the autotune's measured choice for the shape class
+  (``kernels.autotune``: ``MINIBNN_GEMM_KERNEL`` forces one, ``MINIBNN_AUTOTUNE=0`` skips
+  measuring); ``numba_cpu.xnor_gemm`` also takes ``out=`` (an int32 (M, N) buffer to
+  reuse), and ``numba_cpu.bitplane_gemm`` takes ``kernel=None`` (``"generic"`` or one of
+  the ``simd``/``scalar`` kernels; default the autotune's choice). ``cupy_gpu``:
+  ``("tensorcore", "cuda")`` on compute capability >= 8.0, else ``("cuda",)`` (asks the
+  current GPU), the default first.
 - ``cupy_gpu.available()``: ``(True, "")`` or ``(False, reason)``, the one check of
   whether the GPU path can run (``minibnn.backend`` reports its reason). Without CuPy,
   ``import minibnn.kernels.cupy_gpu`` still works; its functions raise ImportError with the

@@ -18,10 +18,10 @@ import numpy as np
 
 from .cuda_sources import read_source
 from .reference import (PLANES, check_bitplane_operands, check_gemm_operands, check_pack_input,
-                        check_pixels, n_words)
+                        check_pixels, check_threshold_operands, n_words)
 
 __all__ = ["available", "pack_rows", "xnor_gemm", "pack_bitplanes", "bitplane_gemm",
-           "default_kernel", "available_kernels"]
+           "pack_threshold", "default_kernel", "available_kernels"]
 
 _THREADS = 256
 _TILE = 128  # block tile of both GEMM kernels (rows of A and rows of B)
@@ -220,3 +220,15 @@ def bitplane_gemm(planes, b, k):
         z <<= 1
         z += g[n]
     return z
+
+
+def pack_threshold(z, threshold):
+    """bit (i, j) = z[i, j] >= threshold[j] (or ``threshold[i mod P, j]`` for a (P, N)
+    table), packed on the GPU: uint64 (M, ceil(N/64)), as :func:`kernels.reference.pack_threshold`.
+    (A comparison, then :func:`pack_rows` of the bool array: two passes, not yet fused.)"""
+    cp = _cp()
+    z, threshold = cp.asarray(z), cp.asarray(threshold)
+    p = check_threshold_operands(z, threshold)
+    m, n = z.shape
+    fire = z.reshape(-1, p, n) >= threshold.reshape(1, -1, n)
+    return pack_rows(fire.reshape(m, n), check_nan=False)

@@ -4,29 +4,35 @@ Same conventions and results as :mod:`minibnn.kernels.reference` (bit-exact):
 ``xnor_gemm(a (M, W), b (N, W), k)[i, j] = k - 2 * popcount(a[i] XOR b[j])``.
 
 This module holds the packing, the generic GEMM kernel, the dispatch among GEMM
-kernels, and the bit-plane product for 8-bit input. Two GEMM kernels, both parallel
-over blocks of rows of A and blocked over rows of B (so a block of B stays in L2) and
-over K (so a register tile's operands stay in L1):
+kernels, and the bit-plane product for 8-bit input. The GEMM kernels, all parallel and
+blocked over rows of B (so a block of B stays in L2) and over K (so a register tile's
+operands stay in L1):
 
 * ``"generic"`` (here): plain Numba code on a 4 x 2 register tile with popcount through
   ``llvm.ctpop.i64`` (numba has no popcount of its own); LLVM vectorizes the K loop or
-  emits ``popcnt`` as the target allows. Runs on any CPU; the default.
+  emits ``popcnt`` as the target allows. Runs on any CPU.
+* ``"scalar"``, ``"simd256"``, ``"simd512"`` (:mod:`minibnn.kernels.numba_simd`): LLVM IR
+  micro-kernels on a 4 x 4 tile with ``llvm.ctpop`` on 1, 4 or 8 64-bit lanes (``popcnt``;
+  ``vpopcntq`` ymm / zmm with AVX512_VPOPCNTDQ, a nibble-table expansion without).
 * ``"avx2"`` (:mod:`minibnn.kernels.numba_avx2`): a hand-written LLVM IR micro-kernel with the
-  nibble-table popcount on 256-bit vectors. Offered when the host CPU has AVX2; how it
-  compares with the generic kernel depends on the CPU, so it is not the default.
+  nibble-table popcount on 256-bit vectors and byte counters. Offered with AVX2.
+
+Which is fastest depends on the CPU and the shape: unless one is named, :func:`xnor_gemm`
+uses the choice :mod:`minibnn.kernels.autotune` measured for the shape class.
 """
 
 import numpy as np
 import numba
 from numba import prange
 
-from . import numba_avx2
+from . import autotune, numba_avx2, numba_simd
 from ._numba_common import NB_ROWS, jit, pair_counts, popcount64, store
 from .reference import (PLANES, check_bitplane_operands, check_gemm_operands,
-                        check_pack_input, check_pixels, n_words, unpack_rows)
+                        check_pack_input, check_pixels, check_threshold_operands, n_words,
+                        unpack_rows)
 
 __all__ = ["pack_rows", "unpack_rows", "xnor_gemm", "pack_bitplanes", "bitplane_gemm",
-           "available_kernels", "default_kernel"]
+           "pack_threshold", "available_kernels", "default_kernel"]
 
 
 # --------------------------------------------------------------------------- packing
@@ -94,6 +100,45 @@ def pack_rows(x):
     return out.reshape(lead + (out.shape[1],))
 
 
+@jit(parallel=True)
+def _pack_threshold(z, t, out):
+    m, n = z.shape
+    p = t.shape[0]
+    w_count = out.shape[1]
+    for i in prange(m):
+        r = i % p
+        for w in range(w_count):
+            base = w * 64
+            word = np.uint64(0)
+            for j in range(min(64, n - base)):
+                word |= np.uint64(z[i, base + j] >= t[r, base + j]) << np.uint64(j)
+            out[i, w] = word
+
+
+def pack_threshold(z, threshold, out=None):
+    """Threshold and pack in one parallel pass: bit (i, j) = z[i, j] >= threshold[j] (or
+    ``threshold[i mod P, j]`` for a (P, N) table), uint64 (M, ceil(N/64)), the same as
+    :func:`kernels.reference.pack_threshold` without the (M, N) bool array between.
+    ``out``: a C-contiguous uint64 (M, ceil(N/64)) array to write into (reused buffers)."""
+    z, threshold = np.asarray(z), np.asarray(threshold)
+    check_threshold_operands(z, threshold)
+    m, n = z.shape
+    shape = (m, n_words(n))
+    if out is None:
+        out = np.empty(shape, dtype=np.uint64)
+    elif not isinstance(out, np.ndarray) or out.dtype != np.uint64 or out.shape != shape or \
+            not out.flags.c_contiguous:
+        raise ValueError(f"out: expected a C-contiguous uint64 array of shape {shape}, got "
+                         f"{getattr(out, 'dtype', type(out).__name__)} of shape "
+                         f"{getattr(out, 'shape', None)}")
+    if out.size:
+        t = threshold.reshape(-1, n)
+        if z.dtype.byteorder not in "=|" or t.dtype.byteorder not in "=|":
+            z, t = z.astype(z.dtype.newbyteorder("=")), t.astype(t.dtype.newbyteorder("="))
+        _pack_threshold(z, t, out)
+    return out
+
+
 # --------------------------------------------------------------- generic GEMM kernel
 
 _GR, _GC = 4, 2  # register tile of the generic kernel (rows of A x rows of B)
@@ -149,42 +194,85 @@ def _gemm_generic(a, b, cnt, k, n_chunks):
 
 # ------------------------------------------------------------------------ dispatch
 
+_ISA = autotune.isa_features()
 _HAS_AVX2 = numba_avx2.host_has_avx2()
+_SERIAL_WORK = 1 << 17  # word pairs below which one thread beats waking the others
 
 
 def available_kernels():
-    """Names of the GEMM kernels this CPU can run, the default first."""
-    return ("generic", "avx2") if _HAS_AVX2 else ("generic",)
+    """Names of the GEMM kernels this CPU can run: ``"generic"`` first, then ``"scalar"``,
+    ``"simd256"`` (AVX2), ``"simd512"`` (AVX512F) and ``"avx2"`` (AVX2) where offered."""
+    f = _ISA["features"]
+    names = ["generic", "scalar"]
+    if f["avx2"]:
+        names.append("simd256")
+    if f["avx512f"]:
+        names.append("simd512")
+    if _HAS_AVX2:
+        names.append("avx2")
+    return tuple(names)
 
 
-def default_kernel():
-    """The kernel :func:`xnor_gemm` uses when none is named."""
-    return available_kernels()[0]
+def default_kernel(m=100, n=4096, k=4096):
+    """The kernel :func:`xnor_gemm` uses when none is named, for an M x K x N product:
+    the :mod:`minibnn.kernels.autotune` choice for its shape class (measured once per class
+    and machine, cached on disk; ``MINIBNN_GEMM_KERNEL`` forces one)."""
+    return autotune.choose(int(m), int(n), n_words(int(k)), available_kernels(), _run_tuned)
 
 
-def xnor_gemm(a, b, k, kernel=None):
+def _run_tuned(name, a, b, k):
+    """One product with kernel ``name`` on one thread, for the autotune to time: a kernel's
+    rate per core ranks the candidates, and a single thread never waits for a second core
+    that other work on a busy machine holds (a parallel run there often does, which would
+    rank the candidates by luck)."""
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        return xnor_gemm(a, b, k, kernel=name)
+    finally:
+        numba.set_num_threads(threads)
+
+
+def xnor_gemm(a, b, k, kernel=None, out=None):
     """Binary GEMM on packed rows: out[i, j] = k - 2 * popcount(a[i] XOR b[j]), int32 (M, N).
 
     ``a`` (M, W) and ``b`` (N, W) are uint64 words from ``pack_rows`` (B transposed:
     rows are output units), W = ceil(k/64), padding bits 0 (checked). Non-contiguous
-    operands are copied to C order first. ``kernel``: ``"avx2"`` or ``"generic"``
-    (default ``"generic"``, see :func:`available_kernels`).
+    operands are copied to C order first. ``kernel``: a name from :func:`available_kernels`,
+    or None / ``"auto"`` for :func:`default_kernel`'s choice for this shape. ``out``: an
+    int32 C-contiguous (M, N) array to write into (reused buffers: no allocation), returned.
     """
     k = check_gemm_operands(a, b, k)
-    kernel = default_kernel() if kernel is None else kernel
-    if kernel not in available_kernels():
-        raise ValueError(f"kernel: expected one of {available_kernels()}, got {kernel!r}")
     a = np.ascontiguousarray(a)
     b = np.ascontiguousarray(b)
     m, w_count = a.shape
     n = b.shape[0]
-    cnt = np.zeros((m, n), dtype=np.int32)
+    if kernel is None or kernel == "auto":
+        kernel = default_kernel(m, n, k) if m and n and w_count else "generic"
+    if kernel not in available_kernels():
+        raise ValueError(f"kernel: expected one of {available_kernels()} or 'auto', "
+                         f"got {kernel!r}")
+    zeroed = kernel in ("generic", "avx2")  # these add to cnt; the simd kernels overwrite it
+    if out is None:
+        cnt = (np.zeros if zeroed or not w_count else np.empty)((m, n), dtype=np.int32)
+    else:
+        if not isinstance(out, np.ndarray) or out.dtype != np.int32 or out.shape != (m, n) \
+                or not out.flags.c_contiguous:
+            raise ValueError(f"out: expected a C-contiguous int32 array of shape {(m, n)}, got "
+                             f"{getattr(out, 'dtype', type(out).__name__)} of shape "
+                             f"{getattr(out, 'shape', None)}")
+        cnt = out
+        if zeroed or not w_count:
+            cnt.fill(0)
     if m == 0 or n == 0 or w_count == 0:  # nothing to count (k = 0: every product is 0)
         return cnt
+    threads = 1 if m * n * w_count < _SERIAL_WORK else numba.get_num_threads()
     if kernel == "avx2":
         numba_avx2.xnor_gemm_into(a, b, cnt, k)
+    elif kernel == "generic":
+        _gemm_generic(a, b, cnt, k, max(1, min(threads, m // _GR)))
     else:
-        _gemm_generic(a, b, cnt, k, max(1, min(numba.get_num_threads(), m // _GR)))
+        numba_simd.xnor_gemm_into(kernel, a, b, cnt, k, threads=threads)
     return cnt
 
 
@@ -238,16 +326,33 @@ def _bitplane_gemm(p, b, z, k):
             z[i, j] = np.int32(255 * k) - 2 * np.int32(s)
 
 
-def bitplane_gemm(planes, b, k):
+def bitplane_gemm(planes, b, k, kernel=None):
     """z[i, j] = sum_n 2^n (k - 2 popcount(planes[i, n] ^ b[j])) = (2x_i - 255) . w_j, int32.
 
     One fused pass: the eight planes of an image meet each weight word while it sits in a
     register, and only the combined z is written, not eight (M, N) partial products.
+    ``kernel``: ``"generic"`` (8 scalar counters per pair), or ``"scalar"``, ``"simd256"``,
+    ``"simd512"`` (:func:`kernels.numba_simd.bitplane_gemm_into`: a 4 x 4 tile of 4 planes
+    x 4 weight rows); default: the autotune's choice for the (8 M, N, W) product.
     Same result as :func:`kernels.reference.bitplane_gemm`.
     """
     k = check_bitplane_operands(planes, b, k)
     planes, b = np.ascontiguousarray(planes), np.ascontiguousarray(b)
-    z = np.empty((planes.shape[0], b.shape[0]), dtype=np.int32)
-    if z.size:
+    m, n, w_count = planes.shape[0], b.shape[0], planes.shape[2]
+    names = ("generic",) + tuple(kn for kn in numba_simd.KERNELS if kn in available_kernels())
+    if kernel is None or kernel == "auto":
+        kernel = default_kernel(8 * m, n, k) if m and n and w_count else "generic"
+        kernel = kernel if kernel in names else "generic"
+    if kernel not in names:
+        raise ValueError(f"kernel: expected one of {names} or 'auto', got {kernel!r}")
+    z = np.zeros((m, n), dtype=np.int32)
+    if not z.size:
+        return z
+    if w_count == 0:  # k = 0: every product is 0
+        return z
+    if kernel == "generic":
         _bitplane_gemm(planes, b, z, k)
+    else:
+        threads = 1 if 8 * m * n * w_count < _SERIAL_WORK else numba.get_num_threads()
+        numba_simd.bitplane_gemm_into(kernel, planes, b, z, k, threads=threads)
     return z

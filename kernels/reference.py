@@ -32,6 +32,8 @@ __all__ = [
     "bitplane_gemm",
     "check_bitplane_operands",
     "check_pixels",
+    "pack_threshold",
+    "check_threshold_operands",
 ]
 
 WORD_BITS = 64
@@ -232,3 +234,37 @@ def bitplane_gemm(planes, b, k):
         z <<= 1
         z += xnor_gemm(planes[:, n], b, k)
     return z
+
+
+def check_threshold_operands(z, threshold):
+    """Validate ``pack_threshold`` operands: ``z`` a real 2-D (M, N) array, ``threshold`` a
+    real (N,) or (P, N) array with P >= 1 dividing M. Returns P."""
+    for name, x in (("z", z), ("threshold", threshold)):
+        kind = getattr(getattr(x, "dtype", None), "kind", None)
+        if kind not in ("i", "u", "f"):
+            raise ValueError(f"{name}: expected an integer or real floating array, got "
+                             f"{_describe(x)}")
+    if z.ndim != 2:
+        raise ValueError(f"z: expected a 2-D array (M, N), got {_describe(z)}")
+    m, n = z.shape
+    if threshold.ndim not in (1, 2) or threshold.shape[-1] != n or \
+            (threshold.ndim == 2 and (threshold.shape[0] < 1 or m % threshold.shape[0])):
+        raise ValueError(f"threshold: expected shape ({n},) or (P, {n}) with P dividing "
+                         f"M = {m}, got {_describe(threshold)}")
+    return 1 if threshold.ndim == 1 else threshold.shape[0]
+
+
+def pack_threshold(z, threshold):
+    """Binarize ``z`` against per-unit thresholds and pack: uint64 (M, ceil(N/64)) with
+
+        bit (i, j) = z[i, j] >= threshold[j]            (threshold (N,)), or
+        bit (i, j) = z[i, j] >= threshold[i mod P, j]   (threshold (P, N): a table per
+                                                          output position, for convolutions)
+
+    packed as :func:`pack_rows` packs (bit 1 = +1): a frozen hidden layer's sign(BN(z)).
+    """
+    p = check_threshold_operands(np.asarray(z), np.asarray(threshold))
+    z, threshold = np.asarray(z), np.asarray(threshold)
+    m, n = z.shape
+    fire = z.reshape(-1, p, n) >= threshold.reshape(1, -1, n)
+    return pack_rows(fire.reshape(m, n))

@@ -6,15 +6,24 @@ carries the ``gpu`` marker. Use it for every test that should hold on every back
 
 ``checkout_stays_clean`` fails the session when a test wrote into the checkout (a run
 folder under ``runs/``, a file under ``benchmarks/results/``): tests write under
-``tmp_path``.
+``tmp_path``. The GEMM autotune cache goes to a fresh temporary directory
+(``MINIBNN_CACHE_DIR``).
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from minibnn import backend, binary
+# The GEMM autotune (minibnn.kernels.autotune) caches its choices on disk: never in the
+# user's real cache directory from a test run.
+os.environ["MINIBNN_CACHE_DIR"] = tempfile.mkdtemp(prefix="minibnn-test-cache-")
+atexit.register(shutil.rmtree, os.environ["MINIBNN_CACHE_DIR"], ignore_errors=True)
+
+from minibnn import backend, binary  # noqa: E402
 
 REASONS = backend.available()
 

@@ -127,6 +127,30 @@ def test_predictions_equal_the_model_on_all_test_images(case, name, mnist):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", MODELS, indirect=True)
+@pytest.mark.parametrize("method", ["bitplanes", "float32", "int8"])
+@pytest.mark.parametrize("name", backend_params(["numpy", "numba"]))
+def test_each_first_layer_method_equals_the_model_on_all_test_images(case, method, name, mnist):
+    """Every exact first-layer method, forced, gives the model's predictions on every image
+    and its hidden bits (the first layer's included) on the first 2,000."""
+    from minibnn.deploy import runtime
+
+    if method == "int8" and not runtime.int8_available(name):
+        pytest.skip(f"the int8 first layer does not run on {name} here")
+    test_x = mnist[0]
+    frozen = case["frozen"]
+    frozen.first_layer_method = method
+    try:
+        n = len(test_x) if name == "numba" else 2000
+        got = frozen.predict(test_x[:n], backend=name, batch_size=1500)  # several batches
+        np.testing.assert_array_equal(got, case["scores"][:n].argmax(axis=1))
+        for bits, sign in zip(frozen.activations(test_x[:2000], backend=name), case["signs"]):
+            np.testing.assert_array_equal(bits, sign[:2000] > 0)
+    finally:
+        frozen.first_layer_method = "auto"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", MODELS, indirect=True)
 def test_exact_arithmetic_equals_the_model_in_float64(case, mnist):
     """With float64 thresholds (match_float32=False) the frozen net is the model computed
     exactly: it equals the model run in float64 on every image, scores to 1e-9."""

@@ -119,11 +119,18 @@ def test_every_backend_module_has_the_interface(backend_name):
 
 
 def test_numba_kernel_variants():
-    assert numba_cpu.default_kernel() == "generic" == numba_cpu.available_kernels()[0]
-    assert set(numba_cpu.available_kernels()) <= {"generic", "avx2"}
-    from minibnn.kernels import numba_avx2
+    """The variants on offer follow the CPU's features (``autotune.isa_features``); the
+    default is whichever the autotune picks, always one of them."""
+    from minibnn.kernels import autotune, numba_avx2
 
-    assert ("avx2" in numba_cpu.available_kernels()) == numba_avx2.host_has_avx2()
+    names = numba_cpu.available_kernels()
+    f = autotune.isa_features()["features"]
+    assert names[:2] == ("generic", "scalar")
+    assert set(names) <= {"generic", "scalar", "simd256", "simd512", "avx2"}
+    assert ("avx2" in names) == numba_avx2.host_has_avx2()
+    assert ("simd256" in names) == f["avx2"] and ("simd512" in names) == f["avx512f"]
+    assert numba_cpu.default_kernel() in names
+    assert numba_cpu.default_kernel(5, 3, 70) in names
 
 
 # ------------------------------------------------------------------------ packing
@@ -353,3 +360,47 @@ def test_bitplane_inputs_are_checked_before_any_work(mod):
         mod.bitplane_gemm(planes.astype(np.float64), w, 70)
     with pytest.raises(ValueError):
         mod.bitplane_gemm(planes, w, 130)                # word count does not fit k
+
+
+# ------------------------------------------------------------ threshold and pack
+
+THRESHOLD_PACKERS = per_backend({"numpy": reference.pack_threshold,
+                                 "numba": numba_cpu.pack_threshold,
+                                 "cupy": lambda z, t: _to_host(cupy_gpu.pack_threshold(z, t))})
+
+
+@pytest.mark.parametrize("pack", THRESHOLD_PACKERS)
+@pytest.mark.parametrize("m,n,p", [(0, 5, 1), (1, 1, 1), (6, 70, 3), (10, 64, 1), (7, 1, 7),
+                                   (100, 130, 1), (12, 200, 4)])
+@pytest.mark.parametrize("dtype", [np.int32, np.float32, np.int64])
+def test_pack_threshold_is_compare_then_pack(pack, m, n, p, dtype):
+    rng = np.random.default_rng(m * 100 + n + p)
+    z = rng.integers(-6, 6, size=(m, n)).astype(dtype)
+    t = rng.integers(-5, 5, size=(p, n) if p > 1 else (n,)).astype(dtype)
+    want = reference.pack_rows((z.reshape(-1, p, n) >= t.reshape(1, -1, n)).reshape(m, n))
+    got = pack(z, t)
+    assert got.dtype == np.uint64 and got.shape == (m, (n + 63) // 64)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("pack", THRESHOLD_PACKERS)
+def test_pack_threshold_rejects_bad_operands(pack):
+    z = np.zeros((6, 5), np.int32)
+    cases = [((z, np.zeros(4, np.int32)), r"threshold: expected shape \(5,\) or \(P, 5\)"),
+             ((z, np.zeros((4, 5), np.int32)), r"P dividing M = 6"),
+             ((z[0], np.zeros(5, np.int32)), r"z: expected a 2-D array"),
+             ((z.astype(bool), np.zeros(5, np.int32)), r"z: expected an integer or real"),
+             ((z, np.zeros(5, np.complex64)), r"threshold: expected an integer or real")]
+    for args, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            pack(*args)
+
+
+def test_numba_pack_threshold_reuses_out():
+    z = np.arange(-50, 50, dtype=np.int32).reshape(4, 25)
+    out = np.full((4, 1), 7, np.uint64)
+    got = numba_cpu.pack_threshold(z, np.zeros(25, np.int32), out=out)
+    assert got is out
+    np.testing.assert_array_equal(out, reference.pack_rows(z >= 0))
+    with pytest.raises(ValueError, match=r"out: expected a C-contiguous uint64 array of shape"):
+        numba_cpu.pack_threshold(z, np.zeros(25, np.int32), out=np.zeros((4, 2), np.uint64))

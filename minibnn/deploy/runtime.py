@@ -24,7 +24,10 @@ were permuted from the model's (C, H, W) flatten order to (H, W, C) at freeze ti
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+import time
 from collections import namedtuple
 
 import numpy as np
@@ -35,7 +38,8 @@ from .. import backend as _backend  # the methods' ``backend=`` argument shadows
 from ..functional import conv_output_shape, kernel_offsets, pool_output_shape
 
 __all__ = ["PLANES", "PIXEL_MAX", "FrozenLayer", "FrozenConv", "FrozenBNN", "first_layer",
-           "slot_bits", "pack_slots", "check_chain"]
+           "FIRST_LAYER_METHODS", "float32_is_exact", "int8_available", "dense_first_weights",
+           "first_layer_sums", "slot_bits", "pack_slots", "check_chain"]
 
 PLANES = 8  # bits per input pixel
 PIXEL_MAX = 255  # |sum_n 2^n y^n| <= 255: the first layer's |z| is at most 255 k
@@ -44,11 +48,113 @@ _DEFAULT_BATCH = {"numpy": 256, "numba": 1024, "cupy": 8192}
 _CONV_BATCH = {"numpy": 64, "numba": 128, "cupy": 2048}  # a ConvNet's activations are larger
 
 
-def first_layer(x, weight, k, kern):
-    """z = sum_{n=0..7} 2^n (y^n . w) = 256 (x_f . w) for uint8 rows x (B, k): the backend
-    packs the eight bit planes and runs its bit-plane XNOR GEMM (``kernels.*.bitplane_gemm``:
-    one XNOR-popcount product per plane, combined by shift-add), int32 (|z| <= 255 k)."""
-    return kern.bitplane_gemm(kern.pack_bitplanes(x), weight, k)
+FIRST_LAYER_METHODS = ("auto", "bitplanes", "float32", "int8")
+FLOAT32_INTEGERS = 2 ** 24  # float32 holds every integer of magnitude <= 2^24 exactly
+
+
+def float32_is_exact(k):
+    """True when a float32 product of uint8 rows (k values <= 255) and +-1 weights is exact:
+    every partial sum is an integer of magnitude <= 255 k, exact in float32 while
+    255 k <= 2^24 (k <= 65793; MNIST's 784 inputs qualify), in any summation order."""
+    return PIXEL_MAX * int(k) <= FLOAT32_INTEGERS
+
+
+def int8_available(name):
+    """Whether backend ``name`` runs the "int8" first layer: numba on an AVX512-VNNI CPU."""
+    if name != "numba":
+        return False
+    from ..kernels import numba_vnni
+
+    return numba_vnni.available()
+
+
+DenseFirst = namedtuple("DenseFirst", "w_t offset")
+DenseFirst.__doc__ = """The first layer's weights for the float32 method: ``w_t`` float32 (k, N)
++-1 (the packed rows unpacked and transposed for BLAS) and ``offset`` float32 (N,) =
+255 sum_k w (exact)."""
+
+Int8First = namedtuple("Int8First", "wp offset n")
+Int8First.__doc__ = """The first layer's weights for the int8 method: ``wp`` the +-1 weights as
+int8 in ``kernels.numba_vnni.pack_weights``' layout, ``offset`` float32 (N,) = 255 sum_k w,
+``n`` = N."""
+
+
+def dense_first_weights(weight, k, xp=np, method="float32"):
+    """:class:`DenseFirst` (``method="float32"``, in array module xp) or :class:`Int8First`
+    (``"int8"``, NumPy) of packed first-layer weights (N, ceil(k/64))."""
+    w = unpack_rows(_backend.to_numpy(weight), k, np.float32)  # (N, k) of +-1
+    offset = (PIXEL_MAX * w.sum(axis=1, dtype=np.float64)).astype(np.float32)
+    if method == "int8":
+        from ..kernels import numba_vnni
+
+        return Int8First(numba_vnni.pack_weights(w.astype(np.int8)), offset, w.shape[0])
+    return DenseFirst(xp.asarray(np.ascontiguousarray(w.T)), xp.asarray(offset))
+
+
+def first_layer(x, weight, k, kern, method="bitplanes", dense=None):
+    """z = sum_{n=0..7} 2^n (y^n . w) = (2x - 255) . w = 256 (x_f . w) for uint8 rows x
+    (B, k), int32 (|z| <= 255 k), by one of three exact methods:
+
+    * ``"bitplanes"`` (the paper's, Section 1.6): the backend packs the eight bit planes and
+      runs its bit-plane XNOR GEMM (``kernels.*.bitplane_gemm``: one XNOR-popcount product
+      per plane, combined by shift-add);
+    * ``"float32"``: s = x . w as a float32 BLAS product of the pixel values with the +-1
+      weights, exact while :func:`float32_is_exact` (k); then z = 2 s - 255 sum(w);
+    * ``"int8"``: s = x . w as a uint8 x int8 product accumulated in int32 with AVX512-VNNI
+      ``vpdpbusd`` (``kernels.numba_vnni``; NumPy input, :func:`int8_available`), then the same.
+
+    ``dense``: the :func:`dense_first_weights` of the method (made here when None).
+    """
+    if method == "bitplanes":
+        return kern.bitplane_gemm(kern.pack_bitplanes(x), weight, k)
+    if method not in ("float32", "int8"):
+        raise ValueError(f"method: expected 'bitplanes', 'float32' or 'int8', got {method!r}")
+    if method == "float32" and not float32_is_exact(k):
+        raise ValueError(f"method: 'float32' is not exact for k = {k} inputs (255 k > 2^24); "
+                         "use 'bitplanes'")
+    xp = _backend.get_array_module(x)
+    if method == "int8" and (xp is not np or not int8_available("numba")):
+        raise ValueError("method: 'int8' needs NumPy input and a CPU with AVX512-VNNI")
+    dense = dense_first_weights(weight, k, xp, method) if dense is None else dense
+    s = first_layer_sums(x, dense)
+    z = s.astype(np.int32) if method == "float32" else s.copy()
+    z *= 2  # 2 s - 255 sum(w): integers of magnitude <= 2 * 255 k
+    z -= dense.offset.astype(np.int32)
+    return z
+
+
+def first_layer_sums(x, dense, ws=None):
+    """s = x . w exactly, (B, N): float32 from BLAS for a :class:`DenseFirst` (see
+    :func:`float32_is_exact`), int32 from ``vpdpbusd`` for an :class:`Int8First`. ``ws``: a
+    dict of buffers to reuse (the result is then one of them)."""
+    xp = _backend.get_array_module(x)
+    m = x.shape[0]
+    if isinstance(dense, Int8First):
+        from ..kernels import numba_vnni
+
+        mp, kp = -(-m // 4) * 4, -(-x.shape[1] // 4) * 4
+        return numba_vnni.int8_gemm(x, dense.wp, dense.n,
+                                    out=_buf(ws, "s8", (mp, dense.wp.shape[0] * 16), np.int32, xp),
+                                    x_buf=_buf(ws, "x8", (mp, kp), np.uint8, xp))
+    xf = _buf(ws, "xf", x.shape, np.float32, xp)
+    if xf is None:
+        xf = x.astype(np.float32)
+    else:
+        xf[...] = x
+    out = _buf(ws, "sf", (m, dense.w_t.shape[1]), np.float32, xp)
+    if out is None:
+        return xf @ dense.w_t
+    return xp.matmul(xf, dense.w_t, out=out)
+
+
+def sums_threshold(threshold, offset, k):
+    """Thresholds on s = x . w equivalent to z = 2 s - offset >= threshold: as s is an
+    integer, z >= t iff s >= ceil((t + offset) / 2), clipped to [-255 k - 1, 255 k + 1] (the
+    range of s, one past each end) so that the float32 thresholds are exact."""
+    t = np.asarray(threshold, np.int64) + np.asarray(offset, np.float64).astype(np.int64)
+    t = -((-t) // 2)  # ceil(t / 2)
+    bound = PIXEL_MAX * int(k) + 1
+    return np.clip(t, -bound, bound).astype(np.float32)
 
 
 # ----------------------------------------------------------------------- the slot layout
@@ -306,6 +412,12 @@ def check_chain(layers):
 # ------------------------------------------------------------------------------ the net
 
 _Prepared = namedtuple("_Prepared", "layer weight threshold and_mask")
+# How a backend runs the first layer: "bitplanes", "float32" or "int8" (then ``dense`` holds
+# the DenseFirst / Int8First weights and, for a dense hidden first layer, ``sums_threshold``
+# the thresholds on s = x . w); ``weight`` is the layer weight it was made from (a replaced
+# one remakes it).
+_FirstPlan = namedtuple("_FirstPlan", "method dense sums_threshold weight")
+_TUNE_ROWS = 256  # rows (MLP) or patches' images (ConvNet) the first-layer methods are timed on
 
 
 class FrozenBNN:
@@ -316,6 +428,12 @@ class FrozenBNN:
     (n, H, W) with H * W = in_features; for a ConvNet (n, C, H, W), or (n, H, W) when C = 1.
     They are the pixels that ``data.to_pm1`` would have scaled. They run on the active
     backend (or the one named by ``backend=``) and return NumPy.
+
+    ``first_layer_method`` picks how the first layer meets the 8-bit pixels (all exact, see
+    :func:`first_layer`): ``"bitplanes"``, ``"float32"``, ``"int8"`` (numba on an AVX512-VNNI
+    CPU), or ``"auto"`` (the default): on the CPU backends the fastest of those that apply,
+    timed once per backend on the first batch (``first_layer_timings`` keeps the times);
+    bit planes on cupy.
     """
 
     def __init__(self, layers, info=None):
@@ -323,6 +441,25 @@ class FrozenBNN:
         self.layers = list(layers)
         self.info = dict(info or {})
         self._device_cache = {}
+        self._first_plans = {}
+        self.first_layer_timings = {}
+        self.first_layer_method = "auto"
+
+    @property
+    def first_layer_method(self):
+        return self._first_layer_method
+
+    @first_layer_method.setter
+    def first_layer_method(self, method):
+        if method not in FIRST_LAYER_METHODS:
+            raise ValueError(f"first_layer_method: expected one of {FIRST_LAYER_METHODS}, got "
+                             f"{method!r}")
+        k = self.layers[0].k
+        if method == "float32" and not float32_is_exact(k):
+            raise ValueError(f"first_layer_method: 'float32' is not exact for a first layer of "
+                             f"k = {k} inputs (255 k > 2^24); use 'bitplanes' or 'auto'")
+        self._first_layer_method = method
+        self._first_plans = {}
 
     @property
     def is_conv(self):
@@ -393,8 +530,10 @@ class FrozenBNN:
         x = self._check_input(x)
         name = _backend_name(backend)
         out = []
-        _forward_batch(_backend.array_module(name).asarray(x), self._prepare(name),
-                       _backend.kernel_module(name), **{what: out})
+        xb = _backend.array_module(name).asarray(x)
+        layers, kern = self._prepare(name), _backend.kernel_module(name)
+        _forward_batch(xb, layers, kern, first=self._first_plan(name, xb, layers[0], kern),
+                       **{what: out})
         return [_backend.to_numpy(a) for a in out]
 
     def layers_on(self, name):
@@ -421,6 +560,58 @@ class FrozenBNN:
         if xp is not np:
             self._device_cache[name] = prepared
         return prepared
+
+    def first_layer_plan(self, x, backend=None):
+        """How backend ``backend`` runs the first layer: a namedtuple with ``method``
+        (``"bitplanes"``, ``"float32"`` or ``"int8"``), ``dense`` (the method's weights, or
+        None) and ``sums_threshold`` (for a dense hidden first layer not on bit planes, else
+        None). With ``first_layer_method = "auto"`` the first call times the candidates on the
+        uint8 batch ``x`` (NumPy rows or images as ``predict`` takes them)."""
+        name = _backend_name(backend)
+        xb = _backend.array_module(name).asarray(self._check_input(x))
+        layers = self._prepare(name)
+        return self._first_plan(name, xb, layers[0], _backend.kernel_module(name))
+
+    def _first_plan(self, name, x, first, kern):
+        """The :data:`_FirstPlan` of backend ``name``, made (and for ``"auto"`` timed on the
+        batch ``x``) on first use and kept while the first layer's weight stays the same."""
+        plan = self._first_plans.get(name)
+        if plan is not None and plan.weight is first.layer.weight:
+            return plan
+        layer, xp = first.layer, _backend.array_module(name)
+        method = self.first_layer_method
+        if method == "int8" and not int8_available(name):
+            raise ValueError(f"first_layer_method: 'int8' runs on the numba backend of a CPU "
+                             f"with AVX512-VNNI, not on backend {name!r} here")
+        candidates = [method]
+        if method == "auto":
+            candidates = ["bitplanes"]
+            if name != "cupy" and float32_is_exact(layer.k):  # a GPU may run float32 as TF32
+                candidates.append("float32")
+            if int8_available(name):
+                candidates.append("int8")
+        weights = {m: dense_first_weights(first.weight, layer.k, xp, m)
+                   for m in candidates if m != "bitplanes"}
+        if len(candidates) > 1:
+            sample = (x[:_TUNE_ROWS] if isinstance(layer, FrozenLayer) else
+                      pixel_patches(x[:max(1, _TUNE_ROWS // math.prod(layer.conv_hw))],
+                                    layer, xp))
+            if sample.shape[0] == 0:  # nothing to time on: bit planes, decided later
+                return _FirstPlan("bitplanes", None, None, layer.weight)
+            times = {m: _best_time(lambda m=m: first_layer(sample, first.weight, layer.k, kern,
+                                                           m, weights.get(m)), name)
+                     for m in candidates}
+            self.first_layer_timings[name] = times
+            method = min(times, key=times.get)
+        else:
+            method = candidates[0]
+        dense, t_s = weights.get(method), None
+        if dense is not None and isinstance(layer, FrozenLayer) and not layer.is_output:
+            t_s = sums_threshold(layer.threshold, _backend.to_numpy(dense.offset), layer.k)
+            t_s = xp.asarray(t_s if method == "float32" else t_s.astype(np.int32))
+        plan = _FirstPlan(method, dense, t_s, layer.weight)
+        self._first_plans[name] = plan
+        return plan
 
     def _check_input(self, x):
         if not hasattr(x, "dtype") or not hasattr(x, "shape"):
@@ -461,8 +652,13 @@ class FrozenBNN:
         scale = xp.asarray(out.scale)
         offset = xp.asarray(out.offset)
         results = []
+        ws = {} if xp is np else None  # buffers reused by every batch of this call
+        plan = None
         for i in range(0, x.shape[0], batch):
-            z = _forward_batch(xp.asarray(x[i:i + batch]), layers, kern)
+            xb = xp.asarray(x[i:i + batch])
+            if plan is None:
+                plan = self._first_plan(name, xb, layers[0], kern)
+            z = _forward_batch(xb, layers, kern, first=plan, ws=ws)
             if final is None:
                 r = z
             else:
@@ -478,47 +674,108 @@ class FrozenBNN:
 
 # ---------------------------------------------------------------------- the forward pass
 
-def _forward_batch(x, layers, kern, trace=None, bits=None):
+def _forward_batch(x, layers, kern, trace=None, bits=None, first=None, ws=None):
     """Integer z of the output layer for one batch of uint8 input ``x`` ((B, k) rows for an
     MLP, (B, C, H, W) images for a ConvNet), the ``FrozenBNN._prepare``d layers, on the
     backend whose kernels are ``kern``. ``trace`` / ``bits`` (lists) collect every layer's z
-    and every hidden layer's output bits."""
+    and every hidden layer's output bits. ``first``: how to run the first layer (a
+    ``_FirstPlan``; None = bit planes). ``ws``: a dict of buffers reused from batch to batch
+    (NumPy backends), or None."""
     xp = _backend.get_array_module(x)
     n = x.shape[0]
+    method = "bitplanes" if first is None else first.method
+    dense = None if first is None else first.dense
+    if trace is not None or bits is not None:
+        ws = None  # what is collected must not be overwritten by the next batch
     h = None  # packed activations: (B, H, W, ceil(C/64)) after a conv, (B, words) after dense
-    for layer, weight, threshold, and_mask in layers:
+    for i, (layer, weight, threshold, and_mask) in enumerate(layers):
         if isinstance(layer, FrozenConv):
             if layer.planes == PLANES:
-                raw = _conv_first(pixel_patches(x, layer, xp), weight, layer.k, kern)
+                raw = _conv_first(pixel_patches(x, layer, xp), weight, layer.k, kern, method,
+                                  dense)
             else:
                 raw = _conv_gemm(conv_patches(h, layer, xp), weight, layer.gemm_k, kern)
             o, (ho, wo) = layer.n_out, layer.conv_hw
-            raw = raw.reshape(n, ho * wo, o)
             if trace is not None:
-                z = raw - xp.asarray(layer.z_offset())
+                z = raw.reshape(n, ho * wo, o) - xp.asarray(layer.z_offset())
                 trace.append(z.astype(np.int32).transpose(0, 2, 1).reshape(n, o, ho, wo))
-            fire = raw >= threshold  # (B, Ho*Wo, O) against the per-position table
-            h = kern.pack_rows(fire.reshape(n * ho * wo, o)).reshape(n, ho, wo, -1)
+            # bit = raw >= the per-position table (Ho*Wo, O): row r of raw is position r mod Ho*Wo
+            h = kern.pack_threshold(raw.reshape(n * ho * wo, o), threshold).reshape(n, ho, wo, -1)
             if layer.pool is not None:
                 h = pool_words(h, layer.pool, and_mask, xp)
             if bits is not None:
                 bits.append(unpack_words(h, o, xp).transpose(0, 3, 1, 2))
             continue
+        hidden = threshold is not None
+        if layer.planes == PLANES and method != "bitplanes" and hidden and trace is None:
+            # fused: threshold the exact sums s = x . w directly (z >= t iff s >= t_s)
+            s = first_layer_sums(x, dense, ws)
+            h = _pack_threshold(kern, s, first.sums_threshold,
+                                _buf(ws, ("h", i), (n, n_words(layer.n_out)), np.uint64, xp))
+            if bits is not None:
+                bits.append(unpack_words(h, layer.n_out, xp))
+            continue
         if layer.planes == PLANES:
-            z = first_layer(x, weight, layer.k, kern)
+            z = first_layer(x, weight, layer.k, kern, method, dense)
         else:
             a = h if layer.in_hwc is None else flatten_words(h, layer.in_hwc[2], xp)
-            z = kern.xnor_gemm(a, weight, layer.gemm_k)
+            out = _buf(ws, ("z", i), (n, layer.n_out), np.int32, xp) if hidden else None
+            z = _gemm(kern, a, weight, layer.gemm_k, out)
             if layer.gemm_k != layer.k:
                 z -= layer.gemm_k - layer.k  # slot padding bits: 0 in both, counted as +1
         if trace is not None:
             trace.append(z)
-        if threshold is None:
+        if not hidden:
             return z
-        h = kern.pack_rows(z >= threshold)  # bit 1 (+1) iff z >= tau
+        h = _pack_threshold(kern, z, threshold,  # bit 1 (+1) iff z >= tau
+                            _buf(ws, ("h", i), (n, n_words(layer.n_out)), np.uint64, xp))
         if bits is not None:
             bits.append(unpack_words(h, layer.n_out, xp))
     raise AssertionError("unreachable: the last layer is an output layer")
+
+
+def _buf(ws, key, shape, dtype, xp):
+    """The buffer ``ws[key]`` of this shape and dtype (made on first use), or None without ws."""
+    if ws is None:
+        return None
+    b = ws.get(key)
+    if b is None or b.shape != tuple(shape) or b.dtype != dtype:
+        b = ws[key] = xp.empty(shape, dtype=dtype)
+    return b
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_out(fn):
+    """Whether a kernel function takes an ``out=`` buffer (``kernels.numba_cpu``'s do)."""
+    try:
+        return "out" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _gemm(kern, a, weight, k, out):
+    if out is not None and _takes_out(kern.xnor_gemm):
+        return kern.xnor_gemm(a, weight, k, out=out)
+    return kern.xnor_gemm(a, weight, k)
+
+
+def _pack_threshold(kern, z, threshold, out):
+    if out is not None and _takes_out(kern.pack_threshold):
+        return kern.pack_threshold(z, threshold, out=out)
+    return kern.pack_threshold(z, threshold)
+
+
+def _best_time(fn, name, repeats=3):
+    """Best of ``repeats`` timed runs of ``fn`` after a warm-up (synchronizing a GPU)."""
+    best = float("inf")
+    for r in range(repeats + 1):
+        t0 = time.perf_counter()
+        fn()
+        if name == "cupy":
+            _backend.array_module(name).cuda.Device().synchronize()
+        if r:
+            best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def _is_reference(kern):
@@ -534,12 +791,12 @@ def _conv_gemm(patches, weight, k, kern):
     return kern.xnor_gemm(patches, weight, k)
 
 
-def _conv_first(patches, weight, k, kern):
-    """``first_layer`` on uint8 patches: sum_n 2^n (y^n . w), int32 (B*Ho*Wo, O). On the
-    NumPy reference, one ``_conv_gemm`` per bit plane combined by shift-add, for the reason
-    given there; elsewhere the backend's ``bitplane_gemm``."""
-    if not _is_reference(kern):
-        return first_layer(patches, weight, k, kern)
+def _conv_first(patches, weight, k, kern, method="bitplanes", dense=None):
+    """``first_layer`` on uint8 patches: sum_n 2^n (y^n . w), int32 (B*Ho*Wo, O). With bit
+    planes on the NumPy reference, one ``_conv_gemm`` per bit plane combined by shift-add,
+    for the reason given there; elsewhere the backend's ``bitplane_gemm`` or float32."""
+    if method != "bitplanes" or not _is_reference(kern):
+        return first_layer(patches, weight, k, kern, method, dense)
     planes = kern.pack_bitplanes(patches)
     z = None
     for n in range(PLANES - 1, -1, -1):

@@ -1,0 +1,354 @@
+"""XNOR-popcount GEMM kernels built on LLVM vector popcount: ``"scalar"``, ``"simd256"``, ``"simd512"``.
+
+Selected through :func:`kernels.numba_cpu.xnor_gemm` (``kernel=`` one of these names, or
+picked by :mod:`minibnn.kernels.autotune`); this module only computes, the checks and the
+dispatch live in :mod:`minibnn.kernels.numba_cpu`.
+
+Each kernel is one micro-kernel, written as LLVM IR through a Numba intrinsic, and one
+blocked driver. The micro-kernel keeps an R x C tile of output pairs in registers and, for
+a range of words of K, adds ``popcount(a_r ^ b_c)`` with ``llvm.ctpop`` on vectors of L
+64-bit lanes:
+
+* ``"simd512"``: L = 8 (``<8 x i64>``). LLVM lowers ``llvm.ctpop.v8i64`` to one
+  ``vpopcntq zmm`` where the CPU has AVX512_VPOPCNTDQ, else to a nibble-table expansion
+  (``vpshufb`` + ``vpsadbw``, Mula, Kurz and Lemire 2016). Offered when the CPU has AVX512F.
+* ``"simd256"``: L = 4 (``<4 x i64>``): ``vpopcntq ymm`` with AVX512_VPOPCNTDQ + AVX512VL,
+  else the nibble table on AVX2. Offered when the CPU has AVX2.
+* ``"scalar"``: L = 1 (``i64``): one ``popcnt`` per word pair. Offered on every CPU.
+
+The words of K past the last whole vector are counted inside the micro-kernel by one step
+each of L/2, L/4, ..., 2 lanes where they remain, then one scalar word (13 words, MNIST's
+784 inputs, take 8 + 4 + 1), so K need not be a multiple of 64 L bits. Lane sums are
+64-bit and cannot overflow. At the end of its K range the micro-kernel sums the lanes of
+all 16 counters at once by a shuffle tree and writes its int32 tile itself, one vector
+store per row (``k - 2 count`` in the last K block). The driver splits the work over
+threads either by blocks of rows of A (``cols = False``) or by blocks of rows of B
+(``cols = True``, for a few rows of A, e.g. the paper's training batch of 100), and blocks
+over rows of B (a block stays in L2) and over K (a register tile's operands stay in L1);
+rows and columns past the last whole tile go through
+:func:`kernels._numba_common.pair_counts`. :func:`bitplane_gemm_into` runs the same
+micro-kernels on an image's 8 bit planes (the first layer on 8-bit input).
+"""
+
+import numba
+import numpy as np
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+from llvmlite import ir
+
+from ._numba_common import jit, pair_counts, popcount64, store
+
+__all__ = ["KERNELS", "LANES", "TILE", "xnor_gemm_into", "bitplane_gemm_into"]
+
+TILE = (4, 4)  # R x C register tile: 16 accumulators + 8 operands fit the 32 zmm registers
+LANES = {"scalar": 1, "simd256": 4, "simd512": 8}
+KERNELS = tuple(LANES)
+_KB_WORDS = 256  # words of K per cache block (16384 bits)
+_L2_BLOCK = 256 * 1024  # bytes of B per cache block
+
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+
+
+def _ctpop_name(lanes):
+    """LLVM's name of the popcount intrinsic on ``lanes`` 64-bit lanes."""
+    return "llvm.ctpop.i64" if lanes == 1 else f"llvm.ctpop.v{lanes}i64"
+
+
+def _reduce_lanes(builder, vectors, lanes):
+    """Horizontal sums of many vectors at once, by a shuffle tree: each step adds the two
+    halves of every group of lanes of two neighbouring vectors, so the P vectors of L lanes
+    become P / L vectors whose lane l of vector q is the sum of input vector q L + l
+    (P L - P adds and shuffles instead of P (L - 1) extracts and adds)."""
+    if lanes == 1:
+        return vectors
+    groups = 1  # groups of lanes per vector; a group holds one input vector's partial sums
+    while groups < lanes:
+        size = lanes // groups  # lanes per group now
+        lo = [q * size + t for q in range(groups) for t in range(size // 2)]
+        hi = [q * size + size // 2 + t for q in range(groups) for t in range(size // 2)]
+        mask_lo = ir.Constant(ir.VectorType(_I32, lanes), lo + [lanes + i for i in lo])
+        mask_hi = ir.Constant(ir.VectorType(_I32, lanes), hi + [lanes + i for i in hi])
+        vectors = [builder.add(builder.shuffle_vector(x, y, mask_lo),
+                               builder.shuffle_vector(x, y, mask_hi))
+                   for x, y in zip(vectors[0::2], vectors[1::2])]
+        groups *= 2
+    return vectors
+
+
+def _micro_kernel(lanes, rows, cols, epilogue=False):
+    """A Numba intrinsic ``mk(a_addr, a_stride, b_addr, b_stride, w0, w1, out_addr)``:
+    for the ``rows`` rows of A at byte address ``a_addr`` (row stride ``a_stride`` bytes)
+    and the ``cols`` rows of B at ``b_addr``, store sum over words w in [w0, w1) of
+    popcount(a[r, w] ^ b[c, w]) as int64 at ``out_addr[r * cols + c]``.
+
+    With ``epilogue``, ``mk(..., w0, w1, out_addr, out_stride, k, mode)`` writes the int32
+    result tile itself: ``v = count`` (plus the int32 already at ``out_addr + r out_stride +
+    4 c`` unless ``mode & 1``, the first K block), then ``v = k - 2 v`` when ``mode & 2``
+    (the last K block), a row of ``cols`` values per vector store: no zero-filled output,
+    no separate pass over the counts."""
+    vec = _I64 if lanes == 1 else ir.VectorType(_I64, lanes)
+
+    def codegen(context, builder, signature, args):
+        a_addr, a_stride, b_addr, b_stride, w0, w1, out_addr = args[:7]
+        c64 = lambda v: ir.Constant(_I64, v)  # noqa: E731
+        ctpop_v = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vec, [vec]), _ctpop_name(lanes))
+        ctpop_s = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_I64, [_I64]), _ctpop_name(1))
+
+        def load(base, stride, row, w, ty):
+            off = builder.add(builder.mul(c64(row), stride), builder.mul(w, c64(8)))
+            ptr = builder.inttoptr(builder.add(base, off), ty.as_pointer())
+            return builder.load(ptr, align=8)
+
+        pairs = [(r, c) for r in range(rows) for c in range(cols)]
+        zero_v = ir.Constant(vec, None)
+        acc = {p: cgutils.alloca_once_value(builder, zero_v) for p in pairs}
+        tail = {p: cgutils.alloca_once_value(builder, c64(0)) for p in pairs}
+        n_vec = builder.udiv(builder.sub(w1, w0), c64(lanes))
+        with cgutils.for_range(builder, n_vec) as loop:
+            w = builder.add(w0, builder.mul(loop.index, c64(lanes)))
+            av = [load(a_addr, a_stride, r, w, vec) for r in range(rows)]
+            bv = [load(b_addr, b_stride, c, w, vec) for c in range(cols)]
+            for r, c in pairs:
+                cnt = builder.call(ctpop_v, [builder.xor(av[r], bv[c])])
+                builder.store(builder.add(builder.load(acc[(r, c)]), cnt), acc[(r, c)])
+        # the words past the last whole vector: one step each of L/2, L/4, ..., 2 lanes
+        # where they remain (added to the L-lane counters, zero-extended), then one word
+        cur = cgutils.alloca_once_value(builder, builder.add(w0, builder.mul(n_vec,
+                                                                           c64(lanes))))
+        width = lanes // 2
+        while width >= 2:
+            part = ir.VectorType(_I64, width)
+            ctpop_p = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(part, [part]), _ctpop_name(width))
+            widen = ir.Constant(ir.VectorType(_I32, lanes),
+                                list(range(width)) + [width] * (lanes - width))
+            w = builder.load(cur)
+            with builder.if_then(builder.icmp_signed(">=", builder.sub(w1, w), c64(width))):
+                av = [load(a_addr, a_stride, r, w, part) for r in range(rows)]
+                bv = [load(b_addr, b_stride, c, w, part) for c in range(cols)]
+                for r, c in pairs:
+                    cnt = builder.call(ctpop_p, [builder.xor(av[r], bv[c])])
+                    cnt = builder.shuffle_vector(cnt, ir.Constant(part, None), widen)
+                    builder.store(builder.add(builder.load(acc[(r, c)]), cnt), acc[(r, c)])
+                builder.store(builder.add(w, c64(width)), cur)
+            width //= 2
+        if lanes > 1:
+            with cgutils.for_range_slice(builder, builder.load(cur), w1, c64(1)) as (w, _):
+                av = [load(a_addr, a_stride, r, w, _I64) for r in range(rows)]
+                bv = [load(b_addr, b_stride, c, w, _I64) for c in range(cols)]
+                for r, c in pairs:
+                    cnt = builder.call(ctpop_s, [builder.xor(av[r], bv[c])])
+                    builder.store(builder.add(builder.load(tail[(r, c)]), cnt), tail[(r, c)])
+        sums = _reduce_lanes(builder, [builder.load(acc[p]) for p in pairs], lanes)
+        sums = [cgutils.alloca_once_value(builder, v) for v in sums]  # sums[q]: pairs qL..
+        if lanes > 1:
+            has_tail = builder.icmp_signed("<", builder.load(cur), w1)  # an odd last word
+            with builder.if_then(has_tail, likely=False):
+                for idx, p in enumerate(pairs):
+                    q, lane = divmod(idx, lanes)
+                    v = builder.load(sums[q])
+                    x = builder.add(builder.extract_element(v, c64(lane)),
+                                    builder.load(tail[p]))
+                    builder.store(builder.insert_element(v, x, c64(lane)), sums[q])
+        if epilogue:
+            _store_tile(builder, [builder.load(v) for v in sums], lanes, rows, cols,
+                        out_addr, *args[7:])
+        else:
+            out = builder.inttoptr(out_addr, _I64.as_pointer())
+            for q, v in enumerate(sums):
+                ptr = builder.bitcast(builder.gep(out, [c64(q * lanes)]), vec.as_pointer())
+                builder.store(builder.load(v), ptr, align=8)
+        return context.get_dummy_value()
+
+    if epilogue:
+        @intrinsic
+        def mk(typingctx, a_addr, a_stride, b_addr, b_stride, w0, w1, out_addr, out_stride, k,
+               mode):
+            return types.void(*([types.intp] * 10)), codegen
+    else:
+        @intrinsic
+        def mk(typingctx, a_addr, a_stride, b_addr, b_stride, w0, w1, out_addr):
+            return types.void(*([types.intp] * 7)), codegen
+    return mk
+
+
+def _store_tile(builder, sums, lanes, rows, cols, out_addr, out_stride, k, mode):
+    """The epilogue of an ``epilogue`` micro-kernel: per row of the tile, the ``cols`` int32
+    counts as one vector, added to what the output holds unless ``mode & 1``, turned into
+    ``k - 2 v`` when ``mode & 2``, and stored (unaligned) into the int32 output."""
+    c64 = lambda v: ir.Constant(_I64, v)  # noqa: E731
+    row_t = ir.VectorType(_I32, cols)
+    first = builder.icmp_unsigned("!=", builder.and_(mode, c64(1)), c64(0))
+    final = builder.icmp_unsigned("!=", builder.and_(mode, c64(2)), c64(0))
+    k32 = builder.trunc(k, _I32)
+    kv = builder.insert_element(ir.Constant(row_t, ir.Undefined), k32, ir.Constant(_I32, 0))
+    kv = builder.shuffle_vector(kv, ir.Constant(row_t, ir.Undefined),
+                                ir.Constant(ir.VectorType(_I32, cols), [0] * cols))
+    for r in range(rows):
+        if lanes == 1:
+            v = ir.Constant(row_t, ir.Undefined)
+            for c in range(cols):
+                v = builder.insert_element(v, builder.trunc(sums[r * cols + c], _I32),
+                                           ir.Constant(_I32, c))
+        else:
+            q, lane = divmod(r * cols, lanes)  # a row's cols counts lie in one vector
+            wide = builder.trunc(sums[q], ir.VectorType(_I32, lanes))
+            v = builder.shuffle_vector(wide, ir.Constant(ir.VectorType(_I32, lanes), ir.Undefined),
+                                       ir.Constant(ir.VectorType(_I32, cols),
+                                                   list(range(lane, lane + cols))))
+        ptr = builder.inttoptr(builder.add(out_addr, builder.mul(c64(r), out_stride)),
+                               row_t.as_pointer())
+        prev = builder.load(ptr, align=4)
+        v = builder.select(first, v, builder.add(v, prev))
+        done = builder.sub(kv, builder.shl(v, ir.Constant(row_t, [1] * cols)))
+        builder.store(builder.select(final, done, v), ptr, align=4)
+
+
+_R, _C = TILE
+_mk_scalar = _micro_kernel(1, _R, _C)
+_mk_simd256 = _micro_kernel(4, _R, _C)
+_mk_simd512 = _micro_kernel(8, _R, _C)
+_mk_scalar_st = _micro_kernel(1, _R, _C, epilogue=True)
+_mk_simd256_st = _micro_kernel(4, _R, _C, epilogue=True)
+_mk_simd512_st = _micro_kernel(8, _R, _C, epilogue=True)
+
+
+@jit(inline="always")
+def _split(chunk, n_chunks, m, n, cols):
+    """Row tiles [t0, t1) and columns [j0, j1) (j0 at a tile boundary) of one chunk."""
+    tiles_i, tiles_j = m // _R, n // _C
+    if cols:
+        u0 = tiles_j * chunk // n_chunks
+        u1 = tiles_j * (chunk + 1) // n_chunks
+        return 0, tiles_i, u0 * _C, n if chunk == n_chunks - 1 else u1 * _C
+    return tiles_i * chunk // n_chunks, tiles_i * (chunk + 1) // n_chunks, 0, n
+
+
+@jit(parallel=True)
+def _drive(a, b, cnt, k, lanes, n_chunks, cols, kb, nb):
+    """The blocked, parallel driver of every micro-kernel (``lanes`` picks which: one
+    compiled function for the three, the branch is taken once per tile and K block). The
+    micro-kernels write ``cnt`` themselves, so it need not be zeroed."""
+    m, w_count = a.shape
+    n = b.shape[0]
+    sa, sb, so = a.strides[0], b.strides[0], cnt.strides[0]
+    a0, b0, o0 = a.ctypes.data, b.ctypes.data, cnt.ctypes.data
+    tiles_i, jt_all = m // _R, n // _C * _C
+    for chunk in prange(n_chunks):
+        t0, t1, j0, j1 = _split(chunk, n_chunks, m, n, cols)
+        jt = min(j1, jt_all)  # end of this chunk's whole column tiles
+        for jb in range(j0, jt, nb):
+            je = min(jb + nb, jt)
+            for wb in range(0, w_count, kb):
+                we = min(wb + kb, w_count)
+                mode = (1 if wb == 0 else 0) | (2 if we == w_count else 0)
+                for t in range(t0, t1):
+                    i = t * _R
+                    for j in range(jb, je, _C):
+                        pa, pb, po = a0 + i * sa, b0 + j * sb, o0 + i * so + 4 * j
+                        if lanes == 8:
+                            _mk_simd512_st(pa, sa, pb, sb, wb, we, po, so, k, mode)
+                        elif lanes == 4:
+                            _mk_simd256_st(pa, sa, pb, sb, wb, we, po, so, k, mode)
+                        else:
+                            _mk_scalar_st(pa, sa, pb, sb, wb, we, po, so, k, mode)
+        # pairs outside whole tiles: columns past the last whole column tile for this
+        # chunk's row tiles; rows past the last whole row tile (chunk holding it) for j0..j1
+        if j1 > jt_all:
+            _fill(cnt, t0 * _R, t1 * _R, max(j0, jt_all), j1)
+            pair_counts(a, b, t0 * _R, t1 * _R, max(j0, jt_all), j1, 0, w_count, cnt, k, True)
+        if t1 == tiles_i:
+            _fill(cnt, tiles_i * _R, m, j0, j1)
+            pair_counts(a, b, tiles_i * _R, m, j0, j1, 0, w_count, cnt, k, True)
+
+
+@jit(inline="always")
+def _fill(cnt, i0, i1, j0, j1):
+    """Zero cnt[i0:i1, j0:j1] (``pair_counts`` adds to what is there)."""
+    for i in range(i0, i1):
+        for j in range(j0, j1):
+            cnt[i, j] = 0
+
+
+def xnor_gemm_into(name, a, b, cnt, k, cols=None, threads=None):
+    """Write k - 2 popcount(a[i] ^ b[j]) into ``cnt[i, j]`` with kernel ``name``.
+
+    Expects what :func:`kernels.numba_cpu.xnor_gemm` has checked and prepared: C-contiguous
+    uint64 ``a`` (M, W) and ``b`` (N, W), M, N, W >= 1, zero padding bits, ``cnt`` int32
+    (M, N) C-contiguous (its contents are overwritten, need not be zero). ``cols``: split
+    the threads over rows of B (True) or of A (False); None picks rows of B when A has
+    fewer row tiles than there are threads x 4.
+    ``threads``: at most this many (default ``numba.get_num_threads()``).
+    """
+    m, w_count = a.shape
+    n = b.shape[0]
+    threads = numba.get_num_threads() if threads is None else threads
+    if cols is None:
+        cols = m // _R < 4 * threads
+    n_chunks = max(1, min(threads, (n // _C) if cols else (m // _R)))
+    kb = min(w_count, _KB_WORDS)
+    nb = max(_C, _L2_BLOCK // (8 * kb) // _C * _C)
+    _drive(a, b, cnt, k, LANES[name], n_chunks, bool(cols), kb, nb)
+
+
+# ------------------------------------------------------------ 8-bit input by bit planes
+
+
+@jit(parallel=True)
+def _drive_planes(p, b, z, k, lanes, n_chunks, nb):
+    """z[i, j] = 255 k - 2 sum_n 2^n popcount(p[8 i + n] ^ b[j]) with the micro-kernels: the
+    4 x 4 tile takes planes 0-3, then 4-7, of one image against 4 rows of B, and the counts
+    are weighted by 2^n as they leave the registers (no (8 M, N) partial products)."""
+    m8, w_count = p.shape
+    m, n = m8 // 8, b.shape[0]
+    sp, sb = p.strides[0], b.strides[0]
+    p0, b0 = p.ctypes.data, b.ctypes.data
+    jt = n // _C * _C
+    for chunk in prange(n_chunks):
+        tmp = np.zeros(_R * _C, dtype=np.int64)
+        tmp_addr = tmp.ctypes.data
+        i0, i1 = m * chunk // n_chunks, m * (chunk + 1) // n_chunks
+        for jb in range(0, jt, nb):
+            je = min(jb + nb, jt)
+            for i in range(i0, i1):
+                for half in range(2):
+                    pa = p0 + (8 * i + 4 * half) * sp
+                    for j in range(jb, je, _C):
+                        pb = b0 + j * sb
+                        if lanes == 8:
+                            _mk_simd512(pa, sp, pb, sb, 0, w_count, tmp_addr)
+                        elif lanes == 4:
+                            _mk_simd256(pa, sp, pb, sb, 0, w_count, tmp_addr)
+                        else:
+                            _mk_scalar(pa, sp, pb, sb, 0, w_count, tmp_addr)
+                        for c in range(_C):
+                            s = np.int64(0)
+                            for r in range(_R):
+                                s += tmp[r * _C + c] << (4 * half + r)
+                            z[i, j + c] += np.int32(s)
+        for i in range(i0, i1):
+            for j in range(jt, n):  # columns past the last whole tile
+                s = np.int64(0)
+                for plane in range(8):
+                    c = np.uint64(0)
+                    for w in range(w_count):
+                        c += popcount64(p[8 * i + plane, w] ^ b[j, w])
+                    s += np.int64(c) << plane
+                z[i, j] = np.int32(s)
+            for j in range(n):
+                z[i, j] = np.int32(255 * k) - 2 * z[i, j]
+
+
+def bitplane_gemm_into(name, planes, b, z, k, threads=None):
+    """Write sum_n 2^n (k - 2 popcount(planes[i, n] ^ b[j])) into ``z[i, j]`` with kernel
+    ``name``: C-contiguous uint64 ``planes`` (M, 8, W) and ``b`` (N, W), M, N, W >= 1, zero
+    padding bits, ``z`` int32 (M, N) C-contiguous and all zero (checked by the caller)."""
+    m, _, w_count = planes.shape
+    threads = numba.get_num_threads() if threads is None else threads
+    n_chunks = max(1, min(threads, m))
+    nb = max(_C, _L2_BLOCK // (8 * w_count) // _C * _C)
+    _drive_planes(planes.reshape(8 * m, w_count), b, z, k, LANES[name], n_chunks, nb)

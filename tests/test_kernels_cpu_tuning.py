@@ -1,0 +1,280 @@
+"""The CPU GEMM micro-kernels one by one, and the autotune that picks among them.
+
+Every kernel the autotune can pick is checked bit-exact against ``kernels.reference`` on
+awkward shapes, with both ways of splitting the work over threads; the autotune's cache is
+written, read back, survives corruption with a warning, and a forced choice wins. No test
+depends on which kernel is fastest here.
+"""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from minibnn.kernels import autotune, numba_cpu, numba_simd, numba_vnni, reference
+
+SIMD = [k for k in numba_simd.KERNELS if k in numba_cpu.available_kernels()]
+
+# (M, N, K): K not a multiple of 64 or of a vector, M or N of 1, odd sizes, more than one
+# K block (W > 256 words) and more than one block of B rows.
+AWKWARD = [(1, 1, 1), (1, 7, 65), (7, 1, 130), (3, 5, 63), (5, 3, 64 * 9 + 1), (4, 4, 512),
+           (9, 13, 4095), (17, 33, 64 * 257 + 5), (6, 1030, 300), (33, 2, 1000), (2, 33, 200),
+           (5, 6, 389), (3, 9, 784)]  # 7 words = 4 + 2 + 1, 13 words = 8 + 4 + 1
+
+
+def operands(m, n, k, seed):
+    rng = np.random.default_rng(seed)
+    return (reference.pack_rows(rng.random((m, k)) < 0.5),
+            reference.pack_rows(rng.random((n, k)) < 0.5))
+
+
+@pytest.mark.parametrize("name", SIMD)
+@pytest.mark.parametrize("cols", [False, True])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("m,n,k", AWKWARD)
+def test_micro_kernels_bit_exact(name, cols, threads, m, n, k):
+    a, b = operands(m, n, k, m * 1000 + n * 10 + k)
+    cnt = np.zeros((m, n), np.int32)
+    numba_simd.xnor_gemm_into(name, a, b, cnt, k, cols=cols, threads=threads)
+    np.testing.assert_array_equal(cnt, reference.xnor_gemm(a, b, k))
+
+
+@pytest.mark.parametrize("name", ["generic"] + SIMD)
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (3, 5, 70), (2, 7, 784), (9, 4, 389),
+                                   (5, 13, 4096), (4, 6, 64 * 9 + 3)])
+def test_bitplane_variants_bit_exact(name, m, n, k):
+    """Every variant of the fused bit-plane product (the first layer on 8-bit input)."""
+    rng = np.random.default_rng(m + n + k)
+    x = rng.integers(0, 256, size=(m, k), dtype=np.uint8)
+    x[0, :3] = (0, 255, 128)[:k]
+    planes = reference.pack_bitplanes(x)
+    w = reference.pack_rows(rng.random((n, k)) < 0.5)
+    want = reference.bitplane_gemm(planes, w, k)
+    np.testing.assert_array_equal(numba_cpu.bitplane_gemm(planes, w, k, kernel=name), want)
+    np.testing.assert_array_equal(want, (2 * x.astype(np.int64) - 255)
+                                  @ reference.unpack_rows(w, k, np.int64).T)
+
+
+def test_bitplane_rejects_unknown_kernel():
+    planes = reference.pack_bitplanes(np.zeros((1, 10), np.uint8))
+    with pytest.raises(ValueError, match="kernel: expected one of"):
+        numba_cpu.bitplane_gemm(planes, reference.pack_rows(np.ones((2, 10))), 10, kernel="avx2")
+
+
+@pytest.mark.parametrize("name", numba_cpu.available_kernels())
+def test_every_variant_through_xnor_gemm_with_out(name):
+    a, b = operands(10, 11, 777, 3)
+    out = np.full((10, 11), 12345, np.int32)  # stale contents are overwritten
+    got = numba_cpu.xnor_gemm(a, b, 777, kernel=name, out=out)
+    assert got is out
+    np.testing.assert_array_equal(out, reference.xnor_gemm(a, b, 777))
+
+
+def test_xnor_gemm_out_is_checked():
+    a, b = operands(3, 4, 100, 0)
+    for bad in (np.zeros((4, 3), np.int32), np.zeros((3, 4), np.int64),
+                np.zeros((4, 3), np.int32).T, [[0] * 4] * 3):
+        with pytest.raises(ValueError, match=r"out: expected a C-contiguous int32 array of "
+                                             r"shape \(3, 4\)"):
+            numba_cpu.xnor_gemm(a, b, 100, out=bad)
+
+
+def test_vector_popcount_in_the_machine_code():
+    """Where the CPU has AVX512_VPOPCNTDQ, LLVM turns the vector ctpop into vpopcntq."""
+    if not autotune.isa_features()["features"]["avx512_vpopcntdq"] or "simd512" not in SIMD:
+        pytest.skip("this CPU has no AVX512_VPOPCNTDQ")
+    from numba import njit
+
+    mk = numba_simd._mk_simd512
+
+    @njit  # compiled here, not loaded from numba's cache, so its assembly can be read
+    def tile(a, b, out):
+        mk(a.ctypes.data, a.strides[0], b.ctypes.data, b.strides[0], 0, a.shape[1],
+           out.ctypes.data)
+
+    a, b = operands(4, 4, 4096, 1)
+    out = np.zeros(16, np.int64)
+    tile(a, b, out)
+    want = 4096 - reference.xnor_gemm(a, b, 4096).ravel()
+    np.testing.assert_array_equal(out, want // 2)  # popcounts: k - 2 pop = result
+    asm = "".join(tile.inspect_asm().values())
+    assert "vpopcntq" in asm and "zmm" in asm
+
+
+def test_isa_features_are_reported():
+    isa = autotune.isa_features()
+    assert set(isa["features"]) >= {"popcnt", "avx2", "avx512f", "avx512bw",
+                                    "avx512_vpopcntdq", "avx512_vnni"}
+    assert all(isinstance(v, bool) for v in isa["features"].values())
+    assert isinstance(isa["cpu"], str) and isa["cpu"]
+    assert "numba" in autotune.machine_key(isa)
+
+
+@pytest.mark.skipif(not numba_vnni.available(), reason="this CPU has no AVX512-VNNI")
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (5, 7, 3), (13, 784, 70), (4, 64, 64),
+                                   (9, 1001, 129), (0, 5, 3), (3, 0, 5), (300, 33, 200)])
+def test_vnni_product_is_exact(m, k, n):
+    rng = np.random.default_rng(m + k + n)
+    x = rng.integers(0, 256, size=(m, k), dtype=np.uint8)
+    w = rng.integers(-128, 128, size=(n, k), dtype=np.int8)  # any int8, +-1 among them
+    w[:, :1] = -128
+    x[:, :1] = 255
+    got = numba_vnni.int8_gemm(x, numba_vnni.pack_weights(w), n)
+    assert got.dtype == np.int32 and got.shape == (m, n)
+    np.testing.assert_array_equal(got, x.astype(np.int64) @ w.T.astype(np.int64))
+    # reused buffers with stale contents give the same
+    mp, kp = -(-m // 4) * 4, -(-k // 4) * 4
+    out = np.full((mp, -(-n // 64) * 64), 7, np.int32)
+    xb = np.full((mp, kp), 9, np.uint8)
+    again = numba_vnni.int8_gemm(x, numba_vnni.pack_weights(w), n, out=out, x_buf=xb)
+    np.testing.assert_array_equal(again, got)
+
+
+@pytest.mark.skipif(not numba_vnni.available(), reason="this CPU has no AVX512-VNNI")
+def test_vnni_operands_are_checked():
+    w = numba_vnni.pack_weights(np.ones((3, 10), np.int8))
+    with pytest.raises(ValueError, match="w: expected int8 weights of shape"):
+        numba_vnni.pack_weights(np.ones((3, 10)))
+    with pytest.raises(ValueError, match="x: expected uint8 pixels"):
+        numba_vnni.int8_gemm(np.ones((2, 10), np.int8), w, 3)
+    with pytest.raises(ValueError, match="wp: expected packed int8 weights for K = 13"):
+        numba_vnni.int8_gemm(np.ones((2, 13), np.uint8), w, 3)
+    with pytest.raises(ValueError, match="out: expected a C-contiguous int32 array"):
+        numba_vnni.int8_gemm(np.ones((2, 10), np.uint8), w, 3, out=np.zeros((2, 3), np.int32))
+
+
+# ------------------------------------------------------------------------- autotune
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty autotune cache directory, no forced kernel, autotune on."""
+    monkeypatch.setenv("MINIBNN_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("MINIBNN_GEMM_KERNEL", raising=False)
+    monkeypatch.delenv("MINIBNN_AUTOTUNE", raising=False)
+    autotune.clear_memory()
+    yield tmp_path / autotune.CACHE_FILE
+    autotune.clear_memory()
+
+
+def fake_runner(calls):
+    """A ``run`` for ``choose`` that records its calls and takes no time."""
+    return lambda name, a, b, k: calls.append((name, a.shape, b.shape, k))
+
+
+def test_cache_dir_default_and_xdg(monkeypatch, tmp_path):
+    monkeypatch.delenv("MINIBNN_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert autotune.cache_path() == tmp_path / "minibnn" / "gemm_autotune.json"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert autotune.cache_dir() == tmp_path / "home" / ".cache" / "minibnn"
+
+
+def test_choice_is_measured_written_and_read_back(cache):
+    calls = []
+    names = ("generic", "scalar")
+    got = autotune.choose(100, 4096, 64, names, fake_runner(calls))
+    assert got in names and {c[0] for c in calls} == set(names)
+    assert calls[0][1:] == ((100, 64), (1024, 64), 4096)  # the class's timed product
+    data = json.loads(cache.read_text())
+    (machine,) = data["machines"].values()
+    cls = autotune.shape_class(100, 4096, 64)[0]
+    assert machine["choices"][cls]["kernel"] == got
+    assert set(machine["choices"][cls]["seconds"]) == set(names)
+    # the same class again, in a "new process": read from the file, nothing timed
+    autotune.clear_memory()
+    calls.clear()
+    assert autotune.choose(200, 2000, 40, names, fake_runner(calls)) == got
+    assert calls == []
+    # a planted choice in the file is what the next process uses
+    machine["choices"][cls]["kernel"] = "scalar" if got == "generic" else "generic"
+    cache.write_text(json.dumps(data))
+    autotune.clear_memory()
+    assert autotune.choose(100, 4096, 64, names, fake_runner(calls)) != got and calls == []
+    # unless an older tuner made it: then it is measured again
+    machine["choices"][cls]["tuner"] = autotune.TUNER - 1
+    cache.write_text(json.dumps(data))
+    autotune.clear_memory()
+    autotune.choose(100, 4096, 64, names, fake_runner(calls))
+    assert calls
+
+
+def test_other_shape_classes_are_timed_apart(cache):
+    calls = []
+    autotune.choose(100, 4096, 64, ("generic", "scalar"), fake_runner(calls))
+    n = len(calls)
+    autotune.choose(4, 10, 2, ("generic", "scalar"), fake_runner(calls))
+    assert len(calls) > n and calls[n][1:] == ((8, 4), (32, 4), 256)
+
+
+def test_corrupt_cache_is_ignored_with_a_warning(cache):
+    cache.write_text("{not json")
+    with pytest.warns(RuntimeWarning, match="corrupt GEMM autotune cache"):
+        got = autotune.choose(100, 4096, 64, ("generic", "scalar"), fake_runner([]))
+    data = json.loads(cache.read_text())  # rewritten whole
+    assert list(data["machines"].values())[0]["choices"]
+
+
+def test_wrong_format_and_unknown_kernel_in_cache(cache):
+    cache.write_text(json.dumps({"format": 999, "machines": {}}))
+    with pytest.warns(RuntimeWarning, match="corrupt"):
+        autotune.choose(1, 1, 1, ("generic",), fake_runner([]))
+    # a recorded kernel this machine no longer offers is measured again
+    data = json.loads(cache.read_text())
+    for m in data["machines"].values():
+        for r in m["choices"].values():
+            r["kernel"] = "fortran"
+    cache.write_text(json.dumps(data))
+    autotune.clear_memory()
+    calls = []
+    assert autotune.choose(1, 1, 1, ("generic",), fake_runner(calls)) == "generic" and calls
+
+
+def test_unwritable_cache_warns_and_keeps_the_choice(tmp_path, monkeypatch, cache):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("MINIBNN_CACHE_DIR", str(blocker / "sub"))  # parent is a file
+    with pytest.warns(RuntimeWarning, match="cannot write the GEMM autotune cache"):
+        got = autotune.choose(100, 4096, 64, ("generic", "scalar"), fake_runner([]))
+    calls = []
+    assert autotune.choose(100, 4096, 64, ("generic", "scalar"), fake_runner(calls)) == got
+    assert calls == []
+
+
+def test_forced_choice_is_honoured(cache, monkeypatch):
+    monkeypatch.setenv("MINIBNN_GEMM_KERNEL", "scalar")
+    calls = []
+    assert autotune.choose(100, 4096, 64, ("generic", "scalar"), fake_runner(calls)) == "scalar"
+    assert calls == [] and not cache.exists()
+    a, b = operands(9, 10, 300, 4)
+    np.testing.assert_array_equal(numba_cpu.xnor_gemm(a, b, 300), reference.xnor_gemm(a, b, 300))
+    assert numba_cpu.default_kernel(9, 10, 300) == "scalar"
+    monkeypatch.setenv("MINIBNN_GEMM_KERNEL", "fortran")
+    with pytest.raises(ValueError, match="MINIBNN_GEMM_KERNEL: expected one of"):
+        numba_cpu.xnor_gemm(a, b, 300)
+
+
+def test_autotune_off_uses_the_static_choice(cache, monkeypatch):
+    monkeypatch.setenv("MINIBNN_AUTOTUNE", "0")
+    calls = []
+    names = numba_cpu.available_kernels()
+    got = autotune.choose(100, 4096, 64, names, fake_runner(calls))
+    assert got == autotune.static_choice(names) and calls == [] and not cache.exists()
+    no_avx = {"features": {"avx2": False, "avx512_vpopcntdq": False}}
+    assert autotune.static_choice(("generic", "scalar"), no_avx) == "scalar"
+    vp = {"features": {"avx2": True, "avx512_vpopcntdq": True}}
+    assert autotune.static_choice(("generic", "scalar", "simd256", "simd512"), vp) == "simd512"
+
+
+def test_real_autotune_picks_an_available_kernel(cache):
+    """Measured for real (small class): the winner is some variant, recorded with times."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = numba_cpu.default_kernel(3, 5, 100)
+    assert got in numba_cpu.available_kernels()
+    (machine,) = json.loads(cache.read_text())["machines"].values()
+    (record,) = machine["choices"].values()
+    assert set(record["seconds"]) == set(numba_cpu.available_kernels())
+    assert all(t > 0 for t in record["seconds"].values())
