@@ -518,7 +518,13 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.run_dir, self.epoch = run_dir, epoch
 
 
-def train_epoch(model, opt, loss_fn, x, y, batch_size, rng, bar=None, dp=None):
+#: batches between two reads of the training loss and error count on the host, per backend.
+#: Each read waits for the device, so on the GPU they are summed there and read this often
+#: (a non-finite loss is then reported within that many batches); on the CPU a read is free.
+HOST_READ_EVERY = {"cupy": 50}
+
+
+def train_epoch(model, opt, loss_fn, x, y, batch_size, rng, bar=None, dp=None, read_every=None):
     """One pass over (x, y) in mini-batches shuffled by ``rng``; returns
     (mean loss, training error, images seen).
 
@@ -527,24 +533,48 @@ def train_epoch(model, opt, loss_fn, x, y, batch_size, rng, bar=None, dp=None):
     TrainingDiverged: every step after it would only spread NaN through the weights. With
     ``dp`` every rank draws the same permutation, trains on its shard of each batch, and
     the sums are added over the ranks at the end (the progress bar shows rank 0's shards).
+
+    The loss (in float64) and the error count are summed where the arrays live and read on
+    the host every ``read_every`` batches (default ``HOST_READ_EVERY`` of the backend, else
+    every batch) and after the last: the sums, and so the result, do not depend on it.
     """
     model.train()
+    read_every = int(read_every or HOST_READ_EVERY.get(backend.active(), 1))
     loss_sum, wrong, seen = 0.0, 0, 0
-    for b, batch in enumerate(data.batches(len(x), batch_size, rng=rng)):
+    pending = dict(loss=None, wrong=None, first=1)  # device sums since the last read
+
+    def read(last):
+        nonlocal loss_sum, wrong
+        if pending["loss"] is None:
+            return
+        value = float(pending["loss"])
+        if not math.isfinite(value):
+            where = (f"batch {last}" if pending["first"] == last
+                     else f"batches {pending['first']} to {last}")
+            raise TrainingDiverged(f"the training loss became {value} in {where} "
+                                   f"(learning rate {opt.lr:.3g})")
+        loss_sum += value
+        wrong += int(pending["wrong"])
+        pending.update(loss=None, wrong=None, first=last + 1)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{1 - wrong / seen:.4f}",
+                            refresh=False)  # tqdm itself shows images/s
+
+    b = 0
+    for b, batch in enumerate(data.batches(len(x), batch_size, rng=rng), start=1):
         idx = batch if dp is None else dp.shard(batch)
         yb = backend.asarray(y[idx])
         loss, scores = train_step(model, opt, loss_fn, backend.asarray(x[idx]), yb, dp)
-        value = float(loss.item())
-        if not math.isfinite(value):
-            raise TrainingDiverged(f"the training loss became {value} in batch {b + 1} "
-                                   f"(learning rate {opt.lr:.3g})")
-        loss_sum += value * len(idx)
-        wrong += int((scores.data.argmax(axis=1) != yb).sum())
+        step_loss = loss.data.astype(np.float64) * len(idx)
+        step_wrong = (scores.data.argmax(axis=1) != yb).sum()
+        pending["loss"] = step_loss if pending["loss"] is None else pending["loss"] + step_loss
+        pending["wrong"] = step_wrong if pending["wrong"] is None else pending["wrong"] + step_wrong
         seen += len(idx)
         if bar is not None:
             bar.update(len(batch))
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{1 - wrong / seen:.4f}",
-                            refresh=False)  # tqdm itself shows images/s
+        if b % read_every == 0:
+            read(b)
+    read(b)
     if dp is not None:
         loss_sum, wrong, seen = dp.comm.sum_values(loss_sum, wrong, seen)
         wrong, seen = int(wrong), int(seen)

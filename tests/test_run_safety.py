@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minibnn import cli, data, deploy, io, models, nn, runs
+from minibnn import cli, data, deploy, io, losses, models, nn, optim, runs
 from minibnn import train as T
 from minibnn.tensor import Tensor
 
@@ -483,3 +483,36 @@ def test_ctrl_c_messages_fit_the_command(tmp_path, capsys, monkeypatch, one_epoc
     err = capsys.readouterr().err
     assert f"the checkpoint of epoch 1 is kept; resume with: python -m minibnn train " \
            f"--resume {run}" in err
+
+
+def test_loss_is_read_on_the_host_every_n_batches_with_the_same_result(monkeypatch):
+    """train_epoch sums loss and errors where the arrays live and reads them every
+    ``read_every`` batches (the GPU default avoids a device sync per step): the epoch's
+    result is the same, and a NaN is still caught, within the batches of one read."""
+    def epoch(read_every, nan_at=None):
+        rng = np.random.default_rng(0)
+        model = models.mnist_mlp(hidden=16, layers=1, dropout_in=0, dropout_hidden=0, rng=rng)
+        opt = optim.Adam(model.parameters(), lr=1e-3)
+        x = rng.uniform(-1, 1, (230, 784)).astype(np.float32)
+        y = rng.integers(0, 10, 230)
+        real, calls = T.train_step, []
+
+        def step(*args):
+            loss, scores = real(*args)
+            calls.append(1)
+            return (Tensor(np.float32(np.nan)) if len(calls) == nan_at else loss), scores
+        monkeypatch.setattr(T, "train_step", step)
+        try:
+            return T.train_epoch(model, opt, losses.squared_hinge, x, y, 20,
+                                 np.random.default_rng(1), read_every=read_every)
+        finally:
+            monkeypatch.undo()
+
+    every = epoch(1)
+    assert epoch(7) == every and epoch(50) == every and every[2] == 230
+    with pytest.raises(T.TrainingDiverged, match="became nan in batch 3 "):
+        epoch(1, nan_at=3)
+    with pytest.raises(T.TrainingDiverged, match="became nan in batches 1 to 4 "):
+        epoch(4, nan_at=3)
+    with pytest.raises(T.TrainingDiverged, match="became nan in batches 9 to 12 "):
+        epoch(4, nan_at=11)  # 12 batches: the last read covers 9..12
