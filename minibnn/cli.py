@@ -178,13 +178,14 @@ def _train(args, comm):
 
 class _Trained(NamedTuple):
     """A network read from the command line: ``net`` a model in eval mode or a FrozenBNN,
-    ``cfg`` its run's TrainConfig (None for a lone model or frozen file), ``source`` what
-    was read, for messages."""
+    ``cfg`` its run's TrainConfig (None for a frozen file or a model file that stores no
+    options), ``source`` what was read, for messages."""
 
     net: object
     cfg: object
     source: str
     zca: bool = False  # trained on ZCA-whitened images, whose transform is not stored
+    record: dict | None = None  # the run's ``train.data_record``, what eval checks data against
 
     def check_raw_pixels(self, what):
         """ValueError when ``what`` (freeze, predict) would feed raw pixels to a network
@@ -227,46 +228,67 @@ def _npz_kind(path):
                      f"entries: {', '.join(sorted(names)[:6]) or 'none'})")
 
 
-def _from_checkpoint(ck, source):
-    """The best epoch so far of a checkpoint (as ``runs.read_checkpoint`` returns it)."""
+def _best_so_far(ck, cfg, source):
+    """The model of a checkpoint's best epoch so far (``ck`` as ``runs.read_checkpoint``
+    returns it, ``cfg`` its TrainConfig), in eval mode; ValueError naming ``source``."""
     import numpy as np
 
     from . import models
-    from .train import TrainConfig
-    cfg = TrainConfig(**ck["meta"]["config"])
     model = models.build(cfg.model_config(), rng=np.random.default_rng(0))
     try:
         model.load_state_dict(ck["best"])
     except ValueError as exc:
         raise ValueError(f"{source}: damaged checkpoint: {exc}") from None
-    return _Trained(model.eval(), cfg, f"{source} (best epoch so far, "
-                                       f"{ck['meta']['best_epoch']})", bool(cfg.zca))
+    return model.eval()
 
 
 def _load_trained(path):
     """The network at ``path``: a run folder (its model.npz, or the best epoch of its
-    checkpoint while it trains), a checkpoint file, a model file or a frozen network."""
+    checkpoint while it trains), a checkpoint file, a model file or a frozen network.
+
+    A run folder and a model file carry the run's data record (``eval`` scores them on
+    that data); a lone checkpoint file names its data by its stored options."""
     from . import deploy
     from .models import load_model
     from .runs import CHECKPOINT, MODEL, read_checkpoint, read_checkpoint_file
-    from .train import TrainConfig
+    from .train import stored_config
     path = Path(path)
     if path.is_dir():
-        ck = read_checkpoint(path)
-        if not (path / MODEL).exists():  # unfinished run: best epoch so far
-            return _from_checkpoint(ck, str(path / CHECKPOINT))
-        model, _ = load_model(path / MODEL)
-        cfg = TrainConfig(**ck["meta"]["config"])
-        return _Trained(model, cfg, str(path / MODEL), bool(cfg.zca))
-    if not path.exists():
+        ck_path, ck = path / CHECKPOINT, read_checkpoint(path)
+        record = ck["meta"].get("data")
+    elif not path.exists():
         raise FileNotFoundError(f"{path}: no such run folder or file")
-    kind = _npz_kind(path)
-    if kind == "frozen":
-        return _Trained(deploy.load(path), None, str(path))
-    if kind == "checkpoint":
-        return _from_checkpoint(read_checkpoint_file(path), str(path))
-    model, meta = load_model(path)
-    return _Trained(model, None, str(path), isinstance(meta, dict) and bool(meta.get("zca")))
+    else:
+        kind = _npz_kind(path)
+        if kind == "frozen":
+            return _Trained(deploy.load(path), None, str(path))
+        if kind == "model":
+            model, meta = load_model(path)
+            meta = meta if isinstance(meta, dict) else {}
+            cfg = stored_config(meta["run_config"], path) if "run_config" in meta else None
+            return _Trained(model, cfg, str(path), bool(meta.get("zca")), meta.get("data"))
+        ck_path, ck, record = path, read_checkpoint_file(path), None
+    cfg = stored_config(ck["meta"]["config"], ck_path)
+    if path.is_dir() and (path / MODEL).exists():
+        model, _ = load_model(path / MODEL)
+        return _Trained(model, cfg, str(path / MODEL), bool(cfg.zca), record)
+    return _Trained(_best_so_far(ck, cfg, ck_path), cfg,
+                    f"{ck_path} (best epoch so far, {ck['meta']['best_epoch']})",
+                    bool(cfg.zca), record)
+
+
+def _data_config(trained):
+    """The TrainConfig naming the data of a model file that stores no options: its data
+    record's, else its architecture's data set (MNIST: the shipped copy)."""
+    from .train import TrainConfig
+    record = trained.record
+    if record:
+        return TrainConfig(dataset=record["dataset"], model=record["model"],
+                           data_dir=record["data_dir"],
+                           train_limit=record["split"].get("train_limit"))
+    arch = trained.net.config["arch"]
+    return TrainConfig(dataset=arch.split("_")[0] if arch != "mnist_mlp" else "mnist",
+                       model="mlp" if arch.endswith("mlp") else "convnet")
 
 
 def _batch_size(value):
@@ -301,8 +323,8 @@ def _cmd_eval(args):
     import dataclasses
 
     from . import data
-    from .train import (TrainConfig, _progress, check_same_data, load_dataset,
-                        load_for_eval, prepare_data, split_dataset)
+    from .train import (TrainConfig, _progress, check_same_data, load_dataset, prepare_data,
+                        split_dataset)
     batch_size = _batch_size(args.batch_size)
     trained = _load_trained(args.path)
     record = None
@@ -317,15 +339,14 @@ def _cmd_eval(args):
         data.check_labels(y, trained.net.classes, f"{cfg.data_dir or 'the shipped copy'}, "
                                                   f"{args.split} split")
     else:
-        if Path(args.path).is_dir() or _npz_kind(args.path) == "model":
-            # a run folder or model file: scored on the data it recorded (its own run's)
-            model, cfg, source, record = load_for_eval(args.path, args.dataset, args.data_dir)
-            trained = trained._replace(net=model, source=str(source))
-        else:  # a checkpoint file: its stored options name the data
-            cfg = trained.cfg
-            if args.data_dir is not None or args.dataset is not None:
-                cfg = dataclasses.replace(cfg, data_dir=args.data_dir or cfg.data_dir,
-                                          dataset=args.dataset or cfg.dataset)
+        cfg = trained.cfg or _data_config(trained)
+        given = args.dataset is not None or args.data_dir is not None
+        record = None if given else trained.record  # scored on the run's own data
+        if given:
+            cfg = dataclasses.replace(cfg, dataset=args.dataset or cfg.dataset,
+                                      data_dir=args.data_dir if args.data_dir is not None
+                                      else cfg.data_dir)
+        cfg = cfg.validate()
         tx, ty, vx, vy, x, y = prepare_data(cfg)
         check_same_data(record, x, y, cfg, trained.source)
         if args.split != "test":

@@ -854,53 +854,6 @@ def stored_config(config, path):
         raise ValueError(f"{path}: damaged run options ({exc})") from None
 
 
-def load_for_eval(path, dataset=None, data_dir=None):
-    """What ``eval`` scores and on which data: (model, cfg, source, record).
-
-    ``path`` is a run folder (its ``model.npz``, or the best epoch so far of an unfinished
-    run) or a model file. ``cfg`` names the data: the run's own (data set, absolute
-    folder, model and split, as recorded in the checkpoint or model file), unless
-    ``dataset`` or ``data_dir`` is given. ``record`` is the run's ``data_record`` when
-    ``cfg`` is its own data (``check_same_data`` compares it), else None. A model
-    file without a record (older minibnn) is scored on its architecture's data set
-    (MNIST: the shipped copy).
-    """
-    path = Path(path)
-    if path.is_dir():
-        ck = runs.read_checkpoint(path)
-        record = ck["meta"].get("data")
-        cfg = stored_config(ck["meta"]["config"], path / runs.CHECKPOINT)
-        if (path / runs.MODEL).exists():
-            model, meta = load_model(path / runs.MODEL)
-            source = path / runs.MODEL
-        else:  # unfinished run: best epoch so far
-            model = models.build(cfg.model_config(), rng=np.random.default_rng(0))
-            try:
-                model.load_state_dict(ck["best"])
-            except ValueError as exc:
-                raise ValueError(f"{path / runs.CHECKPOINT}: damaged checkpoint: {exc}") from None
-            model.eval()
-            source = f"{path / runs.CHECKPOINT} (best epoch so far)"
-    else:
-        model, meta = load_model(path)
-        source, record = path, meta.get("data")
-        if "run_config" in meta:  # every option, ZCA included
-            cfg = stored_config(meta["run_config"], path)
-        elif record:
-            cfg = TrainConfig(dataset=record["dataset"], model=record["model"],
-                              data_dir=record["data_dir"],
-                              train_limit=record["split"].get("train_limit"))
-        else:
-            arch = model.config["arch"]
-            cfg = TrainConfig(dataset=arch.split("_")[0] if arch != "mnist_mlp" else "mnist",
-                              model="mlp" if arch.endswith("mlp") else "convnet")
-    own = dataset is None and data_dir is None and record is not None
-    if dataset is not None or data_dir is not None:
-        cfg = dataclasses.replace(cfg, dataset=dataset or cfg.dataset, data_dir=data_dir
-                                  if data_dir is not None else cfg.data_dir)
-    return model, cfg.validate(), source, (record if own else None)
-
-
 def check_same_data(record, sx, sy, cfg, source):
     """ValueError unless the prepared test split (sx, sy) is the one ``record`` (a
     ``data_record``) was made from: the data folder changed since the run trained."""
