@@ -82,10 +82,7 @@ class Communicator:
     def allreduce(self, array, op="sum"):
         """Replace ``array`` (contiguous) by its elementwise ``op`` ("sum" or "max") over the
         ranks, in place; returns it. Every rank must call it with the same shape and dtype."""
-        if op not in ("sum", "max"):
-            raise ValueError(f"allreduce: op must be 'sum' or 'max', got {op!r}")
-        _check_contiguous(array, "allreduce")
-        self.messages, self.bytes = self.messages + 1, self.bytes + array.nbytes
+        self._message(array, "allreduce", op)
         if self.size == 1:
             return array
         if backend.is_cupy_array(array):
@@ -97,9 +94,7 @@ class Communicator:
 
     def broadcast(self, array, root=0):
         """Overwrite ``array`` on every rank with root's copy, in place; returns it."""
-        _check_contiguous(array, "broadcast")
-        self._check_root(root)
-        self.messages, self.bytes = self.messages + 1, self.bytes + array.nbytes
+        self._message(array, "broadcast", root=root)
         if self.size == 1:
             return array
         if backend.is_cupy_array(array):
@@ -112,10 +107,7 @@ class Communicator:
         """Start ``allreduce(array, op)`` without waiting (MPI ``Iallreduce``); returns a
         handle for ``wait``. ``array`` must stay untouched until then. CuPy arrays: the
         NCCL call is enqueued on the current stream, and the handle is None."""
-        if op not in ("sum", "max"):
-            raise ValueError(f"allreduce_start: op must be 'sum' or 'max', got {op!r}")
-        _check_contiguous(array, "allreduce_start")
-        self.messages, self.bytes = self.messages + 1, self.bytes + array.nbytes
+        self._message(array, "allreduce_start", op)
         if self.size == 1:
             return None
         if backend.is_cupy_array(array):
@@ -184,6 +176,17 @@ class Communicator:
         if self._mpi is not None:
             self._mpi.Abort(code)
         raise SystemExit(code)
+
+    def _message(self, array, what, op=None, root=None):
+        """Check the arguments of collective ``what`` on ``array``: its reduction ``op``
+        for an all-reduce, its ``root`` for a broadcast; then count the message and its
+        bytes."""
+        if what.startswith("allreduce") and op not in ("sum", "max"):
+            raise ValueError(f"{what}: op must be 'sum' or 'max', got {op!r}")
+        _check_contiguous(array, what)
+        if root is not None:
+            self._check_root(root)
+        self.messages, self.bytes = self.messages + 1, self.bytes + array.nbytes
 
     def _check_root(self, root):
         if not 0 <= root < self.size:
