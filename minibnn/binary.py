@@ -13,8 +13,8 @@ import numpy as np
 
 from . import backend
 from .backend import get_array_module
-from .functional import (compiled_glue, conv2d_backward, conv_output_shape, im2col,
-                         kernel_offsets)
+from .functional import (compiled_glue, conv2d_backward, conv2d_forward, conv_output_shape,
+                         im2col, kernel_offsets)
 from .tensor import Function, Tensor
 
 
@@ -348,18 +348,16 @@ class BinaryConv2dFn(Function):
     def forward(self, x, wb, stride=1, padding=0):
         self.save(x, wb)
         self.stride, self.padding, self.patches = stride, padding, None
-        n, o, ho, wo = conv_output_shape(x.shape, wb.shape, stride, padding, op="binary_conv2d")
+        conv_output_shape(x.shape, wb.shape, stride, padding, op="binary_conv2d")  # shape check
 
         def run_xnor():
             self.patches = None
             return xnor_conv2d(x, wb, stride, padding, dtype=x.dtype)
 
         def run_float():
-            patches = im2col(x, wb.shape[2], wb.shape[3], stride, padding)
+            out, patches = conv2d_forward(x, wb.astype(x.dtype, copy=False), stride, padding)
             self.patches = patches if self.needs_input_grad[1] else None
-            out = (wb.reshape(o, -1).astype(x.dtype, copy=False) @ patches.T)
-            out = out.reshape(o, n, ho, wo).transpose(1, 0, 2, 3)
-            return get_array_module(out).ascontiguousarray(out)
+            return out
 
         return _run_product("conv2d", x.shape + wb.shape + (stride, padding), wb[0].size,
                             run_xnor, run_float)

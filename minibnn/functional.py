@@ -489,6 +489,17 @@ def conv2d_backward(g, x_shape, w, stride, padding, patches=None, need_x=True):
     return gx, gw
 
 
+def conv2d_forward(x, w, stride=1, padding=0):
+    """(out, patches) of the zero-padded convolution of raw arrays x (N, C, H, W) and w
+    (O, C, kh, kw): ``patches = im2col(x)`` and one GEMM, out = W2 patches^T with
+    W2 = w.reshape(O, C*kh*kw), returned as (N, O, Ho, Wo) C-contiguous. The patches serve
+    the weight gradient (``conv2d_backward``)."""
+    n, o, ho, wo = conv_output_shape(x.shape, w.shape, stride, padding)
+    patches = im2col(x, w.shape[2], w.shape[3], stride, padding)
+    out = (w.reshape(o, -1) @ patches.T).reshape(o, n, ho, wo).transpose(1, 0, 2, 3)
+    return get_array_module(out).ascontiguousarray(out), patches
+
+
 class Conv2d(Function):
     """out[n, o] = sum_c x[n, c] (cross-correlated with) w[o, c], zero padding, integer stride.
 
@@ -497,12 +508,10 @@ class Conv2d(Function):
     """
 
     def forward(self, x, w, stride=1, padding=0):
-        n, o, ho, wo = conv_output_shape(x.shape, w.shape, stride, padding)
-        patches = im2col(x, w.shape[2], w.shape[3], stride, padding)
+        out, patches = conv2d_forward(x, w, stride, padding)
         self.save(x.shape, w, patches if self.needs_input_grad[1] else None)
         self.stride, self.padding = stride, padding
-        out = (w.reshape(o, -1) @ patches.T).reshape(o, n, ho, wo).transpose(1, 0, 2, 3)
-        return get_array_module(out).ascontiguousarray(out)
+        return out
 
     def backward(self, g):
         x_shape, w, patches = self.saved
