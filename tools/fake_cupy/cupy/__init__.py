@@ -1,0 +1,360 @@
+"""A NumPy-backed stand-in for CuPy that keeps CuPy's host/device discipline, for checking
+minibnn's cupy code paths on a machine without a GPU.
+
+    PYTHONPATH=tools/fake_cupy MINIBNN_BACKEND=cupy python -m pytest
+
+What it checks: that the library and the tests never mix host (NumPy) and device arrays
+implicitly. Like CuPy, ``np.asarray(device_array)`` raises TypeError, a device operation
+given a non-scalar NumPy array raises TypeError, assigning a NumPy array into a device
+array raises ValueError, device arrays are unhashable, and ``.get()`` / ``cupy.asnumpy``
+are the explicit ways back. Values are computed by NumPy, and the project's CUDA kernels
+(``kernels/*.cu``) are replaced by ``minibnn.kernels.reference``.
+
+What it cannot check: anything about the GPU itself: the CUDA kernels, speed, streams,
+CUDA graphs (``Stream.begin_capture`` raises), cuBLAS precision. It is a development aid,
+not a substitute for running the suite on a GPU.
+"""
+
+import numpy as _np
+
+__fake__ = True
+__version__ = "0.0-fake"
+
+
+def _msg_implicit():
+    return ("Implicit conversion to a NumPy array is not allowed. Please use `.get()` to "
+            "construct a NumPy array explicitly.")
+
+
+def _is_host_array(x):
+    return isinstance(x, _np.ndarray) and not isinstance(x, _np.generic)
+
+
+def _unwrap(x, where="argument"):
+    """Device arrays -> their NumPy data; host arrays are refused (as CuPy does)."""
+    if isinstance(x, ndarray):
+        return x._a
+    if _is_host_array(x):
+        if x.ndim == 0:
+            return x[()]
+        raise TypeError(f"Unsupported type {type(x)}")
+    if isinstance(x, (list, tuple)):
+        return type(x)(_unwrap(v, where) for v in x)
+    if isinstance(x, dict):
+        return {k: _unwrap(v, where) for k, v in x.items()}
+    return x
+
+
+def _wrap(x):
+    if isinstance(x, _np.ndarray) and not isinstance(x, ndarray):
+        return ndarray(_arr=x)
+    if isinstance(x, _np.generic):  # CuPy reductions and indexing give 0-d device arrays
+        return ndarray(_arr=_np.asarray(x))
+    if isinstance(x, tuple):
+        return tuple(_wrap(v) for v in x)
+    if isinstance(x, list):
+        return [_wrap(v) for v in x]
+    return x
+
+
+class _Data:
+    def __init__(self, a):
+        self.ptr = a.__array_interface__["data"][0]
+
+
+class ndarray:
+    """A device array: NumPy data behind CuPy's conversion rules."""
+
+    __hash__ = None  # CuPy arrays are unhashable
+
+    def __init__(self, shape=None, dtype=float, _arr=None):
+        self._a = _np.empty(shape, dtype) if _arr is None else _arr
+
+    # --- explicit and implicit conversion --------------------------------------------------
+    def get(self, stream=None, order="C", out=None):
+        return _np.array(self._a, copy=True)
+
+    def __array__(self, dtype=None, copy=None):
+        raise TypeError(_msg_implicit())
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        args = [_unwrap(x) for x in inputs]
+        if "out" in kwargs:
+            kwargs["out"] = tuple(_unwrap(o) for o in kwargs["out"])
+        return _wrap(getattr(ufunc, method)(*args, **kwargs))
+
+    def __array_function__(self, func, types, args, kwargs):
+        return _wrap(func(*_unwrap(args), **_unwrap(kwargs)))
+
+    # --- attributes ---------------------------------------------------------------------------
+    shape = property(lambda self: self._a.shape)
+    dtype = property(lambda self: self._a.dtype)
+    ndim = property(lambda self: self._a.ndim)
+    size = property(lambda self: self._a.size)
+    itemsize = property(lambda self: self._a.itemsize)
+    nbytes = property(lambda self: self._a.nbytes)
+    strides = property(lambda self: self._a.strides)
+    flags = property(lambda self: self._a.flags)
+    data = property(lambda self: _Data(self._a))
+    T = property(lambda self: ndarray(_arr=self._a.T))
+    device = property(lambda self: cuda.Device(0))
+
+    @property
+    def base(self):
+        return None if self._a.base is None else _wrap(self._a.base)
+
+    def __getattr__(self, name):
+        if name.startswith("__"):  # no buffer, __array_interface__ or __array_struct__ export
+            raise AttributeError(name)
+        attr = getattr(self._a, name)
+        if callable(attr):
+            def method(*args, **kwargs):
+                if name in ("fill",) and args and _is_host_array(args[0]) and args[0].ndim:
+                    raise ValueError("non-scalar numpy.ndarray cannot be used for fill")
+                return _wrap(attr(*_unwrap(args), **_unwrap(kwargs)))
+            return method
+        return _wrap(attr)
+
+    def tolist(self):
+        return self._a.tolist()
+
+    def item(self):
+        return self._a.item()
+
+    def __len__(self):
+        return len(self._a)
+
+    def __iter__(self):
+        return (ndarray(_arr=_np.asarray(v)) if not isinstance(v, _np.ndarray) else ndarray(_arr=v)
+                for v in self._a)
+
+    def __repr__(self):
+        return "fake_cupy." + repr(self._a)
+
+    def __str__(self):
+        return str(self._a)
+
+    def __format__(self, spec):
+        return format(self._a, spec)
+
+    def __bool__(self):
+        return bool(self._a)
+
+    def __float__(self):
+        return float(self._a)
+
+    def __int__(self):
+        return int(self._a)
+
+    def __index__(self):
+        return self._a.__index__()
+
+    def __complex__(self):
+        return complex(self._a)
+
+    def __getitem__(self, key):
+        return _wrap(self._a[_key(key)])
+
+    def __setitem__(self, key, value):
+        if _is_host_array(value) and value.ndim > 0:
+            raise ValueError("non-scalar numpy.ndarray cannot be used for fill")
+        if isinstance(value, (list, tuple)):
+            raise TypeError(f"Unsupported type {type(value)}")
+        self._a[_key(key)] = _unwrap(value)
+
+    def __copy__(self):
+        return ndarray(_arr=self._a.copy())
+
+    def __deepcopy__(self, memo):
+        return ndarray(_arr=self._a.copy())
+
+    def __reduce__(self):  # pickling a device array goes through the host, as CuPy does
+        return (_from_host, (self._a.copy(),))
+
+
+def _from_host(a):
+    return ndarray(_arr=a)
+
+
+def _key(key):
+    if isinstance(key, tuple):
+        return tuple(_key(k) for k in key)
+    if isinstance(key, ndarray):
+        return key._a
+    return key  # CuPy accepts NumPy index arrays and lists as indices
+
+
+def _binary(name):
+    def op(self, other):
+        if _is_host_array(other) and other.ndim:
+            raise TypeError(f"Unsupported type {type(other)}")
+        if isinstance(other, (list, tuple)):
+            raise TypeError(f"Unsupported type {type(other)}")
+        return _wrap(getattr(self._a, name)(_unwrap(other)))
+    op.__name__ = name
+    return op
+
+
+for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or",
+              "xor", "lshift", "rshift", "lt", "le", "gt", "ge", "eq", "ne", "divmod"):
+    for _form in (f"__{_name}__", f"__r{_name}__", f"__i{_name}__"):
+        if hasattr(_np.ndarray, _form):
+            setattr(ndarray, _form, _binary(_form))
+for _form in ("__neg__", "__pos__", "__abs__", "__invert__"):
+    setattr(ndarray, _form, (lambda f: lambda self: _wrap(getattr(self._a, f)()))(_form))
+
+
+def _inplace(name):
+    op = _binary(name)
+
+    def iop(self, other):
+        op(self, other)
+        return self
+    return iop
+
+
+for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor",
+              "lshift", "rshift"):
+    setattr(ndarray, f"__i{_name}__", _inplace(f"__i{_name}__"))
+
+
+# --- module functions -------------------------------------------------------------------------
+
+def asarray(a, dtype=None, order=None):
+    if isinstance(a, ndarray):
+        return a if dtype is None or a.dtype == dtype else ndarray(_arr=a._a.astype(dtype))
+    arr = _np.asarray(a, dtype=dtype, order=order)
+    if arr.dtype.kind in "USOV":
+        raise ValueError(f"Unsupported dtype {arr.dtype}")
+    return ndarray(_arr=arr)
+
+
+def array(a, dtype=None, copy=True, order="K", ndmin=0):
+    if isinstance(a, ndarray):
+        a = a._a
+    arr = _np.array(a, dtype=dtype, copy=True, order=order, ndmin=ndmin)
+    if arr.dtype.kind in "USOV":
+        raise ValueError(f"Unsupported dtype {arr.dtype}")
+    return ndarray(_arr=arr)
+
+
+def asnumpy(a, stream=None, order="C", out=None):
+    return a.get() if isinstance(a, ndarray) else _np.asarray(a)
+
+
+def ascontiguousarray(a, dtype=None):
+    return ndarray(_arr=_np.ascontiguousarray(_unwrap(a), dtype=dtype))
+
+
+def get_array_module(*args):
+    import sys
+    return sys.modules[__name__] if any(isinstance(a, ndarray) for a in args) else _np
+
+
+_PASSTHROUGH = {"dtype", "newaxis", "inf", "nan", "pi", "e", "iinfo", "finfo", "result_type",
+                "promote_types", "can_cast", "issubdtype", "integer", "floating", "number",
+                "signedinteger", "unsignedinteger", "bool_", "generic", "isscalar", "ndim",
+                "errstate"}
+
+
+def __getattr__(name):
+    attr = getattr(_np, name)
+    if name in _PASSTHROUGH or isinstance(attr, type) or not callable(attr):
+        return attr
+
+    def function(*args, **kwargs):
+        return _wrap(attr(*_unwrap(args), **_unwrap(kwargs)))
+    function.__name__ = name
+    return function
+
+
+class _Fuse:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+def fuse(*args, **kwargs):
+    if len(args) == 1 and callable(args[0]) and not kwargs:
+        return _Fuse(args[0])
+    return lambda fn: _Fuse(fn)
+
+
+class _FakeKernel:
+    """A CUDA kernel of kernels/*.cu, computed by minibnn.kernels.reference."""
+
+    def __init__(self, name):
+        self.name = name
+        self.max_dynamic_shared_size_bytes = 48 * 1024
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        from minibnn.kernels import reference as ref
+        a = [x._a if isinstance(x, ndarray) else x for x in args]
+        if self.name.startswith("pack_rows_"):
+            x, rows, k, _, _, out, words, flag = a
+            x = x.reshape(int(rows), int(k))
+            if x.dtype.kind == "f" and _np.isnan(x).any():
+                flag[0] = 1
+                x = _np.where(_np.isnan(x), 0, x)
+            out[...] = ref.pack_rows(x >= 0 if x.dtype != _np.bool_ else x)
+        elif self.name == "row_popcount":
+            x, rows, words, pop = a
+            pop[...] = _np.unpackbits(x[: int(rows)].view(_np.uint8), axis=1).sum(axis=1)
+        elif self.name == "xnor_gemm_cuda_core":
+            ap, bp, out, m, n, w, k = a
+            out[...] = ref.xnor_gemm(ap, bp, int(k))
+        elif self.name == "xnor_gemm_tc":
+            ap, bp, _, _, out, m, n, wp, k = a
+            w = ref.n_words(int(k))
+            out[...] = ref.xnor_gemm(_np.ascontiguousarray(ap[: int(m), :w]),
+                                     _np.ascontiguousarray(bp[: int(n), :w]), int(k))
+        else:
+            raise NotImplementedError(f"fake cupy: no stand-in for CUDA kernel {self.name!r}")
+
+
+class RawModule:
+    def __init__(self, code=None, options=(), name_expressions=None, **kwargs):
+        self.code = code
+
+    def get_function(self, name):
+        return _FakeKernel(name)
+
+
+class RawKernel(_FakeKernel):
+    def __init__(self, code, name, options=(), **kwargs):
+        super().__init__(name)
+
+
+class ElementwiseKernel:
+    def __init__(self, *args, **kwargs):
+        raise NotImplementedError("fake cupy: ElementwiseKernel cannot run without a GPU")
+
+
+class _MemoryPool:
+    def __init__(self, *a, **k):
+        pass
+
+    def used_bytes(self):
+        return 0
+
+    def total_bytes(self):
+        return 0
+
+    def free_all_blocks(self):
+        pass
+
+    def malloc(self, n):
+        raise NotImplementedError("fake cupy: no device memory")
+
+
+def get_default_memory_pool():
+    return _MemoryPool()
+
+
+def get_default_pinned_memory_pool():
+    return _MemoryPool()
+
+
+from . import cuda, random  # noqa: E402,F401
