@@ -68,6 +68,8 @@ class Optimizer:
             if p.grad is None:
                 continue
             lr = self.lr * getattr(p, "lr_scale", 1.0)
+            if self._fused_step(p, state, lr):  # the same lines in one GPU kernel
+                continue
             # w = w - delta
             p.data -= self._delta(p.grad, state, lr)
             clip = getattr(p, "clip", None)
@@ -78,6 +80,12 @@ class Optimizer:
     def _delta(self, g, state, lr):
         """The step to subtract, written into ``self._buffer(state, "_scratch", g)``."""
         raise NotImplementedError
+
+    def _fused_step(self, p, state, lr):
+        """Update ``p`` in one fused GPU kernel and return True, or return False to take the
+        array code. A subclass with a kernel in ``kernels.cupy_fused`` overrides this; the
+        kernel computes the array code's lines in their order, to the same floats."""
+        return False
 
     def _buffer(self, state, name, like):
         """A persistent zero-initialised array of ``like``'s shape and dtype in ``state``."""
@@ -161,6 +169,19 @@ class Adam(Optimizer):
 
     def state_keys(self):
         return ("m", "v")
+
+    def _fused_step(self, p, state, lr):
+        if not backend.is_cupy_array(p.data):
+            return False
+        from .kernels import cupy_fused
+        if not cupy_fused.enabled() or p.grad.dtype != p.data.dtype:
+            return False
+        b1, b2, eps = self.hyper["beta1"], self.hyper["beta2"], self.hyper["eps"]
+        m, v = (self._buffer(state, k, p.grad) for k in ("m", "v"))
+        alpha_t = lr * np.sqrt(1 - b2 ** self.t) / (1 - b1 ** self.t)  # as in _delta
+        cupy_fused.adam_update(p.data, p.grad, m, v, b1, b2, eps, alpha_t,
+                               clip=getattr(p, "clip", None))
+        return True
 
     def _delta(self, g, state, lr):
         b1, b2, eps = self.hyper["beta1"], self.hyper["beta2"], self.hyper["eps"]

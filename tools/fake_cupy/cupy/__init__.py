@@ -328,8 +328,37 @@ class RawKernel(_FakeKernel):
 
 
 class ElementwiseKernel:
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("fake cupy: ElementwiseKernel cannot run without a GPU")
+    """Stand-ins, by kernel name, for the project's ElementwiseKernels (kernels/cupy_fused.py),
+    computed with NumPy in the order of their CUDA bodies."""
+
+    def __init__(self, in_params, out_params, operation, name="kernel", **kwargs):
+        self.name = name
+
+    def __call__(self, *args):
+        a = [x._a if isinstance(x, ndarray) else x for x in args]
+        if self.name == "minibnn_adam":
+            g, b1, c1, b2, c2, eps, alpha, lo, hi, clip, w, m, v = a
+            t = w.dtype.type
+            d = g * t(c1)
+            m *= t(b1)
+            m += d
+            d = g * g
+            d *= t(c2)
+            v *= t(b2)
+            v += d
+            d = _np.sqrt(v)
+            d += t(eps)
+            d = m / d
+            d = (d.astype(_np.float64) * alpha).astype(w.dtype)
+            w -= d
+            if clip:
+                _np.clip(w, t(lo), t(hi), out=w)
+        elif self.name == "minibnn_ema":
+            x, c, mom, r = a
+            t = r.dtype.type
+            r[...] = t(c) * r + t(mom) * x.astype(r.dtype)
+        else:
+            raise NotImplementedError(f"fake cupy: no stand-in for ElementwiseKernel {self.name!r}")
 
 
 class _MemoryPool:
