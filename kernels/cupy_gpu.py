@@ -20,7 +20,7 @@ from .cuda_sources import read_source
 from .reference import (PLANES, check_bitplane_operands, check_gemm_operands, check_pack_input,
                         check_pixels, check_threshold_operands, n_words)
 
-__all__ = ["available", "pack_rows", "xnor_gemm", "pack_bitplanes", "bitplane_gemm",
+__all__ = ["available", "pack_rows", "nan_seen", "xnor_gemm", "pack_bitplanes", "bitplane_gemm",
            "pack_threshold", "default_kernel", "available_kernels"]
 
 _THREADS = 256
@@ -99,7 +99,9 @@ def pack_rows(x, check_nan=True):
     bit = (x >= 0) (sign(0) = +1), bool True -> 1, LSB first, padding 0; returns a
     CuPy array. float32/float64/bool are read in place with their strides (slices,
     transposes); other integer and float dtypes go through ``x >= 0`` first. With
-    ``check_nan`` a NaN raises ValueError (this reads one flag back from the device).
+    ``check_nan=True`` a NaN raises ValueError (this reads one flag back from the device,
+    which waits for the GPU); with ``check_nan="defer"`` a NaN only sets a flag on the device
+    that :func:`nan_seen` reads later, so a training step needs no host synchronisation.
     """
     cp = _cp()
     x = check_pack_input(cp.asarray(x))
@@ -121,16 +123,37 @@ def pack_rows(x, check_nan=True):
                 else:
                     x2 = x2 >= 0
         item = x2.dtype.itemsize
-        flag = cp.zeros(1, dtype=cp.int32)
+        flag = _deferred_flag() if check_nan == "defer" else cp.zeros(1, dtype=cp.int32)
         _function("xnor_gemm.cu", fn)(
             _blocks(rows * words * 32), (_THREADS,),
             (x2, np.int64(rows), np.int64(k), np.int64(x2.strides[0] // item),
              np.int64(x2.strides[1] // item), out, np.int64(words), flag))
-        if check_nan and fn != "pack_rows_bool" and int(flag[0]):
+        if check_nan is True and fn != "pack_rows_bool" and int(flag[0]):
             raise ValueError(
                 f"x: cannot binarize NaN (it has no sign); input has shape {tuple(x.shape)} "
                 f"and dtype {x.dtype}")
     return out.reshape(lead + (words,))
+
+
+_deferred_flags = {}  # device id -> int32 flag set by pack_rows(check_nan="defer")
+
+
+def _deferred_flag():
+    cp = _cp()
+    key = cp.cuda.Device().id
+    if key not in _deferred_flags:
+        _deferred_flags[key] = cp.zeros(1, dtype=cp.int32)
+    return _deferred_flags[key]
+
+
+def nan_seen(reset=True):
+    """True if a ``pack_rows(..., check_nan="defer")`` on this device met a NaN since the
+    flag was last reset (reads one int back from the device); ``reset`` clears the flag."""
+    flag = _deferred_flag()
+    seen = bool(int(flag[0]))
+    if reset and seen:
+        flag.fill(0)
+    return seen
 
 
 def _padded(x, rows, words):

@@ -6,6 +6,7 @@ Courbariaux, Hubara, Soudry, El-Yaniv, Bengio, "Binarized Neural Networks", arXi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -174,6 +175,44 @@ def _timed(fn, repeats):
     return out, best
 
 
+_defer_nan = [False]  # inside deferred_nan_checks(): GPU packing checks NaN without a sync
+
+
+@contextlib.contextmanager
+def deferred_nan_checks():
+    """Within this block, a binary layer's packing of a GPU array does not read its NaN check
+    back at once (that waits for the GPU, once per layer and step): a NaN sets a flag on the
+    device, and :func:`raise_deferred_nan` reports it when called (``train.train_epoch`` does
+    at each read of the loss) and when the block ends. CPU arrays are checked at once, as
+    outside the block."""
+    previous = _defer_nan[0]
+    _defer_nan[0] = True
+    try:
+        yield
+    finally:
+        _defer_nan[0] = previous
+    if not previous:
+        raise_deferred_nan()
+
+
+def raise_deferred_nan():
+    """Raise ValueError if a deferred check (see :func:`deferred_nan_checks`) met a NaN since
+    the last call; a no-op when the GPU backend was never used."""
+    if backend.active() == "cupy":
+        from .kernels import cupy_gpu
+        if cupy_gpu.nan_seen(reset=True):
+            raise ValueError("x: cannot binarize NaN (it has no sign): a binary layer's input "
+                             "or weights held NaN")
+
+
+def _pack(kern, a):
+    """``kern.pack_rows(a)``, with the NaN check deferred for GPU arrays inside
+    :func:`deferred_nan_checks`."""
+    if _defer_nan[0] and backend.is_cupy_array(a):
+        return kern.pack_rows(a, check_nan="defer")
+    return kern.pack_rows(a)
+
+
 def _run_product(op, key, k, run_xnor, run_float):
     """The result of ``run_xnor()`` or ``run_float()`` (equal values), whichever path the
     setting picks for this shape; under "auto" the first call times both."""
@@ -217,7 +256,7 @@ class BinaryLinearFn(Function):
         kern = backend.kernel_module()
 
         def run_xnor():
-            return kern.xnor_gemm(kern.pack_rows(x), kern.pack_rows(wb), x.shape[1]).astype(x.dtype)
+            return kern.xnor_gemm(_pack(kern, x), _pack(kern, wb), x.shape[1]).astype(x.dtype)
 
         def run_float():
             return x @ wb.T.astype(x.dtype, copy=False)
@@ -325,7 +364,7 @@ def xnor_conv2d(x, wb, stride=1, padding=0, dtype=np.int32):
         patches = kern.pack_rows(conv_sign_patches(x, kh, kw, stride, padding))
     # weights as the left operand: the product (O, N*Ho*Wo) becomes NCHW by moving whole
     # Ho*Wo planes, cheaper than transposing (N*Ho*Wo, O)
-    out = kern.xnor_gemm(kern.pack_rows(conv_weight_rows(wb)), patches, wb[0].size)
+    out = kern.xnor_gemm(_pack(kern, conv_weight_rows(wb)), patches, wb[0].size)
     out = out.reshape(o, n, ho * wo)
     if padding:
         out -= padding_correction(wb, x.shape[2:], stride, padding).reshape(o, 1, ho * wo)

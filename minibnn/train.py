@@ -537,21 +537,34 @@ def train_epoch(model, opt, loss_fn, x, y, batch_size, rng, bar=None, dp=None, r
     The loss (in float64) and the error count are summed where the arrays live and read on
     the host every ``read_every`` batches (default ``HOST_READ_EVERY`` of the backend, else
     every batch) and after the last: the sums, and so the result, do not depend on it.
+
+    On the GPU a step waits for nothing: the data set is copied to the device once per call
+    and each batch is gathered there (one index upload per epoch, not two copies per step);
+    the labels are range-checked once, on the whole of ``y``, instead of by the loss at every
+    step (``losses.labels_checked``); and the binary layers' NaN checks are read with the
+    loss (``binary.deferred_nan_checks``), so a NaN is still caught within one read.
     """
+    from . import binary, losses
     model.train()
     read_every = int(read_every or HOST_READ_EVERY.get(backend.active(), 1))
     loss_sum, wrong, seen = 0.0, 0, 0
     pending = dict(loss=None, wrong=None, first=1)  # device sums since the last read
 
+    def where(last):
+        return (f"batch {last}" if pending["first"] == last
+                else f"batches {pending['first']} to {last}")
+
     def read(last):
         nonlocal loss_sum, wrong
         if pending["loss"] is None:
             return
+        try:
+            binary.raise_deferred_nan()
+        except ValueError as exc:
+            raise TrainingDiverged(f"{exc}, in {where(last)} (learning rate {opt.lr:.3g})") from None
         value = float(pending["loss"])
         if not math.isfinite(value):
-            where = (f"batch {last}" if pending["first"] == last
-                     else f"batches {pending['first']} to {last}")
-            raise TrainingDiverged(f"the training loss became {value} in {where} "
+            raise TrainingDiverged(f"the training loss became {value} in {where(last)} "
                                    f"(learning rate {opt.lr:.3g})")
         loss_sum += value
         wrong += int(pending["wrong"])
@@ -560,25 +573,53 @@ def train_epoch(model, opt, loss_fn, x, y, batch_size, rng, bar=None, dp=None, r
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{1 - wrong / seen:.4f}",
                             refresh=False)  # tqdm itself shows images/s
 
+    order = list(data.batches(len(x), batch_size, rng=rng))
+    on_device = backend.active() == "cupy" and dp is None and len(order) > 0
+    if on_device:  # the data and this epoch's order on the GPU, once
+        xs, ys = backend.asarray(x), backend.asarray(y)
+        flat = backend.asarray(np.concatenate(order))
+        ends = np.cumsum([len(batch) for batch in order])
+    checked = contextlib.ExitStack()
     b = 0
-    for b, batch in enumerate(data.batches(len(x), batch_size, rng=rng), start=1):
-        idx = batch if dp is None else dp.shard(batch)
-        yb = backend.asarray(y[idx])
-        loss, scores = train_step(model, opt, loss_fn, backend.asarray(x[idx]), yb, dp)
-        step_loss = loss.data.astype(np.float64) * len(idx)
-        step_wrong = (scores.data.argmax(axis=1) != yb).sum()
-        pending["loss"] = step_loss if pending["loss"] is None else pending["loss"] + step_loss
-        pending["wrong"] = step_wrong if pending["wrong"] is None else pending["wrong"] + step_wrong
-        seen += len(idx)
-        if bar is not None:
-            bar.update(len(batch))
-        if b % read_every == 0:
-            read(b)
-    read(b)
+    with checked:
+        checked.enter_context(binary.deferred_nan_checks())
+        for b, batch in enumerate(order, start=1):
+            if on_device:
+                idx = flat[ends[b - 1] - len(batch):ends[b - 1]]
+                xb, yb = xs[idx], ys[idx]
+            else:
+                idx = batch if dp is None else dp.shard(batch)
+                xb, yb = backend.asarray(x[idx]), backend.asarray(y[idx])
+            loss, scores = train_step(model, opt, loss_fn, xb, yb, dp)
+            if b == 1:  # the loss checked this batch's labels; now all of them, once
+                _check_label_range(y, scores.shape[1])
+                checked.enter_context(losses.labels_checked())
+            _accumulate(pending, loss, scores, yb, len(idx))
+            seen += len(idx)
+            if bar is not None:
+                bar.update(len(batch))
+            if b % read_every == 0:
+                read(b)
+        read(b)
     if dp is not None:
         loss_sum, wrong, seen = dp.comm.sum_values(loss_sum, wrong, seen)
         wrong, seen = int(wrong), int(seen)
     return loss_sum / max(seen, 1), wrong / max(seen, 1), seen
+
+
+def _check_label_range(y, classes):
+    """ValueError unless every label of ``y`` lies in [0, classes) (read once per epoch)."""
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
+        raise ValueError(f"labels must lie in [0, {classes}), got [{int(y.min())}, {int(y.max())}]")
+
+
+def _accumulate(pending, loss, scores, yb, count):
+    """Add one step's loss (float64, times its batch size) and error count to the device
+    sums in ``pending``."""
+    step_loss = loss.data.astype(np.float64) * count
+    step_wrong = (scores.data.argmax(axis=1) != yb).sum()
+    pending["loss"] = step_loss if pending["loss"] is None else pending["loss"] + step_loss
+    pending["wrong"] = step_wrong if pending["wrong"] is None else pending["wrong"] + step_wrong
 
 
 def _progress(total, desc, enabled):

@@ -1,0 +1,122 @@
+"""The cupy training step's fused kernels and host-sync-free epoch loop: same numbers as
+the array code.
+
+Run on a GPU (marked ``gpu``; skipped with the reason elsewhere). Under the NumPy-backed
+fake CuPy (``tools/fake_cupy``) they check the plumbing only: there the kernels are NumPy
+stand-ins."""
+
+import numpy as np
+import pytest
+
+from conftest import backend_params
+from minibnn import backend, losses, optim, train
+from minibnn.nn import BatchNorm, Parameter
+from minibnn.tensor import Tensor
+
+cupy_only = pytest.mark.parametrize("name", backend_params(("cupy",)))
+
+
+def _adam_run(name, dtype, steps=4, clip=1.0, fused=True):
+    """Weights and moments after ``steps`` Adam steps from fixed grads on backend ``name``."""
+    from minibnn.kernels import cupy_fused
+    rng = np.random.default_rng(3)
+    w0 = rng.uniform(-1.2, 1.2, (37, 70)).astype(dtype)
+    grads = [rng.standard_normal(w0.shape).astype(dtype) * 10.0 ** rng.integers(-6, 2)
+             for _ in range(steps)]
+    with backend.use(name):
+        p = Parameter(backend.asarray(w0.copy()), lr_scale=3.7, clip=clip)
+        opt = optim.Adam([p], lr=0.01)
+        for g in grads:
+            p.grad = backend.asarray(g)
+            if fused:
+                opt.step()
+            else:
+                with cupy_fused.disabled():
+                    opt.step()
+        return [backend.to_numpy(a) for a in (p.data, opt.state[0]["m"], opt.state[0]["v"])]
+
+
+@cupy_only
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("clip", [1.0, None])
+def test_fused_adam_equals_the_numpy_optimizer_bit_for_bit(name, dtype, clip):
+    want = _adam_run("numpy", dtype, clip=clip)
+    got = _adam_run(name, dtype, clip=clip)
+    for a, b, what in zip(want, got, ("weights", "m", "v")):
+        np.testing.assert_array_equal(b, a, err_msg=what)
+    if clip is not None:
+        assert np.abs(got[0]).max() <= clip
+
+
+@cupy_only
+def test_fused_adam_equals_the_array_code_on_the_gpu(name):
+    for a, b in zip(_adam_run(name, np.float32, fused=False), _adam_run(name, np.float32)):
+        np.testing.assert_array_equal(b, a)
+
+
+@cupy_only
+def test_fused_adam_keeps_nan(name):
+    with backend.use(name):
+        p = Parameter(backend.asarray(np.zeros(3, np.float32)), clip=1.0)
+        opt = optim.Adam([p], lr=0.1)
+        p.grad = backend.asarray(np.array([1.0, np.nan, -1.0], np.float32))
+        opt.step()
+        w = backend.to_numpy(p.data)
+    assert np.isnan(w[1]) and np.isfinite(w[[0, 2]]).all()
+
+
+@cupy_only
+def test_fused_running_statistics_equal_numpy(name):
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((50, 9)).astype(np.float32) * 3 + 1 for _ in range(3)]
+    out = {}
+    for b in ("numpy", name):
+        with backend.use(b):
+            bn = BatchNorm(9, momentum=0.137)
+            for x in xs:
+                bn(Tensor(backend.asarray(x)))
+            out[b] = [backend.to_numpy(a) for a in (bn.running_mean, bn.running_var)]
+    for a, b in zip(out["numpy"], out[name]):
+        np.testing.assert_array_equal(b, a)
+
+
+@cupy_only
+def test_deferred_nan_check_reports_at_the_next_read(name):
+    from minibnn import binary
+    from minibnn.kernels import cupy_gpu
+    with backend.use(name):
+        x = backend.asarray(np.array([[1.0, np.nan, -2.0]], np.float32))
+        with pytest.raises(ValueError, match="NaN"):
+            cupy_gpu.pack_rows(x)
+        packed = cupy_gpu.pack_rows(x, check_nan="defer")  # no error yet
+        assert packed.shape == (1, 1)
+        with pytest.raises(ValueError, match="NaN"):
+            binary.raise_deferred_nan()
+        binary.raise_deferred_nan()  # the flag was reset by the report
+        with pytest.raises(ValueError, match="NaN"):
+            with binary.deferred_nan_checks():
+                binary._pack(cupy_gpu, x)
+
+
+@cupy_only
+def test_trusted_labels_skip_only_the_range_check(name):
+    with backend.use(name):
+        out = Tensor(backend.asarray(np.zeros((2, 3), np.float32)), requires_grad=True)
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+            losses.squared_hinge(out, backend.asarray(np.array([0, 3])))
+        with losses.labels_checked():
+            with pytest.raises(ValueError, match="integers of shape"):
+                losses.squared_hinge(out, backend.asarray(np.array([0.0, 1.0])))
+
+
+def test_an_epoch_refuses_labels_out_of_range_after_its_first_batch(each_backend):
+    from minibnn import models
+    import minibnn as bnn
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (60, 784)).astype(np.float32)
+    y = rng.integers(0, 10, 60)
+    y[45] = 10  # not in the first batch of 20 for this seed's order, or in it: either way refused
+    model = models.mnist_mlp(hidden=16, rng=bnn.seed(0))
+    opt = optim.Adam(model.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        train.train_epoch(model, opt, losses.squared_hinge, x, y, 20, np.random.default_rng(0))
