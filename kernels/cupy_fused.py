@@ -3,10 +3,12 @@
 A training step on the GPU is launch-bound at the paper's sizes: counted on the 3x4096 MLP,
 one step made about 360 CuPy calls, of which Adam's in-place lines were about 190 (twelve
 per parameter), and each call costs 20-35 us of host time, far more than the GPU needs for
-it. Here each optimizer update of one parameter is one kernel.
+it. Here each optimizer update of one parameter is one kernel, and so are batch norm's
+elementwise passes, sign with its straight-through mask, and dropout with its mask (drawn on
+the GPU, so no mask crosses from the host).
 
 Every kernel computes the same operations in the same order and precision as the array code
-it replaces (the NumPy reference in ``minibnn.optim`` and ``minibnn.nn``), compiled with
+it replaces (in ``minibnn.optim``, ``nn``, ``functional`` and ``binary``), compiled with
 ``--fmad=false`` so that no multiply-add is contracted into an FMA: the results are the same
 floats, which the GPU tests check bit for bit against the NumPy backend.
 
@@ -17,7 +19,8 @@ or ``with disabled():`` runs the array code on the GPU instead, for comparison).
 import contextlib
 import os
 
-__all__ = ["enabled", "disabled", "adam_update", "ema_update"]
+__all__ = ["enabled", "disabled", "adam_update", "ema_update", "sign", "sign_ste", "dropout",
+           "bn_forward", "bn_invstd", "bn_backward_products", "bn_backward_input"]
 
 _OPTIONS = ("--fmad=false",)
 _kernels = {}
@@ -86,6 +89,81 @@ _SOURCES = {
         """,
     ),
 }
+
+
+_SOURCES.update({
+    # binary.sign: where(x >= 0, 1, -1) (NaN >= 0 is false, so NaN -> -1, as there)
+    "sign": ("T x", "T q", "q = x >= (T)0 ? (T)1 : (T)-1;"),
+    # binary.SignSTE.forward: keep = abs(x) <= 1, q = sign(x)
+    "sign_ste": ("T x", "T q, bool keep",
+                 "keep = fabs(x) <= (T)1; q = x >= (T)0 ? (T)1 : (T)-1;"),
+    # functional.Dropout.forward on the GPU: the keep mask of functional.dropout_keep (a
+    # SplitMix64 hash of key and element index, see there), m = keep * scale, y = a * m
+    "dropout": (
+        "T a, uint64 key, uint64 offset, uint64 thr, T scale",
+        "T y, T m",
+        """
+        unsigned long long z = key + (offset + (unsigned long long)i + 1ULL)
+                               * 0x9E3779B97F4A7C15ULL;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+        z = z ^ (z >> 31);
+        m = (z >> 40) >= thr ? scale : (T)0;
+        y = a * m;
+        """,
+    ),
+    # functional.BatchNormTrain.forward: invstd = 1 / sqrt(var + eps), cast to x's dtype
+    "bn_invstd": ("S var, S eps", "T invstd",
+                  "S s = sqrt(var + eps); S r = (S)1 / s; invstd = (T)r;"),
+    # xhat = (x - mean) * invstd, y = gamma * xhat + beta (per-channel arrays broadcast)
+    "bn_forward": ("T x, T mean, T invstd, T gamma, T beta", "T xhat, T y",
+                   "T d = x - mean; xhat = d * invstd; T t = gamma * xhat; y = t + beta;"),
+    # BatchNormTrain.backward's products: g * xhat, gxhat = g * gamma, gxhat * xhat
+    "bn_backward_products": ("T g, T gamma, T xhat", "T gx2, T gxhat, T gxx",
+                             "gx2 = g * xhat; gxhat = g * gamma; gxx = gxhat * xhat;"),
+    # gx = invstd * (gxhat - m1 - xhat * m2), in that order
+    "bn_backward_input": ("T invstd, T gxhat, T m1, T xhat, T m2", "T gx",
+                          "T a = gxhat - m1; T b = xhat * m2; T c = a - b; gx = invstd * c;"),
+})
+
+
+def sign(x):
+    """``binary.sign(x)`` for a float CuPy array, in one launch."""
+    return _kernel("sign")(x)
+
+
+def sign_ste(x):
+    """(sign(x), abs(x) <= 1) for a float CuPy array, in one launch."""
+    return _kernel("sign_ste")(x)
+
+
+def dropout(a, key, offset, thr, scale):
+    """(a * m, m) with m = scale where ``functional.dropout_keep(key, ..., offset, thr)``
+    keeps, else 0: the mask drawn on the GPU, in one launch."""
+    return _kernel("dropout")(a, key, offset, thr, a.dtype.type(scale))
+
+
+def bn_invstd(var, eps, dtype):
+    """1 / sqrt(var + eps) in var's precision, cast to ``dtype``, in one launch."""
+    import cupy
+    out = cupy.empty(var.shape, dtype=dtype)
+    return _kernel("bn_invstd")(var, var.dtype.type(eps), out)
+
+
+def bn_forward(x, mean, invstd, gamma, beta):
+    """(xhat, y) of batch norm's training forward, in one launch (per-channel operands
+    already shaped to broadcast against x)."""
+    return _kernel("bn_forward")(x, mean, invstd, gamma, beta)
+
+
+def bn_backward_products(g, gamma, xhat):
+    """(g * xhat, g * gamma, g * gamma * xhat) in one launch."""
+    return _kernel("bn_backward_products")(g, gamma, xhat)
+
+
+def bn_backward_input(invstd, gxhat, m1, xhat, m2):
+    """invstd * (gxhat - m1 - xhat * m2) in one launch."""
+    return _kernel("bn_backward_input")(invstd, gxhat, m1, xhat, m2)
 
 
 def adam_update(w, g, m, v, beta1, beta2, eps, alpha_t, clip=None):

@@ -14,13 +14,16 @@ import numpy as np
 
 from . import backend
 from .backend import get_array_module
-from .functional import (compiled_glue, conv2d_backward, conv2d_forward, conv_output_shape,
+from .functional import (_fused, compiled_glue, conv2d_backward, conv2d_forward, conv_output_shape,
                          im2col, kernel_offsets)
 from .tensor import Function, Tensor
 
 
 def sign(x):
     """Raw-array sign with sign(0) = +1: ``where(x >= 0, 1, -1)`` in ``x``'s float dtype."""
+    if _fused(x):  # the same where(), one launch
+        from .kernels import cupy_fused
+        return cupy_fused.sign(x)
     xp = get_array_module(x)
     dtype = x.dtype if x.dtype.kind == "f" else np.dtype(np.float32)
     return xp.where(x >= 0, dtype.type(1), dtype.type(-1))
@@ -34,6 +37,11 @@ class SignSTE(Function):
     """
 
     def forward(self, x):
+        if _fused(x):  # both lines in one launch
+            from .kernels import cupy_fused
+            q, keep = cupy_fused.sign_ste(x)
+            self.save(keep)
+            return q
         self.save(abs(x) <= 1)
         return sign(x)
 

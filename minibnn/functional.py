@@ -260,6 +260,47 @@ class LogSoftmax(Function):
         return (g - xp.exp(out) * g.sum(axis=self.axis, keepdims=True),)
 
 
+def _fused(*arrays):
+    """True when the arrays are CuPy arrays of one float dtype and the fused GPU kernels
+    (``kernels.cupy_fused``) are on: then an op runs its kernel, which computes the lines of
+    its array code in their order, to the same floats, in one launch."""
+    if not backend.is_cupy_array(arrays[0]):
+        return False
+    from .kernels import cupy_fused
+    dtype = arrays[0].dtype
+    return (cupy_fused.enabled() and dtype.kind == "f"
+            and all(getattr(a, "dtype", None) == dtype for a in arrays))
+
+
+_HASH_STEP = np.uint64(0x9E3779B97F4A7C15)
+_HASH_MUL1 = np.uint64(0xBF58476D1CE4E5B9)
+_HASH_MUL2 = np.uint64(0x94D049BB133111EB)
+
+
+def dropout_threshold(p):
+    """The integer threshold of :func:`dropout_keep` for drop probability ``p``:
+    ceil(p * 2^24), so that a 24-bit uniform draw is dropped with probability p rounded up
+    to a multiple of 2^-24."""
+    return int(np.ceil(p * 2.0 ** 24))
+
+
+def dropout_keep(key, shape, offset, thr, xp=np):
+    """The GPU backend's dropout mask: element i (row-major over ``shape``, counted from
+    ``offset``) is kept when the top 24 bits of SplitMix64(key + (offset + i + 1) * phi)
+    are >= ``thr`` (:func:`dropout_threshold`). SplitMix64's finalizer and the golden-ratio
+    increment phi = 0x9E3779B97F4A7C15 are those of Steele, Lea and Flood, "Fast
+    Splittable Pseudorandom Number Generators" (OOPSLA 2014). A counter-based draw needs no
+    state on the device and no mask from the host: one 63-bit key per call comes from the
+    layer's NumPy generator, so runs stay reproducible from the seed and resumable. Written
+    with ``xp`` array ops (uint64, wrapping) as the reference of the fused kernel."""
+    n = int(np.prod(shape))
+    z = np.uint64(key) + (np.uint64(offset) + xp.arange(n, dtype=np.uint64) + np.uint64(1)) * _HASH_STEP
+    z = (z ^ (z >> np.uint64(30))) * _HASH_MUL1
+    z = (z ^ (z >> np.uint64(27))) * _HASH_MUL2
+    z = z ^ (z >> np.uint64(31))
+    return ((z >> np.uint64(40)) >= np.uint64(thr)).reshape(shape)
+
+
 class Dropout(Function):
     """Inverted dropout: zero each unit with probability p, scale survivors by 1/(1-p).
 
@@ -267,10 +308,27 @@ class Dropout(Function):
     ``total`` rows: the mask is drawn for the whole batch and those rows are kept, so every
     data-parallel rank draws the same numbers from the shared generator as one process
     does, and its rows get the mask one process would give them (``minibnn.distributed``).
+
+    On the CPU the mask is ``rng.random(shape) >= p``. On the GPU it is drawn on the device
+    (:func:`dropout_keep`, one key per call from ``rng``): copying a host-drawn mask to the
+    GPU cost a host draw of every element and a transfer per layer and step. So the two
+    backends draw different masks from the same seed, each reproducibly.
     """
 
     def forward(self, a, p, rng, rows=None):
         xp = get_array_module(a)
+        if xp is not np:
+            key = int(rng.integers(0, 2 ** 63))
+            offset = (0 if rows is None else rows[0]) * int(np.prod(a.shape[1:]))
+            thr, scale = dropout_threshold(p), 1.0 / (1.0 - p)
+            if _fused(a):
+                from .kernels import cupy_fused
+                y, m = cupy_fused.dropout(a, key, offset, thr, scale)
+                self.save(m)
+                return y
+            keep = dropout_keep(key, a.shape, offset, thr, xp)
+            self.save(keep.astype(a.dtype) * a.dtype.type(scale))
+            return a * self.saved[0]
         if rows is None:
             draw = rng.random(a.shape, dtype=np.float32)
         else:
@@ -299,16 +357,30 @@ class BatchNormTrain(Function):
     def forward(self, x, gamma, beta, mean, var, eps, axes, sync=None, count=None):
         shape = [1 if i in axes else n for i, n in enumerate(x.shape)]
         xp = get_array_module(x)
+        self.axes, self.sync = axes, sync
+        self.count = x.size // int(np.prod(shape)) if count is None else count
+        if _fused(x, mean, gamma, beta) and var.dtype.kind == "f":  # the lines below, 2 launches
+            from .kernels import cupy_fused
+            invstd = cupy_fused.bn_invstd(var, eps, x.dtype).reshape(shape)
+            xhat, y = cupy_fused.bn_forward(x, mean.reshape(shape), invstd, gamma.reshape(shape),
+                                            beta.reshape(shape))
+            self.save(xhat, invstd, gamma.reshape(shape))
+            return y
         invstd = (1.0 / xp.sqrt(var + eps)).astype(x.dtype).reshape(shape)
         xhat = (x - mean.reshape(shape)) * invstd
         self.save(xhat, invstd, gamma.reshape(shape))
-        self.axes, self.sync = axes, sync
-        self.count = x.size // int(np.prod(shape)) if count is None else count
         return gamma.reshape(shape) * xhat + beta.reshape(shape)
 
     def backward(self, g):
         xhat, invstd, gamma = self.saved
         axes = self.axes
+        if self.sync is None and _fused(g, xhat, gamma, invstd):  # the lines below, fused
+            from .kernels import cupy_fused
+            gx2, gxhat, gxx = cupy_fused.bn_backward_products(g, gamma, xhat)
+            m1 = gxhat.mean(axis=axes, keepdims=True)
+            m2 = gxx.mean(axis=axes, keepdims=True)
+            gx = cupy_fused.bn_backward_input(invstd, gxhat, m1, xhat, m2)
+            return gx, gx2.sum(axis=axes), g.sum(axis=axes)
         gbeta = g.sum(axis=axes)
         ggamma = (g * xhat).sum(axis=axes)
         gxhat = g * gamma

@@ -357,6 +357,32 @@ class ElementwiseKernel:
             x, c, mom, r = a
             t = r.dtype.type
             r[...] = t(c) * r + t(mom) * x.astype(r.dtype)
+        elif self.name == "minibnn_sign":
+            (x,) = a
+            return _wrap(_np.where(x >= 0, x.dtype.type(1), x.dtype.type(-1)))
+        elif self.name == "minibnn_sign_ste":
+            (x,) = a
+            return _wrap((_np.where(x >= 0, x.dtype.type(1), x.dtype.type(-1)), abs(x) <= 1))
+        elif self.name == "minibnn_dropout":
+            from minibnn.functional import dropout_keep
+            x, key, offset, thr, scale = a
+            m = dropout_keep(key, x.shape, offset, thr).astype(x.dtype) * x.dtype.type(scale)
+            return _wrap((x * m, m))
+        elif self.name == "minibnn_bn_invstd":
+            var, eps, out = a
+            out[...] = (var.dtype.type(1) / _np.sqrt(var + eps)).astype(out.dtype)
+            return args[-1]
+        elif self.name == "minibnn_bn_forward":
+            x, mean, invstd, gamma, beta = a
+            xhat = (x - mean) * invstd
+            return _wrap((xhat, gamma * xhat + beta))
+        elif self.name == "minibnn_bn_backward_products":
+            g, gamma, xhat = a
+            gxhat = g * gamma
+            return _wrap((g * xhat, gxhat, gxhat * xhat))
+        elif self.name == "minibnn_bn_backward_input":
+            invstd, gxhat, m1, xhat, m2 = a
+            return _wrap(invstd * (gxhat - m1 - xhat * m2))
         else:
             raise NotImplementedError(f"fake cupy: no stand-in for ElementwiseKernel {self.name!r}")
 

@@ -2,8 +2,9 @@
 
 import numpy as _np
 
-from cupy import _unwrap
+from cupy import _key, _unwrap
 
 
 def scatter_add(a, slices, value):
-    _np.add.at(_unwrap(a), _unwrap(slices), _unwrap(value))
+    """CuPy accepts NumPy and list indices here (it converts them), like indexing does."""
+    _np.add.at(_unwrap(a), _key(slices), _unwrap(value))
