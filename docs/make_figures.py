@@ -91,14 +91,16 @@ def fig_ste(out):
     xh = Tensor(x, requires_grad=True)
     h = F.hardtanh(xh)
     h.backward(np.ones_like(x))
-    assert np.array_equal(xs.grad, xh.grad), "STE gradient differs from Htanh's derivative"
+    # the gradients as NumPy arrays (copied from the GPU when MINIBNN_BACKEND is cupy)
+    g_ste, g_htanh = backend.to_numpy(xs.grad), backend.to_numpy(xh.grad)
+    assert np.array_equal(g_ste, g_htanh), "STE gradient differs from Htanh's derivative"
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3), sharex=True)
     left.plot(x, q.numpy(), label="sign(x)  (forward; sign(0) = +1)", lw=2)
     left.plot(x, h.numpy(), "--", label="Htanh(x) = clip(x, -1, 1)", lw=2)
     left.set_title("forward")
     left.legend(loc="upper left", fontsize=8)
-    right.plot(x, xs.grad, lw=2, color="C2", label="STE: g * 1{|x| <= 1}")
+    right.plot(x, g_ste, lw=2, color="C2", label="STE: g * 1{|x| <= 1}")
     right.axhline(0, color="C3", lw=1, ls=":", label="d sign / dx (0 almost everywhere)")
     right.set_ylim(-0.15, 1.3)
     right.set_title("backward: gradient passed per unit of g")
@@ -110,8 +112,8 @@ def fig_ste(out):
     fig.savefig(out / "ste.png", dpi=DPI)
     plt.close(fig)
     inside = np.abs(x) <= 1
-    return dict(points=int(x.size), gradient_inside=float(xs.grad[inside].min()),
-                gradient_outside=float(xs.grad[~inside].max()))
+    return dict(points=int(x.size), gradient_inside=float(g_ste[inside].min()),
+                gradient_outside=float(g_ste[~inside].max()))
 
 
 # ------------------------------------------------- (b, c) sign flips and learning curves

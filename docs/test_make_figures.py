@@ -15,8 +15,9 @@ SCRIPT = Path(__file__).with_name("make_figures.py")
 
 @pytest.mark.slow
 def test_make_figures_quick(tmp_path):
-    subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path)],
-                   check=True, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"make_figures.py failed:\n{proc.stderr[-4000:]}"
     for name in ("ste.png", "flips.png", "curves.png", "roofline.png"):
         assert (tmp_path / name).stat().st_size > 1000, name
     result = json.loads((tmp_path / "figures.json").read_text())

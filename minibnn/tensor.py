@@ -97,10 +97,10 @@ class Tensor:
             data = arr
         elif dtype is not None and data.dtype != dtype:
             data = data.astype(dtype)
+        if data.dtype.kind not in "fiub":  # before the copy to the GPU (CuPy refuses such dtypes)
+            raise TypeError(f"Tensor data must be numeric or bool, got dtype {data.dtype}")
         if isinstance(data, np.ndarray) and backend.active() == "cupy":
             data = backend.asarray(data)
-        if data.dtype.kind not in "fiub":
-            raise TypeError(f"Tensor data must be numeric or bool, got dtype {data.dtype}")
         self.data = data
         self.grad = None
         self.requires_grad = bool(requires_grad)

@@ -17,6 +17,7 @@ sampled away from kinks (clip bounds, ties in max, relu at 0) so the difference 
 from __future__ import annotations
 
 import numpy as np
+from arrays import host
 
 from minibnn.tensor import Tensor
 
@@ -31,10 +32,10 @@ def check_grad(fn, inputs, *, wrt=None, n_dirs=4, h=1e-6, rtol=1e-5, atol=1e-8,
                full_max_size=64, seed=0):
     """Assert that the backward pass of ``fn`` matches central differences.
 
-    inputs: float64 arrays (or scalars), passed to ``fn`` as Tensors.
+    inputs: float64 arrays (or scalars), passed to ``fn`` as Tensors (on the active backend).
     wrt:    indices of the inputs to differentiate (default: all). The others are passed
             as constants (``requires_grad=False``).
-    Returns the analytic gradients, one array per input in ``wrt``.
+    Returns the analytic gradients as NumPy arrays, one per input in ``wrt``.
     """
     rng = np.random.default_rng(seed)
     arrays = [np.array(x, dtype=np.float64) for x in inputs]
@@ -65,7 +66,7 @@ def check_grad(fn, inputs, *, wrt=None, n_dirs=4, h=1e-6, rtol=1e-5, atol=1e-8,
     for i in wrt:
         x = arrays[i]
         g = tensors[i].grad
-        g = np.zeros_like(x) if g is None else np.asarray(g)
+        g = np.zeros_like(x) if g is None else host(g)
         assert g.shape == x.shape, f"input {i}: gradient shape {g.shape} != input shape {x.shape}"
         assert g.dtype == np.float64, f"input {i}: gradient dtype {g.dtype}, expected float64"
         grads.append(g)

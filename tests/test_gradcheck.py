@@ -6,6 +6,7 @@ Inputs are sampled away from kinks: clip/hardtanh/relu/maximum arguments stay at
 
 import numpy as np
 import pytest
+from arrays import dev, host
 from gradcheck import check_grad
 
 from minibnn import functional as F
@@ -202,7 +203,7 @@ def test_max(axis, keepdims):
 def test_max_ties_share_the_gradient():
     x = Tensor(np.array([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]]), requires_grad=True)
     F.max(x, axis=1).backward(np.array([1.0, 2.0]))
-    np.testing.assert_array_equal(x.grad, [[0, 0.5, 0.5, 0], [0.5, 0.5, 0.5, 0.5]])
+    np.testing.assert_array_equal(host(x.grad), [[0, 0.5, 0.5, 0], [0.5, 0.5, 0.5, 0.5]])
 
 
 # --- shape ------------------------------------------------------------------------------
@@ -254,7 +255,7 @@ def test_getitem_integer_arrays_with_repeats():
 def test_getitem_repeated_index_accumulates_exactly():
     x = Tensor(np.zeros(3), requires_grad=True)
     x[np.array([1, 1, 1, 2])].backward(np.array([1.0, 2.0, 3.0, 4.0]))
-    np.testing.assert_array_equal(x.grad, [0.0, 6.0, 4.0])
+    np.testing.assert_array_equal(host(x.grad), [0.0, 6.0, 4.0])
 
 
 # --- network building blocks ------------------------------------------------------------
@@ -276,8 +277,8 @@ def test_dropout_fixed_mask():
 def _batchnorm(x, gamma, beta, training):
     bn = nn.BatchNorm(x.shape[1])
     bn.gamma, bn.beta = gamma, beta
-    bn.running_mean = np.linspace(-0.5, 0.5, x.shape[1])
-    bn.running_var = np.linspace(0.5, 2.0, x.shape[1])
+    bn.running_mean = dev(np.linspace(-0.5, 0.5, x.shape[1]))
+    bn.running_var = dev(np.linspace(0.5, 2.0, x.shape[1]))
     bn.train(training)
     return bn(x)
 
@@ -304,8 +305,8 @@ def test_batchnorm_eval(shape):
 def test_shift_batchnorm_eval_wrt_input():
     def fn(x):
         bn = nn.ShiftBatchNorm(3).eval()
-        bn.gamma.data = np.array([0.7, -1.3, 2.9])
-        bn.running_var = np.array([0.3, 1.0, 5.0])
+        bn.gamma.data = dev(np.array([0.7, -1.3, 2.9]))
+        bn.running_var = dev(np.array([0.3, 1.0, 5.0]))
         return bn(x)
 
     check_grad(fn, [randn(4, 3)])
@@ -325,7 +326,7 @@ def test_binary_linear_wrt_input():
 
     def fn(x):
         layer = nn.BinaryLinear(4, 3)
-        layer.weight.data = w
+        layer.weight.data = dev(w)
         return layer(x)
 
     (g,) = check_grad(fn, [randn(5, 4)])
