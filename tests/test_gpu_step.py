@@ -120,3 +120,85 @@ def test_an_epoch_refuses_labels_out_of_range_after_its_first_batch(each_backend
     opt = optim.Adam(model.parameters(), lr=1e-3)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
         train.train_epoch(model, opt, losses.squared_hinge, x, y, 20, np.random.default_rng(0))
+
+
+@cupy_only
+@pytest.mark.parametrize("p", [0.2, 0.5])
+def test_gpu_dropout_mask_is_the_reference_hash(name, p):
+    from minibnn import functional as F
+    from minibnn.kernels import cupy_fused
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((33, 70)).astype(np.float32)
+    thr = F.dropout_threshold(p)
+    with backend.use(name):
+        y, m = cupy_fused.dropout(backend.asarray(a), 12345678901234567, 7 * 70, thr, 1 / (1 - p))
+        y, m = backend.to_numpy(y), backend.to_numpy(m)
+    keep = F.dropout_keep(12345678901234567, a.shape, 7 * 70, thr)
+    np.testing.assert_array_equal(m, keep.astype(np.float32) * np.float32(1 / (1 - p)))
+    np.testing.assert_array_equal(y, a * m)
+    assert abs(keep.mean() - (1 - p)) < 0.03
+
+
+@cupy_only
+def test_gpu_dropout_rows_are_the_whole_batch_mask_rows(name):
+    from minibnn import functional as F
+    from minibnn.tensor import Tensor
+    a = np.ones((8, 50), np.float32)
+    with backend.use(name):
+        whole = backend.to_numpy(F.dropout(Tensor(backend.asarray(a)), 0.5, np.random.default_rng(1)).data)
+        part = backend.to_numpy(F.dropout(Tensor(backend.asarray(a[3:6])), 0.5, np.random.default_rng(1),
+                                          rows=(3, 8)).data)
+    np.testing.assert_array_equal(part, whole[3:6])
+
+
+def _steps(name, conv, fused, steps=3):
+    import minibnn as bnn
+    from minibnn import models
+    from minibnn.kernels import cupy_fused
+    with backend.use(name):
+        model = (models.mnist_convnet(rng=bnn.seed(0)) if conv else
+                 models.mnist_mlp(hidden=96, dropout_in=0.2, dropout_hidden=0.5, rng=bnn.seed(0)))
+        opt = optim.Adam(model.parameters(), lr=1e-2)
+        rng = np.random.default_rng(1)
+        out = []
+        for _ in range(steps):
+            x = rng.uniform(-1, 1, (20, 1, 28, 28) if conv else (20, 784)).astype(np.float32)
+            x, y = backend.asarray(x), backend.asarray(rng.integers(0, 10, 20))
+            if fused:
+                loss, _ = train.train_step(model, opt, losses.squared_hinge, x, y)
+            else:
+                with cupy_fused.disabled():
+                    loss, _ = train.train_step(model, opt, losses.squared_hinge, x, y)
+            out.append(backend.to_numpy(loss.data))
+        return out + [backend.to_numpy(p.data) for p in model.parameters()] + \
+            [backend.to_numpy(m.running_var) for m in model.modules() if hasattr(m, "running_var")]
+
+
+@cupy_only
+@pytest.mark.parametrize("conv", [False, True], ids=["mlp_dropout", "convnet"])
+def test_fused_training_steps_equal_the_array_code_bit_for_bit(name, conv, xnor_products):
+    for a, b in zip(_steps(name, conv, fused=False), _steps(name, conv, fused=True)):
+        np.testing.assert_array_equal(b, a)
+
+
+@cupy_only
+def test_fused_sign_and_batch_norm_gradients_equal_the_array_code(name):
+    import contextlib
+    from minibnn import binary
+    from minibnn.kernels import cupy_fused
+    from minibnn.nn import BatchNorm
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((40, 13)).astype(np.float32) * 2
+    x[0, :3] = [0.0, -0.0, 1.0]
+    g = rng.standard_normal((40, 13)).astype(np.float32)
+    res = []
+    for fused in (False, True):
+        with backend.use(name), (contextlib.nullcontext() if fused else cupy_fused.disabled()):
+            bn = BatchNorm(13)
+            t = Tensor(backend.asarray(x), requires_grad=True)
+            out = binary.sign_ste(bn(t))
+            out.backward(backend.asarray(g))
+            res.append([backend.to_numpy(out.data), backend.to_numpy(t.grad),
+                        backend.to_numpy(bn.gamma.grad), backend.to_numpy(bn.beta.grad)])
+    for a, b in zip(*res):
+        np.testing.assert_array_equal(b, a)
