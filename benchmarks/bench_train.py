@@ -11,6 +11,11 @@ Networks (``minibnn.models``; the paper is Courbariaux et al. 2016, arXiv:1602.0
 * ``mnist_convnet``: the small MNIST ConvNet (2x16C3-MP2-2x32C3-MP2-256FC), batch 100;
 * ``cifar10_convnet``: the paper's CIFAR-10 ConvNet, batch 50.
 
+On the GPU minibnn runs three ways: ``minibnn cupy array code`` (the fused kernels off: the
+readable array code, one CuPy call per line), ``minibnn cupy`` (fused kernels: the step as
+``train.train_epoch`` runs it eagerly) and ``minibnn cupy graph`` (``graphs.GraphedStep``:
+the same step captured once and replayed as one CUDA graph).
+
 Paths: ``minibnn <backend>`` runs ``train.train_step`` (forward, backward, Adam with the
 Glorot ``lr_scale``, clip) on synthetic batches of the right shape; ``torch <device> eager``
 the PyTorch twin of the same model (``torch_bnn.py``: same layers, sizes, sign and
@@ -91,21 +96,45 @@ def _batches(shape, batch, count, seed=0):
              rng.integers(0, 10, batch).astype(np.int64)) for _ in range(count)]
 
 
-def _minibnn_path(net, name, steps):
-    """A callable running ``steps`` training steps on backend ``name``, and a cleanup."""
+def _minibnn_path(net, name, steps, mode="eager"):
+    """A callable running ``steps`` training steps on backend ``name``.
+
+    mode: "eager" (``train.train_step`` as ``train.train_epoch`` runs it: labels checked
+    once, NaN checks read with the loss), "array" (the same on the GPU with the fused
+    kernels off: the array code, many launches), "graph" (``graphs.GraphedStep``: the step
+    replayed as one CUDA graph)."""
+    import contextlib
+    from minibnn import binary, graphs
     build, shape, batch = NETS[net]
     with backend.use(name):
         model = build(bnn.seed(0))
         opt = optim.Adam(model.parameters(), lr=LR)
         data = [(backend.asarray(x), backend.asarray(y)) for x, y in _batches(shape, batch, steps)]
+        graphed = None
+        if mode == "graph":
+            why = graphs.unsupported(model, opt)
+            graphed = why if why else graphs.GraphedStep(model, opt, losses.squared_hinge)
+
+    def context():
+        if mode != "array":
+            return contextlib.nullcontext()
+        from minibnn.kernels import cupy_fused
+        return cupy_fused.disabled()
 
     def run():
-        with backend.use(name):
+        if isinstance(graphed, str):
+            raise RuntimeError(f"no CUDA graph here: {graphed}")
+        with backend.use(name), context(), binary.deferring_nan_checks(), losses.labels_checked():
             for x, y in data:
-                loss, _ = train.train_step(model, opt, losses.squared_hinge, x, y)
+                if graphed is None:
+                    loss, _ = train.train_step(model, opt, losses.squared_hinge, x, y)
+                else:
+                    loss, _ = graphed(x, y)
             if name == "cupy":
                 import cupy
                 cupy.cuda.Device().synchronize()
+            if graphed is not None and graphed.reason is not None:
+                raise RuntimeError(f"CUDA graph capture failed: {graphed.reason}")
             return float(loss.item())
 
     return run
@@ -146,16 +175,24 @@ def measure(net, backends, steps, repeats, use_torch, log=print):
     """Rows {net, path, device, step_s, images_per_s, epoch_s, ...} for one network."""
     paths = {}
     for name in backends:
-        paths[f"minibnn {name}"] = ("cuda" if name == "cupy" else "cpu",
-                                    _minibnn_path(net, name, steps))
+        if name != "cupy":
+            paths[f"minibnn {name}"] = ("cpu", _minibnn_path(net, name, steps))
+            continue
+        paths["minibnn cupy array code"] = ("cuda", _minibnn_path(net, name, steps, "array"))
+        paths["minibnn cupy"] = ("cuda", _minibnn_path(net, name, steps))
+        paths["minibnn cupy graph"] = ("cuda", _minibnn_path(net, name, steps, "graph"))
     if use_torch:
         for label, device, graph in _torch_devices():
             if device == "cpu" and net in GPU_NETS and "cupy" in backends:
                 continue  # the GPU nets on a GPU machine: no CPU anchor needed
             paths[label] = (device, _torch_path(net, device, graph, steps))
     times = {label: [] for label in paths}
-    for label, (_, run) in paths.items():
-        run()  # warm-up: compiles, allocates, captures
+    for label, (_, run) in list(paths.items()):
+        try:
+            run()  # warm-up: compiles, allocates, captures
+        except Exception as exc:  # noqa: BLE001  (one path failing must not lose the others)
+            log(f"  {label}: left out ({type(exc).__name__}: {exc})")
+            del paths[label], times[label]
     for _ in range(repeats):
         for label, (_, run) in paths.items():
             t0 = time.perf_counter()
@@ -231,10 +268,10 @@ def main(argv=None):
     for net in nets:
         rows += measure(net, backends, steps, repeats, not args.no_torch)
         print(f"\n{net} (batch {NETS[net][2]}, {steps} steps x {repeats} repeats, median)")
-        print(f"{'path':<20}{'ms/step':>10}{'images/s':>11}{'s/epoch':>10}{'vs torch eager':>16}")
+        print(f"{'path':<24}{'ms/step':>10}{'images/s':>11}{'s/epoch':>10}{'vs torch eager':>16}")
         for r in (r for r in rows if r["net"] == net):
             ratio = f"{r['vs_torch_eager']:.2f}x" if r["vs_torch_eager"] else "-"
-            print(f"{r['path']:<20}{1e3 * r['step_s']:>10.1f}{r['images_per_s']:>11.0f}"
+            print(f"{r['path']:<24}{1e3 * r['step_s']:>10.1f}{r['images_per_s']:>11.0f}"
                   f"{r['epoch_s']:>10.1f}{ratio:>16}")
     info["load_average_at_end"] = list(os.getloadavg())
     result = dict(machine=info, peak_gpu_memory=_peak_gpu_memory() if gpu else None, rows=rows)

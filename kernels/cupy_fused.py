@@ -19,6 +19,8 @@ or ``with disabled():`` runs the array code on the GPU instead, for comparison).
 import contextlib
 import os
 
+import numpy as np
+
 __all__ = ["enabled", "disabled", "adam_update", "ema_update", "sign", "sign_ste", "dropout",
            "bn_forward", "bn_invstd", "bn_backward_products", "bn_backward_input"]
 
@@ -127,6 +129,21 @@ _SOURCES.update({
 })
 
 
+# The same two kernels with their per-step scalar read from device memory (a uint64 slot of
+# ``vals``; a float64 is stored by its bits): inside a CUDA graph a scalar passed by value
+# would be frozen at capture, so ``minibnn.graphs`` refreshes the slots before each replay.
+_SOURCES["adam_dev"] = (
+    _SOURCES["adam"][0].replace("float64 alpha", "raw uint64 vals, int32 slot"),
+    _SOURCES["adam"][1],
+    "double alpha = __longlong_as_double((long long)vals[slot]);\n" + _SOURCES["adam"][2],
+)
+_SOURCES["dropout_dev"] = (
+    _SOURCES["dropout"][0].replace("uint64 key", "raw uint64 vals, int32 slot"),
+    _SOURCES["dropout"][1],
+    "unsigned long long key = vals[slot];\n" + _SOURCES["dropout"][2],
+)
+
+
 def sign(x):
     """``binary.sign(x)`` for a float CuPy array, in one launch."""
     return _kernel("sign")(x)
@@ -137,10 +154,13 @@ def sign_ste(x):
     return _kernel("sign_ste")(x)
 
 
-def dropout(a, key, offset, thr, scale):
+def dropout(a, key, offset, thr, scale, slot=None):
     """(a * m, m) with m = scale where ``functional.dropout_keep(key, ..., offset, thr)``
-    keeps, else 0: the mask drawn on the GPU, in one launch."""
-    return _kernel("dropout")(a, key, offset, thr, a.dtype.type(scale))
+    keeps, else 0: the mask drawn on the GPU, in one launch. ``slot=(vals, i)``: the key is
+    read from ``vals[i]`` on the device (CUDA graphs)."""
+    if slot is None:
+        return _kernel("dropout")(a, key, offset, thr, a.dtype.type(scale))
+    return _kernel("dropout_dev")(a, slot[0], np.int32(slot[1]), offset, thr, a.dtype.type(scale))
 
 
 def bn_invstd(var, eps, dtype):
@@ -166,12 +186,17 @@ def bn_backward_input(invstd, gxhat, m1, xhat, m2):
     return _kernel("bn_backward_input")(invstd, gxhat, m1, xhat, m2)
 
 
-def adam_update(w, g, m, v, beta1, beta2, eps, alpha_t, clip=None):
+def adam_update(w, g, m, v, beta1, beta2, eps, alpha_t, clip=None, slot=None):
     """Adam's moments and step and the latent-weight clip of one parameter, in place, in one
-    launch: the lines of ``optim.Adam._delta`` and ``Optimizer.step`` in their order."""
+    launch: the lines of ``optim.Adam._delta`` and ``Optimizer.step`` in their order.
+    ``slot=(vals, i)``: alpha_t is read from ``vals[i]`` on the device (CUDA graphs)."""
     lo, hi = (-clip, clip) if clip is not None else (0.0, 0.0)
-    _kernel("adam")(g, beta1, 1 - beta1, beta2, 1 - beta2, eps, float(alpha_t), lo, hi,
-                    clip is not None, w, m, v)
+    if slot is None:
+        _kernel("adam")(g, beta1, 1 - beta1, beta2, 1 - beta2, eps, float(alpha_t), lo, hi,
+                        clip is not None, w, m, v)
+    else:
+        _kernel("adam_dev")(g, beta1, 1 - beta1, beta2, 1 - beta2, eps, slot[0],
+                            np.int32(slot[1]), lo, hi, clip is not None, w, m, v)
 
 
 def ema_update(running, new, momentum):

@@ -155,6 +155,22 @@ def to_numpy(x):
     return np.asarray(x)
 
 
+_direct_blas = [os.environ.get("MINIBNN_CUPY_BLAS", "1").strip() not in ("0", "false", "no")]
+
+
+def matmul(a, b):
+    """``a @ b`` of raw arrays. On the GPU, 2-D float32/float64 products go through
+    :mod:`minibnn.kernels.cupy_blas` (cuBLAS called directly, which a CUDA graph can capture,
+    unlike ``cupy.matmul``) when it works here, so that eager and captured training steps
+    compute the same floats; ``MINIBNN_CUPY_BLAS=0`` keeps ``cupy.matmul``."""
+    if (_direct_blas[0] and is_cupy_array(a) and is_cupy_array(b) and a.ndim == 2
+            and b.ndim == 2 and a.dtype == b.dtype and a.dtype in (np.float32, np.float64)):
+        from .kernels import cupy_blas
+        if cupy_blas.available() is None:
+            return cupy_blas.matmul(a, b)
+    return a @ b
+
+
 def scatter_add(out, index, values):
     """``out[index] += values`` where repeated indices accumulate (``np.add.at``; on the GPU
     ``cupyx.scatter_add``)."""

@@ -187,6 +187,18 @@ _defer_nan = [False]  # inside deferred_nan_checks(): GPU packing checks NaN wit
 
 
 @contextlib.contextmanager
+def deferring_nan_checks():
+    """The deferral of :func:`deferred_nan_checks` without its report at the end: for code
+    that reports with :func:`raise_deferred_nan` itself (``graphs.GraphedStep``'s caller)."""
+    previous = _defer_nan[0]
+    _defer_nan[0] = True
+    try:
+        yield
+    finally:
+        _defer_nan[0] = previous
+
+
+@contextlib.contextmanager
 def deferred_nan_checks():
     """Within this block, a binary layer's packing of a GPU array does not read its NaN check
     back at once (that waits for the GPU, once per layer and step): a NaN sets a flag on the
@@ -267,15 +279,15 @@ class BinaryLinearFn(Function):
             return kern.xnor_gemm(_pack(kern, x), _pack(kern, wb), x.shape[1]).astype(x.dtype)
 
         def run_float():
-            return x @ wb.T.astype(x.dtype, copy=False)
+            return backend.matmul(x, wb.T.astype(x.dtype, copy=False))
 
         return _run_product("linear", (x.shape[0], x.shape[1], wb.shape[0]), x.shape[1],
                             run_xnor, run_float)
 
     def backward(self, g):
         x, wb = self.saved
-        gx = g @ wb if self.needs_input_grad[0] else None
-        gw = g.T @ x if self.needs_input_grad[1] else None
+        gx = backend.matmul(g, wb) if self.needs_input_grad[0] else None
+        gw = backend.matmul(g.T, x) if self.needs_input_grad[1] else None
         return gx, gw
 
 
@@ -342,7 +354,7 @@ def padding_correction(wb, in_hw, stride=1, padding=0):
     wsum = sign(wb).astype(np.float32).sum(axis=1)  # (O, kh, kw); integers, exact
     mask = xp.ones((1, 1, h + 2 * padding, w + 2 * padding), dtype=np.float32)
     mask[:, :, padding:padding + h, padding:padding + w] = 0
-    corr = wsum.reshape(o, -1) @ im2col(mask, kh, kw, stride).T  # (O, Ho*Wo)
+    corr = backend.matmul(wsum.reshape(o, -1), im2col(mask, kh, kw, stride).T)  # (O, Ho*Wo)
     return xp.rint(corr).astype(np.int32).reshape(o, ho, wo)
 
 

@@ -146,12 +146,12 @@ class MatMul(Function):
             raise ValueError(f"matmul: shapes {a.shape} and {b.shape} do not align; "
                              "expected (..., M, K) @ (..., K, N)")
         self.save(a, b)
-        return a @ b
+        return backend.matmul(a, b)
 
     def backward(self, g):
         a, b = self.saved
-        ga = g @ b.swapaxes(-1, -2) if self.needs_input_grad[0] else None
-        gb = a.swapaxes(-1, -2) @ g if self.needs_input_grad[1] else None
+        ga = backend.matmul(g, b.swapaxes(-1, -2)) if self.needs_input_grad[0] else None
+        gb = backend.matmul(a.swapaxes(-1, -2), g) if self.needs_input_grad[1] else None
         return ga, gb
 
 
@@ -164,14 +164,14 @@ class Linear(Function):
             raise ValueError(f"linear: input of shape {x.shape} does not fit weight of shape "
                              f"{w.shape}; expected (..., {w.shape[1] if w.ndim == 2 else 'in'})")
         self.save(x, w)
-        return x @ w.T
+        return backend.matmul(x, w.T)
 
     def backward(self, g):
         x, w = self.saved
-        gx = g @ w if self.needs_input_grad[0] else None
+        gx = backend.matmul(g, w) if self.needs_input_grad[0] else None
         gw = None
         if self.needs_input_grad[1]:
-            gw = g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+            gw = backend.matmul(g.reshape(-1, g.shape[-1]).T, x.reshape(-1, x.shape[-1]))
         return gx, gw
 
 
@@ -322,8 +322,12 @@ class Dropout(Function):
             offset = (0 if rows is None else rows[0]) * int(np.prod(a.shape[1:]))
             thr, scale = dropout_threshold(p), 1.0 / (1.0 - p)
             if _fused(a):
+                from . import graphs
                 from .kernels import cupy_fused
-                y, m = cupy_fused.dropout(a, key, offset, thr, scale)
+                recorder = graphs.recording()  # in a CUDA graph: a fresh key per replay
+                slot = None if recorder is None else recorder.value(
+                    lambda: int(rng.integers(0, 2 ** 63)), key, "u64")
+                y, m = cupy_fused.dropout(a, key, offset, thr, scale, slot=slot)
                 self.save(m)
                 return y
             keep = dropout_keep(key, a.shape, offset, thr, xp)
@@ -555,9 +559,9 @@ def conv2d_backward(g, x_shape, w, stride, padding, patches=None, need_x=True):
     g2t = xp.ascontiguousarray(g.transpose(1, 0, 2, 3)).reshape(o, -1)  # (O, N*Ho*Wo)
     gx = gw = None
     if need_x:
-        gx = col2im((w.reshape(o, -1).T @ g2t).T, x_shape, w.shape[2], w.shape[3], stride, padding)
+        gx = col2im(backend.matmul(w.reshape(o, -1).T, g2t).T, x_shape, w.shape[2], w.shape[3], stride, padding)
     if patches is not None:
-        gw = (g2t @ patches).reshape(w.shape)
+        gw = backend.matmul(g2t, patches).reshape(w.shape)
     return gx, gw
 
 
@@ -568,7 +572,8 @@ def conv2d_forward(x, w, stride=1, padding=0):
     the weight gradient (``conv2d_backward``)."""
     n, o, ho, wo = conv_output_shape(x.shape, w.shape, stride, padding)
     patches = im2col(x, w.shape[2], w.shape[3], stride, padding)
-    out = (w.reshape(o, -1) @ patches.T).reshape(o, n, ho, wo).transpose(1, 0, 2, 3)
+    out = backend.matmul(w.reshape(o, -1), patches.T)
+    out = out.reshape(o, n, ho, wo).transpose(1, 0, 2, 3)
     return get_array_module(out).ascontiguousarray(out), patches
 
 

@@ -17,6 +17,12 @@ from . import backend
 from .binary import ap2
 
 
+def _graph_recorder():
+    """The CUDA-graph recorder while a training step is being captured, else None."""
+    from . import graphs
+    return graphs.recording()
+
+
 class Optimizer:
     """Base class: holds the parameters, per-parameter state, and the step count ``t``.
 
@@ -64,6 +70,9 @@ class Optimizer:
         step, which matters where fresh memory is slow to fault in.
         """
         self.t += 1
+        recorder = _graph_recorder()
+        if recorder is not None:  # a CUDA graph replays this step: repeat t += 1 before it
+            recorder.effect(self._advance)
         for p, state in zip(self.params, self.state):
             if p.grad is None:
                 continue
@@ -80,6 +89,9 @@ class Optimizer:
     def _delta(self, g, state, lr):
         """The step to subtract, written into ``self._buffer(state, "_scratch", g)``."""
         raise NotImplementedError
+
+    def _advance(self):
+        self.t += 1
 
     def _fused_step(self, p, state, lr):
         """Update ``p`` in one fused GPU kernel and return True, or return False to take the
@@ -178,9 +190,16 @@ class Adam(Optimizer):
             return False
         b1, b2, eps = self.hyper["beta1"], self.hyper["beta2"], self.hyper["eps"]
         m, v = (self._buffer(state, k, p.grad) for k in ("m", "v"))
-        alpha_t = lr * np.sqrt(1 - b2 ** self.t) / (1 - b1 ** self.t)  # as in _delta
-        cupy_fused.adam_update(p.data, p.grad, m, v, b1, b2, eps, alpha_t,
-                               clip=getattr(p, "clip", None))
+        scale = getattr(p, "lr_scale", 1.0)
+
+        def alpha_t():  # as in _delta, with the rate and step count of the step it serves
+            lr = self.lr * scale
+            return lr * np.sqrt(1 - b2 ** self.t) / (1 - b1 ** self.t)
+
+        recorder = _graph_recorder()
+        slot = None if recorder is None else recorder.value(alpha_t, alpha_t(), "f64")
+        cupy_fused.adam_update(p.data, p.grad, m, v, b1, b2, eps, alpha_t(),
+                               clip=getattr(p, "clip", None), slot=slot)
         return True
 
     def _delta(self, g, state, lr):

@@ -524,7 +524,8 @@ class TrainingInterrupted(KeyboardInterrupt):
 HOST_READ_EVERY = {"cupy": 50}
 
 
-def train_epoch(model, opt, loss_fn, x, y, batch_size, rng, bar=None, dp=None, read_every=None):
+def train_epoch(model, opt, loss_fn, x, y, batch_size, rng, bar=None, dp=None, read_every=None,
+                step=None):
     """One pass over (x, y) in mini-batches shuffled by ``rng``; returns
     (mean loss, training error, images seen).
 
@@ -543,6 +544,8 @@ def train_epoch(model, opt, loss_fn, x, y, batch_size, rng, bar=None, dp=None, r
     the labels are range-checked once, on the whole of ``y``, instead of by the loss at every
     step (``losses.labels_checked``); and the binary layers' NaN checks are read with the
     loss (``binary.deferred_nan_checks``), so a NaN is still caught within one read.
+    ``step`` (a ``graphs.GraphedStep`` of the same model and optimizer) replaces
+    ``train_step``: the same step, replayed as one CUDA graph.
     """
     from . import binary, losses
     model.train()
@@ -590,7 +593,10 @@ def train_epoch(model, opt, loss_fn, x, y, batch_size, rng, bar=None, dp=None, r
             else:
                 idx = batch if dp is None else dp.shard(batch)
                 xb, yb = backend.asarray(x[idx]), backend.asarray(y[idx])
-            loss, scores = train_step(model, opt, loss_fn, xb, yb, dp)
+            if step is None:
+                loss, scores = train_step(model, opt, loss_fn, xb, yb, dp)
+            else:
+                loss, scores = step(xb, yb)
             if b == 1:  # the loss checked this batch's labels; now all of them, once
                 _check_label_range(y, scores.shape[1])
                 checked.enter_context(losses.labels_checked())
@@ -743,8 +749,29 @@ def _schedule_note(cfg, done, old_epochs):
             f"{cfg.epochs} epochs from the start")
 
 
+def graphed_step(model, opt, loss_fn, comm=None, enabled=None, log=print):
+    """A ``graphs.GraphedStep`` for training on the GPU, or None (logged with the reason)
+    where the step cannot be captured. ``enabled`` None reads ``MINIBNN_CUDA_GRAPH`` (on
+    unless "0"); off on every backend but cupy and in data-parallel runs."""
+    if backend.active() != "cupy":
+        return None
+    if enabled is None:
+        enabled = os.environ.get("MINIBNN_CUDA_GRAPH", "1").strip() not in ("0", "false", "no")
+    if not enabled or comm is not None:
+        log("CUDA graph: off" + ("" if enabled else " (MINIBNN_CUDA_GRAPH=0)")
+            + (" (data-parallel run)" if enabled and comm is not None else ""))
+        return None
+    from . import graphs
+    why = graphs.unsupported(model, opt)
+    if why is not None:
+        log(f"CUDA graph: off ({why})")
+        return None
+    log("CUDA graph: on (the training step is captured once per batch shape and replayed)")
+    return graphs.GraphedStep(model, opt, loss_fn)
+
+
 def train(cfg=None, run_dir=None, resume=False, progress=True, stop_after=None, log=print,
-          comm=None, **resume_options):
+          comm=None, cuda_graph=None, **resume_options):
     """Train (or, with ``resume=True``, continue training) the run in ``run_dir``.
 
     Each epoch: set the learning rate from the schedule, one pass of ``train_step`` over
@@ -763,6 +790,9 @@ def train(cfg=None, run_dir=None, resume=False, progress=True, stop_after=None, 
     started with the same arguments: every global batch is split across the ranks
     (``distributed.DataParallel``), evaluation is sharded and reduced, and rank 0 alone
     claims, reads and writes the run folder and logs.
+
+    On the GPU the training step runs as one CUDA graph (``graphed_step``; the same floats
+    as the eager step) unless ``cuda_graph=False`` or ``MINIBNN_CUDA_GRAPH=0``.
 
     Raises TrainingDiverged when the loss or the weights become NaN or infinite (the last
     good checkpoint stays, no model.npz is written) and TrainingInterrupted on Ctrl-C.
@@ -799,7 +829,7 @@ def train(cfg=None, run_dir=None, resume=False, progress=True, stop_after=None, 
                 log(f"note: this run was trained on {ck['meta'].get('ranks', 1)} rank(s) and "
                     f"resumes on {ranks}: it follows the same sequence up to float rounding, "
                     "not bit for bit")
-            return _train_epochs(run, run_dir, splits, progress, stop_after, log, comm)
+            return _train_epochs(run, run_dir, splits, progress, stop_after, log, comm, cuda_graph)
     cfg = cfg or TrainConfig()
     if cfg.data_dir is not None:
         cfg = dataclasses.replace(cfg, data_dir=str(Path(cfg.data_dir).expanduser().resolve()))
@@ -811,10 +841,10 @@ def train(cfg=None, run_dir=None, resume=False, progress=True, stop_after=None, 
     run = _Run(cfg)
     with _claimed(comm, run_dir, stem=f"{cfg.dataset}-{cfg.model}") as run_dir:
         log(f"run folder {run_dir}")
-        return _train_epochs(run, run_dir, splits, progress, stop_after, log, comm)
+        return _train_epochs(run, run_dir, splits, progress, stop_after, log, comm, cuda_graph)
 
 
-def _train_epochs(run, run_dir, splits, progress, stop_after, log, comm=None):
+def _train_epochs(run, run_dir, splits, progress, stop_after, log, comm=None, cuda_graph=None):
     """The epochs of ``train``, from ``run.epoch`` on, in the claimed folder ``run_dir``."""
     cfg = run.cfg
     tx, ty, vx, vy, sx, sy = splits
@@ -827,6 +857,7 @@ def _train_epochs(run, run_dir, splits, progress, stop_after, log, comm=None):
         dp.check_batches(min(cfg.bn_recompute, len(tx)), cfg.eval_batch_size,
                          "bn_recompute's batch of", "bn_recompute")
     ranks = 1 if comm is None else comm.size
+    step = graphed_step(run.model, run.opt, run.loss_fn, comm, cuda_graph, log)
     try:
         while run.epoch < end:
             run.opt.lr = run.schedule(run.epoch)
@@ -834,7 +865,10 @@ def _train_epochs(run, run_dir, splits, progress, stop_after, log, comm=None):
             t0 = time.perf_counter()
             try:
                 loss, train_err, seen = train_epoch(run.model, run.opt, run.loss_fn, tx, ty,
-                                                    cfg.batch_size, run.rng, bar, dp)
+                                                    cfg.batch_size, run.rng, bar, dp, step=step)
+                if step is not None and step.reason is not None and not step.reported:
+                    log(f"CUDA graph: capture failed, training eagerly ({step.reason})")
+                    step.reported = True
             finally:
                 if bar is not None:
                     bar.close()

@@ -14,6 +14,11 @@ class _Runtime:
     def runtimeGetVersion():
         return 13000
 
+    @staticmethod
+    def getDeviceProperties(device):
+        return {"name": b"fake CuPy (NumPy on the CPU)", "totalGlobalMem": 0,
+                "multiProcessorCount": 0}
+
 
 runtime = _Runtime()
 

@@ -1,0 +1,219 @@
+"""The whole training step as one CUDA graph on the cupy backend: capture once, replay per batch.
+
+Why: at the paper's sizes a GPU training step is bound by the host, not the GPU. Every CuPy
+call costs 20-35 us of Python and driver time, and the 3x4096 MLP's step makes well over a
+hundred of them, while the GPU needs a fraction of that for the arithmetic. A CUDA graph
+records the step's kernels once; replaying it is one launch (NVIDIA, "CUDA C++ Programming
+Guide", section CUDA Graphs).
+
+What a replay must not miss, and how it is kept:
+
+* **Inputs**: each batch is copied into fixed device arrays that the graph reads.
+* **Per-step host values**: dropout's key (one draw per call from the layer's generator) and
+  Adam's step size alpha_t (which depends on the step count and the learning rate) would be
+  frozen into a graph as kernel arguments. During capture they are registered here instead
+  (:func:`recording`): the kernels read them from a device buffer, and before every replay
+  the host computes them in the eager step's order (draws, then t += 1, then each alpha_t)
+  and uploads the buffer in one copy. So a replayed step consumes the generator and the step
+  count exactly as an eager step does, and computes the same floats.
+* **No host synchronisation and no cuBLAS through CuPy** inside the step: the loss's label
+  range check is done once per data set (``losses.labels_checked``), the binary layers' NaN
+  checks are deferred (``binary.deferred_nan_checks``), and float products go through
+  ``kernels.cupy_blas`` (CuPy refuses cuBLAS calls during capture).
+* **Memory**: the captured step allocates from a memory pool of its own, which nothing
+  outside the graph uses, so no array of the graph is ever handed to other work.
+
+The first ``warmup`` calls run eagerly (they compile kernels, create optimizer state and
+settle the XNOR-or-float choice of every product); a batch of another shape is captured
+anew. What a graph cannot hold is refused up front with the reason (:func:`unsupported`):
+stochastic binarization (host random numbers per weight), an optimizer without a fused GPU
+update (only Adam has one), synchronised batch norm, the fused kernels switched off, or the
+direct cuBLAS path unavailable.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import backend
+
+__all__ = ["GraphedStep", "unsupported", "recording"]
+
+MAX_SLOTS = 4096  # per-step host values one captured step may register
+
+_recorder = [None]
+
+
+class _Recorder:
+    """Per-step host values and effects registered while a step is captured, in order."""
+
+    def __init__(self, vals):
+        self.vals = vals                   # device uint64 buffer the kernels read
+        self.host = np.zeros(MAX_SLOTS, np.uint64)
+        self.items = []                    # (slot or None, fn)
+
+    def value(self, fn, now, kind):
+        """Register ``fn`` (the value for the next replay) and return its (vals, slot) for a
+        kernel; ``now`` is the value of the step being captured. kind: "u64" or "f64"."""
+        slot = sum(1 for s, _ in self.items if s is not None)
+        if slot >= MAX_SLOTS:
+            raise ValueError(f"a captured step may use at most {MAX_SLOTS} per-step values")
+        self.items.append((slot, (fn, kind)))
+        self._store(slot, now, kind)
+        return self.vals, slot
+
+    def effect(self, fn):
+        """Register a host side effect to repeat before each replay, in order."""
+        self.items.append((None, fn))
+
+    def _store(self, slot, value, kind):
+        if kind == "f64":
+            self.host.view(np.float64)[slot] = value
+        else:
+            self.host[slot] = np.uint64(value)
+
+    def refresh(self):
+        """Run the registered effects and compute the values for the next replay, in order."""
+        for slot, item in self.items:
+            if slot is None:
+                item()
+            else:
+                fn, kind = item
+                self._store(slot, fn(), kind)
+
+    def upload(self):
+        self.vals.set(self.host)
+
+
+def recording():
+    """The recorder of the step being captured, or None outside a capture."""
+    return _recorder[0]
+
+
+def unsupported(model, opt):
+    """Why ``model`` trained by ``opt`` cannot be captured as a CUDA graph here, or None."""
+    from .kernels import cupy_fused
+    from .optim import Adam
+    if backend.active() != "cupy":
+        return f"CUDA graphs need the cupy backend (active: {backend.active()})"
+    if type(opt) is not Adam:
+        return f"{type(opt).__name__} has no fused GPU update (only Adam has)"
+    if not cupy_fused.enabled():
+        return "the fused GPU kernels are switched off (MINIBNN_CUPY_FUSED=0)"
+    if not backend._direct_blas[0]:
+        return "direct cuBLAS is switched off (MINIBNN_CUPY_BLAS=0)"
+    from .kernels import cupy_blas
+    why = cupy_blas.available()
+    if why is not None:
+        return why
+    for m in model.modules():
+        if getattr(m, "stochastic", False):
+            return "stochastic binarization draws host random numbers for every weight"
+        if getattr(m, "sync", None) is not None:
+            return "synchronised batch norm exchanges statistics between ranks"
+    return None
+
+
+class GraphedStep:
+    """``train.train_step(model, opt, loss_fn, x, y)`` replayed as one CUDA graph.
+
+    ``step(x, y)`` returns (loss, scores) as ``train_step`` does; after capture these are
+    the same Tensors every call, overwritten by each replay (read them before the next
+    call, as the stream order guarantees for any GPU work queued in between). Raises
+    ValueError with the reason when the step cannot be captured (:func:`unsupported`).
+    ``graphed`` tells whether the last call replayed a graph; ``reason`` says why a capture
+    failed, after which every call runs eagerly.
+    """
+
+    def __init__(self, model, opt, loss_fn, warmup=1):
+        why = unsupported(model, opt)
+        if why is not None:
+            raise ValueError(f"cannot capture the training step as a CUDA graph: {why}")
+        import cupy
+        self.model, self.opt, self.loss_fn, self.warmup = model, opt, loss_fn, int(warmup)
+        self.stream = cupy.cuda.Stream(non_blocking=False)  # ordered with the null stream
+        self.graphs = {}  # (x shape, dtype, y shape, dtype) -> _Captured
+        self.eager_calls = 0
+        self.graphed = False
+        self.reason = None
+        self.reported = False  # whether a caller has logged ``reason``
+
+    def _eager(self, x, y):
+        from . import binary, losses, train
+        self.graphed = False
+        with binary.deferring_nan_checks():
+            if self.eager_calls == 0:  # the loss checks the labels of the first batch
+                out = train.train_step(self.model, self.opt, self.loss_fn, x, y)
+            else:
+                with losses.labels_checked():
+                    out = train.train_step(self.model, self.opt, self.loss_fn, x, y)
+        self.eager_calls += 1
+        return out
+
+    def __call__(self, x, y):
+        if self.reason is not None or self.eager_calls < self.warmup:
+            return self._eager(x, y)
+        key = (tuple(x.shape), x.dtype.str, tuple(y.shape), y.dtype.str)
+        captured = self.graphs.get(key)
+        if captured is None:
+            return self._capture(x, y, key)
+        with self.stream:
+            captured.x[...] = x
+            captured.y[...] = y
+            captured.recorder.refresh()
+            captured.recorder.upload()
+            captured.graph.launch(self.stream)
+        self.graphed = True
+        return captured.out
+
+    def _host_state(self):
+        rngs = {id(m.rng): m.rng for m in self.model.modules() if hasattr(m, "rng")}
+        return self.opt.t, {k: r.bit_generator.state for k, r in rngs.items()}, rngs
+
+    def _capture(self, x, y, key):
+        import cupy
+        from . import binary, losses, train
+        t, states, rngs = self._host_state()
+        pool = cupy.cuda.MemoryPool()
+        with self.stream:
+            xs, ys = x.copy(), y.copy()
+            recorder = _Recorder(cupy.zeros(MAX_SLOTS, dtype=cupy.uint64))
+        self.stream.synchronize()
+        relaxed = getattr(cupy.cuda.runtime, "streamCaptureModeRelaxed", 2)
+        graph, error = None, None
+        _recorder[0] = recorder
+        try:
+            with self.stream, cupy.cuda.using_allocator(pool.malloc):
+                self.stream.begin_capture(mode=relaxed)
+                try:
+                    with binary.deferring_nan_checks(), losses.labels_checked():
+                        out = train.train_step(self.model, self.opt, self.loss_fn, xs, ys)
+                except Exception as exc:  # noqa: BLE001  (reported in .reason; step re-run eagerly)
+                    error = exc
+                finally:
+                    try:
+                        graph = self.stream.end_capture()
+                    except Exception as exc:  # noqa: BLE001
+                        error = error or exc
+        finally:
+            _recorder[0] = None
+        if error is not None:  # nothing ran on the GPU: undo the host side, run eagerly
+            self.opt.t = t
+            for k, state in states.items():
+                rngs[k].bit_generator.state = state
+            self.reason = f"{type(error).__name__}: {error}"
+            return self._eager(x, y)
+        self.graphs[key] = _Captured(graph, pool, recorder, xs, ys, out)
+        with self.stream:
+            recorder.upload()  # the values of this step, registered during capture
+            graph.launch(self.stream)
+        self.graphed = True
+        return out
+
+
+class _Captured:
+    """One captured step: its graph, memory pool, per-step values and fixed arrays."""
+
+    def __init__(self, graph, pool, recorder, x, y, out):
+        self.graph, self.pool, self.recorder = graph, pool, recorder
+        self.x, self.y, self.out = x, y, out
