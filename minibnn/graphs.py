@@ -23,9 +23,11 @@ What a replay must not miss, and how it is kept:
 * **Memory**: the captured step allocates from a memory pool of its own, which nothing
   outside the graph uses, so no array of the graph is ever handed to other work.
 
-The first ``warmup`` calls run eagerly (they compile kernels, create optimizer state and
-settle the XNOR-or-float choice of every product); a batch of another shape is captured
-anew. What a graph cannot hold is refused up front with the reason (:func:`unsupported`):
+The first ``warmup`` calls of each batch shape run eagerly (they compile kernels, create
+optimizer state and settle the XNOR-or-float choice of every product, which is timed); the
+next call of that shape is captured, and later ones replay it. A capture that fails leaves
+its shape to run eagerly, with the same results, and keeps the reason (``reason``,
+``failed``); ``train.train`` logs it. What a graph cannot hold is refused up front with the reason (:func:`unsupported`):
 stochastic binarization (host random numbers per weight), an optimizer without a fused GPU
 update (only Adam has one), synchronised batch norm, the fused kernels switched off, or the
 direct cuBLAS path unavailable.
@@ -121,8 +123,8 @@ class GraphedStep:
     the same Tensors every call, overwritten by each replay (read them before the next
     call, as the stream order guarantees for any GPU work queued in between). Raises
     ValueError with the reason when the step cannot be captured (:func:`unsupported`).
-    ``graphed`` tells whether the last call replayed a graph; ``reason`` says why a capture
-    failed, after which every call runs eagerly.
+    ``graphed`` tells whether the last call ran a graph; ``reason`` says why the last failed
+    capture failed.
     """
 
     def __init__(self, model, opt, loss_fn, warmup=1):
@@ -133,9 +135,11 @@ class GraphedStep:
         self.model, self.opt, self.loss_fn, self.warmup = model, opt, loss_fn, int(warmup)
         self.stream = cupy.cuda.Stream(non_blocking=False)  # ordered with the null stream
         self.graphs = {}  # (x shape, dtype, y shape, dtype) -> _Captured
+        self.calls = {}   # batch shape -> eager calls so far (each shape warms up first)
+        self.failed = {}  # batch shape -> why its capture failed (it then runs eagerly)
         self.eager_calls = 0
         self.graphed = False
-        self.reason = None
+        self.reason = None     # the last capture failure, if any
         self.reported = False  # whether a caller has logged ``reason``
 
     def _eager(self, x, y):
@@ -151,11 +155,14 @@ class GraphedStep:
         return out
 
     def __call__(self, x, y):
-        if self.reason is not None or self.eager_calls < self.warmup:
-            return self._eager(x, y)
         key = (tuple(x.shape), x.dtype.str, tuple(y.shape), y.dtype.str)
         captured = self.graphs.get(key)
         if captured is None:
+            # a new shape runs eagerly first: that settles its XNOR-or-float choices (timed,
+            # which a capture could not do) and compiles its kernels
+            if key in self.failed or self.calls.get(key, 0) < self.warmup:
+                self.calls[key] = self.calls.get(key, 0) + 1
+                return self._eager(x, y)
             return self._capture(x, y, key)
         with self.stream:
             captured.x[...] = x
@@ -201,7 +208,8 @@ class GraphedStep:
             self.opt.t = t
             for k, state in states.items():
                 rngs[k].bit_generator.state = state
-            self.reason = f"{type(error).__name__}: {error}"
+            self.reason = self.failed[key] = f"{type(error).__name__}: {error}"
+            self.reported = False
             return self._eager(x, y)
         self.graphs[key] = _Captured(graph, pool, recorder, xs, ys, out)
         with self.stream:
