@@ -755,11 +755,12 @@ def graphed_step(model, opt, loss_fn, comm=None, enabled=None, log=print):
     unless "0"); off on every backend but cupy and in data-parallel runs."""
     if backend.active() != "cupy":
         return None
+    why = "turned off"
     if enabled is None:
         enabled = os.environ.get("MINIBNN_CUDA_GRAPH", "1").strip() not in ("0", "false", "no")
+        why = "MINIBNN_CUDA_GRAPH=0"
     if not enabled or comm is not None:
-        log("CUDA graph: off" + ("" if enabled else " (MINIBNN_CUDA_GRAPH=0)")
-            + (" (data-parallel run)" if enabled and comm is not None else ""))
+        log(f"CUDA graph: off ({why if not enabled else 'data-parallel run'})")
         return None
     from . import graphs
     why = graphs.unsupported(model, opt)
