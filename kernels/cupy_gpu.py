@@ -248,10 +248,24 @@ def bitplane_gemm(planes, b, k):
 def pack_threshold(z, threshold):
     """bit (i, j) = z[i, j] >= threshold[j] (or ``threshold[i mod P, j]`` for a (P, N)
     table), packed on the GPU: uint64 (M, ceil(N/64)), as :func:`kernels.reference.pack_threshold`.
-    (A comparison, then :func:`pack_rows` of the bool array: two passes, not yet fused.)"""
+    int32 ``z`` against integer thresholds (the frozen layers' case) is one fused pass
+    (``pack_threshold_i32``: no bool matrix); other dtypes compare, then pack the bool array.
+    Not yet fused into the GEMM's epilogue: that would save the pass over ``z`` too."""
     cp = _cp()
     z, threshold = cp.asarray(z), cp.asarray(threshold)
     p = check_threshold_operands(z, threshold)
     m, n = z.shape
+    exact_in_int64 = threshold.dtype.kind == "i" or (threshold.dtype.kind == "u"
+                                                     and threshold.dtype.itemsize <= 4)
+    if z.dtype == cp.int32 and exact_in_int64:  # the frozen layers' case: one fused pass
+        words = n_words(n)
+        out = cp.empty((m, words), dtype=cp.uint64)
+        if m and words:
+            _function("xnor_gemm.cu", "pack_threshold_i32")(
+                _blocks(m * words * 32), (_THREADS,),
+                (cp.ascontiguousarray(z), np.int64(m), np.int64(n),
+                 cp.ascontiguousarray(threshold.astype(cp.int64)).reshape(-1), np.int64(p),
+                 out, np.int64(words)))
+        return out
     fire = z.reshape(-1, p, n) >= threshold.reshape(1, -1, n)
     return pack_rows(fire.reshape(m, n), check_nan=False)

@@ -42,6 +42,29 @@ PACK_KERNEL(pack_rows_f32, float, (v >= 0.0f), (v != v))
 PACK_KERNEL(pack_rows_f64, double, (v >= 0.0), (v != v))
 PACK_KERNEL(pack_rows_bool, unsigned char, (v != 0), false)
 
+// Threshold and pack in one pass (a frozen layer's sign(BN(z)) as integer thresholds):
+// bit (r, c) = z[r, c] >= thr[r mod periods, c], z int32 (rows, n) C-contiguous, thr int64
+// (periods, n). One warp per output word, as in PACK_KERNEL: no bool matrix in between.
+extern "C" __global__ void pack_threshold_i32(const int* __restrict__ z, long long rows,
+                                              long long n, const long long* __restrict__ thr,
+                                              long long periods, u64* __restrict__ out,
+                                              long long words)
+{
+    const int lane = threadIdx.x & 31;
+    const long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (warp >= rows * words) return; /* whole warps leave together */
+    const long long r = warp / words;
+    const long long w = warp - r * words;
+    const long long c0 = w * 64 + lane;
+    const long long c1 = c0 + 32;
+    const long long t = (r % periods) * n;
+    const bool b0 = c0 < n && (long long)z[r * n + c0] >= thr[t + c0];
+    const bool b1 = c1 < n && (long long)z[r * n + c1] >= thr[t + c1];
+    const u32 lo = __ballot_sync(0xffffffffu, b0);
+    const u32 hi = __ballot_sync(0xffffffffu, b1);
+    if (lane == 0) out[r * words + w] = ((u64)hi << 32) | (u64)lo;
+}
+
 // popcount of each packed row (one warp per row), for the AND form of the identity.
 extern "C" __global__ void row_popcount(const u64* __restrict__ x, int rows, int words,
                                         int* __restrict__ out)

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(bool(NVRTC_WHY), reason=NVRTC_WHY)
 
 ENTRIES = {
     "xnor_gemm.cu": {"pack_rows_f32", "pack_rows_f64", "pack_rows_bool", "row_popcount",
-                     "xnor_gemm_cuda_core"},
+                     "xnor_gemm_cuda_core", "pack_threshold_i32"},
     "xnor_gemm_tc.cu": {"xnor_gemm_tc"},
 }
 

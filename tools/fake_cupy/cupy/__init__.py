@@ -299,6 +299,12 @@ class _FakeKernel:
                 flag[0] = 1
                 x = _np.where(_np.isnan(x), 0, x)
             out[...] = ref.pack_rows(x >= 0 if x.dtype != _np.bool_ else x)
+        elif self.name == "pack_threshold_i32":
+            z, rows, n, thr, periods, out, words = a
+            rows, n, periods = int(rows), int(n), int(periods)
+            t = thr.reshape(periods, n)
+            fire = (z.reshape(-1, periods, n).astype(_np.int64) >= t[None]).reshape(rows, n)
+            out[...] = ref.pack_rows(fire)
         elif self.name == "row_popcount":
             x, rows, words, pop = a
             pop[...] = _np.unpackbits(x[: int(rows)].view(_np.uint8), axis=1).sum(axis=1)
