@@ -73,9 +73,11 @@ __device__ void col2im_body(const T* __restrict__ cols, long long s_row, long lo
 }
 
 // ------------------------------------------------------------------- sign-patch packing
-// out (N*Ho*Wo, words) uint64: bit q of word w of row (n, y, z) is patch entry
-// e = 64 w + q, e = (i*kw + j)*C + c, set when xpad[n, c, y*stride + i, z*stride + j] >= 0
-// with padding taps set (+1); bits at e >= kh*kw*C stay 0. One thread per word.
+// out (N*Ho*Wo, words) uint64: bit e - 64 q of word q of row r = (n, y, z) is patch entry
+// e = (i*kw + j)*C + c, set when xpad[n, c, y*stride + i, z*stride + j] >= 0
+// with padding taps set (+1); bits at e >= kh*kw*C stay 0. One thread per word; threads
+// next to each other take the same word of neighbouring rows, i.e. neighbouring output
+// positions, so their 64 reads of x walk along W together.
 template <typename T>
 __device__ void pack_sign_patches_body(const T* __restrict__ x, long long n, long long c,
                                        long long h, long long w, long long sn,
@@ -85,9 +87,10 @@ __device__ void pack_sign_patches_body(const T* __restrict__ x, long long n, lon
                                        long long words, u64* __restrict__ out)
 {
     const long long k = kh * kw * c;  // bits per row
-    const long long total = n * ho * wo * words;
+    const long long rows = n * ho * wo;
+    const long long total = rows * words;
     GRID_STRIDE_LOOP(t, total) {
-        const long long q = t % words, r = t / words;
+        const long long r = t % rows, q = t / rows;
         const long long z = r % wo, y = (r / wo) % ho, b = r / (wo * ho);
         const long long e0 = q * 64;
         const long long e1 = (e0 + 64 < k) ? e0 + 64 : k;
@@ -105,7 +108,7 @@ __device__ void pack_sign_patches_body(const T* __restrict__ x, long long n, lon
                 if (++j == kw) { j = 0; ++i; }
             }
         }
-        out[t] = word;
+        out[r * words + q] = word;
     }
 }
 

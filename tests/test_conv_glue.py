@@ -50,7 +50,7 @@ class Poisoned:
 
     def empty(self, shape, dtype):
         dtype = np.dtype(dtype)
-        fill = np.nan if dtype.kind == "f" else np.iinfo(dtype).max
+        fill = dtype.type(np.nan if dtype.kind == "f" else np.iinfo(dtype).max)
         return self.xp.full(shape, fill, dtype=dtype)
 
     def __getattr__(self, name):
