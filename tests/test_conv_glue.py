@@ -278,6 +278,21 @@ def test_max_pool_with_windows_of_256_or_more_keeps_int32_arg(glue):
         host(glue.max_pool2d_backward(dev(g), arg, x.shape, 16, 1)), xt.grad)
 
 
+def test_nan_as_the_array_code_treats_it(glue):
+    """A NaN is never greater, so a window that starts with one keeps it and a later one
+    never takes over; NaN >= 0 is False, so its sign bit is 0. As the NumPy code."""
+    y = np.random.default_rng(15).standard_normal((2, 3, 6, 7))
+    y[0, 0, 0, 0] = y[0, 1, 3, 3] = y[1, 2, 5, 6] = np.nan
+    pool = F.MaxPool2d()
+    with backend.use("numpy"):
+        want = pool.forward(y, 2, 2)
+    best, arg = glue.max_pool2d(dev(y), 2, 2)
+    np.testing.assert_array_equal(host(best), want)
+    np.testing.assert_array_equal(host(arg), pool.saved[0])
+    np.testing.assert_array_equal(host(glue.pack_sign_patches(dev(y), 3, 3, 1, 1)),
+                                  reference.pack_rows(binary.conv_sign_patches(y, 3, 3, 1, 1)))
+
+
 def test_max_pool_tie_goes_to_the_first_element(glue):
     x = np.array([[[[1.0, 3.0], [3.0, 3.0]]]], dtype=np.float32)
     xt = Tensor(dev(x), requires_grad=True)

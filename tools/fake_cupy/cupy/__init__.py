@@ -355,18 +355,20 @@ def _conv_glue(name, a):
         if type(pad_value) is not dtype or out.dtype != dtype:
             raise TypeError(f"fake cupy: {name} got pad_value {pad_value!r}, out {out.dtype}")
         assert x.shape == (n, c, h, w) and out.shape == (c * kh * kw, n * ho * wo)
+        assert out.flags.c_contiguous
         out[...] = F.im2col(x, kh, kw, stride, padding, pad_value).T
     elif name.startswith("col2im_"):
         cols, *ints, out = a
         s_row, s_col, n, c, h, w, kh, kw, stride, padding, ho, wo = _ints(ints)
         _check_view(cols, (s_row, s_col), dtype)
-        assert out.shape == (n, c, h, w) and out.dtype == dtype
+        assert out.shape == (n, c, h, w) and out.dtype == dtype and out.flags.c_contiguous
         out[...] = F.col2im(cols, (n, c, h, w), kh, kw, stride, padding)
     elif name.startswith("pack_sign_patches_"):
         x, *ints, out = a
         n, c, h, w, sn, sc, sh, sw, kh, kw, stride, padding, ho, wo, words = _ints(ints)
         _check_view(x, (sn, sc, sh, sw), dtype)
         assert x.shape == (n, c, h, w) and out.shape == (n * ho * wo, words)
+        assert out.dtype == _np.uint64 and out.flags.c_contiguous
         out[...] = ref.pack_rows(binary.conv_sign_patches(x, kh, kw, stride, padding))
     elif name.startswith("max_pool2d_backward_"):
         g, *strides, arg, n, c, h, w, k, stride, ho, wo, out = a
@@ -374,6 +376,7 @@ def _conv_glue(name, a):
         _check_view(g, _ints(strides), dtype)
         assert arg.dtype == (_np.uint8 if name.endswith("_u8") else _np.int32)
         assert arg.flags.c_contiguous and g.shape == arg.shape == (n, c, ho, wo)
+        assert out.shape == (n, c, h, w) and out.dtype == dtype and out.flags.c_contiguous
         pool = F.MaxPool2d()
         pool.x_shape, pool.k, pool.stride, pool.saved = (n, c, h, w), k, stride, (arg,)
         out[...] = pool.backward(g)[0]
@@ -382,6 +385,8 @@ def _conv_glue(name, a):
         n, c, sn, sc, sh, sw, k, stride, ho, wo = _ints(ints)
         _check_view(x, (sn, sc, sh, sw), dtype)
         assert arg.dtype == (_np.uint8 if name.endswith("_u8") else _np.int32)
+        assert x.shape[:2] == (n, c) and best.shape == arg.shape == (n, c, ho, wo)
+        assert best.flags.c_contiguous and arg.flags.c_contiguous and best.dtype == dtype
         pool = F.MaxPool2d()
         best[...] = pool.forward(x, k, stride)
         arg[...] = pool.saved[0]
