@@ -17,6 +17,9 @@ Modules
 - ``minibnn.kernels.autotune``: the CPU's ISA features (``isa_features()``) and the measured
   choice among the CPU GEMM kernels per shape class, cached on disk per machine.
 - ``minibnn.kernels.cupy_gpu``: CUDA packing and GEMM through CuPy (CuPy imported lazily).
+- ``minibnn.kernels.numba_conv`` and ``minibnn.kernels.cupy_conv``: the convolution glue
+  (col2im, sign-patch packing, max pool; cupy also im2col) compiled for the numba and cupy
+  backends, bit for bit the NumPy code of ``minibnn.functional`` and ``minibnn.binary``.
 - ``kernels.cuda_sources``: the packaged ``*.cu`` files and their minimum architecture.
 - ``minibnn.kernels.nvrtc_check``: compiles the ``*.cu`` sources with NVRTC, no GPU needed.
 

@@ -8,6 +8,7 @@ __all__ = ["SOURCES", "read_source"]
 SOURCES = {
     "xnor_gemm.cu": 0,  # packing, row popcounts, CUDA-core XNOR GEMM
     "xnor_gemm_tc.cu": 80,  # m16n8k256 .b1 tensor-core GEMM (mma.sync, cp.async)
+    "conv_glue.cu": 0,  # im2col, col2im, sign-patch packing, max pool (kernels/cupy_conv.py)
 }
 
 

@@ -31,7 +31,12 @@ from numba import prange
 
 from ._numba_common import jit
 
-__all__ = ["col2im", "pack_sign_patches", "max_pool2d", "max_pool2d_backward"]
+__all__ = ["accepts", "col2im", "pack_sign_patches", "max_pool2d", "max_pool2d_backward"]
+
+
+def accepts(x):
+    """True when these kernels take ``x``: a NumPy array (a CuPy array runs the array code)."""
+    return isinstance(x, np.ndarray)
 
 
 def _out_size(size, k, stride, padding):

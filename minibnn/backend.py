@@ -99,13 +99,19 @@ def conv_kernels(name=None):
     """Compiled convolution glue of backend ``name`` (default: the active one), or None.
 
     The numba backend has :mod:`minibnn.kernels.numba_conv` (col2im, sign-patch
-    packing, max pool; the same values as the NumPy code, bit for bit); on the other
-    backends the NumPy/CuPy array code in ``functional`` and ``binary`` runs as written.
+    packing, max pool), the cupy backend :mod:`minibnn.kernels.cupy_conv` (the same and
+    im2col, as CUDA kernels): the same values as the NumPy code, bit for bit, each taking
+    the arrays its ``accepts(x)`` says. On numpy the array code in ``functional`` and
+    ``binary`` runs as written.
     """
-    if (_check(name) if name else active()) != "numba":
-        return None
-    from .kernels import numba_conv
-    return numba_conv
+    name = _check(name) if name else active()
+    if name == "numba":
+        from .kernels import numba_conv
+        return numba_conv
+    if name == "cupy":
+        from .kernels import cupy_conv
+        return cupy_conv
+    return None
 
 
 def synchronize():

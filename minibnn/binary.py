@@ -378,7 +378,7 @@ def xnor_conv2d(x, wb, stride=1, padding=0, dtype=np.int32):
     n, o, ho, wo = conv_output_shape(x.shape, wb.shape, stride, padding, op="xnor_conv2d")
     kh, kw = wb.shape[2:]
     kern = backend.kernel_module()
-    if (glue := compiled_glue(x)) is not None:  # numba: sign, patches and packing in one pass
+    if (glue := compiled_glue(x)) is not None:  # numba, cupy: sign, patches, packing in one go
         patches = glue.pack_sign_patches(x, kh, kw, stride, padding)
     else:
         patches = kern.pack_rows(conv_sign_patches(x, kh, kw, stride, padding))

@@ -481,11 +481,12 @@ def pad2d(x, padding, value=0):
 
 
 def compiled_glue(x):
-    """The numba backend's compiled col2im/max pool/sign patches (``backend.conv_kernels()``)
-    when it is active and ``x`` is a NumPy array, else None: the array code here runs.
-    Both give the same values bit for bit (tests/test_conv.py checks every op)."""
+    """The active backend's compiled convolution glue (``backend.conv_kernels()``: numba's
+    col2im/max pool/sign patches, cupy's CUDA kernels for those and im2col) when it takes
+    ``x`` (numba: a NumPy array; cupy: a float32/float64 CuPy array), else None: the array
+    code here runs. Both give the same values bit for bit (tests/test_conv_glue.py)."""
     glue = backend.conv_kernels()
-    return glue if glue is not None and isinstance(x, np.ndarray) else None
+    return glue if glue is not None and glue.accepts(x) else None
 
 
 def kernel_offsets(kh, kw, stride, ho, wo):
@@ -513,10 +514,14 @@ def im2col(x, kh, kw, stride=1, padding=0, pad_value=0):
     Built by one strided slice copy per kernel offset (kh*kw copies, vectorised over N, C
     and positions) into a K-major buffer (C, kh, kw, N, Ho, Wo); the result is that buffer's
     transposed view (F-ordered), which BLAS takes without a copy and ``.T`` makes
-    contiguous again. Raw arrays, NumPy or CuPy; no gradient.
+    contiguous again. Raw arrays, NumPy or CuPy; no gradient. On the cupy backend a float
+    CuPy array takes one CUDA kernel (``cupy_conv.im2col``) that writes the same buffer
+    and returns the same view.
     """
     n, c = x.shape[:2]
     ho, wo = _window_geometry(x.shape, kh, kw, stride, padding, "im2col")
+    if (glue := compiled_glue(x)) is not None and hasattr(glue, "im2col"):  # cupy: one launch
+        return glue.im2col(x, kh, kw, stride, padding, pad_value)
     xpad = pad2d(x, padding, pad_value)
     cols = get_array_module(x).empty((c, kh, kw, n, ho, wo), dtype=x.dtype)
     for i, j, rows, columns in kernel_offsets(kh, kw, stride, ho, wo):

@@ -5,6 +5,7 @@ reason when it is missing.
 """
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +26,10 @@ ENTRIES = {
     "xnor_gemm.cu": {"pack_rows_f32", "pack_rows_f64", "pack_rows_bool", "row_popcount",
                      "xnor_gemm_cuda_core", "pack_threshold_i32"},
     "xnor_gemm_tc.cu": {"xnor_gemm_tc"},
+    "conv_glue.cu": {f"{op}_{t}" for op in ("im2col", "col2im", "pack_sign_patches")
+                     for t in ("f32", "f64")}
+                    | {f"{op}_{t}_{a}" for op in ("max_pool2d", "max_pool2d_backward")
+                       for t in ("f32", "f64") for a in ("u8", "i32")},
 }
 
 
@@ -56,14 +61,32 @@ def test_nvrtc_lists_the_architectures_it_supports():
 
 
 def test_cuda_core_source_compiles_for_older_gpus():
-    """The CUDA-core kernel serves GPUs without b1 tensor cores: compile it for the oldest
-    architecture below 8.0 that this NVRTC still supports (7.0 up to CUDA 12, 7.5 in 13)."""
+    """The CUDA-core kernel and the convolution glue serve GPUs without b1 tensor cores:
+    compile them for the oldest architecture below 8.0 that this NVRTC still supports
+    (7.0 up to CUDA 12, 7.5 in 13)."""
     older = [a for a in supported_archs() if a < 80]
     if not older:
         pytest.skip(f"this NVRTC supports no architecture below compute_80: {supported_archs()}")
     ptx = compile_all(f"compute_{older[0]}")
-    assert set(ptx) == {"xnor_gemm.cu"}
+    assert set(ptx) == {"xnor_gemm.cu", "conv_glue.cu"}
     assert "popc.b32" in ptx["xnor_gemm.cu"]
+
+
+def test_conv_glue_has_no_atomics_and_launches_what_it_defines(ptx):
+    """Each output is written by one thread (sums in a fixed order, no atomics), and every
+    kernel name kernels/cupy_conv.py can launch is an entry of conv_glue.cu."""
+    text = ptx["conv_glue.cu"]
+    assert "atom." not in text and "red." not in text
+    assert "add.f32" in text and "add.f64" in text  # the sums of col2im and the pool's gradient
+    assert not re.search(r"\b(fma|mul|div|sub)\.\w*f(32|64)", text)  # floats: added, compared
+    wrapper = (Path(cupy_gpu.__file__).parent / "cupy_conv.py").read_text()
+    launched = set(re.findall(r'_launch\(f"(\w+)_\{suffix\}(_\{kind\})?"', wrapper))
+    assert {op for op, _ in launched} == {"im2col", "col2im", "pack_sign_patches", "max_pool2d",
+                                          "max_pool2d_backward"}
+    for op, kind in launched:
+        for t in ("f32", "f64"):
+            for a in (("u8", "i32") if kind else ("",)):
+                assert "_".join(filter(None, (op, t, a))) in ENTRIES["conv_glue.cu"]
 
 
 def test_compile_error_carries_the_log():

@@ -8,7 +8,9 @@ implicitly. Like CuPy, ``np.asarray(device_array)`` raises TypeError, a device o
 given a non-scalar NumPy array raises TypeError, assigning a NumPy array into a device
 array raises ValueError, device arrays are unhashable, and ``.get()`` / ``cupy.asnumpy``
 are the explicit ways back. Values are computed by NumPy, and the project's CUDA kernels
-(``kernels/*.cu``) are replaced by ``minibnn.kernels.reference``.
+(``kernels/*.cu``) are replaced by ``minibnn.kernels.reference`` (the convolution glue of
+``conv_glue.cu`` by the NumPy code of ``minibnn.functional`` and ``minibnn.binary``, after
+checking the kernel's scalar arguments against its CUDA signature).
 
 What it cannot check: anything about the GPU itself: the CUDA kernels, speed, streams,
 CUDA graphs (``Stream.begin_capture`` raises), cuBLAS precision. It is a development aid,
@@ -316,8 +318,86 @@ class _FakeKernel:
             w = ref.n_words(int(k))
             out[...] = ref.xnor_gemm(_np.ascontiguousarray(ap[: int(m), :w]),
                                      _np.ascontiguousarray(bp[: int(n), :w]), int(k))
+        elif self.name.startswith(_CONV_GLUE):
+            _conv_glue(self.name, a)
         else:
             raise NotImplementedError(f"fake cupy: no stand-in for CUDA kernel {self.name!r}")
+
+
+_CONV_GLUE = ("im2col_", "col2im_", "pack_sign_patches_", "max_pool2d_")
+
+
+def _ints(values):
+    """The int64 scalars of a launch of kernels/conv_glue.cu as ints; every size, stride and
+    geometry parameter there is a ``long long``, so anything else is a wrapper bug."""
+    for v in values:
+        if type(v) is not _np.int64:
+            raise TypeError(f"fake cupy: conv glue kernel got {v!r} ({type(v).__name__}) "
+                            "where the CUDA signature has long long")
+    return [int(v) for v in values]
+
+
+def _check_view(x, strides, dtype):
+    """The strides (in elements) a wrapper passed must be those of the array it passed."""
+    if x.dtype != dtype:
+        raise TypeError(f"fake cupy: conv glue kernel got dtype {x.dtype}, expected {dtype}")
+    if tuple(strides) != tuple(s // x.itemsize for s in x.strides):
+        raise ValueError(f"fake cupy: strides {strides} passed for an array with strides "
+                         f"{x.strides} (itemsize {x.itemsize})")
+
+
+def _conv_glue(name, a):
+    """kernels/conv_glue.cu (launched by kernels/cupy_conv.py), computed by the NumPy
+    reference code in minibnn.functional and minibnn.binary on the arrays the kernel got,
+    after checking the scalar arguments against the CUDA signatures."""
+    from minibnn import binary
+    from minibnn import functional as F
+    from minibnn.kernels import reference as ref
+    dtype = _np.float32 if "_f32" in name else _np.float64
+    if name.startswith("im2col_"):
+        x, *ints, pad_value, out = a
+        n, c, h, w, sn, sc, sh, sw, kh, kw, stride, padding, ho, wo = _ints(ints)
+        _check_view(x, (sn, sc, sh, sw), dtype)
+        if type(pad_value) is not dtype or out.dtype != dtype:
+            raise TypeError(f"fake cupy: {name} got pad_value {pad_value!r}, out {out.dtype}")
+        assert x.shape == (n, c, h, w) and out.shape == (c * kh * kw, n * ho * wo)
+        assert out.flags.c_contiguous
+        out[...] = F.im2col(x, kh, kw, stride, padding, pad_value).T
+    elif name.startswith("col2im_"):
+        cols, *ints, out = a
+        s_row, s_col, n, c, h, w, kh, kw, stride, padding, ho, wo = _ints(ints)
+        _check_view(cols, (s_row, s_col), dtype)
+        assert out.shape == (n, c, h, w) and out.dtype == dtype and out.flags.c_contiguous
+        out[...] = F.col2im(cols, (n, c, h, w), kh, kw, stride, padding)
+    elif name.startswith("pack_sign_patches_"):
+        x, *ints, out = a
+        n, c, h, w, sn, sc, sh, sw, kh, kw, stride, padding, ho, wo, words = _ints(ints)
+        _check_view(x, (sn, sc, sh, sw), dtype)
+        assert x.shape == (n, c, h, w) and out.shape == (n * ho * wo, words)
+        assert out.dtype == _np.uint64 and out.flags.c_contiguous
+        out[...] = ref.pack_rows(binary.conv_sign_patches(x, kh, kw, stride, padding))
+    elif name.startswith("max_pool2d_backward_"):
+        g, *strides, arg, n, c, h, w, k, stride, ho, wo, out = a
+        n, c, h, w, k, stride, ho, wo = _ints((n, c, h, w, k, stride, ho, wo))
+        _check_view(g, _ints(strides), dtype)
+        assert arg.dtype == (_np.uint8 if name.endswith("_u8") else _np.int32)
+        assert arg.flags.c_contiguous and g.shape == arg.shape == (n, c, ho, wo)
+        assert out.shape == (n, c, h, w) and out.dtype == dtype and out.flags.c_contiguous
+        pool = F.MaxPool2d()
+        pool.x_shape, pool.k, pool.stride, pool.saved = (n, c, h, w), k, stride, (arg,)
+        out[...] = pool.backward(g)[0]
+    elif name.startswith("max_pool2d_"):
+        x, *ints, best, arg = a
+        n, c, sn, sc, sh, sw, k, stride, ho, wo = _ints(ints)
+        _check_view(x, (sn, sc, sh, sw), dtype)
+        assert arg.dtype == (_np.uint8 if name.endswith("_u8") else _np.int32)
+        assert x.shape[:2] == (n, c) and best.shape == arg.shape == (n, c, ho, wo)
+        assert best.flags.c_contiguous and arg.flags.c_contiguous and best.dtype == dtype
+        pool = F.MaxPool2d()
+        best[...] = pool.forward(x, k, stride)
+        arg[...] = pool.saved[0]
+    else:
+        raise NotImplementedError(f"fake cupy: no stand-in for CUDA kernel {name!r}")
 
 
 class RawModule:
