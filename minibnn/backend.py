@@ -220,3 +220,39 @@ def cuda_stream_ptr():
     """The raw handle of CuPy's current stream (NCCL collectives run on it)."""
     import cupy
     return cupy.cuda.get_current_stream().ptr
+
+
+# --- what minibnn.graphs needs from CuPy ------------------------------------------------------
+
+def capture_stream():
+    """A new CUDA stream for capturing and replaying graphs, blocking (ordered with the
+    default stream, so work queued there before or after a replay stays in order)."""
+    import cupy
+    return cupy.cuda.Stream(non_blocking=False)
+
+
+def capture_graph(stream, fn):
+    """Run ``fn()`` with ``stream`` capturing (relaxed mode, which lets CuPy's memory pool
+    allocate) and every allocation from a new memory pool of the graph's own, which nothing
+    outside the graph uses. Returns (graph, pool, fn's result, None), or (None, None, None,
+    the first error): then nothing ran on the GPU and the capture is closed."""
+    import cupy
+    pool = cupy.cuda.MemoryPool()
+    stream.synchronize()
+    relaxed = getattr(cupy.cuda.runtime, "streamCaptureModeRelaxed", 2)
+    graph = result = error = None
+    with stream, cupy.cuda.using_allocator(pool.malloc):
+        stream.begin_capture(mode=relaxed)
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001  (returned: the caller runs the step eagerly)
+            error = exc
+        finally:
+            try:
+                graph = stream.end_capture()
+            except Exception as exc:  # noqa: BLE001
+                error = error or exc
+    if error is not None:
+        return None, None, None, error
+    return graph, pool, result, None
+

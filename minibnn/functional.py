@@ -322,9 +322,9 @@ class Dropout(Function):
             offset = (0 if rows is None else rows[0]) * int(np.prod(a.shape[1:]))
             thr, scale = dropout_threshold(p), 1.0 / (1.0 - p)
             if _fused(a):
-                from . import graphs
+                from . import stepvalues
                 from .kernels import cupy_fused
-                recorder = graphs.recording()  # in a CUDA graph: a fresh key per replay
+                recorder = stepvalues.recording()  # in a CUDA graph: a fresh key per replay
                 slot = None if recorder is None else recorder.value(
                     lambda: int(rng.integers(0, 2 ** 63)), key, "u64")
                 y, m = cupy_fused.dropout(a, key, offset, thr, scale, slot=slot)

@@ -38,59 +38,9 @@ from __future__ import annotations
 import numpy as np
 
 from . import backend
+from .stepvalues import MAX_SLOTS, Recorder, recording  # noqa: F401  (recording: re-exported)
 
 __all__ = ["GraphedStep", "unsupported", "recording"]
-
-MAX_SLOTS = 4096  # per-step host values one captured step may register
-
-_recorder = [None]
-
-
-class _Recorder:
-    """Per-step host values and effects registered while a step is captured, in order."""
-
-    def __init__(self, vals):
-        self.vals = vals                   # device uint64 buffer the kernels read
-        self.host = np.zeros(MAX_SLOTS, np.uint64)
-        self.items = []                    # (slot or None, fn)
-
-    def value(self, fn, now, kind):
-        """Register ``fn`` (the value for the next replay) and return its (vals, slot) for a
-        kernel; ``now`` is the value of the step being captured. kind: "u64" or "f64"."""
-        slot = sum(1 for s, _ in self.items if s is not None)
-        if slot >= MAX_SLOTS:
-            raise ValueError(f"a captured step may use at most {MAX_SLOTS} per-step values")
-        self.items.append((slot, (fn, kind)))
-        self._store(slot, now, kind)
-        return self.vals, slot
-
-    def effect(self, fn):
-        """Register a host side effect to repeat before each replay, in order."""
-        self.items.append((None, fn))
-
-    def _store(self, slot, value, kind):
-        if kind == "f64":
-            self.host.view(np.float64)[slot] = value
-        else:
-            self.host[slot] = np.uint64(value)
-
-    def refresh(self):
-        """Run the registered effects and compute the values for the next replay, in order."""
-        for slot, item in self.items:
-            if slot is None:
-                item()
-            else:
-                fn, kind = item
-                self._store(slot, fn(), kind)
-
-    def upload(self):
-        self.vals.set(self.host)
-
-
-def recording():
-    """The recorder of the step being captured, or None outside a capture."""
-    return _recorder[0]
-
 
 def unsupported(model, opt):
     """Why ``model`` trained by ``opt`` cannot be captured as a CUDA graph here, or None."""
@@ -131,9 +81,8 @@ class GraphedStep:
         why = unsupported(model, opt)
         if why is not None:
             raise ValueError(f"cannot capture the training step as a CUDA graph: {why}")
-        import cupy
         self.model, self.opt, self.loss_fn, self.warmup = model, opt, loss_fn, int(warmup)
-        self.stream = cupy.cuda.Stream(non_blocking=False)  # ordered with the null stream
+        self.stream = backend.capture_stream()
         self.graphs = {}  # (x shape, dtype, y shape, dtype) -> _Captured
         self.calls = {}   # batch shape -> eager calls so far (each shape warms up first)
         self.failed = {}  # batch shape -> why its capture failed (it then runs eagerly)
@@ -178,32 +127,18 @@ class GraphedStep:
         return self.opt.t, {k: r.bit_generator.state for k, r in rngs.items()}, rngs
 
     def _capture(self, x, y, key):
-        import cupy
-        from . import binary, losses, train
+        from . import binary, losses, stepvalues, train
         t, states, rngs = self._host_state()
-        pool = cupy.cuda.MemoryPool()
         with self.stream:
             xs, ys = x.copy(), y.copy()
-            recorder = _Recorder(cupy.zeros(MAX_SLOTS, dtype=cupy.uint64))
-        self.stream.synchronize()
-        relaxed = getattr(cupy.cuda.runtime, "streamCaptureModeRelaxed", 2)
-        graph, error = None, None
-        _recorder[0] = recorder
-        try:
-            with self.stream, cupy.cuda.using_allocator(pool.malloc):
-                self.stream.begin_capture(mode=relaxed)
-                try:
-                    with binary.deferring_nan_checks(), losses.labels_checked():
-                        out = train.train_step(self.model, self.opt, self.loss_fn, xs, ys)
-                except Exception as exc:  # noqa: BLE001  (reported in .reason; step re-run eagerly)
-                    error = exc
-                finally:
-                    try:
-                        graph = self.stream.end_capture()
-                    except Exception as exc:  # noqa: BLE001
-                        error = error or exc
-        finally:
-            _recorder[0] = None
+            recorder = Recorder(backend.xp().zeros(MAX_SLOTS, dtype=np.uint64))
+
+        def step():
+            with binary.deferring_nan_checks(), losses.labels_checked():
+                return train.train_step(self.model, self.opt, self.loss_fn, xs, ys)
+
+        with stepvalues.recording_into(recorder):
+            graph, pool, out, error = backend.capture_graph(self.stream, step)
         if error is not None:  # nothing ran on the GPU: undo the host side, run eagerly
             self.opt.t = t
             for k, state in states.items():

@@ -19,8 +19,8 @@ from .binary import ap2
 
 def _graph_recorder():
     """The CUDA-graph recorder while a training step is being captured, else None."""
-    from . import graphs
-    return graphs.recording()
+    from . import stepvalues
+    return stepvalues.recording()
 
 
 class Optimizer:

@@ -18,13 +18,13 @@ ACCELERATORS = {"cupy", "cupyx", "numba", "llvmlite"}
 # layer of each minibnn module: a module may import only modules of a lower or equal layer
 LAYERS = {
     "kernels": -1,  # the kernels/ folder, installed as minibnn.kernels
-    "io": 0, "rng": 0, "backend": 0,
+    "io": 0, "rng": 0, "backend": 0, "stepvalues": 0,
     "tensor": 1,
     "functional": 2, "binary": 3,
     "nn": 4, "losses": 4,
     "optim": 5, "models": 5, "data": 1, "summary": 7, "deploy": 6,
     "registry": 6, "runs": 6, "distributed": 6,
-    "train": 7, "cli": 8, "__main__": 9, "__init__": 9,
+    "train": 7, "graphs": 7, "cli": 8, "__main__": 9, "__init__": 9,
 }
 
 
