@@ -750,24 +750,25 @@ def _schedule_note(cfg, done, old_epochs):
 
 
 def graphed_step(model, opt, loss_fn, comm=None, enabled=None, log=print):
-    """A ``graphs.GraphedStep`` for training on the GPU, or None (logged with the reason)
-    where the step cannot be captured. ``enabled`` None reads ``MINIBNN_CUDA_GRAPH`` (on
-    unless "0"); off on every backend but cupy and in data-parallel runs."""
+    """A ``graphs.GraphedStep`` for training on the GPU, or None where the step cannot be
+    captured (logged with the reason) or the graph is turned off. ``enabled`` None reads
+    ``MINIBNN_CUDA_GRAPH`` (on unless "0"); off on every backend but cupy and in
+    data-parallel runs. The normal case, a graph, logs nothing: the log stays the same on
+    every backend."""
     if backend.active() != "cupy":
         return None
-    why = "turned off"
     if enabled is None:
         enabled = os.environ.get("MINIBNN_CUDA_GRAPH", "1").strip() not in ("0", "false", "no")
-        why = "MINIBNN_CUDA_GRAPH=0"
-    if not enabled or comm is not None:
-        log(f"CUDA graph: off ({why if not enabled else 'data-parallel run'})")
+    if not enabled:  # the user's choice: nothing to report
+        return None
+    if comm is not None:
+        log("CUDA graph: off (data-parallel run)")
         return None
     from . import graphs
     why = graphs.unsupported(model, opt)
     if why is not None:
         log(f"CUDA graph: off ({why})")
         return None
-    log("CUDA graph: on (the training step is captured once per batch shape and replayed)")
     return graphs.GraphedStep(model, opt, loss_fn)
 
 

@@ -97,7 +97,10 @@ def test_bad_config_is_rejected():
 
 def _cli(*args, cwd, **kw):
     """``python -m minibnn ARGS`` in the folder ``cwd`` (a tmp_path: never the checkout)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    # this checkout first, then the caller's path (where a stand-in such as tools/fake_cupy
+    # may live): the child runs on the backend the suite runs on
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, "-m", "minibnn", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
