@@ -28,6 +28,7 @@ _TILE = 128  # block tile of both GEMM kernels (rows of A and rows of B)
 _TC_BKW = 8  # u64 words of K per tensor-core pipeline stage (TC_BKW in the .cu)
 _TC_SMEM_BYTES = 3 * (128 + 128) * 12 * 8  # TC_SMEM_BYTES in xnor_gemm_tc.cu
 _INT32_MAX = 2**31 - 1
+_MAX_ROWS = 65535 * _TILE  # rows of A one GEMM launch can cover (grid y-dimension limit)
 
 _cupy = None
 _modules = {}  # (device id, source name) -> cupy.RawModule
@@ -193,8 +194,8 @@ def xnor_gemm(a, b, k, kernel=None):
         out.fill(0)
         return out
     grid = ((n + _TILE - 1) // _TILE, (m + _TILE - 1) // _TILE)
-    if grid[1] > 65535:
-        raise ValueError(f"a: M={m} rows exceed the launch grid limit of {65535 * _TILE}")
+    if m > _MAX_ROWS:
+        raise ValueError(f"a: M={m} rows exceed the launch grid limit of {_MAX_ROWS}")
     if kernel == "cuda":
         a = cp.ascontiguousarray(a)
         b = cp.ascontiguousarray(b)
@@ -224,18 +225,26 @@ def pack_bitplanes(x):
     x = check_pixels(cp.asarray(x))
     shifts = cp.arange(PLANES, dtype=cp.uint8)[:, None]
     planes = ((x[:, None, :] >> shifts) & 1).astype(cp.bool_)
+    # the word count is given, not inferred: with no images (M = 0) a -1 cannot be inferred
     return pack_rows(planes.reshape(-1, x.shape[1]), check_nan=False).reshape(
-        x.shape[0], PLANES, -1)
+        x.shape[0], PLANES, n_words(x.shape[1]))
 
 
 def bitplane_gemm(planes, b, k):
     """z = sum_n 2^n (planes[:, n] . b) = (2x - 255) . w, int32 (M, N): one XNOR GEMM over
-    the 8M plane rows, combined by shift-add (Horner's rule)."""
+    the 8M plane rows, combined by shift-add (Horner's rule).
+
+    M is limited as in :func:`xnor_gemm` (not 8M): more than ``_MAX_ROWS / 8`` rows go in
+    slices of that many, each one GEMM."""
     cp = _cp()
     k = check_bitplane_operands(planes, b, k)
     m = planes.shape[0]
     if m == 0:  # no images: reshape(PLANES, 0, -1) below could not infer the -1
         return cp.zeros((0, b.shape[0]), dtype=cp.int32)
+    step = _MAX_ROWS // PLANES
+    if m > step:
+        return cp.concatenate([bitplane_gemm(planes[i:i + step], b, k)
+                               for i in range(0, m, step)])
     g = xnor_gemm(cp.ascontiguousarray(planes.transpose(1, 0, 2)).reshape(PLANES * m, -1),
                   b, k).reshape(PLANES, m, -1)
     z = g[PLANES - 1].copy()

@@ -7,6 +7,8 @@ from minibnn import nn
 from minibnn.binary import ap2, ap2_ste, binarize, sign, sign_ste
 from minibnn.tensor import Tensor
 
+from arrays import host
+
 PLANTED = np.array([-2.0, -1.0, -0.5, -0.0, 0.0, 0.5, 1.0, 2.0])
 
 
@@ -25,26 +27,26 @@ def test_sign_ste_forward_and_mask(dtype):
     x = Tensor(PLANTED.astype(dtype), requires_grad=True)
     y = sign_ste(x)
     assert y.dtype == dtype
-    np.testing.assert_array_equal(y.data, [-1, -1, -1, 1, 1, 1, 1, 1])
+    np.testing.assert_array_equal(host(y), [-1, -1, -1, 1, 1, 1, 1, 1])
     g = np.arange(1.0, 9.0).astype(dtype)
     y.backward(g)
     # g * 1{|x| <= 1}: exactly +-1 passes, +-2 is blocked
-    np.testing.assert_array_equal(x.grad, g * np.array([0, 1, 1, 1, 1, 1, 1, 0]))
+    np.testing.assert_array_equal(host(x.grad), g * np.array([0, 1, 1, 1, 1, 1, 1, 0]))
     assert x.grad.dtype == dtype
 
 
 def test_sign_module_is_sign_ste():
     x = Tensor(PLANTED.copy(), requires_grad=True)
     y = nn.Sign()(x)
-    np.testing.assert_array_equal(y.data, [-1, -1, -1, 1, 1, 1, 1, 1])
+    np.testing.assert_array_equal(host(y), [-1, -1, -1, 1, 1, 1, 1, 1])
     y.backward(np.ones(8))
-    np.testing.assert_array_equal(x.grad, [0, 1, 1, 1, 1, 1, 1, 0])
+    np.testing.assert_array_equal(host(x.grad), [0, 1, 1, 1, 1, 1, 1, 0])
 
 
 def test_sign_ste_mask_just_outside_one():
     x = Tensor(np.array([-1.0 - 1e-12, np.nextafter(1.0, 2.0), 1.0 - 1e-12]), requires_grad=True)
     sign_ste(x).backward(np.ones(3))
-    np.testing.assert_array_equal(x.grad, [0, 0, 1])
+    np.testing.assert_array_equal(host(x.grad), [0, 0, 1])
 
 
 # --- deterministic and stochastic weight binarization -----------------------------------
@@ -52,22 +54,22 @@ def test_sign_ste_mask_just_outside_one():
 def test_binarize_deterministic_passes_gradient_unchanged():
     w = Tensor(np.array([-3.0, -1.0, -0.2, 0.0, 0.7, 1.0, 5.0]), requires_grad=True)
     wb = binarize(w)
-    np.testing.assert_array_equal(wb.data, [-1, -1, -1, 1, 1, 1, 1])
+    np.testing.assert_array_equal(host(wb), [-1, -1, -1, 1, 1, 1, 1])
     g = np.array([0.5, -1.0, 2.0, 3.0, -4.0, 6.0, 7.0])
     wb.backward(g)
-    np.testing.assert_array_equal(w.grad, g)  # no |w| <= 1 mask for weights
+    np.testing.assert_array_equal(host(w.grad), g)  # no |w| <= 1 mask for weights
 
 
 def test_binarize_stochastic_gradient_unchanged():
     w = Tensor(np.array([-2.0, 0.3, 2.0]), requires_grad=True)
     binarize(w, stochastic=True, rng=np.random.default_rng(0)).backward(np.array([1.0, 2.0, 3.0]))
-    np.testing.assert_array_equal(w.grad, [1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(host(w.grad), [1.0, 2.0, 3.0])
 
 
 @pytest.mark.parametrize("w", [-3.0, -1.0, -0.6, -0.1, 0.0, 0.3, 0.8, 1.0, 1.7])
 def test_stochastic_frequency_matches_hard_sigmoid(w):
     n = 40_000
-    out = binarize(Tensor(np.full(n, w)), stochastic=True, rng=np.random.default_rng(42)).data
+    out = host(binarize(Tensor(np.full(n, w)), stochastic=True, rng=np.random.default_rng(42)))
     assert set(np.unique(out)) <= {-1.0, 1.0}
     freq = np.mean(out == 1)
     p = np.clip((w + 1) / 2, 0, 1)
@@ -81,7 +83,7 @@ def test_stochastic_frequency_matches_hard_sigmoid(w):
 def test_stochastic_frequency_per_element_in_one_tensor():
     n = 20_000
     ws = np.array([-1.2, -0.5, 0.0, 0.5, 1.2])
-    out = binarize(Tensor(np.tile(ws, (n, 1))), stochastic=True, rng=np.random.default_rng(3)).data
+    out = host(binarize(Tensor(np.tile(ws, (n, 1))), stochastic=True, rng=np.random.default_rng(3)))
     freq = (out == 1).mean(axis=0)
     np.testing.assert_allclose(freq, [0.0, 0.25, 0.5, 0.75, 1.0], atol=0.02)
     assert freq[0] == 0.0 and freq[-1] == 1.0
@@ -89,9 +91,9 @@ def test_stochastic_frequency_per_element_in_one_tensor():
 
 def test_stochastic_same_seed_same_result():
     w = Tensor(np.random.default_rng(0).uniform(-1, 1, (50, 40)))
-    a = binarize(w, stochastic=True, rng=np.random.default_rng(5)).data
-    b = binarize(w, stochastic=True, rng=np.random.default_rng(5)).data
-    c = binarize(w, stochastic=True, rng=np.random.default_rng(6)).data
+    a = host(binarize(w, stochastic=True, rng=np.random.default_rng(5)))
+    b = host(binarize(w, stochastic=True, rng=np.random.default_rng(5)))
+    c = host(binarize(w, stochastic=True, rng=np.random.default_rng(6)))
     np.testing.assert_array_equal(a, b)
     assert np.any(a != c)
 
@@ -139,7 +141,7 @@ def test_ap2_dtypes():
 def test_ap2_ste_forward_ap2_backward_identity():
     x = Tensor(np.array([3.0, -0.7, 0.0, 8.0]), requires_grad=True)
     y = ap2_ste(x)
-    np.testing.assert_array_equal(y.data, [4.0, -0.5, 0.0, 8.0])
+    np.testing.assert_array_equal(host(y), [4.0, -0.5, 0.0, 8.0])
     g = np.array([1.0, -2.0, 3.0, 0.5])
     y.backward(g)
-    np.testing.assert_array_equal(x.grad, g)
+    np.testing.assert_array_equal(host(x.grad), g)

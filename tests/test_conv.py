@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from arrays import dev, host
 from gradcheck import check_grad
 
 from minibnn import backend, binary, nn
@@ -173,7 +174,7 @@ def test_max_pool2d_matches_naive_loop_with_many_ties(shape, k, stride):
     out.backward(g)
     ref_out, ref_gx = max_pool_ref(x, g, k, k if stride is None else stride)
     np.testing.assert_array_equal(out.numpy(), ref_out)
-    np.testing.assert_allclose(t.grad, ref_gx, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(host(t.grad), ref_gx, rtol=1e-12, atol=1e-12)
 
 
 def test_max_pool2d_all_equal_window_gives_its_top_left_everything():
@@ -181,24 +182,24 @@ def test_max_pool2d_all_equal_window_gives_its_top_left_everything():
     F.max_pool2d(x, 2).backward(np.array([[[[1.0, 2.0], [3.0, 4.0]]]]))
     expected = np.zeros((4, 4))
     expected[0, 0], expected[0, 2], expected[2, 0], expected[2, 2] = 1, 2, 3, 4
-    np.testing.assert_array_equal(x.grad[0, 0], expected)
+    np.testing.assert_array_equal(host(x.grad)[0, 0], expected)
 
 
 def test_max_pool2d_tie_goes_to_the_first_in_row_major_order():
     x = Tensor(np.array([[[[1.0, 3.0], [3.0, 2.0]]]]), requires_grad=True)
     F.max_pool2d(x, 2).sum().backward()
-    np.testing.assert_array_equal(x.grad[0, 0], [[0, 1], [0, 0]])
+    np.testing.assert_array_equal(host(x.grad)[0, 0], [[0, 1], [0, 0]])
 
 
 def test_max_pool2d_overlapping_windows_accumulate():
     # all equal, k=2, stride 1: each of the 2x2 windows sends its gradient to its top-left
     x = Tensor(np.zeros((1, 1, 3, 3)), requires_grad=True)
     F.max_pool2d(x, 2, stride=1).backward(np.ones((1, 1, 2, 2)))
-    np.testing.assert_array_equal(x.grad[0, 0], [[1, 1, 0], [1, 1, 0], [0, 0, 0]])
+    np.testing.assert_array_equal(host(x.grad)[0, 0], [[1, 1, 0], [1, 1, 0], [0, 0, 0]])
     # one maximum shared by all four windows receives all four gradients
     x = Tensor(np.array([[[[0.0, 0, 0], [0, 5, 0], [0, 0, 0]]]]), requires_grad=True)
     F.max_pool2d(x, 2, stride=1).backward(np.array([[[[1.0, 2.0], [3.0, 4.0]]]]))
-    np.testing.assert_array_equal(x.grad[0, 0], [[0, 0, 0], [0, 10, 0], [0, 0, 0]])
+    np.testing.assert_array_equal(host(x.grad)[0, 0], [[0, 0, 0], [0, 10, 0], [0, 0, 0]])
 
 
 def test_max_pool_layer_floor_mode_shape():
@@ -289,7 +290,7 @@ def test_binary_conv_gradient_is_that_of_zero_padding():
                    (wt, lambda d: conv_ref(x, wb + d, s, p))):
         d = RNG.standard_normal(t.shape)
         numeric = (np.sum(g * ref(h * d)) - np.sum(g * ref(-h * d))) / (2 * h)
-        assert math.isclose(numeric, np.sum(t.grad * d), rel_tol=1e-6)
+        assert math.isclose(numeric, np.sum(host(t.grad) * d), rel_tol=1e-6)
 
 
 @pytest.mark.parametrize("padding", [0, 1, 2])
@@ -321,11 +322,11 @@ def test_binary_conv2d_float_path_gradient_wrt_input():
 
     def fn(x):
         layer = nn.BinaryConv2d(2, 3, 3, stride=2, padding=1)
-        layer.weight.data = w
+        layer.weight.data = dev(w)
         return layer(x)
 
     (g,) = check_grad(fn, [RNG.standard_normal((2, 2, 5, 6))])
-    assert np.any(g != 0)
+    assert np.any(host(g) != 0)
 
 
 def test_binary_conv2d_eval_flag_and_stochastic_in_training_only():
@@ -356,7 +357,7 @@ def test_small_convnet_trains_a_step_on_either_path():
     for flag in (False, True):
         model = net(flag)
         model(x).sum().backward()
-        grads.append([p.grad for p in model.parameters()])
+        grads.append([host(p.grad) for p in model.parameters()])
     for a, b in zip(*grads):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
@@ -367,21 +368,21 @@ def test_binary_conv2d_init():
     layer = nn.BinaryConv2d(7, 5, 3, rng=np.random.default_rng(0))
     w = layer.weight
     assert w.shape == (5, 7, 3, 3) and w.dtype == np.float32 and layer.bias is None
-    assert np.all(np.abs(w.data) <= 1) and np.abs(w.data).max() > 0.9
+    assert np.all(np.abs(host(w)) <= 1) and np.abs(host(w)).max() > 0.9
     assert w.clip == 1.0
     assert w.lr_scale == pytest.approx(1 / math.sqrt(1.5 / (9 * 7 + 9 * 5)))
     again = nn.BinaryConv2d(7, 5, 3, rng=np.random.default_rng(0))
-    np.testing.assert_array_equal(w.data, again.weight.data)
+    np.testing.assert_array_equal(host(w), host(again.weight))
     assert nn.BinaryConv2d(2, 3, 3, bias=True).bias.shape == (3,)
 
 
 def test_conv2d_init_is_glorot_uniform():
     layer = nn.Conv2d(16, 32, 3, rng=np.random.default_rng(0))
     limit = math.sqrt(6 / (16 * 9 + 32 * 9))
-    assert np.abs(layer.weight.data).max() <= limit
-    assert np.abs(layer.weight.data).max() > 0.95 * limit
+    assert np.abs(host(layer.weight)).max() <= limit
+    assert np.abs(host(layer.weight)).max() > 0.95 * limit
     assert layer.weight.lr_scale == 1.0 and layer.weight.clip is None
-    np.testing.assert_array_equal(layer.bias.data, np.zeros(32))
+    np.testing.assert_array_equal(host(layer.bias), np.zeros(32))
 
 
 # --- errors -----------------------------------------------------------------------------

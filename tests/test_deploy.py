@@ -11,6 +11,7 @@ from minibnn import backend, data, deploy, models, nn
 from minibnn import train as T
 from minibnn.tensor import Tensor, no_grad
 
+from arrays import dev, host
 from conftest import backend_params
 
 
@@ -65,11 +66,11 @@ def _bias_model(images):
                           nn.Sign(), nn.BinaryLinear(64, 10, bias=True, rng=rng), nn.BatchNorm(10))
     for layer in model.layers:
         if isinstance(layer, nn.BinaryLinear):
-            layer.bias.data[...] = rng.normal(0, 3, layer.bias.data.shape)
+            layer.bias.data[...] = dev(rng.normal(0, 3, layer.bias.data.shape))
         if isinstance(layer, nn.BatchNorm) or isinstance(layer, nn.ShiftBatchNorm):
             layer.momentum = 0.5
-            layer.gamma.data[...] = rng.normal(0, 1, layer.gamma.data.shape)
-            layer.beta.data[...] = rng.normal(0, 0.5, layer.beta.data.shape)
+            layer.gamma.data[...] = dev(rng.normal(0, 1, layer.gamma.data.shape))
+            layer.beta.data[...] = dev(rng.normal(0, 0.5, layer.beta.data.shape))
     model.train()
     with no_grad():
         for i in range(0, 1000, 200):
@@ -207,7 +208,7 @@ def test_first_layer_is_the_exact_bit_plane_sum(trained, mnist):
     """z = sum_n 2^n (y^n . w) = (2x - 255) . w: checked against integer matmul."""
     frozen = deploy.freeze(trained, match_float32=False)
     x = mnist[0][:300].reshape(300, -1)
-    w = np.where(_linears(trained)[0].weight.data >= 0, 1, -1).astype(np.int64)
+    w = np.where(host(_linears(trained)[0].weight) >= 0, 1, -1).astype(np.int64)
     exact = (2 * x.astype(np.int64) - 255) @ w.T
     z0 = frozen.trace(x, backend="numpy")[0]
     # units frozen with a negative slope compute -z
@@ -235,7 +236,7 @@ def test_threshold_edge_cases_planted(planted):
     assert t0.threshold[5] in (-(t0.z_max + 1), t0.z_max + 1)  # gamma = 0: constant unit
     assert t1.threshold[7] == -(t1.z_max + 1)  # beta = 1e6: always +1
     # negative gamma: the unit's weight row is negated (valid bits flipped, padding kept 0)
-    w = np.where(_linears(planted)[1].weight.data >= 0, 1.0, -1.0)
+    w = np.where(host(_linears(planted)[1].weight) >= 0, 1.0, -1.0)
     from minibnn.kernels.reference import unpack_rows
     rows = unpack_rows(t1.weight, t1.k)
     assert np.array_equal(rows[0], -w[0]) and np.array_equal(rows[1], w[1])
@@ -362,7 +363,7 @@ def test_freeze_without_batch_norm_or_hidden_layers(mnist):
     x = mnist[0][:400].reshape(400, -1)
     l1, l2 = nn.BinaryLinear(784, 32, rng=rng), nn.BinaryLinear(32, 10, rng=rng)
     frozen = deploy.freeze(nn.Sequential(l1, nn.Sign(), l2))
-    w1, w2 = (np.where(l.weight.data >= 0, 1, -1).astype(np.int64) for l in (l1, l2))
+    w1, w2 = (np.where(host(l.weight) >= 0, 1, -1).astype(np.int64) for l in (l1, l2))
     h = np.where((2 * x.astype(np.int64) - 255) @ w1.T >= 0, 1, -1)  # sign(0) = +1
     np.testing.assert_array_equal(frozen.scores(x), h @ w2.T)
     np.testing.assert_array_equal(frozen.scores(x), _model_outputs(nn.Sequential(l1, nn.Sign(), l2), x)[0])
@@ -379,7 +380,8 @@ def test_cli_eval_accepts_a_frozen_file(case, tmp_path, capsys, mnist):
     frozen = case["frozen"]
     path = frozen.save(tmp_path / "frozen.npz")
     err = np.mean(frozen.predict(mnist[0]) != mnist[1])
-    assert cli.main(["--backend", "numba", "eval", str(path)]) == 0
+    with backend.use(backend.active()):  # main's --backend is process-wide: undo it after
+        assert cli.main(["--backend", "numba", "eval", str(path)]) == 0
     out = capsys.readouterr().out
     assert f"test error {100 * err:.2f}%" in out and "frozen" in out
     (tmp_path / "bad.npz").write_bytes(path.read_bytes()[:1000])

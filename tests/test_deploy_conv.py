@@ -13,6 +13,7 @@ from minibnn import functional as F
 from minibnn import train as T
 from minibnn.tensor import Tensor, no_grad
 
+from arrays import dev, host
 from conftest import backend_params
 
 N_FAST = 1000  # test images of the fast comparisons; the slow ones take all 10,000
@@ -36,7 +37,7 @@ def _plant(model, images, rng):
     (about half negative), a zero gamma and a huge beta in every batch norm."""
     for layer in model.layers:
         if isinstance(layer, (nn.BinaryConv2d, nn.BinaryLinear)) and layer.bias is not None:
-            layer.bias.data[...] = rng.normal(0, 1, layer.bias.data.shape)
+            layer.bias.data[...] = dev(rng.normal(0, 1, layer.bias.data.shape))
     bns = [l for l in model.layers if isinstance(l, (nn.BatchNorm, nn.ShiftBatchNorm))]
     for bn in bns:
         bn.momentum = 0.5
@@ -45,8 +46,8 @@ def _plant(model, images, rng):
         for i in range(0, 600, 200):
             model(Tensor(_nchw(images[i:i + 200])))
     for bn in bns:
-        bn.gamma.data[...] = rng.normal(0, 1, bn.gamma.data.shape)
-        bn.beta.data[...] = rng.normal(0, 0.3, bn.beta.data.shape)
+        bn.gamma.data[...] = dev(rng.normal(0, 1, bn.gamma.data.shape))
+        bn.beta.data[...] = dev(rng.normal(0, 0.3, bn.beta.data.shape))
         bn.gamma.data[0] = 0.0
         bn.beta.data[1] = 1e6
     return model.eval()
@@ -157,8 +158,8 @@ def test_integer_pre_activations_are_the_float_convolutions(case, mnist):
         if fl.kind != "conv":
             break
         with no_grad():
-            exact = F.conv2d(Tensor(inputs[j][:300]), Tensor(_binary_weights(layer)),
-                             layer.stride, layer.padding).data
+            exact = host(F.conv2d(Tensor(inputs[j][:300]), Tensor(_binary_weights(layer)),
+                                  layer.stride, layer.padding))
         if j == 0:
             exact = 256 * exact
             want32 = (exact / 256).astype(np.float32)  # exact: multiples of 1/256
@@ -234,7 +235,9 @@ def trained(mnist):
     opt = registry.lookup("optimizer", "adam")(model.parameters(), lr=3e-3)
     loss = registry.lookup("loss", "squared-hinge")
     x, y = _nchw(m.train_images[:5000]), m.train_labels[:5000].astype(np.int64)
-    with backend.use("numba"):
+    # numba is the fast CPU path for the numpy run; any other backend trains on itself (the
+    # model's arrays were made on it, and a GPU model cannot train on a CPU backend)
+    with backend.use("numba" if backend.active() == "numpy" else backend.active()):
         T.train_epoch(model, opt, loss, x, y, 100, rng)
     return model.eval()
 
@@ -276,8 +279,8 @@ def test_colour_images_need_their_channels():
                           nn.Flatten(), nn.BinaryLinear(8 * 6 * 5, 4, rng=rng)).eval()
     frozen = deploy.freeze(model, input_shape=(3, 6, 5))
     x = rng.integers(0, 256, (9, 3, 6, 5), dtype=np.uint8)
-    h = np.where(F.conv2d(Tensor(_nchw(x, np.float64)), Tensor(_binary_weights(model[0])),
-                          1, 1).data >= 0, 1, -1)
+    h = np.where(host(F.conv2d(Tensor(_nchw(x, np.float64)), Tensor(_binary_weights(model[0])),
+                               1, 1)) >= 0, 1, -1)
     np.testing.assert_array_equal(frozen.scores(x),
                                   h.reshape(9, -1) @ _binary_weights(model[3]).T)
     with pytest.raises(ValueError, match=r"\(n, 3, 6, 5\), got shape \(9, 6, 5\)"):

@@ -9,6 +9,7 @@ from minibnn import deploy, nn
 from minibnn.deploy import runtime
 from minibnn.kernels import numba_cpu, reference
 
+from arrays import dev
 from conftest import backend_params
 
 CPU = backend_params(["numpy", "numba"])
@@ -65,8 +66,8 @@ def small_net(k=784, hidden=48, seed=0):
                           nn.BinaryLinear(hidden, 10, rng=rng), nn.BatchNorm(10))
     for layer in model.layers:
         if isinstance(layer, nn.BatchNorm):
-            layer.running_mean[...] = rng.normal(0, 20, layer.running_mean.shape)
-            layer.gamma.data[...] = rng.normal(0, 1, layer.gamma.data.shape)
+            layer.running_mean[...] = dev(rng.normal(0, 20, layer.running_mean.shape))
+            layer.gamma.data[...] = dev(rng.normal(0, 1, layer.gamma.data.shape))
     return deploy.freeze(model.eval())
 
 

@@ -362,6 +362,23 @@ def test_bitplane_inputs_are_checked_before_any_work(mod):
         mod.bitplane_gemm(planes, w, 130)                # word count does not fit k
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(REASONS["cupy"] is not None, reason=str(REASONS["cupy"]))
+def test_cupy_bitplane_gemm_splits_what_one_launch_cannot_cover(monkeypatch):
+    """One GEMM launch covers at most ``_MAX_ROWS`` rows of A, and the bit-plane GEMM has 8
+    per image: more images go in slices (a ConvNet's first layer on 2,048 MNIST images has
+    12.8M plane rows). The limit is lowered here so that 17 images take 4 slices."""
+    monkeypatch.setattr(cupy_gpu, "_MAX_ROWS", 8 * 5)
+    rng = np.random.default_rng(12)
+    x = rng.integers(0, 256, (17, 100), dtype=np.uint8)
+    w = random_values(rng, (6, 100), np.float32)
+    z = _to_host(cupy_gpu.bitplane_gemm(cupy_gpu.pack_bitplanes(x), cupy_gpu.pack_rows(w), 100))
+    assert z.dtype == np.int32
+    np.testing.assert_array_equal(z, (2 * x.astype(np.int64) - 255) @ pm1(w).T)
+    with pytest.raises(ValueError, match="a: M=41 rows exceed the launch grid limit of 40"):
+        cupy_gpu.xnor_gemm(np.zeros((41, 2), np.uint64), np.zeros((3, 2), np.uint64), 100)
+
+
 # ------------------------------------------------------------ threshold and pack
 
 THRESHOLD_PACKERS = per_backend({"numpy": reference.pack_threshold,

@@ -4,8 +4,10 @@ line for CIFAR-10 and SVHN, and resume of a ConvNet run."""
 import numpy as np
 import pytest
 
-from minibnn import cli, data, models, nn
+from minibnn import backend, cli, data, models, nn
 from minibnn import train as T
+
+from arrays import host
 
 
 def quiet(*_):
@@ -61,7 +63,7 @@ def test_recompute_bn_statistics_is_the_mean_of_the_batch_statistics():
     # by hand: the eval network's per-batch statistics at each batch norm, averaged
     model.eval()
     bns = [m for m in model if isinstance(m, nn.BatchNorm)]
-    got = {id(b): (b.running_mean.copy(), b.running_var.copy()) for b in bns}
+    got = {id(b): (host(b.running_mean.copy()), host(b.running_var.copy())) for b in bns}
     means = {id(b): [] for b in bns}
     variances = {id(b): [] for b in bns}
     with no_grad():
@@ -69,8 +71,8 @@ def test_recompute_bn_statistics_is_the_mean_of_the_batch_statistics():
             h = Tensor(x[i:i + 30])
             for layer in model:
                 if isinstance(layer, nn.BatchNorm):
-                    means[id(layer)].append(h.data.mean(axis=0))
-                    variances[id(layer)].append(h.data.var(axis=0))
+                    means[id(layer)].append(host(h.data.mean(axis=0)))
+                    variances[id(layer)].append(host(h.data.var(axis=0)))
                     layer.training = True  # normalise as recompute_bn_statistics does
                     h = layer(h)
                     layer.training = False
@@ -193,16 +195,18 @@ def test_cli_evaluates_a_convnet_run_and_its_frozen_net(tmp_path, capsys, monkey
         return tx[:300], ty[:300], vx[:200], vy[:200], sx, sy
 
     monkeypatch.setattr(T, "prepare_data", small)
-    run = tmp_path / "run"
-    assert cli.main(["--backend", "numba", "train", "--model", "convnet", "--epochs", "1",
-                     "--no-progress", "--out", str(run)]) == 0
-    capsys.readouterr()
-    assert cli.main(["--backend", "numba", "eval", str(run)]) == 0
-    line = capsys.readouterr().out
-    assert "on 10000 mnist test images" in line and "the run's own data" in line
-    model_err = float(line.split("test error ")[1].split("%")[0])
-    model, _ = T.load_model(run / T.MODEL)
-    deploy.freeze(model).save(tmp_path / "net.frozen.npz")
-    assert cli.main(["--backend", "numba", "eval", str(tmp_path / "net.frozen.npz")]) == 0
-    frozen_line = capsys.readouterr().out
-    assert float(frozen_line.split("test error ")[1].split("%")[0]) == model_err
+    # main's --backend holds for the whole process, as for a program: undone after the test
+    with backend.use(backend.active()):
+        run = tmp_path / "run"
+        assert cli.main(["--backend", "numba", "train", "--model", "convnet", "--epochs", "1",
+                         "--no-progress", "--out", str(run)]) == 0
+        capsys.readouterr()
+        assert cli.main(["--backend", "numba", "eval", str(run)]) == 0
+        line = capsys.readouterr().out
+        assert "on 10000 mnist test images" in line and "the run's own data" in line
+        model_err = float(line.split("test error ")[1].split("%")[0])
+        model, _ = T.load_model(run / T.MODEL)
+        deploy.freeze(model).save(tmp_path / "net.frozen.npz")
+        assert cli.main(["--backend", "numba", "eval", str(tmp_path / "net.frozen.npz")]) == 0
+        frozen_line = capsys.readouterr().out
+        assert float(frozen_line.split("test error ")[1].split("%")[0]) == model_err
