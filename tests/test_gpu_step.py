@@ -66,17 +66,35 @@ def test_fused_adam_keeps_nan(name):
 
 
 @cupy_only
-def test_fused_running_statistics_equal_numpy(name):
+def test_fused_running_statistics_equal_the_formula(name):
+    """The kernel against the NumPy formula on the same inputs (the batch statistics
+    themselves come from each backend's own reductions, so they are given here)."""
+    from minibnn.kernels import cupy_fused
+    rng = np.random.default_rng(0)
+    running = rng.standard_normal(999).astype(np.float32)
+    for new in (rng.standard_normal(999).astype(np.float32),
+                rng.standard_normal(999)):  # float64 statistics are cast first
+        want = (1 - 0.137) * running + 0.137 * new.astype(np.float32)
+        with backend.use(name):
+            r = backend.asarray(running.copy())
+            cupy_fused.ema_update(r, backend.asarray(new), 0.137)
+            np.testing.assert_array_equal(backend.to_numpy(r), want)
+
+
+@cupy_only
+def test_fused_running_statistics_equal_the_array_code(name):
+    import contextlib
+    from minibnn.kernels import cupy_fused
     rng = np.random.default_rng(0)
     xs = [rng.standard_normal((50, 9)).astype(np.float32) * 3 + 1 for _ in range(3)]
-    out = {}
-    for b in ("numpy", name):
-        with backend.use(b):
+    out = []
+    for fused in (False, True):
+        with backend.use(name), (contextlib.nullcontext() if fused else cupy_fused.disabled()):
             bn = BatchNorm(9, momentum=0.137)
             for x in xs:
                 bn(Tensor(backend.asarray(x)))
-            out[b] = [backend.to_numpy(a) for a in (bn.running_mean, bn.running_var)]
-    for a, b in zip(out["numpy"], out[name]):
+            out.append([backend.to_numpy(a) for a in (bn.running_mean, bn.running_var)])
+    for a, b in zip(*out):
         np.testing.assert_array_equal(b, a)
 
 
@@ -202,3 +220,17 @@ def test_fused_sign_and_batch_norm_gradients_equal_the_array_code(name):
                         backend.to_numpy(bn.gamma.grad), backend.to_numpy(bn.beta.grad)])
     for a, b in zip(*res):
         np.testing.assert_array_equal(b, a)
+
+
+@cupy_only
+def test_gpu_first_layer_on_float32_is_exact_and_timed_against_bit_planes(name):
+    from minibnn.deploy import runtime
+    from test_deploy_first_layer import small_net
+    x = np.random.default_rng(7).integers(0, 256, size=(300, 784), dtype=np.uint8)
+    want = small_net().integer_scores(x, backend="numpy")
+    for method in ("bitplanes", "float32", "auto"):
+        frozen = small_net()
+        frozen.first_layer_method = method
+        np.testing.assert_array_equal(frozen.integer_scores(x, backend=name), want)
+    if runtime.float32_exact_on(name):  # plain FP32 products: both exact methods compete
+        assert set(frozen.first_layer_timings[name]) == {"bitplanes", "float32"}

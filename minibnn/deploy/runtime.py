@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import os
 import time
 from collections import namedtuple
 
@@ -57,6 +58,19 @@ def float32_is_exact(k):
     every partial sum is an integer of magnitude <= 255 k, exact in float32 while
     255 k <= 2^24 (k <= 65793; MNIST's 784 inputs qualify), in any summation order."""
     return PIXEL_MAX * int(k) <= FLOAT32_INTEGERS
+
+
+def float32_exact_on(name):
+    """Whether backend ``name`` multiplies float32 in plain FP32 (so that the "float32" first
+    layer is exact): the CPU backends always; cupy when its products go through
+    ``kernels.cupy_blas`` (cuBLAS's default math, no TF32) and ``NVIDIA_TF32_OVERRIDE`` does
+    not force TF32 on every float32 product."""
+    if name != "cupy":
+        return True
+    if os.environ.get("NVIDIA_TF32_OVERRIDE", "").strip() == "1" or not _backend._direct_blas[0]:
+        return False
+    from ..kernels import cupy_blas
+    return cupy_blas.available() is None
 
 
 def int8_available(name):
@@ -141,6 +155,8 @@ def first_layer_sums(x, dense, ws=None):
         xf = x.astype(np.float32)
     else:
         xf[...] = x
+    if _backend.is_cupy_array(xf):  # plain FP32 through cuBLAS where it can (no TF32)
+        return _backend.matmul(xf, dense.w_t)
     out = _buf(ws, "sf", (m, dense.w_t.shape[1]), np.float32, xp)
     if out is None:
         return xf @ dense.w_t
@@ -431,9 +447,9 @@ class FrozenBNN:
 
     ``first_layer_method`` picks how the first layer meets the 8-bit pixels (all exact, see
     :func:`first_layer`): ``"bitplanes"``, ``"float32"``, ``"int8"`` (numba on an AVX512-VNNI
-    CPU), or ``"auto"`` (the default): on the CPU backends the fastest of those that apply,
-    timed once per backend on the first batch (``first_layer_timings`` keeps the times);
-    bit planes on cupy.
+    CPU), or ``"auto"`` (the default): the fastest of those that apply, timed once per
+    backend on the first batch (``first_layer_timings`` keeps the times); on cupy "float32"
+    applies where its products are plain FP32 (:func:`float32_exact_on`).
     """
 
     def __init__(self, layers, info=None):
@@ -586,7 +602,7 @@ class FrozenBNN:
         candidates = [method]
         if method == "auto":
             candidates = ["bitplanes"]
-            if name != "cupy" and float32_is_exact(layer.k):  # a GPU may run float32 as TF32
+            if float32_is_exact(layer.k) and float32_exact_on(name):
                 candidates.append("float32")
             if int8_available(name):
                 candidates.append("int8")
