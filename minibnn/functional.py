@@ -294,7 +294,8 @@ def dropout_keep(key, shape, offset, thr, xp=np):
     layer's NumPy generator, so runs stay reproducible from the seed and resumable. Written
     with ``xp`` array ops (uint64, wrapping) as the reference of the fused kernel."""
     n = int(np.prod(shape))
-    z = np.uint64(key) + (np.uint64(offset) + xp.arange(n, dtype=np.uint64) + np.uint64(1)) * _HASH_STEP
+    i = xp.arange(n, dtype=np.uint64)
+    z = np.uint64(key) + (np.uint64(offset) + i + np.uint64(1)) * _HASH_STEP
     z = (z ^ (z >> np.uint64(30))) * _HASH_MUL1
     z = (z ^ (z >> np.uint64(27))) * _HASH_MUL2
     z = z ^ (z >> np.uint64(31))
@@ -564,7 +565,8 @@ def conv2d_backward(g, x_shape, w, stride, padding, patches=None, need_x=True):
     g2t = xp.ascontiguousarray(g.transpose(1, 0, 2, 3)).reshape(o, -1)  # (O, N*Ho*Wo)
     gx = gw = None
     if need_x:
-        gx = col2im(backend.matmul(w.reshape(o, -1).T, g2t).T, x_shape, w.shape[2], w.shape[3], stride, padding)
+        gx = col2im(backend.matmul(w.reshape(o, -1).T, g2t).T, x_shape, w.shape[2], w.shape[3],
+                    stride, padding)
     if patches is not None:
         gw = backend.matmul(g2t, patches).reshape(w.shape)
     return gx, gw

@@ -11,8 +11,8 @@ What a replay must not miss, and how it is kept:
 * **Inputs**: each batch is copied into fixed device arrays that the graph reads.
 * **Per-step host values**: dropout's key (one draw per call from the layer's generator) and
   Adam's step size alpha_t (which depends on the step count and the learning rate) would be
-  frozen into a graph as kernel arguments. During capture they are registered here instead
-  (:func:`recording`): the kernels read them from a device buffer, and before every replay
+  frozen into a graph as kernel arguments. During capture they are registered instead
+  (``minibnn.stepvalues``): the kernels read them from a device buffer, and before every replay
   the host computes them in the eager step's order (draws, then t += 1, then each alpha_t)
   and uploads the buffer in one copy. So a replayed step consumes the generator and the step
   count exactly as an eager step does, and computes the same floats.
@@ -27,10 +27,10 @@ The first ``warmup`` calls of each batch shape run eagerly (they compile kernels
 optimizer state and settle the XNOR-or-float choice of every product, which is timed); the
 next call of that shape is captured, and later ones replay it. A capture that fails leaves
 its shape to run eagerly, with the same results, and keeps the reason (``reason``,
-``failed``); ``train.train`` logs it. What a graph cannot hold is refused up front with the reason (:func:`unsupported`):
-stochastic binarization (host random numbers per weight), an optimizer without a fused GPU
-update (only Adam has one), synchronised batch norm, the fused kernels switched off, or the
-direct cuBLAS path unavailable.
+``failed``); ``train.train`` logs it. What a graph cannot hold is refused up front with the
+reason (:func:`unsupported`): stochastic binarization (host random numbers per weight), an
+optimizer without a fused GPU update (only Adam has one), synchronised batch norm, the fused
+kernels switched off, or the direct cuBLAS path unavailable.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from . import backend
 from .stepvalues import MAX_SLOTS, Recorder, recording  # noqa: F401  (recording: re-exported)
 
 __all__ = ["GraphedStep", "unsupported", "recording"]
+
 
 def unsupported(model, opt):
     """Why ``model`` trained by ``opt`` cannot be captured as a CUDA graph here, or None."""

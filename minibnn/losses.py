@@ -37,7 +37,8 @@ def _labels(labels, output, name):
     if labels.shape != (output.shape[0],) or labels.dtype.kind not in "iu":
         raise ValueError(f"{name}: labels must be integers of shape ({output.shape[0]},), got "
                          f"shape {tuple(labels.shape)} dtype {labels.dtype}")
-    if labels.size and not _trusted[0] and (int(labels.min()) < 0 or int(labels.max()) >= output.shape[1]):
+    if labels.size and not _trusted[0] and (int(labels.min()) < 0
+                                            or int(labels.max()) >= output.shape[1]):
         raise ValueError(f"{name}: labels must lie in [0, {output.shape[1]}), got "
                          f"[{int(labels.min())}, {int(labels.max())}]")
     return labels

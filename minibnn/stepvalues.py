@@ -61,6 +61,7 @@ class Recorder:
                 self._store(slot, fn(), kind)
 
     def upload(self):
+        """Copy the values to the device buffer (one copy, queued on the current stream)."""
         self.vals.set(self.host)
 
 

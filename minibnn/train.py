@@ -564,7 +564,8 @@ def train_epoch(model, opt, loss_fn, x, y, batch_size, rng, bar=None, dp=None, r
         try:
             binary.raise_deferred_nan()
         except ValueError as exc:
-            raise TrainingDiverged(f"{exc}, in {where(last)} (learning rate {opt.lr:.3g})") from None
+            raise TrainingDiverged(f"{exc}, in {where(last)} "
+                                   f"(learning rate {opt.lr:.3g})") from None
         value = float(pending["loss"])
         if not math.isfinite(value):
             raise TrainingDiverged(f"the training loss became {value} in {where(last)} "
