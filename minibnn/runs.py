@@ -194,6 +194,70 @@ def save_checkpoint(run_dir, config, epoch, model, opt, rng, history, best, data
     ``data`` what the run trained on (``train.data_record``), ``ranks`` the number of
     data-parallel processes that trained it.
     """
+    io.atomic_savez(Path(run_dir) / CHECKPOINT,
+                    checkpoint_arrays(config, epoch, model, opt, rng, history, best, data, ranks))
+
+
+class CheckpointWriter:
+    """Writes checkpoints in a background thread while training goes on.
+
+    ``submit`` copies the run's state at once (``checkpoint_arrays``: host copies, so later
+    steps cannot change it) and writes the file in a thread, atomically as
+    ``save_checkpoint`` does; at most one write is in flight (``submit`` first waits for the
+    previous one). ``wait`` returns once the last write is on disk and raises its error if
+    it failed; ``written`` is the epoch of the last checkpoint known to be on disk. Why: the
+    paper's 3 x 4096 MLP writes 590 MB per epoch (weights, best weights, Adam's moments),
+    1.7-2.5 s on this project's machines, longer than the 0.8 s a GPU epoch takes to train.
+    A failed write surfaces at the next ``submit`` or ``wait``: the run then stops one epoch
+    later than a synchronous write would, with the same last good checkpoint.
+    """
+
+    def __init__(self, written=0):
+        self._thread = None
+        self._error = None
+        self._pending = written
+        self.written = written  # a resumed run starts from the checkpoint it read
+
+    def submit(self, run_dir, config, epoch, model, opt, rng, history, best, data=None,
+               ranks=1):
+        import threading
+        self.wait()
+        arrays = checkpoint_arrays(config, epoch, model, opt, rng, history, best, data, ranks)
+        path = Path(run_dir) / CHECKPOINT
+
+        def write():
+            try:
+                io.atomic_savez(path, arrays)
+            except BaseException as exc:  # noqa: BLE001  (handed to the training thread)
+                self._error = exc
+
+        self._pending = epoch
+        self._thread = threading.Thread(target=write, name="minibnn-checkpoint", daemon=True)
+        self._thread.start()
+
+    def wait(self):
+        """Block until the write in flight (if any) is on disk; raise its error if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            if self._error is None:
+                self.written = self._pending
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def settle(self):
+        """``wait`` without raising (for exit paths that already carry an error); returns
+        ``written``."""
+        try:
+            self.wait()
+        except BaseException:  # noqa: BLE001  (the caller reports the run's own error)
+            pass
+        return self.written
+
+
+def checkpoint_arrays(config, epoch, model, opt, rng, history, best, data=None, ranks=1):
+    """The arrays of a checkpoint (see ``save_checkpoint``), as host copies."""
     arrays = {f"model/{k}": v for k, v in model.state_dict().items()}
     arrays.update({f"best/{k}": v for k, v in best["state"].items()})
     sd = opt.state_dict()
@@ -205,7 +269,7 @@ def save_checkpoint(run_dir, config, epoch, model, opt, rng, history, best, data
                 best_epoch=best["epoch"], best_valid=best["valid"], data=data,
                 ranks=int(ranks))
     arrays["meta"] = io.json_array(meta)
-    io.atomic_savez(Path(run_dir) / CHECKPOINT, arrays)
+    return arrays
 
 
 def read_checkpoint(run_dir):

@@ -671,9 +671,12 @@ class _Run:
         self.history, self.epoch = meta["history"], meta["epoch"]
         self.best = dict(epoch=meta["best_epoch"], valid=meta["best_valid"], state=ck["best"])
 
-    def save(self, run_dir, record, ranks=1):
-        runs.save_checkpoint(run_dir, dataclasses.asdict(self.cfg), self.epoch, self.model,
-                             self.opt, self.rng, self.history, self.best, record, ranks=ranks)
+    def save(self, run_dir, record, ranks=1, writer=None):
+        """Checkpoint the run; with ``writer`` (a ``runs.CheckpointWriter``) the state is
+        copied now and written in the background."""
+        save = runs.save_checkpoint if writer is None else writer.submit
+        save(run_dir, dataclasses.asdict(self.cfg), self.epoch, self.model, self.opt, self.rng,
+             self.history, self.best, record, ranks=ranks)
 
 
 def _on_root(comm, fn):
@@ -861,6 +864,7 @@ def _train_epochs(run, run_dir, splits, progress, stop_after, log, comm=None, cu
                          "bn_recompute's batch of", "bn_recompute")
     ranks = 1 if comm is None else comm.size
     step = graphed_step(run.model, run.opt, run.loss_fn, comm, cuda_graph, log)
+    writer = runs.CheckpointWriter(saved)  # each checkpoint is written while the next epoch trains
     try:
         while run.epoch < end:
             run.opt.lr = run.schedule(run.epoch)
@@ -900,11 +904,12 @@ def _train_epochs(run, run_dir, splits, progress, stop_after, log, comm=None, cu
                                     images_per_second=seen / seconds))
             if valid_err < run.best["valid"]:
                 run.best = dict(epoch=run.epoch, valid=valid_err, state=run.model.state_dict())
-            _on_root(comm, lambda: run.save(run_dir, record, ranks))
-            saved = run.epoch
+            _on_root(comm, lambda: run.save(run_dir, record, ranks, writer))
+            saved = run.epoch  # submitted; on disk once writer.wait() returns
             log(f"epoch {run.epoch:3d}/{cfg.epochs}  lr {run.opt.lr:.2e}  loss {loss:.4f}  "
                 f"train error {100 * train_err:5.2f}%  valid error {100 * valid_err:5.2f}%  "
                 f"test error {100 * test_err:5.2f}%  {seconds:6.1f}s  {seen / seconds:,.0f} img/s")
+        _on_root(comm, writer.wait)  # the last checkpoint is on disk before the run reports
         if end < cfg.epochs:
             return dict(config=dataclasses.asdict(cfg), history=run.history, finished=False,
                         run_dir=str(run_dir))
@@ -912,13 +917,17 @@ def _train_epochs(run, run_dir, splits, progress, stop_after, log, comm=None, cu
                                                 record))
         return dict(metrics, run_dir=str(run_dir))
     except TrainingDiverged as exc:
+        saved = min(saved, writer.settle()) if comm is None or comm.rank == 0 else saved
         kept = (f"the last good checkpoint (epoch {saved}) is kept in {run_dir}" if saved
                 else "nothing was saved")
         raise TrainingDiverged(f"epoch {run.epoch + 1}: {exc}; training stopped and "
                                f"{kept}; try a smaller --lr-start") from None
     except KeyboardInterrupt:
+        if comm is None or comm.rank == 0:
+            saved = min(saved, writer.settle())
         raise TrainingInterrupted(run_dir, saved) from None
     finally:
+        writer.settle()  # no write outlives this call (the caller may remove the folder)
         if dp is not None:
             dp.close()
 

@@ -1,0 +1,59 @@
+#!/bin/bash
+# One prepared run of every GPU check, for a session lent a GPU machine for a few minutes.
+#
+#   bash benchmarks/gpu_check.sh OUT_DIR [CIFAR_ARCHIVE_OR_BIN_DIR]
+#
+# Runs, in this order, each under its own time limit, writing logs and JSON to OUT_DIR and a
+# summary to stdout: the test suite on the cupy backend (pytest -n 12), bench_train (MLP
+# 3x4096 and the CIFAR-10 ConvNet beside PyTorch eager and CUDA graph), bench_gemm,
+# bench_inference (MLPs), bench_conv_glue, a CIFAR-10 run (when the data is given: the
+# cifar-10-batches-bin folder, or the JPEG archive of ../shared/data/cifar10 with its
+# to_cifar_bin.py beside it) and the first epochs of the paper's MNIST recipe. The timed parts
+# run one at a time; the data conversion runs beside the test suite. Needs the repository
+# on PYTHONPATH (set here) and CuPy, numba, pytest-xdist, pytest-timeout; PyTorch optional.
+# Through this project's device tool, whose $OUT takes at most 8 files, run it as
+#   bash benchmarks/gpu_check.sh /tmp/gpu .gpu/cifar10-jpeg-q75.tar.xz; tar czf $OUT/gpu.tar.gz -C /tmp gpu
+# with the archive and to_cifar_bin.py copied into an ignored folder named in carry.
+set -u
+OUT=${1:?usage: gpu_check.sh OUT_DIR [CIFAR_ARCHIVE_OR_BIN_DIR]}
+DATA=${2:-}
+mkdir -p "$OUT"
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export MINIBNN_CACHE_DIR=${MINIBNN_CACHE_DIR:-/tmp/minibnn-cache}
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1  # lent machines run as root
+PY=${PYTHON:-python3}
+T0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
+CIFAR=""
+if [ -n "$DATA" ] && [ -d "$DATA" ]; then
+    CIFAR=$DATA
+elif [ -n "$DATA" ] && [ -f "$DATA" ]; then
+    ( $PY "$(dirname "$DATA")/to_cifar_bin.py" "$DATA" /tmp/minibnn-cifar > "$OUT/cifar_convert.log" 2>&1 ) &
+    CIFAR=/tmp/minibnn-cifar/cifar-10-batches-bin
+fi
+MINIBNN_BACKEND=cupy timeout -s INT 150 $PY -m pytest -n 12 -q -rfEs --tb=short \
+    -p no:cacheprovider --timeout 100 > "$OUT/pytest_cupy.log" 2>&1
+stamp "pytest (cupy) rc=$?"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_cupy.log" | cut -c1-200 | head -30
+tail -1 "$OUT/pytest_cupy.log"
+timeout 90 $PY benchmarks/bench_train.py --steps 20 --repeats 3 --backends cupy \
+    --nets mlp4096,cifar10_convnet --out "$OUT" > "$OUT/bench_train.log" 2>&1
+stamp "bench_train rc=$?"; grep -A8 "^mlp4096 (\|^cifar10_convnet (" "$OUT/bench_train.log"
+timeout 70 $PY benchmarks/bench_gemm.py --backends numpy,cupy --repeats 3 --out "$OUT" \
+    > "$OUT/bench_gemm.log" 2>&1
+stamp "bench_gemm rc=$?"; grep -E "^[0-9]+x[0-9]+x[0-9]+ " "$OUT/bench_gemm.log" | cut -c1-125
+timeout 60 $PY benchmarks/bench_inference.py --nets mlp --backends cupy --repeats 3 --out "$OUT" \
+    > "$OUT/bench_inference.log" 2>&1
+stamp "bench_inference rc=$?"; grep -E "cupy|by stage" "$OUT/bench_inference.log" | cut -c1-300 | head -8
+timeout 30 $PY benchmarks/bench_conv_glue.py --backends cupy --out "$OUT" > "$OUT/bench_conv_glue.log" 2>&1
+stamp "bench_conv_glue rc=$?"; tail -12 "$OUT/bench_conv_glue.log" | cut -c1-150
+wait
+if [ -n "$CIFAR" ]; then
+    timeout 100 $PY -m minibnn --backend cupy train --dataset cifar10 --model convnet \
+        --data-dir "$CIFAR" --epochs 4 --lr-end 1e-4 --no-progress --out /tmp/minibnn-runs/cifar \
+        > "$OUT/cifar_train.log" 2>&1
+    stamp "cifar10 rc=$?"; tail -6 "$OUT/cifar_train.log" | cut -c1-200
+fi
+timeout 60 $PY -m minibnn --backend cupy train --hidden 4096 --dropout-in 0.2 --dropout-hidden 0.5 \
+    --lr-start 3e-3 --lr-end 2e-6 --epochs 150 --no-progress --out /tmp/minibnn-runs/mnist \
+    > "$OUT/mnist_recipe.log" 2>&1
+stamp "mnist recipe (first epochs) rc=$?"; tail -4 "$OUT/mnist_recipe.log" | cut -c1-200
