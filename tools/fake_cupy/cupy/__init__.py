@@ -1,7 +1,9 @@
 """A NumPy-backed stand-in for CuPy that keeps CuPy's host/device discipline, for checking
 minibnn's cupy code paths on a machine without a GPU.
 
-    PYTHONPATH=tools/fake_cupy MINIBNN_BACKEND=cupy python -m pytest
+    PYTHONPATH=$PWD/tools/fake_cupy MINIBNN_BACKEND=cupy python -m pytest
+
+(an absolute path: some tests start Python in another folder.)
 
 What it checks: that the library and the tests never mix host (NumPy) and device arrays
 implicitly. Like CuPy, ``np.asarray(device_array)`` raises TypeError, a device operation
