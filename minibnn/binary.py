@@ -205,13 +205,10 @@ def deferred_nan_checks():
     device, and :func:`raise_deferred_nan` reports it when called (``train.train_epoch`` does
     at each read of the loss) and when the block ends. CPU arrays are checked at once, as
     outside the block."""
-    previous = _defer_nan[0]
-    _defer_nan[0] = True
-    try:
+    outermost = not _defer_nan[0]
+    with deferring_nan_checks():
         yield
-    finally:
-        _defer_nan[0] = previous
-    if not previous:
+    if outermost:
         raise_deferred_nan()
 
 
