@@ -37,11 +37,17 @@ def _labels(labels, output, name):
     if labels.shape != (output.shape[0],) or labels.dtype.kind not in "iu":
         raise ValueError(f"{name}: labels must be integers of shape ({output.shape[0]},), got "
                          f"shape {tuple(labels.shape)} dtype {labels.dtype}")
-    if labels.size and not _trusted[0] and (int(labels.min()) < 0
-                                            or int(labels.max()) >= output.shape[1]):
-        raise ValueError(f"{name}: labels must lie in [0, {output.shape[1]}), got "
-                         f"[{int(labels.min())}, {int(labels.max())}]")
+    if not _trusted[0]:
+        check_label_range(labels, output.shape[1], name)
     return labels
+
+
+def check_label_range(labels, classes, name=None):
+    """ValueError unless every label lies in [0, classes) (reads the minimum and maximum
+    back from the GPU for a CuPy array)."""
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+        raise ValueError(f"{name + ': ' if name else ''}labels must lie in [0, {classes}), got "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
 
 
 def pm1_targets(labels, classes, dtype=np.float32):

@@ -599,7 +599,7 @@ def train_epoch(model, opt, loss_fn, x, y, batch_size, rng, bar=None, dp=None, r
             else:
                 loss, scores = step(xb, yb)
             if b == 1:  # the loss checked this batch's labels; now all of them, once
-                _check_label_range(y, scores.shape[1])
+                losses.check_label_range(y, scores.shape[1])
                 checked.enter_context(losses.labels_checked())
             _accumulate(pending, loss, scores, yb, len(idx))
             seen += len(idx)
@@ -612,12 +612,6 @@ def train_epoch(model, opt, loss_fn, x, y, batch_size, rng, bar=None, dp=None, r
         loss_sum, wrong, seen = dp.comm.sum_values(loss_sum, wrong, seen)
         wrong, seen = int(wrong), int(seen)
     return loss_sum / max(seen, 1), wrong / max(seen, 1), seen
-
-
-def _check_label_range(y, classes):
-    """ValueError unless every label of ``y`` lies in [0, classes) (read once per epoch)."""
-    if len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
-        raise ValueError(f"labels must lie in [0, {classes}), got [{int(y.min())}, {int(y.max())}]")
 
 
 def _accumulate(pending, loss, scores, yb, count):
