@@ -66,6 +66,22 @@ def xnor_products():
 
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+def load_benchmark(name):
+    """The script ``benchmarks/NAME.py`` as a module (its folder on the path while it loads,
+    for its ``import common``)."""
+    import importlib.util
+    import sys
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))
 
 
 def _checkout_entries():

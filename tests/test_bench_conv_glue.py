@@ -1,32 +1,16 @@
 """benchmarks/bench_conv_glue.py runs end to end on a tiny setting: one row per op of the
 backend's glue and shape, each checked equal to the array code, written as JSON."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import REASONS
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name):
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
+from tests.conftest import REASONS, load_benchmark
 
 
 @pytest.mark.skipif(REASONS["numba"] is not None, reason=str(REASONS["numba"]))
 def test_bench_conv_glue_writes_its_table_and_json(tmp_path, capsys):
-    bench = _load("bench_conv_glue")
+    bench = load_benchmark("bench_conv_glue")
     bench.main(["--quick", "--backends", "numba", "--repeats", "1", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "conv_glue_cpu_quick.json").read_text())
     ops = [(r["op"], r["shape"]) for r in saved["rows"]]
@@ -40,7 +24,7 @@ def test_bench_conv_glue_writes_its_table_and_json(tmp_path, capsys):
 
 
 def test_bench_conv_glue_refuses_a_backend_without_glue(capsys):
-    bench = _load("bench_conv_glue")
+    bench = load_benchmark("bench_conv_glue")
     with pytest.raises(SystemExit):
         bench.main(["--quick", "--backends", "numpy"])
     assert "'numpy' has no compiled glue" in capsys.readouterr().err

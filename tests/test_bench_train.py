@@ -1,33 +1,18 @@
 """benchmarks/bench_train.py runs end to end on a tiny setting, and its PyTorch twin is the
 same network (same layer sizes, same initial binary weights, same loss) as the minibnn model."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import minibnn as bnn
+from conftest import load_benchmark
 from minibnn import Tensor, backend, losses, models
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name):
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 def test_bench_train_writes_its_table_and_json(tmp_path, capsys):
-    bench = _load("bench_train")
+    bench = load_benchmark("bench_train")
     result = bench.main(["--nets", "mlp512nd", "--backends", "numpy", "--steps", "1",
                          "--repeats", "1", "--no-torch", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "train_cpu.json").read_text())
@@ -40,7 +25,7 @@ def test_bench_train_writes_its_table_and_json(tmp_path, capsys):
 
 
 def test_bench_train_refuses_unknown_names(capsys):
-    bench = _load("bench_train")
+    bench = load_benchmark("bench_train")
     with pytest.raises(SystemExit):
         bench.main(["--nets", "resnet50", "--no-torch"])
     assert "unknown network 'resnet50'" in capsys.readouterr().err
@@ -49,8 +34,8 @@ def test_bench_train_refuses_unknown_names(capsys):
 @pytest.mark.parametrize("net", ["mlp512", "mnist_convnet"])
 def test_torch_twin_computes_the_same_scores_and_loss(net):
     torch = pytest.importorskip("torch")
-    bench = _load("bench_train")
-    twin_mod = _load("torch_bnn")
+    bench = load_benchmark("bench_train")
+    twin_mod = load_benchmark("torch_bnn")
     build, shape, _ = bench.NETS[net]
     with backend.use("numpy"):
         model = build(bnn.seed(0))
@@ -71,7 +56,7 @@ def test_torch_twin_computes_the_same_scores_and_loss(net):
 
 def test_torch_trainer_steps_change_the_loss():
     torch = pytest.importorskip("torch")
-    twin_mod = _load("torch_bnn")
+    twin_mod = load_benchmark("torch_bnn")
     with backend.use("numpy"):
         model = models.mnist_mlp(hidden=64, rng=bnn.seed(0))
     trainer = twin_mod.TorchTrainer(model, lr=1e-2)
