@@ -16,7 +16,17 @@ Each figure is the best of --repeats runs after one warm-up run (the median is k
 JSON too): on a shared machine the best run is the one least disturbed by other work.
 
     python benchmarks/bench_gemm.py [--quick] [--backends numpy,reference,numba,cupy]
-                                    [--repeats 5] [--out DIR]
+                                    [--repeats 5] [--out DIR] [--isa native|cascadelake|znver3]
+
+``--isa`` runs the CPU rows as a CPU with less of the x86 ISA would (:data:`ISA_PROFILES`):
+the script starts itself again with Numba compiling for that CPU's features
+(:func:`kernels.autotune.isa_profile_environment`
+(NUMBA_CPU_NAME, NUMBA_CPU_FEATURES: the host's features less those the profile lacks,
+e.g. no AVX512_VPOPCNTDQ on Cascade Lake, no AVX-512 at all on Zen 3) and OpenBLAS on that
+CPU's float kernels (OPENBLAS_CORETYPE)). The instructions are those of the profile, the
+micro-architecture is this machine's: a proxy for that CPU, not a measurement on it (vector
+widths, ports and latencies differ), which the JSON says. The output is named
+``gemm_cpu_isa-<profile>.json``. A profile needs a host that has every feature it keeps.
 
 Results go to benchmarks/results/ (--quick: benchmarks/results/quick/, ignored by git).
 """
@@ -305,12 +315,25 @@ def main(argv=None):
     p.add_argument("--backends", default="numpy,reference,numba,cupy",
                    help="comma list from numpy,reference,numba,cupy (numpy float32 always runs)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--isa", default="native", choices=["native", *autotune.ISA_PROFILES],
+                   help="run the CPU kernels as a CPU with this ISA would (a proxy on this "
+                        "machine's micro-architecture; see the module docstring)")
     p.add_argument("--out", default=None,
                    help="folder for the JSON and PNG (default benchmarks/results, with "
                         "--quick benchmarks/results/quick, which git ignores)")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats: expected a positive integer, got {args.repeats}")
+    if args.isa != "native" and os.environ.get("MINIBNN_BENCH_ISA") != args.isa:
+        try:
+            env = autotune.isa_profile_environment(args.isa)
+        except ValueError as exc:
+            p.error(str(exc))
+        os.environ.update(env, MINIBNN_BENCH_ISA=args.isa)
+        print(f"restarting as {args.isa}: NUMBA_CPU_NAME={env['NUMBA_CPU_NAME']} "
+              f"OPENBLAS_CORETYPE={env['OPENBLAS_CORETYPE']}", flush=True)
+        os.execv(sys.executable, [sys.executable, str(Path(__file__).resolve()),
+                                  *(sys.argv[1:] if argv is None else argv)])
     backends = {s.strip() for s in args.backends.split(",") if s.strip()}
     unknown = backends - {"numpy", "reference", "numba", "cupy"}
     if unknown:
@@ -322,6 +345,12 @@ def main(argv=None):
             print(f"cupy backend skipped: {why}")
     shapes = QUICK_SHAPES if args.quick else (GPU_SHAPES if use_gpu else CPU_SHAPES)
     info = machine_info(use_gpu)
+    if args.isa != "native":
+        info["isa_profile"] = args.isa
+        info["isa_profile_note"] = (
+            f"ISA-restricted run: the instructions of {args.isa} (Numba target features, "
+            f"OpenBLAS {os.environ.get('OPENBLAS_CORETYPE')}) on this machine's "
+            "micro-architecture; a proxy for that CPU, not a measurement on it")
     print(json.dumps(info))
     peak = None
     if "numba" in backends:
@@ -338,7 +367,9 @@ def main(argv=None):
     print_table(rows, peak)
     out = common.results_dir(args.out, args.quick)
     out.mkdir(parents=True, exist_ok=True)
-    stem = ("gemm_gpu" if use_gpu else "gemm_cpu") + ("_quick" if args.quick else "")
+    stem = (("gemm_gpu" if use_gpu else "gemm_cpu")
+            + (f"_isa-{args.isa}" if args.isa != "native" else "")
+            + ("_quick" if args.quick else ""))
     info["load_average_at_end"] = list(os.getloadavg())
     (out / f"{stem}.json").write_text(json.dumps({"machine": info, "repeats": args.repeats,
                                                   "timing": "best of repeats (median_s too)",

@@ -20,6 +20,7 @@ A corrupt cache file is ignored with a warning (and replaced at the next write);
 directory that cannot be written costs a warning, the choice is then kept in memory only.
 """
 
+import copy
 import json
 import os
 import tempfile
@@ -29,12 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["isa_features", "machine_key", "cache_dir", "cache_path", "shape_class",
+__all__ = ["isa_features", "ISA_PROFILES", "isa_profile_environment", "machine_key", "cache_dir", "cache_path", "shape_class",
            "static_choice", "choose", "tune", "clear_memory"]
 
 CACHE_FILE = "gemm_autotune.json"
 FORMAT = 1
-TUNER = 3  # how choices are measured; a record made another way is measured again
+TUNER = 4  # how (and among which kernels) choices are measured; other records are redone
 # Feature names as LLVM (llvmlite.binding.get_host_cpu_features) and /proc/cpuinfo spell them.
 _FEATURES = {  # ours: (llvm name, /proc/cpuinfo flag)
     "popcnt": ("popcnt", "popcnt"),
@@ -66,37 +67,119 @@ def _cpuinfo():
     return model, flags
 
 
+def _target_features(spec, host):
+    """{llvm feature name: on} that Numba compiles with: ``spec`` is NUMBA_CPU_FEATURES
+    (LLVM's "+avx2,-avx512f,..." form) or None, in which case Numba uses the host's."""
+    if spec is None:
+        return host
+    features = {}
+    for item in spec.split(","):
+        item = item.strip()
+        if len(item) > 1 and item[0] in "+-":
+            features[item[1:]] = item[0] == "+"
+    return features
+
+
 def isa_features():
     """What this CPU offers the kernels, as Numba will compile for it.
 
-    Returns a dict: ``cpu`` (model name), ``llvm_cpu`` (the CPU LLVM targets, e.g.
-    ``znver4``), ``numba_cpu_name`` (Numba's NUMBA_CPU_NAME, None = the host), and
-    ``features``: {name: bool} for popcnt, avx2, avx512f, avx512bw, avx512vl, avx512_vnni,
-    avx_vnni, avx512_vpopcntdq, avx512_bitalg. A feature counts when LLVM reports it for
-    the host (what the compiled code may use); /proc/cpuinfo's flags are the fallback
-    where LLVM cannot be asked, and ``cpuinfo_flags`` lists those it shows.
+    Returns a dict: ``cpu`` (model name), ``llvm_cpu`` (the host CPU as LLVM names it, e.g.
+    ``znver4``), ``numba_cpu_name`` and ``numba_cpu_features`` (Numba's NUMBA_CPU_NAME and
+    NUMBA_CPU_FEATURES, None = the host's), and ``features``: {name: bool} for popcnt, avx2,
+    avx512f, avx512bw, avx512vl, avx512_vnni, avx_vnni, avx512_vpopcntdq, avx512_bitalg.
+
+    A feature counts when Numba's target has it *and* the host runs it: Numba compiles for
+    NUMBA_CPU_FEATURES when that is set (else for the host's features, whatever
+    NUMBA_CPU_NAME says), and a kernel is offered only if its instructions can run here.
+    So ``NUMBA_CPU_NAME=cascadelake NUMBA_CPU_FEATURES=+avx2,...,-avx512vpopcntdq`` makes a
+    CPU with VPOPCNTDQ compile and choose as one without it would (an ISA-restricted run on
+    this machine's micro-architecture, used by ``benchmarks/bench_gemm.py --isa``).
+    /proc/cpuinfo's flags are the fallback where LLVM cannot be asked, and
+    ``cpuinfo_flags`` lists those it shows.
     """
+    if not _isa:
+        _isa.append(_probe_isa())
+    return copy.deepcopy(_isa[0])
+
+
+_isa = []  # the probe's result: Numba reads NUMBA_CPU_NAME/FEATURES once, at import
+
+
+def _probe_isa():
     import numba
     import llvmlite.binding as llvm
 
     model, flags = _cpuinfo()
     try:
-        host = llvm.get_host_cpu_features()
+        host = dict(llvm.get_host_cpu_features())
         llvm_cpu = llvm.get_host_cpu_name()
     except Exception:  # pragma: no cover - LLVM cannot report the host
         host, llvm_cpu = None, ""
-    target = numba.config.CPU_NAME
+    spec = numba.config.CPU_FEATURES
+    target = _target_features(spec, host) if host is not None else None
     features = {}
     for name, (llvm_name, flag) in _FEATURES.items():
-        if target not in (None, "host"):  # compiling for another CPU: assume nothing
-            features[name] = False
-        elif host is not None:
-            features[name] = bool(host.get(llvm_name, False))
+        if host is None:
+            features[name] = flag in flags and (spec is None or
+                                                 f"+{llvm_name}" in spec.replace(" ", ""))
         else:
-            features[name] = flag in flags
-    return {"cpu": model or llvm_cpu, "llvm_cpu": llvm_cpu, "numba_cpu_name": target,
+            features[name] = bool(host.get(llvm_name, False) and target.get(llvm_name, False))
+    return {"cpu": model or llvm_cpu, "llvm_cpu": llvm_cpu,
+            "numba_cpu_name": numba.config.CPU_NAME, "numba_cpu_features": spec,
             "features": features,
             "cpuinfo_flags": sorted(f for _, f in _FEATURES.values() if f in flags)}
+
+
+# CPUs whose ISA isa_profile_environment can restrict a run to: (LLVM CPU name, AVX-512
+# subsets kept, other host features dropped, OPENBLAS_CORETYPE). Feature sets from the vendors' ISA listings: Cascade Lake is Skylake-SP's
+# AVX-512 F/CD/BW/DQ/VL plus VNNI (no VPOPCNTDQ, BITALG, VBMI, IFMA, BF16, GFNI, VAES,
+# VPCLMULQDQ, SHA); Zen 3 has AVX2 and no AVX-512.
+ISA_PROFILES = {
+    "cascadelake": ("cascadelake",
+                    {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl", "avx512vnni",
+                     "evex512"},
+                    {"gfni", "vaes", "vpclmulqdq", "sha", "rdpid", "clzero", "sse4a",
+                     "avxvnni", "shstk", "amx-avx512", "avx10.1", "avx10.2"},
+                    "SkylakeX"),
+    "znver3": ("znver3", set(),
+               {"gfni", "avxvnni", "avxifma", "avxneconvert", "avxvnniint8", "avxvnniint16",
+                "amx-avx512", "avx10.1", "avx10.2"},
+               "Haswell"),
+}
+
+
+def isa_profile_environment(profile, host_features=None):
+    """The environment that makes Numba and OpenBLAS compile and choose as CPU ``profile``
+    (a key of :data:`ISA_PROFILES`) would: {NUMBA_CPU_NAME, NUMBA_CPU_FEATURES,
+    OPENBLAS_CORETYPE}, for a new process (Numba and OpenBLAS read them when they load).
+
+    NUMBA_CPU_FEATURES is this host's feature list (``host_features``, LLVM's {feature: on};
+    default: ask LLVM) with the features the profile lacks switched off, so the code runs
+    here with only the profile's instructions: a check that a kernel compiles and computes
+    right without, say, AVX-512, and a proxy for its speed there (the micro-architecture is
+    still this machine's). A feature the profile keeps but the host lacks raises ValueError:
+    such code could not run here.
+    """
+    if profile not in ISA_PROFILES:
+        raise ValueError(f"profile: expected one of {tuple(ISA_PROFILES)}, got {profile!r}")
+    if host_features is None:
+        import llvmlite.binding as llvm
+
+        host_features = dict(llvm.get_host_cpu_features())
+    cpu, keep_avx512, drop, coretype = ISA_PROFILES[profile]
+    missing = {f for f in keep_avx512 - {"evex512"} if not host_features.get(f)}
+    if missing:
+        raise ValueError(f"ISA profile {profile}: this CPU lacks {sorted(missing)}, which that "
+                         "profile needs")
+    spec = []
+    for name, on in sorted(host_features.items()):
+        if name.startswith("avx512") or name == "evex512":
+            on = on and name in keep_avx512
+        elif name in drop:
+            on = False
+        spec.append(("+" if on else "-") + name)
+    return {"NUMBA_CPU_NAME": cpu, "NUMBA_CPU_FEATURES": ",".join(spec),
+            "OPENBLAS_CORETYPE": coretype}
 
 
 def machine_key(isa=None):
@@ -105,7 +188,8 @@ def machine_key(isa=None):
 
     isa = isa_features() if isa is None else isa
     have = "+".join(name for name, on in sorted(isa["features"].items()) if on)
-    return f"{isa['cpu']} | {isa['llvm_cpu']} | {have} | numba {numba.__version__}"
+    target = isa.get("numba_cpu_name") or isa["llvm_cpu"]
+    return f"{isa['cpu']} | {target} | {have} | numba {numba.__version__}"
 
 
 def cache_dir():
@@ -124,7 +208,8 @@ def cache_path():
 # A shape class: bucket edges and the product timed for it (M, N, words of K).
 _M_BUCKETS = ((16, 8), (256, 100), (None, 512))  # (largest M of the bucket, M timed)
 _N_BUCKETS = ((64, 32), (None, 1024))
-_W_BUCKETS = ((7, 4), (31, 16), (None, 64))
+# K of 256 words (16384 bits) and more has a class of its own: Harley-Seal's (numba_hs)
+_W_BUCKETS = ((7, 4), (31, 16), (255, 64), (None, 256))
 
 
 def _bucket(value, buckets):

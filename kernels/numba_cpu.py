@@ -14,8 +14,12 @@ operands stay in L1):
 * ``"scalar"``, ``"simd256"``, ``"simd512"`` (:mod:`minibnn.kernels.numba_simd`): LLVM IR
   micro-kernels on a 4 x 4 tile with ``llvm.ctpop`` on 1, 4 or 8 64-bit lanes (``popcnt``;
   ``vpopcntq`` ymm / zmm with AVX512_VPOPCNTDQ, a nibble-table expansion without).
-* ``"avx2"`` (:mod:`minibnn.kernels.numba_avx2`): a hand-written LLVM IR micro-kernel with the
-  nibble-table popcount on 256-bit vectors and byte counters. Offered with AVX2.
+* ``"avx2"``, ``"avx512bw"`` (:mod:`minibnn.kernels.numba_avx2`): hand-written LLVM IR
+  micro-kernels with the nibble-table popcount and byte counters on 256-bit (AVX2) or
+  512-bit (AVX512BW) vectors, for CPUs without a vector popcount instruction.
+* ``"hs256"``, ``"hs512"`` (:mod:`minibnn.kernels.numba_hs`): Harley-Seal carry-save adders
+  that count one vector popcount per 8 vectors of K, for long K on CPUs without
+  ``vpopcntq``.
 
 Which is fastest depends on the CPU and the shape: unless one is named, :func:`xnor_gemm`
 uses the choice :mod:`minibnn.kernels.autotune` measured for the shape class.
@@ -25,7 +29,7 @@ import numpy as np
 import numba
 from numba import prange
 
-from . import autotune, numba_avx2, numba_simd
+from . import autotune, numba_avx2, numba_hs, numba_simd
 from ._numba_common import NB_ROWS, jit, pair_counts, popcount64, store
 from .reference import (PLANES, check_bitplane_operands, check_gemm_operands,
                         check_pack_input, check_pixels, check_threshold_operands, n_words,
@@ -195,21 +199,28 @@ def _gemm_generic(a, b, cnt, k, n_chunks):
 # ------------------------------------------------------------------------ dispatch
 
 _ISA = autotune.isa_features()
-_HAS_AVX2 = numba_avx2.host_has_avx2()
 _SERIAL_WORK = 1 << 17  # word pairs below which one thread beats waking the others
 
 
 def available_kernels():
     """Names of the GEMM kernels this CPU can run: ``"generic"`` first, then ``"scalar"``,
-    ``"simd256"`` (AVX2), ``"simd512"`` (AVX512F) and ``"avx2"`` (AVX2) where offered."""
+    ``"simd256"`` (AVX2), ``"simd512"`` (AVX512F), ``"avx2"`` (AVX2), ``"avx512bw"``
+    (AVX512BW), ``"hs256"`` (AVX2) and ``"hs512"`` (AVX512F) where Numba's target and
+    this CPU offer them."""
     f = _ISA["features"]
     names = ["generic", "scalar"]
     if f["avx2"]:
         names.append("simd256")
     if f["avx512f"]:
         names.append("simd512")
-    if _HAS_AVX2:
+    if f["avx2"]:
         names.append("avx2")
+    if f["avx512bw"]:
+        names.append("avx512bw")
+    if f["avx2"]:
+        names.append("hs256")
+    if f["avx512f"]:
+        names.append("hs512")
     return tuple(names)
 
 
@@ -252,7 +263,7 @@ def xnor_gemm(a, b, k, kernel=None, out=None):
     if kernel not in available_kernels():
         raise ValueError(f"kernel: expected one of {available_kernels()} or 'auto', "
                          f"got {kernel!r}")
-    zeroed = kernel in ("generic", "avx2")  # these add to cnt; the simd kernels overwrite it
+    zeroed = kernel in ("generic", "avx2", "avx512bw")  # these add to cnt; the simd kernels overwrite it
     if out is None:
         cnt = (np.zeros if zeroed or not w_count else np.empty)((m, n), dtype=np.int32)
     else:
@@ -267,8 +278,10 @@ def xnor_gemm(a, b, k, kernel=None, out=None):
     if m == 0 or n == 0 or w_count == 0:  # nothing to count (k = 0: every product is 0)
         return cnt
     threads = 1 if m * n * w_count < _SERIAL_WORK else numba.get_num_threads()
-    if kernel == "avx2":
-        numba_avx2.xnor_gemm_into(a, b, cnt, k)
+    if kernel in numba_avx2.WORDS:
+        numba_avx2.xnor_gemm_into(a, b, cnt, k, kernel)
+    elif kernel in numba_hs.LANES:
+        numba_hs.xnor_gemm_into(kernel, a, b, cnt, k, threads=threads)
     elif kernel == "generic":
         _gemm_generic(a, b, cnt, k, max(1, min(threads, m // _GR)))
     else:

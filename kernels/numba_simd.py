@@ -37,7 +37,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 from llvmlite import ir
 
-from ._numba_common import jit, pair_counts, popcount64, store
+from ._numba_common import jit, pair_counts, popcount64
 
 __all__ = ["KERNELS", "LANES", "TILE", "xnor_gemm_into", "bitplane_gemm_into"]
 

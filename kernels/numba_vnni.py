@@ -33,16 +33,12 @@ _V32 = ir.VectorType(_I32, 16)
 
 
 def available():
-    """True when Numba compiles for this host and its CPU has AVX512-VNNI and AVX512BW."""
-    try:
-        if numba.config.CPU_NAME not in (None, "host"):
-            return False
-        import llvmlite.binding as llvm
+    """True when Numba's target and this CPU both have AVX512-VNNI and AVX512BW
+    (:func:`kernels.autotune.isa_features`)."""
+    from .autotune import isa_features
 
-        f = llvm.get_host_cpu_features()
-        return bool(f.get("avx512vnni", False) and f.get("avx512bw", False))
-    except Exception:  # pragma: no cover - feature probing is best effort
-        return False
+    f = isa_features()["features"]
+    return bool(f["avx512_vnni"] and f["avx512bw"])
 
 
 @intrinsic

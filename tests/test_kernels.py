@@ -126,9 +126,12 @@ def test_numba_kernel_variants():
     names = numba_cpu.available_kernels()
     f = autotune.isa_features()["features"]
     assert names[:2] == ("generic", "scalar")
-    assert set(names) <= {"generic", "scalar", "simd256", "simd512", "avx2"}
-    assert ("avx2" in names) == numba_avx2.host_has_avx2()
-    assert ("simd256" in names) == f["avx2"] and ("simd512" in names) == f["avx512f"]
+    assert set(names) <= {"generic", "scalar", "simd256", "simd512", "avx2", "avx512bw",
+                          "hs256", "hs512"}
+    assert ("avx2" in names) == numba_avx2.host_has_avx2() == f["avx2"]
+    assert ("avx512bw" in names) == numba_avx2.host_has_avx512bw() == f["avx512bw"]
+    assert ("simd256" in names) == ("hs256" in names) == f["avx2"]
+    assert ("simd512" in names) == ("hs512" in names) == f["avx512f"]
     assert numba_cpu.default_kernel() in names
     assert numba_cpu.default_kernel(5, 3, 70) in names
 

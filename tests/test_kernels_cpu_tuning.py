@@ -7,14 +7,20 @@ depends on which kernel is fastest here.
 """
 
 import json
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
 import pytest
 
-from minibnn.kernels import autotune, numba_cpu, numba_simd, numba_vnni, reference
+from minibnn.kernels import (autotune, numba_avx2, numba_cpu, numba_hs, numba_simd, numba_vnni,
+                             reference)
 
 SIMD = [k for k in numba_simd.KERNELS if k in numba_cpu.available_kernels()]
+HS = [k for k in numba_hs.KERNELS if k in numba_cpu.available_kernels()]
+NIBBLE = [k for k in numba_avx2.WORDS if k in numba_cpu.available_kernels()]
 
 # (M, N, K): K not a multiple of 64 or of a vector, M or N of 1, odd sizes, more than one
 # K block (W > 256 words) and more than one block of B rows.
@@ -38,6 +44,45 @@ def test_micro_kernels_bit_exact(name, cols, threads, m, n, k):
     cnt = np.zeros((m, n), np.int32)
     numba_simd.xnor_gemm_into(name, a, b, cnt, k, cols=cols, threads=threads)
     np.testing.assert_array_equal(cnt, reference.xnor_gemm(a, b, k))
+
+
+@pytest.mark.parametrize("name", NIBBLE)
+@pytest.mark.parametrize("m,n,k", AWKWARD)
+def test_nibble_kernels_bit_exact(name, m, n, k):
+    a, b = operands(m, n, k, m * 1000 + n * 10 + k)
+    cnt = np.zeros((m, n), np.int32)
+    numba_avx2.xnor_gemm_into(a, b, cnt, k, name)
+    np.testing.assert_array_equal(cnt, reference.xnor_gemm(a, b, k))
+
+
+# Harley-Seal folds groups of 8 vectors (32 words with 4 lanes, 64 with 8): K with several
+# whole groups, then whole vectors past the last group, then single words, for both widths.
+HS_SHAPES = AWKWARD + [(2, 2, 64 * 64), (3, 5, 64 * (3 * 64 + 3 * 8 + 3) + 17),
+                       (5, 3, 64 * (2 * 32 + 3 * 4 + 1) + 1), (1, 9, 64 * 512),
+                       (7, 7, 64 * 1000 - 3)]
+
+
+@pytest.mark.parametrize("name", HS)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("m,n,k", HS_SHAPES)
+def test_harley_seal_kernels_bit_exact(name, threads, m, n, k):
+    a, b = operands(m, n, k, m * 1000 + n * 10 + k)
+    cnt = np.full((m, n), -7, np.int32)  # overwritten, not added to
+    numba_hs.xnor_gemm_into(name, a, b, cnt, k, threads=threads)
+    np.testing.assert_array_equal(cnt, reference.xnor_gemm(a, b, k))
+
+
+def test_harley_seal_counts_all_ones():
+    """The carries' weights: all-different operands make every CSA level carry."""
+    if not HS:
+        pytest.skip("no Harley-Seal kernel on this CPU")
+    k = 64 * 64 * 5
+    a = np.full((2, k // 64), np.uint64(2**64 - 1))
+    b = np.zeros((2, k // 64), np.uint64)
+    for name in HS:
+        cnt = np.empty((2, 2), np.int32)
+        numba_hs.xnor_gemm_into(name, a, b, cnt, k)
+        np.testing.assert_array_equal(cnt, np.full((2, 2), -k))
 
 
 @pytest.mark.parametrize("name", ["generic"] + SIMD)
@@ -109,6 +154,79 @@ def test_isa_features_are_reported():
     assert all(isinstance(v, bool) for v in isa["features"].values())
     assert isinstance(isa["cpu"], str) and isa["cpu"]
     assert "numba" in autotune.machine_key(isa)
+
+
+def test_target_features_follow_numba_cpu_features(monkeypatch):
+    """Numba compiles for NUMBA_CPU_FEATURES when it is set: a kernel is offered only where
+    that target and the host both have the feature."""
+    import numba
+
+    assert autotune._target_features("+avx2, -avx512f,+popcnt", {}) == {
+        "avx2": True, "avx512f": False, "popcnt": True}
+    assert autotune._target_features(None, {"avx2": True}) == {"avx2": True}
+    host = autotune._probe_isa()["features"]
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+popcnt,+avx2,-avx512f,-avx512bw")
+    narrowed = autotune._probe_isa()
+    assert narrowed["numba_cpu_features"].startswith("+popcnt")
+    assert narrowed["features"]["avx512f"] is False and narrowed["features"]["avx512bw"] is False
+    assert narrowed["features"]["avx2"] == host["avx2"]  # kept only where the host has it
+    assert narrowed["features"]["avx512_vpopcntdq"] is False  # not named: off
+
+
+def test_isa_profile_environment():
+    host = {"popcnt": True, "avx2": True, "avx512f": True, "avx512cd": True, "avx512bw": True,
+            "avx512dq": True, "avx512vl": True, "avx512vnni": True, "avx512vpopcntdq": True,
+            "avx512bitalg": True, "evex512": True, "gfni": True, "sse4.2": True}
+    env = autotune.isa_profile_environment("cascadelake", host)
+    spec = set(env["NUMBA_CPU_FEATURES"].split(","))
+    assert env["NUMBA_CPU_NAME"] == "cascadelake" and env["OPENBLAS_CORETYPE"] == "SkylakeX"
+    assert {"+avx512bw", "+avx512vnni", "+avx2", "+popcnt", "+evex512", "+sse4.2",
+            "-avx512vpopcntdq", "-avx512bitalg", "-gfni"} <= spec
+    env = autotune.isa_profile_environment("znver3", host)
+    spec = set(env["NUMBA_CPU_FEATURES"].split(","))
+    assert {"+avx2", "+popcnt", "-avx512f", "-avx512bw", "-evex512"} <= spec
+    with pytest.raises(ValueError, match=r"this CPU lacks \['avx512bw'\]"):
+        autotune.isa_profile_environment("cascadelake", {**host, "avx512bw": False})
+    with pytest.raises(ValueError, match="profile: expected one of"):
+        autotune.isa_profile_environment("pentium", host)
+
+
+_UNDER_PROFILE = """
+import numpy as np
+from minibnn.kernels import autotune, numba_cpu, numba_vnni, reference
+names = numba_cpu.available_kernels()
+f = autotune.isa_features()["features"]
+rng = np.random.default_rng(0)
+for m, n, k in [(1, 1, 1), (5, 7, 777), (9, 13, 4096 + 65), (3, 5, 64 * 300 + 7)]:
+    a = reference.pack_rows(rng.random((m, k)) < 0.5)
+    b = reference.pack_rows(rng.random((n, k)) < 0.5)
+    want = reference.xnor_gemm(a, b, k)
+    for name in names:
+        assert (numba_cpu.xnor_gemm(a, b, k, kernel=name) == want).all(), (name, m, n, k)
+print(sorted(names), f["avx512f"], f["avx512_vpopcntdq"], numba_vnni.available())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("profile", sorted(autotune.ISA_PROFILES))
+def test_kernels_under_a_narrower_isa(profile, tmp_path):
+    """In a process whose Numba targets a CPU with less of the ISA (no VPOPCNTDQ, or no
+    AVX-512 at all), only that CPU's kernels are offered and each one is exact."""
+    try:
+        env = autotune.isa_profile_environment(profile)
+    except ValueError as exc:
+        pytest.skip(str(exc))
+    env = {**os.environ, **env, "NUMBA_CACHE_DIR": str(tmp_path), "MINIBNN_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", _UNDER_PROFILE], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    names, avx512f, vpopcnt, vnni = out.stdout.strip().rsplit("\n", 1)[-1].rsplit(" ", 3)
+    assert vpopcnt == "False"
+    if profile == "znver3":
+        assert avx512f == "False" and vnni == "False"
+        assert not any(n in names for n in ("simd512", "avx512bw", "hs512"))
+    else:
+        assert avx512f == "True" and all(n in names for n in ("simd512", "avx512bw", "hs512"))
 
 
 @pytest.mark.skipif(not numba_vnni.available(), reason="this CPU has no AVX512-VNNI")
