@@ -330,7 +330,7 @@ def test_other_shape_classes_are_timed_apart(cache):
 def test_corrupt_cache_is_ignored_with_a_warning(cache):
     cache.write_text("{not json")
     with pytest.warns(RuntimeWarning, match="corrupt GEMM autotune cache"):
-        got = autotune.choose(100, 4096, 64, ("generic", "scalar"), fake_runner([]))
+        autotune.choose(100, 4096, 64, ("generic", "scalar"), fake_runner([]))
     data = json.loads(cache.read_text())  # rewritten whole
     assert list(data["machines"].values())[0]["choices"]
 
