@@ -3,6 +3,7 @@
 import datetime
 import os
 import platform
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -97,3 +98,35 @@ def grouped_bars(rows, group, series, value, path, *, xlabel, ylabel, title, ann
     fig.savefig(path, dpi=120)
     plt.close(fig)
     print(f"wrote {path}")
+
+
+def restart_under_isa(parser, profile, argv, script):
+    """For ``--isa PROFILE`` (not "native"): start this script again in a process whose Numba
+    and OpenBLAS compile and choose as that CPU would
+    (:func:`minibnn.kernels.autotune.isa_profile_environment`), with the arguments ``argv``
+    (None: this process's); returns in that process, or at once for "native". A profile
+    this CPU cannot run is a usage error."""
+    if profile == "native" or os.environ.get("MINIBNN_BENCH_ISA") == profile:
+        return
+    from minibnn.kernels import autotune
+
+    try:
+        env = autotune.isa_profile_environment(profile)
+    except ValueError as exc:
+        parser.error(str(exc))
+    os.environ.update(env, MINIBNN_BENCH_ISA=profile)
+    print(f"restarting as {profile}: NUMBA_CPU_NAME={env['NUMBA_CPU_NAME']} "
+          f"OPENBLAS_CORETYPE={env['OPENBLAS_CORETYPE']}", flush=True)
+    os.execv(sys.executable, [sys.executable, str(Path(script).resolve()),
+                              *(sys.argv[1:] if argv is None else argv)])
+
+
+def note_isa(info, profile):
+    """Record an ISA-restricted run in the machine info (the JSON says what it was)."""
+    if profile == "native":
+        return
+    info["isa_profile"] = profile
+    info["isa_profile_note"] = (
+        f"ISA-restricted run: the instructions of {profile} (Numba target features, OpenBLAS "
+        f"{os.environ.get('OPENBLAS_CORETYPE')}) on this machine's micro-architecture; a "
+        "proxy for that CPU, not a measurement on it")
