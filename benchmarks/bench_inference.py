@@ -63,6 +63,7 @@ import common  # noqa: E402  (benchmarks/common.py, beside this script)
 import minibnn  # noqa: E402
 from minibnn import backend, data, deploy, functional, models, nn  # noqa: E402
 from minibnn.deploy import runtime  # noqa: E402
+from minibnn.kernels import autotune  # noqa: E402
 from minibnn.functional import kernel_offsets, pool_output_shape  # noqa: E402
 from minibnn.tensor import Tensor, no_grad  # noqa: E402
 
@@ -665,7 +666,11 @@ def main(argv=None):
     p.add_argument("--out", default=None,
                    help="folder for the JSON and PNG (default benchmarks/results, with "
                         "--quick benchmarks/results/quick, which git ignores)")
+    p.add_argument("--isa", default="native", choices=["native", *autotune.ISA_PROFILES],
+                   help="run the CPU paths as a CPU with this ISA would (a proxy on this "
+                        "machine's micro-architecture; see bench_gemm.py)")
     args = p.parse_args(argv)
+    common.restart_under_isa(p, args.isa, argv, __file__)
     nets = [s.strip() for s in args.nets.split(",") if s.strip()]
     if not nets or set(nets) - set(SECTIONS):
         p.error(f"--nets: expected a comma list from {','.join(SECTIONS)}, got {args.nets!r}")
@@ -684,10 +689,12 @@ def main(argv=None):
             backends.discard(name)
     use_gpu = "cupy" in backends
     info = machine_info(use_gpu)
+    common.note_isa(info, args.isa)
     print(json.dumps(info))
     out = common.results_dir(args.out, args.quick)
     out.mkdir(parents=True, exist_ok=True)
-    suffix = ("gpu" if use_gpu else "cpu") + ("_quick" if args.quick else "")
+    suffix = (("gpu" if use_gpu else "cpu") + (f"_isa-{args.isa}" if args.isa != "native" else "")
+              + ("_quick" if args.quick else ""))
     result = {"machine": info, "repeats": args.repeats, "nets": nets}
     rows, sizes, tables, summaries = [], [], {}, {}
     if "mlp" in nets:
