@@ -346,7 +346,8 @@ def bitplane_gemm(planes, b, k, kernel=None):
     register, and only the combined z is written, not eight (M, N) partial products.
     ``kernel``: ``"generic"`` (8 scalar counters per pair), or ``"scalar"``, ``"simd256"``,
     ``"simd512"`` (:func:`kernels.numba_simd.bitplane_gemm_into`: a 4 x 4 tile of 4 planes
-    x 4 weight rows); default: the autotune's choice for the (8 M, N, W) product.
+    x 4 weight rows); default: the autotune's choice for the (8 M, N, W) product where it has
+    a bit-plane form, else :func:`kernels.autotune.static_choice` among these.
     Same result as :func:`kernels.reference.bitplane_gemm`.
     """
     k = check_bitplane_operands(planes, b, k)
@@ -355,7 +356,8 @@ def bitplane_gemm(planes, b, k, kernel=None):
     names = ("generic",) + tuple(kn for kn in numba_simd.KERNELS if kn in available_kernels())
     if kernel is None or kernel == "auto":
         kernel = default_kernel(8 * m, n, k) if m and n and w_count else "generic"
-        kernel = kernel if kernel in names else "generic"
+        if kernel not in names:  # the GEMM's pick has no bit-plane form (avx2, hs*, ...)
+            kernel = autotune.static_choice(names)
     if kernel not in names:
         raise ValueError(f"kernel: expected one of {names} or 'auto', got {kernel!r}")
     z = np.zeros((m, n), dtype=np.int32)
