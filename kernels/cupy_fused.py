@@ -22,7 +22,8 @@ import os
 import numpy as np
 
 __all__ = ["enabled", "disabled", "adam_update", "ema_update", "sign", "sign_ste", "dropout",
-           "bn_forward", "bn_invstd", "bn_backward_products", "bn_backward_input"]
+           "bn_forward", "bn_invstd", "bn_backward_products", "bn_backward_input", "split_bf16",
+           "to_bf16", "BF16_ROUND", "SPLIT_BF16"]
 
 _OPTIONS = ("--fmad=false",)
 _kernels = {}
@@ -129,6 +130,30 @@ _SOURCES.update({
 })
 
 
+# bf16 rounding to nearest even on the float32 bit pattern u, as kernels.bf16.round_bits: NaN
+# stays a quiet NaN, everything else rounds up by half an ulp of bf16 plus the tie bit.
+BF16_ROUND = """
+    unsigned int h = (u & 0x7FFFFFFFu) > 0x7F800000u ? ((u >> 16) | 0x40u)
+                                                     : ((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+"""
+# kernels.bf16.split: parts j = 0, 1, 2 of x at parts[j * n + i]; a non-finite part (exponent
+# bits all ones) ends the split with zeros, so inf stays inf instead of inf - inf = NaN
+SPLIT_BF16 = """
+    float r = x;
+    for (int j = 0; j < 3; j++) {
+        unsigned int u = __float_as_uint(r);
+""" + BF16_ROUND + """
+        parts[j * n + i] = (unsigned short)h;
+        r = (h & 0x7F80u) == 0x7F80u ? 0.0f : r - __uint_as_float(h << 16);
+    }
+"""
+_SOURCES.update({
+    "split_bf16": ("float32 x, int64 n", "raw uint16 parts", SPLIT_BF16),
+    "to_bf16": ("float32 x", "uint16 b",
+                "unsigned int u = __float_as_uint(x);" + BF16_ROUND + "b = (unsigned short)h;"),
+})
+
+
 # The same two kernels with their per-step scalar read from device memory (a uint64 slot of
 # ``vals``; a float64 is stored by its bits): inside a CUDA graph a scalar passed by value
 # would be frozen at capture, so ``minibnn.graphs`` refreshes the slots before each replay.
@@ -142,6 +167,26 @@ _SOURCES["dropout_dev"] = (
     _SOURCES["dropout"][1],
     "unsigned long long key = vals[slot];\n" + _SOURCES["dropout"][2],
 )
+
+
+def split_bf16(x):
+    """The three bf16 parts of float32 CuPy array x (``kernels.bf16.split``: exact for
+    2**-110 <= |x| < (2 - 2**-8) 2**127), uint16 bit patterns (3, *x.shape) C-contiguous,
+    in one launch. x may be any view (a transpose is read through its strides)."""
+    import cupy
+    parts = cupy.empty(3 * x.size, dtype=np.uint16)
+    if x.size:
+        _kernel("split_bf16")(x, np.int64(x.size), parts)
+    return parts.reshape((3,) + x.shape)
+
+
+def to_bf16(x):
+    """bf16(x) rounded to nearest even as uint16 bit patterns, C-contiguous, in one launch:
+    exact for the +-1 and 0 operands of ``backend.split_matmul_pm1``."""
+    import cupy
+    if not x.size:
+        return cupy.empty(x.shape, dtype=np.uint16)
+    return _kernel("to_bf16")(x)
 
 
 def sign(x):

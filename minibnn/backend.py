@@ -177,6 +177,105 @@ def matmul(a, b):
     return a @ b
 
 
+# --- products with one operand exactly +-1 on the bf16 tensor cores (opt-in) ----------------
+#
+# In a binary layer's backward, g_x = g W_b and g_W = g^T x_b each have one operand that is
+# exactly +-1 (or 0: zero padding in the conv patches), which bf16 holds exactly. Split the
+# float32 operand in three bf16 parts (kernels.bf16: exact) and the product is three bf16
+# GEMMs accumulated in float32: the float32 product up to the order of accumulation, on
+# tensor cores instead of FP32 cuBLAS. Not yet measured on a GPU, so off by default.
+
+BF16_BACKWARD_MODES = ("off", "cupy", "all")
+
+
+def _bf16_mode(value, what):
+    v = str(value).strip().lower()
+    v = {"0": "off", "false": "off", "no": "off", "": "off", "1": "cupy", "true": "cupy",
+         "yes": "cupy"}.get(v, v)
+    if v not in BF16_BACKWARD_MODES:
+        raise ValueError(f"{what}: expected 0/1 or one of {', '.join(BF16_BACKWARD_MODES)}, "
+                         f"got {value!r}")
+    return v
+
+
+_bf16_backward = [None]  # resolved from MINIBNN_CUPY_BF16_BACKWARD on first use
+
+
+def bf16_backward():
+    """Where binary layers' backward products run as split bf16 GEMMs
+    (:func:`split_matmul_pm1`): "off" (default), "cupy" (on CuPy arrays, through cuBLAS
+    GemmEx; ``MINIBNN_CUPY_BF16_BACKWARD=1``) or "all" (also on NumPy arrays, through the
+    NumPy model ``kernels.bf16.split_matmul``: slower, there to test and read the path)."""
+    if _bf16_backward[0] is None:
+        _bf16_backward[0] = _bf16_mode(os.environ.get("MINIBNN_CUPY_BF16_BACKWARD", "0"),
+                                       "MINIBNN_CUPY_BF16_BACKWARD")
+    return _bf16_backward[0]
+
+
+def set_bf16_backward(mode):
+    """Set :func:`bf16_backward` ("off", "cupy", "all"; True = "cupy", False = "off");
+    returns the previous setting."""
+    previous = bf16_backward()
+    if isinstance(mode, bool):
+        mode = "cupy" if mode else "off"
+    _bf16_backward[0] = _bf16_mode(mode, "set_bf16_backward")
+    return previous
+
+
+@contextlib.contextmanager
+def using_bf16_backward(mode="cupy"):
+    """Run the enclosed code with :func:`set_bf16_backward` ``(mode)``, then restore."""
+    previous = set_bf16_backward(mode)
+    try:
+        yield
+    finally:
+        _bf16_backward[0] = previous
+
+
+def split_matmul_pm1(a, b, exact):
+    """a (M, K) @ b (K, N), float32, where operand ``exact`` ("a" or "b") holds only values
+    that bf16 holds exactly (+-1, 0; nothing checks): the other operand split in three bf16
+    parts (``kernels.bf16.split``, exact for 2**-110 <= |x| < 3.39e38) and the three bf16
+    products accumulated in float32, (P0 + P1) + P2. It equals the float32 product up to
+    the order of float32 accumulation: |result - exact| <= (K + 2) u sum_k |a_ik b_kj| with
+    u = 2**-24 (not bit-identical to Sgemm). On CuPy arrays: ``cupy_fused.split_bf16`` and
+    ``to_bf16`` and three ``cupy_blas.gemm_ex`` calls (beta = 0, 1, 1), capturable in a CUDA
+    graph; on NumPy arrays: the NumPy model ``kernels.bf16.split_matmul``."""
+    from .kernels import bf16
+    bf16.check_split_operands(a, b, exact)
+    if not (is_cupy_array(a) and is_cupy_array(b)):
+        return bf16.split_matmul(a, b, exact)
+    from .kernels import cupy_blas, cupy_fused
+    parts = cupy_fused.split_bf16(b if exact == "a" else a)
+    s = cupy_fused.to_bf16(a if exact == "a" else b)
+    out = None
+    for j, part in enumerate(parts):
+        out = (cupy_blas.gemm_ex(s, part, out, beta=float(j > 0)) if exact == "a" else
+               cupy_blas.gemm_ex(part, s, out, beta=float(j > 0)))
+    return out
+
+
+def matmul_pm1(a, b, exact):
+    """``a @ b`` of raw arrays where operand ``exact`` ("a" or "b") is known to hold only
+    +-1 and 0 (a binary layer's backward): :func:`split_matmul_pm1` when
+    :func:`bf16_backward` covers these arrays (and, on CuPy, GemmEx works here), else
+    :func:`matmul`."""
+    mode = bf16_backward()
+    if (mode != "off" and a.ndim == 2 and b.ndim == 2 and a.dtype == b.dtype == np.float32
+            and exact in ("a", "b")):
+        if is_cupy_array(a) and is_cupy_array(b):
+            from .kernels import cupy_blas
+            why = ("MINIBNN_CUPY_BLAS=0 turns direct cuBLAS off" if not _direct_blas[0]
+                   else cupy_blas.gemm_ex_available())
+            if why is not None:
+                raise BackendUnavailable(f"bf16 backward (MINIBNN_CUPY_BF16_BACKWARD / "
+                                         f"set_bf16_backward) is on but cannot run: {why}")
+            return split_matmul_pm1(a, b, exact)
+        elif mode == "all" and not is_cupy_array(a) and not is_cupy_array(b):
+            return split_matmul_pm1(a, b, exact)
+    return matmul(a, b)
+
+
 def scatter_add(out, index, values):
     """``out[index] += values`` where repeated indices accumulate (``np.add.at``; on the GPU
     ``cupyx.scatter_add``)."""
