@@ -277,3 +277,72 @@ def test_gpu_graphed_step_with_split_products_replays_the_eager_step(name, xnor_
         np.testing.assert_array_equal(b, a)
     for a, b in zip(runs[0][1], runs[1][1]):
         np.testing.assert_array_equal(b, a)
+
+
+def test_split_kernels_compile_with_nvrtc():
+    """The bodies of the ElementwiseKernels ``split_bf16`` and ``to_bf16`` in a plain kernel
+    of CuPy's argument types, compiled for compute_80 and compute_90 with the fused
+    kernels' options (no GPU needed; skipped without the NVRTC library)."""
+    from minibnn.kernels import cupy_fused
+    from minibnn.kernels.nvrtc_check import NVRTCUnavailable, compile_source, load_nvrtc
+    try:
+        load_nvrtc()
+    except NVRTCUnavailable as exc:
+        pytest.skip(str(exc))
+    source = (
+        'extern "C" __global__ void split_bf16(const float* xs, long long n,\n'
+        '                                      unsigned short* parts) {\n'
+        "    long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;\n"
+        "    if (i >= n) return;\n"
+        "    const float x = xs[i];\n" + cupy_fused.SPLIT_BF16 + "}\n"
+        'extern "C" __global__ void to_bf16(const float* xs, long long n, unsigned short* bs) {\n'
+        "    long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;\n"
+        "    if (i >= n) return;\n"
+        "    const float x = xs[i];\n"
+        "    unsigned short b;\n" + cupy_fused._SOURCES["to_bf16"][2] + "\n    bs[i] = b;\n}\n")
+    for arch in ("compute_80", "compute_90"):
+        ptx = compile_source(source, arch, "split_bf16.cu", cupy_fused._OPTIONS)
+        assert ".entry split_bf16" in ptx and ".entry to_bf16" in ptx
+        assert "fma" not in ptx  # --fmad=false: every subtraction rounds on its own
+
+
+def test_split_kernel_body_computes_the_numpy_model_when_compiled_for_the_cpu(tmp_path):
+    """The CUDA text of ``split_bf16`` and ``to_bf16`` (integer and float32 arithmetic only)
+    compiled as C++ for this CPU, with __float_as_uint / __uint_as_float as bit copies, and
+    run on values across float32's range: bit for bit the NumPy model. This checks the kernel
+    text itself without a GPU (skipped without a C++ compiler)."""
+    import shutil
+    import subprocess
+    from minibnn.kernels import cupy_fused
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    src = tmp_path / "split.cpp"
+    src.write_text(
+        "#include <cstring>\n#include <cstdio>\n"
+        "static unsigned int __float_as_uint(float f) { unsigned int u; "
+        "std::memcpy(&u, &f, 4); return u; }\n"
+        "static float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); "
+        "return f; }\n"
+        "static void split(float x, long long i, long long n, unsigned short* parts) {"
+        + cupy_fused.SPLIT_BF16 + "}\n"
+        "static unsigned short to_bf16(float x) { unsigned short b;"
+        + cupy_fused._SOURCES["to_bf16"][2] + " return b; }\n"
+        "int main() {\n"
+        "    long long n; if (std::fread(&n, 8, 1, stdin) != 1) return 1;\n"
+        "    float* xs = new float[n]; unsigned short* out = new unsigned short[4 * n];\n"
+        "    if (std::fread(xs, 4, n, stdin) != (size_t)n) return 1;\n"
+        "    for (long long i = 0; i < n; i++) { split(xs[i], i, n, out);"
+        " out[3 * n + i] = to_bf16(xs[i]); }\n"
+        "    std::fwrite(out, 2, 4 * n, stdout); return 0;\n}\n")
+    exe = tmp_path / "split"
+    subprocess.run([cxx, "-O2", "-ffp-contract=off", "-o", str(exe), str(src)], check=True)
+    rng = np.random.default_rng(8)
+    x = np.concatenate([_spread(rng, 20_000, -149, 128),
+                        np.array([np.inf, -np.inf, np.nan, -np.nan, 0.0, -0.0, 1.0,
+                                  np.finfo(np.float32).max, 1 + 2.0 ** -8], np.float32)])
+    run = subprocess.run([str(exe)], input=np.int64(x.size).tobytes() + x.tobytes(),
+                         capture_output=True, check=True)
+    got = np.frombuffer(run.stdout, np.uint16).reshape(4, x.size)
+    np.testing.assert_array_equal(got[:3], bf16.split(x))
+    np.testing.assert_array_equal(got[3], bf16.round_bits(x))
