@@ -10,8 +10,9 @@
 # bench_inference (MLPs, with the opt-in "frozen fp16-first cupy" row), bench_conv_glue, a
 # CIFAR-10 run (when the data is given: the cifar-10-batches-bin folder, or the JPEG
 # archive of ../shared/data/cifar10 with its to_cifar_bin.py beside it) and the first
-# epochs of the paper's MNIST recipe. The timed parts run one at a time; the data conversion runs beside the test suite. Needs the repository
-# on PYTHONPATH (set here) and CuPy, numba, pytest-xdist, pytest-timeout; PyTorch optional.
+# epochs of the paper's MNIST recipe. The timed parts run one at a time; the data
+# conversion runs beside the test suite. Needs the repository on PYTHONPATH (set here) and
+# CuPy, numba, pytest-xdist, pytest-timeout; PyTorch optional.
 # Through this project's device tool, whose $OUT takes at most 8 files, run it as
 #   bash benchmarks/gpu_check.sh /tmp/gpu .gpu/cifar10-jpeg-q75.tar.xz; tar czf $OUT/gpu.tar.gz -C /tmp gpu
 # with the archive and to_cifar_bin.py copied into an ignored folder named in carry.
