@@ -18,7 +18,7 @@ transpose flag its layout needs. Availability is checked once, by comparing with
 
 ``gemm_ex(a, b)`` is the same product on 16-bit inputs through ``cublasGemmEx``: bf16 (as
 uint16 bit patterns, see ``kernels.bf16``) or float16, accumulated and returned in float32,
-on the tensor cores. ``gemm_ex_available()`` says whether it works here (not yet run on a
+meant for the tensor cores. ``gemm_ex_available()`` says whether it works here (not yet run on a
 GPU when this was written: ``tests/test_bf16_backward.py``'s GPU tests check it).
 """
 
@@ -152,9 +152,11 @@ def gemm_ex(a, b, out=None, beta=0.0):
 
     ``a`` and ``b``: 2-D CuPy arrays of one dtype, uint16 (bf16 bit patterns, CUDA_R_16BF)
     or float16 (CUDA_R_16F), C- or F-contiguous (others are copied first). The products are
-    accumulated in float32 (CUBLAS_COMPUTE_32F, the "32F" row of the GemmEx type table with
-    16BF or 16F inputs and a 32F output, scale type float) by the default algorithm
-    (CUBLAS_GEMM_DEFAULT), which runs on the tensor cores. Returns ``beta * out + a @ b``
+    accumulated in float32 (CUBLAS_COMPUTE_32F with 16BF or 16F inputs, a 32F output and
+    float scalars, one of the type combinations the cuBLAS documentation lists for GemmEx)
+    by the default algorithm (CUBLAS_GEMM_DEFAULT) under the handle's default math mode,
+    where cuBLAS is expected to pick tensor-core kernels for 16-bit inputs (the GPU
+    benchmark rows say whether it pays). Returns ``beta * out + a @ b``
     written into ``out`` (float32 C-contiguous (M, N), given to accumulate into) or into a
     new array (``beta`` must then be 0). The same handle, stream and fixed workspace as
     :func:`matmul`, so a CUDA graph can capture it.
@@ -174,7 +176,8 @@ def gemm_ex(a, b, out=None, beta=0.0):
     n = b.shape[1]
     if out is None:
         if beta != 0:
-            raise ValueError(f"cupy_blas.gemm_ex: beta = {beta} needs an out array to accumulate into")
+            raise ValueError(f"cupy_blas.gemm_ex: beta = {beta} needs an out array to "
+                             "accumulate into")
         out = cupy.empty((m, n), dtype=np.float32)
     elif (out.shape != (m, n) or out.dtype != np.float32 or not out.flags.c_contiguous):
         raise ValueError(f"cupy_blas.gemm_ex: out must be C-contiguous float32 of shape "

@@ -109,7 +109,8 @@ def test_split_products_refuse_bad_operands():
 
 
 def test_the_setting_is_checked_and_restored(monkeypatch):
-    with pytest.raises(ValueError, match="set_bf16_backward: expected 0/1 or one of off, cupy, all"):
+    with pytest.raises(ValueError, match="set_bf16_backward: expected 0/1 or one of off, cupy, "
+                                         "all"):
         backend.set_bf16_backward("sometimes")
     before = backend.bf16_backward()
     with backend.using_bf16_backward("all"):
@@ -206,11 +207,13 @@ def test_gemm_ex_is_exact_on_small_integers_and_checks_its_operands(name):
             cupy_blas.gemm_ex(xd, yd, out, beta=1.0)  # accumulates
             np.testing.assert_array_equal(backend.to_numpy(out), 2 * want)
         f32 = backend.asarray(a)
-        with pytest.raises(ValueError, match="uint16 .bf16 bits. or float16, got .70, 300. float32"):
+        with pytest.raises(ValueError, match="uint16 .bf16 bits. or float16, got .70, 300. "
+                                             "float32"):
             cupy_blas.gemm_ex(f32, backend.asarray(b))
         with pytest.raises(ValueError, match="needs an out array"):
             cupy_blas.gemm_ex(xd, yd, beta=1.0)
-        with pytest.raises(ValueError, match=r"out must be C-contiguous float32 of shape \(70, 50\)"):
+        with pytest.raises(ValueError, match=r"out must be C-contiguous float32 of shape "
+                                             r"\(70, 50\)"):
             cupy_blas.gemm_ex(xd, yd, backend.asarray(np.zeros((50, 70), np.float32)), beta=1.0)
 
 

@@ -218,7 +218,8 @@ def test_cupy_float16_first_layer_equals_numba_bit_for_bit(case, gpu, mnist):
     """The conv first layer on float16 tensor cores (cublasGemmEx, opt-in): the same integer
     pre-activations, bits and scores as numba's bit planes."""
     frozen, x = case["frozen"], mnist[0][:700]
-    trace, scores = frozen.trace(x[:200], backend="numba"), frozen.integer_scores(x, backend="numba")
+    trace = frozen.trace(x[:200], backend="numba")
+    scores = frozen.integer_scores(x, backend="numba")
     previous = frozen.first_layer_method
     try:
         frozen.first_layer_method = "float16"  # (on the GPU only: numba refuses it)

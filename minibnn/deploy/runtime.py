@@ -40,8 +40,7 @@ from ..functional import conv_output_shape, kernel_offsets, pool_output_shape
 
 __all__ = ["PLANES", "PIXEL_MAX", "FrozenLayer", "FrozenConv", "FrozenBNN", "first_layer",
            "FIRST_LAYER_METHODS", "float32_is_exact", "float16_exact_on", "int8_available",
-           "dense_first_weights",
-           "first_layer_sums", "slot_bits", "pack_slots", "check_chain"]
+           "dense_first_weights", "first_layer_sums", "slot_bits", "pack_slots", "check_chain"]
 
 PLANES = 8  # bits per input pixel
 PIXEL_MAX = 255  # |sum_n 2^n y^n| <= 255: the first layer's |z| is at most 255 k
@@ -455,9 +454,9 @@ def check_chain(layers):
 # ------------------------------------------------------------------------------ the net
 
 _Prepared = namedtuple("_Prepared", "layer weight threshold and_mask")
-# How a backend runs the first layer: "bitplanes", "float32", "int8" or "float16" (``dense`` holds
-# the DenseFirst / Int8First weights and, for a dense hidden first layer, ``sums_threshold``
-# the thresholds on s = x . w); ``weight`` is the layer weight it was made from (a replaced
+# How a backend runs the first layer: "bitplanes", "float32", "int8" or "float16" (``dense``
+# holds the DenseFirst / Int8First weights and, for a dense hidden first layer,
+# ``sums_threshold`` the thresholds on s = x . w); ``weight`` is the layer weight it was made from (a replaced
 # one remakes it).
 _FirstPlan = namedtuple("_FirstPlan", "method dense sums_threshold weight")
 _TUNE_ROWS = 256  # rows (MLP) or patches' images (ConvNet) the first-layer methods are timed on
@@ -608,9 +607,9 @@ class FrozenBNN:
 
     def first_layer_plan(self, x, backend=None):
         """How backend ``backend`` runs the first layer: a namedtuple with ``method``
-        (``"bitplanes"``, ``"float32"``, ``"int8"`` or ``"float16"``), ``dense`` (the method's weights, or
-        None) and ``sums_threshold`` (for a dense hidden first layer not on bit planes, else
-        None). With ``first_layer_method = "auto"`` the first call times the candidates on the
+        (``"bitplanes"``, ``"float32"``, ``"int8"`` or ``"float16"``), ``dense`` (the method's
+        weights, or None) and ``sums_threshold`` (for a dense hidden first layer not on bit
+        planes, else None). With ``first_layer_method = "auto"`` the first call times the candidates on the
         uint8 batch ``x`` (NumPy rows or images as ``predict`` takes them)."""
         name = _backend_name(backend)
         xb = _backend.array_module(name).asarray(self._check_input(x))
