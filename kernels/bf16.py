@@ -23,9 +23,9 @@ NaN) and NaN stays NaN.
 
 A product with one operand that is exactly bf16 (+-1, 0, small integers) then equals the
 float32 product up to the order of float32 accumulation: p_j * s is exact, and the three
-partial products are summed in float32 (``split_matmul`` models cuBLAS GemmEx's three calls
-with beta = 1). This is what ``minibnn.backend.split_matmul_pm1`` runs on the GPU's bf16
-tensor cores.
+partial products are summed in float32 (``split_matmul``: (P0 + P1) + P2, the order of
+the GPU's "output" layout; its "reduction" layout sums all 3K terms in cuBLAS's order).
+This is what ``minibnn.backend.split_matmul_pm1`` runs with cuBLAS GemmEx on the GPU.
 """
 
 import numpy as np

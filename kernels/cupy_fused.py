@@ -23,7 +23,7 @@ import numpy as np
 
 __all__ = ["enabled", "disabled", "adam_update", "ema_update", "sign", "sign_ste", "dropout",
            "bn_forward", "bn_invstd", "bn_backward_products", "bn_backward_input", "split_bf16",
-           "to_bf16", "BF16_ROUND", "SPLIT_BF16"]
+           "to_bf16", "to_bf16_x3", "sum3", "BF16_ROUND", "SPLIT_BF16"]
 
 _OPTIONS = ("--fmad=false",)
 _kernels = {}
@@ -147,10 +147,26 @@ SPLIT_BF16 = """
         r = (h & 0x7F80u) == 0x7F80u ? 0.0f : r - __uint_as_float(h << 16);
     }
 """
+# bf16(x) of a (rows, cols) x written three times: side by side (rows, 3 cols) when
+# along_cols, else stacked (3 rows, cols); i is x's C-order index, whatever its strides
+TO_BF16_X3 = """
+    unsigned int u = __float_as_uint(x);
+""" + BF16_ROUND + """
+    long long r = i / cols, c = i - r * cols;
+    long long at = along_cols ? r * 3 * cols + c : i;
+    long long step = along_cols ? cols : rows * cols;
+    b[at] = (unsigned short)h;
+    b[at + step] = (unsigned short)h;
+    b[at + 2 * step] = (unsigned short)h;
+"""
 _SOURCES.update({
     "split_bf16": ("float32 x, int64 n", "raw uint16 parts", SPLIT_BF16),
     "to_bf16": ("float32 x", "uint16 b",
                 "unsigned int u = __float_as_uint(x);" + BF16_ROUND + "b = (unsigned short)h;"),
+    "to_bf16_x3": ("float32 x, int64 rows, int64 cols, bool along_cols", "raw uint16 b",
+                   TO_BF16_X3),
+    # the three partial products of a split product, summed in this order
+    "sum3": ("float32 p, float32 q, float32 r", "float32 y", "y = (p + q) + r;"),
 })
 
 
@@ -187,6 +203,24 @@ def to_bf16(x):
     if not x.size:
         return cupy.empty(x.shape, dtype=np.uint16)
     return _kernel("to_bf16")(x)
+
+
+def to_bf16_x3(x, axis):
+    """bf16(x) of a 2-D float32 CuPy array (rows, cols), three times, in one launch: side by
+    side (rows, 3 cols) for ``axis=1``, stacked (3 rows, cols) for ``axis=0``; C-contiguous
+    uint16 bit patterns. The +-1 operand of a split product over the concatenated
+    reduction axis (``backend.split_matmul_pm1``)."""
+    import cupy
+    rows, cols = x.shape
+    out = cupy.empty((rows, 3 * cols) if axis == 1 else (3 * rows, cols), dtype=np.uint16)
+    if x.size:
+        _kernel("to_bf16_x3")(x, np.int64(rows), np.int64(cols), axis == 1, out)
+    return out
+
+
+def sum3(p, q, r):
+    """(p + q) + r of three float32 CuPy arrays of one shape (any strides), in one launch."""
+    return _kernel("sum3")(p, q, r)
 
 
 def sign(x):

@@ -232,27 +232,61 @@ def using_bf16_backward(mode="cupy"):
         _bf16_backward[0] = previous
 
 
-def split_matmul_pm1(a, b, exact):
+SPLIT_LAYOUTS = ("reduction", "output")
+
+
+def split_layout(m, k, n, exact):
+    """Where :func:`split_matmul_pm1` puts the three bf16 parts of its float operand for
+    a (M, K) @ b (K, N), so that one GEMM does the work: "reduction" (along K, the +-1
+    operand written three times in bf16: 6 bytes per +-1 entry) or "output" (along M or N,
+    three (M, N) float32 blocks written and summed after: 24 bytes per output entry),
+    whichever writes fewer bytes. A conv's g_x (small K, large output) takes "reduction",
+    its g_W (K = N*Ho*Wo, small output) "output"."""
+    pm1 = m * k if exact == "a" else k * n
+    return "reduction" if 6 * pm1 <= 24 * m * n else "output"
+
+
+def split_matmul_pm1(a, b, exact, layout=None):
     """a (M, K) @ b (K, N), float32, where operand ``exact`` ("a" or "b") holds only values
     that bf16 holds exactly (+-1, 0; nothing checks): the other operand split in three bf16
     parts (``kernels.bf16.split``, exact for 2**-110 <= |x| < 3.39e38) and the three bf16
-    products accumulated in float32, (P0 + P1) + P2. It equals the float32 product up to
-    the order of float32 accumulation: |result - exact| <= (K + 2) u sum_k |a_ik b_kj| with
-    u = 2**-24 (not bit-identical to Sgemm). On CuPy arrays: ``cupy_fused.split_bf16`` and
-    ``to_bf16`` and three ``cupy_blas.gemm_ex`` calls (beta = 0, 1, 1), capturable in a CUDA
-    graph; on NumPy arrays: the NumPy model ``kernels.bf16.split_matmul``."""
+    products summed in float32. It equals the float32 product up to the order of float32
+    accumulation: |result - exact| <= (K + 2) u sum_k |a_ik b_kj| with u = 2**-24 (not
+    bit-identical to Sgemm).
+
+    On CuPy arrays, one ``cupy_blas.gemm_ex`` (bf16 inputs, float32 accumulation) with the
+    parts laid out by ``layout`` (default :func:`split_layout`): "reduction",
+    [f0 | f1 | f2] against the +-1 operand stacked three times, one K' = 3K product; or
+    "output", the parts stacked along the free axis, a (3M, N) or (M, 3N) product whose
+    three blocks are then summed, (P0 + P1) + P2. The split, the bf16 copies and the sum are
+    one fused launch each (``cupy_fused``); all of it can be captured in a CUDA graph. On
+    NumPy arrays: the NumPy model ``kernels.bf16.split_matmul``."""
     from .kernels import bf16
     bf16.check_split_operands(a, b, exact)
+    if layout is not None and layout not in SPLIT_LAYOUTS:
+        raise ValueError(f"layout: expected one of {', '.join(SPLIT_LAYOUTS)} or None, "
+                         f"got {layout!r}")
     if not (is_cupy_array(a) and is_cupy_array(b)):
         return bf16.split_matmul(a, b, exact)
+    import cupy
     from .kernels import cupy_blas, cupy_fused
-    parts = cupy_fused.split_bf16(b if exact == "a" else a)
-    s = cupy_fused.to_bf16(a if exact == "a" else b)
-    out = None
-    for j, part in enumerate(parts):
-        out = (cupy_blas.gemm_ex(s, part, out, beta=float(j > 0)) if exact == "a" else
-               cupy_blas.gemm_ex(part, s, out, beta=float(j > 0)))
-    return out
+    (m, k), n = a.shape, b.shape[1]
+    if m == 0 or k == 0 or n == 0:
+        return cupy.zeros((m, n), dtype=np.float32)
+    layout = layout or split_layout(m, k, n, exact)
+    if layout == "reduction":
+        if exact == "a":  # [s | s | s] (M, 3K) @ [f0; f1; f2] (3K, N)
+            return cupy_blas.gemm_ex(cupy_fused.to_bf16_x3(a, axis=1),
+                                     cupy_fused.split_bf16(b).reshape(3 * k, n))
+        # [f0 | f1 | f2] (M, 3K), read as the transpose of the parts of a^T, @ [s; s; s]
+        return cupy_blas.gemm_ex(cupy_fused.split_bf16(a.T).reshape(3 * k, m).T,
+                                 cupy_fused.to_bf16_x3(b, axis=0))
+    if exact == "b":  # [f0; f1; f2] (3M, K) @ s (K, N) -> three (M, N) blocks of rows
+        c = cupy_blas.gemm_ex(cupy_fused.split_bf16(a).reshape(3 * m, k), cupy_fused.to_bf16(b))
+        return cupy_fused.sum3(c[:m], c[m:2 * m], c[2 * m:])
+    # s (M, K) @ [f0 | f1 | f2] (K, 3N) -> three (M, N) blocks of columns
+    c = cupy_blas.gemm_ex(cupy_fused.to_bf16(a), cupy_fused.split_bf16(b.T).reshape(3 * n, k).T)
+    return cupy_fused.sum3(c[:, :n], c[:, n:2 * n], c[:, 2 * n:])
 
 
 def matmul_pm1(a, b, exact):

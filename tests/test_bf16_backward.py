@@ -108,6 +108,17 @@ def test_split_products_refuse_bad_operands():
         backend.split_matmul_pm1(a.astype(np.float64), a.T, "b")
 
 
+def test_the_layout_writes_fewer_bytes_and_is_checked():
+    # the CIFAR-10 ConvNet's second conv at batch 50: K = 128 channels for g_x, N*Ho*Wo for g_W
+    assert backend.split_layout(1152, 128, 51200, "a") == "reduction"  # g_x = W2^T g2
+    assert backend.split_layout(128, 51200, 1152, "b") == "output"     # g_W = g2 patches
+    assert backend.split_layout(100, 4096, 4096, "b") == "output"      # linear g_x = g W_b
+    assert backend.split_layout(4096, 100, 4096, "b") == "reduction"   # linear g_W = g^T x
+    a = np.ones((3, 4), np.float32)
+    with pytest.raises(ValueError, match="layout: expected one of reduction, output or None"):
+        backend.split_matmul_pm1(a, a.T, "b", layout="rows")
+
+
 def test_the_setting_is_checked_and_restored(monkeypatch):
     with pytest.raises(ValueError, match="set_bf16_backward: expected 0/1 or one of off, cupy, "
                                          "all"):
@@ -218,25 +229,49 @@ def test_gemm_ex_is_exact_on_small_integers_and_checks_its_operands(name):
 
 
 @cupy_only
+@pytest.mark.parametrize("layout", ["reduction", "output"])
 @pytest.mark.parametrize("exact", ["a", "b"])
-def test_gpu_split_products_against_float64_and_sgemm(name, exact):
-    """The real GemmEx path within the float32 accumulation bound of the exact product, and
-    close to the Sgemm product (both float32 sums of the same exact products)."""
+def test_gpu_split_products_against_float64_and_sgemm(name, exact, layout):
+    """The real GemmEx path, in each layout, within the float32 accumulation bound of the
+    exact product, and close to the Sgemm product (both float32 sums of the same exact
+    products); the float operand may be a transposed view (g.T in a linear layer's g_W)."""
     rng = np.random.default_rng(6)
-    for shape in [(50, 128, 1152), (1152, 128, 2000), (128, 5000, 288), (1, 1, 1), (9, 3, 0)]:
+    for shape in [(50, 128, 1152), (1152, 128, 2000), (128, 5000, 288), (1, 1, 1), (7, 3, 5),
+                  (9, 3, 0), (0, 3, 4), (4, 0, 3)]:
         a, b = _operands(rng, *shape, exact)
         with backend.use(name):
             ad, bd = backend.asarray(a), backend.asarray(b)
-            got = backend.to_numpy(backend.split_matmul_pm1(ad, bd, exact))
+            got = backend.to_numpy(backend.split_matmul_pm1(ad, bd, exact, layout))
             sgemm = backend.to_numpy(backend.matmul(ad, bd))
-            # a transposed view of the float operand (as g.T in a linear layer's g_W)
-            if exact == "b":
-                tgot = backend.to_numpy(backend.split_matmul_pm1(
-                    backend.asarray(np.ascontiguousarray(a.T)).T, bd, exact))
-                np.testing.assert_array_equal(tgot, got)
+            view = (backend.asarray(np.ascontiguousarray(a.T)).T, bd) if exact == "b" else \
+                (ad, backend.asarray(np.ascontiguousarray(b.T)).T)
+            tgot = backend.to_numpy(backend.split_matmul_pm1(*view, exact, layout))
+        assert got.shape == tgot.shape == shape[::2] and got.dtype == np.float32
         ref = a.astype(np.float64) @ b.astype(np.float64)
         assert (np.abs(got - ref) <= _bound(a, b)).all(), shape
+        assert (np.abs(tgot - ref) <= _bound(a, b)).all(), shape
         assert (np.abs(got - sgemm) <= 2 * _bound(a, b)).all(), shape
+
+
+@cupy_only
+def test_gpu_bf16_copies_and_sum_match_numpy(name):
+    from minibnn.kernels import cupy_fused
+    rng = np.random.default_rng(9)
+    x = np.where(rng.random((37, 11)) < 0.5, -1, 1).astype(np.float32)
+    x[0, :3] = [0.0, 2.0, 0.5]
+    h = bf16.round_bits(x)
+    p, q, r = (rng.standard_normal((37, 11)).astype(np.float32) for _ in range(3))
+    with backend.use(name):
+        xd = backend.asarray(x)
+        for view, host in ((xd, x), (xd.T, x.T)):
+            hh = bf16.round_bits(np.ascontiguousarray(host))
+            np.testing.assert_array_equal(backend.to_numpy(cupy_fused.to_bf16_x3(view, axis=1)),
+                                          np.concatenate([hh, hh, hh], axis=1))
+            np.testing.assert_array_equal(backend.to_numpy(cupy_fused.to_bf16_x3(view, axis=0)),
+                                          np.concatenate([hh, hh, hh], axis=0))
+        np.testing.assert_array_equal(backend.to_numpy(cupy_fused.to_bf16(xd)), h)
+        got = cupy_fused.sum3(*(backend.asarray(v).T for v in (p, q, r)))
+        np.testing.assert_array_equal(backend.to_numpy(got), ((p + q) + r).T)
 
 
 @cupy_only
@@ -302,10 +337,15 @@ def test_split_kernels_compile_with_nvrtc():
         "    long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;\n"
         "    if (i >= n) return;\n"
         "    const float x = xs[i];\n"
-        "    unsigned short b;\n" + cupy_fused._SOURCES["to_bf16"][2] + "\n    bs[i] = b;\n}\n")
+        "    unsigned short b;\n" + cupy_fused._SOURCES["to_bf16"][2] + "\n    bs[i] = b;\n}\n"
+        'extern "C" __global__ void to_bf16_x3(const float* xs, long long rows, long long cols,\n'
+        "                                      bool along_cols, unsigned short* b) {\n"
+        "    long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;\n"
+        "    if (i >= rows * cols) return;\n"
+        "    const float x = xs[i];\n" + cupy_fused.TO_BF16_X3 + "}\n")
     for arch in ("compute_80", "compute_90"):
         ptx = compile_source(source, arch, "split_bf16.cu", cupy_fused._OPTIONS)
-        assert ".entry split_bf16" in ptx and ".entry to_bf16" in ptx
+        assert all(f".entry {k}" in ptx for k in ("split_bf16", "to_bf16", "to_bf16_x3"))
         assert "fma" not in ptx  # --fmad=false: every subtraction rounds on its own
 
 
@@ -331,21 +371,30 @@ def test_split_kernel_body_computes_the_numpy_model_when_compiled_for_the_cpu(tm
         + cupy_fused.SPLIT_BF16 + "}\n"
         "static unsigned short to_bf16(float x) { unsigned short b;"
         + cupy_fused._SOURCES["to_bf16"][2] + " return b; }\n"
+        "static void to_bf16_x3(float x, long long i, long long rows, long long cols,"
+        " bool along_cols, unsigned short* b) {" + cupy_fused.TO_BF16_X3 + "}\n"
         "int main() {\n"
         "    long long n; if (std::fread(&n, 8, 1, stdin) != 1) return 1;\n"
         "    float* xs = new float[n]; unsigned short* out = new unsigned short[4 * n];\n"
         "    if (std::fread(xs, 4, n, stdin) != (size_t)n) return 1;\n"
         "    for (long long i = 0; i < n; i++) { split(xs[i], i, n, out);"
         " out[3 * n + i] = to_bf16(xs[i]); }\n"
-        "    std::fwrite(out, 2, 4 * n, stdout); return 0;\n}\n")
+        "    unsigned short* x3 = new unsigned short[6 * n];\n"
+        "    for (long long i = 0; i < n; i++) { to_bf16_x3(xs[i], i, n / 7, 7, true, x3);"
+        " to_bf16_x3(xs[i], i, n / 7, 7, false, x3 + 3 * n); }\n"
+        "    std::fwrite(out, 2, 4 * n, stdout); std::fwrite(x3, 2, 6 * n, stdout); return 0;\n}\n")
     exe = tmp_path / "split"
     subprocess.run([cxx, "-O2", "-ffp-contract=off", "-o", str(exe), str(src)], check=True)
     rng = np.random.default_rng(8)
-    x = np.concatenate([_spread(rng, 20_000, -149, 128),
+    x = np.concatenate([_spread(rng, 20_004, -149, 128),  # 20,013 values: 2,859 rows of 7
                         np.array([np.inf, -np.inf, np.nan, -np.nan, 0.0, -0.0, 1.0,
                                   np.finfo(np.float32).max, 1 + 2.0 ** -8], np.float32)])
     run = subprocess.run([str(exe)], input=np.int64(x.size).tobytes() + x.tobytes(),
                          capture_output=True, check=True)
-    got = np.frombuffer(run.stdout, np.uint16).reshape(4, x.size)
-    np.testing.assert_array_equal(got[:3], bf16.split(x))
-    np.testing.assert_array_equal(got[3], bf16.round_bits(x))
+    got = np.frombuffer(run.stdout, np.uint16)
+    split, x3 = got[:4 * x.size].reshape(4, x.size), got[4 * x.size:]
+    np.testing.assert_array_equal(split[:3], bf16.split(x))
+    np.testing.assert_array_equal(split[3], bf16.round_bits(x))
+    h = bf16.round_bits(x).reshape(-1, 7)  # as (n / 7, 7): side by side, then stacked
+    np.testing.assert_array_equal(x3[:3 * x.size].reshape(-1, 21), np.concatenate([h] * 3, 1))
+    np.testing.assert_array_equal(x3[3 * x.size:].reshape(-1, 7), np.concatenate([h] * 3, 0))

@@ -477,6 +477,19 @@ class ElementwiseKernel:
             assert type(n) is _np.int64 and n == x.size and parts.dtype == _np.uint16
             parts[...] = bf16.split(_np.asarray(x, _np.float32)).reshape(-1)
             return args[-1]
+        elif self.name == "minibnn_to_bf16_x3":
+            from minibnn.kernels import bf16
+            x, rows, cols, along_cols, out = a
+            assert type(rows) is _np.int64 and type(cols) is _np.int64 and x.shape == (rows, cols)
+            h = bf16.round_bits(_np.asarray(x, _np.float32))
+            want_shape = (rows, 3 * cols) if along_cols else (3 * rows, cols)
+            assert out.shape == want_shape and out.dtype == _np.uint16 and out.flags.c_contiguous
+            out[...] = _np.concatenate([h, h, h], axis=1 if along_cols else 0)
+            return args[-1]
+        elif self.name == "minibnn_sum3":
+            p, q, r = a
+            assert p.dtype == q.dtype == r.dtype == _np.float32
+            return _wrap((p + q) + r)
         elif self.name == "minibnn_to_bf16":
             from minibnn.kernels import bf16
             (x,) = a
