@@ -6,7 +6,8 @@
 # Runs, in this order, each under its own time limit, writing logs and JSON to OUT_DIR and a
 # summary to stdout: the test suite on the cupy backend (pytest -n 12), bench_train (MLP
 # 3x4096 and the CIFAR-10 ConvNet beside PyTorch eager and CUDA graph, with the opt-in bf16
-# backward rows "minibnn cupy bf16" and "minibnn cupy graph bf16"), bench_gemm,
+# backward rows "minibnn cupy bf16" and "minibnn cupy graph bf16"), bench_split_gemm (the
+# ConvNet's backward products, FP32 cuBLAS against split bf16 GemmEx), bench_gemm,
 # bench_inference (MLPs, with the opt-in "frozen fp16-first cupy" row), bench_conv_glue, a
 # CIFAR-10 run (when the data is given: the cifar-10-batches-bin folder, or the JPEG
 # archive of ../shared/data/cifar10 with its to_cifar_bin.py beside it) and the first
@@ -40,6 +41,8 @@ tail -1 "$OUT/pytest_cupy.log"
 timeout 110 $PY benchmarks/bench_train.py --steps 20 --repeats 3 --backends cupy \
     --nets mlp4096,cifar10_convnet --out "$OUT" > "$OUT/bench_train.log" 2>&1
 stamp "bench_train rc=$?"; grep -A10 "^mlp4096 (\|^cifar10_convnet (" "$OUT/bench_train.log"
+timeout 40 $PY benchmarks/bench_split_gemm.py --out "$OUT" > "$OUT/bench_split_gemm.log" 2>&1
+stamp "bench_split_gemm rc=$?"; tail -18 "$OUT/bench_split_gemm.log" | cut -c1-200
 timeout 70 $PY benchmarks/bench_gemm.py --backends numpy,cupy --repeats 3 --out "$OUT" \
     > "$OUT/bench_gemm.log" 2>&1
 stamp "bench_gemm rc=$?"; grep -E "^[0-9]+x[0-9]+x[0-9]+ " "$OUT/bench_gemm.log" | cut -c1-125

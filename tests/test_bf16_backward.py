@@ -398,3 +398,22 @@ def test_split_kernel_body_computes_the_numpy_model_when_compiled_for_the_cpu(tm
     h = bf16.round_bits(x).reshape(-1, 7)  # as (n / 7, 7): side by side, then stacked
     np.testing.assert_array_equal(x3[:3 * x.size].reshape(-1, 21), np.concatenate([h] * 3, 1))
     np.testing.assert_array_equal(x3[3 * x.size:].reshape(-1, 7), np.concatenate([h] * 3, 0))
+
+
+def test_bench_split_gemm_runs_on_the_numpy_model(tmp_path, capsys):
+    import json
+    from conftest import load_benchmark
+    bench = load_benchmark("bench_split_gemm")
+    shapes = bench.convnet_products()
+    assert ("conv 128->128 @32: g_x", 1152, 128, 51200, "a") in shapes  # W2^T g2 at batch 50
+    assert ("dense 8192->1024: g_W", 1024, 50, 8192, "b") in shapes
+    result = bench.main(["--backend", "numpy", "--repeats", "1", "--inner", "1",
+                         "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "split_gemm_cpu.json").read_text())
+    assert len(saved["rows"]) == len(shapes) == len(result["rows"])
+    for row in saved["rows"]:
+        assert all(row[f"{p} err/bound"] <= 1 for p in ("fp32", "bf16 reduction", "bf16 output"))
+        assert row["chosen"] in ("bf16 reduction", "bf16 output") and row["fp32 s"] > 0
+    assert "all products of one step" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["--backend", "numpy", "--repeats", "0", "--out", str(tmp_path)])
