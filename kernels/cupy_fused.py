@@ -214,7 +214,7 @@ def to_bf16_x3(x, axis):
     rows, cols = x.shape
     out = cupy.empty((rows, 3 * cols) if axis == 1 else (3 * rows, cols), dtype=np.uint16)
     if x.size:
-        _kernel("to_bf16_x3")(x, np.int64(rows), np.int64(cols), axis == 1, out)
+        _kernel("to_bf16_x3")(x, np.int64(rows), np.int64(cols), axis == 1, out.reshape(-1))
     return out
 
 

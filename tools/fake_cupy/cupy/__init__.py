@@ -482,9 +482,8 @@ class ElementwiseKernel:
             x, rows, cols, along_cols, out = a
             assert type(rows) is _np.int64 and type(cols) is _np.int64 and x.shape == (rows, cols)
             h = bf16.round_bits(_np.asarray(x, _np.float32))
-            want_shape = (rows, 3 * cols) if along_cols else (3 * rows, cols)
-            assert out.shape == want_shape and out.dtype == _np.uint16 and out.flags.c_contiguous
-            out[...] = _np.concatenate([h, h, h], axis=1 if along_cols else 0)
+            assert out.shape == (3 * x.size,) and out.dtype == _np.uint16  # raw, 1-D
+            out[...] = _np.concatenate([h, h, h], axis=1 if along_cols else 0).reshape(-1)
             return args[-1]
         elif self.name == "minibnn_sum3":
             p, q, r = a
