@@ -181,9 +181,10 @@ def matmul(a, b):
 #
 # In a binary layer's backward, g_x = g W_b and g_W = g^T x_b each have one operand that is
 # exactly +-1 (or 0: zero padding in the conv patches), which bf16 holds exactly. Split the
-# float32 operand in three bf16 parts (kernels.bf16: exact) and the product is three bf16
-# GEMMs accumulated in float32: the float32 product up to the order of accumulation, on
-# tensor cores instead of FP32 cuBLAS. Not yet measured on a GPU, so off by default.
+# float32 operand in three bf16 parts (kernels.bf16: exact) and the product is one bf16
+# GEMM over the parts, accumulated in float32: the float32 product up to the order of
+# accumulation, meant for the tensor cores instead of FP32 cuBLAS. Not yet measured on a
+# GPU, so off by default.
 
 BF16_BACKWARD_MODES = ("off", "cupy", "all")
 
