@@ -25,6 +25,9 @@ trained net's are not 1 and 0, about 10% of gammas negative. Each network runs
   a uint8 x int8 VNNI product: the fastest exact one, measured), XNOR-popcount GEMMs,
   integer thresholds fused with packing, max-pool as OR/AND of packed bits, one float
   affine at the end;
+* "frozen fp16-first cupy": the same frozen net on cupy with ``first_layer_method =
+  "float16"`` (the first layer's pixels and +-1 weights as float16 on the tensor cores,
+  float32 accumulation through cuBLAS GemmEx: exact, opt-in until this row has been timed);
 * on a GPU: "float32 cupy" (the same forward on CuPy: cuBLAS, TF32 off as CuPy's default)
   and, for the ConvNet, "cuDNN fp32 (torch)" and "cuDNN fp16 (torch)" when PyTorch with
   CUDA is importable (``torch.nn.functional.conv2d`` etc., cudnn.benchmark on).
@@ -505,6 +508,15 @@ def bench_model(label, model, images, backends, repeats, reference_images, cpu_i
         paths["float32 cupy"] = (lambda: gpu_net.predict(images, fb.get("cupy")), "cupy")
         paths["frozen cupy"] = (lambda: frozen.predict(images, backend="cupy"), "cupy")
         counts["float32 cupy"] = counts["frozen cupy"] = n
+        why = runtime.float16_exact_on("cupy")
+        if why is None:  # the opt-in float16 first layer (tensor cores through GemmEx)
+            frozen16 = runtime.FrozenBNN(frozen.layers, frozen.info)
+            frozen16.first_layer_method = "float16"
+            paths["frozen fp16-first cupy"] = (lambda: frozen16.predict(images, backend="cupy"),
+                                               "cupy")
+            counts["frozen fp16-first cupy"] = n
+        else:
+            print(f"   frozen fp16-first cupy: left out ({why})", flush=True)
         if torch is not None:
             torch.backends.cudnn.benchmark = True
             for bits, dtype in ((32, torch.float32), (16, torch.float16)):

@@ -14,7 +14,12 @@ Networks (``minibnn.models``; the paper is Courbariaux et al. 2016, arXiv:1602.0
 On the GPU minibnn runs three ways: ``minibnn cupy array code`` (the fused kernels off: the
 readable array code, one CuPy call per line), ``minibnn cupy`` (fused kernels: the step as
 ``train.train_epoch`` runs it eagerly) and ``minibnn cupy graph`` (``graphs.GraphedStep``:
-the same step captured once and replayed as one CUDA graph).
+the same step captured once and replayed as one CUDA graph); ``minibnn cupy bf16`` and
+``minibnn cupy graph bf16`` are the last two with ``backend.bf16_backward`` on (the binary
+layers' backward products with a +-1 operand as three exact bf16 GEMMs on the tensor cores,
+``backend.split_matmul_pm1``; it changes only layers marked ``binary_input=True``, so in the
+dropout MLPs, whose hidden layers take scaled signs in training, those rows are the plain
+ones again).
 
 Paths: ``minibnn <backend>`` runs ``train.train_step`` (forward, backward, Adam with the
 Glorot ``lr_scale``, clip) on synthetic batches of the right shape; ``torch <device> eager``
@@ -102,7 +107,8 @@ def _minibnn_path(net, name, steps, mode="eager"):
     mode: "eager" (``train.train_step`` as ``train.train_epoch`` runs it: labels checked
     once, NaN checks read with the loss), "array" (the same on the GPU with the fused
     kernels off: the array code, many launches), "graph" (``graphs.GraphedStep``: the step
-    replayed as one CUDA graph)."""
+    replayed as one CUDA graph), "bf16" and "graph_bf16" ("eager" and "graph" with the
+    split bf16 backward products, ``backend.using_bf16_backward("cupy")``)."""
     import contextlib
     from minibnn import binary, graphs
     build, shape, batch = NETS[net]
@@ -111,11 +117,13 @@ def _minibnn_path(net, name, steps, mode="eager"):
         opt = optim.Adam(model.parameters(), lr=LR)
         data = [(backend.asarray(x), backend.asarray(y)) for x, y in _batches(shape, batch, steps)]
         graphed = None
-        if mode == "graph":
+        if mode.startswith("graph"):
             why = graphs.unsupported(model, opt)
             graphed = why if why else graphs.GraphedStep(model, opt, losses.squared_hinge)
 
     def context():
+        if mode.endswith("bf16"):
+            return backend.using_bf16_backward("cupy")
         if mode != "array":
             return contextlib.nullcontext()
         from minibnn.kernels import cupy_fused
@@ -181,6 +189,8 @@ def measure(net, backends, steps, repeats, use_torch, log=print):
         paths["minibnn cupy array code"] = ("cuda", _minibnn_path(net, name, steps, "array"))
         paths["minibnn cupy"] = ("cuda", _minibnn_path(net, name, steps))
         paths["minibnn cupy graph"] = ("cuda", _minibnn_path(net, name, steps, "graph"))
+        paths["minibnn cupy bf16"] = ("cuda", _minibnn_path(net, name, steps, "bf16"))
+        paths["minibnn cupy graph bf16"] = ("cuda", _minibnn_path(net, name, steps, "graph_bf16"))
     if use_torch:
         for label, device, graph in _torch_devices():
             if device == "cpu" and net in GPU_NETS and "cupy" in backends:

@@ -5,12 +5,15 @@
 #
 # Runs, in this order, each under its own time limit, writing logs and JSON to OUT_DIR and a
 # summary to stdout: the test suite on the cupy backend (pytest -n 12), bench_train (MLP
-# 3x4096 and the CIFAR-10 ConvNet beside PyTorch eager and CUDA graph), bench_gemm,
-# bench_inference (MLPs), bench_conv_glue, a CIFAR-10 run (when the data is given: the
-# cifar-10-batches-bin folder, or the JPEG archive of ../shared/data/cifar10 with its
-# to_cifar_bin.py beside it) and the first epochs of the paper's MNIST recipe. The timed parts
-# run one at a time; the data conversion runs beside the test suite. Needs the repository
-# on PYTHONPATH (set here) and CuPy, numba, pytest-xdist, pytest-timeout; PyTorch optional.
+# 3x4096 and the CIFAR-10 ConvNet beside PyTorch eager and CUDA graph, with the opt-in bf16
+# backward rows "minibnn cupy bf16" and "minibnn cupy graph bf16"), bench_split_gemm (the
+# ConvNet's backward products, FP32 cuBLAS against split bf16 GemmEx), bench_gemm,
+# bench_inference (MLPs, with the opt-in "frozen fp16-first cupy" row), bench_conv_glue, a
+# CIFAR-10 run (when the data is given: the cifar-10-batches-bin folder, or the JPEG
+# archive of ../shared/data/cifar10 with its to_cifar_bin.py beside it) and the first
+# epochs of the paper's MNIST recipe. The timed parts run one at a time; the data
+# conversion runs beside the test suite. Needs the repository on PYTHONPATH (set here) and
+# CuPy, numba, pytest-xdist, pytest-timeout; PyTorch optional.
 # Through this project's device tool, whose $OUT takes at most 8 files, run it as
 #   bash benchmarks/gpu_check.sh /tmp/gpu .gpu/cifar10-jpeg-q75.tar.xz; tar czf $OUT/gpu.tar.gz -C /tmp gpu
 # with the archive and to_cifar_bin.py copied into an ignored folder named in carry.
@@ -35,15 +38,17 @@ MINIBNN_BACKEND=cupy timeout -s INT 150 $PY -m pytest -n 12 -q -rfEs --tb=short 
     -p no:cacheprovider --timeout 100 > "$OUT/pytest_cupy.log" 2>&1
 stamp "pytest (cupy) rc=$?"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_cupy.log" | cut -c1-200 | head -30
 tail -1 "$OUT/pytest_cupy.log"
-timeout 90 $PY benchmarks/bench_train.py --steps 20 --repeats 3 --backends cupy \
+timeout 110 $PY benchmarks/bench_train.py --steps 20 --repeats 3 --backends cupy \
     --nets mlp4096,cifar10_convnet --out "$OUT" > "$OUT/bench_train.log" 2>&1
-stamp "bench_train rc=$?"; grep -A8 "^mlp4096 (\|^cifar10_convnet (" "$OUT/bench_train.log"
+stamp "bench_train rc=$?"; grep -A10 "^mlp4096 (\|^cifar10_convnet (" "$OUT/bench_train.log"
+timeout 40 $PY benchmarks/bench_split_gemm.py --out "$OUT" > "$OUT/bench_split_gemm.log" 2>&1
+stamp "bench_split_gemm rc=$?"; tail -18 "$OUT/bench_split_gemm.log" | cut -c1-200
 timeout 70 $PY benchmarks/bench_gemm.py --backends numpy,cupy --repeats 3 --out "$OUT" \
     > "$OUT/bench_gemm.log" 2>&1
 stamp "bench_gemm rc=$?"; grep -E "^[0-9]+x[0-9]+x[0-9]+ " "$OUT/bench_gemm.log" | cut -c1-125
 timeout 60 $PY benchmarks/bench_inference.py --nets mlp --backends cupy --repeats 3 --out "$OUT" \
     > "$OUT/bench_inference.log" 2>&1
-stamp "bench_inference rc=$?"; grep -E "cupy|by stage" "$OUT/bench_inference.log" | cut -c1-300 | head -8
+stamp "bench_inference rc=$?"; grep -E "cupy|by stage" "$OUT/bench_inference.log" | cut -c1-300 | head -12
 timeout 30 $PY benchmarks/bench_conv_glue.py --backends cupy --out "$OUT" > "$OUT/bench_conv_glue.log" 2>&1
 stamp "bench_conv_glue rc=$?"; tail -12 "$OUT/bench_conv_glue.log" | cut -c1-150
 wait

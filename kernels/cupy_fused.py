@@ -22,7 +22,8 @@ import os
 import numpy as np
 
 __all__ = ["enabled", "disabled", "adam_update", "ema_update", "sign", "sign_ste", "dropout",
-           "bn_forward", "bn_invstd", "bn_backward_products", "bn_backward_input"]
+           "bn_forward", "bn_invstd", "bn_backward_products", "bn_backward_input", "split_bf16",
+           "to_bf16", "to_bf16_x3", "sum3", "BF16_ROUND", "SPLIT_BF16"]
 
 _OPTIONS = ("--fmad=false",)
 _kernels = {}
@@ -129,6 +130,46 @@ _SOURCES.update({
 })
 
 
+# bf16 rounding to nearest even on the float32 bit pattern u, as kernels.bf16.round_bits: NaN
+# stays a quiet NaN, everything else rounds up by half an ulp of bf16 plus the tie bit.
+BF16_ROUND = """
+    unsigned int h = (u & 0x7FFFFFFFu) > 0x7F800000u ? ((u >> 16) | 0x40u)
+                                                     : ((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+"""
+# kernels.bf16.split: parts j = 0, 1, 2 of x at parts[j * n + i]; a non-finite part (exponent
+# bits all ones) ends the split with zeros, so inf stays inf instead of inf - inf = NaN
+SPLIT_BF16 = """
+    float r = x;
+    for (int j = 0; j < 3; j++) {
+        unsigned int u = __float_as_uint(r);
+""" + BF16_ROUND + """
+        parts[j * n + i] = (unsigned short)h;
+        r = (h & 0x7F80u) == 0x7F80u ? 0.0f : r - __uint_as_float(h << 16);
+    }
+"""
+# bf16(x) of a (rows, cols) x written three times: side by side (rows, 3 cols) when
+# along_cols, else stacked (3 rows, cols); i is x's C-order index, whatever its strides
+TO_BF16_X3 = """
+    unsigned int u = __float_as_uint(x);
+""" + BF16_ROUND + """
+    long long r = i / cols, c = i - r * cols;
+    long long at = along_cols ? r * 3 * cols + c : i;
+    long long step = along_cols ? cols : rows * cols;
+    b[at] = (unsigned short)h;
+    b[at + step] = (unsigned short)h;
+    b[at + 2 * step] = (unsigned short)h;
+"""
+_SOURCES.update({
+    "split_bf16": ("float32 x, int64 n", "raw uint16 parts", SPLIT_BF16),
+    "to_bf16": ("float32 x", "uint16 b",
+                "unsigned int u = __float_as_uint(x);" + BF16_ROUND + "b = (unsigned short)h;"),
+    "to_bf16_x3": ("float32 x, int64 rows, int64 cols, bool along_cols", "raw uint16 b",
+                   TO_BF16_X3),
+    # the three partial products of a split product, summed in this order
+    "sum3": ("float32 p, float32 q, float32 r", "float32 y", "y = (p + q) + r;"),
+})
+
+
 # The same two kernels with their per-step scalar read from device memory (a uint64 slot of
 # ``vals``; a float64 is stored by its bits): inside a CUDA graph a scalar passed by value
 # would be frozen at capture, so ``minibnn.graphs`` refreshes the slots before each replay.
@@ -142,6 +183,44 @@ _SOURCES["dropout_dev"] = (
     _SOURCES["dropout"][1],
     "unsigned long long key = vals[slot];\n" + _SOURCES["dropout"][2],
 )
+
+
+def split_bf16(x):
+    """The three bf16 parts of float32 CuPy array x (``kernels.bf16.split``: exact for
+    2**-110 <= |x| < (2 - 2**-8) 2**127), uint16 bit patterns (3, *x.shape) C-contiguous,
+    in one launch. x may be any view (a transpose is read through its strides)."""
+    import cupy
+    parts = cupy.empty(3 * x.size, dtype=np.uint16)
+    if x.size:
+        _kernel("split_bf16")(x, np.int64(x.size), parts)
+    return parts.reshape((3,) + x.shape)
+
+
+def to_bf16(x):
+    """bf16(x) rounded to nearest even as uint16 bit patterns, C-contiguous, in one launch:
+    exact for the +-1 and 0 operands of ``backend.split_matmul_pm1``."""
+    import cupy
+    if not x.size:
+        return cupy.empty(x.shape, dtype=np.uint16)
+    return _kernel("to_bf16")(x)
+
+
+def to_bf16_x3(x, axis):
+    """bf16(x) of a 2-D float32 CuPy array (rows, cols), three times, in one launch: side by
+    side (rows, 3 cols) for ``axis=1``, stacked (3 rows, cols) for ``axis=0``; C-contiguous
+    uint16 bit patterns. The +-1 operand of a split product over the concatenated
+    reduction axis (``backend.split_matmul_pm1``)."""
+    import cupy
+    rows, cols = x.shape
+    out = cupy.empty((rows, 3 * cols) if axis == 1 else (3 * rows, cols), dtype=np.uint16)
+    if x.size:
+        _kernel("to_bf16_x3")(x, np.int64(rows), np.int64(cols), axis == 1, out.reshape(-1))
+    return out
+
+
+def sum3(p, q, r):
+    """(p + q) + r of three float32 CuPy arrays of one shape (any strides), in one launch."""
+    return _kernel("sum3")(p, q, r)
 
 
 def sign(x):

@@ -177,6 +177,140 @@ def matmul(a, b):
     return a @ b
 
 
+# --- products with one operand exactly +-1 on the bf16 tensor cores (opt-in) ----------------
+#
+# In a binary layer's backward, g_x = g W_b and g_W = g^T x_b each have one operand that is
+# exactly +-1 (or 0: zero padding in the conv patches), which bf16 holds exactly. Split the
+# float32 operand in three bf16 parts (kernels.bf16: exact) and the product is one bf16
+# GEMM over the parts, accumulated in float32: the float32 product up to the order of
+# accumulation, meant for the tensor cores instead of FP32 cuBLAS. Not yet measured on a
+# GPU, so off by default.
+
+BF16_BACKWARD_MODES = ("off", "cupy", "all")
+
+
+def _bf16_mode(value, what):
+    v = str(value).strip().lower()
+    v = {"0": "off", "false": "off", "no": "off", "": "off", "1": "cupy", "true": "cupy",
+         "yes": "cupy"}.get(v, v)
+    if v not in BF16_BACKWARD_MODES:
+        raise ValueError(f"{what}: expected 0/1 or one of {', '.join(BF16_BACKWARD_MODES)}, "
+                         f"got {value!r}")
+    return v
+
+
+_bf16_backward = [None]  # resolved from MINIBNN_CUPY_BF16_BACKWARD on first use
+
+
+def bf16_backward():
+    """Where binary layers' backward products run as split bf16 GEMMs
+    (:func:`split_matmul_pm1`): "off" (default), "cupy" (on CuPy arrays, through cuBLAS
+    GemmEx; ``MINIBNN_CUPY_BF16_BACKWARD=1``) or "all" (also on NumPy arrays, through the
+    NumPy model ``kernels.bf16.split_matmul``: slower, there to test and read the path)."""
+    if _bf16_backward[0] is None:
+        _bf16_backward[0] = _bf16_mode(os.environ.get("MINIBNN_CUPY_BF16_BACKWARD", "0"),
+                                       "MINIBNN_CUPY_BF16_BACKWARD")
+    return _bf16_backward[0]
+
+
+def set_bf16_backward(mode):
+    """Set :func:`bf16_backward` ("off", "cupy", "all"; True = "cupy", False = "off");
+    returns the previous setting."""
+    previous = bf16_backward()
+    if isinstance(mode, bool):
+        mode = "cupy" if mode else "off"
+    _bf16_backward[0] = _bf16_mode(mode, "set_bf16_backward")
+    return previous
+
+
+@contextlib.contextmanager
+def using_bf16_backward(mode="cupy"):
+    """Run the enclosed code with :func:`set_bf16_backward` ``(mode)``, then restore."""
+    previous = set_bf16_backward(mode)
+    try:
+        yield
+    finally:
+        _bf16_backward[0] = previous
+
+
+SPLIT_LAYOUTS = ("reduction", "output")
+
+
+def split_layout(m, k, n, exact):
+    """Where :func:`split_matmul_pm1` puts the three bf16 parts of its float operand for
+    a (M, K) @ b (K, N), so that one GEMM does the work: "reduction" (along K, the +-1
+    operand written three times in bf16: 6 bytes per +-1 entry) or "output" (along M or N,
+    three (M, N) float32 blocks written and summed after: 24 bytes per output entry),
+    whichever writes fewer bytes. A conv's g_x (small K, large output) takes "reduction",
+    its g_W (K = N*Ho*Wo, small output) "output"."""
+    pm1 = m * k if exact == "a" else k * n
+    return "reduction" if 6 * pm1 <= 24 * m * n else "output"
+
+
+def split_matmul_pm1(a, b, exact, layout=None):
+    """a (M, K) @ b (K, N), float32, where operand ``exact`` ("a" or "b") holds only values
+    that bf16 holds exactly (+-1, 0; nothing checks): the other operand split in three bf16
+    parts (``kernels.bf16.split``, exact for 2**-110 <= |x| < 3.39e38) and the three bf16
+    products summed in float32. It equals the float32 product up to the order of float32
+    accumulation: |result - exact| <= (K + 2) u sum_k |a_ik b_kj| with u = 2**-24 (not
+    bit-identical to Sgemm).
+
+    On CuPy arrays, one ``cupy_blas.gemm_ex`` (bf16 inputs, float32 accumulation) with the
+    parts laid out by ``layout`` (default :func:`split_layout`): "reduction",
+    [f0 | f1 | f2] against the +-1 operand stacked three times, one K' = 3K product; or
+    "output", the parts stacked along the free axis, a (3M, N) or (M, 3N) product whose
+    three blocks are then summed, (P0 + P1) + P2. The split, the bf16 copies and the sum are
+    one fused launch each (``cupy_fused``); all of it can be captured in a CUDA graph. On
+    NumPy arrays: the NumPy model ``kernels.bf16.split_matmul``."""
+    from .kernels import bf16
+    bf16.check_split_operands(a, b, exact)
+    if layout is not None and layout not in SPLIT_LAYOUTS:
+        raise ValueError(f"layout: expected one of {', '.join(SPLIT_LAYOUTS)} or None, "
+                         f"got {layout!r}")
+    if not (is_cupy_array(a) and is_cupy_array(b)):
+        return bf16.split_matmul(a, b, exact)
+    import cupy
+    from .kernels import cupy_blas, cupy_fused
+    (m, k), n = a.shape, b.shape[1]
+    if m == 0 or k == 0 or n == 0:
+        return cupy.zeros((m, n), dtype=np.float32)
+    layout = layout or split_layout(m, k, n, exact)
+    if layout == "reduction":
+        if exact == "a":  # [s | s | s] (M, 3K) @ [f0; f1; f2] (3K, N)
+            return cupy_blas.gemm_ex(cupy_fused.to_bf16_x3(a, axis=1),
+                                     cupy_fused.split_bf16(b).reshape(3 * k, n))
+        # [f0 | f1 | f2] (M, 3K), read as the transpose of the parts of a^T, @ [s; s; s]
+        return cupy_blas.gemm_ex(cupy_fused.split_bf16(a.T).reshape(3 * k, m).T,
+                                 cupy_fused.to_bf16_x3(b, axis=0))
+    if exact == "b":  # [f0; f1; f2] (3M, K) @ s (K, N) -> three (M, N) blocks of rows
+        c = cupy_blas.gemm_ex(cupy_fused.split_bf16(a).reshape(3 * m, k), cupy_fused.to_bf16(b))
+        return cupy_fused.sum3(c[:m], c[m:2 * m], c[2 * m:])
+    # s (M, K) @ [f0 | f1 | f2] (K, 3N) -> three (M, N) blocks of columns
+    c = cupy_blas.gemm_ex(cupy_fused.to_bf16(a), cupy_fused.split_bf16(b.T).reshape(3 * n, k).T)
+    return cupy_fused.sum3(c[:, :n], c[:, n:2 * n], c[:, 2 * n:])
+
+
+def matmul_pm1(a, b, exact):
+    """``a @ b`` of raw arrays where operand ``exact`` ("a" or "b") is known to hold only
+    +-1 and 0 (a binary layer's backward): :func:`split_matmul_pm1` when
+    :func:`bf16_backward` covers these arrays (and, on CuPy, GemmEx works here), else
+    :func:`matmul`."""
+    mode = bf16_backward()
+    if (mode != "off" and a.ndim == 2 and b.ndim == 2 and a.dtype == b.dtype == np.float32
+            and exact in ("a", "b")):
+        if is_cupy_array(a) and is_cupy_array(b):
+            from .kernels import cupy_blas
+            why = ("MINIBNN_CUPY_BLAS=0 turns direct cuBLAS off" if not _direct_blas[0]
+                   else cupy_blas.gemm_ex_available())
+            if why is not None:
+                raise BackendUnavailable(f"bf16 backward (MINIBNN_CUPY_BF16_BACKWARD / "
+                                         f"set_bf16_backward) is on but cannot run: {why}")
+            return split_matmul_pm1(a, b, exact)
+        elif mode == "all" and not is_cupy_array(a) and not is_cupy_array(b):
+            return split_matmul_pm1(a, b, exact)
+    return matmul(a, b)
+
+
 def scatter_add(out, index, values):
     """``out[index] += values`` where repeated indices accumulate (``np.add.at``; on the GPU
     ``cupyx.scatter_add``)."""

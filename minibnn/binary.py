@@ -263,6 +263,8 @@ class BinaryLinearFn(Function):
     backward: as for any product, g_x = g W_b and g_W = g^T x. The straight-through
               estimators sit around this op, not in it: SignSTE masked the gradient that
               reaches x's pre-activation, and BinarizeWeights hands g_W to the latent W.
+              Both products have a +-1 operand: ``backend.matmul_pm1`` runs them as split
+              bf16 GEMMs when ``backend.bf16_backward`` is on (opt-in).
     """
 
     def forward(self, x, wb):
@@ -282,9 +284,9 @@ class BinaryLinearFn(Function):
                             run_xnor, run_float)
 
     def backward(self, g):
-        x, wb = self.saved
-        gx = backend.matmul(g, wb) if self.needs_input_grad[0] else None
-        gw = backend.matmul(g.T, x) if self.needs_input_grad[1] else None
+        x, wb = self.saved  # both +-1: each product may run as split bf16 (bf16_backward)
+        gx = backend.matmul_pm1(g, wb, "b") if self.needs_input_grad[0] else None
+        gw = backend.matmul_pm1(g.T, x, "b") if self.needs_input_grad[1] else None
         return gx, gw
 
 
@@ -399,6 +401,8 @@ class BinaryConv2dFn(Function):
     backward: that of the zero-padded float convolution (``functional.conv2d_backward``):
               g_x = col2im(g2 @ W2), g_W = g2^T im2col(x) with x padded by ZEROS (the
               +1 border is only a device of the forward; its taps contribute nothing).
+              W_b and the patches of x (+-1 and 0) are exact in bf16: both products go
+              through ``backend.matmul_pm1`` (split bf16 GEMMs when opted in).
     """
 
     def forward(self, x, wb, stride=1, padding=0):
@@ -424,7 +428,7 @@ class BinaryConv2dFn(Function):
         if self.needs_input_grad[1] and patches is None:
             patches = im2col(x, wb.shape[2], wb.shape[3], self.stride, self.padding)
         return conv2d_backward(g, x.shape, wb, self.stride, self.padding, patches,
-                               need_x=self.needs_input_grad[0])
+                               need_x=self.needs_input_grad[0], pm1_product=backend.matmul_pm1)
 
 
 def binary_conv2d(x, wb, stride=1, padding=0):

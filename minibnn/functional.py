@@ -553,22 +553,27 @@ def col2im(cols, x_shape, kh, kw, stride=1, padding=0):
     return out[:, :, padding:padding + h, padding:padding + w] if padding else out
 
 
-def conv2d_backward(g, x_shape, w, stride, padding, patches=None, need_x=True):
+def conv2d_backward(g, x_shape, w, stride, padding, patches=None, need_x=True,
+                    pm1_product=None):
     """Gradients of out = conv2d(x, w, stride, padding) (zero padding) from g = dL/dout.
 
     With g2 = g as (N*Ho*Wo, O) and W2 = w.reshape(O, -1):
         g_x = col2im(g2 @ W2)       (None unless ``need_x``)
         g_w = g2^T @ patches        (None when ``patches``, im2col of x, is not given)
+
+    ``pm1_product(a, b, exact)``: for a binary convolution (w and x +-1), the product to use
+    instead of ``backend.matmul``, told which operand is +-1 (``backend.matmul_pm1``).
     """
     o = w.shape[0]
     xp = get_array_module(g)
     g2t = xp.ascontiguousarray(g.transpose(1, 0, 2, 3)).reshape(o, -1)  # (O, N*Ho*Wo)
+    product = (lambda a, b, exact: backend.matmul(a, b)) if pm1_product is None else pm1_product
     gx = gw = None
     if need_x:
-        gx = col2im(backend.matmul(w.reshape(o, -1).T, g2t).T, x_shape, w.shape[2], w.shape[3],
+        gx = col2im(product(w.reshape(o, -1).T, g2t, "a").T, x_shape, w.shape[2], w.shape[3],
                     stride, padding)
     if patches is not None:
-        gw = backend.matmul(g2t, patches).reshape(w.shape)
+        gw = product(g2t, patches, "b").reshape(w.shape)
     return gx, gw
 
 

@@ -212,6 +212,26 @@ def test_cupy_equals_numba_bit_for_bit(case, gpu, mnist):
                                   frozen.integer_scores(x, backend="numba"))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("gpu", backend_params(["cupy"]))
+def test_cupy_float16_first_layer_equals_numba_bit_for_bit(case, gpu, mnist):
+    """The conv first layer on float16 tensor cores (cublasGemmEx, opt-in): the same integer
+    pre-activations, bits and scores as numba's bit planes."""
+    frozen, x = case["frozen"], mnist[0][:700]
+    trace = frozen.trace(x[:200], backend="numba")
+    scores = frozen.integer_scores(x, backend="numba")
+    previous = frozen.first_layer_method
+    try:
+        frozen.first_layer_method = "float16"  # (on the GPU only: numba refuses it)
+        for a, b in zip(frozen.trace(x[:200], backend=gpu), trace):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(frozen.integer_scores(x, backend=gpu, batch_size=300),
+                                      scores)
+        assert frozen._first_plans[gpu].method == "float16"
+    finally:
+        frozen.first_layer_method = previous
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", backend_params(["numba"]))
 def test_planted_convnet_equals_the_model_on_all_test_images(name, mnist):

@@ -44,7 +44,10 @@ def test_float32_bound():
     w = reference.pack_rows(np.ones((1, 65794)))
     with pytest.raises(ValueError, match="'float32' is not exact for k = 65794"):
         deploy.first_layer(x, w, 65794, reference, "float32")
-    with pytest.raises(ValueError, match="method: expected 'bitplanes', 'float32' or 'int8'"):
+    with pytest.raises(ValueError, match="'float16' is not exact for k = 65794"):
+        deploy.first_layer(x, w, 65794, reference, "float16")
+    with pytest.raises(ValueError, match="method: expected 'bitplanes', 'float32', 'int8' or "
+                                         "'float16'"):
         deploy.first_layer(x, w, 65794, reference, "int4")
 
 
@@ -113,7 +116,8 @@ def test_auto_times_both_methods_once_per_backend():
 def test_first_layer_method_is_checked():
     frozen = small_net()
     with pytest.raises(ValueError, match=r"first_layer_method: expected one of \('auto', "
-                                         r"'bitplanes', 'float32', 'int8'\), got 'int4'"):
+                                         r"'bitplanes', 'float32', 'int8', 'float16'\), "
+                                         r"got 'int4'"):
         frozen.first_layer_method = "int4"
     assert frozen.first_layer_method == "auto"
     wide = runtime.FrozenBNN([
@@ -121,8 +125,10 @@ def test_first_layer_method_is_checked():
                             threshold=np.zeros(2, np.int32)),
         runtime.FrozenLayer(reference.pack_rows(np.ones((3, 2))), 2, 1,
                             scale=np.ones(3), offset=np.zeros(3))])
-    with pytest.raises(ValueError, match="'float32' is not exact for a first layer of k = 70000"):
-        wide.first_layer_method = "float32"
+    for method in ("float32", "float16"):
+        with pytest.raises(ValueError, match=f"'{method}' is not exact for a first layer of "
+                                             "k = 70000"):
+            wide.first_layer_method = method
     x = np.full((2, 70000), 255, np.uint8)
     np.testing.assert_array_equal(wide.integer_scores(x, backend="numba"), [[2, 2, 2]] * 2)
     assert wide._first_plans["numba"].method in ("bitplanes", "int8")  # never float32 here
@@ -142,3 +148,49 @@ def test_int8_only_where_it_runs():
         frozen.first_layer_method = "int8"
         np.testing.assert_array_equal(frozen.integer_scores(x, backend="numba"), want)
         assert frozen._first_plans["numba"].method == "int8"
+
+
+def test_float16_only_on_the_gpu_and_never_chosen_by_auto():
+    frozen = small_net()
+    x = np.random.default_rng(4).integers(0, 256, size=(20, 784), dtype=np.uint8)
+    frozen.first_layer_method = "float16"  # accepted: where it runs is checked when it runs
+    for name in ("numpy", "numba"):
+        with pytest.raises(ValueError, match=r"first_layer_method: 'float16' runs on the cupy "
+                                             rf"backend \(cuBLAS GemmEx\), not on '{name}'"):
+            frozen.predict(x, backend=name)
+    dense = runtime.dense_first_weights(frozen.layers[0].weight, 784, np, "float16")
+    assert dense.w_t.dtype == np.float16
+    with pytest.raises(ValueError, match="method: 'float16' runs on the cupy backend"):
+        runtime.first_layer(x, frozen.layers[0].weight, 784, reference, "float16", dense)
+    frozen.first_layer_method = "auto"
+    frozen.predict(x, backend="numba")
+    assert "float16" not in frozen.first_layer_timings["numba"]
+
+
+@pytest.mark.parametrize("name", backend_params(["cupy"]))
+def test_float16_first_layer_on_the_gpu_is_exact(name):
+    """The "float16" first layer (tensor cores through cublasGemmEx; under the fake CuPy its
+    NumPy stand-in) gives the integer scores, hidden bits and predictions of bit planes on
+    the NumPy reference, in every batch size, fused threshold and traced alike."""
+    frozen = small_net()
+    x = np.random.default_rng(5).integers(0, 256, size=(300, 784), dtype=np.uint8)
+    x[0], x[1], x[2] = 0, 255, 128  # the extremes: |s| = 255 k is the largest sum
+    frozen.first_layer_method = "bitplanes"
+    want = frozen.integer_scores(x, backend="numpy")
+    want_pred = frozen.predict(x, backend="numpy")
+    bits = frozen.activations(x, backend="numpy")
+    trace = frozen.trace(x[:50], backend="numpy")
+    assert runtime.float16_exact_on(name) is None, runtime.float16_exact_on(name)
+    frozen.first_layer_method = "float16"
+    for batch in (300, 64, 7):
+        np.testing.assert_array_equal(frozen.integer_scores(x, backend=name, batch_size=batch),
+                                      want)
+    assert frozen._first_plans[name].method == "float16"
+    np.testing.assert_array_equal(frozen.predict(x, backend=name), want_pred)
+    for a, b in zip(frozen.activations(x, backend=name), bits):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(frozen.trace(x[:50], backend=name), trace):
+        np.testing.assert_array_equal(a, b)
+    frozen.first_layer_method = "auto"
+    frozen.predict(x, backend=name)
+    assert "float16" not in frozen.first_layer_timings.get(name, {})

@@ -39,8 +39,8 @@ from .. import backend as _backend  # the methods' ``backend=`` argument shadows
 from ..functional import conv_output_shape, kernel_offsets, pool_output_shape
 
 __all__ = ["PLANES", "PIXEL_MAX", "FrozenLayer", "FrozenConv", "FrozenBNN", "first_layer",
-           "FIRST_LAYER_METHODS", "float32_is_exact", "int8_available", "dense_first_weights",
-           "first_layer_sums", "slot_bits", "pack_slots", "check_chain"]
+           "FIRST_LAYER_METHODS", "float32_is_exact", "float16_exact_on", "int8_available",
+           "dense_first_weights", "first_layer_sums", "slot_bits", "pack_slots", "check_chain"]
 
 PLANES = 8  # bits per input pixel
 PIXEL_MAX = 255  # |sum_n 2^n y^n| <= 255: the first layer's |z| is at most 255 k
@@ -49,7 +49,8 @@ _DEFAULT_BATCH = {"numpy": 256, "numba": 1024, "cupy": 8192}
 _CONV_BATCH = {"numpy": 64, "numba": 128, "cupy": 2048}  # a ConvNet's activations are larger
 
 
-FIRST_LAYER_METHODS = ("auto", "bitplanes", "float32", "int8")
+FIRST_LAYER_METHODS = ("auto", "bitplanes", "float32", "int8", "float16")
+_FLOAT_METHODS = ("float32", "float16")  # float32 sums s = x . w, exact (float32_is_exact)
 FLOAT32_INTEGERS = 2 ** 24  # float32 holds every integer of magnitude <= 2^24 exactly
 
 
@@ -73,6 +74,19 @@ def float32_exact_on(name):
     return cupy_blas.available() is None
 
 
+def float16_exact_on(name):
+    """None if backend ``name`` runs the "float16" first layer, else why not: cupy with
+    ``kernels.cupy_blas.gemm_ex`` working. Pixels 0..255 and +-1 weights are exact in
+    float16, so is each product, and GemmEx accumulates them in float32 (CUBLAS_COMPUTE_32F):
+    exact while :func:`float32_is_exact` (k), as every partial sum is an integer < 2^24."""
+    if name != "cupy":
+        return f"'float16' runs on the cupy backend (cuBLAS GemmEx), not on {name!r}"
+    if not _backend._direct_blas[0]:
+        return "'float16' needs direct cuBLAS, which MINIBNN_CUPY_BLAS=0 turned off"
+    from ..kernels import cupy_blas
+    return cupy_blas.gemm_ex_available()
+
+
 def int8_available(name):
     """Whether backend ``name`` runs the "int8" first layer: numba on an AVX512-VNNI CPU."""
     if name != "numba":
@@ -83,9 +97,9 @@ def int8_available(name):
 
 
 DenseFirst = namedtuple("DenseFirst", "w_t offset")
-DenseFirst.__doc__ = """The first layer's weights for the float32 method: ``w_t`` float32 (k, N)
-+-1 (the packed rows unpacked and transposed for BLAS) and ``offset`` float32 (N,) =
-255 sum_k w (exact)."""
+DenseFirst.__doc__ = """The first layer's weights for the float32 (float16) method: ``w_t``
+float32 (float16) (k, N) +-1 (the packed rows unpacked and transposed for BLAS) and
+``offset`` float32 (N,) = 255 sum_k w (exact)."""
 
 Int8First = namedtuple("Int8First", "wp offset n")
 Int8First.__doc__ = """The first layer's weights for the int8 method: ``wp`` the +-1 weights as
@@ -94,20 +108,21 @@ int8 in ``kernels.numba_vnni.pack_weights``' layout, ``offset`` float32 (N,) = 2
 
 
 def dense_first_weights(weight, k, xp=np, method="float32"):
-    """:class:`DenseFirst` (``method="float32"``, in array module xp) or :class:`Int8First`
-    (``"int8"``, NumPy) of packed first-layer weights (N, ceil(k/64))."""
+    """:class:`DenseFirst` (``method="float32"`` or ``"float16"``, in array module xp) or
+    :class:`Int8First` (``"int8"``, NumPy) of packed first-layer weights (N, ceil(k/64))."""
     w = unpack_rows(_backend.to_numpy(weight), k, np.float32)  # (N, k) of +-1
     offset = (PIXEL_MAX * w.sum(axis=1, dtype=np.float64)).astype(np.float32)
     if method == "int8":
         from ..kernels import numba_vnni
 
         return Int8First(numba_vnni.pack_weights(w.astype(np.int8)), offset, w.shape[0])
-    return DenseFirst(xp.asarray(np.ascontiguousarray(w.T)), xp.asarray(offset))
+    dtype = np.float16 if method == "float16" else np.float32
+    return DenseFirst(xp.asarray(np.ascontiguousarray(w.T, dtype=dtype)), xp.asarray(offset))
 
 
 def first_layer(x, weight, k, kern, method="bitplanes", dense=None):
     """z = sum_{n=0..7} 2^n (y^n . w) = (2x - 255) . w = 256 (x_f . w) for uint8 rows x
-    (B, k), int32 (|z| <= 255 k), by one of three exact methods:
+    (B, k), int32 (|z| <= 255 k), by one of four exact methods:
 
     * ``"bitplanes"`` (the paper's, Section 1.6): the backend packs the eight bit planes and
       runs its bit-plane XNOR GEMM (``kernels.*.bitplane_gemm``: one XNOR-popcount product
@@ -115,23 +130,30 @@ def first_layer(x, weight, k, kern, method="bitplanes", dense=None):
     * ``"float32"``: s = x . w as a float32 BLAS product of the pixel values with the +-1
       weights, exact while :func:`float32_is_exact` (k); then z = 2 s - 255 sum(w);
     * ``"int8"``: s = x . w as a uint8 x int8 product accumulated in int32 with AVX512-VNNI
-      ``vpdpbusd`` (``kernels.numba_vnni``; NumPy input, :func:`int8_available`), then the same.
+      ``vpdpbusd`` (``kernels.numba_vnni``; NumPy input, :func:`int8_available`), then the same;
+    * ``"float16"``: s = x . w on the GPU's tensor cores, float16 pixels and weights (both
+      exact) accumulated in float32 by ``cublasGemmEx`` (CuPy input, :func:`float16_exact_on`;
+      exact while :func:`float32_is_exact` (k)), then the same. Not yet timed on a GPU, so
+      ``"auto"`` does not choose it.
 
     ``dense``: the :func:`dense_first_weights` of the method (made here when None).
     """
     if method == "bitplanes":
         return kern.bitplane_gemm(kern.pack_bitplanes(x), weight, k)
-    if method not in ("float32", "int8"):
-        raise ValueError(f"method: expected 'bitplanes', 'float32' or 'int8', got {method!r}")
-    if method == "float32" and not float32_is_exact(k):
-        raise ValueError(f"method: 'float32' is not exact for k = {k} inputs (255 k > 2^24); "
+    if method not in ("float32", "int8", "float16"):
+        raise ValueError(f"method: expected 'bitplanes', 'float32', 'int8' or 'float16', got "
+                         f"{method!r}")
+    if method in _FLOAT_METHODS and not float32_is_exact(k):
+        raise ValueError(f"method: {method!r} is not exact for k = {k} inputs (255 k > 2^24); "
                          "use 'bitplanes'")
     xp = _backend.get_array_module(x)
     if method == "int8" and (xp is not np or not int8_available("numba")):
         raise ValueError("method: 'int8' needs NumPy input and a CPU with AVX512-VNNI")
+    if method == "float16" and (why := float16_exact_on("cupy" if xp is not np else "numpy")):
+        raise ValueError(f"method: {why}")
     dense = dense_first_weights(weight, k, xp, method) if dense is None else dense
     s = first_layer_sums(x, dense)
-    z = s.astype(np.int32) if method == "float32" else s.copy()
+    z = s.astype(np.int32) if method in _FLOAT_METHODS else s.copy()
     z *= 2  # 2 s - 255 sum(w): integers of magnitude <= 2 * 255 k
     z -= dense.offset.astype(np.int32)
     return z
@@ -139,8 +161,9 @@ def first_layer(x, weight, k, kern, method="bitplanes", dense=None):
 
 def first_layer_sums(x, dense, ws=None):
     """s = x . w exactly, (B, N): float32 from BLAS for a :class:`DenseFirst` (see
-    :func:`float32_is_exact`), int32 from ``vpdpbusd`` for an :class:`Int8First`. ``ws``: a
-    dict of buffers to reuse (the result is then one of them)."""
+    :func:`float32_is_exact`; float16 weights: ``cupy_blas.gemm_ex`` on float16 pixels),
+    int32 from ``vpdpbusd`` for an :class:`Int8First`. ``ws``: a dict of buffers to reuse
+    (the result is then one of them)."""
     xp = _backend.get_array_module(x)
     m = x.shape[0]
     if isinstance(dense, Int8First):
@@ -150,6 +173,9 @@ def first_layer_sums(x, dense, ws=None):
         return numba_vnni.int8_gemm(x, dense.wp, dense.n,
                                     out=_buf(ws, "s8", (mp, dense.wp.shape[0] * 16), np.int32, xp),
                                     x_buf=_buf(ws, "x8", (mp, kp), np.uint8, xp))
+    if dense.w_t.dtype == np.float16:  # CuPy arrays (float16_exact_on): tensor cores
+        from ..kernels import cupy_blas
+        return cupy_blas.gemm_ex(xp.ascontiguousarray(x).astype(np.float16), dense.w_t)
     xf = _buf(ws, "xf", x.shape, np.float32, xp)
     if xf is None:
         xf = x.astype(np.float32)
@@ -428,9 +454,9 @@ def check_chain(layers):
 # ------------------------------------------------------------------------------ the net
 
 _Prepared = namedtuple("_Prepared", "layer weight threshold and_mask")
-# How a backend runs the first layer: "bitplanes", "float32" or "int8" (then ``dense`` holds
-# the DenseFirst / Int8First weights and, for a dense hidden first layer, ``sums_threshold``
-# the thresholds on s = x . w); ``weight`` is the layer weight it was made from (a replaced
+# How a backend runs the first layer: "bitplanes", "float32", "int8" or "float16" (``dense``
+# holds the DenseFirst / Int8First weights and, for a dense hidden first layer,
+# ``sums_threshold`` the thresholds on s = x . w); ``weight`` is the layer weight it was made from (a replaced
 # one remakes it).
 _FirstPlan = namedtuple("_FirstPlan", "method dense sums_threshold weight")
 _TUNE_ROWS = 256  # rows (MLP) or patches' images (ConvNet) the first-layer methods are timed on
@@ -447,9 +473,11 @@ class FrozenBNN:
 
     ``first_layer_method`` picks how the first layer meets the 8-bit pixels (all exact, see
     :func:`first_layer`): ``"bitplanes"``, ``"float32"``, ``"int8"`` (numba on an AVX512-VNNI
-    CPU), or ``"auto"`` (the default): the fastest of those that apply, timed once per
-    backend on the first batch (``first_layer_timings`` keeps the times); on cupy "float32"
-    applies where its products are plain FP32 (:func:`float32_exact_on`).
+    CPU), ``"float16"`` (cupy: tensor cores through cuBLAS GemmEx; opt-in, not yet timed on a
+    GPU) or ``"auto"`` (the default): the fastest of bitplanes, float32 and int8 where they
+    apply, timed once per backend on the first batch (``first_layer_timings`` keeps the
+    times); on cupy "float32" applies where its products are plain FP32
+    (:func:`float32_exact_on`).
     """
 
     def __init__(self, layers, info=None):
@@ -471,8 +499,8 @@ class FrozenBNN:
             raise ValueError(f"first_layer_method: expected one of {FIRST_LAYER_METHODS}, got "
                              f"{method!r}")
         k = self.layers[0].k
-        if method == "float32" and not float32_is_exact(k):
-            raise ValueError(f"first_layer_method: 'float32' is not exact for a first layer of "
+        if method in _FLOAT_METHODS and not float32_is_exact(k):
+            raise ValueError(f"first_layer_method: {method!r} is not exact for a first layer of "
                              f"k = {k} inputs (255 k > 2^24); use 'bitplanes' or 'auto'")
         self._first_layer_method = method
         self._first_plans = {}
@@ -579,9 +607,9 @@ class FrozenBNN:
 
     def first_layer_plan(self, x, backend=None):
         """How backend ``backend`` runs the first layer: a namedtuple with ``method``
-        (``"bitplanes"``, ``"float32"`` or ``"int8"``), ``dense`` (the method's weights, or
-        None) and ``sums_threshold`` (for a dense hidden first layer not on bit planes, else
-        None). With ``first_layer_method = "auto"`` the first call times the candidates on the
+        (``"bitplanes"``, ``"float32"``, ``"int8"`` or ``"float16"``), ``dense`` (the method's
+        weights, or None) and ``sums_threshold`` (for a dense hidden first layer not on bit
+        planes, else None). With ``first_layer_method = "auto"`` the first call times the candidates on the
         uint8 batch ``x`` (NumPy rows or images as ``predict`` takes them)."""
         name = _backend_name(backend)
         xb = _backend.array_module(name).asarray(self._check_input(x))
@@ -599,6 +627,8 @@ class FrozenBNN:
         if method == "int8" and not int8_available(name):
             raise ValueError(f"first_layer_method: 'int8' runs on the numba backend of a CPU "
                              f"with AVX512-VNNI, not on backend {name!r} here")
+        if method == "float16" and (why := float16_exact_on(name)):
+            raise ValueError(f"first_layer_method: {why}")
         candidates = [method]
         if method == "auto":
             candidates = ["bitplanes"]
@@ -624,7 +654,7 @@ class FrozenBNN:
         dense, t_s = weights.get(method), None
         if dense is not None and isinstance(layer, FrozenLayer) and not layer.is_output:
             t_s = sums_threshold(layer.threshold, _backend.to_numpy(dense.offset), layer.k)
-            t_s = xp.asarray(t_s if method == "float32" else t_s.astype(np.int32))
+            t_s = xp.asarray(t_s if method in _FLOAT_METHODS else t_s.astype(np.int32))
         plan = _FirstPlan(method, dense, t_s, layer.weight)
         self._first_plans[name] = plan
         return plan

@@ -471,8 +471,48 @@ class ElementwiseKernel:
         elif self.name == "minibnn_bn_backward_input":
             invstd, gxhat, m1, xhat, m2 = a
             return _wrap(invstd * (gxhat - m1 - xhat * m2))
+        elif self.name == "minibnn_split_bf16":
+            from minibnn.kernels import bf16
+            x, n, parts = a
+            assert type(n) is _np.int64 and n == x.size and parts.dtype == _np.uint16
+            parts[...] = bf16.split(_np.asarray(x, _np.float32)).reshape(-1)
+            return args[-1]
+        elif self.name == "minibnn_to_bf16_x3":
+            from minibnn.kernels import bf16
+            x, rows, cols, along_cols, out = a
+            assert type(rows) is _np.int64 and type(cols) is _np.int64 and x.shape == (rows, cols)
+            h = bf16.round_bits(_np.asarray(x, _np.float32))
+            assert out.shape == (3 * x.size,) and out.dtype == _np.uint16  # raw, 1-D
+            out[...] = _np.concatenate([h, h, h], axis=1 if along_cols else 0).reshape(-1)
+            return args[-1]
+        elif self.name == "minibnn_sum3":
+            p, q, r = a
+            assert p.dtype == q.dtype == r.dtype == _np.float32
+            return _wrap((p + q) + r)
+        elif self.name == "minibnn_to_bf16":
+            from minibnn.kernels import bf16
+            (x,) = a
+            assert x.dtype == _np.float32
+            return _wrap(bf16.round_bits(x))
         else:
             raise NotImplementedError(f"fake cupy: no stand-in for ElementwiseKernel {self.name!r}")
+
+
+def fake_gemm_ex(a, b, out, beta):
+    """Stand-in for ``cublasGemmEx`` as ``minibnn.kernels.cupy_blas.gemm_ex`` calls it: the
+    16-bit inputs (uint16 bf16 bit patterns or float16) widened exactly to float32, their
+    product accumulated in float32 (NumPy's sgemm), then ``out = product + beta * out``."""
+    from minibnn.kernels import bf16
+
+    def widen(x):
+        x = x._a
+        return bf16.to_float32(x) if x.dtype == _np.uint16 else x.astype(_np.float32)
+    prod = widen(a) @ widen(b)
+    if beta == 0:
+        out._a[...] = prod
+    else:
+        out._a[...] = prod + _np.float32(beta) * out._a
+    return out
 
 
 class _MemoryPool:
