@@ -31,7 +31,8 @@ from numba import prange
 
 from ._numba_common import jit
 
-__all__ = ["accepts", "col2im", "pack_sign_patches", "max_pool2d", "max_pool2d_backward"]
+__all__ = ["accepts", "col2im", "pack_sign_patches", "max_pool2d", "max_pool2d_backward",
+           "direct_backward_fits", "binary_conv2d_backward"]
 
 
 def accepts(x):
@@ -181,3 +182,172 @@ def max_pool2d_backward(g, arg, x_shape, k, stride):
         _max_pool_backward(np.ascontiguousarray(g), arg, k, stride, out)
     return out
 
+
+
+# --------------------------------------------------------------------------- binary conv backward
+#
+# The backward of a binary convolution as functional.conv2d_backward computes it writes two
+# patch-sized matrices per layer (N*Ho*Wo x C*kh*kw: 45 MB for 16 channels, 28x28, batch
+# 100): the columns g2 @ W2 that col2im folds back, and im2col(x) for g2^T @ patches. Their
+# arithmetic is small (16 products per column entry); the time goes to writing and reading
+# them. Here each image is done where its data sit in cache: its gradient planes are
+# copied once into zero-bordered planes, and every kernel tap becomes a shift of the
+# flattened plane, so both gradients are long, vectorisable loops over whole planes.
+#
+# Planes of pitch P hold an image row per P entries; entry t = row*P + col. With the
+# gradient g bordered by (kh-1-p, kw-1-p) zeros (pitch P = W + kw - 1), the input gradient
+# of channel c at t is, for stride 1,
+#
+#     gx[c](t) = sum over taps (i, j) row-major of S_ij(t),
+#     S_ij(t)  = sum over o ascending of w[o, c, i, j] * gpad[o](t + (kh-1-i)*P + (kw-1-j))
+#
+# (a tap whose output position lies outside the image reads the zero border). This is
+# the reference's order: BLAS forms each column entry S_ij as a dot product over O, and
+# col2im adds the taps row-major starting from zero. With +-1 weights every product is
+# exact, so the only roundings are those of these sums, in that order: where BLAS adds the
+# O products of an entry one after another (as OpenBLAS's sgemm/dgemm kernels do), the
+# result is the same bit for bit (tests/test_conv_backward.py pins the order exactly
+# against a NumPy transcription, and the BLAS path within a tolerance).
+#
+# The weight gradient gw[o, c, i, j] = sum over (n, y, x) of g[n, o, y, x] * x[n, c, y + i - p,
+# x + j - p] is a dot product of g's plane with a shifted, zero-bordered plane of x (pitch
+# W + 2p). BLAS sums these N*Ho*Wo terms in blocks of its own choosing; no loop can
+# promise its order, so this one is vectorised freely (``fastmath`` reassociation, within
+# one image) and added over the images in a fixed order: images in chunks of
+# ``_CHUNK``, each chunk's partial sum in its own slot, the slots added in order. The
+# result does not depend on the thread count. Its difference from the BLAS result is
+# rounding only: tested against the float64 sum within 1e-5 of the sum of the terms'
+# magnitudes (float32), as the BLAS result is.
+
+_CHUNK = 2  # images per partial weight gradient (fixed: the sum is the same on any thread count)
+
+
+def direct_backward_fits(x, g, wb, stride, padding):
+    """True when ``binary_conv2d_backward`` takes this layer: stride 1, padding at most
+    the kernel's reach (p <= kh - 1 and p <= kw - 1), x, g and wb NumPy arrays of one
+    float dtype. Other layers run ``functional.conv2d_backward``."""
+    kh, kw = wb.shape[2], wb.shape[3]
+    return (stride == 1 and padding <= kh - 1 and padding <= kw - 1
+            and all(isinstance(a, np.ndarray) for a in (x, g, wb))
+            and x.dtype == g.dtype == wb.dtype and g.dtype.kind == "f")
+
+
+@jit(fastmath={"reassoc", "nsz"})
+def _dot(a, b, n):
+    # sum of a[t] * b[t], t < n, in any order (reassociated so that it vectorises)
+    s = a.dtype.type(0)
+    for t in range(n):
+        s += a[t] * b[t]
+    return s
+
+
+@jit()
+def _tap_sum(s, gpad, w, c, i, j, off, n):
+    # s[:n] = sum over o ascending of w[o, c, i, j] * gpad[o, off:off + n]; one rounding per
+    # added product, in that order (four products per pass over s, the order kept)
+    o = gpad.shape[0]
+    s[:n] = 0
+    k = 0
+    while k + 4 <= o:
+        a0, a1 = gpad[k, off:off + n], gpad[k + 1, off:off + n]
+        a2, a3 = gpad[k + 2, off:off + n], gpad[k + 3, off:off + n]
+        w0, w1, w2, w3 = w[k, c, i, j], w[k + 1, c, i, j], w[k + 2, c, i, j], w[k + 3, c, i, j]
+        for t in range(n):
+            s[t] = (((s[t] + w0 * a0[t]) + w1 * a1[t]) + w2 * a2[t]) + w3 * a3[t]
+        k += 4
+    while k < o:
+        a0, w0 = gpad[k, off:off + n], w[k, c, i, j]
+        for t in range(n):
+            s[t] += w0 * a0[t]
+        k += 1
+
+
+@jit(parallel=True)
+def _conv_backward(x, g, w, p, need_x, need_w, gx, gwp):
+    # x (N, C, H, W), g (N, O, Ho, Wo), w (O, C, kh, kw); stride 1, p <= kh-1, kw-1.
+    # gx (N, C, H, W) written when need_x; gwp (ceil(N / _CHUNK), O, C, kh, kw) zeroed,
+    # one partial weight gradient per chunk of _CHUNK images, added to when need_w
+    n, c, h, wd = x.shape
+    o, kh, kw = w.shape[0], w.shape[2], w.shape[3]
+    ho, wo = g.shape[2], g.shape[3]
+    bh, bw = kh - 1 - p, kw - 1 - p     # g's border for the input gradient
+    gp = wd + kw - 1                    # its pitch (= wo + 2 * bw)
+    nx = (h - 1) * gp + wd              # plane entries up to the last input pixel
+    xp = wd + 2 * p                     # x's pitch for the weight gradient (border p)
+    nw = (ho - 1) * xp + wo             # plane entries up to the last output pixel
+    for q in prange((n + _CHUNK - 1) // _CHUNK):
+        gpad = np.zeros((o, (ho + 2 * bh) * gp), g.dtype)
+        gwide = np.zeros((o, ho * xp), g.dtype)
+        xpad = np.zeros((c, (h + 2 * p) * xp), g.dtype)
+        s = np.empty(nx, g.dtype)
+        acc = np.empty(nx, g.dtype)
+        for b in range(q * _CHUNK, min(n, (q + 1) * _CHUNK)):
+            if need_x:
+                for k in range(o):
+                    for y in range(ho):
+                        for z in range(wo):
+                            gpad[k, (y + bh) * gp + z + bw] = g[b, k, y, z]
+                for ch in range(c):
+                    acc[:] = 0
+                    for i in range(kh):
+                        for j in range(kw):
+                            _tap_sum(s, gpad, w, ch, i, j, (kh - 1 - i) * gp + kw - 1 - j, nx)
+                            for t in range(nx):
+                                acc[t] += s[t]
+                    for y in range(h):
+                        for z in range(wd):
+                            gx[b, ch, y, z] = acc[y * gp + z]
+            if need_w:
+                for k in range(o):
+                    for y in range(ho):
+                        for z in range(wo):
+                            gwide[k, y * xp + z] = g[b, k, y, z]
+                for ch in range(c):
+                    for y in range(h):
+                        for z in range(wd):
+                            xpad[ch, (y + p) * xp + z + p] = x[b, ch, y, z]
+                for k in range(o):
+                    for ch in range(c):
+                        for i in range(kh):
+                            for j in range(kw):
+                                off = i * xp + j
+                                gwp[q, k, ch, i, j] += _dot(gwide[k], xpad[ch, off:off + nw], nw)
+
+
+@jit()
+def _sum_slots(parts, out):
+    # out = parts[0] + parts[1] + ..., in that order
+    out[:] = 0
+    for q in range(parts.shape[0]):
+        out += parts[q]
+
+
+def binary_conv2d_backward(g, x, wb, stride, padding, need_x=True, need_w=True):
+    """(g_x, g_w) of out = conv2d(x, wb, stride, padding), zero padding, from g = dL/dout,
+    without patch matrices (see the comment above): the values of
+    ``functional.conv2d_backward(g, x.shape, wb, stride, padding, im2col(x))``, g_x bit for
+    bit where BLAS sums each column entry over O in order and wb holds +-1, g_w within
+    rounding. Each is None when not asked for. Only for layers ``direct_backward_fits``
+    takes."""
+    if not direct_backward_fits(x, g, wb, stride, padding):
+        raise ValueError(f"binary_conv2d_backward: stride {stride}, padding {padding}, kernel "
+                         f"{tuple(wb.shape[2:])}, dtypes {x.dtype}/{g.dtype}/{wb.dtype} not taken; "
+                         "expected stride 1, padding <= kernel size - 1, one float dtype")
+    n, c, h, w = x.shape
+    o, _, kh, kw = wb.shape
+    want = (n, o, h + 2 * padding - kh + 1, w + 2 * padding - kw + 1)
+    if tuple(g.shape) != want or wb.shape[1] != c:
+        raise ValueError(f"binary_conv2d_backward: gradient of shape {tuple(g.shape)} does not "
+                         f"fit input {tuple(x.shape)} and weight {tuple(wb.shape)}; expected "
+                         f"{want}")
+    gx = np.empty(x.shape, x.dtype) if need_x else np.empty((1, 1, 1, 1), x.dtype)
+    chunks = (n + _CHUNK - 1) // _CHUNK
+    gwp = np.zeros((chunks,) + wb.shape if need_w else (1, 1, 1, 1, 1), g.dtype)
+    if n and (need_x or need_w):
+        _conv_backward(np.ascontiguousarray(x), np.ascontiguousarray(g),
+                       np.ascontiguousarray(wb), padding, need_x, need_w, gx, gwp)
+    gw = None
+    if need_w:
+        gw = np.empty(wb.shape, g.dtype)
+        _sum_slots(gwp, gw)
+    return (gx if need_x else None), gw

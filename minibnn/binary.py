@@ -421,6 +421,12 @@ class BinaryConv2dFn(Function):
     def backward(self, g):
         x, wb = self.saved
         patches, self.patches = self.patches, None
+        glue = compiled_glue(g)
+        if glue is not None and hasattr(glue, "binary_conv2d_backward") \
+                and glue.direct_backward_fits(x, g, wb, self.stride, self.padding):
+            # numba: both gradients image by image, no patch matrices (same values)
+            return glue.binary_conv2d_backward(g, x, wb, self.stride, self.padding,
+                                               *self.needs_input_grad)
         if self.needs_input_grad[1] and patches is None:
             patches = im2col(x, wb.shape[2], wb.shape[3], self.stride, self.padding)
         return conv2d_backward(g, x.shape, wb, self.stride, self.padding, patches,
