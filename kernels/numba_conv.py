@@ -32,7 +32,7 @@ from numba import prange
 from ._numba_common import jit
 
 __all__ = ["accepts", "col2im", "pack_sign_patches", "max_pool2d", "max_pool2d_backward",
-           "direct_backward_fits", "binary_conv2d_backward"]
+           "direct_backward_fits", "binary_conv2d_backward", "sign", "sign_ste"]
 
 
 def accepts(x):
@@ -175,13 +175,80 @@ def _max_pool_backward(g, arg, k, stride, out):
                             out[b, ch, y * stride + i, z * stride + j] += g[b, ch, y, z]
 
 
+@jit(parallel=True)
+def _max_pool_backward_tiled(g, arg, k, out):
+    # stride == k: the windows tile the input without overlap, so every element gets at
+    # most one gradient, 0 + g = g (and 0 + -0.0 = 0.0, as the slice-adds give): one pass
+    # writes every element, the rows and columns that no window covers (floor mode) zero
+    n, c, ho, wo = g.shape
+    h, w = out.shape[2], out.shape[3]
+    zero = out.dtype.type(0)
+    for b in prange(n):
+        for ch in range(c):
+            for y in range(ho):
+                for i in range(k):
+                    row = out[b, ch, y * k + i]
+                    for z in range(wo):
+                        a = arg[b, ch, y, z]
+                        for j in range(k):
+                            row[z * k + j] = g[b, ch, y, z] + zero if a == i * k + j else zero
+                    for z in range(wo * k, w):
+                        row[z] = zero
+            for y in range(ho * k, h):
+                for z in range(w):
+                    out[b, ch, y, z] = zero
+
+
 def max_pool2d_backward(g, arg, x_shape, k, stride):
     """The gradient of ``max_pool2d`` with respect to x: each window's g to its arg."""
-    out = np.zeros(tuple(int(s) for s in x_shape), dtype=g.dtype)
+    shape = tuple(int(s) for s in x_shape)
+    if stride == k:
+        out = np.empty(shape, dtype=g.dtype)
+        if out.size:
+            _max_pool_backward_tiled(np.ascontiguousarray(g), arg, k, out)
+        return out
+    out = np.zeros(shape, dtype=g.dtype)
     if g.size:
         _max_pool_backward(np.ascontiguousarray(g), arg, k, stride, out)
     return out
 
+
+# --------------------------------------------------------------------------- sign
+
+
+@jit(parallel=True)
+def _sign(x, q):
+    one = q.dtype.type(1)
+    for t in prange(x.size):
+        q[t] = one if x[t] >= 0 else -one
+
+
+@jit(parallel=True)
+def _sign_ste(x, q, keep):
+    one = q.dtype.type(1)
+    for t in prange(x.size):
+        v = x[t]
+        q[t] = one if v >= 0 else -one
+        keep[t] = abs(v) <= 1
+
+
+def sign(x):
+    """``binary.sign(x)`` for a float NumPy array: where(x >= 0, 1, -1) in x's dtype (NaN
+    gives -1, as the comparison is False), one pass."""
+    flat = np.ascontiguousarray(x).reshape(-1)
+    q = np.empty(flat.size, x.dtype)
+    _sign(flat, q)
+    return q.reshape(x.shape)
+
+
+def sign_ste(x):
+    """(sign(x), |x| <= 1) for a float NumPy array in one pass: ``binary.SignSTE``'s
+    forward value and the mask its backward multiplies by, the same values as its array
+    code (NaN: -1 and False)."""
+    flat = np.ascontiguousarray(x).reshape(-1)
+    q, keep = np.empty(flat.size, x.dtype), np.empty(flat.size, np.bool_)
+    _sign_ste(flat, q, keep)
+    return q.reshape(x.shape), keep.reshape(x.shape)
 
 
 # --------------------------------------------------------------------------- binary conv backward

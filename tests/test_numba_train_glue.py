@@ -1,0 +1,72 @@
+"""The numba backend's compiled helpers of the training step (kernels/numba_conv.py) that
+replace array code elementwise: they give the array code's values bit for bit, on awkward
+inputs (zeros of both signs, NaN, infinities, values at and just past +-1, views, float32
+and float64, empty arrays), and the library calls them on numba."""
+
+import numpy as np
+import pytest
+
+from minibnn import backend, binary
+from minibnn.tensor import Tensor
+from tests.conftest import backend_params
+
+pytestmark = pytest.mark.parametrize("name", backend_params(("numba",)))
+
+
+def _awkward(shape, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * 1.5).astype(dtype)
+    flat = x.reshape(-1)
+    special = np.array([0.0, -0.0, np.nan, np.inf, -np.inf, 1.0, -1.0,
+                        np.nextafter(dtype(1), dtype(2)), -np.nextafter(dtype(1), dtype(2))],
+                       dtype=dtype)
+    flat[:min(flat.size, special.size)] = special[:flat.size]
+    return x
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (4, 33), (0, 3), (1,)])
+@pytest.mark.parametrize("layout", ["C", "transposed", "strided"])
+def test_sign_and_sign_ste_equal_the_array_code(name, dtype, shape, layout):
+    from minibnn.kernels import numba_conv
+    x = _awkward(shape, dtype)
+    if layout == "transposed":
+        x = np.ascontiguousarray(x.T).T
+    elif layout == "strided":
+        x = np.repeat(x, 2, axis=-1)[..., ::2]
+    with np.errstate(invalid="ignore"):
+        want_q = np.where(x >= 0, dtype(1), dtype(-1))
+        want_keep = abs(x) <= 1
+    q = numba_conv.sign(x)
+    q2, keep = numba_conv.sign_ste(x)
+    for got in (q, q2):
+        assert got.dtype == dtype and got.shape == x.shape
+        np.testing.assert_array_equal(got, want_q)
+    assert keep.dtype == np.bool_
+    np.testing.assert_array_equal(keep, want_keep)
+
+
+def test_the_library_signs_on_the_kernels(name, monkeypatch):
+    """binary.sign and the Sign activation (forward and its masked backward) call the
+    kernels on numba and give what the numpy backend gives; integer input keeps the array
+    code (float32 out)."""
+    from minibnn.kernels import numba_conv
+    calls = {"sign": 0, "sign_ste": 0}
+    for fn in calls:
+        inner = getattr(numba_conv, fn)
+        monkeypatch.setattr(numba_conv, fn, lambda *a, _f=inner, _n=fn: (
+            calls.__setitem__(_n, calls[_n] + 1), _f(*a))[1])
+    x = _awkward((2, 3, 4, 5), np.float32, seed=1)
+    g = np.random.default_rng(2).standard_normal(x.shape).astype(np.float32)
+    results = {}
+    for backend_name in ("numpy", name):
+        with backend.use(backend_name):
+            xt = Tensor(x.copy(), requires_grad=True)
+            out = binary.sign_ste(xt)
+            out.backward(g)
+            results[backend_name] = (out.data, xt.grad, binary.sign(x),
+                                     binary.sign(np.array([-2, 0, 3])))
+    assert calls == {"sign": 1, "sign_ste": 1}
+    for got, want in zip(results[name], results["numpy"]):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
