@@ -84,46 +84,72 @@ def col2im(cols, x_shape, kh, kw, stride=1, padding=0):
 
 
 @jit(parallel=True)
-def _pack_sign_patches(x, kh, kw, stride, padding, ho, wo, out):
-    # x (N, H, W, C) bool (x >= 0); out (N*Ho*Wo, words) uint64, bit t of a row is its
-    # patch entry t = (i*kw + j)*C + c; the word is built in a register, stored when full
-    n, h, w, c = x.shape
+def _pixel_bits(x, bits):
+    # bits (N, H, W, cw) uint64, zeroed: bit c % 64 of word c // 64 is x[n, c, h, w] >= 0
+    n, c, h, w = x.shape
+    for b in prange(n):
+        for ch in range(c):
+            q, r = ch // 64, np.uint64(ch % 64)
+            for y in range(h):
+                for z in range(w):
+                    if x[b, ch, y, z] >= 0:
+                        bits[b, y, z, q] |= np.uint64(1) << r
+
+
+@jit(parallel=True)
+def _pack_sign_patches(bits, c, kh, kw, stride, padding, ho, wo, out):
+    # bits (N, H, W, cw): each pixel's C sign bits (see _pixel_bits); out (N*Ho*Wo, words)
+    # uint64. A row is its taps' C-bit groups one after another, (i, j) row-major, a
+    # padding tap all ones: bit t = (i*kw + j)*C + c, as in conv_sign_patches. Each group
+    # is appended to the word being built (up to 64 bits at a time, carried over a word
+    # boundary), which is stored when full; the last word's unused high bits stay 0.
+    n, h, w, cw = bits.shape
     words = out.shape[1]
+    ones = np.uint64(0xFFFFFFFFFFFFFFFF)
     for b in prange(n):
         for y in range(ho):
             for z in range(wo):
                 row = (b * ho + y) * wo + z
-                word = np.uint64(0)
-                t = 0
-                q = 0
+                cur = np.uint64(0)
+                r = 0  # bits of cur in use
+                q = 0  # next word of the row to store
                 for i in range(kh):
                     yy = y * stride + i - padding
                     for j in range(kw):
                         xx = z * stride + j - padding
                         inside = 0 <= yy < h and 0 <= xx < w
-                        for ch in range(c):
-                            bit = x[b, yy, xx, ch] if inside else True
-                            word |= np.uint64(bit) << np.uint64(t)
-                            t += 1
-                            if t == 64:
-                                out[row, q] = word
+                        for k in range(cw):
+                            nb = min(64, c - 64 * k)
+                            if inside:
+                                v = bits[b, yy, xx, k]
+                            elif nb == 64:
+                                v = ones
+                            else:
+                                v = (np.uint64(1) << np.uint64(nb)) - np.uint64(1)
+                            cur |= v << np.uint64(r)
+                            if r + nb >= 64:
+                                out[row, q] = cur
                                 q += 1
-                                word = np.uint64(0)
-                                t = 0
+                                cur = v >> np.uint64(64 - r) if r > 0 else np.uint64(0)
+                                r = r + nb - 64
+                            else:
+                                r += nb
                 if q < words:
-                    out[row, q] = word
+                    out[row, q] = cur
 
 
 def pack_sign_patches(x, kh, kw, stride=1, padding=0):
-    """``pack_rows(conv_sign_patches(x, kh, kw, stride, padding))`` in one pass: uint64
-    (N*Ho*Wo, ceil(kh*kw*C / 64)); see the module docstring."""
+    """``pack_rows(conv_sign_patches(x, kh, kw, stride, padding))`` without the bool patch
+    matrix: uint64 (N*Ho*Wo, ceil(kh*kw*C / 64)); see the module docstring. Each pixel's
+    C sign bits are packed once, then every patch row is its taps' bit groups joined."""
     n, c, h, w = x.shape
     ho, wo = _out_size(h, kh, stride, padding), _out_size(w, kw, stride, padding)
     words = (kh * kw * c + 63) // 64
     out = np.empty((n * ho * wo, words), dtype=np.uint64)
     if out.size:
-        nhwc = np.ascontiguousarray((x >= 0).transpose(0, 2, 3, 1))
-        _pack_sign_patches(nhwc, kh, kw, stride, padding, ho, wo, out)
+        bits = np.zeros((n, h, w, (c + 63) // 64), dtype=np.uint64)
+        _pixel_bits(x, bits)
+        _pack_sign_patches(bits, c, kh, kw, stride, padding, ho, wo, out)
     return out
 
 

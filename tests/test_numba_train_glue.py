@@ -70,3 +70,18 @@ def test_the_library_signs_on_the_kernels(name, monkeypatch):
     for got, want in zip(results[name], results["numpy"]):
         assert got.dtype == want.dtype
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("shape", [(2, 65, 4, 5, 3, 3, 1, 1), (1, 130, 3, 3, 2, 3, 2, 1),
+                                   (2, 64, 3, 4, 3, 3, 1, 2), (3, 7, 6, 5, 3, 2, 2, 0),
+                                   (1, 1, 9, 9, 5, 5, 3, 2)],
+                         ids=["c65", "c130-stride2", "c64-pad2", "c7-stride2", "c1-k5s3"])
+def test_pack_sign_patches_joins_groups_of_any_width(name, shape):
+    """Pixels' channel-bit groups wider than a word (65, 130 channels), exactly a word
+    (64), and narrow groups that straddle word boundaries, with padding taps all ones:
+    the packed bool patches of the NumPy reference, bit for bit."""
+    from minibnn.kernels import numba_conv, reference
+    n, c, h, w, kh, kw, s, p = shape
+    x = _awkward((n, c, h, w), np.float32, seed=4)
+    want = reference.pack_rows(binary.conv_sign_patches(x, kh, kw, s, p))
+    np.testing.assert_array_equal(numba_conv.pack_sign_patches(x, kh, kw, s, p), want)
