@@ -32,7 +32,8 @@ from numba import prange
 from ._numba_common import jit
 
 __all__ = ["accepts", "col2im", "pack_sign_patches", "max_pool2d", "max_pool2d_backward",
-           "direct_backward_fits", "binary_conv2d_backward", "sign", "sign_ste"]
+           "direct_backward_fits", "binary_conv2d_backward", "sign", "sign_ste",
+           "bn_forward", "bn_backward"]
 
 
 def accepts(x):
@@ -444,3 +445,89 @@ def binary_conv2d_backward(g, x, wb, stride, padding, need_x=True, need_w=True):
         gw = np.empty(wb.shape, g.dtype)
         _sum_slots(gwp, gw)
     return (gx if need_x else None), gw
+
+
+# --------------------------------------------------------------------------- batch norm (NCHW)
+#
+# functional.BatchNormTrain on a (N, C, H, W) batch, statistics over (N, H, W). The array
+# code makes a temporary per line (x - mean, its product, g * xhat, g * gamma, ...), about
+# ten passes over the batch each way. Forward here: one pass, the same floats (the same
+# operations in the same order, no contraction). Backward: one pass per channel for the
+# two sums, one for the input gradient. The sums are taken per channel in float64 and
+# rounded once, where NumPy adds float32 pairwise: a different order, so the gradients
+# agree within rounding, not bit for bit (the sums are closer to exact than NumPy's). The
+# array code's two means are gamma times these sums over the count:
+#     mean(g * gamma) = gamma * sum(g) / m,   mean(g * gamma * xhat) = gamma * sum(g * xhat) / m.
+
+
+@jit(parallel=True)
+def _bn_forward(x, mean, invstd, gamma, beta, xhat, y):
+    n, c = x.shape[0], x.shape[1]
+    for ch in prange(c):
+        m, s, gm, bt = mean[ch], invstd[ch], gamma[ch], beta[ch]
+        for b in range(n):
+            src, xh, out = x[b, ch].reshape(-1), xhat[b, ch].reshape(-1), y[b, ch].reshape(-1)
+            for t in range(src.size):
+                v = (src[t] - m) * s
+                xh[t] = v
+                out[t] = gm * v + bt
+
+
+def bn_forward(x, mean, invstd, gamma, beta):
+    """(xhat, y) of ``BatchNormTrain.forward`` for C-contiguous x (N, C, H, W) and per-channel
+    float vectors of x's dtype: xhat = (x - mean) * invstd, y = gamma * xhat + beta, the
+    array code's floats."""
+    xhat, y = np.empty_like(x), np.empty_like(x)
+    if x.size:
+        _bn_forward(x, mean, invstd, gamma, beta, xhat, y)
+    return xhat, y
+
+
+@jit(parallel=True)
+def _bn_sums(g, xhat, gsum, gxsum):
+    n, c = g.shape[0], g.shape[1]
+    for ch in prange(c):
+        a = 0.0
+        bsum = 0.0
+        for b in range(n):
+            gg, xh = g[b, ch].reshape(-1), xhat[b, ch].reshape(-1)
+            for t in range(gg.size):
+                a += np.float64(gg[t])
+                bsum += np.float64(gg[t]) * np.float64(xh[t])
+        gsum[ch] = a
+        gxsum[ch] = bsum
+
+
+@jit(parallel=True)
+def _bn_input_grad(g, xhat, invstd, gamma, m1, m2, gx):
+    n, c = g.shape[0], g.shape[1]
+    for b in prange(n):
+        for ch in range(c):
+            s, gm, a1, a2 = invstd[ch], gamma[ch], m1[ch], m2[ch]
+            gg, xh, out = g[b, ch].reshape(-1), xhat[b, ch].reshape(-1), gx[b, ch].reshape(-1)
+            for t in range(gg.size):
+                out[t] = s * ((gg[t] * gm - a1) - xh[t] * a2)
+
+
+def bn_backward(g, xhat, invstd, gamma):
+    """(g_x, g_gamma, g_beta) of ``BatchNormTrain.backward`` (no synchronisation) for
+    C-contiguous g and xhat (N, C, H, W) and per-channel invstd, gamma of their dtype:
+
+        g_beta = sum g,  g_gamma = sum g * xhat  (over N, H, W; float64, rounded once)
+        g_x    = invstd * (g * gamma - gamma * g_beta / m - xhat * (gamma * g_gamma / m))
+
+    with m = N*H*W: the array code's values within rounding (see the comment above)."""
+    n, c = g.shape[:2]
+    count = g.size // c if c else 0
+    gsum, gxsum = np.zeros(c, np.float64), np.zeros(c, np.float64)
+    if g.size:
+        _bn_sums(g, xhat, gsum, gxsum)
+    dt = g.dtype
+    gbeta, ggamma = gsum.astype(dt), gxsum.astype(dt)
+    gamma64 = gamma.astype(np.float64)
+    m1 = (gamma64 * gsum / max(count, 1)).astype(dt)
+    m2 = (gamma64 * gxsum / max(count, 1)).astype(dt)
+    gx = np.empty_like(g)
+    if g.size:
+        _bn_input_grad(g, xhat, invstd, gamma, m1, m2, gx)
+    return gx, ggamma, gbeta
