@@ -205,25 +205,19 @@ def _max_pool_backward(g, arg, k, stride, out):
 @jit(parallel=True)
 def _max_pool_backward_tiled(g, arg, k, out):
     # stride == k: the windows tile the input without overlap, so every element gets at
-    # most one gradient, 0 + g = g (and 0 + -0.0 = 0.0, as the slice-adds give): one pass
-    # writes every element, the rows and columns that no window covers (floor mode) zero
+    # most one gradient: the image's planes are zeroed, then each window's g is stored at
+    # its arg as 0 + g (0 + -0.0 is 0.0, as the slice-adds give)
     n, c, ho, wo = g.shape
-    h, w = out.shape[2], out.shape[3]
     zero = out.dtype.type(0)
     for b in prange(n):
+        plane = out[b].reshape(-1)
+        for t in range(plane.size):
+            plane[t] = zero
         for ch in range(c):
             for y in range(ho):
-                for i in range(k):
-                    row = out[b, ch, y * k + i]
-                    for z in range(wo):
-                        a = arg[b, ch, y, z]
-                        for j in range(k):
-                            row[z * k + j] = g[b, ch, y, z] + zero if a == i * k + j else zero
-                    for z in range(wo * k, w):
-                        row[z] = zero
-            for y in range(ho * k, h):
-                for z in range(w):
-                    out[b, ch, y, z] = zero
+                for z in range(wo):
+                    a = arg[b, ch, y, z]
+                    out[b, ch, y * k + a // k, z * k + a % k] = g[b, ch, y, z] + zero
 
 
 def max_pool2d_backward(g, arg, x_shape, k, stride):
