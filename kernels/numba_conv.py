@@ -1,15 +1,18 @@
-"""Numba CPU versions of the convolution glue: col2im, sign-patch packing, max pool.
+"""Numba CPU versions of the convolution glue and of the training step's elementwise ops:
+col2im, sign-patch packing, max pool, the binary convolution's backward, sign, batch norm.
 
 The NumPy code in ``minibnn.functional`` and ``minibnn.binary`` is the reference; each
-function here returns the same values, bit for bit, and the numba backend calls these
+function here returns the same values, bit for bit, except where a sum must be taken in
+another order (the binary convolution's weight gradient, batch norm's backward sums: there
+within rounding, tested against the float64 result), and the numba backend calls these
 instead (``backend.conv_kernels()``). Why they exist: in a small ConvNet the GEMMs are
 cheap and the glue is not. The NumPy ``col2im`` of a 16-channel 28x28 layer at batch 100
 reads a 45 MB patch matrix with one strided slice-add per kernel offset, and the NumPy
 max pool makes a temporary per offset; here every image is one task of a ``prange`` loop
 that touches its data once. Measured on a 2-core Zen 4 at batch 100 (best of 10, other
-jobs running): col2im 5.6 ms against 11-12 ms, sign-patch packing 4.3 ms against 7.8 ms
-(16 channels, 28x28), max pool 0.7-1.0 ms against 8.9 ms. A numba im2col did not beat
-NumPy's per-offset slice copies (both write the same patch matrix), so there is none.
+jobs running): col2im 5.6 ms against 11-12 ms, max pool 0.7-1.0 ms against 8.9 ms. A numba
+im2col did not beat NumPy's per-offset slice copies (both write the same patch matrix), so
+there is none; the binary convolution's backward needs neither im2col nor col2im here.
 
 Layouts (as the NumPy versions):
 
@@ -19,11 +22,16 @@ Layouts (as the NumPy versions):
 * ``pack_sign_patches(x, kh, kw, stride, padding)`` -> uint64 (N*Ho*Wo, words): the
   patches of sign(x) in the (i, j, c) order of ``binary.conv_sign_patches``, padding taps
   +1 (bit 1), packed LSB first 64 to a word with the pad bits of the last word 0, i.e.
-  ``pack_rows(conv_sign_patches(x, ...))`` in one pass without the bool matrix.
+  ``pack_rows(conv_sign_patches(x, ...))`` without the bool matrix: each pixel's C sign
+  bits are packed once, and a patch row joins its taps' groups of C bits.
 * ``max_pool2d(x, k, stride)`` -> (best, arg) and ``max_pool2d_backward(g, arg, x_shape,
   k, stride)``: floor mode, no padding; the tie rule of ``functional.MaxPool2d`` (the
   first maximal element in row-major window order wins, strict ``>``); ``arg`` is the
   window offset t = i*k + j as uint8 (k*k < 256) or int32.
+* ``binary_conv2d_backward(g, x, wb, stride, padding)`` -> (g_x, g_w) for stride 1 and
+  padding within the kernel's reach (``direct_backward_fits``): see its section below.
+* ``sign(x)``, ``sign_ste(x)`` -> sign(x) and (sign(x), |x| <= 1) in one pass.
+* ``bn_forward``, ``bn_backward``: ``functional.BatchNormTrain`` on C-contiguous NCHW.
 """
 
 import numpy as np
