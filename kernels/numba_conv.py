@@ -286,9 +286,10 @@ def sign_ste(x):
 # patch-sized matrices per layer (N*Ho*Wo x C*kh*kw: 45 MB for 16 channels, 28x28, batch
 # 100): the columns g2 @ W2 that col2im folds back, and im2col(x) for g2^T @ patches. Their
 # arithmetic is small (16 products per column entry); the time goes to writing and reading
-# them. Here each image is done where its data sit in cache: its gradient planes are
-# copied once into zero-bordered planes, and every kernel tap becomes a shift of the
-# flattened plane, so both gradients are long, vectorisable loops over whole planes.
+# them. Here a few images (``_CHUNK``) at a time are done where their data sit in cache:
+# their planes are copied once into zero-bordered planes, stacked one image under the
+# other, and every kernel tap becomes a shift of the flattened stack, so both gradients
+# are long, vectorisable loops over whole planes.
 #
 # Planes of pitch P hold an image row per P entries; entry t = row*P + col. With the
 # gradient g bordered by (kh-1-p, kw-1-p) zeros (pitch P = W + kw - 1), the input gradient
@@ -309,13 +310,13 @@ def sign_ste(x):
 # x + j - p] is a dot product of g's plane with a shifted, zero-bordered plane of x (pitch
 # W + 2p). BLAS sums these N*Ho*Wo terms in blocks of its own choosing; no loop can
 # promise its order, so this one is vectorised freely (``fastmath`` reassociation, within
-# one image) and added over the images in a fixed order: images in chunks of
-# ``_CHUNK``, each chunk's partial sum in its own slot, the slots added in order. The
+# one chunk of ``_CHUNK`` images) and added over the chunks in a fixed order: each
+# chunk's partial sum in its own slot, the slots added in order. The
 # result does not depend on the thread count. Its difference from the BLAS result is
 # rounding only: tested against the float64 sum within 1e-5 of the sum of the terms'
 # magnitudes (float32), as the BLAS result is.
 
-_CHUNK = 2  # images per partial weight gradient (fixed: the sum is the same on any thread count)
+_CHUNK = 4  # images per partial weight gradient (fixed: the sum is the same on any thread count)
 
 
 def direct_backward_fits(x, g, wb, stride, padding):
@@ -362,52 +363,59 @@ def _tap_sum(s, gpad, w, c, i, j, off, n):
 def _conv_backward(x, g, w, p, need_x, need_w, gx, gwp):
     # x (N, C, H, W), g (N, O, Ho, Wo), w (O, C, kh, kw); stride 1, p <= kh-1, kw-1.
     # gx (N, C, H, W) written when need_x; gwp (ceil(N / _CHUNK), O, C, kh, kw) zeroed,
-    # one partial weight gradient per chunk of _CHUNK images, added to when need_w
+    # one partial weight gradient per chunk of _CHUNK images, added to when need_w.
+    # A chunk's images are stacked into one tall plane per channel, each image in its own
+    # block of rows with its own zero border, so that a tap's shift never reaches into
+    # the next image and every loop runs over the whole chunk at once.
     n, c, h, wd = x.shape
     o, kh, kw = w.shape[0], w.shape[2], w.shape[3]
     ho, wo = g.shape[2], g.shape[3]
     bh, bw = kh - 1 - p, kw - 1 - p     # g's border for the input gradient
-    gp = wd + kw - 1                    # its pitch (= wo + 2 * bw)
-    nx = (h - 1) * gp + wd              # plane entries up to the last input pixel
-    xp = wd + 2 * p                     # x's pitch for the weight gradient (border p)
-    nw = (ho - 1) * xp + wo             # plane entries up to the last output pixel
+    gp, hg = wd + kw - 1, h + kh - 1    # its pitch and rows per image (= wo + 2bw, ho + 2bh)
+    xp, hx = wd + 2 * p, h + 2 * p      # x's pitch and rows per image (border p)
     for q in prange((n + _CHUNK - 1) // _CHUNK):
-        gpad = np.zeros((o, (ho + 2 * bh) * gp), g.dtype)
-        gwide = np.zeros((o, ho * xp), g.dtype)
-        xpad = np.zeros((c, (h + 2 * p) * xp), g.dtype)
-        s = np.empty(nx, g.dtype)
-        acc = np.empty(nx, g.dtype)
-        for b in range(q * _CHUNK, min(n, (q + 1) * _CHUNK)):
-            if need_x:
+        b0 = q * _CHUNK
+        nb = min(n, b0 + _CHUNK) - b0
+        nx = ((nb - 1) * hg + h - 1) * gp + wd   # entries up to the last input pixel
+        nw = ((nb - 1) * hx + ho - 1) * xp + wo  # entries up to the last output pixel
+        if need_x:
+            gpad = np.zeros((o, nb * hg * gp), g.dtype)
+            s = np.empty(nx, g.dtype)
+            acc = np.empty(nx, g.dtype)
+            for r in range(nb):
                 for k in range(o):
                     for y in range(ho):
                         for z in range(wo):
-                            gpad[k, (y + bh) * gp + z + bw] = g[b, k, y, z]
+                            gpad[k, (r * hg + y + bh) * gp + z + bw] = g[b0 + r, k, y, z]
+            for ch in range(c):
+                acc[:] = 0
+                for i in range(kh):
+                    for j in range(kw):
+                        _tap_sum(s, gpad, w, ch, i, j, (kh - 1 - i) * gp + kw - 1 - j, nx)
+                        for t in range(nx):
+                            acc[t] += s[t]
+                for r in range(nb):
+                    for y in range(h):
+                        for z in range(wd):
+                            gx[b0 + r, ch, y, z] = acc[(r * hg + y) * gp + z]
+        if need_w:
+            gwide = np.zeros((o, nb * hx * xp), g.dtype)
+            xpad = np.zeros((c, nb * hx * xp), g.dtype)
+            for r in range(nb):
+                for k in range(o):
+                    for y in range(ho):
+                        for z in range(wo):
+                            gwide[k, (r * hx + y) * xp + z] = g[b0 + r, k, y, z]
                 for ch in range(c):
-                    acc[:] = 0
+                    for y in range(h):
+                        for z in range(wd):
+                            xpad[ch, (r * hx + y + p) * xp + z + p] = x[b0 + r, ch, y, z]
+            for k in range(o):
+                for ch in range(c):
                     for i in range(kh):
                         for j in range(kw):
-                            _tap_sum(s, gpad, w, ch, i, j, (kh - 1 - i) * gp + kw - 1 - j, nx)
-                            for t in range(nx):
-                                acc[t] += s[t]
-                    for y in range(h):
-                        for z in range(wd):
-                            gx[b, ch, y, z] = acc[y * gp + z]
-            if need_w:
-                for k in range(o):
-                    for y in range(ho):
-                        for z in range(wo):
-                            gwide[k, y * xp + z] = g[b, k, y, z]
-                for ch in range(c):
-                    for y in range(h):
-                        for z in range(wd):
-                            xpad[ch, (y + p) * xp + z + p] = x[b, ch, y, z]
-                for k in range(o):
-                    for ch in range(c):
-                        for i in range(kh):
-                            for j in range(kw):
-                                off = i * xp + j
-                                gwp[q, k, ch, i, j] += _dot(gwide[k], xpad[ch, off:off + nw], nw)
+                            off = i * xp + j
+                            gwp[q, k, ch, i, j] += _dot(gwide[k], xpad[ch, off:off + nw], nw)
 
 
 @jit()
