@@ -420,10 +420,14 @@ def _conv_backward(x, g, w, p, need_x, need_w, gx, gwp):
 
 @jit()
 def _sum_slots(parts, out):
-    # out = parts[0] + parts[1] + ..., in that order
-    out[:] = 0
+    # out = parts[0] + parts[1] + ..., in that order, element by element
+    flat, m = out.reshape(-1), out.size
+    for t in range(m):
+        flat[t] = 0
     for q in range(parts.shape[0]):
-        out += parts[q]
+        part = parts[q].reshape(-1)
+        for t in range(m):
+            flat[t] += part[t]
 
 
 def binary_conv2d_backward(g, x, wb, stride, padding, need_x=True, need_w=True):
