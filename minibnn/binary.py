@@ -438,7 +438,7 @@ class BinaryConv2dFn(Function):
         glue = compiled_glue(g)
         if glue is not None and hasattr(glue, "binary_conv2d_backward") \
                 and glue.direct_backward_fits(x, g, wb, self.stride, self.padding):
-            # numba: both gradients image by image, no patch matrices (same values)
+            # numba: no patch matrices; g_x the same floats, g_w within rounding
             return glue.binary_conv2d_backward(g, x, wb, self.stride, self.padding,
                                                *self.needs_input_grad)
         if self.needs_input_grad[1] and patches is None:
