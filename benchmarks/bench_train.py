@@ -46,7 +46,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+# before NumPy loads OpenBLAS, as ``import minibnn`` first would (see minibnn/__init__.py:
+# OpenBLAS's threads otherwise spin on the cores numba's kernels need); PyTorch uses MKL
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))

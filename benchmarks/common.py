@@ -45,6 +45,7 @@ def machine_info(use_gpu, **extra):
         "numba": numba.__version__,
         "numba_threads": numba.get_num_threads(),
         "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
+        "OPENBLAS_THREAD_TIMEOUT": os.environ.get("OPENBLAS_THREAD_TIMEOUT"),
         "load_average_at_start": list(os.getloadavg()),
         **extra,
     }

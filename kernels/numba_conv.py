@@ -1,15 +1,18 @@
-"""Numba CPU versions of the convolution glue: col2im, sign-patch packing, max pool.
+"""Numba CPU versions of the convolution glue and of the training step's elementwise ops:
+col2im, sign-patch packing, max pool, the binary convolution's backward, sign, batch norm.
 
 The NumPy code in ``minibnn.functional`` and ``minibnn.binary`` is the reference; each
-function here returns the same values, bit for bit, and the numba backend calls these
+function here returns the same values, bit for bit, except where a sum must be taken in
+another order (the binary convolution's weight gradient, batch norm's backward sums: there
+within rounding, tested against the float64 result), and the numba backend calls these
 instead (``backend.conv_kernels()``). Why they exist: in a small ConvNet the GEMMs are
 cheap and the glue is not. The NumPy ``col2im`` of a 16-channel 28x28 layer at batch 100
 reads a 45 MB patch matrix with one strided slice-add per kernel offset, and the NumPy
 max pool makes a temporary per offset; here every image is one task of a ``prange`` loop
 that touches its data once. Measured on a 2-core Zen 4 at batch 100 (best of 10, other
-jobs running): col2im 5.6 ms against 11-12 ms, sign-patch packing 4.3 ms against 7.8 ms
-(16 channels, 28x28), max pool 0.7-1.0 ms against 8.9 ms. A numba im2col did not beat
-NumPy's per-offset slice copies (both write the same patch matrix), so there is none.
+jobs running): col2im 5.6 ms against 11-12 ms, max pool 0.7-1.0 ms against 8.9 ms. A numba
+im2col did not beat NumPy's per-offset slice copies (both write the same patch matrix), so
+there is none; the binary convolution's backward needs neither im2col nor col2im here.
 
 Layouts (as the NumPy versions):
 
@@ -19,11 +22,16 @@ Layouts (as the NumPy versions):
 * ``pack_sign_patches(x, kh, kw, stride, padding)`` -> uint64 (N*Ho*Wo, words): the
   patches of sign(x) in the (i, j, c) order of ``binary.conv_sign_patches``, padding taps
   +1 (bit 1), packed LSB first 64 to a word with the pad bits of the last word 0, i.e.
-  ``pack_rows(conv_sign_patches(x, ...))`` in one pass without the bool matrix.
+  ``pack_rows(conv_sign_patches(x, ...))`` without the bool matrix: each pixel's C sign
+  bits are packed once, and a patch row joins its taps' groups of C bits.
 * ``max_pool2d(x, k, stride)`` -> (best, arg) and ``max_pool2d_backward(g, arg, x_shape,
   k, stride)``: floor mode, no padding; the tie rule of ``functional.MaxPool2d`` (the
   first maximal element in row-major window order wins, strict ``>``); ``arg`` is the
   window offset t = i*k + j as uint8 (k*k < 256) or int32.
+* ``binary_conv2d_backward(g, x, wb, stride, padding)`` -> (g_x, g_w) for stride 1 and
+  padding within the kernel's reach (``direct_backward_fits``): see its section below.
+* ``sign(x)``, ``sign_ste(x)`` -> sign(x) and (sign(x), |x| <= 1) in one pass.
+* ``bn_forward``, ``bn_backward``: ``functional.BatchNormTrain`` on C-contiguous NCHW.
 """
 
 import numpy as np
@@ -31,7 +39,9 @@ from numba import prange
 
 from ._numba_common import jit
 
-__all__ = ["accepts", "col2im", "pack_sign_patches", "max_pool2d", "max_pool2d_backward"]
+__all__ = ["accepts", "col2im", "pack_sign_patches", "max_pool2d", "max_pool2d_backward",
+           "direct_backward_fits", "binary_conv2d_backward", "sign", "sign_ste",
+           "bn_forward", "bn_backward"]
 
 
 def accepts(x):
@@ -83,46 +93,72 @@ def col2im(cols, x_shape, kh, kw, stride=1, padding=0):
 
 
 @jit(parallel=True)
-def _pack_sign_patches(x, kh, kw, stride, padding, ho, wo, out):
-    # x (N, H, W, C) bool (x >= 0); out (N*Ho*Wo, words) uint64, bit t of a row is its
-    # patch entry t = (i*kw + j)*C + c; the word is built in a register, stored when full
-    n, h, w, c = x.shape
+def _pixel_bits(x, bits):
+    # bits (N, H, W, cw) uint64, zeroed: bit c % 64 of word c // 64 is x[n, c, h, w] >= 0
+    n, c, h, w = x.shape
+    for b in prange(n):
+        for ch in range(c):
+            q, r = ch // 64, np.uint64(ch % 64)
+            for y in range(h):
+                for z in range(w):
+                    if x[b, ch, y, z] >= 0:
+                        bits[b, y, z, q] |= np.uint64(1) << r
+
+
+@jit(parallel=True)
+def _pack_sign_patches(bits, c, kh, kw, stride, padding, ho, wo, out):
+    # bits (N, H, W, cw): each pixel's C sign bits (see _pixel_bits); out (N*Ho*Wo, words)
+    # uint64. A row is its taps' C-bit groups one after another, (i, j) row-major, a
+    # padding tap all ones: bit t = (i*kw + j)*C + c, as in conv_sign_patches. Each group
+    # is appended to the word being built (up to 64 bits at a time, carried over a word
+    # boundary), which is stored when full; the last word's unused high bits stay 0.
+    n, h, w, cw = bits.shape
     words = out.shape[1]
+    ones = np.uint64(0xFFFFFFFFFFFFFFFF)
     for b in prange(n):
         for y in range(ho):
             for z in range(wo):
                 row = (b * ho + y) * wo + z
-                word = np.uint64(0)
-                t = 0
-                q = 0
+                cur = np.uint64(0)
+                r = 0  # bits of cur in use
+                q = 0  # next word of the row to store
                 for i in range(kh):
                     yy = y * stride + i - padding
                     for j in range(kw):
                         xx = z * stride + j - padding
                         inside = 0 <= yy < h and 0 <= xx < w
-                        for ch in range(c):
-                            bit = x[b, yy, xx, ch] if inside else True
-                            word |= np.uint64(bit) << np.uint64(t)
-                            t += 1
-                            if t == 64:
-                                out[row, q] = word
+                        for k in range(cw):
+                            nb = min(64, c - 64 * k)
+                            if inside:
+                                v = bits[b, yy, xx, k]
+                            elif nb == 64:
+                                v = ones
+                            else:
+                                v = (np.uint64(1) << np.uint64(nb)) - np.uint64(1)
+                            cur |= v << np.uint64(r)
+                            if r + nb >= 64:
+                                out[row, q] = cur
                                 q += 1
-                                word = np.uint64(0)
-                                t = 0
+                                cur = v >> np.uint64(64 - r) if r > 0 else np.uint64(0)
+                                r = r + nb - 64
+                            else:
+                                r += nb
                 if q < words:
-                    out[row, q] = word
+                    out[row, q] = cur
 
 
 def pack_sign_patches(x, kh, kw, stride=1, padding=0):
-    """``pack_rows(conv_sign_patches(x, kh, kw, stride, padding))`` in one pass: uint64
-    (N*Ho*Wo, ceil(kh*kw*C / 64)); see the module docstring."""
+    """``pack_rows(conv_sign_patches(x, kh, kw, stride, padding))`` without the bool patch
+    matrix: uint64 (N*Ho*Wo, ceil(kh*kw*C / 64)); see the module docstring. Each pixel's
+    C sign bits are packed once, then every patch row is its taps' bit groups joined."""
     n, c, h, w = x.shape
     ho, wo = _out_size(h, kh, stride, padding), _out_size(w, kw, stride, padding)
     words = (kh * kw * c + 63) // 64
     out = np.empty((n * ho * wo, words), dtype=np.uint64)
     if out.size:
-        nhwc = np.ascontiguousarray((x >= 0).transpose(0, 2, 3, 1))
-        _pack_sign_patches(nhwc, kh, kw, stride, padding, ho, wo, out)
+        bits = np.zeros((n, h, w, (c + 63) // 64), dtype=np.uint64)
+        _pixel_bits(x, bits)
+        _pack_sign_patches(bits, c, kh, kw, stride, padding, ho, wo, out)
     return out
 
 
@@ -174,10 +210,338 @@ def _max_pool_backward(g, arg, k, stride, out):
                             out[b, ch, y * stride + i, z * stride + j] += g[b, ch, y, z]
 
 
+@jit(parallel=True)
+def _max_pool_backward_tiled(g, arg, k, out):
+    # stride == k: the windows tile the input without overlap, so every element gets at
+    # most one gradient: the image's planes are zeroed, then each window's g is stored at
+    # its arg as 0 + g (0 + -0.0 is 0.0, as the slice-adds give)
+    n, c, ho, wo = g.shape
+    zero = out.dtype.type(0)
+    for b in prange(n):
+        plane = out[b].reshape(-1)
+        for t in range(plane.size):
+            plane[t] = zero
+        for ch in range(c):
+            for y in range(ho):
+                for z in range(wo):
+                    a = arg[b, ch, y, z]
+                    out[b, ch, y * k + a // k, z * k + a % k] = g[b, ch, y, z] + zero
+
+
 def max_pool2d_backward(g, arg, x_shape, k, stride):
     """The gradient of ``max_pool2d`` with respect to x: each window's g to its arg."""
-    out = np.zeros(tuple(int(s) for s in x_shape), dtype=g.dtype)
+    shape = tuple(int(s) for s in x_shape)
+    if stride == k:
+        out = np.empty(shape, dtype=g.dtype)
+        if out.size:
+            _max_pool_backward_tiled(np.ascontiguousarray(g), arg, k, out)
+        return out
+    out = np.zeros(shape, dtype=g.dtype)
     if g.size:
         _max_pool_backward(np.ascontiguousarray(g), arg, k, stride, out)
     return out
 
+
+# --------------------------------------------------------------------------- sign
+
+
+@jit(parallel=True)
+def _sign(x, q):
+    one = q.dtype.type(1)
+    for t in prange(x.size):
+        q[t] = one if x[t] >= 0 else -one
+
+
+@jit(parallel=True)
+def _sign_ste(x, q, keep):
+    one = q.dtype.type(1)
+    for t in prange(x.size):
+        v = x[t]
+        q[t] = one if v >= 0 else -one
+        keep[t] = abs(v) <= 1
+
+
+def sign(x):
+    """``binary.sign(x)`` for a float NumPy array: where(x >= 0, 1, -1) in x's dtype (NaN
+    gives -1, as the comparison is False), one pass."""
+    flat = np.ascontiguousarray(x).reshape(-1)
+    q = np.empty(flat.size, x.dtype)
+    _sign(flat, q)
+    return q.reshape(x.shape)
+
+
+def sign_ste(x):
+    """(sign(x), |x| <= 1) for a float NumPy array in one pass: ``binary.SignSTE``'s
+    forward value and the mask its backward multiplies by, the same values as its array
+    code (NaN: -1 and False)."""
+    flat = np.ascontiguousarray(x).reshape(-1)
+    q, keep = np.empty(flat.size, x.dtype), np.empty(flat.size, np.bool_)
+    _sign_ste(flat, q, keep)
+    return q.reshape(x.shape), keep.reshape(x.shape)
+
+
+# --------------------------------------------------------------------------- binary conv backward
+#
+# The backward of a binary convolution as functional.conv2d_backward computes it writes two
+# patch-sized matrices per layer (N*Ho*Wo x C*kh*kw: 45 MB for 16 channels, 28x28, batch
+# 100): the columns g2 @ W2 that col2im folds back, and im2col(x) for g2^T @ patches. Their
+# arithmetic is small (16 products per column entry); the time goes to writing and reading
+# them. Here a few images (``_CHUNK``) at a time are done where their data sit in cache:
+# their planes are copied once into zero-bordered planes, stacked one image under the
+# other, and every kernel tap becomes a shift of the flattened stack, so both gradients
+# are long, vectorisable loops over whole planes.
+#
+# Planes of pitch P hold an image row per P entries; entry t = row*P + col. With the
+# gradient g bordered by (kh-1-p, kw-1-p) zeros (pitch P = W + kw - 1), the input gradient
+# of channel c at t is, for stride 1,
+#
+#     gx[c](t) = sum over taps (i, j) row-major of S_ij(t),
+#     S_ij(t)  = sum over o ascending of w[o, c, i, j] * gpad[o](t + (kh-1-i)*P + (kw-1-j))
+#
+# (a tap whose output position lies outside the image reads the zero border). This is
+# the reference's order: BLAS forms each column entry S_ij as a dot product over O, and
+# col2im adds the taps row-major starting from zero. With +-1 weights every product is
+# exact, so the only roundings are those of these sums, in that order: where BLAS adds the
+# O products of an entry one after another (as OpenBLAS's sgemm/dgemm kernels do), the
+# result is the same bit for bit (tests/test_conv_backward.py pins the order exactly
+# against a NumPy transcription, and the BLAS path within a tolerance).
+#
+# The weight gradient gw[o, c, i, j] = sum over (n, y, x) of g[n, o, y, x] * x[n, c, y + i - p,
+# x + j - p] is a dot product of g's plane with a shifted, zero-bordered plane of x (pitch
+# W + 2p). BLAS sums these N*Ho*Wo terms in blocks of its own choosing; no loop can
+# promise its order, so this one is vectorised freely (``fastmath`` reassociation, within
+# one chunk of ``_CHUNK`` images) and added over the chunks in a fixed order: each
+# chunk's partial sum in its own slot, the slots added in order. The
+# result does not depend on the thread count. Its difference from the BLAS result is
+# rounding only: tested against the float64 sum within 1e-5 of the sum of the terms'
+# magnitudes (float32), as the BLAS result is.
+
+_CHUNK = 4  # images per partial weight gradient (fixed: the sum is the same on any thread count)
+
+
+def direct_backward_fits(x, g, wb, stride, padding):
+    """True when ``binary_conv2d_backward`` takes this layer: stride 1, padding at most
+    the kernel's reach (p <= kh - 1 and p <= kw - 1), x, g and wb NumPy arrays of one
+    float dtype. Other layers run ``functional.conv2d_backward``."""
+    kh, kw = wb.shape[2], wb.shape[3]
+    return (stride == 1 and padding <= kh - 1 and padding <= kw - 1
+            and all(isinstance(a, np.ndarray) for a in (x, g, wb))
+            and x.dtype == g.dtype == wb.dtype and g.dtype.kind == "f")
+
+
+@jit(fastmath={"reassoc", "nsz"})
+def _dot(a, b, n):
+    # sum of a[t] * b[t], t < n, in any order (reassociated so that it vectorises)
+    s = a.dtype.type(0)
+    for t in range(n):
+        s += a[t] * b[t]
+    return s
+
+
+@jit()
+def _tap_sum(s, gpad, w, c, i, j, off, n):
+    # s[:n] = sum over o ascending of w[o, c, i, j] * gpad[o, off:off + n]; one rounding per
+    # added product, in that order (four products per pass over s, the order kept)
+    o = gpad.shape[0]
+    s[:n] = 0
+    k = 0
+    while k + 4 <= o:
+        a0, a1 = gpad[k, off:off + n], gpad[k + 1, off:off + n]
+        a2, a3 = gpad[k + 2, off:off + n], gpad[k + 3, off:off + n]
+        w0, w1, w2, w3 = w[k, c, i, j], w[k + 1, c, i, j], w[k + 2, c, i, j], w[k + 3, c, i, j]
+        for t in range(n):
+            s[t] = (((s[t] + w0 * a0[t]) + w1 * a1[t]) + w2 * a2[t]) + w3 * a3[t]
+        k += 4
+    while k < o:
+        a0, w0 = gpad[k, off:off + n], w[k, c, i, j]
+        for t in range(n):
+            s[t] += w0 * a0[t]
+        k += 1
+
+
+@jit(parallel=True)
+def _conv_backward(x, g, w, p, need_x, need_w, gx, gwp):
+    # x (N, C, H, W), g (N, O, Ho, Wo), w (O, C, kh, kw); stride 1, p <= kh-1, kw-1.
+    # gx (N, C, H, W) written when need_x; gwp (ceil(N / _CHUNK), O, C, kh, kw) zeroed,
+    # one partial weight gradient per chunk of _CHUNK images, added to when need_w.
+    # A chunk's images are stacked into one tall plane per channel, each image in its own
+    # block of rows with its own zero border, so that a tap's shift never reaches into
+    # the next image and every loop runs over the whole chunk at once.
+    n, c, h, wd = x.shape
+    o, kh, kw = w.shape[0], w.shape[2], w.shape[3]
+    ho, wo = g.shape[2], g.shape[3]
+    bh, bw = kh - 1 - p, kw - 1 - p     # g's border for the input gradient
+    gp, hg = wd + kw - 1, h + kh - 1    # its pitch and rows per image (= wo + 2bw, ho + 2bh)
+    xp, hx = wd + 2 * p, h + 2 * p      # x's pitch and rows per image (border p)
+    for q in prange((n + _CHUNK - 1) // _CHUNK):
+        b0 = q * _CHUNK
+        nb = min(n, b0 + _CHUNK) - b0
+        nx = ((nb - 1) * hg + h - 1) * gp + wd   # entries up to the last input pixel
+        nw = ((nb - 1) * hx + ho - 1) * xp + wo  # entries up to the last output pixel
+        if need_x:
+            gpad = np.zeros((o, nb * hg * gp), g.dtype)
+            s = np.empty(nx, g.dtype)
+            acc = np.empty(nx, g.dtype)
+            for r in range(nb):
+                for k in range(o):
+                    for y in range(ho):
+                        for z in range(wo):
+                            gpad[k, (r * hg + y + bh) * gp + z + bw] = g[b0 + r, k, y, z]
+            for ch in range(c):
+                acc[:] = 0
+                for i in range(kh):
+                    for j in range(kw):
+                        _tap_sum(s, gpad, w, ch, i, j, (kh - 1 - i) * gp + kw - 1 - j, nx)
+                        for t in range(nx):
+                            acc[t] += s[t]
+                for r in range(nb):
+                    for y in range(h):
+                        for z in range(wd):
+                            gx[b0 + r, ch, y, z] = acc[(r * hg + y) * gp + z]
+        if need_w:
+            gwide = np.zeros((o, nb * hx * xp), g.dtype)
+            xpad = np.zeros((c, nb * hx * xp), g.dtype)
+            for r in range(nb):
+                for k in range(o):
+                    for y in range(ho):
+                        for z in range(wo):
+                            gwide[k, (r * hx + y) * xp + z] = g[b0 + r, k, y, z]
+                for ch in range(c):
+                    for y in range(h):
+                        for z in range(wd):
+                            xpad[ch, (r * hx + y + p) * xp + z + p] = x[b0 + r, ch, y, z]
+            for k in range(o):
+                for ch in range(c):
+                    for i in range(kh):
+                        for j in range(kw):
+                            off = i * xp + j
+                            gwp[q, k, ch, i, j] += _dot(gwide[k], xpad[ch, off:off + nw], nw)
+
+
+@jit()
+def _sum_slots(parts, out):
+    # out = parts[0] + parts[1] + ..., in that order, element by element
+    flat, m = out.reshape(-1), out.size
+    for t in range(m):
+        flat[t] = 0
+    for q in range(parts.shape[0]):
+        part = parts[q].reshape(-1)
+        for t in range(m):
+            flat[t] += part[t]
+
+
+def binary_conv2d_backward(g, x, wb, stride, padding, need_x=True, need_w=True):
+    """(g_x, g_w) of out = conv2d(x, wb, stride, padding), zero padding, from g = dL/dout,
+    without patch matrices (see the comment above): the values of
+    ``functional.conv2d_backward(g, x.shape, wb, stride, padding, im2col(x))``, g_x bit for
+    bit where BLAS sums each column entry over O in order and wb holds +-1, g_w within
+    rounding. Each is None when not asked for. Only for layers ``direct_backward_fits``
+    takes."""
+    if not direct_backward_fits(x, g, wb, stride, padding):
+        raise ValueError(f"binary_conv2d_backward: stride {stride}, padding {padding}, kernel "
+                         f"{tuple(wb.shape[2:])}, dtypes {x.dtype}/{g.dtype}/{wb.dtype} not taken; "
+                         "expected stride 1, padding <= kernel size - 1, one float dtype")
+    n, c, h, w = x.shape
+    o, _, kh, kw = wb.shape
+    want = (n, o, h + 2 * padding - kh + 1, w + 2 * padding - kw + 1)
+    if tuple(g.shape) != want or wb.shape[1] != c:
+        raise ValueError(f"binary_conv2d_backward: gradient of shape {tuple(g.shape)} does not "
+                         f"fit input {tuple(x.shape)} and weight {tuple(wb.shape)}; expected "
+                         f"{want}")
+    gx = np.empty(x.shape, x.dtype) if need_x else np.empty((1, 1, 1, 1), x.dtype)
+    chunks = (n + _CHUNK - 1) // _CHUNK
+    gwp = np.zeros((chunks,) + wb.shape if need_w else (1, 1, 1, 1, 1), g.dtype)
+    if n and (need_x or need_w):
+        _conv_backward(np.ascontiguousarray(x), np.ascontiguousarray(g),
+                       np.ascontiguousarray(wb), padding, need_x, need_w, gx, gwp)
+    gw = None
+    if need_w:
+        gw = np.empty(wb.shape, g.dtype)
+        _sum_slots(gwp, gw)
+    return (gx if need_x else None), gw
+
+
+# --------------------------------------------------------------------------- batch norm (NCHW)
+#
+# functional.BatchNormTrain on a (N, C, H, W) batch, statistics over (N, H, W). The array
+# code makes a temporary per line (x - mean, its product, g * xhat, g * gamma, ...), about
+# ten passes over the batch each way. Forward here: one pass, the same floats (the same
+# operations in the same order, no contraction). Backward: one pass per channel for the
+# two sums, one for the input gradient. The sums are taken per channel in float64 and
+# rounded once, where NumPy adds float32 pairwise: a different order, so the gradients
+# agree within rounding, not bit for bit (the sums are closer to exact than NumPy's). The
+# array code's two means are gamma times these sums over the count:
+#     mean(g * gamma) = gamma * sum(g) / m,   mean(g * gamma * xhat) = gamma * sum(g * xhat) / m.
+
+
+@jit(parallel=True)
+def _bn_forward(x, mean, invstd, gamma, beta, xhat, y):
+    n, c = x.shape[0], x.shape[1]
+    for ch in prange(c):
+        m, s, gm, bt = mean[ch], invstd[ch], gamma[ch], beta[ch]
+        for b in range(n):
+            src, xh, out = x[b, ch].reshape(-1), xhat[b, ch].reshape(-1), y[b, ch].reshape(-1)
+            for t in range(src.size):
+                v = (src[t] - m) * s
+                xh[t] = v
+                out[t] = gm * v + bt
+
+
+def bn_forward(x, mean, invstd, gamma, beta):
+    """(xhat, y) of ``BatchNormTrain.forward`` for C-contiguous x (N, C, H, W) and per-channel
+    float vectors of x's dtype: xhat = (x - mean) * invstd, y = gamma * xhat + beta, the
+    array code's floats."""
+    xhat, y = np.empty_like(x), np.empty_like(x)
+    if x.size:
+        _bn_forward(x, mean, invstd, gamma, beta, xhat, y)
+    return xhat, y
+
+
+@jit(parallel=True)
+def _bn_sums(g, xhat, gsum, gxsum):
+    n, c = g.shape[0], g.shape[1]
+    for ch in prange(c):
+        a = 0.0
+        bsum = 0.0
+        for b in range(n):
+            gg, xh = g[b, ch].reshape(-1), xhat[b, ch].reshape(-1)
+            for t in range(gg.size):
+                a += np.float64(gg[t])
+                bsum += np.float64(gg[t]) * np.float64(xh[t])
+        gsum[ch] = a
+        gxsum[ch] = bsum
+
+
+@jit(parallel=True)
+def _bn_input_grad(g, xhat, invstd, gamma, m1, m2, gx):
+    n, c = g.shape[0], g.shape[1]
+    for b in prange(n):
+        for ch in range(c):
+            s, gm, a1, a2 = invstd[ch], gamma[ch], m1[ch], m2[ch]
+            gg, xh, out = g[b, ch].reshape(-1), xhat[b, ch].reshape(-1), gx[b, ch].reshape(-1)
+            for t in range(gg.size):
+                out[t] = s * ((gg[t] * gm - a1) - xh[t] * a2)
+
+
+def bn_backward(g, xhat, invstd, gamma):
+    """(g_x, g_gamma, g_beta) of ``BatchNormTrain.backward`` (no synchronisation) for
+    C-contiguous g and xhat (N, C, H, W) and per-channel invstd, gamma of their dtype:
+
+        g_beta = sum g,  g_gamma = sum g * xhat  (over N, H, W; float64, rounded once)
+        g_x    = invstd * (g * gamma - gamma * g_beta / m - xhat * (gamma * g_gamma / m))
+
+    with m = N*H*W: the array code's values within rounding (see the comment above)."""
+    n, c = g.shape[:2]
+    count = g.size // c if c else 0
+    gsum, gxsum = np.zeros(c, np.float64), np.zeros(c, np.float64)
+    if g.size:
+        _bn_sums(g, xhat, gsum, gxsum)
+    dt = g.dtype
+    gbeta, ggamma = gsum.astype(dt), gxsum.astype(dt)
+    gamma64 = gamma.astype(np.float64)
+    m1 = (gamma64 * gsum / max(count, 1)).astype(dt)
+    m2 = (gamma64 * gxsum / max(count, 1)).astype(dt)
+    gx = np.empty_like(g)
+    if g.size:
+        _bn_input_grad(g, xhat, invstd, gamma, m1, m2, gx)
+    return gx, ggamma, gbeta

@@ -8,8 +8,19 @@
 """
 
 import importlib.util as _ilu
+import os as _os
 import sys as _sys
 from pathlib import Path as _Path
+
+# OpenBLAS's worker threads spin after each multi-threaded product (about 2^28 cycles,
+# a tenth of a second, unless OPENBLAS_THREAD_TIMEOUT says otherwise) before they sleep. On
+# a 2-core machine they then hold the core that numba's parallel kernels need next: the
+# numba ConvNet training step spent about 90 ms more CPU per step with them spinning
+# (~210 ms against ~115 ms, 2-core Zen 4, other jobs running). Unless the user set it,
+# the shortest wait (2^4) is asked for. OpenBLAS reads it once, when NumPy loads it: this
+# takes effect when minibnn is imported before NumPy (``python -m minibnn`` and the
+# benchmarks do); a program that imports NumPy first sets the variable itself.
+_os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 
 def _kernels_from_source_checkout():

@@ -24,9 +24,19 @@ def sign(x):
     if _fused(x):  # the same where(), one launch
         from .kernels import cupy_fused
         return cupy_fused.sign(x)
+    if x.dtype.kind == "f" and (glue := _elementwise_glue(x)) is not None:  # numba: one pass
+        return glue.sign(x)
     xp = get_array_module(x)
     dtype = x.dtype if x.dtype.kind == "f" else np.dtype(np.float32)
     return xp.where(x >= 0, dtype.type(1), dtype.type(-1))
+
+
+def _elementwise_glue(x):
+    """The numba backend's compiled sign kernels (``kernels.numba_conv``: ``sign``,
+    ``sign_ste``, the values of the array code here in one pass) when they take ``x``,
+    else None."""
+    glue = compiled_glue(x)
+    return glue if glue is not None and hasattr(glue, "sign_ste") else None
 
 
 class SignSTE(Function):
@@ -40,6 +50,10 @@ class SignSTE(Function):
         if _fused(x):  # both lines in one launch
             from .kernels import cupy_fused
             q, keep = cupy_fused.sign_ste(x)
+            self.save(keep)
+            return q
+        if x.dtype.kind == "f" and (glue := _elementwise_glue(x)) is not None:  # numba
+            q, keep = glue.sign_ste(x)
             self.save(keep)
             return q
         self.save(abs(x) <= 1)
@@ -425,6 +439,12 @@ class BinaryConv2dFn(Function):
     def backward(self, g):
         x, wb = self.saved
         patches, self.patches = self.patches, None
+        glue = compiled_glue(g)
+        if glue is not None and hasattr(glue, "binary_conv2d_backward") \
+                and glue.direct_backward_fits(x, g, wb, self.stride, self.padding):
+            # numba: no patch matrices; g_x the same floats, g_w within rounding
+            return glue.binary_conv2d_backward(g, x, wb, self.stride, self.padding,
+                                               *self.needs_input_grad)
         if self.needs_input_grad[1] and patches is None:
             patches = im2col(x, wb.shape[2], wb.shape[3], self.stride, self.padding)
         return conv2d_backward(g, x.shape, wb, self.stride, self.padding, patches,

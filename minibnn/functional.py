@@ -347,6 +347,21 @@ class Dropout(Function):
         return (g * self.saved[0],)
 
 
+def _bn_glue(x, axes, *others):
+    """The numba backend's batch-norm kernels (``kernels.numba_conv.bn_forward`` and
+    ``bn_backward``) when they take this call: C-contiguous NumPy (N, C, H, W) float input,
+    statistics over (0, 2, 3), every other array of its dtype; else None (the array code)."""
+    glue = compiled_glue(x)
+    if glue is None or not hasattr(glue, "bn_backward") or x.ndim != 4 or tuple(axes) != (0, 2, 3):
+        return None
+    if x.dtype.kind != "f" or not x.flags.c_contiguous:
+        return None
+    if not all(isinstance(a, type(x)) and a.dtype == x.dtype
+               and (a.ndim != 4 or a.flags.c_contiguous) for a in others):
+        return None
+    return glue
+
+
 class BatchNormTrain(Function):
     """y = gamma * (x - mean) / sqrt(var + eps) + beta with the batch's own mean and
     (biased) variance over ``axes``; the backward pass differentiates through both
@@ -372,6 +387,10 @@ class BatchNormTrain(Function):
             self.save(xhat, invstd, gamma.reshape(shape))
             return y
         invstd = (1.0 / xp.sqrt(var + eps)).astype(x.dtype).reshape(shape)
+        if (glue := _bn_glue(x, axes, mean, gamma, beta)) is not None:  # numba: one pass
+            xhat, y = glue.bn_forward(x, mean, invstd.reshape(-1), gamma, beta)
+            self.save(xhat, invstd, gamma.reshape(shape))
+            return y
         xhat = (x - mean.reshape(shape)) * invstd
         self.save(xhat, invstd, gamma.reshape(shape))
         return gamma.reshape(shape) * xhat + beta.reshape(shape)
@@ -386,6 +405,9 @@ class BatchNormTrain(Function):
             m2 = gxx.mean(axis=axes, keepdims=True)
             gx = cupy_fused.bn_backward_input(invstd, gxhat, m1, xhat, m2)
             return gx, gx2.sum(axis=axes), g.sum(axis=axes)
+        if self.sync is None and (glue := _bn_glue(g, axes, xhat, gamma, invstd)) is not None:
+            # numba: the two sums in one pass, then the input gradient (values within rounding)
+            return glue.bn_backward(g, xhat, invstd.reshape(-1), gamma.reshape(-1))
         gbeta = g.sum(axis=axes)
         ggamma = (g * xhat).sum(axis=axes)
         gxhat = g * gamma

@@ -88,6 +88,21 @@ def test_environment_variable_selects_the_backend(value, ok):
         assert proc.returncode != 0 and "gpu" in proc.stderr
 
 
+@pytest.mark.parametrize("preset, expected", [(None, "4"), ("12", "12")])
+def test_openblas_threads_are_asked_not_to_spin_unless_the_user_says(preset, expected):
+    """Importing minibnn before NumPy sets OPENBLAS_THREAD_TIMEOUT (OpenBLAS's spin before
+    its threads sleep) to its shortest, 4, and keeps a value the user set."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    env["PYTHONPATH"] = str(ROOT)
+    if preset is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = preset
+    code = ("import sys; import minibnn, os; "
+            "print(os.environ['OPENBLAS_THREAD_TIMEOUT'])")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == expected
+
+
 @pytest.mark.parametrize("m, k, n", [(1, 1, 1), (3, 63, 1), (1, 64, 5), (7, 65, 9), (4, 4097, 3),
                                      (0, 10, 3), (5, 130, 0)])
 def test_binary_matmul_is_the_exact_sign_product(each_backend, m, k, n):

@@ -274,8 +274,17 @@ def test_xnor_conv_layer_gradients_equal_float_path(each_backend, shape, xnor_pr
         out.backward(backend.asarray(g))
         outs[flag] = (out.numpy(), backend.to_numpy(xt.grad),
                       backend.to_numpy(layer.weight.grad), backend.to_numpy(layer.bias.grad))
-    for a, b in zip(outs[False], outs[True]):
-        np.testing.assert_array_equal(a, b)
+    # out, x's gradient and the bias gradient bit for bit; the weight gradient too, except
+    # where numba's direct backward (kernels/numba_conv.binary_conv2d_backward) sums it in
+    # an order BLAS does not promise: there within rounding (tests/test_conv_backward.py)
+    glue = backend.conv_kernels()
+    direct = (glue is not None and hasattr(glue, "binary_conv2d_backward")
+              and glue.direct_backward_fits(*(a.astype(np.float32) for a in (x, x, wb)), s, p))
+    for i, (a, b) in enumerate(zip(outs[False], outs[True])):
+        if i == 2 and direct:
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
+        else:
+            np.testing.assert_array_equal(a, b)
 
 
 def test_binary_conv_gradient_is_that_of_zero_padding():

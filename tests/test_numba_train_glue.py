@@ -1,0 +1,188 @@
+"""The numba backend's compiled helpers of the training step (kernels/numba_conv.py) that
+replace array code elementwise: they give the array code's values bit for bit, on awkward
+inputs (zeros of both signs, NaN, infinities, values at and just past +-1, views, float32
+and float64, empty arrays), and the library calls them on numba."""
+
+import numpy as np
+import pytest
+
+from minibnn import backend, binary
+from minibnn.tensor import Tensor
+from tests.conftest import backend_params
+
+pytestmark = pytest.mark.parametrize("name", backend_params(("numba",)))
+
+
+def _awkward(shape, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * 1.5).astype(dtype)
+    flat = x.reshape(-1)
+    special = np.array([0.0, -0.0, np.nan, np.inf, -np.inf, 1.0, -1.0,
+                        np.nextafter(dtype(1), dtype(2)), -np.nextafter(dtype(1), dtype(2))],
+                       dtype=dtype)
+    flat[:min(flat.size, special.size)] = special[:flat.size]
+    return x
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (4, 33), (0, 3), (1,)])
+@pytest.mark.parametrize("layout", ["C", "transposed", "strided"])
+def test_sign_and_sign_ste_equal_the_array_code(name, dtype, shape, layout):
+    from minibnn.kernels import numba_conv
+    x = _awkward(shape, dtype)
+    if layout == "transposed":
+        x = np.ascontiguousarray(x.T).T
+    elif layout == "strided":
+        x = np.repeat(x, 2, axis=-1)[..., ::2]
+    with np.errstate(invalid="ignore"):
+        want_q = np.where(x >= 0, dtype(1), dtype(-1))
+        want_keep = abs(x) <= 1
+    q = numba_conv.sign(x)
+    q2, keep = numba_conv.sign_ste(x)
+    for got in (q, q2):
+        assert got.dtype == dtype and got.shape == x.shape
+        np.testing.assert_array_equal(got, want_q)
+    assert keep.dtype == np.bool_
+    np.testing.assert_array_equal(keep, want_keep)
+
+
+def test_the_library_signs_on_the_kernels(name, monkeypatch):
+    """binary.sign and the Sign activation (forward and its masked backward) call the
+    kernels on numba and give what the numpy backend gives; integer input keeps the array
+    code (float32 out)."""
+    from minibnn.kernels import numba_conv
+    calls = {"sign": 0, "sign_ste": 0}
+    for fn in calls:
+        inner = getattr(numba_conv, fn)
+        monkeypatch.setattr(numba_conv, fn, lambda *a, _f=inner, _n=fn: (
+            calls.__setitem__(_n, calls[_n] + 1), _f(*a))[1])
+    x = _awkward((2, 3, 4, 5), np.float32, seed=1)
+    g = np.random.default_rng(2).standard_normal(x.shape).astype(np.float32)
+    results = {}
+    for backend_name in ("numpy", name):
+        with backend.use(backend_name):
+            xt = Tensor(x.copy(), requires_grad=True)
+            out = binary.sign_ste(xt)
+            out.backward(g)
+            results[backend_name] = (out.data, xt.grad, binary.sign(x),
+                                     binary.sign(np.array([-2, 0, 3])))
+    assert calls == {"sign": 1, "sign_ste": 1}
+    for got, want in zip(results[name], results["numpy"]):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("shape", [(2, 65, 4, 5, 3, 3, 1, 1), (1, 130, 3, 3, 2, 3, 2, 1),
+                                   (2, 64, 3, 4, 3, 3, 1, 2), (3, 7, 6, 5, 3, 2, 2, 0),
+                                   (1, 1, 9, 9, 5, 5, 3, 2)],
+                         ids=["c65", "c130-stride2", "c64-pad2", "c7-stride2", "c1-k5s3"])
+def test_pack_sign_patches_joins_groups_of_any_width(name, shape):
+    """Pixels' channel-bit groups wider than a word (65, 130 channels), exactly a word
+    (64), and narrow groups that straddle word boundaries, with padding taps all ones:
+    the packed bool patches of the NumPy reference, bit for bit."""
+    from minibnn.kernels import numba_conv, reference
+    n, c, h, w, kh, kw, s, p = shape
+    x = _awkward((n, c, h, w), np.float32, seed=4)
+    want = reference.pack_rows(binary.conv_sign_patches(x, kh, kw, s, p))
+    np.testing.assert_array_equal(numba_conv.pack_sign_patches(x, kh, kw, s, p), want)
+
+
+BN_SHAPES = [(2, 1, 1, 1), (3, 5, 7, 9), (2, 33, 4, 3), (100, 16, 6, 6)]
+
+
+def _bn_case(shape, dtype, seed=6):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * 3 + 1.5).astype(dtype)
+    g = rng.standard_normal(shape).astype(dtype)
+    c = shape[1]
+    gamma = rng.uniform(0.5, 2, c).astype(dtype)
+    beta = rng.standard_normal(c).astype(dtype)
+    return x, g, gamma, beta
+
+
+@pytest.mark.parametrize("shape", BN_SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bn_forward_equals_the_array_code(name, shape, dtype):
+    from minibnn import functional as F
+    x, _, gamma, beta = _bn_case(shape, dtype)
+    mean, var = x.mean(axis=(0, 2, 3)), x.var(axis=(0, 2, 3))
+    op = F.BatchNormTrain()
+    with backend.use("numpy"):
+        want = op.forward(x, gamma, beta, mean, var, 1e-4, (0, 2, 3))
+    want_xhat = op.saved[0]
+    invstd = (1.0 / np.sqrt(var + 1e-4)).astype(dtype)
+    from minibnn.kernels import numba_conv
+    xhat, y = numba_conv.bn_forward(x, mean, invstd, gamma, beta)
+    np.testing.assert_array_equal(xhat, want_xhat)
+    np.testing.assert_array_equal(y, want)
+
+
+@pytest.mark.parametrize("shape", BN_SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bn_backward_within_rounding_of_the_exact_gradient(name, shape, dtype):
+    """The sums in float64, the input gradient from them: each within a few float
+    roundings of the float64 evaluation of the array code's formula, as the array code's
+    own result is."""
+    from minibnn import functional as F
+    from minibnn.kernels import numba_conv
+    x, g, gamma, _ = _bn_case(shape, dtype)
+    axes = (0, 2, 3)
+    var = x.var(axis=axes)
+    invstd = (1.0 / np.sqrt(var + 1e-4)).astype(dtype)
+    xhat = ((x - x.mean(axis=axes, keepdims=True)) * invstd.reshape(1, -1, 1, 1)).astype(dtype)
+    gx, ggamma, gbeta = numba_conv.bn_backward(g, xhat, invstd, gamma)
+    assert gx.dtype == ggamma.dtype == gbeta.dtype == dtype
+    g64, xh64, gm64 = g.astype(np.float64), xhat.astype(np.float64), gamma.astype(np.float64)
+    s = (1, -1, 1, 1)
+    exact_gbeta, exact_ggamma = g64.sum(axis=axes), (g64 * xh64).sum(axis=axes)
+    gxhat = g64 * gm64.reshape(s)
+    exact_gx = invstd.astype(np.float64).reshape(s) * (
+        gxhat - gxhat.mean(axis=axes, keepdims=True)
+        - xh64 * (gxhat * xh64).mean(axis=axes, keepdims=True))
+    u = np.finfo(dtype).eps
+    assert np.all(np.abs(gbeta - exact_gbeta) <= 2 * u * np.abs(g64).sum(axis=axes))
+    assert np.all(np.abs(ggamma - exact_ggamma) <= 2 * u * np.abs(g64 * xh64).sum(axis=axes))
+    scale = invstd.astype(np.float64).reshape(s) * (np.abs(gxhat) + np.abs(gxhat).mean(
+        axis=axes, keepdims=True) * (1 + np.abs(xh64)))
+    assert np.all(np.abs(gx - exact_gx) <= 8 * u * scale)
+    op = F.BatchNormTrain()
+    op.axes, op.sync, op.count = axes, None, None
+    op.save(xhat, invstd.reshape(s), gamma.reshape(s))
+    with backend.use("numpy"):
+        ref_gx, ref_ggamma, ref_gbeta = op.backward(g)
+    assert np.all(np.abs(ref_gx - exact_gx) <= 8 * u * scale)  # the bound is the array code's too
+    assert np.all(np.abs(gbeta - ref_gbeta) <= 4 * u * np.abs(g64).sum(axis=axes))
+
+
+def test_batch_norm_layer_runs_on_the_kernels(name, monkeypatch):
+    """BatchNorm2d in training on numba: forward bit for bit as on numpy, gradients within
+    rounding, the kernels called; a non-contiguous gradient or a 2-D batch norm keeps the
+    array code."""
+    from minibnn import nn
+    from minibnn.kernels import numba_conv
+    calls = {"bn_forward": 0, "bn_backward": 0}
+    for fn in calls:
+        inner = getattr(numba_conv, fn)
+        monkeypatch.setattr(numba_conv, fn, lambda *a, _f=inner, _n=fn: (
+            calls.__setitem__(_n, calls[_n] + 1), _f(*a))[1])
+    x, g, _, _ = _bn_case((4, 3, 5, 6), np.float32)
+    results = {}
+    for backend_name in ("numpy", name):
+        with backend.use(backend_name):
+            bn = nn.BatchNorm2d(3)
+            bn.gamma.data[...] = [0.5, 1.0, 2.0]
+            xt = Tensor(x.copy(), requires_grad=True)
+            out = bn(xt)
+            out.backward(g)
+            results[backend_name] = (out.data, xt.grad, bn.gamma.grad, bn.beta.grad,
+                                     bn.running_mean, bn.running_var)
+    assert calls == {"bn_forward": 1, "bn_backward": 1}
+    np.testing.assert_array_equal(results[name][0], results["numpy"][0])
+    for got, want in zip(results[name][1:], results["numpy"][1:]):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    with backend.use(name):  # a gradient with zero strides: the array code
+        bn = nn.BatchNorm2d(3)
+        xt = Tensor(x.copy(), requires_grad=True)
+        bn(xt).sum().backward()
+        nn.BatchNorm(6)(Tensor(x[:, 0, 0, :].copy(), requires_grad=True)).sum().backward()
+    assert calls == {"bn_forward": 2, "bn_backward": 1}
