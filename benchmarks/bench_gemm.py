@@ -14,7 +14,9 @@ baseline of issue #10. "% peak" is a kernel's TOPS over the machine's XOR-popcou
 peak, measured first by an L1-resident micro-benchmark on all cores (:func:`roofline`).
 Packing (A and B from float32) is timed apart, and "end to end" runs pack A + pack B + GEMM.
 Each figure is the best of --repeats runs after one warm-up run (the median is kept in the
-JSON too): on a shared machine the best run is the one least disturbed by other work.
+JSON too): on a shared machine the best run is the one least disturbed by other work. The
+CPU paths of a shape take turns, one run each per round, so a drift in the machine's speed
+falls on all of them alike.
 
     python benchmarks/bench_gemm.py [--quick] [--backends numpy,reference,numba,cupy]
                                     [--repeats 5] [--out DIR] [--isa native|cascadelake|znver3]
@@ -74,6 +76,28 @@ def timings(fn, repeats, sync=None):
 
 def best_time(fn, repeats, sync=None):
     return timings(fn, repeats, sync)[0]
+
+
+def round_robin(paths, repeats, rewarm_below_s=0.05):
+    """{name: (best, median) seconds} of the functions in ``paths``, each run once as a
+    warm-up, then ``repeats`` rounds in which each runs once, in turn. A path whose warm-up
+    took under ``rewarm_below_s`` runs once more, untimed, right before each timed run: the
+    thread pools (Numba's, OpenBLAS's) have gone to sleep during the other paths' turns, and
+    waking them would be timed with the kernel; the long paths pay it at the same share."""
+    quick = {}
+    for name, fn in paths.items():
+        t0 = time.perf_counter()
+        fn()
+        quick[name] = time.perf_counter() - t0 < rewarm_below_s
+    times = {name: [] for name in paths}
+    for _ in range(max(1, repeats)):
+        for name, fn in paths.items():
+            if quick[name]:
+                fn()
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: (float(np.min(ts)), float(np.median(ts))) for name, ts in times.items()}
 
 
 # ------------------------------------------------------------- the popcount roofline
@@ -230,12 +254,28 @@ def bench_shape(m, k, n, backends, repeats, use_gpu, peak):
               + (f"  {100 * frac:5.1f}% peak" if frac is not None else "")
               + (f"  ({note})" if note else ""), flush=True)
 
-    best, med = timings(lambda: x @ y.T, repeats)
-    add("numpy float32 matmul", best, median=med, note="BLAS, float")
-    rows[-1]["fraction_of_peak"] = None
     a = numba_cpu.pack_rows(x)
     b = numba_cpu.pack_rows(y)
     want = reference.xnor_gemm(a[:8], b, k)
+    # The CPU products take turns, one run each per round, so that a machine whose speed
+    # drifts (shared, or changing clocks) slows all of them alike; best and median per path.
+    paths = {"numpy float32 matmul": lambda: x @ y.T}
+    out = np.empty((m, n), np.int32)
+    checks, chosen = {}, None
+    if "numba" in backends:
+        full = plain_4x4(a, b, k)  # checked against the reference on its first 8 rows
+        checks["plain 4x4 ctpop"] = bool((full[:8] == want).all())
+        paths["plain 4x4 ctpop"] = lambda: plain_4x4(a, b, k)
+        chosen = numba_cpu.default_kernel(m, n, k)
+        for kern in numba_cpu.available_kernels() + ("auto",):
+            numba_cpu.xnor_gemm(a, b, k, kernel=kern, out=out)
+            checks[f"numba {kern}"] = bool((out == full).all())  # the whole product
+            paths[f"numba {kern}"] = (lambda kern=kern: numba_cpu.xnor_gemm(a, b, k, kernel=kern,
+                                                                             out=out))
+    timed = round_robin(paths, repeats)
+    best, med = timed.pop("numpy float32 matmul")
+    add("numpy float32 matmul", best, median=med, note="BLAS, float")
+    rows[-1]["fraction_of_peak"] = None
     if "reference" in backends:
         t_row = best_time(lambda: reference.xnor_gemm(a[:8], b, k), 1) / 8
         sub = m if t_row * m <= REFERENCE_BUDGET_S else max(8, int(REFERENCE_BUDGET_S / t_row))
@@ -246,23 +286,17 @@ def bench_shape(m, k, n, backends, repeats, use_gpu, peak):
         add("numpy reference xnor", t, t_pack, t + t_pack, note)
     if "numba" in backends:
         t_pack = best_time(lambda: (numba_cpu.pack_rows(x), numba_cpu.pack_rows(y)), repeats)
-        full = plain_4x4(a, b, k)  # checked against the reference on its first 8 rows
-        ok = bool((full[:8] == want).all())
-        best, med = timings(lambda: plain_4x4(a, b, k), repeats)
-        add("plain 4x4 ctpop", best, median=med, note="baseline" if ok else "WRONG RESULT")
-        out = np.empty((m, n), np.int32)
-        chosen = numba_cpu.default_kernel(m, n, k)
-        for kern in numba_cpu.available_kernels() + ("auto",):
-            best, med = timings(lambda: numba_cpu.xnor_gemm(a, b, k, kernel=kern, out=out),
-                                repeats)
-            ok = bool((out == full).all())  # the whole product, as the baseline gives it
-            e2e = best_time(lambda: numba_cpu.xnor_gemm(numba_cpu.pack_rows(x),
-                                                        numba_cpu.pack_rows(y), k, kernel=kern,
-                                                        out=out), repeats)
-            note = "" if ok else "WRONG RESULT"
-            if kern == "auto":
+        e2e = round_robin({name: (lambda kern=name[6:]: numba_cpu.xnor_gemm(
+            numba_cpu.pack_rows(x), numba_cpu.pack_rows(y), k, kernel=kern, out=out))
+            for name in timed if name.startswith("numba ")}, repeats)
+        for name, (best, med) in timed.items():
+            note = "" if checks[name] else "WRONG RESULT"
+            if name == "plain 4x4 ctpop":
+                add(name, best, median=med, note=note or "baseline")
+                continue
+            if name == "numba auto":
                 note = (note + " " if note else "") + f"autotune chose {chosen}"
-            add(f"numba {kern}", best, t_pack, e2e, note, median=med)
+            add(name, best, t_pack, e2e[name][0], note, median=med)
     if use_gpu:
         import cupy as cp
 
