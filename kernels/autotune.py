@@ -30,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["isa_features", "ISA_PROFILES", "isa_profile_environment", "machine_key", "cache_dir", "cache_path", "shape_class",
-           "static_choice", "choose", "tune", "clear_memory"]
+__all__ = ["isa_features", "ISA_PROFILES", "isa_profile_environment", "machine_key",
+           "cache_dir", "cache_path", "shape_class", "static_choice", "choose", "tune",
+           "clear_memory"]
 
 CACHE_FILE = "gemm_autotune.json"
 FORMAT = 1
@@ -131,9 +132,10 @@ def _probe_isa():
 
 
 # CPUs whose ISA isa_profile_environment can restrict a run to: (LLVM CPU name, AVX-512
-# subsets kept, other host features dropped, OPENBLAS_CORETYPE). Feature sets from the vendors' ISA listings: Cascade Lake is Skylake-SP's
-# AVX-512 F/CD/BW/DQ/VL plus VNNI (no VPOPCNTDQ, BITALG, VBMI, IFMA, BF16, GFNI, VAES,
-# VPCLMULQDQ, SHA); Zen 3 has AVX2 and no AVX-512.
+# subsets kept, other host features dropped, OPENBLAS_CORETYPE). Feature sets from the
+# vendors' ISA listings: Cascade Lake is Skylake-SP's AVX-512 F/CD/BW/DQ/VL plus VNNI (no
+# VPOPCNTDQ, BITALG, VBMI, IFMA, BF16, GFNI, VAES, VPCLMULQDQ, SHA); Zen 3 has AVX2 and no
+# AVX-512.
 ISA_PROFILES = {
     "cascadelake": ("cascadelake",
                     {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl", "avx512vnni",

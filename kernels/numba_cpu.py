@@ -263,7 +263,8 @@ def xnor_gemm(a, b, k, kernel=None, out=None):
     if kernel not in available_kernels():
         raise ValueError(f"kernel: expected one of {available_kernels()} or 'auto', "
                          f"got {kernel!r}")
-    zeroed = kernel in ("generic", "avx2", "avx512bw")  # these add to cnt; the simd kernels overwrite it
+    # these add to cnt; the simd and Harley-Seal kernels overwrite it
+    zeroed = kernel in ("generic", "avx2", "avx512bw")
     if out is None:
         cnt = (np.zeros if zeroed or not w_count else np.empty)((m, n), dtype=np.int32)
     else:

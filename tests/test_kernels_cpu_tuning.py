@@ -216,7 +216,8 @@ def test_kernels_under_a_narrower_isa(profile, tmp_path):
         env = autotune.isa_profile_environment(profile)
     except ValueError as exc:
         pytest.skip(str(exc))
-    env = {**os.environ, **env, "NUMBA_CACHE_DIR": str(tmp_path), "MINIBNN_CACHE_DIR": str(tmp_path)}
+    env = {**os.environ, **env, "NUMBA_CACHE_DIR": str(tmp_path),
+           "MINIBNN_CACHE_DIR": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", _UNDER_PROFILE], env=env, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
