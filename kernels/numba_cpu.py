@@ -208,20 +208,11 @@ def available_kernels():
     (AVX512BW), ``"hs256"`` (AVX2) and ``"hs512"`` (AVX512F) where Numba's target and
     this CPU offer them."""
     f = _ISA["features"]
-    names = ["generic", "scalar"]
-    if f["avx2"]:
-        names.append("simd256")
-    if f["avx512f"]:
-        names.append("simd512")
-    if f["avx2"]:
-        names.append("avx2")
-    if f["avx512bw"]:
-        names.append("avx512bw")
-    if f["avx2"]:
-        names.append("hs256")
-    if f["avx512f"]:
-        names.append("hs512")
-    return tuple(names)
+    return ("generic", "scalar") + tuple(name for name, need in _NEEDS if f[need])
+
+
+_NEEDS = (("simd256", "avx2"), ("simd512", "avx512f"), ("avx2", "avx2"),
+          ("avx512bw", "avx512bw"), ("hs256", "avx2"), ("hs512", "avx512f"))  # ISA feature
 
 
 def default_kernel(m=100, n=4096, k=4096):
