@@ -42,22 +42,11 @@ INPUTS = [(128, 32), (256, 16), (512, 8)]
 QUICK_INPUTS = [(16, 8), (32, 4)]
 
 
-@contextlib.contextmanager
-def array_code():
-    """Switch the compiled glue off: ``functional`` and ``binary`` run their array code."""
-    saved = backend.conv_kernels
-    backend.conv_kernels = lambda name=None: None
-    try:
-        yield
-    finally:
-        backend.conv_kernels = saved
-
-
 PATHS = ("array", "glue")
 
 
 def _glue_or_array(path):
-    return array_code() if path == "array" else contextlib.nullcontext()
+    return common.array_code() if path == "array" else contextlib.nullcontext()
 
 
 def _cases(batch, inputs, kern, rng):

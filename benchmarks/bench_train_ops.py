@@ -46,17 +46,6 @@ CONVS = [(16, 16, 28), (16, 32, 14), (32, 32, 14)]
 QUICK_CONVS = [(3, 5, 6)]
 
 
-@contextlib.contextmanager
-def array_code():
-    """Switch the compiled kernels off: ``functional`` and ``binary`` run their array code."""
-    saved = backend.conv_kernels
-    backend.conv_kernels = lambda name=None: None
-    try:
-        yield
-    finally:
-        backend.conv_kernels = saved
-
-
 def _cases(batch, convs, rng):
     """[(op, shape, fn(path) -> tuple of arrays)]."""
     kern = backend.kernel_module()
@@ -121,7 +110,7 @@ def measure(batch, repeats, convs, seed=0):
     rows = []
     with backend.use("numba"):
         for op, shape, fn in _cases(batch, convs, rng):
-            paths = {"array": array_code, "compiled": contextlib.nullcontext}
+            paths = {"array": common.array_code, "compiled": contextlib.nullcontext}
             results, times = {}, {p: [] for p in paths}
             for p, ctx in paths.items():
                 with ctx():

@@ -1,5 +1,6 @@
 """What the benchmark scripts share: a description of the machine and the grouped bar chart."""
 
+import contextlib
 import datetime
 import os
 import platform
@@ -131,3 +132,18 @@ def note_isa(info, profile):
         f"ISA-restricted run: the instructions of {profile} (Numba target features, OpenBLAS "
         f"{os.environ.get('OPENBLAS_CORETYPE')}) on this machine's micro-architecture; a "
         "proxy for that CPU, not a measurement on it")
+
+
+@contextlib.contextmanager
+def array_code():
+    """Switch the compiled convolution glue and training-step kernels off for the enclosed
+    code (``backend.conv_kernels`` answers None): ``functional`` and ``binary`` run their
+    array code, the reference the compiled paths are timed against."""
+    from minibnn import backend
+
+    saved = backend.conv_kernels
+    backend.conv_kernels = lambda name=None: None
+    try:
+        yield
+    finally:
+        backend.conv_kernels = saved
