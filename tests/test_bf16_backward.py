@@ -287,30 +287,22 @@ def test_gpu_training_with_split_products_follows_the_default(name, net, xnor_pr
 @cupy_only
 def test_gpu_graphed_step_with_split_products_replays_the_eager_step(name, xnor_products):
     import cupy
-    from minibnn import graphs
     if getattr(cupy, "__fake__", False):
         pytest.skip("the NumPy-backed fake CuPy cannot capture CUDA graphs")
-    rng = np.random.default_rng(7)
-    batches = [(rng.uniform(-1, 1, (20, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, 20))
-               for _ in range(5)]
+    from test_gpu_graphs import batches_of, run_steps
+    batches = batches_of(True, [20] * 5, seed=7)
     runs = []
     for graphed in (False, True):
-        with backend.use(name), backend.using_bf16_backward("cupy"):
-            model = models.mnist_convnet(rng=bnn.seed(0))
-            opt = optim.Adam(model.parameters(), lr=1e-2)
-            step = graphs.GraphedStep(model, opt, losses.squared_hinge) if graphed else None
-            seen = []
-            for x, y in batches:
-                x, y = backend.asarray(x), backend.asarray(y)
-                if step is None:
-                    with losses.labels_checked():
-                        loss, _ = train.train_step(model, opt, losses.squared_hinge, x, y)
-                else:
-                    loss, _ = step(x, y)
-                seen.append(backend.to_numpy(loss.data).copy())
-            if step is not None:
-                assert step.reason is None and step.graphed, step.reason
-            runs.append((seen, [backend.to_numpy(p.data) for p in model.parameters()]))
+        built = []
+        def build():
+            built.append(models.mnist_convnet(rng=bnn.seed(0)))
+            return built[-1]
+        with backend.using_bf16_backward("cupy"):
+            seen, state, _, _, step = run_steps(name, build, graphed, batches)
+        if step is not None:
+            assert step.reason is None and step.graphed, step.reason
+        params = state[:len(list(built[0].parameters()))]  # state starts with the parameters
+        runs.append(([loss for loss, _ in seen], params))
     for a, b in zip(runs[0][0], runs[1][0]):
         np.testing.assert_array_equal(b, a)
     for a, b in zip(runs[0][1], runs[1][1]):

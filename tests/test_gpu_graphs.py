@@ -26,9 +26,13 @@ def _build(conv):
     return models.mnist_mlp(hidden=96, dropout_in=0.2, dropout_hidden=0.5, rng=bnn.seed(0))
 
 
-def _run(name, conv, graphed, batches):
+def run_steps(name, build, graphed, batches):
+    """Train ``build()``'s model with Adam (lr 1e-2) on ``batches`` on backend ``name``, eagerly
+    or through a ``GraphedStep``; returns (per step (loss, scores), state: the parameters,
+    then Adam's moments, then BN running means, Adam's step count, the models' generator
+    states, the GraphedStep or None). Shared with tests/test_bf16_backward.py."""
     with backend.use(name):
-        model = _build(conv)
+        model = build()
         opt = optim.Adam(model.parameters(), lr=1e-2)
         step = graphs.GraphedStep(model, opt, losses.squared_hinge) if graphed else None
         seen = []
@@ -48,7 +52,11 @@ def _run(name, conv, graphed, batches):
         return seen, state, opt.t, rng_state, step
 
 
-def _batches(conv, sizes, seed=1):
+def _run(name, conv, graphed, batches):
+    return run_steps(name, lambda: _build(conv), graphed, batches)
+
+
+def batches_of(conv, sizes, seed=1):
     rng = np.random.default_rng(seed)
     shape = (1, 28, 28) if conv else (784,)
     return [(rng.uniform(-1, 1, (n,) + shape).astype(np.float32), rng.integers(0, 10, n))
@@ -58,7 +66,7 @@ def _batches(conv, sizes, seed=1):
 @cupy_only
 @pytest.mark.parametrize("conv", [False, True], ids=["mlp_dropout", "convnet"])
 def test_replayed_steps_equal_eager_steps_bit_for_bit(real_gpu, conv, xnor_products):
-    batches = _batches(conv, [20] * 6)
+    batches = batches_of(conv, [20] * 6)
     want = _run(real_gpu, conv, False, batches)
     got = _run(real_gpu, conv, True, batches)
     step = got[4]
@@ -75,7 +83,7 @@ def test_replayed_steps_equal_eager_steps_bit_for_bit(real_gpu, conv, xnor_produ
 
 @cupy_only
 def test_each_batch_shape_gets_its_own_graph(real_gpu, xnor_products):
-    batches = _batches(False, [20, 20, 20, 13, 20, 13, 20])
+    batches = batches_of(False, [20, 20, 20, 13, 20, 13, 20])
     want = _run(real_gpu, False, False, batches)
     got = _run(real_gpu, False, True, batches)
     assert got[4].reason is None, got[4].reason
