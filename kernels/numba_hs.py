@@ -40,7 +40,7 @@ from numba.extending import intrinsic
 from llvmlite import ir
 
 from ._numba_common import jit, pair_counts
-from .numba_simd import _ctpop_name, _fill, _store_tile
+from .numba_simd import _ctpop_name, _fill, _store_tile, split_over_b
 
 __all__ = ["KERNELS", "LANES", "TILE", "xnor_gemm_into"]
 
@@ -197,12 +197,13 @@ def xnor_gemm_into(name, a, b, cnt, k, threads=None):
     Expects what :func:`kernels.numba_cpu.xnor_gemm` has checked and prepared: C-contiguous
     uint64 ``a`` (M, W) and ``b`` (N, W), M, N, W >= 1, zero padding bits, ``cnt`` int32
     (M, N) C-contiguous (overwritten). ``threads``: at most this many (default
-    ``numba.get_num_threads()``); they split rows of B when A has few row tiles.
+    ``numba.get_num_threads()``); they split rows of B as ``numba_simd.split_over_b``
+    says.
     """
     m, w_count = a.shape
     n = b.shape[0]
     threads = numba.get_num_threads() if threads is None else threads
-    cols = m // _R < 4 * threads
+    cols = split_over_b(m, n, threads)
     n_chunks = max(1, min(threads, (n // _C) if cols else (m // _R)))
     nb = max(_C, (256 * 1024) // (8 * w_count) // _C * _C)  # a block of B fits in L2
     _DRIVERS[name](a, b, cnt, k, n_chunks, cols, nb)
