@@ -37,6 +37,7 @@ Layouts (as the NumPy versions):
 import numpy as np
 from numba import prange
 
+from . import numba_conv_tiles
 from ._numba_common import jit
 
 __all__ = ["accepts", "col2im", "pack_sign_patches", "max_pool2d", "max_pool2d_backward",
@@ -316,7 +317,8 @@ def sign_ste(x):
 # rounding only: tested against the float64 sum within 1e-5 of the sum of the terms'
 # magnitudes (float32), as the BLAS result is.
 
-_CHUNK = 4  # images per partial weight gradient (fixed: the sum is the same on any thread count)
+_CHUNK = numba_conv_tiles.CHUNK  # images per partial weight gradient (fixed: the sum is the
+# same on any thread count), 4
 
 
 def direct_backward_fits(x, g, wb, stride, padding):
@@ -430,13 +432,19 @@ def _sum_slots(parts, out):
             flat[t] += part[t]
 
 
-def binary_conv2d_backward(g, x, wb, stride, padding, need_x=True, need_w=True):
+def binary_conv2d_backward(g, x, wb, stride, padding, need_x=True, need_w=True, tiles=True):
     """(g_x, g_w) of out = conv2d(x, wb, stride, padding), zero padding, from g = dL/dout,
     without patch matrices (see the comment above): the values of
     ``functional.conv2d_backward(g, x.shape, wb, stride, padding, im2col(x))``, g_x bit for
     bit where BLAS sums each column entry over O in order and wb holds +-1, g_w within
     rounding. Each is None when not asked for. Only for layers ``direct_backward_fits``
-    takes."""
+    takes.
+
+    ``tiles``: True runs the register-tiled micro-kernels of
+    :mod:`kernels.numba_conv_tiles` for this CPU (the default: the same g_x bit for bit,
+    g_w summed in another order, about twice as fast), a ``numba_conv_tiles.Tiles`` runs
+    that set, False the plain loops of ``_conv_backward`` (the readable version; the
+    tests compare them all)."""
     if not direct_backward_fits(x, g, wb, stride, padding):
         raise ValueError(f"binary_conv2d_backward: stride {stride}, padding {padding}, kernel "
                          f"{tuple(wb.shape[2:])}, dtypes {x.dtype}/{g.dtype}/{wb.dtype} not taken; "
@@ -452,8 +460,13 @@ def binary_conv2d_backward(g, x, wb, stride, padding, need_x=True, need_w=True):
     chunks = (n + _CHUNK - 1) // _CHUNK
     gwp = np.zeros((chunks,) + wb.shape if need_w else (1, 1, 1, 1, 1), g.dtype)
     if n and (need_x or need_w):
-        _conv_backward(np.ascontiguousarray(x), np.ascontiguousarray(g),
-                       np.ascontiguousarray(wb), padding, need_x, need_w, gx, gwp)
+        args = (np.ascontiguousarray(x), np.ascontiguousarray(g), np.ascontiguousarray(wb))
+        if tiles is True:
+            tiles = numba_conv_tiles.tiles_for()
+        if tiles:
+            tiles.backward(*args, padding, need_x, need_w, gx, gwp)
+        else:
+            _conv_backward(*args, padding, need_x, need_w, gx, gwp)
     gw = None
     if need_w:
         gw = np.empty(wb.shape, g.dtype)

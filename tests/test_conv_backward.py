@@ -73,13 +73,25 @@ def _gw_exact(g, x, wb, p):
     return (g2 @ patches).reshape(wb.shape), (np.abs(g2) @ np.abs(patches)).reshape(wb.shape)
 
 
+def _variant(variant):
+    """The ``tiles`` argument of ``binary_conv2d_backward`` for each way it can run: the
+    plain loops, and every tile set of ``numba_conv_tiles`` (whatever this CPU would pick:
+    a 64-byte set runs split into 32-byte vectors where there is no AVX-512)."""
+    from minibnn.kernels import numba_conv_tiles
+    return False if variant == "loops" else numba_conv_tiles.TILES[int(variant[5:])]
+
+
+VARIANTS = ["loops", "tiles64", "tiles32"]
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_gradients_equal_the_reference(name, shape, dtype):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradients_equal_the_reference(name, shape, dtype, variant):
     from minibnn.kernels import numba_conv
     x, wb, g, p = _case(shape, dtype)
     assert numba_conv.direct_backward_fits(x, g, wb, 1, p)
-    gx, gw = numba_conv.binary_conv2d_backward(g, x, wb, 1, p)
+    gx, gw = numba_conv.binary_conv2d_backward(g, x, wb, 1, p, tiles=_variant(variant))
     assert gx.shape == x.shape and gx.dtype == dtype and gw.shape == wb.shape and gw.dtype == dtype
     np.testing.assert_array_equal(gx, _gx_in_reference_order(g, wb, x.shape, p))
     exact, scale = _gw_exact(g, x, wb, p)
@@ -91,6 +103,26 @@ def test_gradients_equal_the_reference(name, shape, dtype):
         gx_ref, gw_ref = F.conv2d_backward(g, x.shape, wb, 1, p, F.im2col(x, *wb.shape[2:], 1, p))
     np.testing.assert_allclose(gx, gx_ref, rtol=0, atol=tol * np.abs(gx_ref).max(initial=1.0))
     assert np.all(np.abs(gw_ref - exact) <= tol * scale)
+
+
+@pytest.mark.parametrize("variant", VARIANTS[1:])
+def test_tiles_keep_their_planes_between_calls(name, variant):
+    """The tile sets keep each thread's planes from call to call (zero borders written
+    once): a run of calls with other batch sizes (a partial last chunk after full ones),
+    other layers and a 1x1 kernel without padding (whose gradient plane has no border, so
+    a partial chunk meets an earlier chunk's data right past its last pixel) gives what
+    the plain loops give on every call."""
+    from minibnn.kernels import numba_conv
+    tiles = _variant(variant)
+    for n, c, o, hw, k, p in [(9, 3, 5, 7, 3, 1), (6, 3, 5, 7, 3, 1), (9, 3, 5, 7, 3, 1),
+                              (8, 4, 3, 5, 1, 0), (7, 4, 3, 5, 1, 0), (2, 4, 3, 5, 1, 0),
+                              (5, 3, 5, 7, 3, 1)]:
+        x, wb, g, p = _case((n, c, o, hw, hw, k, k, p), np.float32, seed=n + k)
+        want = numba_conv.binary_conv2d_backward(g, x, wb, 1, p, tiles=False)
+        got = numba_conv.binary_conv2d_backward(g, x, wb, 1, p, tiles=tiles)
+        np.testing.assert_array_equal(got[0], want[0])
+        exact, scale = _gw_exact(g, x, wb, p)
+        assert np.all(np.abs(got[1] - exact) <= 1e-5 * scale)
 
 
 def test_gradients_do_not_depend_on_the_thread_count(name):
