@@ -23,10 +23,13 @@ everything that adds into it, so each operand they load serves several products:
 
 Both are LLVM IR through Numba intrinsics (as :mod:`kernels.numba_simd`), on vectors of the
 width the CPU has: 64 bytes with AVX-512F (32 registers: ``CG x U = 4 x 1`` and ``OG x TB =
-4 x 3``), else 32 bytes (16 registers: ``4 x 1`` and ``2 x 3``); ``TILES`` says why. Operands are addresses;
-the caller pads every buffer so that a whole block can be read and written past the last
-valid position (zero gradient there, results there ignored), and pads the channels to
-multiples of ``CG`` and ``OG`` (zero weights, zero gradient rows).
+4 x 3``), else 32 bytes (16 registers: ``4 x 1`` and ``2 x 3``); ``SHAPES`` says why these.
+Operands are addresses. The driver pads the input-gradient planes so that a whole block
+can be read and written past the last input pixel (results there are dropped), sums the
+weight gradient's last ``len % lanes`` positions in scalar code, and pads the channels to
+multiples of ``CG`` and ``OG`` (zero weights, zero gradient rows). Measured on a 2-core
+Zen 4 (CPU time, the MNIST ConvNet's 16-channel 28x28 layer, batch 100, both gradients):
+11.4 ms against 24.1 ms for the plain loops.
 """
 
 import threading
@@ -41,7 +44,7 @@ from llvmlite import ir
 
 from ._numba_common import jit
 
-__all__ = ["Tiles", "tiles_for"]
+__all__ = ["CHUNK", "SHAPES", "TILES", "Tiles", "tiles_for"]
 
 _I64 = ir.IntType(64)
 
@@ -159,134 +162,155 @@ def _gw_kernel(ftype, lanes, og, tb):
 CHUNK = 4  # images per task, as numba_conv._CHUNK (one partial weight gradient per chunk)
 
 
-def _driver(gx32, gx64, gw32, gw64, cg, u, og, tb, lanes32):
-    """A compiled ``drive(x, g, wr, offx, offw, p, kh, kw, need_x, need_w, gx, gwp)`` for
-    one set of micro-kernels (``*32`` for float32, ``*64`` for float64, ``lanes32`` float32
-    lanes per vector)."""
+#: the tile sets by vector width: 64 bytes (AVX-512F, 32 vector registers), 32 bytes (16), as
+#: (CG, U, OG, TB). Input gradient: 4 channels x 1 vector. On a 2-core Zen 4 (CPU time of the
+#: MNIST ConvNet's 16-channel 28x28 layer at batch 100) it beat 4 x 2, 4 x 3 and 2 x 4
+#: vectors by 15-25% and equalled 8 x 1 (each unaligned vector load spans two cache lines
+#: here: fewer of them per product pays). Weight gradient: 4 output channels x 3 taps beat
+#: 8 x 2, 6 x 3, 8 x 3 and 2 x 9 by 5-15%; 32-byte vectors take 2 x 3 (16 registers).
+SHAPES = {64: (4, 1, 4, 3), 32: (4, 1, 2, 3)}
+_F32, _F64 = ir.FloatType(), ir.DoubleType()
+# one micro-kernel per (float type, width); module-level, so that numba caches the driver
+_gx_f32_64, _gx_f64_64 = _gx_kernel(_F32, 16, 4, 1), _gx_kernel(_F64, 8, 4, 1)
+_gx_f32_32, _gx_f64_32 = _gx_kernel(_F32, 8, 4, 1), _gx_kernel(_F64, 4, 4, 1)
+_gw_f32_64, _gw_f64_64 = _gw_kernel(_F32, 16, 4, 3), _gw_kernel(_F64, 8, 4, 3)
+_gw_f32_32, _gw_f64_32 = _gw_kernel(_F32, 8, 2, 3), _gw_kernel(_F64, 4, 2, 3)
 
-    @jit(parallel=True)
-    def drive(x, g, wr, offx, offw, p, kh, kw, need_x, need_w, gx, gwp, ws_g, ws_acc, ws_gw,
-              ws_x, ws_tmp):
-        # x (N, C, H, W), g (N, O, Ho, Wo): stride 1, p <= kh - 1, kw - 1. wr (T, O, Cp): the
-        # weights as [tap][o][c], Cp a multiple of cg (zeros past C). offx (T,): the
-        # input gradient's tap offsets in gpad, taps row-major; offw (Tp,): the weight
-        # gradient's in xpad, Tp a multiple of tb (offset 0 past T). gx (N, C, H, W)
-        # written when need_x; gwp (chunks, O, C, kh, kw): chunk q's weight gradient.
-        # ws_*: each thread's planes (see Tiles.workspace), zero wherever this never writes.
-        n, c, h, wd = x.shape
-        o, ho, wo = g.shape[1], g.shape[2], g.shape[3]
-        cp, taps, tp = wr.shape[2], offx.shape[0], offw.shape[0]
-        size = x.itemsize
-        lanes = lanes32 if size == 4 else lanes32 // 2
-        bx = u * lanes                      # positions per input-gradient block
-        op = (o + og - 1) // og * og        # output channels padded for the gw tiles
-        bh, bw = kh - 1 - p, kw - 1 - p     # g's border for the input gradient
-        gp, hg = wd + kw - 1, h + kh - 1    # its pitch and rows per image
-        xp, hx = wd + 2 * p, h + 2 * p      # x's pitch and rows per image (border p)
-        # With "same" padding (2p = kh - 1 = kw - 1, the ConvNets' 3x3 padding 1) the two
-        # gradients' planes of g have one layout, shifted by the border: the weight
-        # gradient then reads the input gradient's plane, and g is laid out once.
-        same = gp == xp and hg == hx
-        shift = bh * gp + bw
-        for q in prange((n + CHUNK - 1) // CHUNK):
-            b0 = q * CHUNK
-            nb = min(n, b0 + CHUNK) - b0
-            me = numba.get_thread_id()
-            gpad = ws_g[me]
-            if need_x or same:
+
+@jit(inline="always")
+def _gx_call(wide, size, g_addr, g_row, w_addr, w_o, n_o, n_taps, offs_addr, out_addr, out_row):
+    args = (g_addr, g_row, w_addr, w_o, n_o, n_taps, offs_addr, out_addr, out_row)
+    if wide:
+        if size == 4:
+            _gx_f32_64(*args)
+        else:
+            _gx_f64_64(*args)
+    elif size == 4:
+        _gx_f32_32(*args)
+    else:
+        _gx_f64_32(*args)
+
+
+@jit(inline="always")
+def _gw_call(wide, size, g_addr, g_row, x_addr, offs_addr, n_vec, out_addr):
+    args = (g_addr, g_row, x_addr, offs_addr, n_vec, out_addr)
+    if wide:
+        if size == 4:
+            _gw_f32_64(*args)
+        else:
+            _gw_f64_64(*args)
+    elif size == 4:
+        _gw_f32_32(*args)
+    else:
+        _gw_f64_32(*args)
+
+
+@jit(parallel=True)
+def _drive(wide, x, g, wr, offx, offw, p, kh, kw, need_x, need_w, gx, gwp, ws_g, ws_acc,
+       ws_gw, ws_x, ws_tmp):
+    # wide: the 64-byte tile set, else the 32-byte one (SHAPES).
+    # x (N, C, H, W), g (N, O, Ho, Wo): stride 1, p <= kh - 1, kw - 1. wr (T, O, Cp): the
+    # weights as [tap][o][c], Cp a multiple of cg (zeros past C). offx (T,): the
+    # input gradient's tap offsets in gpad, taps row-major; offw (Tp,): the weight
+    # gradient's in xpad, Tp a multiple of tb (offset 0 past T). gx (N, C, H, W)
+    # written when need_x; gwp (chunks, O, C, kh, kw): chunk q's weight gradient.
+    # ws_*: each thread's planes (see Tiles.workspace), zero wherever this never writes.
+    size = x.itemsize
+    lanes = (64 if wide else 32) // size
+    cg, u, og, tb = (4, 1, 4, 3) if wide else (4, 1, 2, 3)  # SHAPES
+    n, c, h, wd = x.shape
+    o, ho, wo = g.shape[1], g.shape[2], g.shape[3]
+    cp, taps, tp = wr.shape[2], offx.shape[0], offw.shape[0]
+    bx = u * lanes                      # positions per input-gradient block
+    op = (o + og - 1) // og * og        # output channels padded for the gw tiles
+    bh, bw = kh - 1 - p, kw - 1 - p     # g's border for the input gradient
+    gp, hg = wd + kw - 1, h + kh - 1    # its pitch and rows per image
+    xp, hx = wd + 2 * p, h + 2 * p      # x's pitch and rows per image (border p)
+    # With "same" padding (2p = kh - 1 = kw - 1, the ConvNets' 3x3 padding 1) the two
+    # gradients' planes of g have one layout, shifted by the border: the weight
+    # gradient then reads the input gradient's plane, and g is laid out once.
+    same = gp == xp and hg == hx
+    shift = bh * gp + bw
+    for q in prange((n + CHUNK - 1) // CHUNK):
+        b0 = q * CHUNK
+        nb = min(n, b0 + CHUNK) - b0
+        me = numba.get_thread_id()
+        gpad = ws_g[me]
+        if need_x or same:
+            for r in range(nb):
+                for k in range(o):
+                    for y in range(ho):
+                        for z in range(wo):
+                            gpad[k, (r * hg + y + bh) * gp + z + bw] = g[b0 + r, k, y, z]
+        if need_x:
+            nx = ((nb - 1) * hg + h - 1) * gp + wd  # entries up to the last input pixel
+            nxr = (nx + bx - 1) // bx * bx
+            acc = ws_acc[me]
+            g0, a0 = gpad.ctypes.data, acc.ctypes.data
+            sg, sa, sw = gpad.strides[0], acc.strides[0], wr.strides[1]
+            w0, ox = wr.ctypes.data, offx.ctypes.data
+            for t0 in range(0, nxr, bx):
+                for c0 in range(0, cp, cg):
+                    _gx_call(wide, size, g0 + t0 * size, sg, w0 + c0 * size, sw, o, taps,
+                             ox, a0 + c0 * sa + t0 * size, sa)
+            for r in range(nb):
+                for ch in range(c):
+                    for y in range(h):
+                        for z in range(wd):
+                            gx[b0 + r, ch, y, z] = acc[ch, (r * hg + y) * gp + z]
+        if need_w:
+            nw = ((nb - 1) * hx + ho - 1) * xp + wo  # entries up to the last output pixel
+            n_vec = nw // lanes  # whole vectors; the last nw % lanes entries below
+            xpad, tmp = ws_x[me], ws_tmp[me]
+            if same:
+                gsrc, g_off = gpad, shift  # g's plane at entry t: gpad[:, t + shift]
+            else:
+                gsrc, g_off = ws_gw[me], 0
                 for r in range(nb):
                     for k in range(o):
                         for y in range(ho):
                             for z in range(wo):
-                                gpad[k, (r * hg + y + bh) * gp + z + bw] = g[b0 + r, k, y, z]
-            if need_x:
-                nx = ((nb - 1) * hg + h - 1) * gp + wd  # entries up to the last input pixel
-                nxr = (nx + bx - 1) // bx * bx
-                acc = ws_acc[me]
-                g0, a0 = gpad.ctypes.data, acc.ctypes.data
-                sg, sa, sw = gpad.strides[0], acc.strides[0], wr.strides[1]
-                w0, ox = wr.ctypes.data, offx.ctypes.data
-                for t0 in range(0, nxr, bx):
-                    for c0 in range(0, cp, cg):
-                        if size == 4:
-                            gx32(g0 + t0 * size, sg, w0 + c0 * size, sw, o, taps, ox,
-                                 a0 + c0 * sa + t0 * size, sa)
-                        else:
-                            gx64(g0 + t0 * size, sg, w0 + c0 * size, sw, o, taps, ox,
-                                 a0 + c0 * sa + t0 * size, sa)
-                for r in range(nb):
-                    for ch in range(c):
-                        for y in range(h):
-                            for z in range(wd):
-                                gx[b0 + r, ch, y, z] = acc[ch, (r * hg + y) * gp + z]
-            if need_w:
-                nw = ((nb - 1) * hx + ho - 1) * xp + wo  # entries up to the last output pixel
-                n_vec = nw // lanes  # whole vectors; the last nw % lanes entries below
-                xpad, tmp = ws_x[me], ws_tmp[me]
-                if same:
-                    gsrc, g_off = gpad, shift  # g's plane at entry t: gpad[:, t + shift]
-                else:
-                    gsrc, g_off = ws_gw[me], 0
-                    for r in range(nb):
-                        for k in range(o):
-                            for y in range(ho):
-                                for z in range(wo):
-                                    gsrc[k, (r * hx + y) * xp + z] = g[b0 + r, k, y, z]
-                for r in range(nb):
-                    for ch in range(c):
-                        for y in range(h):
-                            for z in range(wd):
-                                xpad[ch, (r * hx + y + p) * xp + z + p] = x[b0 + r, ch, y, z]
-                sg, sx = gsrc.strides[0], xpad.strides[0]
-                g0 = gsrc.ctypes.data + g_off * size
-                x0, t_addr, ow = xpad.ctypes.data, tmp.ctypes.data, offw.ctypes.data
-                for o0 in range(0, op, og):
-                    for ch in range(c):
-                        for k0 in range(0, tp, tb):
-                            if size == 4:
-                                gw32(g0 + o0 * sg, sg, x0 + ch * sx, ow + 8 * k0, n_vec, t_addr)
-                            else:
-                                gw64(g0 + o0 * sg, sg, x0 + ch * sx, ow + 8 * k0, n_vec, t_addr)
-                            for oo in range(min(og, o - o0)):
-                                for kk in range(min(tb, taps - k0)):
-                                    s = 0.0
-                                    for lane in range(lanes):  # a fixed order
-                                        s += tmp[(oo * tb + kk) * lanes + lane]
-                                    off = offw[k0 + kk]
-                                    for t in range(n_vec * lanes, nw):
-                                        s += gsrc[o0 + oo, t + g_off] * xpad[ch, t + off]
-                                    tap = k0 + kk
-                                    gwp[q, o0 + oo, ch, tap // kw, tap % kw] = s
-
-    return drive
+                                gsrc[k, (r * hx + y) * xp + z] = g[b0 + r, k, y, z]
+            for r in range(nb):
+                for ch in range(c):
+                    for y in range(h):
+                        for z in range(wd):
+                            xpad[ch, (r * hx + y + p) * xp + z + p] = x[b0 + r, ch, y, z]
+            sg, sx = gsrc.strides[0], xpad.strides[0]
+            g0 = gsrc.ctypes.data + g_off * size
+            x0, t_addr, ow = xpad.ctypes.data, tmp.ctypes.data, offw.ctypes.data
+            for o0 in range(0, op, og):
+                for ch in range(c):
+                    for k0 in range(0, tp, tb):
+                        _gw_call(wide, size, g0 + o0 * sg, sg, x0 + ch * sx, ow + 8 * k0,
+                                 n_vec, t_addr)
+                        for oo in range(min(og, o - o0)):
+                            for kk in range(min(tb, taps - k0)):
+                                s = 0.0
+                                for lane in range(lanes):  # a fixed order
+                                    s += tmp[(oo * tb + kk) * lanes + lane]
+                                off = offw[k0 + kk]
+                                for t in range(n_vec * lanes, nw):
+                                    s += gsrc[o0 + oo, t + g_off] * xpad[ch, t + off]
+                                tap = k0 + kk
+                                gwp[q, o0 + oo, ch, tap // kw, tap % kw] = s
 
 
 class Tiles:
-    """One set of micro-kernels and their driver, for vectors of ``width`` bytes.
+    """The tile set for vectors of ``width`` bytes (64 or 32): ``cg x u``, the
+    input-gradient block (channels x vectors of positions), and ``og x tb``, the
+    weight-gradient block (output channels x taps), as ``SHAPES`` says; it keeps each
+    thread's planes between calls. Compiled on first use (and cached on disk by numba)."""
 
-    ``cg x u``: the input-gradient block (channels x vectors of positions); ``og x tb``: the
-    weight-gradient block (output channels x taps). Compiled on first use."""
-
-    def __init__(self, width, cg, u, og, tb):
-        self.width, self.cg, self.u, self.og, self.tb = width, cg, u, og, tb
-        self._drive = None
+    def __init__(self, width):
+        self.width = width
+        self.cg, self.u, self.og, self.tb = SHAPES[width]
         self._spaces = {}
         self._lock = threading.Lock()
 
     def __repr__(self):
-        return (f"Tiles(width={self.width}, gx {self.cg}x{self.u} vectors, "
-                f"gw {self.og}x{self.tb})")
-
-    def driver(self):
-        if self._drive is None:
-            l32 = self.width // 4
-            self._drive = _driver(
-                _gx_kernel(ir.FloatType(), l32, self.cg, self.u),
-                _gx_kernel(ir.DoubleType(), l32 // 2, self.cg, self.u),
-                _gw_kernel(ir.FloatType(), l32, self.og, self.tb),
-                _gw_kernel(ir.DoubleType(), l32 // 2, self.og, self.tb),
-                self.cg, self.u, self.og, self.tb, l32)
-        return self._drive
+        return (f"Tiles({self.width}: gx {self.cg} channels x {self.u} vector, "
+                f"gw {self.og} channels x {self.tb} taps)")
 
     def workspace(self, x, g, kh, kw, padding):
         """Each thread's planes for layers of this geometry, made once and kept: fresh
@@ -330,17 +354,12 @@ class Tiles:
         offw = np.zeros(tp, np.int64)
         offw[:kh * kw] = [i * xp + j for i in range(kh) for j in range(kw)]
         with self._lock:  # one call at a time per tile set: the workspaces are shared
-            self.driver()(x, g, wr, offx, offw, padding, kh, kw, need_x, need_w, gx, gwp,
-                          *self.workspace(x, g, kh, kw, padding))
+            _drive(self.width == 64, x, g, wr, offx, offw, padding, kh, kw, need_x, need_w,
+                   gx, gwp, *self.workspace(x, g, kh, kw, padding))
 
 
-#: the tile sets by vector width: 64 bytes (AVX-512F, 32 vector registers), 32 bytes (16).
-#: Input gradient: 4 channels x 1 vector. On a 2-core Zen 4 (CPU time of the MNIST ConvNet's
-#: 16-channel 28x28 layer at batch 100) it beat 4 x 2, 4 x 3 and 2 x 4 vectors by 15-25%
-#: and equalled 8 x 1 (each unaligned vector load spans two cache lines here: fewer of
-#: them per product pays). Weight gradient: 4 output channels x 3 taps beat 8 x 2, 6 x 3,
-#: 8 x 3 and 2 x 9 by 5-15%.
-TILES = {64: Tiles(64, 4, 1, 4, 3), 32: Tiles(32, 4, 1, 2, 3)}
+#: the tile sets by vector width
+TILES = {width: Tiles(width) for width in SHAPES}
 
 
 def tiles_for(features=None):
