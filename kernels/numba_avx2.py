@@ -18,7 +18,7 @@ and output pair, where a popcount done per vector (LLVM's expansion of ``llvm.ct
 CPU without VPOPCNTDQ, the ``simd*`` kernels there) also masks and shifts the nibbles out
 and widens with ``vpsadbw`` every time. Byte counters gain at most 8 per step; they are
 widened with ``vpsadbw`` every 31 steps, before they can overflow. The micro-kernel keeps a
-3 x 4 tile of output pairs in registers; the driver (``_gemm_nibble``) is blocked like the
+3 x 4 tile of output pairs in registers; the driver (``_drive``) is blocked like the
 generic kernel: parallel over blocks of rows of A, over rows of B in cache blocks, and over
 K in blocks of vectors. They pay where the CPU has no vector popcount instruction (on an
 Intel Cascade Lake, ``"avx2"`` ran 3.45x NumPy float32 at 4096^3 where the generic kernel
@@ -62,6 +62,11 @@ def _nibble_micro_kernel(words):
                  ("llvm.x86.avx512.pshuf.b.512", "llvm.x86.avx512.psad.bw.512"))
 
     def codegen(context, builder, signature, args):
+        if not (host_has_avx512bw() if words == 8 else host_has_avx2()):
+            # a target without these instructions cannot select them: compile an empty
+            # body (the kernel is never offered there, so never called) and the one
+            # driver below still compiles for every target
+            return context.get_dummy_value()
         a_addr, a_stride, b_addr, b_stride, v0, v1, out_addr = args
         mod = builder.module
         pshufb = cgutils.get_or_insert_function(mod, ir.FunctionType(v8, [v8, v8]), shuf)
@@ -139,50 +144,46 @@ def _nibble_planes(x, planes):
                 planes[r, v, half + q] = (word >> np.uint64(4)) & mask
 
 
-def _nibble_driver(mk):
-    """The blocked, parallel driver of micro-kernel ``mk`` (one per vector width: a
-    function that calls the AVX512BW micro-kernel cannot be compiled for an AVX2-only
-    target, even where that call is never taken)."""
-
-    @jit(parallel=True)
-    def drive(a, b, pa, pb, cnt, k, n_chunks, kb_vecs):
-        m, w_count = a.shape
-        n = b.shape[0]
-        n_vec = pa.shape[1]
-        words = pa.shape[2] // 2
-        sa = pa.strides[0]
-        sb = pb.strides[0]
-        pa0 = pa.ctypes.data
-        pb0 = pb.ctypes.data
-        tiles = m // _AR
-        for chunk in prange(n_chunks):
-            tmp = np.zeros(_AR * _AC, dtype=np.int64)
-            tmp_addr = tmp.ctypes.data
-            t0 = tiles * chunk // n_chunks
-            t1 = tiles * (chunk + 1) // n_chunks
-            for jb in range(0, n, NB_ROWS):
-                je = min(jb + NB_ROWS, n)
-                jt_end = jb + (je - jb) // _AC * _AC
-                for vb in range(0, n_vec, kb_vecs):
-                    ve = min(vb + kb_vecs, n_vec)
-                    final = ve == n_vec
-                    for t in range(t0, t1):
-                        i = t * _AR
-                        for j in range(jb, jt_end, _AC):
-                            mk(pa0 + i * sa, sa, pb0 + j * sb, sb, vb, ve, tmp_addr)
-                            for r in range(_AR):
-                                for c in range(_AC):
-                                    store(cnt, i + r, j + c, np.int32(tmp[r * _AC + c]), k,
-                                          final)
-                        pair_counts(a, b, i, i + _AR, jt_end, je,
-                                    words * vb, min(words * ve, w_count), cnt, k, final)
-            if chunk == n_chunks - 1:  # rows below the last full tile
-                pair_counts(a, b, tiles * _AR, m, 0, n, 0, w_count, cnt, k, True)
-
-    return drive
-
-
-_DRIVERS = {"avx2": _nibble_driver(_mk_avx2_3x4), "avx512bw": _nibble_driver(_mk_avx512bw_3x4)}
+@jit(parallel=True)
+def _drive(a, b, pa, pb, cnt, k, n_chunks, kb_vecs):
+    """The blocked, parallel driver of both micro-kernels (the planes' width picks which:
+    8 words per vector is AVX512BW). One module-level function, so that numba caches it on
+    disk; each micro-kernel compiles to an empty body on a target without its
+    instructions, where it is never offered."""
+    m, w_count = a.shape
+    n = b.shape[0]
+    n_vec = pa.shape[1]
+    words = pa.shape[2] // 2
+    sa = pa.strides[0]
+    sb = pb.strides[0]
+    pa0 = pa.ctypes.data
+    pb0 = pb.ctypes.data
+    tiles = m // _AR
+    for chunk in prange(n_chunks):
+        tmp = np.zeros(_AR * _AC, dtype=np.int64)
+        tmp_addr = tmp.ctypes.data
+        t0 = tiles * chunk // n_chunks
+        t1 = tiles * (chunk + 1) // n_chunks
+        for jb in range(0, n, NB_ROWS):
+            je = min(jb + NB_ROWS, n)
+            jt_end = jb + (je - jb) // _AC * _AC
+            for vb in range(0, n_vec, kb_vecs):
+                ve = min(vb + kb_vecs, n_vec)
+                final = ve == n_vec
+                for t in range(t0, t1):
+                    i = t * _AR
+                    for j in range(jb, jt_end, _AC):
+                        if words == 8:
+                            _mk_avx512bw_3x4(pa0 + i * sa, sa, pb0 + j * sb, sb, vb, ve, tmp_addr)
+                        else:
+                            _mk_avx2_3x4(pa0 + i * sa, sa, pb0 + j * sb, sb, vb, ve, tmp_addr)
+                        for r in range(_AR):
+                            for c in range(_AC):
+                                store(cnt, i + r, j + c, np.int32(tmp[r * _AC + c]), k, final)
+                    pair_counts(a, b, i, i + _AR, jt_end, je,
+                                words * vb, min(words * ve, w_count), cnt, k, final)
+        if chunk == n_chunks - 1:  # rows below the last full tile
+            pair_counts(a, b, tiles * _AR, m, 0, n, 0, w_count, cnt, k, True)
 
 
 def host_has_avx2():
@@ -217,4 +218,4 @@ def xnor_gemm_into(a, b, cnt, k, name="avx2"):
     pb = np.empty((n, n_vec, 2 * words), dtype=np.uint64)
     _nibble_planes(a, pa)
     _nibble_planes(b, pb)
-    _DRIVERS[name](a, b, pa, pb, cnt, k, n_chunks, max(1, _KB_BITS // (64 * words)))
+    _drive(a, b, pa, pb, cnt, k, n_chunks, max(1, _KB_BITS // (64 * words)))

@@ -147,48 +147,48 @@ def _hs_micro_kernel(lanes, rows, cols):
 _R, _C = TILE
 
 
-def _hs_driver(mk):
-    """The parallel driver of micro-kernel ``mk`` (one per width: a function that calls the
-    512-bit micro-kernel cannot be compiled for a target without AVX-512): threads take
-    blocks of row tiles of A (``cols = False``) or of row tiles of B (``cols = True``, for a
-    few rows of A); B is walked in blocks of ``nb`` rows, the whole of K per tile."""
-
-    @jit(parallel=True)
-    def drive(a, b, cnt, k, n_chunks, cols, nb):
-        m, w_count = a.shape
-        n = b.shape[0]
-        sa, sb, so = a.strides[0], b.strides[0], cnt.strides[0]
-        a0, b0, o0 = a.ctypes.data, b.ctypes.data, cnt.ctypes.data
-        tiles_i, tiles_j = m // _R, n // _C
-        jt_all = tiles_j * _C
-        for chunk in prange(n_chunks):
-            if cols:
-                t0, t1 = 0, tiles_i
-                j0 = tiles_j * chunk // n_chunks * _C
-                j1 = n if chunk == n_chunks - 1 else tiles_j * (chunk + 1) // n_chunks * _C
-            else:
-                t0, t1 = tiles_i * chunk // n_chunks, tiles_i * (chunk + 1) // n_chunks
-                j0, j1 = 0, n
-            jt = min(j1, jt_all)
-            for jb in range(j0, jt, nb):
-                je = min(jb + nb, jt)
-                for t in range(t0, t1):
-                    i = t * _R
-                    for j in range(jb, je, _C):
-                        mk(a0 + i * sa, sa, b0 + j * sb, sb, 0, w_count, o0 + i * so + 4 * j,
-                           so, k)
-            if j1 > jt_all:  # columns past the last whole column tile
-                _fill(cnt, t0 * _R, t1 * _R, max(j0, jt_all), j1)
-                pair_counts(a, b, t0 * _R, t1 * _R, max(j0, jt_all), j1, 0, w_count, cnt, k,
-                            True)
-            if t1 == tiles_i:  # rows past the last whole row tile
-                _fill(cnt, tiles_i * _R, m, j0, j1)
-                pair_counts(a, b, tiles_i * _R, m, j0, j1, 0, w_count, cnt, k, True)
-
-    return drive
+_mk_hs256 = _hs_micro_kernel(4, _R, _C)
+_mk_hs512 = _hs_micro_kernel(8, _R, _C)
 
 
-_DRIVERS = {name: _hs_driver(_hs_micro_kernel(lanes, _R, _C)) for name, lanes in LANES.items()}
+@jit(parallel=True)
+def _drive(a, b, cnt, k, lanes, n_chunks, cols, nb):
+    """The parallel driver of both micro-kernels (``lanes`` picks which; one module-level
+    function, so that numba caches it on disk): threads take blocks of row tiles of A
+    (``cols = False``) or of row tiles of B (``cols = True``, for a few rows of A); B is
+    walked in blocks of ``nb`` rows, the whole of K per tile."""
+    m, w_count = a.shape
+    n = b.shape[0]
+    sa, sb, so = a.strides[0], b.strides[0], cnt.strides[0]
+    a0, b0, o0 = a.ctypes.data, b.ctypes.data, cnt.ctypes.data
+    tiles_i, tiles_j = m // _R, n // _C
+    jt_all = tiles_j * _C
+    for chunk in prange(n_chunks):
+        if cols:
+            t0, t1 = 0, tiles_i
+            j0 = tiles_j * chunk // n_chunks * _C
+            j1 = n if chunk == n_chunks - 1 else tiles_j * (chunk + 1) // n_chunks * _C
+        else:
+            t0, t1 = tiles_i * chunk // n_chunks, tiles_i * (chunk + 1) // n_chunks
+            j0, j1 = 0, n
+        jt = min(j1, jt_all)
+        for jb in range(j0, jt, nb):
+            je = min(jb + nb, jt)
+            for t in range(t0, t1):
+                i = t * _R
+                for j in range(jb, je, _C):
+                    if lanes == 8:
+                        _mk_hs512(a0 + i * sa, sa, b0 + j * sb, sb, 0, w_count,
+                                  o0 + i * so + 4 * j, so, k)
+                    else:
+                        _mk_hs256(a0 + i * sa, sa, b0 + j * sb, sb, 0, w_count,
+                                  o0 + i * so + 4 * j, so, k)
+        if j1 > jt_all:  # columns past the last whole column tile
+            _fill(cnt, t0 * _R, t1 * _R, max(j0, jt_all), j1)
+            pair_counts(a, b, t0 * _R, t1 * _R, max(j0, jt_all), j1, 0, w_count, cnt, k, True)
+        if t1 == tiles_i:  # rows past the last whole row tile
+            _fill(cnt, tiles_i * _R, m, j0, j1)
+            pair_counts(a, b, tiles_i * _R, m, j0, j1, 0, w_count, cnt, k, True)
 
 
 def xnor_gemm_into(name, a, b, cnt, k, threads=None):
@@ -206,4 +206,4 @@ def xnor_gemm_into(name, a, b, cnt, k, threads=None):
     cols = split_over_b(m, n, threads)
     n_chunks = max(1, min(threads, (n // _C) if cols else (m // _R)))
     nb = max(_C, (256 * 1024) // (8 * w_count) // _C * _C)  # a block of B fits in L2
-    _DRIVERS[name](a, b, cnt, k, n_chunks, cols, nb)
+    _drive(a, b, cnt, k, LANES[name], n_chunks, cols, nb)
