@@ -20,6 +20,9 @@ operands stay in L1):
 * ``"hs256"``, ``"hs512"`` (:mod:`minibnn.kernels.numba_hs`): Harley-Seal carry-save adders
   that count one vector popcount per 8 vectors of K, for long K on CPUs without
   ``vpopcntq``.
+* ``"bcast256"``, ``"bcast512"`` (:mod:`minibnn.kernels.numba_simd`): B repacked into panels
+  of 4 or 8 rows, lanes across rows of B, words of A broadcast: every lane is an output,
+  no sum across lanes and no tail of K (short K: a ConvNet's 3x3 patches).
 
 Which is fastest depends on the CPU and the shape: unless one is named, :func:`xnor_gemm`
 uses the choice :mod:`minibnn.kernels.autotune` measured for the shape class.
@@ -27,7 +30,9 @@ uses the choice :mod:`minibnn.kernels.autotune` measured for the shape class.
 
 import numpy as np
 import numba
-from numba import prange
+from llvmlite import ir
+from numba import prange, types
+from numba.extending import intrinsic
 
 from . import autotune, numba_avx2, numba_hs, numba_simd
 from ._numba_common import NB_ROWS, jit, pair_counts, popcount64, store
@@ -104,6 +109,56 @@ def pack_rows(x):
     return out.reshape(lead + (out.shape[1],))
 
 
+def _compare_pack_64(etype):
+    """A Numba intrinsic ``cmp(z_addr, t_addr) -> uint64``: bit j = z[j] >= t[j] for the 64
+    values of type ``etype`` (int32 or float32, ordered: NaN gives 0) at each address. One
+    vector compare into a 64-lane mask, read as a 64-bit integer (element j is bit j): on
+    AVX-512 a few ``vpcmpd``/``vcmpps`` into mask registers, where the scalar loop below
+    shifts and ors bit by bit."""
+    vec = ir.VectorType(etype, 64)
+
+    def codegen(context, builder, signature, args):
+        z_addr, t_addr = args
+        z = builder.load(builder.inttoptr(z_addr, vec.as_pointer()), align=4)
+        t = builder.load(builder.inttoptr(t_addr, vec.as_pointer()), align=4)
+        mask = (builder.fcmp_ordered(">=", z, t) if isinstance(etype, ir.FloatType)
+                else builder.icmp_signed(">=", z, t))
+        return builder.bitcast(mask, ir.IntType(64))
+
+    @intrinsic
+    def cmp(typingctx, z_addr, t_addr):
+        return types.uint64(types.intp, types.intp), codegen
+    return cmp
+
+
+_cmp_pack_i32 = _compare_pack_64(ir.IntType(32))
+_cmp_pack_f32 = _compare_pack_64(ir.FloatType())
+
+
+@jit(parallel=True)
+def _pack_threshold_vec(z, t, out, is_float):
+    """``_pack_threshold`` for C-contiguous z and t of one dtype, int32 or float32: whole
+    words by one vector compare each, the last partial word as ``_pack_threshold`` does."""
+    m, n = z.shape
+    p = t.shape[0]
+    w_count = out.shape[1]
+    full = n // 64
+    z0, t0, sz, st = z.ctypes.data, t.ctypes.data, z.strides[0], t.strides[0]
+    for i in prange(m):
+        r = i % p
+        for w in range(full):
+            if is_float:
+                out[i, w] = _cmp_pack_f32(z0 + i * sz + 256 * w, t0 + r * st + 256 * w)
+            else:
+                out[i, w] = _cmp_pack_i32(z0 + i * sz + 256 * w, t0 + r * st + 256 * w)
+        for w in range(full, w_count):
+            base = w * 64
+            word = np.uint64(0)
+            for j in range(n - base):
+                word |= np.uint64(z[i, base + j] >= t[r, base + j]) << np.uint64(j)
+            out[i, w] = word
+
+
 @jit(parallel=True)
 def _pack_threshold(z, t, out):
     m, n = z.shape
@@ -139,7 +194,10 @@ def pack_threshold(z, threshold, out=None):
         t = threshold.reshape(-1, n)
         if z.dtype.byteorder not in "=|" or t.dtype.byteorder not in "=|":
             z, t = z.astype(z.dtype.newbyteorder("=")), t.astype(t.dtype.newbyteorder("="))
-        _pack_threshold(z, t, out)
+        if z.dtype == t.dtype and z.dtype in (np.int32, np.float32) and z.flags.c_contiguous:
+            _pack_threshold_vec(z, np.ascontiguousarray(t), out, z.dtype == np.float32)
+        else:
+            _pack_threshold(z, t, out)
     return out
 
 
@@ -205,14 +263,15 @@ _SERIAL_WORK = 1 << 17  # word pairs below which one thread beats waking the oth
 def available_kernels():
     """Names of the GEMM kernels this CPU can run: ``"generic"`` first, then ``"scalar"``,
     ``"simd256"`` (AVX2), ``"simd512"`` (AVX512F), ``"avx2"`` (AVX2), ``"avx512bw"``
-    (AVX512BW), ``"hs256"`` (AVX2) and ``"hs512"`` (AVX512F) where Numba's target and
-    this CPU offer them."""
+    (AVX512BW), ``"hs256"`` (AVX2), ``"hs512"`` (AVX512F), ``"bcast256"`` (AVX2) and
+    ``"bcast512"`` (AVX512F) where Numba's target and this CPU offer them."""
     f = _ISA["features"]
     return ("generic", "scalar") + tuple(name for name, need in _NEEDS if f[need])
 
 
 _NEEDS = (("simd256", "avx2"), ("simd512", "avx512f"), ("avx2", "avx2"),
-          ("avx512bw", "avx512bw"), ("hs256", "avx2"), ("hs512", "avx512f"))  # ISA feature
+          ("avx512bw", "avx512bw"), ("hs256", "avx2"), ("hs512", "avx512f"),
+          ("bcast256", "avx2"), ("bcast512", "avx512f"))  # ISA feature
 
 
 def default_kernel(m=100, n=4096, k=4096):
@@ -276,6 +335,8 @@ def xnor_gemm(a, b, k, kernel=None, out=None):
         numba_hs.xnor_gemm_into(kernel, a, b, cnt, k, threads=threads)
     elif kernel == "generic":
         _gemm_generic(a, b, cnt, k, max(1, min(threads, m // _GR)))
+    elif kernel in numba_simd.BCAST:
+        numba_simd.xnor_gemm_bcast_into(kernel, a, b, cnt, k, threads=threads)
     else:
         numba_simd.xnor_gemm_into(kernel, a, b, cnt, k, threads=threads)
     return cnt

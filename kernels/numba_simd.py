@@ -42,7 +42,8 @@ from llvmlite import ir
 
 from ._numba_common import jit, pair_counts, popcount64
 
-__all__ = ["KERNELS", "LANES", "TILE", "xnor_gemm_into", "bitplane_gemm_into"]
+__all__ = ["KERNELS", "LANES", "TILE", "BCAST", "xnor_gemm_into", "xnor_gemm_bcast_into",
+           "pack_panels", "split_over_b", "bitplane_gemm_into"]
 
 TILE = (4, 4)  # R x C register tile: 16 accumulators + 8 operands fit the 32 zmm registers
 LANES = {"scalar": 1, "simd256": 4, "simd512": 8}
@@ -324,6 +325,188 @@ def xnor_gemm_into(name, a, b, cnt, k, cols=None, threads=None):
     kb = min(w_count, _KB_WORDS)
     nb = max(_C, _L2_BLOCK // (8 * kb) // _C * _C)
     _drive(a, b, cnt, k, LANES[name], n_chunks, bool(cols), kb, nb)
+
+
+# ------------------------------------------------------------ broadcast kernels (B in panels)
+#
+# ``"bcast256"`` and ``"bcast512"`` vectorise across rows of B instead of along K. B is
+# repacked once per call into panels of L rows (``pack_panels``: panel p holds word w of
+# rows pL .. pL + L - 1 side by side), and the micro-kernel keeps R rows of A x P panels of
+# counters, L lanes each: per word of K it broadcasts the R words of A, loads the P panel
+# vectors and adds popcount(a ^ b) lane-wise, so every lane is one output pair. There is
+# no sum across lanes at the end and no tail of K to treat apart (one word per step): the
+# counters are the outputs. The tile's fixed cost is then its stores alone, which pays
+# where K is short, as in a ConvNet's 3x3 patches (9 x 16 channels: 3 words; 9 x 128: 18
+# words) where the lane-sum kernels above spend much of each tile summing lanes.
+
+BCAST = {"bcast256": (4, 4, 2), "bcast512": (8, 4, 4)}  # lanes L, rows R, panels P
+
+
+def _bcast_micro_kernel(lanes, rows, panels):
+    """A Numba intrinsic ``mk(a_addr, a_stride, p_addr, p_stride, w_count, out_addr,
+    out_stride, k, last)``: for the ``rows`` rows of A at ``a_addr`` (row stride in bytes)
+    and the ``panels`` panels of B at ``p_addr`` (``p_stride`` bytes apart, W words of L
+    lanes each), write the int32 ``k - 2 sum_w popcount(a[r, w] ^ b[c, w])`` to ``out_addr
+    + r out_stride + 4 c`` for the tile's ``panels x L`` columns c, except that in the
+    last panel only the first ``last`` columns are written (the rest lie past N)."""
+    vec = ir.VectorType(_I64, lanes)
+    row_t = ir.VectorType(_I32, lanes)
+
+    def codegen(context, builder, signature, args):
+        a_addr, a_stride, p_addr, p_stride, w_count, out_addr, out_stride, k, last = args
+        c64 = lambda v: ir.Constant(_I64, v)  # noqa: E731
+        ctpop = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vec, [vec]), _ctpop_name(lanes))
+        zero = ir.Constant(vec, None)
+        acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(panels)]
+               for _ in range(rows)]
+        with cgutils.for_range(builder, w_count) as loop:
+            w8 = builder.mul(loop.index, c64(8))
+            av = []
+            for r in range(rows):
+                ptr = builder.inttoptr(builder.add(builder.add(a_addr, builder.mul(c64(r), a_stride)),
+                                                   w8), _I64.as_pointer())
+                word = builder.load(ptr, align=8)
+                one = builder.insert_element(ir.Constant(vec, ir.Undefined), word, c64(0))
+                av.append(builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined),
+                                                 ir.Constant(ir.VectorType(_I32, lanes),
+                                                             [0] * lanes)))
+            for p in range(panels):
+                base = builder.add(p_addr, builder.mul(c64(p), p_stride))
+                ptr = builder.inttoptr(builder.add(base, builder.mul(w8, c64(lanes))),
+                                       vec.as_pointer())
+                bv = builder.load(ptr, align=8)
+                for r in range(rows):
+                    slot = acc[r][p]
+                    cnt = builder.call(ctpop, [builder.xor(av[r], bv)])
+                    builder.store(builder.add(builder.load(slot), cnt), slot)
+        k32 = builder.trunc(k, _I32)
+        kv = builder.insert_element(ir.Constant(row_t, ir.Undefined), k32, ir.Constant(_I32, 0))
+        kv = builder.shuffle_vector(kv, ir.Constant(row_t, ir.Undefined),
+                                    ir.Constant(ir.VectorType(_I32, lanes), [0] * lanes))
+        whole = builder.icmp_signed(">=", last, c64(lanes))
+        for r in range(rows):
+            row_addr = builder.add(out_addr, builder.mul(c64(r), out_stride))
+            for p in range(panels):
+                v = builder.trunc(builder.load(acc[r][p]), row_t)
+                v = builder.sub(kv, builder.shl(v, ir.Constant(row_t, [1] * lanes)))
+                addr = builder.add(row_addr, c64(4 * lanes * p))
+                if p < panels - 1:
+                    builder.store(v, builder.inttoptr(addr, row_t.as_pointer()), align=4)
+                    continue
+                with builder.if_else(whole, likely=True) as (full, part):
+                    with full:
+                        builder.store(v, builder.inttoptr(addr, row_t.as_pointer()), align=4)
+                    with part:  # the columns before N, one at a time
+                        for c in range(lanes - 1):
+                            with builder.if_then(builder.icmp_signed(">", last, c64(c))):
+                                ptr = builder.inttoptr(builder.add(addr, c64(4 * c)),
+                                                       _I32.as_pointer())
+                                builder.store(builder.extract_element(v, c64(c)), ptr)
+        return context.get_dummy_value()
+
+    @intrinsic
+    def mk(typingctx, a_addr, a_stride, p_addr, p_stride, w_count, out_addr, out_stride, k,
+           last):
+        return types.void(*([types.intp] * 9)), codegen
+    return mk
+
+
+_mk_b256 = _bcast_micro_kernel(*BCAST["bcast256"])
+_mk_b512 = _bcast_micro_kernel(*BCAST["bcast512"])
+_mk_b256_1 = _bcast_micro_kernel(4, 1, 1)  # one row x one panel: the edges
+_mk_b512_1 = _bcast_micro_kernel(8, 1, 1)
+
+
+@jit(parallel=True)
+def _pack_panels(b, lanes, out):
+    """out[p, w, l] = b[p L + l, w] (zero past the last row of B): (ceil(N / L), W, L)."""
+    n, w_count = b.shape
+    for p in prange(out.shape[0]):
+        for w in range(w_count):
+            for lane in range(lanes):
+                j = p * lanes + lane
+                out[p, w, lane] = b[j, w] if j < n else np.uint64(0)
+
+
+def pack_panels(b, lanes):
+    """B (N, W) uint64 as panels of ``lanes`` rows: (ceil(N / lanes), W, lanes), rows past N
+    zero (their results are never stored)."""
+    n, w_count = b.shape
+    out = np.empty(((n + lanes - 1) // lanes, w_count, lanes), np.uint64)
+    _pack_panels(b, lanes, out)
+    return out
+
+
+@jit(inline="always")
+def _bcast_edge(lanes, pa, sa, pp, sp, w_count, po, so, k, whole, last):
+    """One row of A against the ``whole`` panels at ``pp``, one panel at a time."""
+    for q in range(whole):
+        lq = last if q == whole - 1 else lanes
+        if lanes == 8:
+            _mk_b512_1(pa, sa, pp + q * sp, sp, w_count, po + 4 * q * lanes, so, k, lq)
+        else:
+            _mk_b256_1(pa, sa, pp + q * sp, sp, w_count, po + 4 * q * lanes, so, k, lq)
+
+
+@jit(parallel=True)
+def _drive_bcast(a, bp, cnt, k, lanes, n_chunks, cols):
+    """The parallel driver of the broadcast kernels (``lanes`` 8: ``"bcast512"``, 4:
+    ``"bcast256"``): tiles of R rows of A x P panels, the whole of K per tile; threads take
+    blocks of panel groups (``cols``) or of row tiles, and a thread runs one group of P
+    panels (P L rows of B: in L1 for K up to a few thousand bits) past all its rows of A
+    before the next group. A group of fewer panels (the last) and the rows past the last
+    whole row tile go one row and one panel at a time."""
+    m, w_count = a.shape
+    n = cnt.shape[1]
+    rows = 4
+    panels = 4 if lanes == 8 else 2
+    n_pan = bp.shape[0]
+    groups = (n_pan + panels - 1) // panels
+    sa, sp, so = a.strides[0], bp.strides[0], cnt.strides[0]
+    a0, p0, o0 = a.ctypes.data, bp.ctypes.data, cnt.ctypes.data
+    tiles = m // rows
+    for chunk in prange(n_chunks):
+        if cols:
+            g0, g1 = groups * chunk // n_chunks, groups * (chunk + 1) // n_chunks
+            t0, t1 = 0, tiles
+        else:
+            g0, g1 = 0, groups
+            t0, t1 = tiles * chunk // n_chunks, tiles * (chunk + 1) // n_chunks
+        for g in range(g0, g1):
+            first = g * panels
+            whole = min(panels, n_pan - first)  # panels in this group
+            last = n - (first + whole - 1) * lanes  # columns of its last panel before N
+            pp, po = p0 + first * sp, o0 + 4 * first * lanes
+            for t in range(t0, t1):
+                i = t * rows
+                if whole == panels:
+                    if lanes == 8:
+                        _mk_b512(a0 + i * sa, sa, pp, sp, w_count, po + i * so, so, k, last)
+                    else:
+                        _mk_b256(a0 + i * sa, sa, pp, sp, w_count, po + i * so, so, k, last)
+                else:
+                    for r in range(i, i + rows):
+                        _bcast_edge(lanes, a0 + r * sa, sa, pp, sp, w_count, po + r * so, so,
+                                    k, whole, last)
+            if t1 == tiles:  # rows past the last whole row tile
+                for r in range(tiles * rows, m):
+                    _bcast_edge(lanes, a0 + r * sa, sa, pp, sp, w_count, po + r * so, so, k,
+                                whole, last)
+
+
+def xnor_gemm_bcast_into(name, a, b, cnt, k, cols=None, threads=None):
+    """Write k - 2 popcount(a[i] ^ b[j]) into ``cnt[i, j]`` with broadcast kernel ``name``
+    (``"bcast256"`` or ``"bcast512"``), B repacked into panels first. Operands as
+    :func:`xnor_gemm_into` takes them; ``cols`` and ``threads`` as there."""
+    lanes, rows, panels = BCAST[name]
+    m, n = a.shape[0], b.shape[0]
+    threads = numba.get_num_threads() if threads is None else threads
+    if cols is None:
+        cols = split_over_b(m, n, threads)
+    groups = -(-n // (lanes * panels))
+    n_chunks = max(1, min(threads, groups if cols else m // rows))
+    _drive_bcast(a, pack_panels(b, lanes), cnt, k, lanes, n_chunks, bool(cols))
 
 
 # ------------------------------------------------------------ 8-bit input by bit planes

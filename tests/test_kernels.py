@@ -127,11 +127,11 @@ def test_numba_kernel_variants():
     f = autotune.isa_features()["features"]
     assert names[:2] == ("generic", "scalar")
     assert set(names) <= {"generic", "scalar", "simd256", "simd512", "avx2", "avx512bw",
-                          "hs256", "hs512"}
+                          "hs256", "hs512", "bcast256", "bcast512"}
     assert ("avx2" in names) == numba_avx2.host_has_avx2() == f["avx2"]
     assert ("avx512bw" in names) == numba_avx2.host_has_avx512bw() == f["avx512bw"]
-    assert ("simd256" in names) == ("hs256" in names) == f["avx2"]
-    assert ("simd512" in names) == ("hs512" in names) == f["avx512f"]
+    assert ("simd256" in names) == ("hs256" in names) == ("bcast256" in names) == f["avx2"]
+    assert ("simd512" in names) == ("hs512" in names) == ("bcast512" in names) == f["avx512f"]
     assert numba_cpu.default_kernel() in names
     assert numba_cpu.default_kernel(5, 3, 70) in names
 
@@ -401,6 +401,25 @@ def test_pack_threshold_is_compare_then_pack(pack, m, n, p, dtype):
     got = pack(z, t)
     assert got.dtype == np.uint64 and got.shape == (m, (n + 63) // 64)
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("pack", THRESHOLD_PACKERS)
+@pytest.mark.parametrize("dtype", [np.int32, np.float32])
+def test_pack_threshold_edge_values(pack, dtype):
+    """The extremes of the type, signed comparison (int32 minimum against maximum), NaN
+    (never >=: bit 0, as NumPy's comparison), infinities and -0.0 == +0.0, in whole 64-bit
+    words (numba's vector compare) and in a last partial word; a non-contiguous z too."""
+    rng = np.random.default_rng(7)
+    if dtype == np.int32:
+        pool = np.array([np.iinfo(np.int32).min, -1, 0, 1, np.iinfo(np.int32).max], dtype)
+    else:
+        pool = np.array([np.nan, -np.inf, -1.5, -0.0, 0.0, 2.0, np.inf], dtype)
+    z = rng.choice(pool, size=(9, 150))
+    t = rng.choice(pool, size=(3, 150))
+    want = reference.pack_rows((z.reshape(-1, 3, 150) >= t[None]).reshape(9, 150))
+    np.testing.assert_array_equal(pack(z, t), want)
+    zt = np.asfortranarray(z)
+    np.testing.assert_array_equal(pack(zt, t), want)
 
 
 @pytest.mark.parametrize("pack", THRESHOLD_PACKERS)

@@ -46,6 +46,39 @@ def test_micro_kernels_bit_exact(name, cols, threads, m, n, k):
     np.testing.assert_array_equal(cnt, reference.xnor_gemm(a, b, k))
 
 
+BCAST = [k for k in numba_simd.BCAST if k in numba_cpu.available_kernels()]
+# panels of 4 or 8 rows of B in groups of 2 or 4: N below one panel, below one group,
+# a whole number of groups, a group and a partial panel; M below a row tile and past one
+BCAST_SHAPES = AWKWARD + [(4, 8, 64), (8, 32, 3 * 64), (5, 37, 144), (13, 16, 288),
+                          (4, 64, 1152), (3, 3, 65), (12, 40, 1)]
+
+
+@pytest.mark.parametrize("name", BCAST)
+@pytest.mark.parametrize("cols", [False, True])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("m,n,k", BCAST_SHAPES)
+def test_broadcast_kernels_bit_exact(name, cols, threads, m, n, k):
+    a, b = operands(m, n, k, m * 1000 + n * 10 + k)
+    cnt = np.full((m + 1, n + 3), -7, np.int32)  # a wider buffer: nothing past N is written
+    view = cnt[:m, :n]
+    out = np.empty((m, n), np.int32)
+    numba_simd.xnor_gemm_bcast_into(name, a, b, out, k, cols=cols, threads=threads)
+    np.testing.assert_array_equal(out, reference.xnor_gemm(a, b, k))
+    # into a row-strided view of a larger array: the columns and rows past it keep -7
+    numba_simd._drive_bcast(a, numba_simd.pack_panels(b, numba_simd.BCAST[name][0]), view, k,
+                            numba_simd.BCAST[name][0], 1, bool(cols))
+    np.testing.assert_array_equal(view, reference.xnor_gemm(a, b, k))
+    assert (cnt[:, n:] == -7).all() and (cnt[m:] == -7).all()
+
+
+def test_broadcast_panels():
+    b = np.arange(1, 11, dtype=np.uint64).reshape(5, 2)
+    p = numba_simd.pack_panels(b, 4)
+    assert p.shape == (2, 2, 4)
+    np.testing.assert_array_equal(p[0], b[:4].T)
+    np.testing.assert_array_equal(p[1], [[9, 0, 0, 0], [10, 0, 0, 0]])
+
+
 @pytest.mark.parametrize("name", NIBBLE)
 @pytest.mark.parametrize("m,n,k", AWKWARD)
 def test_nibble_kernels_bit_exact(name, m, n, k):
@@ -225,9 +258,10 @@ def test_kernels_under_a_narrower_isa(profile, tmp_path):
     assert vpopcnt == "False"
     if profile == "znver3":
         assert avx512f == "False" and vnni == "False"
-        assert not any(n in names for n in ("simd512", "avx512bw", "hs512"))
+        assert not any(n in names for n in ("simd512", "avx512bw", "hs512", "bcast512"))
     else:
-        assert avx512f == "True" and all(n in names for n in ("simd512", "avx512bw", "hs512"))
+        assert avx512f == "True" and all(n in names for n in ("simd512", "avx512bw", "hs512",
+                                                             "bcast512"))
 
 
 @pytest.mark.skipif(not numba_vnni.available(), reason="this CPU has no AVX512-VNNI")

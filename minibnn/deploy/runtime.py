@@ -597,7 +597,7 @@ class FrozenBNN:
                 if l.pool is not None and l.negated.any():
                     and_mask = xp.asarray(pack_rows(l.negated))
                 prepared.append(_Prepared(l, xp.asarray(l.weight),
-                                          xp.asarray(l.position_thresholds()), and_mask))
+                                          xp.ascontiguousarray(xp.asarray(l.position_thresholds())), and_mask))
             else:
                 prepared.append(_Prepared(l, xp.asarray(l.weight), None if l.is_output
                                           else xp.asarray(l.threshold), None))
