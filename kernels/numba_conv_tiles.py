@@ -96,15 +96,17 @@ def _gx_kernel(ftype, lanes, cg, u):
                     wv = _splat(builder, w, vec)
                     for v in range(u):
                         slot = part[c][v]
-                        builder.store(builder.fadd(builder.load(slot), builder.fmul(wv, a[v])), slot)
+                        prod = builder.fmul(wv, a[v])
+                        builder.store(builder.fadd(builder.load(slot), prod), slot)
             for c in range(cg):
                 for v in range(u):
-                    builder.store(builder.fadd(builder.load(acc[c][v]), builder.load(part[c][v])),
-                                  acc[c][v])
+                    total = builder.fadd(builder.load(acc[c][v]), builder.load(part[c][v]))
+                    builder.store(total, acc[c][v])
         for c in range(cg):
             row_addr = builder.add(out_addr, builder.mul(c64(c), out_row))
             for v in range(u):
-                ptr = builder.inttoptr(builder.add(row_addr, c64(v * lanes * size)), vec.as_pointer())
+                ptr = builder.inttoptr(builder.add(row_addr, c64(v * lanes * size)),
+                                       vec.as_pointer())
                 builder.store(builder.load(acc[c][v]), ptr, align=size)
         return context.get_dummy_value()
 
@@ -134,9 +136,8 @@ def _gw_kernel(ftype, lanes, og, tb):
             x_base.append(builder.add(x_addr, builder.mul(off, c64(size))))
         with cgutils.for_range(builder, n_vec) as loop:
             t = builder.mul(loop.index, c64(lanes * size))
-            g = [builder.load(builder.inttoptr(builder.add(builder.add(g_addr, c64(0)),
-                                                           builder.add(builder.mul(c64(o), g_row), t)),
-                                               vec.as_pointer()), align=size)
+            g = [builder.load(builder.inttoptr(builder.add(g_addr, builder.add(
+                builder.mul(c64(o), g_row), t)), vec.as_pointer()), align=size)
                  for o in range(og)]
             for k in range(tb):
                 x = builder.load(builder.inttoptr(builder.add(x_base[k], t), vec.as_pointer()),

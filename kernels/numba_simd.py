@@ -364,8 +364,8 @@ def _bcast_micro_kernel(lanes, rows, panels):
             w8 = builder.mul(loop.index, c64(8))
             av = []
             for r in range(rows):
-                ptr = builder.inttoptr(builder.add(builder.add(a_addr, builder.mul(c64(r), a_stride)),
-                                                   w8), _I64.as_pointer())
+                row = builder.add(a_addr, builder.mul(c64(r), a_stride))
+                ptr = builder.inttoptr(builder.add(row, w8), _I64.as_pointer())
                 word = builder.load(ptr, align=8)
                 one = builder.insert_element(ir.Constant(vec, ir.Undefined), word, c64(0))
                 av.append(builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined),

@@ -596,8 +596,8 @@ class FrozenBNN:
                 and_mask = None
                 if l.pool is not None and l.negated.any():
                     and_mask = xp.asarray(pack_rows(l.negated))
-                prepared.append(_Prepared(l, xp.asarray(l.weight),
-                                          xp.ascontiguousarray(xp.asarray(l.position_thresholds())), and_mask))
+                table = xp.ascontiguousarray(xp.asarray(l.position_thresholds()))
+                prepared.append(_Prepared(l, xp.asarray(l.weight), table, and_mask))
             else:
                 prepared.append(_Prepared(l, xp.asarray(l.weight), None if l.is_output
                                           else xp.asarray(l.threshold), None))
