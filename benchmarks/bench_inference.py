@@ -28,6 +28,11 @@ trained net's are not 1 and 0, about 10% of gammas negative. Each network runs
 * "frozen fp16-first cupy": the same frozen net on cupy with ``first_layer_method =
   "float16"`` (the first layer's pixels and +-1 weights as float16 on the tensor cores,
   float32 accumulation through cuBLAS GemmEx: exact, opt-in until this row has been timed);
+* on a CPU-only run, "float32 torch cpu" when PyTorch is importable (never a dependency;
+  ``pip install torch==2.13.0`` gives the CPU build; ``--no-torch`` leaves it out): the same
+  forward through PyTorch's CPU kernels (oneDNN convolutions, far faster than im2col +
+  OpenBLAS), the strongest float anchor on the machine; rows get "vs torch cpu" beside
+  their speed-up over float32 NumPy;
 * on a GPU: "float32 cupy" (the same forward on CuPy: cuBLAS, TF32 off as CuPy's default)
   and, for the ConvNet, "cuDNN fp32 (torch)" and "cuDNN fp16 (torch)" when PyTorch with
   CUDA is importable (``torch.nn.functional.conv2d`` etc., cudnn.benchmark on).
@@ -254,12 +259,13 @@ class Float32Net:
 
 
 class TorchNet:
-    """The same forward through PyTorch on the GPU (cuDNN convolutions, cuBLAS matmuls) in
-    ``dtype`` (float16 or float32), batch norm and sign included, from uint8 pixels."""
+    """The same forward through PyTorch in ``dtype`` (float16 or float32), batch norm and
+    sign included, from uint8 pixels: on the GPU (``device="cuda"``: cuDNN convolutions,
+    cuBLAS matmuls) or on the CPU (oneDNN convolutions, its BLAS for the matmuls)."""
 
-    def __init__(self, model, torch, dtype):
-        self.torch, self.dtype = torch, dtype
-        dev = "cuda"
+    def __init__(self, model, torch, dtype, device="cuda"):
+        self.torch, self.dtype, self.device = torch, dtype, device
+        dev = device
         self.ops = [tuple(torch.as_tensor(v, device=dev, dtype=dtype)
                           if isinstance(v, np.ndarray) else v for v in op)
                     for op in _model_ops(model)]
@@ -272,7 +278,7 @@ class TorchNet:
         out = []
         with torch.inference_mode():
             for i in range(0, len(x_uint8), batch):
-                x = torch.as_tensor(x_uint8[i:i + batch]).to("cuda", non_blocking=True)
+                x = torch.as_tensor(x_uint8[i:i + batch]).to(self.device, non_blocking=True)
                 h = (x if self.is_conv else x.reshape(len(x), -1)).to(self.dtype)
                 h = (h * 2 - 255) / 256
                 for op in self.ops:
@@ -302,6 +308,17 @@ def _torch_cuda():
     except ImportError:
         return None
     return torch if torch.cuda.is_available() else None
+
+
+def _torch_cpu():
+    """torch when it is importable (the CPU anchor), else None; numba's threads start
+    first (``common.start_numba_threads``: each OpenMP runtime keeps its own wait policy)."""
+    common.start_numba_threads()
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
 
 
 # ----------------------------------------------------------------------------- breakdowns
@@ -480,13 +497,14 @@ def file_sizes(model, frozen, tmp):
 
 
 def bench_model(label, model, images, backends, repeats, reference_images, cpu_images=None,
-                float_batch=None, torch=None):
+                float_batch=None, torch=None, torch_cpu=None):
     """Time every path of one network on ``images`` (uint8); returns (rows, sizes, summary).
 
     ``reference_images``: how many images the frozen numpy reference runs on;
     ``cpu_images``: how many the other CPU paths run on (all by default); ``float_batch``:
     images per float forward ({"numpy", "cupy", "torch"} -> n, or None for all at once);
-    ``torch``: the torch module, for the cuDNN paths (ConvNet on a GPU)."""
+    ``torch``: the torch module, for the cuDNN paths (ConvNet on a GPU); ``torch_cpu``: the
+    torch module, for the "float32 torch cpu" path (a CPU run with PyTorch importable)."""
     with tempfile.TemporaryDirectory() as tmp:
         sizes, frozen = file_sizes(model, deploy.freeze(model), tmp)
     n = len(images)
@@ -503,6 +521,11 @@ def bench_model(label, model, images, backends, repeats, reference_images, cpu_i
     if "numpy" in backends:
         counts["frozen numpy"] = len(ref_set)
         paths["frozen numpy"] = (lambda: frozen.predict(ref_set, backend="numpy"), "numpy")
+    if torch_cpu is not None:
+        cpu_tnet = TorchNet(model, torch_cpu, torch_cpu.float32, device="cpu")
+        paths["float32 torch cpu"] = (
+            lambda: cpu_tnet.predict(cpu_set, fb.get("torch", m_cpu)), "torch cpu")
+        counts["float32 torch cpu"] = m_cpu
     if "cupy" in backends:
         gpu_net = Float32Net(model, xp=backend.array_module("cupy"))
         paths["float32 cupy"] = (lambda: gpu_net.predict(images, fb.get("cupy")), "cupy")
@@ -545,10 +568,12 @@ def bench_model(label, model, images, backends, repeats, reference_images, cpu_i
                          differing_images=differ.tolist(), note="; ".join(notes)))
     base = {r["path"]: r["seconds_full_set"] for r in rows}
     for r in rows:
-        gpu = r["path"].endswith("cupy") or "torch" in r["path"]
+        gpu = r["path"].endswith("cupy") or "cuDNN" in r["path"]
         ref = "float32 cupy" if gpu else "float32 numpy"
         r["speedup_vs_float32"] = base[ref] / r["seconds_full_set"]
         r["baseline"] = ref
+        if not gpu and "float32 torch cpu" in base:
+            r["speedup_vs_torch_cpu"] = base["float32 torch cpu"] / r["seconds_full_set"]
     s = minibnn.summary(frozen)
     ms = minibnn.summary(model)
     extra = dict(frozen_binary_macs=s.totals["binary_macs"],
@@ -561,7 +586,7 @@ def bench_model(label, model, images, backends, repeats, reference_images, cpu_i
     return rows, dict(net=label, **sizes, **extra), s
 
 
-def bench_mlps(mnist, quick, backends, repeats):
+def bench_mlps(mnist, quick, backends, repeats, torch_cpu=None):
     images = mnist.test_images[:QUICK_IMAGES] if quick else mnist.test_images
     rows, sizes, summaries = [], [], []
     for hidden, layers in (QUICK_NETS if quick else NETS):
@@ -569,7 +594,7 @@ def bench_mlps(mnist, quick, backends, repeats):
         print(f"\n== {label} MLP: building, freezing ...", flush=True)
         model = build(hidden, layers, mnist.train_images)
         r, s, summ = bench_model(label, model, images, backends, repeats,
-                                 len(images) if quick else REFERENCE_IMAGES)
+                                 len(images) if quick else REFERENCE_IMAGES, torch_cpu=torch_cpu)
         if "numba" in backends:
             g = gemm_speedup(hidden, len(images), repeats)
             frozen_x = next(row["speedup_vs_float32"] for row in r
@@ -582,7 +607,7 @@ def bench_mlps(mnist, quick, backends, repeats):
     return rows, sizes, summaries[0], len(images)
 
 
-def bench_convnet(quick, n, backends, repeats):
+def bench_convnet(quick, n, backends, repeats, torch_cpu=None):
     label = QUICK_CONV_LABEL if quick else CONV_LABEL
     print(f"\n== {label}: building (batch-norm statistics from synthetic images), freezing ...",
           flush=True)
@@ -593,7 +618,7 @@ def bench_convnet(quick, n, backends, repeats):
         label, model, images, backends, repeats,
         reference_images=n if quick else CONV_REFERENCE_IMAGES,
         cpu_images=CONV_CPU_IMAGES_ON_GPU if gpu and not quick else None,
-        float_batch=FLOAT_BATCH, torch=_torch_cuda() if gpu else None)
+        float_batch=FLOAT_BATCH, torch=_torch_cuda() if gpu else None, torch_cpu=torch_cpu)
     sizes["input"] = f"{n} {CONV_INPUT}, shape {(n,) + tuple(shape)}"
     return rows, sizes, summ, shape
 
@@ -602,10 +627,11 @@ def bench_convnet(quick, n, backends, repeats):
 
 def format_table(rows):
     n = rows[0]["images"]
-    head = ["net", "path", f"s / {n} img", "img/s", "speed-up", "agree", "note"]
+    head = ["net", "path", f"s / {n} img", "img/s", "speed-up", "vs torch cpu", "agree", "note"]
     body = [[r["net"], r["path"], f"{r['seconds_full_set']:.3f}",
              f"{r['images_per_second']:,.0f}",
              f"{r['speedup_vs_float32']:.2f}x vs {r['baseline']}",
+             f"{r['speedup_vs_torch_cpu']:.2f}x" if "speedup_vs_torch_cpu" in r else "-",
              f"{r['agree_with_float32']}/{r['compared']}", r["note"]] for r in rows]
     widths = [max(len(str(c[i])) for c in body + [head]) for i in range(len(head))]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(c, widths)).rstrip()
@@ -675,6 +701,9 @@ def main(argv=None):
                         "NumPy forward always runs; cupy adds the float32 CuPy forward and, "
                         "for the ConvNet, cuDNN through torch when importable)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-torch", action="store_true",
+                   help="leave out the PyTorch CPU anchor (\"float32 torch cpu\", run when "
+                        "torch is importable on a CPU-only run)")
     p.add_argument("--out", default=None,
                    help="folder for the JSON and PNG (default benchmarks/results, with "
                         "--quick benchmarks/results/quick, which git ignores)")
@@ -700,7 +729,11 @@ def main(argv=None):
             print(f"{name} backend skipped: {why[name]}")
             backends.discard(name)
     use_gpu = "cupy" in backends
+    torch_cpu = None if use_gpu or args.no_torch else _torch_cpu()
     info = machine_info(use_gpu)
+    if torch_cpu is not None:
+        info["torch"] = torch_cpu.__version__
+        info["torch_threads"] = torch_cpu.get_num_threads()
     common.note_isa(info, args.isa)
     print(json.dumps(info))
     out = common.results_dir(args.out, args.quick)
@@ -710,7 +743,8 @@ def main(argv=None):
     result = {"machine": info, "repeats": args.repeats, "nets": nets}
     rows, sizes, tables, summaries = [], [], {}, {}
     if "mlp" in nets:
-        r, s, summ, n = bench_mlps(data.load_mnist(), args.quick, backends, args.repeats)
+        r, s, summ, n = bench_mlps(data.load_mnist(), args.quick, backends, args.repeats,
+                                   torch_cpu)
         rows += r
         sizes += s
         result["images"] = n
@@ -720,7 +754,7 @@ def main(argv=None):
     if "convnet" in nets:
         n = args.conv_images or (QUICK_CONV_IMAGES if args.quick else
                                  CONV_IMAGES["gpu" if use_gpu else "cpu"])
-        r, s, summ, shape = bench_convnet(args.quick, n, backends, args.repeats)
+        r, s, summ, shape = bench_convnet(args.quick, n, backends, args.repeats, torch_cpu)
         rows += r
         sizes.append(s)
         result["conv_images"] = n

@@ -55,31 +55,9 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-#: the user's OpenMP wait policy, before minibnn's numba kernels set theirs (see below)
-_USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
-
 import common  # noqa: E402  (benchmarks/common.py, beside this script)
 import minibnn as bnn  # noqa: E402
 from minibnn import backend, losses, models, optim, train  # noqa: E402
-
-
-def _start_numba_threads():
-    """Start numba's OpenMP threads now, under the wait policy minibnn's kernels set (PASSIVE
-    unless the user chose one), then give the environment back its own value for PyTorch.
-
-    Each library reads OMP_WAIT_POLICY once, when its OpenMP runtime starts. Measured here:
-    with PyTorch imported first, numba's loops ran on PyTorch's already-started OpenMP runtime
-    and its spinning workers, and the numba ConvNet step went from 131 ms to 205 ms. So numba
-    starts first with its policy, and PyTorch (its own bundled runtime) starts later with the
-    user's environment, its default: each side of the comparison runs as it would alone."""
-    if backend.available()["numba"] is None:
-        from minibnn.kernels import numba_cpu
-        numba_cpu.pack_rows(np.ones((64, 64), np.float32))  # a parallel loop: threads start
-    user = _USER_OMP_WAIT_POLICY
-    if user is None:
-        os.environ.pop("OMP_WAIT_POLICY", None)
-    else:
-        os.environ["OMP_WAIT_POLICY"] = user
 
 
 #: name -> (builder(rng), input shape, batch size)
@@ -249,7 +227,7 @@ def main(argv=None):
     ap.add_argument("--no-torch", action="store_true", help="leave the PyTorch anchor out")
     ap.add_argument("--out", type=Path, default=None, help="results folder")
     args = ap.parse_args(argv)
-    _start_numba_threads()
+    common.start_numba_threads()
 
     usable = [n for n, why in backend.available().items() if why is None]
     backends = args.backends.split(",") if args.backends else usable

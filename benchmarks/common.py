@@ -11,6 +11,9 @@ import numpy as np
 
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: the user's OpenMP wait policy, read before minibnn's numba kernels set theirs (the
+#: scripts import this module before minibnn; see start_numba_threads)
+USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
 
 
 def results_dir(out, quick):
@@ -147,3 +150,23 @@ def array_code():
         yield
     finally:
         backend.conv_kernels = saved
+
+
+def start_numba_threads():
+    """Start numba's OpenMP threads now, under the wait policy minibnn's kernels set (PASSIVE
+    unless the user chose one), then give the environment back its own value for PyTorch.
+    Call it before importing torch.
+
+    Each library reads OMP_WAIT_POLICY once, when its OpenMP runtime starts. Measured here:
+    with PyTorch imported first, numba's loops ran on PyTorch's already-started OpenMP runtime
+    and its spinning workers, and the numba ConvNet step went from 131 ms to 205 ms. So numba
+    starts first with its policy, and PyTorch (its own bundled runtime) starts later with the
+    user's environment, its default: each side of the comparison runs as it would alone."""
+    from minibnn import backend
+    if backend.available()["numba"] is None:
+        from minibnn.kernels import numba_cpu
+        numba_cpu.pack_rows(np.ones((64, 64), np.float32))  # a parallel loop: threads start
+    if USER_OMP_WAIT_POLICY is None:
+        os.environ.pop("OMP_WAIT_POLICY", None)
+    else:
+        os.environ["OMP_WAIT_POLICY"] = USER_OMP_WAIT_POLICY

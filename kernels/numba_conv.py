@@ -316,6 +316,11 @@ def sign_ste(x):
 # result does not depend on the thread count. Its difference from the BLAS result is
 # rounding only: tested against the float64 sum within 1e-5 of the sum of the terms'
 # magnitudes (float32), as the BLAS result is.
+#
+# These loops are the readable version: one pass over a whole plane per tap and output
+# channel, each product's partial sum written back, so they run at the speed of L2. The
+# default (``tiles=True``) runs the same sums, in the same order for the input gradient,
+# through register-tiled micro-kernels (kernels/numba_conv_tiles.py): about half the time.
 
 _CHUNK = numba_conv_tiles.CHUNK  # images per partial weight gradient (fixed: the sum is the
 # same on any thread count), 4
