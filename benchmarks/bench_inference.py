@@ -56,6 +56,7 @@ issue #10's goal compares the frozen speed-up with it.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -105,12 +106,13 @@ def _plant_batch_norms(model, rng):
 
 
 def build(hidden, layers, train_images, seed=0):
-    """The paper's MLP with random weights and batch-norm statistics from MNIST batches."""
+    """The paper's MLP with random weights and batch-norm statistics from MNIST batches
+    (built on the host whatever MINIBNN_BACKEND says: every path starts from host arrays)."""
     rng = np.random.default_rng(seed)
-    model = models.mnist_mlp(hidden=hidden, layers=layers, rng=rng)
-    bns = _plant_batch_norms(model, rng)
-    model.train()
-    with no_grad():
+    with _fast_backend(), no_grad():
+        model = models.mnist_mlp(hidden=hidden, layers=layers, rng=rng)
+        bns = _plant_batch_norms(model, rng)
+        model.train()
         for i in range(0, 2000, 500):
             model(Tensor(backend.asarray(data.to_pm1(train_images[i:i + 500]))))
     for bn in bns:
@@ -134,14 +136,15 @@ def synthetic_images(n, shape, seed=1):
 
 def build_convnet(quick, seed=0):
     """(model, input shape (C, H, W)): the CIFAR-10 ConvNet (quick: ``mnist_convnet``) with
-    random weights and batch-norm statistics from synthetic images (4 batches of 100)."""
+    random weights and batch-norm statistics from synthetic images (4 batches of 100),
+    built on the host as :func:`build`."""
     rng = np.random.default_rng(seed)
-    model = models.mnist_convnet(rng=rng) if quick else models.cifar10_convnet(rng=rng)
-    shape = deploy.INPUT_SHAPES[model.config["arch"]]
-    bns = _plant_batch_norms(model, rng)
-    calib = synthetic_images(400, shape, seed=seed + 100)
-    model.train()
     with _fast_backend(), no_grad():
+        model = models.mnist_convnet(rng=rng) if quick else models.cifar10_convnet(rng=rng)
+        shape = deploy.INPUT_SHAPES[model.config["arch"]]
+        bns = _plant_batch_norms(model, rng)
+        calib = synthetic_images(400, shape, seed=seed + 100)
+        model.train()
         for i in range(0, len(calib), 100):
             model(Tensor(backend.asarray(data.to_pm1(calib[i:i + 100], flatten=False))))
     for bn in bns:
@@ -742,26 +745,29 @@ def main(argv=None):
               + ("_quick" if args.quick else ""))
     result = {"machine": info, "repeats": args.repeats, "nets": nets}
     rows, sizes, tables, summaries = [], [], {}, {}
-    if "mlp" in nets:
-        r, s, summ, n = bench_mlps(data.load_mnist(), args.quick, backends, args.repeats,
-                                   torch_cpu)
-        rows += r
-        sizes += s
-        result["images"] = n
-        summaries["mlp"] = summ
-        tables["mlp"] = format_table(r) + "\n\n" + "\n".join(map(describe_sizes, s))
-        plot(r, out / f"inference_{suffix}.png")
-    if "convnet" in nets:
-        n = args.conv_images or (QUICK_CONV_IMAGES if args.quick else
-                                 CONV_IMAGES["gpu" if use_gpu else "cpu"])
-        r, s, summ, shape = bench_convnet(args.quick, n, backends, args.repeats, torch_cpu)
-        rows += r
-        sizes.append(s)
-        result["conv_images"] = n
-        result["conv_input"] = CONV_INPUT
-        summaries["convnet"] = summ
-        tables["convnet"] = format_table(r) + "\n\n" + describe_sizes(s)
-        plot(r, out / f"inference_conv_{suffix}.png", conv_shape=shape)
+    # a CPU run: the models live on the host and the host runs their own ops (freezing, the
+    # batch norms' folds), whatever MINIBNN_BACKEND says (the GPU run keeps the default)
+    with contextlib.nullcontext() if use_gpu else _fast_backend():
+        if "mlp" in nets:
+            r, s, summ, n = bench_mlps(data.load_mnist(), args.quick, backends, args.repeats,
+                                       torch_cpu)
+            rows += r
+            sizes += s
+            result["images"] = n
+            summaries["mlp"] = summ
+            tables["mlp"] = format_table(r) + "\n\n" + "\n".join(map(describe_sizes, s))
+            plot(r, out / f"inference_{suffix}.png")
+        if "convnet" in nets:
+            n = args.conv_images or (QUICK_CONV_IMAGES if args.quick else
+                                     CONV_IMAGES["gpu" if use_gpu else "cpu"])
+            r, s, summ, shape = bench_convnet(args.quick, n, backends, args.repeats, torch_cpu)
+            rows += r
+            sizes.append(s)
+            result["conv_images"] = n
+            result["conv_input"] = CONV_INPUT
+            summaries["convnet"] = summ
+            tables["convnet"] = format_table(r) + "\n\n" + describe_sizes(s)
+            plot(r, out / f"inference_conv_{suffix}.png", conv_shape=shape)
     for key, summ in summaries.items():
         print()
         print(summ)
