@@ -414,7 +414,7 @@ def conv_breakdown(frozen, images, name, repeats):
                             lambda: runtime._conv_first(p, weight, layer.k, kern, plan.method,
                                                         plan.dense))
             else:
-                p = clock(f"{key}: patches", lambda: runtime.conv_patches(h, layer, xp))
+                p = clock(f"{key}: patches", lambda: runtime.conv_patches(h, layer, xp, kern))
                 raw = clock(f"{key}: XNOR GEMM", lambda: kern.xnor_gemm(p, weight, layer.gemm_k))
             (ho, wo), o = layer.conv_hw, layer.n_out
             h = clock(f"{key}: threshold + pack", lambda: kern.pack_threshold(

@@ -41,7 +41,7 @@ from .reference import (PLANES, check_bitplane_operands, check_gemm_operands,
                         unpack_rows)
 
 __all__ = ["pack_rows", "unpack_rows", "xnor_gemm", "pack_bitplanes", "bitplane_gemm",
-           "pack_threshold", "available_kernels", "default_kernel"]
+           "pack_threshold", "conv_patch_words", "available_kernels", "default_kernel"]
 
 
 # --------------------------------------------------------------------------- packing
@@ -199,6 +199,44 @@ def pack_threshold(z, threshold, out=None):
         else:
             _pack_threshold(z, t, out)
     return out
+
+
+# ------------------------------------------------------ packed patches (frozen ConvNets)
+
+
+@jit(parallel=True)
+def _conv_patch_words(h, mask, kh, kw, stride, pad, slot, out):
+    n, hh, ww, wc = h.shape
+    ho, wo, words = out.shape[1], out.shape[2], out.shape[3]
+    for q in prange(n * ho):
+        b, y = q // ho, q % ho
+        for x in range(wo):
+            if slot % 64:
+                for u in range(words):
+                    out[b, y, x, u] = 0
+            for i in range(kh):
+                yy = y * stride + i - pad
+                for j in range(kw):
+                    xx = x * stride + j - pad
+                    t = i * kw + j
+                    inside = yy >= 0 and yy < hh and xx >= 0 and xx < ww
+                    if slot % 64 == 0:
+                        for u in range(wc):
+                            out[b, y, x, t * wc + u] = h[b, yy, xx, u] if inside else mask[u]
+                    else:
+                        v = h[b, yy, xx, 0] if inside else mask[0]
+                        out[b, y, x, t * slot // 64] |= v << np.uint64(t * slot % 64)
+
+
+def conv_patch_words(h, mask, kh, kw, stride, padding, slot, ho, wo, words):
+    """The packed patches of a frozen binary convolution in one parallel pass: h (B, H, W,
+    wc) packed activations -> uint64 (B*Ho*Wo, words), tap t = (i, j) row-major in slot t
+    (``slot`` bits: wc whole words when 64 divides it, else bits t*slot .. inside one word),
+    padded pixels ``mask`` (every valid channel bit set: +1). The values of
+    ``deploy.runtime.conv_patches`` (its NumPy version, one slice copy per tap)."""
+    out = np.empty((h.shape[0], ho, wo, words), np.uint64)
+    _conv_patch_words(np.ascontiguousarray(h), mask, kh, kw, stride, padding, slot, out)
+    return out.reshape(-1, words)
 
 
 # --------------------------------------------------------------- generic GEMM kernel

@@ -517,3 +517,29 @@ def test_summary_lists_conv_layers_with_their_macs():
     u = summary(unsized)
     assert "pass input_shape" in u and u.rows[0]["output"] is None
     assert summary(unsized, input_shape=(1, 28, 28)).rows[0]["float_macs"] == 28 * 28 * 9 * 4
+
+
+@pytest.mark.parametrize("c", [1, 3, 16, 64, 70, 128])
+@pytest.mark.parametrize("kh,kw,stride,padding", [(3, 3, 1, 1), (3, 2, 2, 0), (2, 3, 1, 2),
+                                                   (1, 1, 1, 0)])
+def test_numba_patch_words_equal_the_numpy_gather(c, kh, kw, stride, padding):
+    """numba's compiled gather of packed patches (numba_cpu.conv_patch_words) writes the
+    words of the NumPy slice copies, for channel counts that divide 64 (slots sharing a
+    word) and not (whole words per slot), strides, padding up to the kernel size."""
+    from types import SimpleNamespace
+
+    from minibnn.deploy import runtime
+    from minibnn.kernels import numba_cpu
+    rng = np.random.default_rng(c + 10 * kh + stride)
+    n, h, w = 3, 7, 6
+    bits = rng.random((n, h, w, c)) < 0.5
+    packed = runtime.pack_slots(bits.reshape(n, h, w, 1, c), c).reshape(n, h, w, -1)
+    ho = (h + 2 * padding - kh) // stride + 1
+    wo = (w + 2 * padding - kw) // stride + 1
+    layer = SimpleNamespace(c_in=c, padding=padding, kernel=(kh, kw), conv_hw=(ho, wo),
+                            stride=stride, gemm_k=kh * kw * runtime.slot_bits(c))
+    want = runtime.conv_patches(packed, layer, np)
+    got = runtime.conv_patches(packed, layer, np, numba_cpu)
+    assert got.dtype == np.uint64
+    assert got.shape == want.shape == (n * ho * wo, -(-layer.gemm_k // 64))
+    np.testing.assert_array_equal(got, want)

@@ -740,7 +740,7 @@ def _forward_batch(x, layers, kern, trace=None, bits=None, first=None, ws=None):
                 raw = _conv_first(pixel_patches(x, layer, xp), weight, layer.k, kern, method,
                                   dense)
             else:
-                raw = _conv_gemm(conv_patches(h, layer, xp), weight, layer.gemm_k, kern)
+                raw = _conv_gemm(conv_patches(h, layer, xp, kern), weight, layer.gemm_k, kern)
             o, (ho, wo) = layer.n_out, layer.conv_hw
             if trace is not None:
                 z = raw.reshape(n, ho * wo, o) - xp.asarray(layer.z_offset())
@@ -868,20 +868,24 @@ def pixel_patches(x, layer, xp):
     return out.reshape(n * ho * wo, kh * kw * c)
 
 
-def conv_patches(h, layer, xp):
+def conv_patches(h, layer, xp, kern=None):
     """Packed activations (B, H, W, ceil(C/64)) -> packed patches uint64 (B*Ho*Wo, words):
     each tap's channel words gathered into its slot (shifted into a shared word when C
-    divides 64), padded pixels all +1 (every valid channel bit set)."""
+    divides 64), padded pixels all +1 (every valid channel bit set). A kernel module with
+    ``conv_patch_words`` (numba) builds the same words in one compiled pass."""
     n, hh, ww, wc = h.shape
     c = layer.c_in
     p, (kh, kw), (ho, wo) = layer.padding, layer.kernel, layer.conv_hw
+    s = slot_bits(c)
+    if kern is not None and hasattr(kern, "conv_patch_words"):  # numba: one compiled pass
+        return kern.conv_patch_words(h, _channel_mask(c), kh, kw, layer.stride, p, s, ho, wo,
+                                     n_words(layer.gemm_k))
     if p:
         padded = xp.empty((n, hh + 2 * p, ww + 2 * p, wc), dtype=np.uint64)
         padded[...] = xp.asarray(_channel_mask(c))
         padded[:, p:p + hh, p:p + ww] = h
     else:
         padded = h
-    s = slot_bits(c)
     out = xp.zeros((n, ho, wo, n_words(layer.gemm_k)), dtype=np.uint64)
     for t, (_, _, rows, columns) in enumerate(kernel_offsets(kh, kw, layer.stride, ho, wo)):
         tap = padded[:, rows, columns, :]
