@@ -412,6 +412,7 @@ def _bcast_micro_kernel(lanes, rows, panels):
     return mk
 
 
+_RP256, _RP512 = BCAST["bcast256"][1:], BCAST["bcast512"][1:]  # (rows, panels) per tile
 _mk_b256 = _bcast_micro_kernel(*BCAST["bcast256"])
 _mk_b512 = _bcast_micro_kernel(*BCAST["bcast512"])
 _mk_b256_1 = _bcast_micro_kernel(4, 1, 1)  # one row x one panel: the edges
@@ -459,8 +460,8 @@ def _drive_bcast(a, bp, cnt, k, lanes, n_chunks, cols):
     whole row tile go one row and one panel at a time."""
     m, w_count = a.shape
     n = cnt.shape[1]
-    rows = 4
-    panels = 4 if lanes == 8 else 2
+    rows = _RP512[0] if lanes == 8 else _RP256[0]
+    panels = _RP512[1] if lanes == 8 else _RP256[1]
     n_pan = bp.shape[0]
     groups = (n_pan + panels - 1) // panels
     sa, sp, so = a.strides[0], bp.strides[0], cnt.strides[0]
