@@ -1,4 +1,6 @@
-"""XNOR-popcount GEMM kernels built on LLVM vector popcount: ``"scalar"``, ``"simd256"``, ``"simd512"``.
+"""XNOR-popcount GEMM kernels built on LLVM vector popcount: ``"scalar"``, ``"simd256"``,
+``"simd512"`` (lanes along K), ``"bcast256"`` and ``"bcast512"`` (lanes across rows of B:
+see "broadcast kernels" below).
 
 Selected through :func:`kernels.numba_cpu.xnor_gemm` (``kernel=`` one of these names, or
 picked by :mod:`minibnn.kernels.autotune`); this module only computes, the checks and the
