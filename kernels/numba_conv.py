@@ -31,7 +31,8 @@ Layouts (as the NumPy versions):
 * ``binary_conv2d_backward(g, x, wb, stride, padding)`` -> (g_x, g_w) for stride 1 and
   padding within the kernel's reach (``direct_backward_fits``): see its section below.
 * ``sign(x)``, ``sign_ste(x)`` -> sign(x) and (sign(x), |x| <= 1) in one pass.
-* ``bn_forward``, ``bn_backward``: ``functional.BatchNormTrain`` on C-contiguous NCHW.
+* ``bn_forward``, ``bn_backward``: ``functional.BatchNormTrain`` on C-contiguous NCHW;
+  ``bn_train_forward``: its forward with the batch's statistics computed in the same kernel.
 """
 
 import numpy as np
@@ -41,7 +42,7 @@ from ._numba_common import jit
 
 __all__ = ["accepts", "col2im", "pack_sign_patches", "max_pool2d", "max_pool2d_backward",
            "direct_backward_fits", "binary_conv2d_backward", "sign", "sign_ste",
-           "bn_forward", "bn_backward"]
+           "bn_train_forward", "bn_forward", "bn_backward"]
 
 
 def accepts(x):
@@ -485,6 +486,126 @@ def _bn_forward(x, mean, invstd, gamma, beta, xhat, y):
                 v = (src[t] - m) * s
                 xh[t] = v
                 out[t] = gm * v + bt
+
+
+# The training forward computes the batch's statistics too. They are NumPy's: ``x.mean(axis=
+# (0, 2, 3))`` and ``x.var(axis=(0, 2, 3))`` of a C-contiguous array add each (n, c) plane of
+# H*W values by pairwise summation (NumPy's ``pairwise_sum``: runs under 8 added in turn, up to
+# 128 in eight interleaved partial sums, longer runs split in two at a multiple of 8) and add
+# the planes' sums in n order; with C == 1 the whole batch is one run. The variance is the
+# mean of (x - mean)^2 taken the same way; each sum becomes a mean in float64 and is rounded
+# once to x's dtype (NumPy divides by an intp count). ``_pairwise`` and the plane loop below
+# are that order, so mean and var come out bit for bit as NumPy 2.x computes them
+# (tests/test_numba_train_glue.py checks it on many shapes); one pass per channel reads the
+# data for the sum, one for the squared deviations, one for xhat and y, all while the
+# channel's planes sit in cache, where the array code makes about eight passes over memory.
+
+
+@jit()
+def _run_sum(a, lo, n):
+    # a leaf of NumPy's pairwise sum, n <= 128 values from a[lo]
+    if n < 8:
+        r = a.dtype.type(0)
+        for t in range(lo, lo + n):
+            r += a[t]
+        return r
+    r0, r1, r2, r3 = a[lo], a[lo + 1], a[lo + 2], a[lo + 3]
+    r4, r5, r6, r7 = a[lo + 4], a[lo + 5], a[lo + 6], a[lo + 7]
+    t, m = lo + 8, lo + n - n % 8
+    while t < m:
+        r0 += a[t]
+        r1 += a[t + 1]
+        r2 += a[t + 2]
+        r3 += a[t + 3]
+        r4 += a[t + 4]
+        r5 += a[t + 5]
+        r6 += a[t + 6]
+        r7 += a[t + 7]
+        t += 8
+    r = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while t < lo + n:
+        r += a[t]
+        t += 1
+    return r
+
+
+@jit()
+def _pairwise(a, lo, n, frames, parts):
+    # sum of a[lo:lo + n] in NumPy's pairwise order (see above): a run over 128 is the sum of
+    # its halves (split at a multiple of 8), left + right. Written as a loop over an explicit
+    # stack (numba's on-disk cache does not reload recursive functions): frames[d] = (lo, n,
+    # 1 when its right half is being summed), parts[d] the left half's sum of frame d.
+    if n <= 128:
+        return _run_sum(a, lo, n)
+    d = 0
+    frames[0, 0], frames[0, 1], frames[0, 2] = lo, n, 0
+    while True:
+        while frames[d, 1] > 128:  # down the left halves
+            half = frames[d, 1] // 2
+            half -= half % 8
+            frames[d + 1, 0], frames[d + 1, 1], frames[d + 1, 2] = frames[d, 0], half, 0
+            d += 1
+        r = _run_sum(a, frames[d, 0], frames[d, 1])
+        while True:  # up: a left half starts its sibling, a right half joins its left
+            if d == 0:
+                return r
+            if frames[d, 2] == 0:
+                parts[d - 1] = r
+                frames[d, 0] += frames[d, 1]
+                frames[d, 1] = frames[d - 1, 1] - frames[d, 1]
+                frames[d, 2] = 1
+                break
+            r = parts[d - 1] + r
+            d -= 1
+
+
+@jit(parallel=True)
+def _bn_train_forward(x, gamma, beta, eps, mean, var, invstd, xhat, y):
+    # x, xhat, y (planes, C, size): (N, C, H*W), or (1, 1, N*H*W) when C == 1
+    planes, c, size = x.shape
+    count = planes * size
+    one = x.dtype.type(1)
+    for ch in prange(c):
+        dev = np.empty(size, x.dtype)
+        frames, parts = np.empty((64, 3), np.int64), np.empty(64, x.dtype)
+        s = x.dtype.type(0)
+        for b in range(planes):
+            s = s + _pairwise(x[b, ch], 0, size, frames, parts)
+        m = x.dtype.type(np.float64(s) / count)
+        s = x.dtype.type(0)
+        for b in range(planes):
+            src = x[b, ch]
+            for t in range(size):
+                d = src[t] - m
+                dev[t] = d * d
+            s = s + _pairwise(dev, 0, size, frames, parts)
+        v = x.dtype.type(np.float64(s) / count)
+        inv = one / np.sqrt(v + eps)
+        mean[ch], var[ch], invstd[ch] = m, v, inv
+        gm, bt = gamma[ch], beta[ch]
+        for b in range(planes):
+            src, xh, out = x[b, ch], xhat[b, ch], y[b, ch]
+            for t in range(size):
+                u = (src[t] - m) * inv
+                xh[t] = u
+                out[t] = gm * u + bt
+
+
+def bn_train_forward(x, gamma, beta, eps):
+    """(mean, var, invstd, xhat, y) of a training batch norm on C-contiguous x (N, C, H, W)
+    with per-channel gamma and beta of x's dtype, in one kernel: mean and var the batch's
+    statistics over (N, H, W) as NumPy's ``x.mean``/``x.var`` compute them (same order, same
+    floats; see the comment above), invstd = 1 / sqrt(var + eps) in x's dtype, and xhat, y
+    as ``bn_forward``: everything bit for bit as ``BatchNorm`` computes it with the array
+    code. Needs x.size > 0."""
+    n, c = x.shape[:2]
+    dt = x.dtype
+    shape3 = (n, c, x.size // (n * c)) if c > 1 else (1, 1, x.size)
+    xhat, y = np.empty_like(x), np.empty_like(x)
+    mean, var, invstd = np.empty(c, dt), np.empty(c, dt), np.empty(c, dt)
+    _bn_train_forward(x.reshape(shape3), gamma, beta, dt.type(eps), mean, var, invstd,
+                      xhat.reshape(shape3), y.reshape(shape3))
+    return mean, var, invstd, xhat, y
 
 
 def bn_forward(x, mean, invstd, gamma, beta):

@@ -367,6 +367,10 @@ class BatchNormTrain(Function):
     (biased) variance over ``axes``; the backward pass differentiates through both
     (Ioffe & Szegedy 2015, arXiv:1502.03167, Algorithm 1).
 
+    ``mean=None, var=None``: the statistics are this batch's own, ``x.mean(axis=axes)`` and
+    ``x.var(axis=axes)``, computed here (on numba in the same kernel as the forward, to the
+    same floats) and appended to the list ``stats`` as (mean, var) for the running averages.
+
     Synchronised batch norm: when ``mean`` and ``var`` are statistics of a batch split
     across ranks, ``sync`` (an in-place sum over the ranks of a float64 array) and ``count``
     (the batch's size over all ranks) make the backward's two per-channel means,
@@ -374,11 +378,20 @@ class BatchNormTrain(Function):
     beta's gradients stay this rank's sums; the gradient all-reduce adds them up.
     """
 
-    def forward(self, x, gamma, beta, mean, var, eps, axes, sync=None, count=None):
+    def forward(self, x, gamma, beta, mean, var, eps, axes, sync=None, count=None, stats=None):
         shape = [1 if i in axes else n for i, n in enumerate(x.shape)]
         xp = get_array_module(x)
         self.axes, self.sync = axes, sync
         self.count = x.size // int(np.prod(shape)) if count is None else count
+        if mean is None:  # the batch's own statistics: x.mean and x.var over axes
+            glue = _bn_glue(x, axes, gamma, beta) if x.size else None
+            if glue is not None and hasattr(glue, "bn_train_forward"):  # numba: one kernel
+                mean, var, invstd, xhat, y = glue.bn_train_forward(x, gamma, beta, eps)
+                stats.append((mean, var))
+                self.save(xhat, invstd.reshape(shape), gamma.reshape(shape))
+                return y
+            mean, var = x.mean(axis=axes), x.var(axis=axes)
+            stats.append((mean, var))
         if _fused(x, mean, gamma, beta) and var.dtype.kind == "f":  # the lines below, 2 launches
             from .kernels import cupy_fused
             invstd = cupy_fused.bn_invstd(var, eps, x.dtype).reshape(shape)

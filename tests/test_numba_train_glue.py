@@ -117,6 +117,33 @@ def test_bn_forward_equals_the_array_code(name, shape, dtype):
     np.testing.assert_array_equal(y, want)
 
 
+# every branch of NumPy's pairwise sum: planes under 8, up to 128, longer (split at
+# multiples of 8), C == 1 (one run over the batch), the ConvNet's own planes
+BN_STAT_SHAPES = BN_SHAPES + [(4, 1, 20, 26), (5, 3, 1, 7), (3, 2, 11, 13), (2, 4, 16, 8),
+                              (6, 2, 37, 29), (1, 3, 129, 1), (100, 16, 28, 28)]
+
+
+@pytest.mark.parametrize("shape", BN_STAT_SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bn_train_forward_computes_numpys_statistics(name, shape, dtype):
+    """The fused kernel's mean and var are x.mean and x.var over (0, 2, 3) bit for bit (NumPy's
+    summation order), and its xhat and y those of the array code given those statistics."""
+    from minibnn import functional as F
+    from minibnn.kernels import numba_conv
+    x, _, gamma, beta = _bn_case(shape, dtype, seed=sum(shape))
+    x.reshape(-1)[:2] = [1e4, -1e4]  # a wide range, so that an order change shows in the sums
+    mean, var, invstd, xhat, y = numba_conv.bn_train_forward(x, gamma, beta, 1e-4)
+    assert mean.dtype == var.dtype == invstd.dtype == xhat.dtype == y.dtype == dtype
+    np.testing.assert_array_equal(mean, x.mean(axis=(0, 2, 3)))
+    np.testing.assert_array_equal(var, x.var(axis=(0, 2, 3)))
+    np.testing.assert_array_equal(invstd, (1.0 / np.sqrt(var + 1e-4)).astype(dtype))
+    op = F.BatchNormTrain()
+    with backend.use("numpy"):
+        want = op.forward(x, gamma, beta, mean, var, 1e-4, (0, 2, 3))
+    np.testing.assert_array_equal(xhat, op.saved[0])
+    np.testing.assert_array_equal(y, want)
+
+
 @pytest.mark.parametrize("shape", BN_SHAPES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_bn_backward_within_rounding_of_the_exact_gradient(name, shape, dtype):
@@ -160,7 +187,7 @@ def test_batch_norm_layer_runs_on_the_kernels(name, monkeypatch):
     array code."""
     from minibnn import nn
     from minibnn.kernels import numba_conv
-    calls = {"bn_forward": 0, "bn_backward": 0}
+    calls = {"bn_train_forward": 0, "bn_backward": 0}
     for fn in calls:
         inner = getattr(numba_conv, fn)
         monkeypatch.setattr(numba_conv, fn, lambda *a, _f=inner, _n=fn: (
@@ -176,13 +203,15 @@ def test_batch_norm_layer_runs_on_the_kernels(name, monkeypatch):
             out.backward(g)
             results[backend_name] = (out.data, xt.grad, bn.gamma.grad, bn.beta.grad,
                                      bn.running_mean, bn.running_var)
-    assert calls == {"bn_forward": 1, "bn_backward": 1}
+    assert calls == {"bn_train_forward": 1, "bn_backward": 1}
     np.testing.assert_array_equal(results[name][0], results["numpy"][0])
-    for got, want in zip(results[name][1:], results["numpy"][1:]):
+    for got, want in zip(results[name][4:], results["numpy"][4:]):  # running statistics
+        np.testing.assert_array_equal(got, want)
+    for got, want in zip(results[name][1:4], results["numpy"][1:4]):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     with backend.use(name):  # a gradient with zero strides: the array code
         bn = nn.BatchNorm2d(3)
         xt = Tensor(x.copy(), requires_grad=True)
         bn(xt).sum().backward()
         nn.BatchNorm(6)(Tensor(x[:, 0, 0, :].copy(), requires_grad=True)).sum().backward()
-    assert calls == {"bn_forward": 2, "bn_backward": 1}
+    assert calls == {"bn_train_forward": 2, "bn_backward": 1}
