@@ -23,7 +23,10 @@ Layouts (as the NumPy versions):
   patches of sign(x) in the (i, j, c) order of ``binary.conv_sign_patches``, padding taps
   +1 (bit 1), packed LSB first 64 to a word with the pad bits of the last word 0, i.e.
   ``pack_rows(conv_sign_patches(x, ...))`` without the bool matrix: each pixel's C sign
-  bits are packed once, and a patch row joins its taps' groups of C bits.
+  bits are packed once into a +1-bordered per-image buffer, and a patch row joins its
+  taps' groups of C bits, one image per task (the ConvNet's three layers at batch 100:
+  2.5 ms against 3.5 ms with a separate pass for the pixel bits over the whole batch,
+  side by side on the 2-core Zen 4, other jobs running).
 * ``max_pool2d(x, k, stride)`` -> (best, arg) and ``max_pool2d_backward(g, arg, x_shape,
   k, stride)``: floor mode, no padding; the tie rule of ``functional.MaxPool2d`` (the
   first maximal element in row-major window order wins, strict ``>``); ``arg`` is the
@@ -94,29 +97,35 @@ def col2im(cols, x_shape, kh, kw, stride=1, padding=0):
 
 
 @jit(parallel=True)
-def _pixel_bits(x, bits):
-    # bits (N, H, W, cw) uint64, zeroed: bit c % 64 of word c // 64 is x[n, c, h, w] >= 0
+def _pack_sign_patches(x, kh, kw, stride, padding, ho, wo, out):
+    # x (N, C, H, W); out (N*Ho*Wo, words) uint64. One task per image: its pixels' sign bits
+    # are gathered first into a small bordered buffer bits (H + 2p, W + 2p, cw), bit c % 64
+    # of word c // 64 set when x[n, c, y, z] >= 0 and every valid bit set in the border
+    # (a padding tap is +1); then a row is its taps' C-bit groups one after another, (i, j)
+    # row-major: bit t = (i*kw + j)*C + c, as in conv_sign_patches. Each group is appended
+    # to the word being built (up to 64 bits at a time, carried over a word boundary),
+    # which is stored when full; the last word's unused high bits stay 0.
     n, c, h, w = x.shape
-    for b in prange(n):
-        for ch in range(c):
-            q, r = ch // 64, np.uint64(ch % 64)
-            for y in range(h):
-                for z in range(w):
-                    if x[b, ch, y, z] >= 0:
-                        bits[b, y, z, q] |= np.uint64(1) << r
-
-
-@jit(parallel=True)
-def _pack_sign_patches(bits, c, kh, kw, stride, padding, ho, wo, out):
-    # bits (N, H, W, cw): each pixel's C sign bits (see _pixel_bits); out (N*Ho*Wo, words)
-    # uint64. A row is its taps' C-bit groups one after another, (i, j) row-major, a
-    # padding tap all ones: bit t = (i*kw + j)*C + c, as in conv_sign_patches. Each group
-    # is appended to the word being built (up to 64 bits at a time, carried over a word
-    # boundary), which is stored when full; the last word's unused high bits stay 0.
-    n, h, w, cw = bits.shape
+    cw = (c + 63) // 64
+    hp, wp = h + 2 * padding, w + 2 * padding
     words = out.shape[1]
     ones = np.uint64(0xFFFFFFFFFFFFFFFF)
+    last = c - 64 * (cw - 1)  # bits in a pixel's last word
+    last_ones = ones if last == 64 else (np.uint64(1) << np.uint64(last)) - np.uint64(1)
     for b in prange(n):
+        bits = np.empty((hp, wp, cw), np.uint64)
+        for y in range(hp):
+            inner_row = padding <= y < padding + h
+            for z in range(wp):
+                border = not (inner_row and padding <= z < padding + w)
+                for k in range(cw - 1):
+                    bits[y, z, k] = ones if border else np.uint64(0)
+                bits[y, z, cw - 1] = last_ones if border else np.uint64(0)
+        for ch in range(c):
+            k, r = ch // 64, np.uint64(ch % 64)
+            for y in range(h):
+                for z in range(w):
+                    bits[y + padding, z + padding, k] |= np.uint64(x[b, ch, y, z] >= 0) << r
         for y in range(ho):
             for z in range(wo):
                 row = (b * ho + y) * wo + z
@@ -124,18 +133,12 @@ def _pack_sign_patches(bits, c, kh, kw, stride, padding, ho, wo, out):
                 r = 0  # bits of cur in use
                 q = 0  # next word of the row to store
                 for i in range(kh):
-                    yy = y * stride + i - padding
+                    yy = y * stride + i
                     for j in range(kw):
-                        xx = z * stride + j - padding
-                        inside = 0 <= yy < h and 0 <= xx < w
+                        xx = z * stride + j
                         for k in range(cw):
-                            nb = min(64, c - 64 * k)
-                            if inside:
-                                v = bits[b, yy, xx, k]
-                            elif nb == 64:
-                                v = ones
-                            else:
-                                v = (np.uint64(1) << np.uint64(nb)) - np.uint64(1)
+                            nb = 64 if k < cw - 1 else last
+                            v = bits[yy, xx, k]
                             cur |= v << np.uint64(r)
                             if r + nb >= 64:
                                 out[row, q] = cur
@@ -150,16 +153,15 @@ def _pack_sign_patches(bits, c, kh, kw, stride, padding, ho, wo, out):
 
 def pack_sign_patches(x, kh, kw, stride=1, padding=0):
     """``pack_rows(conv_sign_patches(x, kh, kw, stride, padding))`` without the bool patch
-    matrix: uint64 (N*Ho*Wo, ceil(kh*kw*C / 64)); see the module docstring. Each pixel's
-    C sign bits are packed once, then every patch row is its taps' bit groups joined."""
+    matrix: uint64 (N*Ho*Wo, ceil(kh*kw*C / 64)); see the module docstring. One pass per
+    image: its pixels' C sign bits are packed once into a +1-bordered buffer that stays in
+    cache, then every patch row is its taps' bit groups joined."""
     n, c, h, w = x.shape
     ho, wo = _out_size(h, kh, stride, padding), _out_size(w, kw, stride, padding)
     words = (kh * kw * c + 63) // 64
     out = np.empty((n * ho * wo, words), dtype=np.uint64)
     if out.size:
-        bits = np.zeros((n, h, w, (c + 63) // 64), dtype=np.uint64)
-        _pixel_bits(x, bits)
-        _pack_sign_patches(bits, c, kh, kw, stride, padding, ho, wo, out)
+        _pack_sign_patches(np.ascontiguousarray(x), kh, kw, stride, padding, ho, wo, out)
     return out
 
 
