@@ -27,6 +27,8 @@ Layouts (as the NumPy versions):
   taps' groups of C bits, one image per task (the ConvNet's three layers at batch 100:
   2.5 ms against 3.5 ms with a separate pass for the pixel bits over the whole batch,
   side by side on the 2-core Zen 4, other jobs running).
+* ``conv_output(prod, corr, n, ho, wo, dtype)``: the XNOR GEMM's (O, N*Ho*Wo) product minus
+  the padding correction, as NCHW in ``dtype`` (``binary.xnor_conv2d``'s last lines).
 * ``max_pool2d(x, k, stride)`` -> (best, arg) and ``max_pool2d_backward(g, arg, x_shape,
   k, stride)``: floor mode, no padding; the tie rule of ``functional.MaxPool2d`` (the
   first maximal element in row-major window order wins, strict ``>``); ``arg`` is the
@@ -43,7 +45,7 @@ from numba import prange
 
 from ._numba_common import jit
 
-__all__ = ["accepts", "col2im", "pack_sign_patches", "max_pool2d", "max_pool2d_backward",
+__all__ = ["accepts", "col2im", "pack_sign_patches", "conv_output", "max_pool2d", "max_pool2d_backward",
            "direct_backward_fits", "binary_conv2d_backward", "sign", "sign_ste",
            "bn_train_forward", "bn_forward", "bn_backward"]
 
@@ -162,6 +164,37 @@ def pack_sign_patches(x, kh, kw, stride=1, padding=0):
     out = np.empty((n * ho * wo, words), dtype=np.uint64)
     if out.size:
         _pack_sign_patches(np.ascontiguousarray(x), kh, kw, stride, padding, ho, wo, out)
+    return out
+
+
+@jit(parallel=True)
+def _conv_output(prod, corr, out):
+    # prod (O, N, P) int32, corr (O, P) int32 or (0, 0): out[n, o, p] = prod[o, n, p] - corr[o, p]
+    o, n, p = prod.shape
+    subtract = corr.shape[0] > 0
+    for b in prange(n):
+        for k in range(o):
+            src, dst = prod[k, b], out[b, k]
+            if subtract:
+                cr = corr[k]
+                for t in range(p):
+                    dst[t] = src[t] - cr[t]
+            else:
+                for t in range(p):
+                    dst[t] = src[t]
+
+
+def conv_output(prod, corr, n, ho, wo, dtype):
+    """The XNOR convolution's result in NCHW: ``prod`` (O, N*Ho*Wo) int32, the GEMM of the
+    weight rows by the patches, minus ``corr`` (O, Ho, Wo) int32, the padding correction, or
+    None, as an (N, O, Ho, Wo) C-contiguous array of ``dtype``: in one pass what
+    ``binary.xnor_conv2d``'s array code does in three (subtract, transpose, convert);
+    integers throughout, so the same values."""
+    o = prod.shape[0]
+    out = np.empty((n, o, ho, wo), dtype)
+    cr = np.zeros((0, 0), np.int32) if corr is None else corr.reshape(o, ho * wo)
+    if out.size:
+        _conv_output(prod.reshape(o, n, ho * wo), cr, out.reshape(n, o, ho * wo))
     return out
 
 

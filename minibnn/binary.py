@@ -398,9 +398,12 @@ def xnor_conv2d(x, wb, stride=1, padding=0, dtype=np.int32):
     # weights as the left operand: the product (O, N*Ho*Wo) becomes NCHW by moving whole
     # Ho*Wo planes, cheaper than transposing (N*Ho*Wo, O)
     out = kern.xnor_gemm(_pack(kern, conv_weight_rows(wb)), patches, wb[0].size)
+    corr = padding_correction(wb, x.shape[2:], stride, padding) if padding else None
+    if glue is not None and hasattr(glue, "conv_output"):  # numba: the lines below, one pass
+        return glue.conv_output(out, corr, n, ho, wo, dtype)
     out = out.reshape(o, n, ho * wo)
     if padding:
-        out -= padding_correction(wb, x.shape[2:], stride, padding).reshape(o, 1, ho * wo)
+        out -= corr.reshape(o, 1, ho * wo)
     return out.reshape(o, n, ho, wo).transpose(1, 0, 2, 3).astype(dtype, order="C")
 
 

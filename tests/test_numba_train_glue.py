@@ -215,3 +215,39 @@ def test_batch_norm_layer_runs_on_the_kernels(name, monkeypatch):
         bn(xt).sum().backward()
         nn.BatchNorm(6)(Tensor(x[:, 0, 0, :].copy(), requires_grad=True)).sum().backward()
     assert calls == {"bn_train_forward": 2, "bn_backward": 1}
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.float32, np.float64])
+@pytest.mark.parametrize("padded", [True, False])
+def test_conv_output_equals_the_array_code(name, dtype, padded):
+    """The XNOR convolution's last step, (O, N*Ho*Wo) product minus the padding correction
+    to NCHW in the output dtype, as xnor_conv2d's array code does it."""
+    from minibnn.kernels import numba_conv
+    rng = np.random.default_rng(3)
+    o, n, ho, wo = 5, 3, 4, 7
+    prod = rng.integers(-50, 50, (o, n * ho * wo)).astype(np.int32)
+    corr = rng.integers(-9, 9, (o, ho, wo)).astype(np.int32) if padded else None
+    want = prod.reshape(o, n, ho * wo).copy()
+    if padded:
+        want -= corr.reshape(o, 1, ho * wo)
+    want = want.reshape(o, n, ho, wo).transpose(1, 0, 2, 3).astype(dtype, order="C")
+    got = numba_conv.conv_output(prod, corr, n, ho, wo, dtype)
+    assert got.dtype == dtype and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, want)
+
+
+def test_xnor_conv2d_runs_conv_output_on_numba(name, monkeypatch):
+    """binary.xnor_conv2d on numba ends in numba_conv.conv_output, with numpy's result."""
+    from minibnn.kernels import numba_conv
+    rng = np.random.default_rng(4)
+    x = np.where(rng.random((2, 3, 6, 5)) < 0.5, -1, 1).astype(np.float32)
+    wb = np.where(rng.random((4, 3, 3, 3)) < 0.5, -1, 1).astype(np.float32)
+    calls = []
+    inner = numba_conv.conv_output
+    monkeypatch.setattr(numba_conv, "conv_output", lambda *a: (calls.append(1), inner(*a))[1])
+    with backend.use("numpy"):
+        want = binary.xnor_conv2d(x, wb, 1, 1, dtype=np.float32)
+    with backend.use(name):
+        got = binary.xnor_conv2d(x, wb, 1, 1, dtype=np.float32)
+    assert calls == [1]
+    np.testing.assert_array_equal(got, want)
