@@ -35,7 +35,9 @@ Layouts (as the NumPy versions):
   window offset t = i*k + j as uint8 (k*k < 256) or int32.
 * ``binary_conv2d_backward(g, x, wb, stride, padding)`` -> (g_x, g_w) for stride 1 and
   padding within the kernel's reach (``direct_backward_fits``): see its section below.
-* ``sign(x)``, ``sign_ste(x)`` -> sign(x) and (sign(x), |x| <= 1) in one pass.
+* ``sign(x)``, ``sign_ste(x)`` -> sign(x) and (sign(x), |x| <= 1) in one pass;
+  ``sign_ste_backward(g, keep)`` -> g * keep.
+* ``adam_update(w, g, m, v, ...)``: ``optim.Adam``'s step and clip, in place, one pass.
 * ``bn_forward``, ``bn_backward``: ``functional.BatchNormTrain`` on C-contiguous NCHW;
   ``bn_train_forward``: its forward with the batch's statistics computed in the same kernel.
 """
@@ -47,6 +49,7 @@ from ._numba_common import jit
 
 __all__ = ["accepts", "col2im", "pack_sign_patches", "conv_output", "max_pool2d", "max_pool2d_backward",
            "direct_backward_fits", "binary_conv2d_backward", "sign", "sign_ste",
+           "sign_ste_backward", "adam_update",
            "bn_train_forward", "bn_forward", "bn_backward"]
 
 
@@ -281,11 +284,20 @@ def max_pool2d_backward(g, arg, x_shape, k, stride):
 # --------------------------------------------------------------------------- sign
 
 
+_SERIAL = 1 << 15  # elements below which an elementwise kernel runs on the calling thread
+
+
+@jit()
+def _sign_range(x, q, t0, t1):
+    one = q.dtype.type(1)
+    for t in range(t0, t1):
+        q[t] = one if x[t] >= 0 else -one
+
+
 @jit(parallel=True)
 def _sign(x, q):
-    one = q.dtype.type(1)
-    for t in prange(x.size):
-        q[t] = one if x[t] >= 0 else -one
+    for c in prange((x.size + _SERIAL - 1) // _SERIAL):
+        _sign_range(x, q, c * _SERIAL, min(x.size, (c + 1) * _SERIAL))
 
 
 @jit(parallel=True)
@@ -302,7 +314,10 @@ def sign(x):
     gives -1, as the comparison is False), one pass."""
     flat = np.ascontiguousarray(x).reshape(-1)
     q = np.empty(flat.size, x.dtype)
-    _sign(flat, q)
+    if flat.size > _SERIAL:
+        _sign(flat, q)
+    else:  # a weight, say: not worth waking the worker threads
+        _sign_range(flat, q, 0, flat.size)
     return q.reshape(x.shape)
 
 
@@ -314,6 +329,67 @@ def sign_ste(x):
     q, keep = np.empty(flat.size, x.dtype), np.empty(flat.size, np.bool_)
     _sign_ste(flat, q, keep)
     return q.reshape(x.shape), keep.reshape(x.shape)
+
+
+@jit(parallel=True)
+def _mask_grad(g, keep, out):
+    one, zero = out.dtype.type(1), out.dtype.type(0)
+    for t in prange(g.size):
+        out[t] = g[t] * (one if keep[t] else zero)
+
+
+def sign_ste_backward(g, keep):
+    """``g * keep`` for a float NumPy array g and the bool mask of ``sign_ste``: SignSTE's
+    backward, the array code's floats (g times 1.0 or 0.0 in g's dtype, so -g * 0 is -0.0
+    and NaN stays NaN), one pass."""
+    flat = np.ascontiguousarray(g).reshape(-1)
+    out = np.empty(flat.size, g.dtype)
+    _mask_grad(flat, np.ascontiguousarray(keep).reshape(-1), out)
+    return out.reshape(g.shape)
+
+
+# --------------------------------------------------------------------------- Adam
+
+
+@jit()
+def _adam_range(w, g, m, v, b1, c1, b2, c2, eps, alpha, lo, hi, clip, t0, t1):
+    for t in range(t0, t1):
+        gt = g[t]
+        mt = m[t] * b1 + gt * c1
+        vt = v[t] * b2 + (gt * gt) * c2
+        m[t], v[t] = mt, vt
+        d = w.dtype.type(np.float64(mt / (np.sqrt(vt) + eps)) * alpha)
+        u = w[t] - d
+        if clip:
+            u = lo if u < lo else (hi if u > hi else u)
+        w[t] = u
+
+
+@jit(parallel=True)
+def _adam_chunks(w, g, m, v, b1, c1, b2, c2, eps, alpha, lo, hi, clip):
+    for q in prange((w.size + _SERIAL - 1) // _SERIAL):
+        _adam_range(w, g, m, v, b1, c1, b2, c2, eps, alpha, lo, hi, clip, q * _SERIAL,
+                    min(w.size, (q + 1) * _SERIAL))
+
+
+def adam_update(w, g, m, v, beta1, beta2, eps, alpha_t, clip=None):
+    """One step of ``optim.Adam`` in place on flat C-contiguous float arrays of one dtype (the
+    weight w, its gradient g, the moments m and v), in one pass where the array code takes
+    about twelve: with beta1, beta2, eps and clip Python floats, rounded to w's dtype as NumPy
+    rounds them, and alpha_t a float64,
+
+        m = m * beta1 + g * (1 - beta1);  v = v * beta2 + g * g * (1 - beta2)
+        w = w - round(float64(m / (sqrt(v) + eps)) * alpha_t);  w = clip(w, -clip, clip)
+
+    each operation rounded to w's dtype in the array code's order, so the same floats."""
+    dt = w.dtype.type
+    lim = 0.0 if clip is None else clip
+    args = (w, g, m, v, dt(beta1), dt(1 - beta1), dt(beta2), dt(1 - beta2), dt(eps),
+            np.float64(alpha_t), dt(-lim), dt(lim), clip is not None)
+    if w.size > _SERIAL:
+        _adam_chunks(*args)
+    else:  # a parallel launch (waking the worker threads) costs more than a small update
+        _adam_range(*args, 0, w.size)
 
 
 # --------------------------------------------------------------------------- binary conv backward

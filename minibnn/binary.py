@@ -60,7 +60,11 @@ class SignSTE(Function):
         return sign(x)
 
     def backward(self, g):
-        return (g * self.saved[0],)
+        keep = self.saved[0]
+        if g.dtype.kind == "f" and (glue := _elementwise_glue(g)) is not None \
+                and hasattr(glue, "sign_ste_backward") and keep.dtype == np.bool_:
+            return (glue.sign_ste_backward(g, keep),)  # numba: the same product, one pass
+        return (g * keep,)
 
 
 class BinarizeWeights(Function):

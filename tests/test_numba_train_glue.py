@@ -251,3 +251,71 @@ def test_xnor_conv2d_runs_conv_output_on_numba(name, monkeypatch):
         got = binary.xnor_conv2d(x, wb, 1, 1, dtype=np.float32)
     assert calls == [1]
     np.testing.assert_array_equal(got, want)
+
+
+def test_sign_ste_backward_equals_the_array_code(name):
+    """g * keep on awkward g (signed zeros, NaN, infinities), views, both dtypes."""
+    from minibnn.kernels import numba_conv
+    for dtype in (np.float32, np.float64):
+        x = _awkward((3, 5, 7, 9), dtype)
+        g = _awkward((3, 5, 9, 7), dtype, seed=1).transpose(0, 1, 3, 2)
+        keep = np.abs(x) <= 1
+        got = numba_conv.sign_ste_backward(g, keep)
+        with np.errstate(invalid="ignore"):  # inf * 0
+            want = g * keep
+        assert got.dtype == dtype and got.shape == g.shape
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
+
+
+@pytest.mark.parametrize("clip", [None, 1.0, 0.25])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_adam_on_the_kernel_equals_the_array_code(name, dtype, clip, monkeypatch):
+    """optim.Adam on numba (numba_conv.adam_update) gives the array code's weights and
+    moments bit for bit over several steps, with lr_scale and clip, on gradients holding
+    zeros of both signs and large and tiny values; the kernel is called once per parameter
+    and step."""
+    from minibnn import nn, optim
+    from minibnn.kernels import numba_conv
+    calls = []
+    inner = numba_conv.adam_update
+    monkeypatch.setattr(numba_conv, "adam_update", lambda *a: (calls.append(1), inner(*a))[1])
+    rng = np.random.default_rng(5)
+    w0 = rng.uniform(-1.2, 1.2, (37, 11)).astype(dtype)
+    grads = [(rng.standard_normal(w0.shape) * 10.0 ** rng.integers(-6, 3, w0.shape))
+             .astype(dtype) for _ in range(4)]
+    for g in grads:
+        g.reshape(-1)[:3] = [0.0, -0.0, 1e-30]
+    results = {}
+    for backend_name in ("numpy", name):
+        with backend.use(backend_name):
+            p = nn.Parameter(w0.copy(), lr_scale=3.7, clip=clip)
+            opt = optim.Adam([p], lr=0.01)
+            for g in grads:
+                p.grad = g.copy()
+                opt.step()
+            results[backend_name] = (p.data, opt.state[0]["m"], opt.state[0]["v"])
+    assert len(calls) == len(grads)
+    for got, want in zip(results[name], results["numpy"]):
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(got, want)
+
+
+def test_adam_keeps_the_array_code_for_what_the_kernel_does_not_take(name, monkeypatch):
+    """A NumPy-float hyperparameter (NumPy would round differently) or a non-contiguous
+    gradient runs the array code."""
+    from minibnn import nn, optim
+    from minibnn.kernels import numba_conv
+    calls = []
+    monkeypatch.setattr(numba_conv, "adam_update", lambda *a: calls.append(1))
+    with backend.use(name):
+        p = nn.Parameter(np.ones((4, 6), np.float32))
+        opt = optim.Adam([p], lr=0.01, beta1=np.float64(0.9))
+        p.grad = np.ones((4, 6), np.float32)
+        opt.step()
+        q = nn.Parameter(np.ones((4, 6), np.float32))
+        opt = optim.Adam([q], lr=0.01)
+        q.grad = np.ones((6, 4), np.float32).T
+        opt.step()
+    assert calls == []
+    assert np.all(p.data < 1) and np.all(q.data < 1)
