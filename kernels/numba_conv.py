@@ -290,8 +290,9 @@ _SERIAL = 1 << 15  # elements below which an elementwise kernel runs on the call
 @jit()
 def _sign_range(x, q, t0, t1):
     one = q.dtype.type(1)
-    for t in range(t0, t1):
-        q[t] = one if x[t] >= 0 else -one
+    xs, qs = x[t0:t1], q[t0:t1]  # indexed from 0: the loop vectorises
+    for t in range(xs.size):
+        qs[t] = one if xs[t] >= 0 else -one
 
 
 @jit(parallel=True)
@@ -351,21 +352,24 @@ def sign_ste_backward(g, keep):
 # --------------------------------------------------------------------------- Adam
 
 
-@jit()
+@jit(error_model="numpy")
 def _adam_range(w, g, m, v, b1, c1, b2, c2, eps, alpha, lo, hi, clip, t0, t1):
-    for t in range(t0, t1):
-        gt = g[t]
-        mt = m[t] * b1 + gt * c1
-        vt = v[t] * b2 + (gt * gt) * c2
-        m[t], v[t] = mt, vt
-        d = w.dtype.type(np.float64(mt / (np.sqrt(vt) + eps)) * alpha)
-        u = w[t] - d
+    # elements t0:t1, as views indexed from 0 (so that the loops vectorise); the moments
+    # first, then the step from them, each loop touching fewer arrays; a zero divisor gives
+    # inf or NaN as in NumPy (error_model="numpy"), not an exception
+    ww, gg, mm, vv = w[t0:t1], g[t0:t1], m[t0:t1], v[t0:t1]
+    for t in range(ww.size):
+        gt = gg[t]
+        mm[t] = mm[t] * b1 + gt * c1
+        vv[t] = vv[t] * b2 + (gt * gt) * c2
+    for t in range(ww.size):
+        u = ww[t] - ww.dtype.type(np.float64(mm[t] / (np.sqrt(vv[t]) + eps)) * alpha)
         if clip:
             u = lo if u < lo else (hi if u > hi else u)
-        w[t] = u
+        ww[t] = u
 
 
-@jit(parallel=True)
+@jit(parallel=True, error_model="numpy")
 def _adam_chunks(w, g, m, v, b1, c1, b2, c2, eps, alpha, lo, hi, clip):
     for q in prange((w.size + _SERIAL - 1) // _SERIAL):
         _adam_range(w, g, m, v, b1, c1, b2, c2, eps, alpha, lo, hi, clip, q * _SERIAL,
@@ -615,14 +619,15 @@ def _bn_forward(x, mean, invstd, gamma, beta, xhat, y):
 @jit()
 def _run_sum(a, lo, n):
     # a leaf of NumPy's pairwise sum, n <= 128 values from a[lo]
+    a = a[lo:lo + n]  # indexed from 0 (no negative-index checks)
     if n < 8:
         r = a.dtype.type(0)
-        for t in range(lo, lo + n):
+        for t in range(n):
             r += a[t]
         return r
-    r0, r1, r2, r3 = a[lo], a[lo + 1], a[lo + 2], a[lo + 3]
-    r4, r5, r6, r7 = a[lo + 4], a[lo + 5], a[lo + 6], a[lo + 7]
-    t, m = lo + 8, lo + n - n % 8
+    r0, r1, r2, r3 = a[0], a[1], a[2], a[3]
+    r4, r5, r6, r7 = a[4], a[5], a[6], a[7]
+    t, m = 8, n - n % 8
     while t < m:
         r0 += a[t]
         r1 += a[t + 1]
@@ -634,7 +639,7 @@ def _run_sum(a, lo, n):
         r7 += a[t + 7]
         t += 8
     r = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
-    while t < lo + n:
+    while t < n:
         r += a[t]
         t += 1
     return r
