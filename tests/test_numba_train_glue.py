@@ -319,3 +319,29 @@ def test_adam_keeps_the_array_code_for_what_the_kernel_does_not_take(name, monke
         opt.step()
     assert calls == []
     assert np.all(p.data < 1) and np.all(q.data < 1)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 8, 8), (2, 3, 7, 9)])
+def test_the_2x2_max_pool_equals_the_array_code_on_awkward_values(name, shape):
+    """The written-out 2x2 pool (forward and backward) on inputs holding NaN, infinities,
+    signed zeros and ties, and gradients holding signed zeros: the array code's values and
+    window offsets, bit for bit. (A NaN or infinite gradient is left out: the array code's
+    g * (arg == t) spreads it as NaN over its whole window, every compiled pool backward
+    puts it at the arg only.)"""
+    from minibnn import functional as F
+    rng = np.random.default_rng(8)
+    for dtype in (np.float32, np.float64):
+        x = _awkward(shape, dtype)
+        x.reshape(-1)[20:40] = 1.0  # ties
+        g = rng.standard_normal((shape[0], shape[1], shape[2] // 2, shape[3] // 2)).astype(dtype)
+        g.reshape(-1)[:4] = [0.0, -0.0, -0.0, 0.0]
+        results = {}
+        for backend_name in ("numpy", name):
+            with backend.use(backend_name):
+                op = F.MaxPool2d()
+                out = op.forward(x, 2, 2)
+                results[backend_name] = (out, op.saved[0], op.backward(g)[0])
+        for got, want in zip(results[name], results["numpy"]):
+            assert got.dtype == want.dtype
+            np.testing.assert_array_equal(got, want)
+            np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
