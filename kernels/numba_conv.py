@@ -26,9 +26,10 @@ Layouts (as the NumPy versions):
   +1 (bit 1), packed LSB first 64 to a word with the pad bits of the last word 0, i.e.
   ``pack_rows(conv_sign_patches(x, ...))`` without the bool matrix: each pixel's C sign
   bits are packed once into a +1-bordered per-image buffer, and a patch row joins its
-  taps' groups of C bits, one image per task (the ConvNet's three layers at batch 100:
-  2.5 ms against 3.5 ms with a separate pass for the pixel bits over the whole batch,
-  side by side on the 2-core Zen 4, other jobs running).
+  taps' groups of C bits, one image per task. Where C divides 64 the groups never straddle
+  a word and a row of patches is built for all its positions at once (vectorised): the
+  ConvNet's three layers at batch 100 take 1.8 ms against 4.8 ms with the general loop
+  (side by side on the 2-core Zen 4, other jobs running).
 * ``conv_output(prod, corr, n, ho, wo, dtype)``: the XNOR GEMM's (O, N*Ho*Wo) product minus
   the padding correction, as NCHW in ``dtype`` (``binary.xnor_conv2d``'s last lines).
 * ``max_pool2d(x, k, stride)`` -> (best, arg) and ``max_pool2d_backward(g, arg, x_shape,
@@ -158,6 +159,52 @@ def _pack_sign_patches(x, kh, kw, stride, padding, ho, wo, out):
                     out[row, q] = cur
 
 
+@jit(parallel=True)
+def _pack_sign_patches_narrow(x, kh, kw, stride, padding, ho, wo, out):
+    # C divides 64 (1, 2, 4, ..., 64): a pixel's bits are one word, and a tap's group never
+    # straddles a word: tap t = i*kw + j sits in word t // (64 / C) at bit (t % (64 / C))*C.
+    # Per image: the pixel words in a +1-bordered buffer (as _pack_sign_patches), then per
+    # output row y the row's words for all wo positions at once, tap by tap (a shifted
+    # slice of a buffer row OR-ed into a (words, wo) block, a loop that vectorises), then
+    # stored as the block's transpose.
+    n, c, h, w = x.shape
+    hp, wp = h + 2 * padding, w + 2 * padding
+    words = out.shape[1]
+    pad = np.uint64(0xFFFFFFFFFFFFFFFF) if c == 64 else (np.uint64(1) << np.uint64(c)) - np.uint64(1)
+    per = 64 // c
+    for b in prange(n):
+        bits = np.empty((hp, wp), np.uint64)
+        for y in range(hp):
+            for z in range(wp):
+                bits[y, z] = pad
+        for y in range(h):
+            row = bits[y + padding, padding:padding + w]
+            for z in range(w):
+                row[z] = 0
+            for ch in range(c):
+                src, sh = x[b, ch, y], np.uint64(ch)
+                for z in range(w):
+                    row[z] |= np.uint64(src[z] >= 0) << sh
+        block = np.empty((words, wo), np.uint64)
+        for y in range(ho):
+            block[:] = 0
+            for t in range(kh * kw):
+                i, j = t // kw, t % kw
+                sh = np.uint64((t % per) * c)
+                src, dst = bits[y * stride + i], block[t // per]
+                if stride == 1:
+                    shifted = src[j:j + wo]
+                    for z in range(wo):
+                        dst[z] |= shifted[z] << sh
+                else:
+                    for z in range(wo):
+                        dst[z] |= src[z * stride + j] << sh
+            rows = out[(b * ho + y) * wo:(b * ho + y + 1) * wo]
+            for z in range(wo):
+                for q in range(words):
+                    rows[z, q] = block[q, z]
+
+
 def pack_sign_patches(x, kh, kw, stride=1, padding=0):
     """``pack_rows(conv_sign_patches(x, kh, kw, stride, padding))`` without the bool patch
     matrix: uint64 (N*Ho*Wo, ceil(kh*kw*C / 64)); see the module docstring. One pass per
@@ -167,7 +214,9 @@ def pack_sign_patches(x, kh, kw, stride=1, padding=0):
     ho, wo = _out_size(h, kh, stride, padding), _out_size(w, kw, stride, padding)
     words = (kh * kw * c + 63) // 64
     out = np.empty((n * ho * wo, words), dtype=np.uint64)
-    if out.size:
+    if out.size and 64 % c == 0:  # the ConvNets' 16, 32, 64 channels
+        _pack_sign_patches_narrow(np.ascontiguousarray(x), kh, kw, stride, padding, ho, wo, out)
+    elif out.size:
         _pack_sign_patches(np.ascontiguousarray(x), kh, kw, stride, padding, ho, wo, out)
     return out
 

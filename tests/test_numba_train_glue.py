@@ -74,8 +74,11 @@ def test_the_library_signs_on_the_kernels(name, monkeypatch):
 
 @pytest.mark.parametrize("shape", [(2, 65, 4, 5, 3, 3, 1, 1), (1, 130, 3, 3, 2, 3, 2, 1),
                                    (2, 64, 3, 4, 3, 3, 1, 2), (3, 7, 6, 5, 3, 2, 2, 0),
-                                   (1, 1, 9, 9, 5, 5, 3, 2)],
-                         ids=["c65", "c130-stride2", "c64-pad2", "c7-stride2", "c1-k5s3"])
+                                   (1, 1, 9, 9, 5, 5, 3, 2), (2, 16, 7, 6, 3, 3, 1, 1),
+                                   (2, 32, 5, 7, 3, 2, 2, 1), (1, 8, 6, 9, 2, 4, 1, 0),
+                                   (2, 4, 8, 5, 5, 3, 1, 4)],
+                         ids=["c65", "c130-stride2", "c64-pad2", "c7-stride2", "c1-k5s3",
+                              "c16", "c32-stride2", "c8-k2x4", "c4-pad4"])
 def test_pack_sign_patches_joins_groups_of_any_width(name, shape):
     """Pixels' channel-bit groups wider than a word (65, 130 channels), exactly a word
     (64), and narrow groups that straddle word boundaries, with padding taps all ones:
