@@ -601,7 +601,10 @@ def conv2d_backward(g, x_shape, w, stride, padding, patches=None, need_x=True,
     """
     o = w.shape[0]
     xp = get_array_module(g)
-    g2t = xp.ascontiguousarray(g.transpose(1, 0, 2, 3)).reshape(o, -1)  # (O, N*Ho*Wo)
+    if (glue := compiled_glue(g)) is not None and hasattr(glue, "swap_planes"):
+        g2t = glue.swap_planes(g).reshape(o, -1)  # numba: the copy below, in parallel
+    else:
+        g2t = xp.ascontiguousarray(g.transpose(1, 0, 2, 3)).reshape(o, -1)  # (O, N*Ho*Wo)
     product = (lambda a, b, exact: backend.matmul(a, b)) if pm1_product is None else pm1_product
     gx = gw = None
     if need_x:
@@ -619,9 +622,10 @@ def conv2d_forward(x, w, stride=1, padding=0):
     the weight gradient (``conv2d_backward``)."""
     n, o, ho, wo = conv_output_shape(x.shape, w.shape, stride, padding)
     patches = im2col(x, w.shape[2], w.shape[3], stride, padding)
-    out = backend.matmul(w.reshape(o, -1), patches.T)
-    out = out.reshape(o, n, ho, wo).transpose(1, 0, 2, 3)
-    return get_array_module(out).ascontiguousarray(out), patches
+    out = backend.matmul(w.reshape(o, -1), patches.T).reshape(o, n, ho, wo)
+    if (glue := compiled_glue(out)) is not None and hasattr(glue, "swap_planes"):
+        return glue.swap_planes(out), patches  # numba: the copy below, in parallel
+    return get_array_module(out).ascontiguousarray(out.transpose(1, 0, 2, 3)), patches
 
 
 class Conv2d(Function):

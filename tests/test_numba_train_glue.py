@@ -348,3 +348,33 @@ def test_the_2x2_max_pool_equals_the_array_code_on_awkward_values(name, shape):
             assert got.dtype == want.dtype
             np.testing.assert_array_equal(got, want)
             np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
+
+
+def test_swap_planes_is_the_transposed_copy_and_the_float_conv_uses_it(name, monkeypatch):
+    """swap_planes equals ascontiguousarray(a.transpose(1, 0, 2, 3)) on views and dtypes;
+    the float convolution's forward and backward call it on numba and give numpy's values."""
+    from minibnn import functional as F
+    from minibnn.kernels import numba_conv
+    rng = np.random.default_rng(9)
+    for a in (rng.standard_normal((3, 4, 5, 6)).astype(np.float32),
+              rng.integers(-9, 9, (2, 5, 3, 1)).astype(np.int32),
+              rng.standard_normal((4, 3, 6, 5)).transpose(0, 1, 3, 2), np.zeros((0, 2, 3, 3))):
+        got = numba_conv.swap_planes(a)
+        assert got.dtype == a.dtype and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, np.ascontiguousarray(a.transpose(1, 0, 2, 3)))
+    calls = []
+    inner = numba_conv.swap_planes
+    monkeypatch.setattr(numba_conv, "swap_planes", lambda a: (calls.append(1), inner(a))[1])
+    x = rng.standard_normal((3, 2, 7, 6)).astype(np.float32)
+    w = rng.standard_normal((4, 2, 3, 3)).astype(np.float32)
+    g = rng.standard_normal((3, 4, 7, 6)).astype(np.float32)
+    results = {}
+    for backend_name in ("numpy", name):
+        with backend.use(backend_name):
+            xt, wt = Tensor(x.copy(), requires_grad=True), Tensor(w.copy(), requires_grad=True)
+            out = F.conv2d(xt, wt, 1, 1)
+            out.backward(g)
+            results[backend_name] = (out.data, xt.grad, wt.grad)
+    assert len(calls) == 2
+    for got, want in zip(results[name], results["numpy"]):
+        np.testing.assert_array_equal(got, want)
