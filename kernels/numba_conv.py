@@ -671,8 +671,10 @@ def binary_conv2d_backward(g, x, wb, stride, padding, need_x=True, need_w=True):
 # functional.BatchNormTrain on a (N, C, H, W) batch, statistics over (N, H, W). The array
 # code makes a temporary per line (x - mean, its product, g * xhat, g * gamma, ...), about
 # ten passes over the batch each way. Forward here: one pass, the same floats (the same
-# operations in the same order, no contraction). Backward: one pass per channel for the
-# two sums, one for the input gradient. The sums are taken per channel in float64 and
+# operations in the same order, no contraction). Backward: one kernel, per channel one
+# pass for the two sums and one for the input gradient (the channel's planes still in
+# cache, and one launch: 100x16x28x28, 0.8-0.9 ms against 0.9-1.0 ms as two kernels, side
+# by side, other jobs running). The sums are taken per channel in float64 and
 # rounded once, where NumPy adds float32 pairwise: a different order, so the gradients
 # agree within rounding, not bit for bit (the sums are closer to exact than NumPy's). The
 # array code's two means are gamma times these sums over the count:
@@ -824,8 +826,11 @@ def bn_forward(x, mean, invstd, gamma, beta):
 
 
 @jit(parallel=True)
-def _bn_sums(g, xhat, gsum, gxsum):
+def _bn_backward(g, xhat, invstd, gamma, count, gx, ggamma, gbeta):
+    # per channel: the two sums over its planes, then its input gradient, while the planes
+    # of g and xhat are still in cache (one read of each from memory, not two)
     n, c = g.shape[0], g.shape[1]
+    dt = g.dtype.type
     for ch in prange(c):
         a = 0.0
         bsum = 0.0
@@ -834,16 +839,12 @@ def _bn_sums(g, xhat, gsum, gxsum):
             for t in range(gg.size):
                 a += np.float64(gg[t])
                 bsum += np.float64(gg[t]) * np.float64(xh[t])
-        gsum[ch] = a
-        gxsum[ch] = bsum
-
-
-@jit(parallel=True)
-def _bn_input_grad(g, xhat, invstd, gamma, m1, m2, gx):
-    n, c = g.shape[0], g.shape[1]
-    for b in prange(n):
-        for ch in range(c):
-            s, gm, a1, a2 = invstd[ch], gamma[ch], m1[ch], m2[ch]
+        gbeta[ch], ggamma[ch] = dt(a), dt(bsum)
+        gm = gamma[ch]
+        a1 = dt(np.float64(gm) * a / count)
+        a2 = dt(np.float64(gm) * bsum / count)
+        s = invstd[ch]
+        for b in range(n):
             gg, xh, out = g[b, ch].reshape(-1), xhat[b, ch].reshape(-1), gx[b, ch].reshape(-1)
             for t in range(gg.size):
                 out[t] = s * ((gg[t] * gm - a1) - xh[t] * a2)
@@ -857,17 +858,10 @@ def bn_backward(g, xhat, invstd, gamma):
         g_x    = invstd * (g * gamma - gamma * g_beta / m - xhat * (gamma * g_gamma / m))
 
     with m = N*H*W: the array code's values within rounding (see the comment above)."""
-    n, c = g.shape[:2]
+    c = g.shape[1]
     count = g.size // c if c else 0
-    gsum, gxsum = np.zeros(c, np.float64), np.zeros(c, np.float64)
-    if g.size:
-        _bn_sums(g, xhat, gsum, gxsum)
-    dt = g.dtype
-    gbeta, ggamma = gsum.astype(dt), gxsum.astype(dt)
-    gamma64 = gamma.astype(np.float64)
-    m1 = (gamma64 * gsum / max(count, 1)).astype(dt)
-    m2 = (gamma64 * gxsum / max(count, 1)).astype(dt)
     gx = np.empty_like(g)
+    ggamma, gbeta = np.zeros(c, g.dtype), np.zeros(c, g.dtype)
     if g.size:
-        _bn_input_grad(g, xhat, invstd, gamma, m1, m2, gx)
+        _bn_backward(g, xhat, invstd, gamma, max(count, 1), gx, ggamma, gbeta)
     return gx, ggamma, gbeta
