@@ -44,7 +44,8 @@ Layouts (as the NumPy versions):
   ``sign_ste_backward(g, keep)`` -> g * keep.
 * ``adam_update(w, g, m, v, ...)``: ``optim.Adam``'s step and clip, in place, one pass.
 * ``bn_forward``, ``bn_backward``: ``functional.BatchNormTrain`` on C-contiguous NCHW;
-  ``bn_train_forward``: its forward with the batch's statistics computed in the same kernel.
+  ``bn_train_forward``: its forward with the batch's statistics computed in the same kernel,
+  and ``bn_backward_x`` the backward from x (xhat recomputed, never stored).
 """
 
 import numpy as np
@@ -55,7 +56,7 @@ from ._numba_common import jit
 __all__ = ["accepts", "col2im", "pack_sign_patches", "conv_output", "swap_planes", "max_pool2d", "max_pool2d_backward",
            "direct_backward_fits", "binary_conv2d_backward", "sign", "sign_ste",
            "sign_ste_backward", "adam_update",
-           "bn_train_forward", "bn_forward", "bn_backward"]
+           "bn_train_forward", "bn_forward", "bn_backward", "bn_backward_x"]
 
 
 def accepts(x):
@@ -767,8 +768,8 @@ def _pairwise(a, lo, n, frames, parts):
 
 
 @jit(parallel=True)
-def _bn_train_forward(x, gamma, beta, eps, mean, var, invstd, xhat, y):
-    # x, xhat, y (planes, C, size): (N, C, H*W), or (1, 1, N*H*W) when C == 1
+def _bn_train_forward(x, gamma, beta, eps, mean, var, invstd, y):
+    # x, y (planes, C, size): (N, C, H*W), or (1, 1, N*H*W) when C == 1
     planes, c, size = x.shape
     count = planes * size
     one = x.dtype.type(1)
@@ -791,28 +792,28 @@ def _bn_train_forward(x, gamma, beta, eps, mean, var, invstd, xhat, y):
         mean[ch], var[ch], invstd[ch] = m, v, inv
         gm, bt = gamma[ch], beta[ch]
         for b in range(planes):
-            src, xh, out = x[b, ch], xhat[b, ch], y[b, ch]
+            src, out = x[b, ch], y[b, ch]
             for t in range(size):
-                u = (src[t] - m) * inv
-                xh[t] = u
-                out[t] = gm * u + bt
+                out[t] = gm * ((src[t] - m) * inv) + bt
 
 
 def bn_train_forward(x, gamma, beta, eps):
-    """(mean, var, invstd, xhat, y) of a training batch norm on C-contiguous x (N, C, H, W)
-    with per-channel gamma and beta of x's dtype, in one kernel: mean and var the batch's
+    """(mean, var, invstd, y) of a training batch norm on C-contiguous x (N, C, H, W) with
+    per-channel gamma and beta of x's dtype, in one kernel: mean and var the batch's
     statistics over (N, H, W) as NumPy's ``x.mean``/``x.var`` compute them (same order, same
-    floats; see the comment above), invstd = 1 / sqrt(var + eps) in x's dtype, and xhat, y
-    as ``bn_forward``: everything bit for bit as ``BatchNorm`` computes it with the array
-    code. Needs x.size > 0."""
+    floats; see the comment above), invstd = 1 / sqrt(var + eps) in x's dtype, and
+    y = gamma * ((x - mean) * invstd) + beta as ``bn_forward``: everything bit for bit as
+    ``BatchNorm`` computes it with the array code. xhat is not stored: ``bn_backward_x``
+    recomputes it from x (the same floats), which saves writing a batch-sized array and
+    reading nothing more back. Needs x.size > 0."""
     n, c = x.shape[:2]
     dt = x.dtype
     shape3 = (n, c, x.size // (n * c)) if c > 1 else (1, 1, x.size)
-    xhat, y = np.empty_like(x), np.empty_like(x)
+    y = np.empty_like(x)
     mean, var, invstd = np.empty(c, dt), np.empty(c, dt), np.empty(c, dt)
     _bn_train_forward(x.reshape(shape3), gamma, beta, dt.type(eps), mean, var, invstd,
-                      xhat.reshape(shape3), y.reshape(shape3))
-    return mean, var, invstd, xhat, y
+                      y.reshape(shape3))
+    return mean, var, invstd, y
 
 
 def bn_forward(x, mean, invstd, gamma, beta):
@@ -826,28 +827,47 @@ def bn_forward(x, mean, invstd, gamma, beta):
 
 
 @jit(parallel=True)
-def _bn_backward(g, xhat, invstd, gamma, count, gx, ggamma, gbeta):
+def _bn_backward(g, src, mean, invstd, gamma, from_x, count, gx, ggamma, gbeta):
     # per channel: the two sums over its planes, then its input gradient, while the planes
-    # of g and xhat are still in cache (one read of each from memory, not two)
+    # of g and src are still in cache (one read of each from memory, not two). src is xhat,
+    # or x when from_x: then xhat = (x - mean) * invstd, the forward's floats
     n, c = g.shape[0], g.shape[1]
     dt = g.dtype.type
     for ch in prange(c):
+        m, s = mean[ch], invstd[ch]
         a = 0.0
         bsum = 0.0
         for b in range(n):
-            gg, xh = g[b, ch].reshape(-1), xhat[b, ch].reshape(-1)
+            gg, sv = g[b, ch].reshape(-1), src[b, ch].reshape(-1)
             for t in range(gg.size):
+                xh = (sv[t] - m) * s if from_x else sv[t]
                 a += np.float64(gg[t])
-                bsum += np.float64(gg[t]) * np.float64(xh[t])
+                bsum += np.float64(gg[t]) * np.float64(xh)
         gbeta[ch], ggamma[ch] = dt(a), dt(bsum)
         gm = gamma[ch]
         a1 = dt(np.float64(gm) * a / count)
         a2 = dt(np.float64(gm) * bsum / count)
-        s = invstd[ch]
         for b in range(n):
-            gg, xh, out = g[b, ch].reshape(-1), xhat[b, ch].reshape(-1), gx[b, ch].reshape(-1)
+            gg, sv, out = g[b, ch].reshape(-1), src[b, ch].reshape(-1), gx[b, ch].reshape(-1)
             for t in range(gg.size):
-                out[t] = s * ((gg[t] * gm - a1) - xh[t] * a2)
+                xh = (sv[t] - m) * s if from_x else sv[t]
+                out[t] = s * ((gg[t] * gm - a1) - xh * a2)
+
+
+def _bn_backward_call(g, src, mean, invstd, gamma, from_x):
+    c = g.shape[1]
+    count = g.size // c if c else 0
+    gx = np.empty_like(g)
+    ggamma, gbeta = np.zeros(c, g.dtype), np.zeros(c, g.dtype)
+    if g.size:
+        _bn_backward(g, src, mean, invstd, gamma, from_x, max(count, 1), gx, ggamma, gbeta)
+    return gx, ggamma, gbeta
+
+
+def bn_backward_x(g, x, mean, invstd, gamma):
+    """``bn_backward(g, xhat, invstd, gamma)`` with xhat = (x - mean) * invstd recomputed from
+    x (the floats ``bn_train_forward`` computes it as): the same values, bit for bit."""
+    return _bn_backward_call(g, x, mean, invstd, gamma, True)
 
 
 def bn_backward(g, xhat, invstd, gamma):
@@ -858,10 +878,4 @@ def bn_backward(g, xhat, invstd, gamma):
         g_x    = invstd * (g * gamma - gamma * g_beta / m - xhat * (gamma * g_gamma / m))
 
     with m = N*H*W: the array code's values within rounding (see the comment above)."""
-    c = g.shape[1]
-    count = g.size // c if c else 0
-    gx = np.empty_like(g)
-    ggamma, gbeta = np.zeros(c, g.dtype), np.zeros(c, g.dtype)
-    if g.size:
-        _bn_backward(g, xhat, invstd, gamma, max(count, 1), gx, ggamma, gbeta)
-    return gx, ggamma, gbeta
+    return _bn_backward_call(g, xhat, invstd, invstd, gamma, False)  # (mean unused)

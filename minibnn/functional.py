@@ -386,9 +386,11 @@ class BatchNormTrain(Function):
         if mean is None:  # the batch's own statistics: x.mean and x.var over axes
             glue = _bn_glue(x, axes, gamma, beta) if x.size else None
             if glue is not None and hasattr(glue, "bn_train_forward"):  # numba: one kernel
-                mean, var, invstd, xhat, y = glue.bn_train_forward(x, gamma, beta, eps)
+                mean, var, invstd, y = glue.bn_train_forward(x, gamma, beta, eps)
                 stats.append((mean, var))
-                self.save(xhat, invstd.reshape(shape), gamma.reshape(shape))
+                # x kept instead of xhat (never written): xhat = (x - centre) * invstd
+                self.save(x, invstd.reshape(shape), gamma.reshape(shape))
+                self.centre = mean
                 return y
             mean, var = x.mean(axis=axes), x.var(axis=axes)
             stats.append((mean, var))
@@ -411,6 +413,11 @@ class BatchNormTrain(Function):
     def backward(self, g):
         xhat, invstd, gamma = self.saved
         axes = self.axes
+        if getattr(self, "centre", None) is not None:  # the numba forward kept x, not xhat
+            x = xhat
+            if (glue := _bn_glue(g, axes, x, gamma, invstd)) is not None:  # xhat recomputed
+                return glue.bn_backward_x(g, x, self.centre, invstd.reshape(-1), gamma.reshape(-1))
+            xhat = (x - self.centre.reshape(invstd.shape)) * invstd  # the forward's floats
         if self.sync is None and _fused(g, xhat, gamma, invstd):  # the lines below, fused
             from .kernels import cupy_fused
             gx2, gxhat, gxx = cupy_fused.bn_backward_products(g, gamma, xhat)
