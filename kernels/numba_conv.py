@@ -375,6 +375,7 @@ def max_pool2d_backward(g, arg, x_shape, k, stride):
 
 
 _SERIAL = 1 << 15  # elements below which an elementwise kernel runs on the calling thread
+_PARALLEL_MIN = 1 << 19  # the same for a kernel that only streams memory (one product a value)
 
 
 @jit()
@@ -422,20 +423,30 @@ def sign_ste(x):
     return q.reshape(x.shape), keep.reshape(x.shape)
 
 
+@jit()
+def _mask_grad_range(g, keep, out, t0, t1):
+    one, zero = out.dtype.type(1), out.dtype.type(0)
+    gs, ks, os_ = g[t0:t1], keep[t0:t1], out[t0:t1]  # indexed from 0: the loop vectorises
+    for t in range(gs.size):
+        os_[t] = gs[t] * (one if ks[t] else zero)
+
+
 @jit(parallel=True)
 def _mask_grad(g, keep, out):
-    one, zero = out.dtype.type(1), out.dtype.type(0)
-    for t in prange(g.size):
-        out[t] = g[t] * (one if keep[t] else zero)
+    for c in prange((g.size + _PARALLEL_MIN - 1) // _PARALLEL_MIN):
+        _mask_grad_range(g, keep, out, c * _PARALLEL_MIN, min(g.size, (c + 1) * _PARALLEL_MIN))
 
 
 def sign_ste_backward(g, keep):
     """``g * keep`` for a float NumPy array g and the bool mask of ``sign_ste``: SignSTE's
     backward, the array code's floats (g times 1.0 or 0.0 in g's dtype, so -g * 0 is -0.0
     and NaN stays NaN), one pass."""
-    flat = np.ascontiguousarray(g).reshape(-1)
+    flat, mask = np.ascontiguousarray(g).reshape(-1), np.ascontiguousarray(keep).reshape(-1)
     out = np.empty(flat.size, g.dtype)
-    _mask_grad(flat, np.ascontiguousarray(keep).reshape(-1), out)
+    if flat.size > _PARALLEL_MIN:
+        _mask_grad(flat, mask, out)
+    else:  # one memory-bound pass over a few MB: waking the worker threads costs more
+        _mask_grad_range(flat, mask, out, 0, flat.size)
     return out.reshape(g.shape)
 
 

@@ -25,9 +25,10 @@ def _awkward(shape, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (4, 33), (0, 3), (1,)])
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (4, 33), (0, 3), (1,), (7, 9, 611)])
 @pytest.mark.parametrize("layout", ["C", "transposed", "strided"])
 def test_sign_and_sign_ste_equal_the_array_code(name, dtype, shape, layout):
+    """(7, 9, 611) is over numba_conv._SERIAL: sign's chunks run in parallel."""
     from minibnn.kernels import numba_conv
     x = _awkward(shape, dtype)
     if layout == "transposed":
@@ -261,12 +262,15 @@ def test_xnor_conv2d_runs_conv_output_on_numba(name, monkeypatch):
     np.testing.assert_array_equal(got, want)
 
 
-def test_sign_ste_backward_equals_the_array_code(name):
-    """g * keep on awkward g (signed zeros, NaN, infinities), views, both dtypes."""
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (2, 3, 301, 350)], ids=["small", "parallel"])
+def test_sign_ste_backward_equals_the_array_code(name, shape):
+    """g * keep on awkward g (signed zeros, NaN, infinities), views, both dtypes; a small
+    array (one thread) and one over numba_conv._PARALLEL_MIN (chunks in parallel)."""
     from minibnn.kernels import numba_conv
+    n, c, h, w = shape
     for dtype in (np.float32, np.float64):
-        x = _awkward((3, 5, 7, 9), dtype)
-        g = _awkward((3, 5, 9, 7), dtype, seed=1).transpose(0, 1, 3, 2)
+        x = _awkward(shape, dtype)
+        g = _awkward((n, c, w, h), dtype, seed=1).transpose(0, 1, 3, 2)
         keep = np.abs(x) <= 1
         got = numba_conv.sign_ste_backward(g, keep)
         with np.errstate(invalid="ignore"):  # inf * 0
@@ -276,9 +280,10 @@ def test_sign_ste_backward_equals_the_array_code(name):
         np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
 
 
+@pytest.mark.parametrize("wshape", [(37, 11), (301, 250)], ids=["small", "parallel"])
 @pytest.mark.parametrize("clip", [None, 1.0, 0.25])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_adam_on_the_kernel_equals_the_array_code(name, dtype, clip, monkeypatch):
+def test_adam_on_the_kernel_equals_the_array_code(name, dtype, clip, wshape, monkeypatch):
     """optim.Adam on numba (numba_conv.adam_update) gives the array code's weights and
     moments bit for bit over several steps, with lr_scale and clip, on gradients holding
     zeros of both signs and large and tiny values; the kernel is called once per parameter
@@ -289,7 +294,7 @@ def test_adam_on_the_kernel_equals_the_array_code(name, dtype, clip, monkeypatch
     inner = numba_conv.adam_update
     monkeypatch.setattr(numba_conv, "adam_update", lambda *a: (calls.append(1), inner(*a))[1])
     rng = np.random.default_rng(5)
-    w0 = rng.uniform(-1.2, 1.2, (37, 11)).astype(dtype)
+    w0 = rng.uniform(-1.2, 1.2, wshape).astype(dtype)  # (301, 250): chunks in parallel
     grads = [(rng.standard_normal(w0.shape) * 10.0 ** rng.integers(-6, 3, w0.shape))
              .astype(dtype) for _ in range(4)]
     for g in grads:
