@@ -53,10 +53,10 @@ from numba import prange
 
 from ._numba_common import jit
 
-__all__ = ["accepts", "col2im", "pack_sign_patches", "conv_output", "swap_planes", "max_pool2d", "max_pool2d_backward",
-           "direct_backward_fits", "binary_conv2d_backward", "sign", "sign_ste",
-           "sign_ste_backward", "adam_update",
-           "bn_train_forward", "bn_forward", "bn_backward", "bn_backward_x"]
+__all__ = ["accepts", "col2im", "pack_sign_patches", "conv_output", "swap_planes", "max_pool2d",
+           "max_pool2d_backward", "direct_backward_fits", "binary_conv2d_backward", "sign",
+           "sign_ste", "sign_ste_backward", "adam_update", "bn_train_forward", "bn_forward",
+           "bn_backward", "bn_backward_x"]
 
 
 def accepts(x):
@@ -173,7 +173,8 @@ def _pack_sign_patches_narrow(x, kh, kw, stride, padding, ho, wo, out):
     n, c, h, w = x.shape
     hp, wp = h + 2 * padding, w + 2 * padding
     words = out.shape[1]
-    pad = np.uint64(0xFFFFFFFFFFFFFFFF) if c == 64 else (np.uint64(1) << np.uint64(c)) - np.uint64(1)
+    ones = np.uint64(0xFFFFFFFFFFFFFFFF)
+    pad = ones if c == 64 else (np.uint64(1) << np.uint64(c)) - np.uint64(1)  # a +1 pixel
     per = 64 // c
     for b in prange(n):
         bits = np.empty((hp, wp), np.uint64)
@@ -479,8 +480,8 @@ def _adam_chunks(w, g, m, v, b1, c1, b2, c2, eps, alpha, lo, hi, clip):
 
 def adam_update(w, g, m, v, beta1, beta2, eps, alpha_t, clip=None):
     """One step of ``optim.Adam`` in place on flat C-contiguous float arrays of one dtype (the
-    weight w, its gradient g, the moments m and v), in one pass where the array code takes
-    about twelve: with beta1, beta2, eps and clip Python floats, rounded to w's dtype as NumPy
+    weight w, its gradient g, the moments m and v), in one kernel (two loops over each
+    cache-sized chunk) where the array code makes about twelve passes: with beta1, beta2, eps and clip Python floats, rounded to w's dtype as NumPy
     rounds them, and alpha_t a float64,
 
         m = m * beta1 + g * (1 - beta1);  v = v * beta2 + g * g * (1 - beta2)
@@ -715,8 +716,9 @@ def _bn_forward(x, mean, invstd, gamma, beta, xhat, y):
 # once to x's dtype (NumPy divides by an intp count). ``_pairwise`` and the plane loop below
 # are that order, so mean and var come out bit for bit as NumPy 2.x computes them
 # (tests/test_numba_train_glue.py checks it on many shapes); one pass per channel reads the
-# data for the sum, one for the squared deviations, one for xhat and y, all while the
-# channel's planes sit in cache, where the array code makes about eight passes over memory.
+# data for the sum, one for the squared deviations, one for y (xhat is not stored), all
+# while the channel's planes sit in cache, where the array code makes about eight passes
+# over memory.
 
 
 @jit()

@@ -219,6 +219,9 @@ class Adam(Optimizer):
             return False
         b1, b2, eps = self.hyper["beta1"], self.hyper["beta2"], self.hyper["eps"]
         m, v = (self._buffer(state, k, g) for k in ("m", "v"))
+        if not all(a.dtype == w.dtype and a.shape == w.shape and a.flags.c_contiguous
+                   for a in (m, v)):
+            return False
         alpha_t = lr * np.sqrt(1 - b2 ** self.t) / (1 - b1 ** self.t)  # as in _delta
         glue.adam_update(w.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), b1, b2,
                          eps, alpha_t, clip)
