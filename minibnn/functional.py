@@ -384,6 +384,9 @@ class BatchNormTrain(Function):
         self.axes, self.sync = axes, sync
         self.count = x.size // int(np.prod(shape)) if count is None else count
         if mean is None:  # the batch's own statistics: x.mean and x.var over axes
+            if not isinstance(stats, list):
+                raise TypeError("BatchNormTrain: mean=None (the batch's own statistics) needs "
+                                f"stats, a list to append (mean, var) to; got {stats!r}")
             glue = _bn_glue(x, axes, gamma, beta) if x.size and sync is None else None
             if glue is not None and hasattr(glue, "bn_train_forward"):  # numba: one kernel
                 mean, var, invstd, y = glue.bn_train_forward(x, gamma, beta, eps)

@@ -388,3 +388,11 @@ def test_swap_planes_is_the_transposed_copy_and_the_float_conv_uses_it(name, mon
     assert len(calls) == 2
     for got, want in zip(results[name], results["numpy"]):
         np.testing.assert_array_equal(got, want)
+
+
+def test_batch_statistics_without_a_list_to_return_them_is_refused(name):
+    from minibnn import functional as F
+    x, _, gamma, beta = _bn_case((2, 3, 4, 4), np.float32)
+    for backend_name in ("numpy", name):
+        with backend.use(backend_name), pytest.raises(TypeError, match="needs stats"):
+            F.BatchNormTrain().forward(x, gamma, beta, None, None, 1e-4, (0, 2, 3))
