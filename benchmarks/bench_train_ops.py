@@ -7,10 +7,17 @@ side by side, on the shapes of the MNIST ConvNet's training step (``models.mnist
   col2im); compiled: ``numba_conv.binary_conv2d_backward`` (no patch matrices);
 * ``pack_sign_patches``: the XNOR forward's packed sign patches (array code: the bool
   patches of ``binary.conv_sign_patches``, then ``pack_rows``);
-* ``sign_ste``: the Sign activation's forward (sign and the |x| <= 1 mask);
-* ``bn_forward`` and ``bn_forward_backward``: ``functional.BatchNormTrain`` on NCHW, the
-  forward alone and the forward and backward together;
-* ``max_pool2d_forward_backward``: 2x2 windows, stride 2, both passes.
+* ``conv_output``: the XNOR convolution's last step, the (O, N*Ho*Wo) int32 product minus
+  the padding correction to NCHW float32 (array code: subtract, transpose, ``astype``);
+* ``sign_ste`` and ``sign_ste_backward``: the Sign activation's forward (sign and the
+  |x| <= 1 mask) and its backward (g times the mask);
+* ``bn_forward`` and ``bn_forward_backward``: ``functional.BatchNormTrain`` on NCHW given
+  the batch's statistics, the forward alone and the forward and backward together;
+* ``bn_train_forward``: the same forward computing the batch's statistics too, as
+  ``nn.BatchNorm2d`` runs it in training (array code: ``x.mean``, ``x.var``, the forward);
+* ``max_pool2d_forward_backward``: 2x2 windows, stride 2, both passes;
+* ``adam_step``: one ``optim.Adam`` step with clip on the 256x1568 weight of the ConvNet's
+  hidden dense layer (each path on its own copy; compared after the first step).
 
 "array code" is the same call with the compiled kernels switched off (``backend.conv_kernels``
 returns None; the numba GEMM kernels stay on). Every compiled result is compared with the
@@ -68,8 +75,18 @@ def _cases(batch, convs, rng):
                 return (kern.pack_rows(binary.conv_sign_patches(x, 3, 3, 1, 1)),)
             return (backend.conv_kernels().pack_sign_patches(x, 3, 3, 1, 1),)
 
+        prod = rng.integers(-9 * c, 9 * c, (o, batch * h * h)).astype(np.int32)
+        corr = rng.integers(-3 * c, 3 * c, (o, h, h)).astype(np.int32)
+
+        def conv_output(path, prod=prod, corr=corr, o=o, h=h):
+            if path == "array":  # binary.xnor_conv2d's array code
+                out = prod.reshape(o, batch, h * h) - corr.reshape(o, 1, h * h)
+                return (out.reshape(o, batch, h, h).transpose(1, 0, 2, 3)
+                        .astype(np.float32, order="C"),)
+            return (backend.conv_kernels().conv_output(prod, corr, batch, h, h, np.float32),)
+
         cases += [("binary_conv2d_backward", shape, conv_backward),
-                  ("pack_sign_patches", shape, pack)]
+                  ("pack_sign_patches", shape, pack), ("conv_output", shape, conv_output)]
     for c, _, h in convs[:2]:  # the activations after each conv layer's batch norm
         a = (rng.standard_normal((batch, c, h, h)) * 2).astype(np.float32)
         g = rng.standard_normal(a.shape).astype(np.float32)
@@ -81,6 +98,19 @@ def _cases(batch, convs, rng):
             op = binary.SignSTE()
             return (op.forward(a), op.saved[0])
 
+        keep = np.abs(a) <= 1
+
+        def sign_ste_backward(path, g=g, keep=keep):
+            op = binary.SignSTE()
+            op.save(keep)
+            return op.backward(g)
+
+        def bn_train(path, a=a, gamma=gamma, beta=beta):
+            stats = []
+            y = F.BatchNormTrain().forward(a, gamma, beta, None, None, 1e-4, (0, 2, 3),
+                                           stats=stats)
+            return (y,) + stats[0]
+
         def bn(path, a=a, g=g, gamma=gamma, beta=beta, mean=mean, var=var, backward=False):
             op = F.BatchNormTrain()
             y = op.forward(a, gamma, beta, mean, var, 1e-4, (0, 2, 3))
@@ -91,9 +121,27 @@ def _cases(batch, convs, rng):
             out = op.forward(a, 2, 2)
             return op.backward(g[:, :, :out.shape[2], :out.shape[3]].copy())
 
-        cases += [("sign_ste", shape, sign_ste), ("bn_forward", shape, bn),
+        cases += [("sign_ste", shape, sign_ste), ("sign_ste_backward", shape, sign_ste_backward),
+                  ("bn_forward", shape, bn),
                   ("bn_forward_backward", shape, lambda p, f=bn: f(p, backward=True)),
+                  ("bn_train_forward", shape, bn_train),
                   ("max_pool2d_forward_backward", shape, pool_backward)]
+    wshape = (256, 1568) if len(convs) > 1 else (7, 45)  # the hidden dense layer's weight
+    w0 = rng.uniform(-1, 1, wshape).astype(np.float32)
+    gw = rng.standard_normal(wshape).astype(np.float32)
+    adams = {}
+
+    def adam_step(path):
+        from minibnn import nn, optim
+        if path not in adams:  # each path its own weight and moments, from the same start
+            p = nn.Parameter(w0.copy(), lr_scale=50.0, clip=1.0)
+            adams[path] = (p, optim.Adam([p], lr=1e-3))
+        p, opt = adams[path]
+        p.grad = gw
+        opt.step()
+        return (p.data.copy(),)
+
+    cases.append(("adam_step", "x".join(map(str, wshape)), adam_step))
     return cases
 
 

@@ -60,7 +60,11 @@ class SignSTE(Function):
         return sign(x)
 
     def backward(self, g):
-        return (g * self.saved[0],)
+        keep = self.saved[0]
+        if g.dtype.kind == "f" and (glue := _elementwise_glue(g)) is not None \
+                and hasattr(glue, "sign_ste_backward") and keep.dtype == np.bool_:
+            return (glue.sign_ste_backward(g, keep),)  # numba: the same product, one pass
+        return (g * keep,)
 
 
 class BinarizeWeights(Function):
@@ -398,9 +402,12 @@ def xnor_conv2d(x, wb, stride=1, padding=0, dtype=np.int32):
     # weights as the left operand: the product (O, N*Ho*Wo) becomes NCHW by moving whole
     # Ho*Wo planes, cheaper than transposing (N*Ho*Wo, O)
     out = kern.xnor_gemm(_pack(kern, conv_weight_rows(wb)), patches, wb[0].size)
+    corr = padding_correction(wb, x.shape[2:], stride, padding) if padding else None
+    if glue is not None and hasattr(glue, "conv_output"):  # numba: the lines below, one pass
+        return glue.conv_output(out, corr, n, ho, wo, dtype)
     out = out.reshape(o, n, ho * wo)
     if padding:
-        out -= padding_correction(wb, x.shape[2:], stride, padding).reshape(o, 1, ho * wo)
+        out -= corr.reshape(o, 1, ho * wo)
     return out.reshape(o, n, ho, wo).transpose(1, 0, 2, 3).astype(dtype, order="C")
 
 

@@ -367,6 +367,10 @@ class BatchNormTrain(Function):
     (biased) variance over ``axes``; the backward pass differentiates through both
     (Ioffe & Szegedy 2015, arXiv:1502.03167, Algorithm 1).
 
+    ``mean=None, var=None``: the statistics are this batch's own, ``x.mean(axis=axes)`` and
+    ``x.var(axis=axes)``, computed here (on numba in the same kernel as the forward, to the
+    same floats) and appended to the list ``stats`` as (mean, var) for the running averages.
+
     Synchronised batch norm: when ``mean`` and ``var`` are statistics of a batch split
     across ranks, ``sync`` (an in-place sum over the ranks of a float64 array) and ``count``
     (the batch's size over all ranks) make the backward's two per-channel means,
@@ -374,11 +378,25 @@ class BatchNormTrain(Function):
     beta's gradients stay this rank's sums; the gradient all-reduce adds them up.
     """
 
-    def forward(self, x, gamma, beta, mean, var, eps, axes, sync=None, count=None):
+    def forward(self, x, gamma, beta, mean, var, eps, axes, sync=None, count=None, stats=None):
         shape = [1 if i in axes else n for i, n in enumerate(x.shape)]
         xp = get_array_module(x)
         self.axes, self.sync = axes, sync
         self.count = x.size // int(np.prod(shape)) if count is None else count
+        if mean is None:  # the batch's own statistics: x.mean and x.var over axes
+            if not isinstance(stats, list):
+                raise TypeError("BatchNormTrain: mean=None (the batch's own statistics) needs "
+                                f"stats, a list to append (mean, var) to; got {stats!r}")
+            glue = _bn_glue(x, axes, gamma, beta) if x.size and sync is None else None
+            if glue is not None and hasattr(glue, "bn_train_forward"):  # numba: one kernel
+                mean, var, invstd, y = glue.bn_train_forward(x, gamma, beta, eps)
+                stats.append((mean, var))
+                # x kept instead of xhat (never written): xhat = (x - centre) * invstd
+                self.save(x, invstd.reshape(shape), gamma.reshape(shape))
+                self.centre = mean
+                return y
+            mean, var = x.mean(axis=axes), x.var(axis=axes)
+            stats.append((mean, var))
         if _fused(x, mean, gamma, beta) and var.dtype.kind == "f":  # the lines below, 2 launches
             from .kernels import cupy_fused
             invstd = cupy_fused.bn_invstd(var, eps, x.dtype).reshape(shape)
@@ -398,6 +416,11 @@ class BatchNormTrain(Function):
     def backward(self, g):
         xhat, invstd, gamma = self.saved
         axes = self.axes
+        if getattr(self, "centre", None) is not None:  # the numba forward kept x, not xhat
+            x = xhat
+            if (glue := _bn_glue(g, axes, x, gamma, invstd)) is not None:  # xhat recomputed
+                return glue.bn_backward_x(g, x, self.centre, invstd.reshape(-1), gamma.reshape(-1))
+            xhat = (x - self.centre.reshape(invstd.shape)) * invstd  # the forward's floats
         if self.sync is None and _fused(g, xhat, gamma, invstd):  # the lines below, fused
             from .kernels import cupy_fused
             gx2, gxhat, gxx = cupy_fused.bn_backward_products(g, gamma, xhat)
@@ -588,7 +611,10 @@ def conv2d_backward(g, x_shape, w, stride, padding, patches=None, need_x=True,
     """
     o = w.shape[0]
     xp = get_array_module(g)
-    g2t = xp.ascontiguousarray(g.transpose(1, 0, 2, 3)).reshape(o, -1)  # (O, N*Ho*Wo)
+    if (glue := compiled_glue(g)) is not None and hasattr(glue, "swap_planes"):
+        g2t = glue.swap_planes(g).reshape(o, -1)  # numba: the copy below, in parallel
+    else:
+        g2t = xp.ascontiguousarray(g.transpose(1, 0, 2, 3)).reshape(o, -1)  # (O, N*Ho*Wo)
     product = (lambda a, b, exact: backend.matmul(a, b)) if pm1_product is None else pm1_product
     gx = gw = None
     if need_x:
@@ -606,9 +632,10 @@ def conv2d_forward(x, w, stride=1, padding=0):
     the weight gradient (``conv2d_backward``)."""
     n, o, ho, wo = conv_output_shape(x.shape, w.shape, stride, padding)
     patches = im2col(x, w.shape[2], w.shape[3], stride, padding)
-    out = backend.matmul(w.reshape(o, -1), patches.T)
-    out = out.reshape(o, n, ho, wo).transpose(1, 0, 2, 3)
-    return get_array_module(out).ascontiguousarray(out), patches
+    out = backend.matmul(w.reshape(o, -1), patches.T).reshape(o, n, ho, wo)
+    if (glue := compiled_glue(out)) is not None and hasattr(glue, "swap_planes"):
+        return glue.swap_planes(out), patches  # numba: the copy below, in parallel
+    return get_array_module(out).ascontiguousarray(out.transpose(1, 0, 2, 3)), patches
 
 
 class Conv2d(Function):

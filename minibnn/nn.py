@@ -435,10 +435,13 @@ class BatchNorm(_BatchNormBase):
     def forward(self, x):
         if self.training:
             axes = self._train_axes(x)
-            if self.sync is None:
-                mean, var, count = x.data.mean(axis=axes), x.data.var(axis=axes), None
-            else:
-                mean, var, count = self._synced_moments(x.data, axes)
+            if self.sync is None:  # the batch's mean and var, computed with the forward
+                stats = []
+                out = F.BatchNormTrain.apply(x, self.gamma, self.beta, mean=None, var=None,
+                                             eps=self.eps, axes=axes, stats=stats)
+                self._update_running(*stats[0])
+                return out
+            mean, var, count = self._synced_moments(x.data, axes)
             self._update_running(mean, var)
             return F.BatchNormTrain.apply(x, self.gamma, self.beta, mean=mean, var=var,
                                           eps=self.eps, axes=axes, sync=self.sync, count=count)

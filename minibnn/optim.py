@@ -184,7 +184,7 @@ class Adam(Optimizer):
 
     def _fused_step(self, p, state, lr):
         if not backend.is_cupy_array(p.data):
-            return False
+            return self._compiled_step(p, state, lr)
         from .kernels import cupy_fused
         if not cupy_fused.enabled() or p.grad.dtype != p.data.dtype:
             return False
@@ -200,6 +200,31 @@ class Adam(Optimizer):
         slot = None if recorder is None else recorder.value(alpha_t, alpha_t(), "f64")
         cupy_fused.adam_update(p.data, p.grad, m, v, b1, b2, eps, alpha_t(),
                                clip=getattr(p, "clip", None), slot=slot)
+        return True
+
+    def _compiled_step(self, p, state, lr):
+        """On the numba backend: the lines of ``_delta`` and ``step`` (update, clip) in one
+        pass (``kernels.numba_conv.adam_update``, the same floats), for C-contiguous float
+        NumPy arrays of one dtype and Python-float hyperparameters (what the array code
+        rounds to the arrays' dtype); returns False to take the array code otherwise."""
+        from .functional import compiled_glue
+        glue = compiled_glue(p.data)
+        w, g = p.data, p.grad
+        clip = getattr(p, "clip", None)
+        if (glue is None or not hasattr(glue, "adam_update") or w.dtype.kind != "f"
+                or not isinstance(g, np.ndarray) or g.dtype != w.dtype or g.shape != w.shape
+                or not (w.flags.c_contiguous and g.flags.c_contiguous)
+                or not all(type(h) is float for h in self.hyper.values())
+                or not (clip is None or type(clip) is float)):
+            return False
+        b1, b2, eps = self.hyper["beta1"], self.hyper["beta2"], self.hyper["eps"]
+        m, v = (self._buffer(state, k, g) for k in ("m", "v"))
+        if not all(a.dtype == w.dtype and a.shape == w.shape and a.flags.c_contiguous
+                   for a in (m, v)):
+            return False
+        alpha_t = lr * np.sqrt(1 - b2 ** self.t) / (1 - b1 ** self.t)  # as in _delta
+        glue.adam_update(w.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), b1, b2,
+                         eps, alpha_t, clip)
         return True
 
     def _delta(self, g, state, lr):
