@@ -5,6 +5,8 @@ side by side, on the shapes of the MNIST ConvNet's training step (``models.mnist
 * ``binary_conv2d_backward``: both gradients of a binary 3x3 convolution (padding 1);
   array code: ``functional.conv2d_backward`` on ``im2col`` patches (two BLAS products,
   col2im); compiled: ``numba_conv.binary_conv2d_backward`` (no patch matrices);
+* ``binary_conv2d_backward (loops)``: the same, compiled as the plain loops
+  (``tiles=False``) instead of the register tiles (``kernels/numba_conv_tiles.py``);
 * ``pack_sign_patches``: the XNOR forward's packed sign patches (array code: the bool
   patches of ``binary.conv_sign_patches``, then ``pack_rows``);
 * ``conv_output``: the XNOR convolution's last step, the (O, N*Ho*Wo) int32 product minus
@@ -70,6 +72,11 @@ def _cases(batch, convs, rng):
             op.stride, op.padding, op.patches = 1, 1, None
             return op.backward(g)
 
+        def conv_backward_loops(path, x=x, wb=wb, g=g):
+            if path == "array":
+                return conv_backward(path)
+            return backend.conv_kernels().binary_conv2d_backward(g, x, wb, 1, 1, tiles=False)
+
         def pack(path, x=x):
             if path == "array":
                 return (kern.pack_rows(binary.conv_sign_patches(x, 3, 3, 1, 1)),)
@@ -86,6 +93,7 @@ def _cases(batch, convs, rng):
             return (backend.conv_kernels().conv_output(prod, corr, batch, h, h, np.float32),)
 
         cases += [("binary_conv2d_backward", shape, conv_backward),
+                  ("binary_conv2d_backward (loops)", shape, conv_backward_loops),
                   ("pack_sign_patches", shape, pack), ("conv_output", shape, conv_output)]
     for c, _, h in convs[:2]:  # the activations after each conv layer's batch norm
         a = (rng.standard_normal((batch, c, h, h)) * 2).astype(np.float32)
@@ -193,10 +201,10 @@ def main(argv=None):
           f"{info['load_average_at_start']}")
     rows = measure(batch, repeats, convs)
     info["load_average_at_end"] = list(os.getloadavg())
-    print(f"{'op':<30}{'shape':<20}{'array ms':>10}{'compiled ms':>13}{'ratio':>8}  result")
+    print(f"{'op':<32}{'shape':<20}{'array ms':>10}{'compiled ms':>13}{'ratio':>8}  result")
     for r in rows:
         same = "bit for bit" if r["exact"] else f"max rel diff {r['max_rel']:.1e}"
-        print(f"{r['op']:<30}{r['shape']:<20}{r['array_ms']:>10.2f}{r['compiled_ms']:>13.2f}"
+        print(f"{r['op']:<32}{r['shape']:<20}{r['array_ms']:>10.2f}{r['compiled_ms']:>13.2f}"
               f"{r['ratio']:>7.1f}x  {same}")
     out_dir = common.results_dir(args.out, args.quick)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,8 @@ def test_bench_train_ops_writes_its_table_and_json(tmp_path, capsys):
     bench.main(["--quick", "--repeats", "1", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "train_ops_cpu_quick.json").read_text())
     ops = {r["op"]: r for r in saved["rows"]}
-    assert sorted(ops) == sorted(["binary_conv2d_backward", "pack_sign_patches", "conv_output",
+    assert sorted(ops) == sorted(["binary_conv2d_backward", "binary_conv2d_backward (loops)",
+                                  "pack_sign_patches", "conv_output",
                                   "sign_ste", "sign_ste_backward", "bn_forward",
                                   "bn_forward_backward", "bn_train_forward",
                                   "max_pool2d_forward_backward", "adam_step"])
