@@ -72,9 +72,9 @@ def _cases(batch, convs, rng):
             op.stride, op.padding, op.patches = 1, 1, None
             return op.backward(g)
 
-        def conv_backward_loops(path, x=x, wb=wb, g=g):
+        def conv_backward_loops(path, x=x, wb=wb, g=g, array=conv_backward):
             if path == "array":
-                return conv_backward(path)
+                return array(path)
             return backend.conv_kernels().binary_conv2d_backward(g, x, wb, 1, 1, tiles=False)
 
         def pack(path, x=x):
