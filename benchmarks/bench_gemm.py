@@ -11,7 +11,11 @@ CPU rows: every Numba kernel variant (``numba_cpu.available_kernels()``), the au
 choice ("numba auto"), and "plain 4x4 ctpop": a first-attempt kernel written here (a 4 x 4
 register tile, ``prange`` over row tiles, ``llvm.ctpop`` per word, no cache blocking), the
 baseline of issue #10. "% peak" is a kernel's TOPS over the machine's XOR-popcount-accumulate
-peak, measured first by an L1-resident micro-benchmark on all cores (:func:`roofline`).
+peak, an L1-resident micro-benchmark on all cores (:func:`roofline`): measured first (the
+JSON's machine ``roofline_tops``), then timed again with each shape's kernels, taking its
+turn among them, and each row's "% peak" is of that shape's figure (``roofline_tops`` in
+the row): this machine's speed drifts from minute to minute, and a peak measured minutes
+earlier made the first shape's kernels look up to 2x further from it than they were.
 Packing (A and B from float32) is timed apart, and "end to end" runs pack A + pack B + GEMM.
 Each figure is the best of --repeats runs after one warm-up run (the median is kept in the
 JSON too): on a shared machine the best run is the one least disturbed by other work. The
@@ -41,7 +45,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+# OpenBLAS reads this when NumPy loads it: its threads sleep at once after a product
+# instead of spinning on the cores the next path (a numba kernel, taking its turn) needs
+# (minibnn/__init__ sets it too, but NumPy is imported here first)
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -133,7 +142,9 @@ def roofline(repeats=50, target_s=0.005):
     itself. The peak is the best over the vector widths this CPU offers (1, 4, 8 lanes),
     each the best of ``repeats`` runs of about ``target_s`` (short runs, like the GEMM
     timings' best-of: on a busy machine a long run measures its share of the cores).
-    Returns (peak TOPS, {lanes: TOPS}).
+    Returns (peak TOPS, {lanes: TOPS}, probe): ``probe`` = (fn, ops), one run of about
+    ``target_s`` of the best width and the ops it counts, for timing the peak again beside
+    each shape's kernels (:func:`bench_shape`).
 
     Without VPOPCNTDQ the micro-kernel's vector popcount is LLVM's nibble-table expansion,
     so the peak is that method's; the Harley-Seal kernels count fewer popcounts than that
@@ -145,7 +156,7 @@ def roofline(repeats=50, target_s=0.005):
     a = rng.integers(0, 2**63, size=shape, dtype=np.uint64)
     b = rng.integers(0, 2**63, size=shape, dtype=np.uint64)
     sink = np.zeros(threads, np.int64)
-    per = {}
+    per, probes = {}, {}
     for name in numba_simd.KERNELS:
         if name not in numba_cpu.available_kernels():
             continue
@@ -161,7 +172,10 @@ def roofline(repeats=50, target_s=0.005):
         t = best_time(lambda: _peak_loop(a, b, lanes, reps, sink), repeats)
         bit_pairs = threads * reps * _PEAK_ROWS * _PEAK_ROWS * _PEAK_WORDS * 64
         per[lanes] = 2 * bit_pairs / t / 1e12
-    return max(per.values()), per
+        probes[lanes] = (lambda lanes=lanes, reps=reps: _peak_loop(a, b, lanes, reps, sink),
+                         2 * bit_pairs)
+    best = max(per, key=per.get)
+    return per[best], per, probes[best]
 
 
 # ------------------------------------------------- the plain blocked kernel (baseline)
@@ -237,7 +251,7 @@ def machine_info(use_gpu):
                                isa=isa, autotune_key=autotune.machine_key(isa))
 
 
-def bench_shape(m, k, n, backends, repeats, use_gpu, peak):
+def bench_shape(m, k, n, backends, repeats, use_gpu, peak, probe=None):
     rng = np.random.default_rng(0)
     x = np.where(rng.random((m, k)) < 0.5, -1.0, 1.0).astype(np.float32)
     y = np.where(rng.random((n, k)) < 0.5, -1.0, 1.0).astype(np.float32)
@@ -248,8 +262,8 @@ def bench_shape(m, k, n, backends, repeats, use_gpu, peak):
         frac = ops / t / 1e12 / peak if (peak and cpu) else None
         rows.append({"shape": f"{m}x{k}x{n}", "M": m, "K": k, "N": n, "backend": name,
                      "time_s": t, "median_s": median, "tops": ops / t / 1e12,
-                     "fraction_of_peak": frac, "pack_s": pack, "end_to_end_s": e2e,
-                     "note": note})
+                     "fraction_of_peak": frac, "roofline_tops": peak if cpu else None,
+                     "pack_s": pack, "end_to_end_s": e2e, "note": note})
         print(f"  {name:24s} {t * 1e3:10.2f} ms  {ops / t / 1e12:8.3f} TOPS"
               + (f"  {100 * frac:5.1f}% peak" if frac is not None else "")
               + (f"  ({note})" if note else ""), flush=True)
@@ -272,7 +286,12 @@ def bench_shape(m, k, n, backends, repeats, use_gpu, peak):
             checks[f"numba {kern}"] = bool((out == full).all())  # the whole product
             paths[f"numba {kern}"] = (lambda kern=kern: numba_cpu.xnor_gemm(a, b, k, kernel=kern,
                                                                              out=out))
+    if probe is not None:  # the roofline takes its turns too: "% peak" is of this minute
+        paths["roofline"] = probe[0]
     timed = round_robin(paths, repeats)
+    if probe is not None:
+        peak = probe[1] / timed.pop("roofline")[0] / 1e12
+        print(f"  roofline, timed with this shape's kernels: {peak:.3f} TOPS", flush=True)
     best, med = timed.pop("numpy float32 matmul")
     add("numpy float32 matmul", best, median=med, note="BLAS, float")
     rows[-1]["fraction_of_peak"] = None
@@ -377,9 +396,9 @@ def main(argv=None):
     info = machine_info(use_gpu)
     common.note_isa(info, args.isa)
     print(json.dumps(info))
-    peak = None
+    peak = probe = None
     if "numba" in backends:
-        peak, per_lanes = roofline(repeats=20 if args.quick else max(50, args.repeats))
+        peak, per_lanes, probe = roofline(repeats=20 if args.quick else max(50, args.repeats))
         info["roofline_tops"] = peak
         info["roofline_tops_by_lanes"] = {str(k): v for k, v in per_lanes.items()}
         print(f"XOR-popcount-accumulate peak: {peak:.3f} TOPS "
@@ -388,7 +407,7 @@ def main(argv=None):
     rows = []
     for m, k, n in shapes:
         print(f"{m}x{k}x{n}:", flush=True)
-        rows += bench_shape(m, k, n, backends, args.repeats, use_gpu, peak)
+        rows += bench_shape(m, k, n, backends, args.repeats, use_gpu, peak, probe)
     print_table(rows, peak)
     out = common.results_dir(args.out, args.quick)
     out.mkdir(parents=True, exist_ok=True)

@@ -64,7 +64,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # as bench_gemm.py: no spinning BLAS
+# threads on the cores the next path needs (OpenBLAS reads it when NumPy loads it)
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
