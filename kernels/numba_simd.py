@@ -45,7 +45,7 @@ from llvmlite import ir
 from ._numba_common import jit, pair_counts, popcount64
 
 __all__ = ["KERNELS", "LANES", "TILE", "BCAST", "xnor_gemm_into", "xnor_gemm_bcast_into",
-           "pack_panels", "split_over_b", "bitplane_gemm_into"]
+           "split_over_b", "bitplane_gemm_into"]
 
 TILE = (4, 4)  # R x C register tile: 16 accumulators + 8 operands fit the 32 zmm registers
 LANES = {"scalar": 1, "simd256": 4, "simd512": 8}
@@ -332,8 +332,8 @@ def xnor_gemm_into(name, a, b, cnt, k, cols=None, threads=None):
 # ------------------------------------------------------------ broadcast kernels (B in panels)
 #
 # ``"bcast256"`` and ``"bcast512"`` vectorise across rows of B instead of along K. B is
-# repacked once per call into panels of L rows (``pack_panels``: panel p holds word w of
-# rows pL .. pL + L - 1 side by side), and the micro-kernel keeps R rows of A x P panels of
+# repacked, a few panels at a time, into panels of L rows (panel p holds word w of rows
+# pL .. pL + L - 1 side by side), and the micro-kernel keeps R rows of A x P panels of
 # counters, L lanes each: per word of K it broadcasts the R words of A, loads the P panel
 # vectors and adds popcount(a ^ b) lane-wise, so every lane is one output pair. There is
 # no sum across lanes at the end and no tail of K to treat apart (one word per step): the
@@ -421,26 +421,6 @@ _mk_b256_1 = _bcast_micro_kernel(4, 1, 1)  # one row x one panel: the edges
 _mk_b512_1 = _bcast_micro_kernel(8, 1, 1)
 
 
-@jit(parallel=True)
-def _pack_panels(b, lanes, out):
-    """out[p, w, l] = b[p L + l, w] (zero past the last row of B): (ceil(N / L), W, L)."""
-    n, w_count = b.shape
-    for p in prange(out.shape[0]):
-        for w in range(w_count):
-            for lane in range(lanes):
-                j = p * lanes + lane
-                out[p, w, lane] = b[j, w] if j < n else np.uint64(0)
-
-
-def pack_panels(b, lanes):
-    """B (N, W) uint64 as panels of ``lanes`` rows: (ceil(N / lanes), W, lanes), rows past N
-    zero (their results are never stored)."""
-    n, w_count = b.shape
-    out = np.empty(((n + lanes - 1) // lanes, w_count, lanes), np.uint64)
-    _pack_panels(b, lanes, out)
-    return out
-
-
 @jit(inline="always")
 def _bcast_edge(lanes, pa, sa, pp, sp, w_count, po, so, k, whole, last):
     """One row of A against the ``whole`` panels at ``pp``, one panel at a time."""
@@ -453,21 +433,22 @@ def _bcast_edge(lanes, pa, sa, pp, sp, w_count, po, so, k, whole, last):
 
 
 @jit(parallel=True)
-def _drive_bcast(a, bp, cnt, k, lanes, n_chunks, cols):
+def _drive_bcast(a, b, cnt, k, lanes, n_chunks, cols):
     """The parallel driver of the broadcast kernels (``lanes`` 8: ``"bcast512"``, 4:
     ``"bcast256"``): tiles of R rows of A x P panels, the whole of K per tile; threads take
-    blocks of panel groups (``cols``) or of row tiles, and a thread runs one group of P
-    panels (P L rows of B: in L1 for K up to a few thousand bits) past all its rows of A
-    before the next group. A group of fewer panels (the last) and the rows past the last
-    whole row tile go one row and one panel at a time."""
+    blocks of panel groups (``cols``) or of row tiles. A thread packs one group of P
+    panels (P L rows of B: in L1 for K up to a few thousand bits) into its own small
+    buffer and runs it past all its rows of A before the next group: no panel copy of the
+    whole of B, no large allocation per call. A group of fewer panels (the last) and the
+    rows past the last whole row tile go one row and one panel at a time."""
     m, w_count = a.shape
     n = cnt.shape[1]
     rows = _RP512[0] if lanes == 8 else _RP256[0]
     panels = _RP512[1] if lanes == 8 else _RP256[1]
-    n_pan = bp.shape[0]
+    n_pan = (n + lanes - 1) // lanes
     groups = (n_pan + panels - 1) // panels
-    sa, sp, so = a.strides[0], bp.strides[0], cnt.strides[0]
-    a0, p0, o0 = a.ctypes.data, bp.ctypes.data, cnt.ctypes.data
+    sa, so, sp = a.strides[0], cnt.strides[0], 8 * w_count * lanes
+    a0, o0 = a.ctypes.data, cnt.ctypes.data
     tiles = m // rows
     for chunk in prange(n_chunks):
         if cols:
@@ -476,11 +457,23 @@ def _drive_bcast(a, bp, cnt, k, lanes, n_chunks, cols):
         else:
             g0, g1 = 0, groups
             t0, t1 = tiles * chunk // n_chunks, tiles * (chunk + 1) // n_chunks
+        buf = np.empty(panels * w_count * lanes, np.uint64)  # the group's panels
+        pp = buf.ctypes.data
         for g in range(g0, g1):
             first = g * panels
             whole = min(panels, n_pan - first)  # panels in this group
             last = n - (first + whole - 1) * lanes  # columns of its last panel before N
-            pp, po = p0 + first * sp, o0 + 4 * first * lanes
+            for q in range(whole):  # panel q, word w, lane l = b[(first + q) L + l, w]
+                for lane in range(lanes):
+                    j = (first + q) * lanes + lane
+                    base = q * w_count * lanes + lane
+                    if j < n:
+                        for w in range(w_count):
+                            buf[base + w * lanes] = b[j, w]
+                    else:  # past N: counted, never stored
+                        for w in range(w_count):
+                            buf[base + w * lanes] = 0
+            po = o0 + 4 * first * lanes
             for t in range(t0, t1):
                 i = t * rows
                 if whole == panels:
@@ -500,8 +493,8 @@ def _drive_bcast(a, bp, cnt, k, lanes, n_chunks, cols):
 
 def xnor_gemm_bcast_into(name, a, b, cnt, k, cols=None, threads=None):
     """Write k - 2 popcount(a[i] ^ b[j]) into ``cnt[i, j]`` with broadcast kernel ``name``
-    (``"bcast256"`` or ``"bcast512"``), B repacked into panels first. Operands as
-    :func:`xnor_gemm_into` takes them; ``cols`` and ``threads`` as there."""
+    (``"bcast256"`` or ``"bcast512"``). Operands as :func:`xnor_gemm_into` takes them
+    (``cnt`` may be a row-strided view); ``cols`` and ``threads`` as there."""
     lanes, rows, panels = BCAST[name]
     m, n = a.shape[0], b.shape[0]
     threads = numba.get_num_threads() if threads is None else threads
@@ -509,7 +502,7 @@ def xnor_gemm_bcast_into(name, a, b, cnt, k, cols=None, threads=None):
         cols = split_over_b(m, n, threads)
     groups = -(-n // (lanes * panels))
     n_chunks = max(1, min(threads, groups if cols else m // rows))
-    _drive_bcast(a, pack_panels(b, lanes), cnt, k, lanes, n_chunks, bool(cols))
+    _drive_bcast(a, b, cnt, k, lanes, n_chunks, bool(cols))
 
 
 # ------------------------------------------------------------ 8-bit input by bit planes

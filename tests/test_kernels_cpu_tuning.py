@@ -65,18 +65,9 @@ def test_broadcast_kernels_bit_exact(name, cols, threads, m, n, k):
     numba_simd.xnor_gemm_bcast_into(name, a, b, out, k, cols=cols, threads=threads)
     np.testing.assert_array_equal(out, reference.xnor_gemm(a, b, k))
     # into a row-strided view of a larger array: the columns and rows past it keep -7
-    numba_simd._drive_bcast(a, numba_simd.pack_panels(b, numba_simd.BCAST[name][0]), view, k,
-                            numba_simd.BCAST[name][0], 1, bool(cols))
+    numba_simd.xnor_gemm_bcast_into(name, a, b, view, k, cols=cols, threads=threads)
     np.testing.assert_array_equal(view, reference.xnor_gemm(a, b, k))
     assert (cnt[:, n:] == -7).all() and (cnt[m:] == -7).all()
-
-
-def test_broadcast_panels():
-    b = np.arange(1, 11, dtype=np.uint64).reshape(5, 2)
-    p = numba_simd.pack_panels(b, 4)
-    assert p.shape == (2, 2, 4)
-    np.testing.assert_array_equal(p[0], b[:4].T)
-    np.testing.assert_array_equal(p[1], [[9, 0, 0, 0], [10, 0, 0, 0]])
 
 
 @pytest.mark.parametrize("name", NIBBLE)
