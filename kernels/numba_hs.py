@@ -40,7 +40,7 @@ from numba.extending import intrinsic
 from llvmlite import ir
 
 from ._numba_common import jit, pair_counts
-from .numba_simd import _ctpop_name, _fill, _store_tile, split_over_b
+from .numba_simd import _ctpop_name, _fill, _store_tile, _unsupported_here, split_over_b
 
 __all__ = ["KERNELS", "LANES", "TILE", "xnor_gemm_into"]
 
@@ -60,6 +60,8 @@ def _hs_micro_kernel(lanes, rows, cols):
     vec = ir.VectorType(_I64, lanes)
 
     def codegen(context, builder, signature, args):
+        if _unsupported_here(lanes):
+            return context.get_dummy_value()
         a_addr, a_stride, b_addr, b_stride, w0, w1, out_addr, out_stride, k = args
         c64 = lambda v: ir.Constant(_I64, v)  # noqa: E731
         ctpop_v = cgutils.get_or_insert_function(

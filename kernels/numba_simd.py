@@ -57,6 +57,18 @@ _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 
 
+def _unsupported_here(lanes):
+    """True for 8-lane (512-bit) micro-kernels when Numba's target has no AVX512F: they are
+    never offered there, and compile to an empty body so that the drivers that hold them
+    beside the narrower kernels keep those kernels' code as it is alone (LLVM would split
+    every 512-bit value of a 512-bit kernel into two and spill; under the Zen 3 profile the
+    Harley-Seal driver holding both widths ran ``"hs256"`` at half its speed)."""
+    if lanes != 8:
+        return False
+    from .autotune import isa_features
+    return not isa_features()["features"]["avx512f"]
+
+
 def _ctpop_name(lanes):
     """LLVM's name of the popcount intrinsic on ``lanes`` 64-bit lanes."""
     return "llvm.ctpop.i64" if lanes == 1 else f"llvm.ctpop.v{lanes}i64"
@@ -97,6 +109,8 @@ def _micro_kernel(lanes, rows, cols, epilogue=False):
     vec = _I64 if lanes == 1 else ir.VectorType(_I64, lanes)
 
     def codegen(context, builder, signature, args):
+        if _unsupported_here(lanes):
+            return context.get_dummy_value()
         a_addr, a_stride, b_addr, b_stride, w0, w1, out_addr = args[:7]
         c64 = lambda v: ir.Constant(_I64, v)  # noqa: E731
         ctpop_v = cgutils.get_or_insert_function(
@@ -355,6 +369,8 @@ def _bcast_micro_kernel(lanes, rows, panels):
     row_t = ir.VectorType(_I32, lanes)
 
     def codegen(context, builder, signature, args):
+        if _unsupported_here(lanes):
+            return context.get_dummy_value()
         a_addr, a_stride, p_addr, p_stride, w_count, out_addr, out_stride, k, last = args
         c64 = lambda v: ir.Constant(_I64, v)  # noqa: E731
         ctpop = cgutils.get_or_insert_function(
