@@ -17,8 +17,8 @@ turn among them, and each row's "% peak" is of that shape's figure (``roofline_t
 the row): this machine's speed drifts from minute to minute, and a peak measured minutes
 earlier made the first shape's kernels look up to 2x further from it than they were.
 Packing (A and B from float32) is timed apart, and "end to end" runs pack A + pack B + GEMM.
-Each figure is the best of --repeats runs after one warm-up run (the median is kept in the
-JSON too): on a shared machine the best run is the one least disturbed by other work. The
+Each figure is the best of --repeats runs (more, up to 50, where a round of a shape's paths
+takes under a fifth of a second) after one warm-up run (the median is kept in the JSON too): on a shared machine the best run is the one least disturbed by other work. The
 CPU paths of a shape take turns, one run each per round, so a drift in the machine's speed
 falls on all of them alike.
 
@@ -87,19 +87,24 @@ def best_time(fn, repeats, sync=None):
     return timings(fn, repeats, sync)[0]
 
 
-def round_robin(paths, repeats, rewarm_below_s=0.05):
+def round_robin(paths, repeats, rewarm_below_s=0.05, budget_s=1.0, max_rounds=50):
     """{name: (best, median) seconds} of the functions in ``paths``, each run once as a
-    warm-up, then ``repeats`` rounds in which each runs once, in turn. A path whose warm-up
+    warm-up, then rounds in which each runs once, in turn: ``repeats`` rounds, or more (up
+    to ``max_rounds``) while a round takes under ``budget_s`` / ``repeats``, since the best
+    of 5 runs of a sub-millisecond product is as noisy as the machine. A path whose warm-up
     took under ``rewarm_below_s`` runs once more, untimed, right before each timed run: the
     thread pools (Numba's, OpenBLAS's) have gone to sleep during the other paths' turns, and
     waking them would be timed with the kernel; the long paths pay it at the same share."""
-    quick = {}
+    quick, warm = {}, 0.0
     for name, fn in paths.items():
         t0 = time.perf_counter()
         fn()
-        quick[name] = time.perf_counter() - t0 < rewarm_below_s
+        took = time.perf_counter() - t0
+        quick[name] = took < rewarm_below_s
+        warm += took * (2 if quick[name] else 1)
+    rounds = max(1, repeats, min(max_rounds, int(budget_s / max(warm, 1e-9))))
     times = {name: [] for name in paths}
-    for _ in range(max(1, repeats)):
+    for _ in range(rounds):
         for name, fn in paths.items():
             if quick[name]:
                 fn()
