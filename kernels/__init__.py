@@ -8,8 +8,10 @@ Modules
 - ``minibnn.kernels.numba_cpu``: parallel CPU packing and GEMM (Numba); dispatches among GEMM
   kernels: ``"generic"`` (in ``numba_cpu``), ``"scalar"``, ``"simd256"`` and ``"simd512"``
   (``minibnn.kernels.numba_simd``: LLVM IR micro-kernels on ``llvm.ctpop`` of 1, 4 or 8
-  64-bit lanes, ``vpopcntq`` where the CPU has AVX512_VPOPCNTDQ) and ``"avx2"``
-  (``minibnn.kernels.numba_avx2``, a nibble-table LLVM IR micro-kernel);
+  64-bit lanes, ``vpopcntq`` where the CPU has AVX512_VPOPCNTDQ), ``"bcast256"`` and
+  ``"bcast512"`` (the same module: lanes across rows of B, for short K), ``"avx2"`` and
+  ``"avx512bw"`` (``minibnn.kernels.numba_avx2``, nibble-table LLVM IR micro-kernels),
+  ``"hs256"`` and ``"hs512"`` (``minibnn.kernels.numba_hs``, Harley-Seal);
   ``kernels._numba_common`` holds what they share.
 - ``minibnn.kernels.numba_vnni``: uint8 x int8 -> int32 product with AVX512-VNNI ``vpdpbusd``
   (``available()``, ``pack_weights(w)``, ``int8_gemm(x, wp, n)``), one exact way to run the
@@ -19,7 +21,9 @@ Modules
 - ``minibnn.kernels.cupy_gpu``: CUDA packing and GEMM through CuPy (CuPy imported lazily).
 - ``minibnn.kernels.numba_conv`` and ``minibnn.kernels.cupy_conv``: the convolution glue
   (col2im, sign-patch packing, max pool; cupy also im2col) compiled for the numba and cupy
-  backends, bit for bit the NumPy code of ``minibnn.functional`` and ``minibnn.binary``.
+  backends, bit for bit the NumPy code of ``minibnn.functional`` and ``minibnn.binary``;
+  ``minibnn.kernels.numba_conv_tiles``: the register-tiled micro-kernels of numba's binary
+  convolution backward.
 - ``kernels.cuda_sources``: the packaged ``*.cu`` files and their minimum architecture.
 - ``minibnn.kernels.nvrtc_check``: compiles the ``*.cu`` sources with NVRTC, no GPU needed.
 
