@@ -607,11 +607,7 @@ def _conv_backward(x, g, w, p, need_x, need_w, gx, gwp):
             gpad = np.zeros((o, nb * hg * gp), g.dtype)
             s = np.empty(nx, g.dtype)
             acc = np.empty(nx, g.dtype)
-            for r in range(nb):
-                for k in range(o):
-                    for y in range(ho):
-                        for z in range(wo):
-                            gpad[k, (r * hg + y + bh) * gp + z + bw] = g[b0 + r, k, y, z]
+            numba_conv_tiles.to_planes(g, b0, nb, gpad, hg, gp, bh, bw)
             for ch in range(c):
                 acc[:] = 0
                 for i in range(kh):
@@ -626,15 +622,8 @@ def _conv_backward(x, g, w, p, need_x, need_w, gx, gwp):
         if need_w:
             gwide = np.zeros((o, nb * hx * xp), g.dtype)
             xpad = np.zeros((c, nb * hx * xp), g.dtype)
-            for r in range(nb):
-                for k in range(o):
-                    for y in range(ho):
-                        for z in range(wo):
-                            gwide[k, (r * hx + y) * xp + z] = g[b0 + r, k, y, z]
-                for ch in range(c):
-                    for y in range(h):
-                        for z in range(wd):
-                            xpad[ch, (r * hx + y + p) * xp + z + p] = x[b0 + r, ch, y, z]
+            numba_conv_tiles.to_planes(g, b0, nb, gwide, hx, xp, 0, 0)
+            numba_conv_tiles.to_planes(x, b0, nb, xpad, hx, xp, p, p)
             for k in range(o):
                 for ch in range(c):
                     for i in range(kh):

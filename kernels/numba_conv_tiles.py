@@ -44,7 +44,7 @@ from llvmlite import ir
 
 from ._numba_common import jit
 
-__all__ = ["CHUNK", "SHAPES", "TILES", "Tiles", "tiles_for"]
+__all__ = ["CHUNK", "SHAPES", "TILES", "Tiles", "tiles_for", "to_planes"]
 
 _I64 = ir.IntType(64)
 
@@ -163,6 +163,21 @@ def _gw_kernel(ftype, lanes, og, tb):
 CHUNK = 4  # images per task, as numba_conv._CHUNK (one partial weight gradient per chunk)
 
 
+@jit(inline="always")
+def to_planes(src, b0, nb, dst, rows, pitch, top, left):
+    """Images b0 .. b0 + nb - 1 of ``src`` (N, C, H, W) into ``dst`` (C', L): channel k of
+    image r at rows r * ``rows`` + ``top`` .., columns ``left`` .. of planes ``pitch``
+    entries wide, one image under the other (what is not written keeps its value: the
+    zero borders)."""
+    h, w = src.shape[2], src.shape[3]
+    for r in range(nb):
+        for k in range(src.shape[1]):
+            for y in range(h):
+                base = (r * rows + y + top) * pitch + left
+                for z in range(w):
+                    dst[k, base + z] = src[b0 + r, k, y, z]
+
+
 #: the tile sets by vector width: 64 bytes (AVX-512F, 32 vector registers), 32 bytes (16), as
 #: (CG, U, OG, TB). Input gradient: 4 channels x 1 vector. On a 2-core Zen 4 (CPU time of the
 #: MNIST ConvNet's 16-channel 28x28 layer at batch 100) it beat 4 x 2, 4 x 3 and 2 x 4
@@ -238,11 +253,7 @@ def _drive(wide, x, g, wr, offx, offw, p, kh, kw, need_x, need_w, gx, gwp, ws_g,
         me = numba.get_thread_id()
         gpad = ws_g[me]
         if need_x or same:
-            for r in range(nb):
-                for k in range(o):
-                    for y in range(ho):
-                        for z in range(wo):
-                            gpad[k, (r * hg + y + bh) * gp + z + bw] = g[b0 + r, k, y, z]
+            to_planes(g, b0, nb, gpad, hg, gp, bh, bw)
         if need_x:
             nx = ((nb - 1) * hg + h - 1) * gp + wd  # entries up to the last input pixel
             nxr = (nx + bx - 1) // bx * bx
@@ -267,16 +278,8 @@ def _drive(wide, x, g, wr, offx, offw, p, kh, kw, need_x, need_w, gx, gwp, ws_g,
                 gsrc, g_off = gpad, shift  # g's plane at entry t: gpad[:, t + shift]
             else:
                 gsrc, g_off = ws_gw[me], 0
-                for r in range(nb):
-                    for k in range(o):
-                        for y in range(ho):
-                            for z in range(wo):
-                                gsrc[k, (r * hx + y) * xp + z] = g[b0 + r, k, y, z]
-            for r in range(nb):
-                for ch in range(c):
-                    for y in range(h):
-                        for z in range(wd):
-                            xpad[ch, (r * hx + y + p) * xp + z + p] = x[b0 + r, ch, y, z]
+                to_planes(g, b0, nb, gsrc, hx, xp, 0, 0)
+            to_planes(x, b0, nb, xpad, hx, xp, p, p)
             sg, sx = gsrc.strides[0], xpad.strides[0]
             g0 = gsrc.ctypes.data + g_off * size
             x0, t_addr, ow = xpad.ctypes.data, tmp.ctypes.data, offw.ctypes.data
