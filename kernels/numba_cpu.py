@@ -40,8 +40,9 @@ from .reference import (PLANES, check_bitplane_operands, check_gemm_operands,
                         check_pack_input, check_pixels, check_threshold_operands, n_words,
                         unpack_rows)
 
-__all__ = ["pack_rows", "unpack_rows", "xnor_gemm", "pack_bitplanes", "bitplane_gemm",
-           "pack_threshold", "conv_patch_words", "available_kernels", "default_kernel"]
+__all__ = ["pack_rows", "unpack_rows", "xnor_gemm", "prepare_weights", "PreparedWeights",
+           "pack_bitplanes", "bitplane_gemm", "pack_threshold", "conv_patch_words",
+           "available_kernels", "default_kernel"]
 
 
 # --------------------------------------------------------------------------- packing
@@ -332,15 +333,65 @@ def _run_tuned(name, a, b, k):
         numba.set_num_threads(threads)
 
 
+class PreparedWeights:
+    """A right operand that many products reuse (a frozen net's weights), kept in the forms
+    the kernels read: the packed rows (``rows``, uint64 (N, W), C order) and, made on first
+    use and kept, each broadcast kernel's panel form (:func:`numba_simd.pack_panels`).
+    :func:`xnor_gemm` takes it in place of ``b``; the result is the same, bit for bit. Make
+    it with :func:`prepare_weights`; the rows must not be changed afterwards (the panels
+    would no longer match them)."""
+
+    def __init__(self, rows):
+        rows = np.ascontiguousarray(rows)
+        rows.setflags(write=False)
+        self.rows = rows
+        self._panels = {}
+
+    @property
+    def shape(self):
+        return self.rows.shape
+
+    def panels(self, name):
+        """The rows in broadcast kernel ``name``'s panel form (made once)."""
+        p = self._panels.get(name)
+        if p is None:
+            p = self._panels[name] = numba_simd.pack_panels(name, self.rows)
+        return p
+
+    def __repr__(self):
+        return (f"PreparedWeights({self.rows.shape[0]} rows x {self.rows.shape[1]} words, "
+                f"panels: {sorted(self._panels) or 'none yet'})")
+
+
+def prepare_weights(b):
+    """``b`` (N, W) packed rows as a :class:`PreparedWeights` for repeated :func:`xnor_gemm`
+    calls with it as the right operand (a :class:`PreparedWeights` is returned as it is).
+    The rows are copied, so later changes to ``b`` do not reach it; their padding bits are
+    checked by each product, which knows k."""
+    if isinstance(b, PreparedWeights):
+        return b
+    if not isinstance(b, np.ndarray) or b.ndim != 2 or b.dtype != np.uint64:
+        raise ValueError("b: expected a 2-D uint64 NumPy array (N, W) of packed rows, got "
+                         f"{getattr(b, 'dtype', type(b).__name__)} of shape "
+                         f"{getattr(b, 'shape', None)}")
+    return PreparedWeights(np.array(b, dtype=np.uint64, order="C", copy=True))
+
+
 def xnor_gemm(a, b, k, kernel=None, out=None):
     """Binary GEMM on packed rows: out[i, j] = k - 2 * popcount(a[i] XOR b[j]), int32 (M, N).
 
     ``a`` (M, W) and ``b`` (N, W) are uint64 words from ``pack_rows`` (B transposed:
     rows are output units), W = ceil(k/64), padding bits 0 (checked). Non-contiguous
-    operands are copied to C order first. ``kernel``: a name from :func:`available_kernels`,
-    or None / ``"auto"`` for :func:`default_kernel`'s choice for this shape. ``out``: an
-    int32 C-contiguous (M, N) array to write into (reused buffers: no allocation), returned.
+    operands are copied to C order first. ``b`` may be a :class:`PreparedWeights` (from
+    :func:`prepare_weights`): the broadcast kernels then read its panels, made once, instead
+    of copying B into panels during every call. ``kernel``: a name from
+    :func:`available_kernels`, or None / ``"auto"`` for :func:`default_kernel`'s choice for
+    this shape. ``out``: an int32 C-contiguous (M, N) array to write into (reused buffers: no
+    allocation), returned.
     """
+    prepared = b if isinstance(b, PreparedWeights) else None
+    if prepared is not None:
+        b = prepared.rows
     k = check_gemm_operands(a, b, k)
     a = np.ascontiguousarray(a)
     b = np.ascontiguousarray(b)
@@ -374,7 +425,9 @@ def xnor_gemm(a, b, k, kernel=None, out=None):
     elif kernel == "generic":
         _gemm_generic(a, b, cnt, k, max(1, min(threads, m // _GR)))
     elif kernel in numba_simd.BCAST:
-        numba_simd.xnor_gemm_bcast_into(kernel, a, b, cnt, k, threads=threads)
+        numba_simd.xnor_gemm_bcast_into(
+            kernel, a, b if prepared is None else prepared.panels(kernel), cnt, k,
+            threads=threads)
     else:
         numba_simd.xnor_gemm_into(kernel, a, b, cnt, k, threads=threads)
     return cnt

@@ -113,6 +113,31 @@ def test_auto_times_both_methods_once_per_backend():
     assert frozen._first_plans["numba"] is not plan
 
 
+def test_numba_keeps_weights_in_kernel_form_once():
+    """On numba every layer after the first multiplies by a PreparedWeights (the broadcast
+    kernels' panels, made once), kept across calls, remade for a replaced weight array."""
+    frozen = small_net()
+    x = np.random.default_rng(3).integers(0, 256, size=(30, 784), dtype=np.uint8)
+    want = frozen.integer_scores(x, backend="numpy")
+    np.testing.assert_array_equal(frozen.integer_scores(x, backend="numba"), want)
+    prepared = frozen._prepare("numba")
+    assert isinstance(prepared[0].gemm_weight, np.ndarray)  # the first layer: its own methods
+    second = prepared[1].gemm_weight
+    assert isinstance(second, numba_cpu.PreparedWeights)
+    np.testing.assert_array_equal(second.rows, frozen.layers[1].weight)
+    assert frozen._prepare("numba")[1].gemm_weight is second  # kept
+    assert not isinstance(frozen._prepare("numpy")[1].gemm_weight, numba_cpu.PreparedWeights)
+    old = frozen.layers[1].weight
+    flipped = ~old  # every sign flips; the padding bits stay 0
+    flipped[:, -1] &= reference.pad_mask(frozen.layers[1].k)
+    frozen.layers[1].weight = flipped
+    assert frozen._prepare("numba")[1].gemm_weight is not second
+    np.testing.assert_array_equal(frozen.integer_scores(x, backend="numba"),
+                                  frozen.integer_scores(x, backend="numpy"))
+    frozen.layers[1].weight = old
+    np.testing.assert_array_equal(frozen.integer_scores(x, backend="numba"), want)
+
+
 def test_first_layer_method_is_checked():
     frozen = small_net()
     with pytest.raises(ValueError, match=r"first_layer_method: expected one of \('auto', "

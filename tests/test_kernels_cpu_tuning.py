@@ -70,6 +70,72 @@ def test_broadcast_kernels_bit_exact(name, cols, threads, m, n, k):
     assert (cnt[:, n:] == -7).all() and (cnt[m:] == -7).all()
 
 
+@pytest.mark.parametrize("name", BCAST)
+@pytest.mark.parametrize("cols", [False, True])
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("m,n,k", BCAST_SHAPES)
+def test_broadcast_kernels_on_panels_made_once(name, cols, threads, m, n, k):
+    """B in panel form (pack_panels, as a frozen net keeps its weights): the same product."""
+    a, b = operands(m, n, k, m * 1000 + n * 10 + k + 1)
+    pan = numba_simd.pack_panels(name, b)
+    lanes = numba_simd.BCAST[name][0]
+    assert pan.shape == (-(-n // lanes), b.shape[1], lanes)
+    for p in range(pan.shape[0]):  # panel p, word w, lane l: row p L + l of B, 0 past N
+        for lane in range(lanes):
+            j = p * lanes + lane
+            np.testing.assert_array_equal(pan[p, :, lane], b[j] if j < n else 0)
+    cnt = np.full((m + 1, n + 3), -7, np.int32)
+    numba_simd.xnor_gemm_bcast_into(name, a, pan, cnt[:m, :n], k, cols=cols, threads=threads)
+    np.testing.assert_array_equal(cnt[:m, :n], reference.xnor_gemm(a, b, k))
+    assert (cnt[:, n:] == -7).all() and (cnt[m:] == -7).all()
+
+
+def test_panels_of_the_wrong_shape_are_refused():
+    if not BCAST:
+        pytest.skip("no broadcast kernel on this CPU")
+    name = BCAST[0]
+    a, b = operands(4, 10, 200, 0)
+    cnt = np.full((4, 10), -7, np.int32)
+    other = "bcast512" if name == "bcast256" else "bcast256"
+    for bad in (numba_simd.pack_panels(name, b[:3]),  # panels for fewer rows than N
+                numba_simd.pack_panels(other, b),  # another kernel's lanes
+                numba_simd.pack_panels(name, b)[:, :2]):  # fewer words than A
+        with pytest.raises(ValueError, match=f"b: expected {name}'s panels of shape"):
+            numba_simd.xnor_gemm_bcast_into(name, a, bad, cnt, 200)
+    assert (cnt == -7).all()
+
+
+@pytest.mark.parametrize("name", numba_cpu.available_kernels() + ("auto",))
+@pytest.mark.parametrize("m,n,k", BCAST_SHAPES)
+def test_prepared_weights_give_the_same_product(name, m, n, k):
+    a, b = operands(m, n, k, m * 1000 + n * 10 + k + 2)
+    prepared = numba_cpu.prepare_weights(b)
+    want = reference.xnor_gemm(a, b, k)
+    np.testing.assert_array_equal(numba_cpu.xnor_gemm(a, prepared, k, kernel=name), want)
+    out = np.full((m, n), 12345, np.int32)
+    assert numba_cpu.xnor_gemm(a, prepared, k, kernel=name, out=out) is out
+    np.testing.assert_array_equal(out, want)
+
+
+def test_prepared_weights_are_a_copy_and_checked():
+    a, b = operands(5, 9, 100, 4)
+    prepared = numba_cpu.prepare_weights(b)
+    assert numba_cpu.prepare_weights(prepared) is prepared
+    want = reference.xnor_gemm(a, b, 100)
+    b[:] = 0  # the caller's array changes; the prepared weights do not
+    for name in BCAST + ["auto"]:
+        np.testing.assert_array_equal(numba_cpu.xnor_gemm(a, prepared, 100, kernel=name), want)
+    assert not prepared.rows.flags.writeable
+    for bad in (np.zeros((3, 2), np.int64), np.zeros(4, np.uint64), [[1, 2]], None):
+        with pytest.raises(ValueError, match="b: expected a 2-D uint64 NumPy array"):
+            numba_cpu.prepare_weights(bad)
+    with pytest.raises(ValueError, match="words per row"):  # checked by each product
+        numba_cpu.xnor_gemm(a, prepared, 300)
+    padded = numba_cpu.prepare_weights(np.full((2, 2), np.uint64(2**64 - 1)))
+    with pytest.raises(ValueError, match="padding bits"):  # bits past k = 100 are set
+        numba_cpu.xnor_gemm(a, padded, 100)
+
+
 @pytest.mark.parametrize("name", NIBBLE)
 @pytest.mark.parametrize("m,n,k", AWKWARD)
 def test_nibble_kernels_bit_exact(name, m, n, k):

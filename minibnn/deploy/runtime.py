@@ -453,7 +453,9 @@ def check_chain(layers):
 
 # ------------------------------------------------------------------------------ the net
 
-_Prepared = namedtuple("_Prepared", "layer weight threshold and_mask")
+# ``gemm_weight``: what the layer's XNOR product takes as its right operand: ``weight``, or
+# on a backend with ``prepare_weights`` (numba) the weight in the kernels' panel forms
+_Prepared = namedtuple("_Prepared", "layer weight threshold and_mask gemm_weight")
 # How a backend runs the first layer: "bitplanes", "float32", "int8" or "float16" (``dense``
 # holds the DenseFirst / Int8First weights and, for a dense hidden first layer,
 # ``sums_threshold`` the thresholds on s = x . w); ``weight`` is the layer weight it was made from (a replaced
@@ -478,6 +480,11 @@ class FrozenBNN:
     apply, timed once per backend on the first batch (``first_layer_timings`` keeps the
     times); on cupy "float32" applies where its products are plain FP32
     (:func:`float32_exact_on`).
+
+    The layers' weight arrays are read, not copied, on NumPy; on the first call of a backend
+    they are copied to the GPU (cupy) or into the kernels' panel forms (numba,
+    ``kernels.numba_cpu.prepare_weights``) and kept while each layer holds the same array:
+    assign a new array to change a weight, do not write into one.
     """
 
     def __init__(self, layers, info=None):
@@ -485,6 +492,7 @@ class FrozenBNN:
         self.layers = list(layers)
         self.info = dict(info or {})
         self._device_cache = {}
+        self._gemm_weights = {}  # id(weight) -> (weight, kernel-ready form) on numba
         self._first_plans = {}
         self.first_layer_timings = {}
         self.first_layer_method = "auto"
@@ -590,20 +598,34 @@ class FrozenBNN:
         xp = _backend.array_module(name)
         if xp is not np and name in self._device_cache:
             return self._device_cache[name]
+        prepare = getattr(_backend.kernel_module(name), "prepare_weights", None)
         prepared = []
         for l in self.layers:
+            weight = xp.asarray(l.weight)
+            gemm_weight = weight
+            if prepare is not None and l.planes != PLANES:  # the first layer has its own
+                gemm_weight = self._gemm_weight(l.weight, prepare)
             if isinstance(l, FrozenConv):
                 and_mask = None
                 if l.pool is not None and l.negated.any():
                     and_mask = xp.asarray(pack_rows(l.negated))
                 table = xp.ascontiguousarray(xp.asarray(l.position_thresholds()))
-                prepared.append(_Prepared(l, xp.asarray(l.weight), table, and_mask))
+                prepared.append(_Prepared(l, weight, table, and_mask, gemm_weight))
             else:
-                prepared.append(_Prepared(l, xp.asarray(l.weight), None if l.is_output
-                                          else xp.asarray(l.threshold), None))
+                prepared.append(_Prepared(l, weight, None if l.is_output
+                                          else xp.asarray(l.threshold), None, gemm_weight))
         if xp is not np:
             self._device_cache[name] = prepared
         return prepared
+
+    def _gemm_weight(self, weight, prepare):
+        """``prepare(weight)`` (e.g. ``numba_cpu.prepare_weights``: the weights in the panel
+        form of the broadcast kernels, made once instead of in every product), kept while
+        the layer holds this same array."""
+        entry = self._gemm_weights.get(id(weight))
+        if entry is None or entry[0] is not weight:
+            entry = self._gemm_weights[id(weight)] = (weight, prepare(weight))
+        return entry[1]
 
     def first_layer_plan(self, x, backend=None):
         """How backend ``backend`` runs the first layer: a namedtuple with ``method``
@@ -734,13 +756,14 @@ def _forward_batch(x, layers, kern, trace=None, bits=None, first=None, ws=None):
     if trace is not None or bits is not None:
         ws = None  # what is collected must not be overwritten by the next batch
     h = None  # packed activations: (B, H, W, ceil(C/64)) after a conv, (B, words) after dense
-    for i, (layer, weight, threshold, and_mask) in enumerate(layers):
+    for i, (layer, weight, threshold, and_mask, gemm_weight) in enumerate(layers):
         if isinstance(layer, FrozenConv):
             if layer.planes == PLANES:
                 raw = _conv_first(pixel_patches(x, layer, xp), weight, layer.k, kern, method,
                                   dense)
             else:
-                raw = _conv_gemm(conv_patches(h, layer, xp, kern), weight, layer.gemm_k, kern)
+                raw = _conv_gemm(conv_patches(h, layer, xp, kern), gemm_weight, layer.gemm_k,
+                                 kern)
             o, (ho, wo) = layer.n_out, layer.conv_hw
             if trace is not None:
                 z = raw.reshape(n, ho * wo, o) - xp.asarray(layer.z_offset())
@@ -766,7 +789,7 @@ def _forward_batch(x, layers, kern, trace=None, bits=None, first=None, ws=None):
         else:
             a = h if layer.in_hwc is None else flatten_words(h, layer.in_hwc[2], xp)
             out = _buf(ws, ("z", i), (n, layer.n_out), np.int32, xp) if hidden else None
-            z = _gemm(kern, a, weight, layer.gemm_k, out)
+            z = _gemm(kern, a, gemm_weight, layer.gemm_k, out)
             if layer.gemm_k != layer.k:
                 z -= layer.gemm_k - layer.k  # slot padding bits: 0 in both, counted as +1
         if trace is not None:
