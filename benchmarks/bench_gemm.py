@@ -24,6 +24,7 @@ falls on all of them alike.
 
     python benchmarks/bench_gemm.py [--quick] [--backends numpy,reference,numba,cupy]
                                     [--repeats 5] [--out DIR] [--isa native|cascadelake|znver3]
+                                    [--shapes MxKxN,...]
 
 ``--isa`` runs the CPU rows as a CPU with less of the x86 ISA would (:data:`ISA_PROFILES`):
 the script starts itself again with Numba compiling for that CPU's features
@@ -398,6 +399,9 @@ def main(argv=None):
     p.add_argument("--isa", default="native", choices=["native", *autotune.ISA_PROFILES],
                    help="run the CPU kernels as a CPU with this ISA would (a proxy on this "
                         "machine's micro-architecture; see the module docstring)")
+    p.add_argument("--shapes", default=None,
+                   help="comma list of MxKxN shapes to run instead of the default set "
+                        "(e.g. 100x4096x4096); the JSON is then named ..._shapes.json")
     p.add_argument("--out", default=None,
                    help="folder for the JSON and PNG (default benchmarks/results, with "
                         "--quick benchmarks/results/quick, which git ignores)")
@@ -415,6 +419,14 @@ def main(argv=None):
         if not use_gpu:
             print(f"cupy backend skipped: {why}")
     shapes = QUICK_SHAPES if args.quick else (GPU_SHAPES if use_gpu else CPU_SHAPES)
+    if args.shapes:
+        try:
+            shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+        except ValueError:
+            shapes = [()]
+        if any(len(s) != 3 or min(s) < 1 for s in shapes):
+            p.error(f"--shapes: expected a comma list of MxKxN with positive integers, got "
+                    f"{args.shapes!r}")
     info = machine_info(use_gpu)
     common.note_isa(info, args.isa)
     print(json.dumps(info))
@@ -435,7 +447,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     stem = (("gemm_gpu" if use_gpu else "gemm_cpu")
             + (f"_isa-{args.isa}" if args.isa != "native" else "")
-            + ("_quick" if args.quick else ""))
+            + ("_quick" if args.quick else "") + ("_shapes" if args.shapes else ""))
     info["load_average_at_end"] = list(os.getloadavg())
     (out / f"{stem}.json").write_text(json.dumps({"machine": info, "repeats": args.repeats,
                                                   "timing": "best of repeats (median_s too)",

@@ -33,6 +33,9 @@ trained net's are not 1 and 0, about 10% of gammas negative. Each network runs
   forward through PyTorch's CPU kernels (oneDNN convolutions, far faster than im2col +
   OpenBLAS), the strongest float anchor on the machine; rows get "vs torch cpu" beside
   their speed-up over float32 NumPy;
+* for the MLPs, "..., batch 100" rows (latency: the paper's batch): the float32 and frozen
+  paths of each device (numpy and numba; cupy) in batches of 100, the frozen one's speed-up
+  taken against the float32 path of the same device at the same batch;
 * on a GPU: "float32 cupy" (the same forward on CuPy: cuBLAS, TF32 off as CuPy's default)
   and, for the ConvNet, "cuDNN fp32 (torch)" and "cuDNN fp16 (torch)" when PyTorch with
   CUDA is importable (``torch.nn.functional.conv2d`` etc., cudnn.benchmark on).
@@ -82,6 +85,7 @@ from minibnn.tensor import Tensor, no_grad  # noqa: E402
 NETS = [(4096, 3), (2048, 3)]
 QUICK_NETS = [(512, 3), (256, 2)]
 QUICK_IMAGES = 1000
+SMALL_BATCH = 100  # the MLPs' latency rows: the paper's MNIST batch
 REFERENCE_IMAGES = 200  # the NumPy reference backend runs on this many images of big MLPs
 SECTIONS = ("mlp", "convnet")
 CONV_LABEL, QUICK_CONV_LABEL = "CIFAR-10 ConvNet", "MNIST-sized ConvNet"
@@ -503,14 +507,17 @@ def file_sizes(model, frozen, tmp):
 
 
 def bench_model(label, model, images, backends, repeats, reference_images, cpu_images=None,
-                float_batch=None, torch=None, torch_cpu=None):
+                float_batch=None, torch=None, torch_cpu=None, small_batch=None):
     """Time every path of one network on ``images`` (uint8); returns (rows, sizes, summary).
 
     ``reference_images``: how many images the frozen numpy reference runs on;
     ``cpu_images``: how many the other CPU paths run on (all by default); ``float_batch``:
     images per float forward ({"numpy", "cupy", "torch"} -> n, or None for all at once);
     ``torch``: the torch module, for the cuDNN paths (ConvNet on a GPU); ``torch_cpu``: the
-    torch module, for the "float32 torch cpu" path (a CPU run with PyTorch importable)."""
+    torch module, for the "float32 torch cpu" path (a CPU run with PyTorch importable);
+    ``small_batch``: also time the float32 and frozen paths of each device (numba, cupy) in
+    batches of this many images (latency; their speed-up is against the float32 path of the
+    same device at the same batch)."""
     with tempfile.TemporaryDirectory() as tmp:
         sizes, frozen = file_sizes(model, deploy.freeze(model), tmp)
     n = len(images)
@@ -553,6 +560,18 @@ def bench_model(label, model, images, backends, repeats, reference_images, cpu_i
                 paths[f"cuDNN fp{bits} (torch)"] = (
                     lambda tnet=tnet: tnet.predict(images, fb.get("torch", n)), "torch")
                 counts[f"cuDNN fp{bits} (torch)"] = n
+    if small_batch:
+        sb, tag = small_batch, f", batch {small_batch}"
+        if "numba" in backends:
+            paths["float32 numpy" + tag] = (lambda: float_net.predict(cpu_set, sb), "numpy")
+            paths["frozen numba" + tag] = (
+                lambda: frozen.predict(cpu_set, backend="numba", batch_size=sb), "numba")
+            counts["float32 numpy" + tag] = counts["frozen numba" + tag] = m_cpu
+        if "cupy" in backends:
+            paths["float32 cupy" + tag] = (lambda: gpu_net.predict(images, sb), "cupy")
+            paths["frozen cupy" + tag] = (
+                lambda: frozen.predict(images, backend="cupy", batch_size=sb), "cupy")
+            counts["float32 cupy" + tag] = counts["frozen cupy" + tag] = n
     # the float32 forward on every image: on the GPU when it runs (same arithmetic, and
     # float32 numpy is then compared with it on its subset), else NumPy
     reference = (gpu_net if "cupy" in backends else float_net).predict(
@@ -576,9 +595,11 @@ def bench_model(label, model, images, backends, repeats, reference_images, cpu_i
     for r in rows:
         gpu = r["path"].endswith("cupy") or "cuDNN" in r["path"]
         ref = "float32 cupy" if gpu else "float32 numpy"
+        if small_batch and r["path"].endswith(f", batch {small_batch}"):
+            ref += f", batch {small_batch}"
         r["speedup_vs_float32"] = base[ref] / r["seconds_full_set"]
         r["baseline"] = ref
-        if not gpu and "float32 torch cpu" in base:
+        if not gpu and "float32 torch cpu" in base and "batch" not in r["path"]:
             r["speedup_vs_torch_cpu"] = base["float32 torch cpu"] / r["seconds_full_set"]
     s = minibnn.summary(frozen)
     ms = minibnn.summary(model)
@@ -600,7 +621,8 @@ def bench_mlps(mnist, quick, backends, repeats, torch_cpu=None):
         print(f"\n== {label} MLP: building, freezing ...", flush=True)
         model = build(hidden, layers, mnist.train_images)
         r, s, summ = bench_model(label, model, images, backends, repeats,
-                                 len(images) if quick else REFERENCE_IMAGES, torch_cpu=torch_cpu)
+                                 len(images) if quick else REFERENCE_IMAGES, torch_cpu=torch_cpu,
+                                 small_batch=SMALL_BATCH)
         if "numba" in backends:
             g = gemm_speedup(hidden, len(images), repeats)
             frozen_x = next(row["speedup_vs_float32"] for row in r
