@@ -461,7 +461,12 @@ _Prepared = namedtuple("_Prepared", "layer weight threshold and_mask gemm_weight
 # ``sums_threshold`` the thresholds on s = x . w); ``weight`` is the layer weight it was made from (a replaced
 # one remakes it).
 _FirstPlan = namedtuple("_FirstPlan", "method dense sums_threshold weight")
-_TUNE_ROWS = 256  # rows (MLP) or patches' images (ConvNet) the first-layer methods are timed on
+# the first-layer methods are timed on up to this many rows of the first batch (an MLP's
+# images, a ConvNet's patches: whole images' worth), by default the whole batch: timed on
+# one image's patches (1,024 rows) float32 won every time on a Zen 4, on 16 images it won
+# one time in 8, while on the runtime's batch of 128 CIFAR-10 images int8 took 20 ms and
+# float32 29 (float32's output leaves the cache): the sample must be the size it runs at.
+_TUNE_ROWS = 1 << 17
 
 
 class FrozenBNN:
@@ -666,9 +671,9 @@ class FrozenBNN:
                                     layer, xp))
             if sample.shape[0] == 0:  # nothing to time on: bit planes, decided later
                 return _FirstPlan("bitplanes", None, None, layer.weight)
-            times = {m: _best_time(lambda m=m: first_layer(sample, first.weight, layer.k, kern,
-                                                           m, weights.get(m)), name)
-                     for m in candidates}
+            times = _best_times({m: (lambda m=m: first_layer(sample, first.weight, layer.k,
+                                                             kern, m, weights.get(m)))
+                                 for m in candidates}, name)
             self.first_layer_timings[name] = times
             method = min(times, key=times.get)
         else:
@@ -834,16 +839,25 @@ def _pack_threshold(kern, z, threshold, out):
     return kern.pack_threshold(z, threshold)
 
 
-def _best_time(fn, name, repeats=3):
-    """Best of ``repeats`` timed runs of ``fn`` after a warm-up (synchronizing a GPU)."""
-    best = float("inf")
-    for r in range(repeats + 1):
-        t0 = time.perf_counter()
-        fn()
-        if name == "cupy":
-            _backend.array_module(name).cuda.Device().synchronize()
-        if r:
-            best = min(best, time.perf_counter() - t0)
+def _best_times(fns, name, rounds=4):
+    """{key: best seconds} of the functions ``fns`` ({key: fn}) after a warm-up run each,
+    taking turns for ``rounds`` rounds (so a change in the machine's speed falls on all of
+    them alike), synchronizing a GPU after each run. One that takes over twice the fastest
+    in the first round is not run again (its one time is kept)."""
+    sync = (_backend.array_module(name).cuda.Device().synchronize if name == "cupy"
+            else lambda: None)
+    best = dict.fromkeys(fns, float("inf"))
+    running = dict(fns)
+    for r in range(rounds + 1):
+        for key, fn in running.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            if r:
+                best[key] = min(best[key], time.perf_counter() - t0)
+        if r == 1:
+            fastest = min(best.values())
+            running = {key: fn for key, fn in running.items() if best[key] <= 2 * fastest}
     return best
 
 
