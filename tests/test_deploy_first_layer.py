@@ -113,6 +113,23 @@ def test_auto_times_both_methods_once_per_backend():
     assert frozen._first_plans["numba"] is not plan
 
 
+def test_methods_take_turns_and_a_slow_one_is_dropped():
+    import time
+    calls = []
+
+    def run(key, seconds):
+        def fn():
+            calls.append(key)
+            time.sleep(seconds)
+        return fn
+
+    times = runtime._best_times({"fast": run("fast", 0.001), "slow": run("slow", 0.02)},
+                                "numpy", rounds=4)
+    # warm-up and round 1 in turns, then the slow one (over 2x the fast) is not run again
+    assert calls == ["fast", "slow", "fast", "slow", "fast", "fast", "fast"]
+    assert times["fast"] < times["slow"] and times["slow"] >= 0.02
+
+
 def test_numba_keeps_weights_in_kernel_form_once():
     """On numba every layer after the first multiplies by a PreparedWeights (the broadcast
     kernels' panels, made once), kept across calls, remade for a replaced weight array."""
