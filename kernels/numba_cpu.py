@@ -110,13 +110,13 @@ def pack_rows(x):
     return out.reshape(lead + (out.shape[1],))
 
 
-def _compare_pack_64(etype):
-    """A Numba intrinsic ``cmp(z_addr, t_addr) -> uint64``: bit j = z[j] >= t[j] for the 64
-    values of type ``etype`` (int32 or float32, ordered: NaN gives 0) at each address. One
-    vector compare into a 64-lane mask, read as a 64-bit integer (element j is bit j): on
-    AVX-512 a few ``vpcmpd``/``vcmpps`` into mask registers, where the scalar loop below
-    shifts and ors bit by bit."""
-    vec = ir.VectorType(etype, 64)
+def _compare_pack(etype, lanes=64):
+    """A Numba intrinsic ``cmp(z_addr, t_addr) -> uint64``: bit j = z[j] >= t[j] for the
+    ``lanes`` (64, 32 or 16) values of type ``etype`` (int32 or float32, ordered: NaN gives
+    0) at each address, the bits above ``lanes`` 0. One vector compare into a mask, read
+    as an integer (element j is bit j): on AVX-512 a few ``vpcmpd``/``vcmpps`` into mask
+    registers, where the scalar loop below shifts and ors bit by bit."""
+    vec = ir.VectorType(etype, lanes)
 
     def codegen(context, builder, signature, args):
         z_addr, t_addr = args
@@ -124,7 +124,8 @@ def _compare_pack_64(etype):
         t = builder.load(builder.inttoptr(t_addr, vec.as_pointer()), align=4)
         mask = (builder.fcmp_ordered(">=", z, t) if isinstance(etype, ir.FloatType)
                 else builder.icmp_signed(">=", z, t))
-        return builder.bitcast(mask, ir.IntType(64))
+        bits = builder.bitcast(mask, ir.IntType(lanes))
+        return bits if lanes == 64 else builder.zext(bits, ir.IntType(64))
 
     @intrinsic
     def cmp(typingctx, z_addr, t_addr):
@@ -132,14 +133,18 @@ def _compare_pack_64(etype):
     return cmp
 
 
-_cmp_pack_i32 = _compare_pack_64(ir.IntType(32))
-_cmp_pack_f32 = _compare_pack_64(ir.FloatType())
+_cmp_pack_i32 = _compare_pack(ir.IntType(32))
+_cmp_pack_f32 = _compare_pack(ir.FloatType())
+# the last word of a row of fewer than 64 outputs (a ConvNet's 16 or 32 channels)
+_cmp32_i32, _cmp16_i32 = _compare_pack(ir.IntType(32), 32), _compare_pack(ir.IntType(32), 16)
+_cmp32_f32, _cmp16_f32 = _compare_pack(ir.FloatType(), 32), _compare_pack(ir.FloatType(), 16)
 
 
 @jit(parallel=True)
 def _pack_threshold_vec(z, t, out, is_float):
     """``_pack_threshold`` for C-contiguous z and t of one dtype, int32 or float32: whole
-    words by one vector compare each, the last partial word as ``_pack_threshold`` does."""
+    words by one vector compare each, the last partial word by a 32- and a 16-lane compare
+    where it has that many outputs left, the rest one at a time."""
     m, n = z.shape
     p = t.shape[0]
     w_count = out.shape[1]
@@ -152,11 +157,21 @@ def _pack_threshold_vec(z, t, out, is_float):
                 out[i, w] = _cmp_pack_f32(z0 + i * sz + 256 * w, t0 + r * st + 256 * w)
             else:
                 out[i, w] = _cmp_pack_i32(z0 + i * sz + 256 * w, t0 + r * st + 256 * w)
-        for w in range(full, w_count):
+        for w in range(full, w_count):  # the last, partial word: 32, then 16, then 1 at a time
             base = w * 64
+            za, ta = z0 + i * sz + 4 * base, t0 + r * st + 4 * base
             word = np.uint64(0)
-            for j in range(n - base):
-                word |= np.uint64(z[i, base + j] >= t[r, base + j]) << np.uint64(j)
+            j = 0
+            if n - base >= 32:
+                word = _cmp32_f32(za, ta) if is_float else _cmp32_i32(za, ta)
+                j = 32
+            if n - base - j >= 16:
+                half = (_cmp16_f32(za + 4 * j, ta + 4 * j) if is_float
+                        else _cmp16_i32(za + 4 * j, ta + 4 * j))
+                word |= half << np.uint64(j)
+                j += 16
+            for jj in range(j, n - base):
+                word |= np.uint64(z[i, base + jj] >= t[r, base + jj]) << np.uint64(jj)
             out[i, w] = word
 
 

@@ -391,7 +391,10 @@ THRESHOLD_PACKERS = per_backend({"numpy": reference.pack_threshold,
 
 @pytest.mark.parametrize("pack", THRESHOLD_PACKERS)
 @pytest.mark.parametrize("m,n,p", [(0, 5, 1), (1, 1, 1), (6, 70, 3), (10, 64, 1), (7, 1, 7),
-                                   (100, 130, 1), (12, 200, 4)])
+                                   (100, 130, 1), (12, 200, 4),
+                                   # last words of 16, 32, 48, 17, 33, 49 and 63 outputs
+                                   (9, 16, 3), (4, 32, 1), (5, 48, 5), (3, 81, 1), (6, 97, 2),
+                                   (2, 113, 1), (3, 127, 3)])
 @pytest.mark.parametrize("dtype", [np.int32, np.float32, np.int64])
 def test_pack_threshold_is_compare_then_pack(pack, m, n, p, dtype):
     rng = np.random.default_rng(m * 100 + n + p)
@@ -405,18 +408,20 @@ def test_pack_threshold_is_compare_then_pack(pack, m, n, p, dtype):
 
 @pytest.mark.parametrize("pack", THRESHOLD_PACKERS)
 @pytest.mark.parametrize("dtype", [np.int32, np.float32])
-def test_pack_threshold_edge_values(pack, dtype):
+@pytest.mark.parametrize("n", [150, 176])
+def test_pack_threshold_edge_values(pack, dtype, n):
     """The extremes of the type, signed comparison (int32 minimum against maximum), NaN
     (never >=: bit 0, as NumPy's comparison), infinities and -0.0 == +0.0, in whole 64-bit
-    words (numba's vector compare) and in a last partial word; a non-contiguous z too."""
+    words (numba's vector compare) and in a last partial word (22 outputs: 16 + 6; 48: 32
+    + 16); a non-contiguous z too."""
     rng = np.random.default_rng(7)
     if dtype == np.int32:
         pool = np.array([np.iinfo(np.int32).min, -1, 0, 1, np.iinfo(np.int32).max], dtype)
     else:
         pool = np.array([np.nan, -np.inf, -1.5, -0.0, 0.0, 2.0, np.inf], dtype)
-    z = rng.choice(pool, size=(9, 150))
-    t = rng.choice(pool, size=(3, 150))
-    want = reference.pack_rows((z.reshape(-1, 3, 150) >= t[None]).reshape(9, 150))
+    z = rng.choice(pool, size=(9, n))
+    t = rng.choice(pool, size=(3, n))
+    want = reference.pack_rows((z.reshape(-1, 3, n) >= t[None]).reshape(9, n))
     np.testing.assert_array_equal(pack(z, t), want)
     zt = np.asfortranarray(z)
     np.testing.assert_array_equal(pack(zt, t), want)
