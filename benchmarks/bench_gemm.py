@@ -236,7 +236,7 @@ def plain_4x4(a, b, k, out):
     return out
 
 
-PREPARED = ", prepared B"  # rows whose B is a numba_cpu.PreparedWeights
+PREPARED = ", prepared B"  # rows whose B is a numba_cpu.PreparedWeights (panels, planes made once)
 
 
 def gpu_time(fn, repeats):
@@ -335,7 +335,7 @@ def bench_shape(m, k, n, backends, repeats, use_gpu, peak, probe=None):
             if name.startswith("numba auto"):
                 note = (note + " " if note else "") + f"autotune chose {chosen}"
             if PREPARED in name:  # packing B belongs to freezing, not to the product
-                note = (note + "; " if note else "") + "B in panels, made once"
+                note = (note + "; " if note else "") + "B prepared once"
                 add(name, best, None, None, note, median=med)
                 continue
             add(name, best, t_pack, e2e[name][0], note, median=med)

@@ -25,6 +25,8 @@ Intel Cascade Lake, ``"avx2"`` ran 3.45x NumPy float32 at 4096^3 where the gener
 ran 0.58x); the autotune measures whether they do.
 """
 
+import threading
+
 import numba
 import numpy as np
 from numba import prange, types
@@ -201,21 +203,63 @@ def host_has_avx512bw():
     return isa_features()["features"]["avx512bw"]
 
 
-def xnor_gemm_into(a, b, cnt, k, name="avx2"):
+def nibble_planes(x, name="avx2"):
+    """The nibble planes of packed rows ``x`` (R, W) for kernel ``name``: uint64 (R, V, 2h)
+    with h = ``WORDS[name]`` words per vector and V = ceil(W / h) vectors, low nibbles in
+    ``[..., :h]`` and high nibbles in ``[..., h:]`` (made once for weights that many
+    products reuse: ``numba_cpu.prepare_weights``)."""
+    x = np.ascontiguousarray(x, dtype=np.uint64)
+    words = WORDS[name]
+    out = np.empty((x.shape[0], -(-x.shape[1] // words), 2 * words), dtype=np.uint64)
+    if out.size:
+        _nibble_planes(x, out)
+    return out
+
+
+# Planes made during a call go into buffers kept per thread and reused (grown when too
+# small): a fresh multi-MiB array in every call costs a page fault per 4 KiB, and at
+# 100 x 4096 x 4096 as Cascade Lake that was 1.6 of 4.2 ms. Larger ones are not kept.
+_KEEP_BYTES = 64 << 20
+_scratch = threading.local()
+
+
+def _planes_buffer(key, shape):
+    size = int(np.prod(shape))
+    if 8 * size > _KEEP_BYTES:
+        return np.empty(shape, dtype=np.uint64)
+    bufs = getattr(_scratch, "bufs", None)
+    if bufs is None:
+        bufs = _scratch.bufs = {}
+    buf = bufs.get(key)
+    if buf is None or buf.size < size:
+        buf = bufs[key] = np.empty(size, dtype=np.uint64)
+    return buf[:size].reshape(shape)
+
+
+def xnor_gemm_into(a, b, cnt, k, name="avx2", b_planes=None):
     """Write k - 2 * popcount(a[i] ^ b[j]) into ``cnt[i, j]`` with kernel ``name``
     (``"avx2"`` or ``"avx512bw"``, :data:`WORDS`).
 
     Expects what :func:`kernels.numba_cpu.xnor_gemm` has already checked and prepared:
     C-contiguous uint64 ``a`` (M, W) and ``b`` (N, W) with M, N, W >= 1 and zero padding
-    bits, and ``cnt`` an int32 (M, N) array of zeros.
+    bits, and ``cnt`` an int32 (M, N) array of zeros. ``b_planes``: B's
+    :func:`nibble_planes` for this kernel, if made before (else they are made here).
     """
     m, w_count = a.shape
     n = b.shape[0]
     n_chunks = max(1, min(numba.get_num_threads(), m // _AR))
     words = WORDS[name]
     n_vec = (w_count + words - 1) // words
-    pa = np.empty((m, n_vec, 2 * words), dtype=np.uint64)
-    pb = np.empty((n, n_vec, 2 * words), dtype=np.uint64)
+    pa = _planes_buffer("a", (m, n_vec, 2 * words))
     _nibble_planes(a, pa)
-    _nibble_planes(b, pb)
+    if b_planes is None:
+        pb = _planes_buffer("b", (n, n_vec, 2 * words))
+        _nibble_planes(b, pb)
+    else:
+        if b_planes.shape != (n, n_vec, 2 * words) or b_planes.dtype != np.uint64 or \
+                not b_planes.flags.c_contiguous:
+            raise ValueError(f"b_planes: expected {name}'s nibble planes of shape "
+                             f"{(n, n_vec, 2 * words)} (uint64, C order), got "
+                             f"{b_planes.dtype} of shape {b_planes.shape}")
+        pb = b_planes
     _drive(a, b, pa, pb, cnt, k, n_chunks, max(1, _KB_BITS // (64 * words)))

@@ -351,7 +351,8 @@ def _run_tuned(name, a, b, k):
 class PreparedWeights:
     """A right operand that many products reuse (a frozen net's weights), kept in the forms
     the kernels read: the packed rows (``rows``, uint64 (N, W), C order) and, made on first
-    use and kept, each broadcast kernel's panel form (:func:`numba_simd.pack_panels`).
+    use and kept, each broadcast kernel's panel form (:func:`numba_simd.pack_panels`) and
+    each nibble-table kernel's planes (:func:`numba_avx2.nibble_planes`).
     :func:`xnor_gemm` takes it in place of ``b``; the result is the same, bit for bit. Make
     it with :func:`prepare_weights`; the rows must not be changed afterwards (the panels
     would no longer match them)."""
@@ -360,7 +361,7 @@ class PreparedWeights:
         rows = np.ascontiguousarray(rows)
         rows.setflags(write=False)
         self.rows = rows
-        self._panels = {}
+        self._panels = {}  # kernel name -> its form of the rows
 
     @property
     def shape(self):
@@ -373,9 +374,16 @@ class PreparedWeights:
             p = self._panels[name] = numba_simd.pack_panels(name, self.rows)
         return p
 
+    def nibble_planes(self, name):
+        """The rows' nibble planes for kernel ``name`` (``"avx2"``, ``"avx512bw"``; made once)."""
+        p = self._panels.get(name)
+        if p is None:
+            p = self._panels[name] = numba_avx2.nibble_planes(self.rows, name)
+        return p
+
     def __repr__(self):
         return (f"PreparedWeights({self.rows.shape[0]} rows x {self.rows.shape[1]} words, "
-                f"panels: {sorted(self._panels) or 'none yet'})")
+                f"forms made: {sorted(self._panels) or 'none yet'})")
 
 
 def prepare_weights(b):
@@ -398,8 +406,8 @@ def xnor_gemm(a, b, k, kernel=None, out=None):
     ``a`` (M, W) and ``b`` (N, W) are uint64 words from ``pack_rows`` (B transposed:
     rows are output units), W = ceil(k/64), padding bits 0 (checked). Non-contiguous
     operands are copied to C order first. ``b`` may be a :class:`PreparedWeights` (from
-    :func:`prepare_weights`): the broadcast kernels then read its panels, made once, instead
-    of copying B into panels during every call. ``kernel``: a name from
+    :func:`prepare_weights`): the broadcast and nibble-table kernels then read its panels or
+    planes, made once, instead of making them from B during every call. ``kernel``: a name from
     :func:`available_kernels`, or None / ``"auto"`` for :func:`default_kernel`'s choice for
     this shape. ``out``: an int32 C-contiguous (M, N) array to write into (reused buffers: no
     allocation), returned.
@@ -434,7 +442,8 @@ def xnor_gemm(a, b, k, kernel=None, out=None):
         return cnt
     threads = 1 if m * n * w_count < _SERIAL_WORK else numba.get_num_threads()
     if kernel in numba_avx2.WORDS:
-        numba_avx2.xnor_gemm_into(a, b, cnt, k, kernel)
+        numba_avx2.xnor_gemm_into(a, b, cnt, k, kernel, None if prepared is None
+                                  else prepared.nibble_planes(kernel))
     elif kernel in numba_hs.LANES:
         numba_hs.xnor_gemm_into(kernel, a, b, cnt, k, threads=threads)
     elif kernel == "generic":

@@ -137,6 +137,40 @@ def test_prepared_weights_are_a_copy_and_checked():
 
 
 @pytest.mark.parametrize("name", NIBBLE)
+def test_nibble_kernels_reuse_their_plane_buffers_safely(name):
+    """The planes go into buffers kept per thread: a larger product, a smaller one (a view
+    of the same buffer), a larger again, and products on other threads, all exact."""
+    import concurrent.futures
+
+    shapes = [(40, 30, 1000), (5, 3, 130), (60, 70, 4095), (7, 9, 64)]
+
+    def run(m, n, k):
+        a, b = operands(m, n, k, m + n + k)
+        cnt = np.zeros((m, n), np.int32)
+        numba_avx2.xnor_gemm_into(a, b, cnt, k, name)
+        return bool((cnt == reference.xnor_gemm(a, b, k)).all())
+
+    assert all(run(*s) for s in shapes + shapes[::-1])
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        assert all(pool.map(lambda s: run(*s), shapes * 3))
+
+
+@pytest.mark.parametrize("name", NIBBLE)
+def test_nibble_planes_made_once_are_checked(name):
+    a, b = operands(4, 6, 300, 1)
+    planes = numba_avx2.nibble_planes(b, name)
+    cnt = np.zeros((4, 6), np.int32)
+    numba_avx2.xnor_gemm_into(a, b, cnt, 300, name, planes)
+    np.testing.assert_array_equal(cnt, reference.xnor_gemm(a, b, 300))
+    other = "avx512bw" if name == "avx2" else "avx2"
+    for bad in (planes[:5], numba_avx2.nibble_planes(b, other), planes.astype(np.int64)):
+        cnt[:] = 0
+        with pytest.raises(ValueError, match=f"b_planes: expected {name}'s nibble planes"):
+            numba_avx2.xnor_gemm_into(a, b, cnt, 300, name, bad)
+        assert (cnt == 0).all()
+
+
+@pytest.mark.parametrize("name", NIBBLE)
 @pytest.mark.parametrize("m,n,k", AWKWARD)
 def test_nibble_kernels_bit_exact(name, m, n, k):
     a, b = operands(m, n, k, m * 1000 + n * 10 + k)
