@@ -354,14 +354,14 @@ class PreparedWeights:
     use and kept, each broadcast kernel's panel form (:func:`numba_simd.pack_panels`) and
     each nibble-table kernel's planes (:func:`numba_avx2.nibble_planes`).
     :func:`xnor_gemm` takes it in place of ``b``; the result is the same, bit for bit. Make
-    it with :func:`prepare_weights`; the rows must not be changed afterwards (the panels
-    would no longer match them)."""
+    it with :func:`prepare_weights`; ``rows`` is a read-only copy, so the forms made from
+    it stay true to it."""
 
     def __init__(self, rows):
         rows = np.ascontiguousarray(rows)
         rows.setflags(write=False)
         self.rows = rows
-        self._panels = {}  # kernel name -> its form of the rows
+        self._forms = {}  # kernel name -> its form of the rows
 
     @property
     def shape(self):
@@ -369,21 +369,21 @@ class PreparedWeights:
 
     def panels(self, name):
         """The rows in broadcast kernel ``name``'s panel form (made once)."""
-        p = self._panels.get(name)
+        p = self._forms.get(name)
         if p is None:
-            p = self._panels[name] = numba_simd.pack_panels(name, self.rows)
+            p = self._forms[name] = numba_simd.pack_panels(name, self.rows)
         return p
 
     def nibble_planes(self, name):
         """The rows' nibble planes for kernel ``name`` (``"avx2"``, ``"avx512bw"``; made once)."""
-        p = self._panels.get(name)
+        p = self._forms.get(name)
         if p is None:
-            p = self._panels[name] = numba_avx2.nibble_planes(self.rows, name)
+            p = self._forms[name] = numba_avx2.nibble_planes(self.rows, name)
         return p
 
     def __repr__(self):
         return (f"PreparedWeights({self.rows.shape[0]} rows x {self.rows.shape[1]} words, "
-                f"forms made: {sorted(self._panels) or 'none yet'})")
+                f"forms made: {sorted(self._forms) or 'none yet'})")
 
 
 def prepare_weights(b):

@@ -513,10 +513,11 @@ def xnor_gemm_bcast_into(name, a, b, cnt, k, cols=None, threads=None):
     lanes, rows, panels = BCAST[name]
     m, n = a.shape[0], cnt.shape[1]
     if b.ndim == 3:
-        if b.shape != (-(-n // lanes), a.shape[1], lanes) or not b.flags.c_contiguous:
+        if b.shape != (-(-n // lanes), a.shape[1], lanes) or b.dtype != np.uint64 or \
+                not b.flags.c_contiguous:
             raise ValueError(f"b: expected {name}'s panels of shape "
-                             f"{(-(-n // lanes), a.shape[1], lanes)} (C order) for N={n}, "
-                             f"got {b.shape}")
+                             f"{(-(-n // lanes), a.shape[1], lanes)} (uint64, C order) for "
+                             f"N={n}, got {b.dtype} of shape {b.shape}")
         pan, b = b, np.empty((0, a.shape[1]), np.uint64)
     else:
         pan = _NO_PANELS
@@ -552,8 +553,8 @@ def pack_panels(name, b):
     """B's rows (N, W) in broadcast kernel ``name``'s panel form, uint64 (ceil(N/L), W, L):
     panel p, word w, lane l holds b[p L + l, w] (0 past N). Made once for a frozen net's
     weights, it spares every product the copy that :func:`xnor_gemm_bcast_into` otherwise
-    makes, one group of panels at a time (at 100 x 4096 x 4096 on a Zen 4 that copy was
-    about 14% of the product's time)."""
+    makes, one group of panels at a time (at 100 x 4096 x 4096 on a Zen 4 that copy took
+    5-14% of the product's time in our runs)."""
     lanes = BCAST[name][0]
     b = np.ascontiguousarray(b, dtype=np.uint64)
     n, w_count = b.shape

@@ -99,7 +99,8 @@ def test_panels_of_the_wrong_shape_are_refused():
     other = "bcast512" if name == "bcast256" else "bcast256"
     for bad in (numba_simd.pack_panels(name, b[:3]),  # panels for fewer rows than N
                 numba_simd.pack_panels(other, b),  # another kernel's lanes
-                numba_simd.pack_panels(name, b)[:, :2]):  # fewer words than A
+                numba_simd.pack_panels(name, b)[:, :2],  # fewer words than A
+                numba_simd.pack_panels(name, b).astype(np.int64)):
         with pytest.raises(ValueError, match=f"b: expected {name}'s panels of shape"):
             numba_simd.xnor_gemm_bcast_into(name, a, bad, cnt, 200)
     assert (cnt == -7).all()
