@@ -109,6 +109,13 @@ def isa_features():
 _isa = []  # the probe's result: Numba reads NUMBA_CPU_NAME/FEATURES once, at import
 
 
+def has(feature):
+    """``isa_features()["features"][feature]`` without copying the dict (for hot paths)."""
+    if not _isa:
+        _isa.append(_probe_isa())
+    return bool(_isa[0]["features"][feature])
+
+
 def _probe_isa():
     import numba
     import llvmlite.binding as llvm

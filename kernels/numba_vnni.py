@@ -35,10 +35,9 @@ _V32 = ir.VectorType(_I32, 16)
 def available():
     """True when Numba's target and this CPU both have AVX512-VNNI and AVX512BW
     (:func:`kernels.autotune.isa_features`)."""
-    from .autotune import isa_features
+    from .autotune import has
 
-    f = isa_features()["features"]
-    return bool(f["avx512_vnni"] and f["avx512bw"])
+    return has("avx512_vnni") and has("avx512bw")
 
 
 @intrinsic
