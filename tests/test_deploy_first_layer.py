@@ -7,13 +7,13 @@ import pytest
 
 from minibnn import deploy, nn
 from minibnn.deploy import runtime
-from minibnn.kernels import numba_cpu, reference
+from minibnn.kernels import numba_cpu, numba_madd, reference
 
 from arrays import dev
 from conftest import backend_params
 
 CPU = backend_params(["numpy", "numba"])
-VNNI = runtime.int8_available("numba")
+INT8 = runtime.int8_available("numba")  # AVX512-VNNI or AVX2
 
 
 def exact_first(x, w_pm1):
@@ -31,7 +31,7 @@ def test_both_methods_are_the_exact_first_layer(name, m, k, n):
     packed = reference.pack_rows(w)
     kern = numba_cpu if name == "numba" else reference
     want = exact_first(x, w)
-    for method in ("bitplanes", "float32") + (("int8",) if VNNI else ()):
+    for method in ("bitplanes", "float32") + (("int8",) if INT8 else ()):
         z = deploy.first_layer(x, packed, k, kern, method)
         assert z.dtype == np.int32 and z.shape == (m, n)
         np.testing.assert_array_equal(z, want)
@@ -84,7 +84,7 @@ def test_methods_and_batches_agree(name):
     want = frozen.integer_scores(x, backend=name)
     want_pred = frozen.predict(x, backend=name)
     bits = frozen.activations(x, backend=name)
-    methods = ("float32", "auto", "bitplanes") + (("int8",) if VNNI and name == "numba" else ())
+    methods = ("float32", "auto", "bitplanes") + (("int8",) if INT8 and name == "numba" else ())
     for method in methods:
         frozen.first_layer_method = method
         for batch in (300, 64, 7):
@@ -102,7 +102,7 @@ def test_auto_times_both_methods_once_per_backend():
     x = np.random.default_rng(2).integers(0, 256, size=(40, 784), dtype=np.uint8)
     frozen.predict(x, backend="numba")
     times = frozen.first_layer_timings["numba"]
-    assert set(times) == {"bitplanes", "float32"} | ({"int8"} if VNNI else set())
+    assert set(times) == {"bitplanes", "float32"} | ({"int8"} if INT8 else set())
     assert all(t > 0 for t in times.values())
     plan = frozen._first_plans["numba"]
     assert plan.method == min(times, key=times.get)
@@ -182,14 +182,35 @@ def test_int8_only_where_it_runs():
     x = np.zeros((3, 784), np.uint8)
     frozen.first_layer_method = "int8"
     with pytest.raises(ValueError, match="'int8' runs on the numba backend of a CPU with "
-                                         "AVX512-VNNI, not on backend 'numpy'"):
+                                         "AVX512-VNNI or AVX2, not on backend 'numpy'"):
         frozen.predict(x, backend="numpy")
-    if VNNI:
+    if INT8:
         frozen.first_layer_method = "bitplanes"
         want = frozen.integer_scores(x, backend="numba")
         frozen.first_layer_method = "int8"
         np.testing.assert_array_equal(frozen.integer_scores(x, backend="numba"), want)
         assert frozen._first_plans["numba"].method == "int8"
+
+
+@pytest.mark.skipif(not numba_madd.available(), reason="this CPU has no AVX2")
+def test_int8_first_layer_on_avx2(monkeypatch):
+    """Where the CPU has AVX2 but not VNNI, "int8" runs on numba_madd's vpmaddubsw product:
+    the same scores and bits as bit planes, in batches and fused with the threshold."""
+    frozen = small_net()
+    x = np.random.default_rng(6).integers(0, 256, size=(70, 784), dtype=np.uint8)
+    x[0], x[1] = 0, 255
+    frozen.first_layer_method = "bitplanes"
+    want = frozen.integer_scores(x, backend="numba")
+    bits = frozen.activations(x, backend="numba")
+    monkeypatch.setattr(runtime, "int8_kernels", lambda: numba_madd)
+    frozen.first_layer_method = "int8"
+    for batch in (70, 16, 3):
+        np.testing.assert_array_equal(frozen.integer_scores(x, backend="numba", batch_size=batch),
+                                      want)
+    plan = frozen._first_plans["numba"]
+    assert plan.method == "int8" and plan.dense.kern is numba_madd
+    for a, b in zip(frozen.activations(x, backend="numba"), bits):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_float16_only_on_the_gpu_and_never_chosen_by_auto():

@@ -15,8 +15,8 @@ import warnings
 import numpy as np
 import pytest
 
-from minibnn.kernels import (autotune, numba_avx2, numba_cpu, numba_hs, numba_simd, numba_vnni,
-                             reference)
+from minibnn.kernels import (autotune, numba_avx2, numba_cpu, numba_hs, numba_madd, numba_simd,
+                             numba_vnni, reference)
 
 SIMD = [k for k in numba_simd.KERNELS if k in numba_cpu.available_kernels()]
 HS = [k for k in numba_hs.KERNELS if k in numba_cpu.available_kernels()]
@@ -318,7 +318,8 @@ def test_isa_profile_environment():
 
 _UNDER_PROFILE = """
 import numpy as np
-from minibnn.kernels import autotune, numba_cpu, numba_vnni, reference
+from minibnn.kernels import autotune, numba_cpu, numba_madd, numba_vnni, reference
+from minibnn.deploy import runtime
 names = numba_cpu.available_kernels()
 f = autotune.isa_features()["features"]
 rng = np.random.default_rng(0)
@@ -328,6 +329,11 @@ for m, n, k in [(1, 1, 1), (5, 7, 777), (9, 13, 4096 + 65), (3, 5, 64 * 300 + 7)
     want = reference.xnor_gemm(a, b, k)
     for name in names:
         assert (numba_cpu.xnor_gemm(a, b, k, kernel=name) == want).all(), (name, m, n, k)
+x = rng.integers(0, 256, size=(9, 789), dtype=np.uint8)
+w = rng.integers(-1, 2, size=(21, 789), dtype=np.int8)
+int8 = runtime.int8_kernels()
+assert (int8.int8_gemm(x, int8.pack_weights(w), 21) == x.astype(np.int64) @ w.T).all()
+print(int8.__name__.rsplit(".", 1)[-1])
 print(sorted(names), f["avx512f"], f["avx512_vpopcntdq"], numba_vnni.available())
 """
 
@@ -346,8 +352,10 @@ def test_kernels_under_a_narrower_isa(profile, tmp_path):
     out = subprocess.run([sys.executable, "-c", _UNDER_PROFILE], env=env, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    names, avx512f, vpopcnt, vnni = out.stdout.strip().rsplit("\n", 1)[-1].rsplit(" ", 3)
+    int8, last = out.stdout.strip().split("\n")[-2:]
+    names, avx512f, vpopcnt, vnni = last.rsplit(" ", 3)
     assert vpopcnt == "False"
+    assert int8 == ("numba_madd" if profile == "znver3" else "numba_vnni")  # the int8 first layer
     if profile == "znver3":
         assert avx512f == "False" and vnni == "False"
         assert not any(n in names for n in ("simd512", "avx512bw", "hs512", "bcast512"))
@@ -387,6 +395,55 @@ def test_vnni_operands_are_checked():
         numba_vnni.int8_gemm(np.ones((2, 13), np.uint8), w, 3)
     with pytest.raises(ValueError, match="out: expected a C-contiguous int32 array"):
         numba_vnni.int8_gemm(np.ones((2, 10), np.uint8), w, 3, out=np.zeros((2, 3), np.int32))
+
+
+@pytest.mark.skipif(not numba_madd.available(), reason="this CPU has no AVX2")
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (5, 7, 3), (13, 784, 70), (4, 64, 16),
+                                   (9, 1001, 129), (0, 5, 3), (3, 0, 5), (300, 33, 200),
+                                   (6, 4 * 64 * 3 + 5, 17)])  # several int16 blocks of K
+def test_madd_product_is_exact(m, k, n):
+    rng = np.random.default_rng(m + k + n)
+    x = rng.integers(0, 256, size=(m, k), dtype=np.uint8)
+    w = rng.integers(-1, 2, size=(n, k), dtype=np.int8)  # -1, 0, +1
+    x[:, :1] = 255
+    got = numba_madd.int8_gemm(x, numba_madd.pack_weights(w), n)
+    assert got.dtype == np.int32 and got.shape == (m, n)
+    np.testing.assert_array_equal(got, x.astype(np.int64) @ w.T.astype(np.int64))
+    mp, kp = -(-m // 4) * 4, -(-k // 4) * 4
+    out = np.full((mp, -(-n // 16) * 16), 7, np.int32)
+    xb = np.full((mp, kp), 9, np.uint8)
+    again = numba_madd.int8_gemm(x, numba_madd.pack_weights(w), n, out=out, x_buf=xb)
+    np.testing.assert_array_equal(again, got)
+
+
+@pytest.mark.skipif(not numba_madd.available(), reason="this CPU has no AVX2")
+def test_madd_int16_sums_do_not_overflow():
+    """The largest sums: 255 x (+1 or -1) on every input, over several int16 blocks of 64
+    groups of 4 (each block's int16 lane reaches +-64 x 510 = +-32,640)."""
+    k = 4 * 64 * 5 + 3
+    x = np.full((5, k), 255, np.uint8)
+    w = np.ones((18, k), np.int8)
+    w[1::2] = -1
+    got = numba_madd.int8_gemm(x, numba_madd.pack_weights(w), 18)
+    np.testing.assert_array_equal(got, np.where(np.arange(18) % 2, -255 * k, 255 * k)[None]
+                                  .repeat(5, 0))
+
+
+@pytest.mark.skipif(not numba_madd.available(), reason="this CPU has no AVX2")
+def test_madd_operands_are_checked():
+    w = numba_madd.pack_weights(np.ones((3, 10), np.int8))
+    with pytest.raises(ValueError, match="w: expected int8 weights of shape"):
+        numba_madd.pack_weights(np.ones((3, 10)))
+    with pytest.raises(ValueError, match=r"w: expected weights in \{-1, 0, \+1\}"):
+        numba_madd.pack_weights(np.full((3, 10), 2, np.int8))
+    with pytest.raises(ValueError, match="x: expected uint8 pixels"):
+        numba_madd.int8_gemm(np.ones((2, 10), np.int8), w, 3)
+    with pytest.raises(ValueError, match="wp: expected packed int8 weights for K = 13"):
+        numba_madd.int8_gemm(np.ones((2, 13), np.uint8), w, 3)
+    with pytest.raises(ValueError, match="wp: expected packed int8 weights for K = 10"):
+        numba_madd.int8_gemm(np.ones((2, 10), np.uint8), w, 17)  # more columns than packed
+    with pytest.raises(ValueError, match="out: expected a C-contiguous int32 array"):
+        numba_madd.int8_gemm(np.ones((2, 10), np.uint8), w, 3, out=np.zeros((2, 3), np.int32))
 
 
 # ------------------------------------------------------------------------- autotune

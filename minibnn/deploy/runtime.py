@@ -87,13 +87,18 @@ def float16_exact_on(name):
     return cupy_blas.gemm_ex_available()
 
 
-def int8_available(name):
-    """Whether backend ``name`` runs the "int8" first layer: numba on an AVX512-VNNI CPU."""
-    if name != "numba":
-        return False
-    from ..kernels import numba_vnni
+def int8_kernels():
+    """The module that runs the "int8" first layer on this CPU: ``kernels.numba_vnni``
+    (AVX512-VNNI ``vpdpbusd``), else ``kernels.numba_madd`` (AVX2 ``vpmaddubsw``), else None."""
+    from ..kernels import numba_madd, numba_vnni
 
-    return numba_vnni.available()
+    return next((m for m in (numba_vnni, numba_madd) if m.available()), None)
+
+
+def int8_available(name):
+    """Whether backend ``name`` runs the "int8" first layer: numba on a CPU with AVX512-VNNI
+    or AVX2 (:func:`int8_kernels`)."""
+    return name == "numba" and int8_kernels() is not None
 
 
 DenseFirst = namedtuple("DenseFirst", "w_t offset")
@@ -101,10 +106,10 @@ DenseFirst.__doc__ = """The first layer's weights for the float32 (float16) meth
 float32 (float16) (k, N) +-1 (the packed rows unpacked and transposed for BLAS) and
 ``offset`` float32 (N,) = 255 sum_k w (exact)."""
 
-Int8First = namedtuple("Int8First", "wp offset n")
+Int8First = namedtuple("Int8First", "wp offset n kern")
 Int8First.__doc__ = """The first layer's weights for the int8 method: ``wp`` the +-1 weights as
-int8 in ``kernels.numba_vnni.pack_weights``' layout, ``offset`` float32 (N,) = 255 sum_k w,
-``n`` = N."""
+int8 in the layout of ``kern.pack_weights`` (``kern``: :func:`int8_kernels`' module),
+``offset`` float32 (N,) = 255 sum_k w, ``n`` = N."""
 
 
 def dense_first_weights(weight, k, xp=np, method="float32"):
@@ -113,9 +118,10 @@ def dense_first_weights(weight, k, xp=np, method="float32"):
     w = unpack_rows(_backend.to_numpy(weight), k, np.float32)  # (N, k) of +-1
     offset = (PIXEL_MAX * w.sum(axis=1, dtype=np.float64)).astype(np.float32)
     if method == "int8":
-        from ..kernels import numba_vnni
-
-        return Int8First(numba_vnni.pack_weights(w.astype(np.int8)), offset, w.shape[0])
+        kern = int8_kernels()
+        if kern is None:
+            raise ValueError("method: 'int8' needs a CPU with AVX512-VNNI or AVX2")
+        return Int8First(kern.pack_weights(w.astype(np.int8)), offset, w.shape[0], kern)
     dtype = np.float16 if method == "float16" else np.float32
     return DenseFirst(xp.asarray(np.ascontiguousarray(w.T, dtype=dtype)), xp.asarray(offset))
 
@@ -130,7 +136,8 @@ def first_layer(x, weight, k, kern, method="bitplanes", dense=None):
     * ``"float32"``: s = x . w as a float32 BLAS product of the pixel values with the +-1
       weights, exact while :func:`float32_is_exact` (k); then z = 2 s - 255 sum(w);
     * ``"int8"``: s = x . w as a uint8 x int8 product accumulated in int32 with AVX512-VNNI
-      ``vpdpbusd`` (``kernels.numba_vnni``; NumPy input, :func:`int8_available`), then the same;
+      ``vpdpbusd`` (``kernels.numba_vnni``) or AVX2 ``vpmaddubsw`` (``kernels.numba_madd``;
+      NumPy input, :func:`int8_available`), then the same;
     * ``"float16"``: s = x . w on the GPU's tensor cores, float16 pixels and weights (both
       exact) accumulated in float32 by ``cublasGemmEx`` (CuPy input, :func:`float16_exact_on`;
       exact while :func:`float32_is_exact` (k)), then the same. Not yet timed on a GPU, so
@@ -148,7 +155,7 @@ def first_layer(x, weight, k, kern, method="bitplanes", dense=None):
                          "use 'bitplanes'")
     xp = _backend.get_array_module(x)
     if method == "int8" and (xp is not np or not int8_available("numba")):
-        raise ValueError("method: 'int8' needs NumPy input and a CPU with AVX512-VNNI")
+        raise ValueError("method: 'int8' needs NumPy input and a CPU with AVX512-VNNI or AVX2")
     if method == "float16" and (why := float16_exact_on("cupy" if xp is not np else "numpy")):
         raise ValueError(f"method: {why}")
     dense = dense_first_weights(weight, k, xp, method) if dense is None else dense
@@ -162,16 +169,15 @@ def first_layer(x, weight, k, kern, method="bitplanes", dense=None):
 def first_layer_sums(x, dense, ws=None):
     """s = x . w exactly, (B, N): float32 from BLAS for a :class:`DenseFirst` (see
     :func:`float32_is_exact`; float16 weights: ``cupy_blas.gemm_ex`` on float16 pixels),
-    int32 from ``vpdpbusd`` for an :class:`Int8First`. ``ws``: a dict of buffers to reuse
+    int32 from ``vpdpbusd`` or ``vpmaddubsw`` for an :class:`Int8First`. ``ws``: a dict of buffers to reuse
     (the result is then one of them)."""
     xp = _backend.get_array_module(x)
     m = x.shape[0]
     if isinstance(dense, Int8First):
-        from ..kernels import numba_vnni
-
         mp, kp = -(-m // 4) * 4, -(-x.shape[1] // 4) * 4
-        return numba_vnni.int8_gemm(x, dense.wp, dense.n,
-                                    out=_buf(ws, "s8", (mp, dense.wp.shape[0] * 16), np.int32, xp),
+        cols = dense.wp.shape[0] * dense.wp.shape[2] // 4  # output columns with padding
+        return dense.kern.int8_gemm(x, dense.wp, dense.n,
+                                    out=_buf(ws, "s8", (mp, cols), np.int32, xp),
                                     x_buf=_buf(ws, "x8", (mp, kp), np.uint8, xp))
     if dense.w_t.dtype == np.float16:  # CuPy arrays (float16_exact_on): tensor cores
         from ..kernels import cupy_blas
@@ -479,8 +485,8 @@ class FrozenBNN:
     backend (or the one named by ``backend=``) and return NumPy.
 
     ``first_layer_method`` picks how the first layer meets the 8-bit pixels (all exact, see
-    :func:`first_layer`): ``"bitplanes"``, ``"float32"``, ``"int8"`` (numba on an AVX512-VNNI
-    CPU), ``"float16"`` (cupy: tensor cores through cuBLAS GemmEx; opt-in, not yet timed on a
+    :func:`first_layer`): ``"bitplanes"``, ``"float32"``, ``"int8"`` (numba on a CPU with
+    AVX512-VNNI or AVX2), ``"float16"`` (cupy: tensor cores through cuBLAS GemmEx; opt-in, not yet timed on a
     GPU) or ``"auto"`` (the default): the fastest of bitplanes, float32 and int8 where they
     apply, timed once per backend on the first batch (``first_layer_timings`` keeps the
     times); on cupy "float32" applies where its products are plain FP32
@@ -653,7 +659,7 @@ class FrozenBNN:
         method = self.first_layer_method
         if method == "int8" and not int8_available(name):
             raise ValueError(f"first_layer_method: 'int8' runs on the numba backend of a CPU "
-                             f"with AVX512-VNNI, not on backend {name!r} here")
+                             f"with AVX512-VNNI or AVX2, not on backend {name!r} here")
         if method == "float16" and (why := float16_exact_on(name)):
             raise ValueError(f"first_layer_method: {why}")
         candidates = [method]
