@@ -15,7 +15,8 @@ Modules
   ``kernels._numba_common`` holds what they share.
 - ``minibnn.kernels.numba_vnni``: uint8 x int8 -> int32 product with AVX512-VNNI ``vpdpbusd``
   (``available()``, ``pack_weights(w)``, ``int8_gemm(x, wp, n)``), one exact way to run the
-  first layer on pixels (``minibnn.deploy.runtime.first_layer``).
+  first layer on pixels (``minibnn.deploy.runtime.first_layer``); ``minibnn.kernels.numba_madd``
+  the same API on AVX2 (``vpmaddubsw``, weights in {-1, 0, +1}) for CPUs without VNNI.
 - ``minibnn.kernels.autotune``: the CPU's ISA features (``isa_features()``) and the measured
   choice among the CPU GEMM kernels per shape class, cached on disk per machine.
 - ``minibnn.kernels.cupy_gpu``: CUDA packing and GEMM through CuPy (CuPy imported lazily).
