@@ -140,6 +140,32 @@ _cmp32_i32, _cmp16_i32 = _compare_pack(ir.IntType(32), 32), _compare_pack(ir.Int
 _cmp32_f32, _cmp16_f32 = _compare_pack(ir.FloatType(), 32), _compare_pack(ir.FloatType(), 16)
 
 
+@jit(inline="always")
+def _pack_threshold_row(z0, sz, t0, st, z, t, out, i, r, n, full, w_count, is_float):
+    """Row i of ``_pack_threshold_vec`` against threshold row r."""
+    for w in range(full):
+        if is_float:
+            out[i, w] = _cmp_pack_f32(z0 + i * sz + 256 * w, t0 + r * st + 256 * w)
+        else:
+            out[i, w] = _cmp_pack_i32(z0 + i * sz + 256 * w, t0 + r * st + 256 * w)
+    for w in range(full, w_count):  # the last, partial word: 32, then 16, then 1 at a time
+        base = w * 64
+        za, ta = z0 + i * sz + 4 * base, t0 + r * st + 4 * base
+        word = np.uint64(0)
+        j = 0
+        if n - base >= 32:
+            word = _cmp32_f32(za, ta) if is_float else _cmp32_i32(za, ta)
+            j = 32
+        if n - base - j >= 16:
+            half = (_cmp16_f32(za + 4 * j, ta + 4 * j) if is_float
+                    else _cmp16_i32(za + 4 * j, ta + 4 * j))
+            word |= half << np.uint64(j)
+            j += 16
+        for jj in range(j, n - base):
+            word |= np.uint64(z[i, base + jj] >= t[r, base + jj]) << np.uint64(jj)
+        out[i, w] = word
+
+
 @jit(parallel=True)
 def _pack_threshold_vec(z, t, out, is_float):
     """``_pack_threshold`` for C-contiguous z and t of one dtype, int32 or float32: whole
@@ -147,32 +173,22 @@ def _pack_threshold_vec(z, t, out, is_float):
     where it has that many outputs left, the rest one at a time."""
     m, n = z.shape
     p = t.shape[0]
-    w_count = out.shape[1]
-    full = n // 64
     z0, t0, sz, st = z.ctypes.data, t.ctypes.data, z.strides[0], t.strides[0]
     for i in prange(m):
-        r = i % p
-        for w in range(full):
-            if is_float:
-                out[i, w] = _cmp_pack_f32(z0 + i * sz + 256 * w, t0 + r * st + 256 * w)
-            else:
-                out[i, w] = _cmp_pack_i32(z0 + i * sz + 256 * w, t0 + r * st + 256 * w)
-        for w in range(full, w_count):  # the last, partial word: 32, then 16, then 1 at a time
-            base = w * 64
-            za, ta = z0 + i * sz + 4 * base, t0 + r * st + 4 * base
-            word = np.uint64(0)
-            j = 0
-            if n - base >= 32:
-                word = _cmp32_f32(za, ta) if is_float else _cmp32_i32(za, ta)
-                j = 32
-            if n - base - j >= 16:
-                half = (_cmp16_f32(za + 4 * j, ta + 4 * j) if is_float
-                        else _cmp16_i32(za + 4 * j, ta + 4 * j))
-                word |= half << np.uint64(j)
-                j += 16
-            for jj in range(j, n - base):
-                word |= np.uint64(z[i, base + jj] >= t[r, base + jj]) << np.uint64(jj)
-            out[i, w] = word
+        _pack_threshold_row(z0, sz, t0, st, z, t, out, i, i % p, n, n // 64, out.shape[1],
+                            is_float)
+
+
+@jit()
+def _pack_threshold_vec_serial(z, t, out, is_float):
+    """``_pack_threshold_vec`` on the calling thread: for small z, where waking the other
+    threads costs more than the pass (see ``_SERIAL_PACK``)."""
+    m, n = z.shape
+    p = t.shape[0]
+    z0, t0, sz, st = z.ctypes.data, t.ctypes.data, z.strides[0], t.strides[0]
+    for i in range(m):
+        _pack_threshold_row(z0, sz, t0, st, z, t, out, i, i % p, n, n // 64, out.shape[1],
+                            is_float)
 
 
 @jit(parallel=True)
@@ -188,6 +204,12 @@ def _pack_threshold(z, t, out):
             for j in range(min(64, n - base)):
                 word |= np.uint64(z[i, base + j] >= t[r, base + j]) << np.uint64(j)
             out[i, w] = word
+
+
+# outputs below which one thread thresholds and packs: waking the others costs 30-40 us (Zen 4,
+# 2 threads: 100 x 2048 took 44 us in parallel, 15 us on one; 400 x 1000 67 and 33; 1024 x
+# 4096 197 and 323; 16384 x 128 135 and 155)
+_SERIAL_PACK = 1 << 20
 
 
 def pack_threshold(z, threshold, out=None):
@@ -211,7 +233,8 @@ def pack_threshold(z, threshold, out=None):
         if z.dtype.byteorder not in "=|" or t.dtype.byteorder not in "=|":
             z, t = z.astype(z.dtype.newbyteorder("=")), t.astype(t.dtype.newbyteorder("="))
         if z.dtype == t.dtype and z.dtype in (np.int32, np.float32) and z.flags.c_contiguous:
-            _pack_threshold_vec(z, np.ascontiguousarray(t), out, z.dtype == np.float32)
+            run = _pack_threshold_vec_serial if z.size < _SERIAL_PACK else _pack_threshold_vec
+            run(z, np.ascontiguousarray(t), out, z.dtype == np.float32)
         else:
             _pack_threshold(z, t, out)
     return out

@@ -427,6 +427,22 @@ def test_pack_threshold_edge_values(pack, dtype, n):
     np.testing.assert_array_equal(pack(zt, t), want)
 
 
+@pytest.mark.parametrize("dtype", [np.int32, np.float32])
+def test_numba_pack_threshold_serial_and_parallel_passes(dtype):
+    """Small z runs on one thread, large z in parallel: both give the reference's bits."""
+    rng = np.random.default_rng(11)
+    for m, n, p in [(1100, 1000, 4), (7, 113, 7), (5, 16, 1)]:  # 1.1M outputs: parallel
+        z = rng.integers(-6, 6, size=(m, n)).astype(dtype)
+        t = rng.integers(-5, 5, size=(p, n)).astype(dtype)
+        want = reference.pack_rows((z.reshape(-1, p, n) >= t[None]).reshape(m, n))
+        np.testing.assert_array_equal(numba_cpu.pack_threshold(z, t), want)
+        for run in (numba_cpu._pack_threshold_vec, numba_cpu._pack_threshold_vec_serial):
+            out = np.full_like(want, 7)
+            run(z, t, out, dtype == np.float32)
+            np.testing.assert_array_equal(out, want)
+    assert 1100 * 1000 >= numba_cpu._SERIAL_PACK > 7 * 113
+
+
 @pytest.mark.parametrize("pack", THRESHOLD_PACKERS)
 def test_pack_threshold_rejects_bad_operands(pack):
     z = np.zeros((6, 5), np.int32)
