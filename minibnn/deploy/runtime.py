@@ -169,8 +169,8 @@ def first_layer(x, weight, k, kern, method="bitplanes", dense=None):
 def first_layer_sums(x, dense, ws=None):
     """s = x . w exactly, (B, N): float32 from BLAS for a :class:`DenseFirst` (see
     :func:`float32_is_exact`; float16 weights: ``cupy_blas.gemm_ex`` on float16 pixels),
-    int32 from ``vpdpbusd`` or ``vpmaddubsw`` for an :class:`Int8First`. ``ws``: a dict of buffers to reuse
-    (the result is then one of them)."""
+    int32 from ``vpdpbusd`` or ``vpmaddubsw`` for an :class:`Int8First`. ``ws``: a dict of
+    buffers to reuse (the result is then one of them)."""
     xp = _backend.get_array_module(x)
     m = x.shape[0]
     if isinstance(dense, Int8First):
@@ -460,7 +460,8 @@ def check_chain(layers):
 # ------------------------------------------------------------------------------ the net
 
 # ``gemm_weight``: what the layer's XNOR product takes as its right operand: ``weight``, or
-# on a backend with ``prepare_weights`` (numba) the weight in the kernels' panel forms
+# on a backend with ``prepare_weights`` (numba) the weight kept in the kernels' forms too
+# (broadcast panels, nibble planes)
 _Prepared = namedtuple("_Prepared", "layer weight threshold and_mask gemm_weight")
 # How a backend runs the first layer: "bitplanes", "float32", "int8" or "float16" (``dense``
 # holds the DenseFirst / Int8First weights and, for a dense hidden first layer,
@@ -486,14 +487,14 @@ class FrozenBNN:
 
     ``first_layer_method`` picks how the first layer meets the 8-bit pixels (all exact, see
     :func:`first_layer`): ``"bitplanes"``, ``"float32"``, ``"int8"`` (numba on a CPU with
-    AVX512-VNNI or AVX2), ``"float16"`` (cupy: tensor cores through cuBLAS GemmEx; opt-in, not yet timed on a
-    GPU) or ``"auto"`` (the default): the fastest of bitplanes, float32 and int8 where they
-    apply, timed once per backend on the first batch (``first_layer_timings`` keeps the
-    times); on cupy "float32" applies where its products are plain FP32
-    (:func:`float32_exact_on`).
+    AVX512-VNNI or AVX2), ``"float16"`` (cupy: tensor cores through cuBLAS GemmEx; opt-in,
+    not yet timed on a GPU) or ``"auto"`` (the default): the fastest of bitplanes, float32
+    and int8 where they apply, timed once per backend on the whole first batch, taking turns
+    (``first_layer_timings`` keeps the times); on cupy "float32" applies where its products
+    are plain FP32 (:func:`float32_exact_on`).
 
     The layers' weight arrays are read, not copied, on NumPy; on the first call of a backend
-    they are copied to the GPU (cupy) or into the kernels' panel forms (numba,
+    they are copied to the GPU (cupy) or into the kernels' forms (numba,
     ``kernels.numba_cpu.prepare_weights``) and kept while each layer holds the same array:
     assign a new array to change a weight, do not write into one.
     """
@@ -630,9 +631,9 @@ class FrozenBNN:
         return prepared
 
     def _gemm_weight(self, weight, prepare):
-        """``prepare(weight)`` (e.g. ``numba_cpu.prepare_weights``: the weights in the panel
-        form of the broadcast kernels, made once instead of in every product), kept while
-        the layer holds this same array."""
+        """``prepare(weight)`` (``numba_cpu.prepare_weights``: the weights also in the forms
+        the kernels read, broadcast panels or nibble planes, made once instead of in every
+        product), kept while the layer holds this same array."""
         entry = self._gemm_weights.get(id(weight))
         if entry is None or entry[0] is not weight:
             entry = self._gemm_weights[id(weight)] = (weight, prepare(weight))
