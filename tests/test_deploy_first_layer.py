@@ -123,16 +123,16 @@ def test_methods_take_turns_and_a_slow_one_is_dropped():
             time.sleep(seconds)
         return fn
 
-    times = runtime._best_times({"fast": run("fast", 0.001), "slow": run("slow", 0.02)},
+    times = runtime._best_times({"fast": run("fast", 0.001), "slow": run("slow", 0.06)},
                                 "numpy", rounds=4)
     # warm-up and round 1 in turns, then the slow one (over 2x the fast) is not run again
     assert calls == ["fast", "slow", "fast", "slow", "fast", "fast", "fast"]
-    assert times["fast"] < times["slow"] and times["slow"] >= 0.02
+    assert times["fast"] < times["slow"] and times["slow"] >= 0.06
 
 
 def test_numba_keeps_weights_in_kernel_form_once():
-    """On numba every layer after the first multiplies by a PreparedWeights (the broadcast
-    kernels' panels, made once), kept across calls, remade for a replaced weight array."""
+    """On numba every layer after the first multiplies by a PreparedWeights (the kernels'
+    panels or planes, made once), kept across calls, remade for a replaced weight array."""
     frozen = small_net()
     x = np.random.default_rng(3).integers(0, 256, size=(30, 784), dtype=np.uint8)
     want = frozen.integer_scores(x, backend="numpy")
