@@ -10,7 +10,11 @@ over NumPy's float32 matmul of the same +-1 matrices in the same run.
 CPU rows: every Numba kernel variant (``numba_cpu.available_kernels()``), the autotune's
 choice ("numba auto"), and "plain 4x4 ctpop": a first-attempt kernel written here (a 4 x 4
 register tile, ``prange`` over row tiles, ``llvm.ctpop`` per word, no cache blocking), the
-baseline of issue #10. "% peak" is a kernel's TOPS over the machine's XOR-popcount-accumulate
+baseline of issue #10 (it writes into an output buffer made once, as the numba rows do).
+Rows named "..., prepared B" (the broadcast kernels and the autotune's choice) run the same
+product with B made once into the forms the kernels read (``numba_cpu.prepare_weights``, as
+a frozen net keeps its weights); they have no packing or end-to-end figures, since that
+work belongs to freezing. "% peak" is a kernel's TOPS over the machine's XOR-popcount-accumulate
 peak, an L1-resident micro-benchmark on all cores (:func:`roofline`): measured first (the
 JSON's machine ``roofline_tops``), then timed again with each shape's kernels, taking its
 turn among them, and each row's "% peak" is of that shape's figure (``roofline_tops`` in
