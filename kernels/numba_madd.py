@@ -27,7 +27,6 @@ K it broadcasts each row's 4 pixels (one int32) and loads 2 weight vectors. Offe
 LLVM reports AVX2 for the host (:func:`available`).
 """
 
-import numba
 import numpy as np
 from numba import prange, types
 from numba.core import cgutils
@@ -35,10 +34,11 @@ from numba.extending import intrinsic
 from llvmlite import ir
 
 from ._numba_common import jit
+from .numba_vnni import _R, _pack_groups, _pixel_quads, _product, _store_tile, _weight_vectors
 
 __all__ = ["available", "pack_weights", "int8_gemm"]
 
-_R, _G = 4, 2  # rows x 8-column groups per register tile
+_G = 2  # rows (numba_vnni's _R, 4) x 8-column groups per register tile
 _COLS = 8  # output columns per 32-byte weight vector (4 values of K each)
 _BLOCK = 64  # groups of 4 inputs added in int16 before widening: 64 x 510 < 2^15
 _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
@@ -71,7 +71,6 @@ def _mk_madd(typingctx, x_addr, x_stride, w_addr, w_gstride, n_quads, out_addr, 
         maddwd = cgutils.get_or_insert_function(
             mod, ir.FunctionType(_V32, [_V16, _V16]), "llvm.x86.avx2.pmadd.wd")
         ones = ir.Constant(_V16, [1] * 16)
-        splat = ir.Constant(ir.VectorType(_I32, 8), [0] * 8)
         tiles = [(r, c) for r in range(_R) for c in range(_G)]
         acc32 = {rc: cgutils.alloca_once_value(builder, ir.Constant(_V32, None)) for rc in tiles}
         acc16 = {rc: cgutils.alloca_once_value(builder, ir.Constant(_V16, None)) for rc in tiles}
@@ -83,31 +82,15 @@ def _mk_madd(typingctx, x_addr, x_stride, w_addr, w_gstride, n_quads, out_addr, 
             for rc in tiles:
                 builder.store(ir.Constant(_V16, None), acc16[rc])
             with cgutils.for_range_slice(builder, q0, q1, c64(1)) as (q, _):
-                xs = []
-                for r in range(_R):
-                    ptr = builder.add(x_addr, builder.add(builder.mul(c64(r), x_stride),
-                                                          builder.mul(q, c64(4))))
-                    word = builder.load(builder.inttoptr(ptr, _I32.as_pointer()), align=1)
-                    vec = builder.insert_element(ir.Constant(_V32, ir.Undefined), word,
-                                                 ir.Constant(_I32, 0))
-                    vec = builder.shuffle_vector(vec, ir.Constant(_V32, ir.Undefined), splat)
-                    xs.append(builder.bitcast(vec, _V8))
-                ws = []
-                for c in range(_G):
-                    ptr = builder.add(w_addr, builder.add(builder.mul(c64(c), w_gstride),
-                                                          builder.mul(q, c64(32))))
-                    ws.append(builder.load(builder.inttoptr(ptr, _V8.as_pointer()), align=1))
+                xs = _pixel_quads(builder, x_addr, x_stride, q, _R, _COLS)
+                ws = _weight_vectors(builder, w_addr, w_gstride, q, _G, _COLS)
                 for r, c in tiles:
                     pairs = builder.call(maddubs, [xs[r], ws[c]])  # unsigned x signed
                     builder.store(builder.add(builder.load(acc16[(r, c)]), pairs), acc16[(r, c)])
             for rc in tiles:  # widen: adjacent int16 lanes into one int32 (4 inputs a column)
                 wide = builder.call(maddwd, [builder.load(acc16[rc]), ones])
                 builder.store(builder.add(builder.load(acc32[rc]), wide), acc32[rc])
-        for r, c in tiles:
-            ptr = builder.add(out_addr, builder.add(builder.mul(c64(r), out_stride),
-                                                    c64(4 * _COLS * c)))
-            builder.store(builder.load(acc32[(r, c)]), builder.inttoptr(ptr, _V32.as_pointer()),
-                          align=4)
+        _store_tile(builder, acc32, _R, _G, out_addr, out_stride, _COLS)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -134,19 +117,10 @@ def pack_weights(w):
     """int8 weights (N, K) in {-1, 0, +1} -> the (ceil(N/16) 2, ceil(K/4), 32) layout of the
     micro-kernel, zero padded."""
     w = np.asarray(w)
-    if w.ndim != 2 or w.dtype != np.int8:
-        raise ValueError(f"w: expected int8 weights of shape (N, K), got {w.dtype} of shape "
-                         f"{w.shape}")
-    if w.size and (w.min() < -1 or w.max() > 1):
+    if w.ndim == 2 and w.dtype == np.int8 and w.size and (w.min() < -1 or w.max() > 1):
         raise ValueError("w: expected weights in {-1, 0, +1} (larger ones could saturate "
                          f"vpmaddubsw), got values from {w.min()} to {w.max()}")
-    n, k = w.shape
-    np_, kp = -(-n // (_G * _COLS)) * _G * _COLS, -(-k // 4) * 4
-    padded = np.zeros((np_, kp), np.int8)
-    padded[:n, :k] = w
-    # [g, c, q, t] -> [g, q, c, t]: 8 columns x 4 values of K per 32-byte vector
-    return np.ascontiguousarray(padded.reshape(np_ // _COLS, _COLS, kp // 4, 4)
-                                .transpose(0, 2, 1, 3).reshape(np_ // _COLS, kp // 4, 32))
+    return _pack_groups(w, _COLS, _G)
 
 
 def int8_gemm(x, wp, n, out=None, x_buf=None):
@@ -158,33 +132,4 @@ def int8_gemm(x, wp, n, out=None, x_buf=None):
     """
     if not available():
         raise RuntimeError("numba_madd.int8_gemm needs a CPU with AVX2")
-    x = np.asarray(x)
-    if x.ndim != 2 or x.dtype != np.uint8:
-        raise ValueError(f"x: expected uint8 pixels of shape (M, K), got {x.dtype} of shape "
-                         f"{x.shape}")
-    m, k = x.shape
-    groups, quads = wp.shape[:2]
-    if wp.dtype != np.int8 or wp.ndim != 3 or wp.shape[2] != 32 or quads != -(-k // 4) or \
-            groups * _COLS < n or groups % _G:
-        raise ValueError(f"wp: expected packed int8 weights for K = {k} and N = {n} from "
-                         f"numba_madd.pack_weights, got {wp.dtype} of shape {wp.shape}")
-    mp, kp = -(-m // _R) * _R, 4 * quads
-    xp = np.zeros((mp, kp), np.uint8) if x_buf is None else x_buf
-    if xp.shape != (mp, kp) or xp.dtype != np.uint8:
-        raise ValueError(f"x_buf: expected uint8 of shape {(mp, kp)}, got {xp.dtype} {xp.shape}")
-    xp[:m, :k] = x
-    if x_buf is not None:
-        xp[m:] = 0
-        xp[:m, k:] = 0
-    shape = (mp, groups * _COLS)
-    if out is None:
-        out = np.empty(shape, np.int32)
-    elif out.shape != shape or out.dtype != np.int32 or not out.flags.c_contiguous:
-        raise ValueError(f"out: expected a C-contiguous int32 array of shape {shape}, got "
-                         f"{out.dtype} of shape {out.shape}")
-    if mp and groups:
-        threads = numba.get_num_threads() if mp * groups * quads >= 1 << 14 else 1
-        n_chunks = max(1, min(threads, mp // _R))
-        nb = max(_G, (256 * 1024) // (32 * max(1, quads)) // _G * _G)
-        _drive(xp, wp, out, n_chunks, nb)
-    return out[:m, :n]
+    return _product(x, wp, n, out, x_buf, _drive, _COLS, _G, "numba_madd.pack_weights")

@@ -364,56 +364,50 @@ def test_kernels_under_a_narrower_isa(profile, tmp_path):
                                                              "bcast512"))
 
 
-@pytest.mark.skipif(not numba_vnni.available(), reason="this CPU has no AVX512-VNNI")
+# the int8 products of the first layer: VNNI (any int8 weights) and AVX2 (weights -1, 0, +1)
+INT8 = [pytest.param(mod, low, high, marks=pytest.mark.skipif(not mod.available(), reason=why))
+        for mod, low, high, why in ((numba_vnni, -128, 128, "this CPU has no AVX512-VNNI"),
+                                    (numba_madd, -1, 2, "this CPU has no AVX2"))]
+
+
+@pytest.mark.parametrize("mod,low,high", INT8)
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (5, 7, 3), (13, 784, 70), (4, 64, 64),
-                                   (9, 1001, 129), (0, 5, 3), (3, 0, 5), (300, 33, 200)])
-def test_vnni_product_is_exact(m, k, n):
+                                   (9, 1001, 129), (0, 5, 3), (3, 0, 5), (300, 33, 200),
+                                   (4, 64, 16), (6, 4 * 64 * 3 + 5, 17)])  # several int16 blocks
+def test_int8_product_is_exact(mod, low, high, m, k, n):
     rng = np.random.default_rng(m + k + n)
     x = rng.integers(0, 256, size=(m, k), dtype=np.uint8)
-    w = rng.integers(-128, 128, size=(n, k), dtype=np.int8)  # any int8, +-1 among them
-    w[:, :1] = -128
+    w = rng.integers(low, high, size=(n, k), dtype=np.int8)
+    w[:, :1] = low  # the extremes
     x[:, :1] = 255
-    got = numba_vnni.int8_gemm(x, numba_vnni.pack_weights(w), n)
+    wp = mod.pack_weights(w)
+    got = mod.int8_gemm(x, wp, n)
     assert got.dtype == np.int32 and got.shape == (m, n)
     np.testing.assert_array_equal(got, x.astype(np.int64) @ w.T.astype(np.int64))
     # reused buffers with stale contents give the same
     mp, kp = -(-m // 4) * 4, -(-k // 4) * 4
-    out = np.full((mp, -(-n // 64) * 64), 7, np.int32)
+    out = np.full((mp, wp.shape[0] * wp.shape[2] // 4), 7, np.int32)
     xb = np.full((mp, kp), 9, np.uint8)
-    again = numba_vnni.int8_gemm(x, numba_vnni.pack_weights(w), n, out=out, x_buf=xb)
+    again = mod.int8_gemm(x, wp, n, out=out, x_buf=xb)
     np.testing.assert_array_equal(again, got)
 
 
-@pytest.mark.skipif(not numba_vnni.available(), reason="this CPU has no AVX512-VNNI")
-def test_vnni_operands_are_checked():
-    w = numba_vnni.pack_weights(np.ones((3, 10), np.int8))
+@pytest.mark.parametrize("mod,low,high", INT8)
+def test_int8_operands_are_checked(mod, low, high):
+    w = mod.pack_weights(np.ones((3, 10), np.int8))
     with pytest.raises(ValueError, match="w: expected int8 weights of shape"):
-        numba_vnni.pack_weights(np.ones((3, 10)))
+        mod.pack_weights(np.ones((3, 10)))
     with pytest.raises(ValueError, match="x: expected uint8 pixels"):
-        numba_vnni.int8_gemm(np.ones((2, 10), np.int8), w, 3)
+        mod.int8_gemm(np.ones((2, 10), np.int8), w, 3)
     with pytest.raises(ValueError, match="wp: expected packed int8 weights for K = 13"):
-        numba_vnni.int8_gemm(np.ones((2, 13), np.uint8), w, 3)
+        mod.int8_gemm(np.ones((2, 13), np.uint8), w, 3)
+    with pytest.raises(ValueError, match="wp: expected packed int8 weights for K = 10"):
+        mod.int8_gemm(np.ones((2, 10), np.uint8), w, 1000)  # more columns than packed
     with pytest.raises(ValueError, match="out: expected a C-contiguous int32 array"):
-        numba_vnni.int8_gemm(np.ones((2, 10), np.uint8), w, 3, out=np.zeros((2, 3), np.int32))
-
-
-@pytest.mark.skipif(not numba_madd.available(), reason="this CPU has no AVX2")
-@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (5, 7, 3), (13, 784, 70), (4, 64, 16),
-                                   (9, 1001, 129), (0, 5, 3), (3, 0, 5), (300, 33, 200),
-                                   (6, 4 * 64 * 3 + 5, 17)])  # several int16 blocks of K
-def test_madd_product_is_exact(m, k, n):
-    rng = np.random.default_rng(m + k + n)
-    x = rng.integers(0, 256, size=(m, k), dtype=np.uint8)
-    w = rng.integers(-1, 2, size=(n, k), dtype=np.int8)  # -1, 0, +1
-    x[:, :1] = 255
-    got = numba_madd.int8_gemm(x, numba_madd.pack_weights(w), n)
-    assert got.dtype == np.int32 and got.shape == (m, n)
-    np.testing.assert_array_equal(got, x.astype(np.int64) @ w.T.astype(np.int64))
-    mp, kp = -(-m // 4) * 4, -(-k // 4) * 4
-    out = np.full((mp, -(-n // 16) * 16), 7, np.int32)
-    xb = np.full((mp, kp), 9, np.uint8)
-    again = numba_madd.int8_gemm(x, numba_madd.pack_weights(w), n, out=out, x_buf=xb)
-    np.testing.assert_array_equal(again, got)
+        mod.int8_gemm(np.ones((2, 10), np.uint8), w, 3, out=np.zeros((2, 3), np.int32))
+    if mod is numba_madd:
+        with pytest.raises(ValueError, match=r"w: expected weights in \{-1, 0, \+1\}"):
+            mod.pack_weights(np.full((3, 10), 2, np.int8))
 
 
 @pytest.mark.skipif(not numba_madd.available(), reason="this CPU has no AVX2")
@@ -427,23 +421,6 @@ def test_madd_int16_sums_do_not_overflow():
     got = numba_madd.int8_gemm(x, numba_madd.pack_weights(w), 18)
     np.testing.assert_array_equal(got, np.where(np.arange(18) % 2, -255 * k, 255 * k)[None]
                                   .repeat(5, 0))
-
-
-@pytest.mark.skipif(not numba_madd.available(), reason="this CPU has no AVX2")
-def test_madd_operands_are_checked():
-    w = numba_madd.pack_weights(np.ones((3, 10), np.int8))
-    with pytest.raises(ValueError, match="w: expected int8 weights of shape"):
-        numba_madd.pack_weights(np.ones((3, 10)))
-    with pytest.raises(ValueError, match=r"w: expected weights in \{-1, 0, \+1\}"):
-        numba_madd.pack_weights(np.full((3, 10), 2, np.int8))
-    with pytest.raises(ValueError, match="x: expected uint8 pixels"):
-        numba_madd.int8_gemm(np.ones((2, 10), np.int8), w, 3)
-    with pytest.raises(ValueError, match="wp: expected packed int8 weights for K = 13"):
-        numba_madd.int8_gemm(np.ones((2, 13), np.uint8), w, 3)
-    with pytest.raises(ValueError, match="wp: expected packed int8 weights for K = 10"):
-        numba_madd.int8_gemm(np.ones((2, 10), np.uint8), w, 17)  # more columns than packed
-    with pytest.raises(ValueError, match="out: expected a C-contiguous int32 array"):
-        numba_madd.int8_gemm(np.ones((2, 10), np.uint8), w, 3, out=np.zeros((2, 3), np.int32))
 
 
 # ------------------------------------------------------------------------- autotune
