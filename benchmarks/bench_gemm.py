@@ -278,7 +278,7 @@ def bench_shape(m, k, n, backends, repeats, use_gpu, peak, probe=None):
                      "time_s": t, "median_s": median, "tops": ops / t / 1e12,
                      "fraction_of_peak": frac, "roofline_tops": peak if cpu else None,
                      "pack_s": pack, "end_to_end_s": e2e, "note": note})
-        print(f"  {name:28s} {t * 1e3:10.2f} ms  {ops / t / 1e12:8.3f} TOPS"
+        print(f"  {name:36s} {t * 1e3:10.2f} ms  {ops / t / 1e12:8.3f} TOPS"
               + (f"  {100 * frac:5.1f}% peak" if frac is not None else "")
               + (f"  ({note})" if note else ""), flush=True)
 
@@ -361,6 +361,24 @@ def bench_shape(m, k, n, backends, repeats, use_gpu, peak, probe=None):
             ok = bool((cupy_gpu.xnor_gemm(ag[:64], bg[:64], k, kernel=kern).get()
                        == numba_cpu.xnor_gemm(a[:64], b[:64], k)).all())
             add(f"cupy {kern}", t, t_pack, e2e, "" if ok else "WRONG RESULT", cpu=False)
+        # a frozen layer's product: B prepared once (padded, popcounts), then sign(BN) as a
+        # second pass over the int32 z, or in the GEMM's epilogue (bits out, no z)
+        pg = cupy_gpu.prepare_weights(bg)
+        z64 = reference.xnor_gemm(a[:64], b, k)
+        thr = cp.asarray(z64[0].astype(np.int64))  # one row's products: about half fire
+        want_bits = reference.pack_threshold(z64, thr.get())
+        for kern in cupy_gpu.available_kernels():
+            ok = bool((cupy_gpu.xnor_gemm(ag[:64], pg, k, kernel=kern).get() == z64).all())
+            add(f"cupy {kern}{PREPARED}", gpu_time(lambda: cupy_gpu.xnor_gemm(ag, pg, k, kernel=kern),
+                                                   repeats), note="" if ok else "WRONG RESULT",
+                cpu=False)
+            two = gpu_time(lambda: cupy_gpu.pack_threshold(
+                cupy_gpu.xnor_gemm(ag, pg, k, kernel=kern), thr), repeats)
+            add(f"cupy {kern}, then pack_threshold", two, note="B prepared; bits out", cpu=False)
+            fused = gpu_time(lambda: cupy_gpu.gemm_threshold(ag, pg, k, thr, kernel=kern), repeats)
+            got = cupy_gpu.gemm_threshold(ag[:64], pg, k, thr, kernel=kern).get()
+            add(f"cupy {kern} + threshold epilogue", fused, cpu=False,
+                note="B prepared; bits out" if (got == want_bits).all() else "WRONG RESULT")
     base = rows[0]["time_s"]
     plain = next((r["time_s"] for r in rows if r["backend"] == "plain 4x4 ctpop"), None)
     for r in rows:
@@ -373,7 +391,7 @@ def bench_shape(m, k, n, backends, repeats, use_gpu, peak, probe=None):
 def print_table(rows, peak):
     if peak:
         print(f"\nXOR-popcount-accumulate peak (L1-resident, all cores): {peak:.3f} TOPS")
-    head = (f"{'shape MxKxN':18s} {'backend':28s} {'time ms':>10s} {'TOPS':>8s} {'% peak':>7s} "
+    head = (f"{'shape MxKxN':18s} {'backend':36s} {'time ms':>10s} {'TOPS':>8s} {'% peak':>7s} "
             f"{'x f32':>7s} {'x plain':>7s} {'pack ms':>9s} {'e2e ms':>9s} {'e2e x f32':>9s}  note")
     print("\n" + head + "\n" + "-" * len(head))
     dash = lambda w: f"{'-':>{w}s}"  # noqa: E731
@@ -383,7 +401,7 @@ def print_table(rows, peak):
         e2x = f"{r['end_to_end_speedup_vs_f32']:9.1f}" if r["end_to_end_speedup_vs_f32"] else dash(9)
         frac = f"{100 * r['fraction_of_peak']:7.1f}" if r["fraction_of_peak"] else dash(7)
         xp = f"{r['speedup_vs_plain_4x4']:7.2f}" if r["speedup_vs_plain_4x4"] else dash(7)
-        print(f"{r['shape']:18s} {r['backend']:28s} {r['time_s'] * 1e3:10.2f} {r['tops']:8.3f} "
+        print(f"{r['shape']:18s} {r['backend']:36s} {r['time_s'] * 1e3:10.2f} {r['tops']:8.3f} "
               f"{frac} {r['speedup_vs_f32']:7.1f} {xp} {pack} {e2e} {e2x}  {r['note']}")
 
 

@@ -72,7 +72,7 @@ timeout 40 $PY benchmarks/bench_split_gemm.py --out "$OUT" > "$OUT/bench_split_g
 stamp "bench_split_gemm rc=$?"; tail -18 "$OUT/bench_split_gemm.log" | cut -c1-200
 timeout 70 $PY benchmarks/bench_gemm.py --backends numpy,cupy --repeats 3 --out "$OUT" \
     > "$OUT/bench_gemm.log" 2>&1
-stamp "bench_gemm rc=$?"; grep -E "^[0-9]+x[0-9]+x[0-9]+ " "$OUT/bench_gemm.log" | cut -c1-125
+stamp "bench_gemm rc=$?"; grep -E "^[0-9]+x[0-9]+x[0-9]+ " "$OUT/bench_gemm.log" | cut -c1-170
 timeout 60 $PY benchmarks/bench_inference.py --nets mlp --backends cupy --repeats 3 --out "$OUT" \
     > "$OUT/bench_inference.log" 2>&1
 stamp "bench_inference rc=$?"; grep -E "cupy|by stage" "$OUT/bench_inference.log" | cut -c1-300 | head -12

@@ -92,6 +92,11 @@ Besides these:
   uint64 (M, ceil(N/64)) with bit (i, j) = ``z[i, j] >= threshold``. ``numba_cpu`` does it
   in one parallel pass and takes ``out=`` (a uint64 buffer to reuse); ValueError for other
   dtypes or shapes.
+- ``gemm_threshold(a, b, k, threshold, kernel=None)`` (``cupy_gpu``): the two in one
+  kernel, ``pack_threshold(xnor_gemm(a, b, k), threshold)`` with the comparison and packing
+  in the GEMM's epilogue (no int32 matrix); integer thresholds only.
+- ``prepare_weights(b)`` (``numba_cpu``, ``cupy_gpu``): a right operand kept in the forms the
+  backend's kernels read (a ``PreparedWeights``), which ``xnor_gemm`` takes in place of ``b``.
 
 - ``unpack_rows(packed, k, dtype=np.float32)`` (``reference``, re-exported by
   ``numba_cpu``): uint64 (..., W) -> +-1 values (..., k) of ``dtype``, NumPy; ValueError

@@ -18,10 +18,11 @@ import numpy as np
 
 from .cuda_sources import read_source
 from .reference import (PLANES, check_bitplane_operands, check_gemm_operands, check_pack_input,
-                        check_pixels, check_threshold_operands, n_words)
+                        check_pixels, check_threshold_operands, check_threshold_table, n_words)
 
-__all__ = ["available", "pack_rows", "nan_seen", "xnor_gemm", "pack_bitplanes", "bitplane_gemm",
-           "pack_threshold", "default_kernel", "available_kernels"]
+__all__ = ["available", "pack_rows", "nan_seen", "xnor_gemm", "gemm_threshold", "pack_bitplanes",
+           "bitplane_gemm", "pack_threshold", "default_kernel", "available_kernels",
+           "PreparedWeights", "prepare_weights"]
 
 _THREADS = 256
 _TILE = 128  # block tile of both GEMM kernels (rows of A and rows of B)
@@ -167,55 +168,159 @@ def _padded(x, rows, words):
     return out
 
 
-def xnor_gemm(a, b, k, kernel=None):
-    """Binary GEMM on the GPU: out[i, j] = k - 2 * popcount(a[i] XOR b[j]), int32 CuPy (M, N).
+class PreparedWeights:
+    """A right operand that many products reuse (a frozen net's weights), kept on the GPU:
+    the packed rows ``rows`` (CuPy uint64 (N, W), a copy made once) and, made on first use
+    and kept, the tensor-core kernel's form of them (rows and words zero-padded to its
+    tiles, and the row popcounts of the AND identity), which :func:`xnor_gemm` would
+    otherwise make from B in every call. :func:`xnor_gemm` and :func:`gemm_threshold` take it
+    in place of ``b``; results are the same, bit for bit. Make it with
+    :func:`prepare_weights`."""
 
-    ``a`` (M, W) and ``b`` (N, W) are packed uint64 rows (CuPy or NumPy, B transposed),
-    W = ceil(k/64), padding bits 0 (not checked here: that would synchronize).
-    ``kernel``: ``"tensorcore"`` (compute capability >= 8.0) or ``"cuda"``; default the
-    fastest available.
-    """
-    k = check_gemm_operands(a, b, k, check_padding=False)
+    def __init__(self, rows):
+        self.rows = rows
+        self._tc = None
+
+    @property
+    def shape(self):
+        return self.rows.shape
+
+    def tensorcore_form(self):
+        """(padded rows, int32 row popcounts) as ``xnor_gemm_tc`` reads them (made once)."""
+        if self._tc is None:
+            self._tc = _tc_operand(self.rows)
+        return self._tc
+
+    def __repr__(self):
+        return (f"PreparedWeights({self.rows.shape[0]} rows x {self.rows.shape[1]} words on "
+                f"the GPU, tensor-core form {'made' if self._tc is not None else 'not made yet'})")
+
+
+def prepare_weights(b):
+    """``b`` (N, W) packed rows (NumPy or CuPy) as a :class:`PreparedWeights` on the current
+    GPU, for repeated products with it as the right operand (one is returned as it is).
+    The rows are copied, so later changes to ``b`` do not reach it."""
+    if isinstance(b, PreparedWeights):
+        return b
+    if not hasattr(b, "dtype") or b.ndim != 2 or b.dtype != np.uint64:
+        raise ValueError("b: expected a 2-D uint64 array (N, W) of packed rows, got "
+                         f"{getattr(b, 'dtype', type(b).__name__)} of shape "
+                         f"{getattr(b, 'shape', None)}")
     cp = _cp()
+    return PreparedWeights(cp.array(b, dtype=cp.uint64, order="C", copy=True))
+
+
+def _tc_operand(x):
+    """Packed rows (R, W) as the tensor-core kernel reads them: rows padded to a multiple of
+    its 128-row tile, words to a multiple of 8, zeros in the pads, and int32 row popcounts."""
+    cp = _cp()
+    r, w = x.shape
+    wp = (w + _TC_BKW - 1) // _TC_BKW * _TC_BKW
+    xp = _padded(x, (r + _TILE - 1) // _TILE * _TILE, wp)
+    pop = cp.empty(r, dtype=cp.int32)
+    if r:
+        _function("xnor_gemm.cu", "row_popcount")(
+            _blocks(r * 32), (_THREADS,), (xp, np.int32(r), np.int32(wp), pop))
+    return xp, pop
+
+
+def _gemm_operands(a, b, k, kernel):
+    """Checked operands of a GEMM launch: (a, b rows, the PreparedWeights or None, k, kernel)."""
+    prepared = b if isinstance(b, PreparedWeights) else None
+    rows = b.rows if prepared is not None else b
+    k = check_gemm_operands(a, rows, k, check_padding=False)
     m, w = a.shape
-    n = b.shape[0]
+    n = rows.shape[0]
     if max(m, n, w, k) > _INT32_MAX:
         raise ValueError(f"a, b: sizes M={m}, N={n}, W={w}, k={k} exceed the int32 kernel limits")
+    if m > _MAX_ROWS:
+        raise ValueError(f"a: M={m} rows exceed the launch grid limit of {_MAX_ROWS}")
     kernels = available_kernels()
     kernel = kernels[0] if kernel is None else kernel
     if kernel not in kernels:
         raise ValueError(f"kernel: expected one of {kernels} on this GPU, got {kernel!r}")
-    a = cp.asarray(a)
-    b = cp.asarray(b)
+    return a, rows, prepared, k, kernel
+
+
+def _launch(a, rows, prepared, k, kernel, tail, threshold_args=None):
+    """Launch the ``kernel`` GEMM of packed ``a`` and ``rows`` (M, N, W all > 0); ``tail`` is
+    the output argument(s) of the plain kernel, or of the ``_threshold`` kernel when
+    ``threshold_args`` (thr, periods) is given."""
+    cp = _cp()
+    m, w = a.shape
+    n = rows.shape[0]
+    grid = ((n + _TILE - 1) // _TILE, (m + _TILE - 1) // _TILE)
+    sizes = (np.int32(m), np.int32(n))
+    suffix = "" if threshold_args is None else "_threshold"
+    lead = () if threshold_args is None else threshold_args
+    if kernel == "cuda":
+        _function("xnor_gemm.cu", "xnor_gemm_cuda_core" + suffix)(
+            grid, (_THREADS,), (cp.ascontiguousarray(a), cp.ascontiguousarray(rows), *lead,
+                                *tail, *sizes, np.int32(w), np.int32(k)))
+        return
+    ap, pop_a = _tc_operand(cp.asarray(a))
+    bp, pop_b = prepared.tensorcore_form() if prepared is not None else _tc_operand(rows)
+    fn = _function("xnor_gemm_tc.cu", "xnor_gemm_tc" + suffix)
+    if fn.max_dynamic_shared_size_bytes < _TC_SMEM_BYTES:
+        fn.max_dynamic_shared_size_bytes = _TC_SMEM_BYTES
+    fn(grid, (_THREADS,),
+       (ap, bp, pop_a, pop_b, *lead, *tail, *sizes, np.int32(ap.shape[1]), np.int32(k)),
+       shared_mem=_TC_SMEM_BYTES)
+
+
+def xnor_gemm(a, b, k, kernel=None):
+    """Binary GEMM on the GPU: out[i, j] = k - 2 * popcount(a[i] XOR b[j]), int32 CuPy (M, N).
+
+    ``a`` (M, W) and ``b`` (N, W) are packed uint64 rows (CuPy or NumPy, B transposed),
+    W = ceil(k/64), padding bits 0 (not checked here: that would synchronize). ``b`` may be
+    a :class:`PreparedWeights`. ``kernel``: ``"tensorcore"`` (compute capability >= 8.0) or
+    ``"cuda"``; default the fastest available.
+    """
+    a, rows, prepared, k, kernel = _gemm_operands(a, b, k, kernel)
+    cp = _cp()
+    m, w = a.shape
+    n = rows.shape[0]
     out = cp.empty((m, n), dtype=cp.int32)
     if m == 0 or n == 0:
         return out
     if w == 0:
         out.fill(0)
         return out
-    grid = ((n + _TILE - 1) // _TILE, (m + _TILE - 1) // _TILE)
-    if m > _MAX_ROWS:
-        raise ValueError(f"a: M={m} rows exceed the launch grid limit of {_MAX_ROWS}")
-    if kernel == "cuda":
-        a = cp.ascontiguousarray(a)
-        b = cp.ascontiguousarray(b)
-        _function("xnor_gemm.cu", "xnor_gemm_cuda_core")(
-            grid, (_THREADS,), (a, b, out, np.int32(m), np.int32(n), np.int32(w), np.int32(k)))
-        return out
-    wp = (w + _TC_BKW - 1) // _TC_BKW * _TC_BKW
-    ap = _padded(a, grid[1] * _TILE, wp)
-    bp = _padded(b, grid[0] * _TILE, wp)
-    pop_a = cp.empty(m, dtype=cp.int32)
-    pop_b = cp.empty(n, dtype=cp.int32)
-    popcount = _function("xnor_gemm.cu", "row_popcount")
-    popcount(_blocks(m * 32), (_THREADS,), (ap, np.int32(m), np.int32(wp), pop_a))
-    popcount(_blocks(n * 32), (_THREADS,), (bp, np.int32(n), np.int32(wp), pop_b))
-    fn = _function("xnor_gemm_tc.cu", "xnor_gemm_tc")
-    if fn.max_dynamic_shared_size_bytes < _TC_SMEM_BYTES:
-        fn.max_dynamic_shared_size_bytes = _TC_SMEM_BYTES
-    fn(grid, (_THREADS,),
-       (ap, bp, pop_a, pop_b, out, np.int32(m), np.int32(n), np.int32(wp), np.int32(k)),
-       shared_mem=_TC_SMEM_BYTES)
+    _launch(cp.asarray(a), cp.asarray(rows), prepared, k, kernel, (out,))
+    return out
+
+
+def gemm_threshold(a, b, k, threshold, kernel=None):
+    """``pack_threshold(xnor_gemm(a, b, k), threshold)`` in one kernel: the GEMM's epilogue
+    compares each product with its threshold and packs the bits (no int32 (M, N) matrix, no
+    second pass). Returns uint64 CuPy (M, ceil(N/64)):
+
+        bit (i, j) = a_i . b_j >= threshold[j]             (threshold (N,)), or
+        bit (i, j) = a_i . b_j >= threshold[i mod P, j]    (threshold (P, N), P dividing M)
+
+    packed as ``pack_rows`` packs (bit 1 = +1, padding bits 0): a frozen hidden layer's
+    sign(BN(z)). ``threshold`` must be integer (exact in int64: not uint64); operands and
+    ``kernel`` as in :func:`xnor_gemm`.
+    """
+    a, rows, prepared, k, kernel = _gemm_operands(a, b, k, kernel)
+    cp = _cp()
+    threshold = cp.asarray(threshold)
+    kind = getattr(threshold.dtype, "kind", None)
+    if not (kind == "i" or (kind == "u" and threshold.dtype.itemsize <= 4)):
+        raise ValueError(f"threshold: expected integers exact in int64 (a frozen layer's "
+                         f"thresholds), got dtype {threshold.dtype}")
+    m, w = a.shape
+    n = rows.shape[0]
+    p = check_threshold_table(threshold, m, n)
+    words = n_words(n)
+    if m == 0 or n == 0:
+        return cp.empty((m, words), dtype=cp.uint64)
+    if w == 0:  # k = 0: every product is 0
+        return pack_threshold(cp.zeros((m, n), dtype=cp.int32), threshold)
+    out = cp.empty((m, words), dtype=cp.uint64)
+    thr = cp.ascontiguousarray(threshold.astype(cp.int64)).reshape(-1)
+    _launch(cp.asarray(a), cp.asarray(rows), prepared, k, kernel, (out, np.int64(words)),
+            (thr, np.int64(p)))
     return out
 
 
@@ -259,7 +364,7 @@ def pack_threshold(z, threshold):
     table), packed on the GPU: uint64 (M, ceil(N/64)), as :func:`kernels.reference.pack_threshold`.
     int32 ``z`` against integer thresholds (the frozen layers' case) is one fused pass
     (``pack_threshold_i32``: no bool matrix); other dtypes compare, then pack the bool array.
-    Not yet fused into the GEMM's epilogue: that would save the pass over ``z`` too."""
+    :func:`gemm_threshold` does this in the GEMM's epilogue, saving the pass over ``z``."""
     cp = _cp()
     z, threshold = cp.asarray(z), cp.asarray(threshold)
     p = check_threshold_operands(z, threshold)

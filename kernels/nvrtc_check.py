@@ -15,7 +15,7 @@ from pathlib import Path
 from .cuda_sources import SOURCES, read_source
 
 __all__ = ["NVRTCError", "NVRTCUnavailable", "load_nvrtc", "nvrtc_version", "supported_archs",
-           "compile_source", "compile_all"]
+           "compile_source", "compile_all", "find_ptxas", "ptxas_resources"]
 
 
 class NVRTCUnavailable(RuntimeError):
@@ -132,3 +132,51 @@ def compile_all(arch="compute_80"):
     cc = int(arch.split("_")[-1])
     return {name: compile_source(read_source(name), arch, name)
             for name, min_cc in SOURCES.items() if cc >= min_cc}
+
+
+def find_ptxas():
+    """Path of a ``ptxas`` (``$MINIBNN_PTXAS``, the ``nvidia-cuda-nvcc-cu12`` wheel's, or one on
+    PATH), or None. Not a dependency: a developer's check of registers and spills."""
+    import shutil
+    env = os.environ.get("MINIBNN_PTXAS")
+    if env:
+        return env if Path(env).is_file() else None
+    try:
+        spec = importlib.util.find_spec("nvidia.cuda_nvcc")
+    except (ImportError, ValueError):
+        spec = None
+    for loc in (spec.submodule_search_locations or []) if spec is not None else []:
+        p = Path(loc) / "bin" / "ptxas"
+        if p.is_file():
+            return str(p)
+    return shutil.which("ptxas")
+
+
+def ptxas_resources(ptx, arch="sm_90", ptxas=None):
+    """Assemble PTX text for real architecture ``arch`` with ``ptxas -v``; returns
+    {entry: {"registers": int, "spill_stores": bytes, "spill_loads": bytes}}."""
+    import re
+    import subprocess
+    import tempfile
+    ptxas = ptxas or find_ptxas()
+    if ptxas is None:
+        raise FileNotFoundError("ptxas not found: set MINIBNN_PTXAS or install nvidia-cuda-nvcc-cu12")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        run = subprocess.run([ptxas, f"-arch={arch}", "-v", str(src), "-o", str(Path(tmp) / "k.cubin")],
+                             capture_output=True, text=True)
+    if run.returncode:
+        raise NVRTCError(f"ptxas failed for {arch}:\n{run.stderr}")
+    out, entry = {}, None
+    for line in run.stderr.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)'", line)
+        if m:
+            entry = out.setdefault(m.group(1), {"registers": 0, "spill_stores": 0, "spill_loads": 0})
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and entry is not None:
+            entry["spill_stores"], entry["spill_loads"] = int(m.group(1)), int(m.group(2))
+        m = re.search(r"Used (\d+) registers", line)
+        if m and entry is not None:
+            entry["registers"] = int(m.group(1))
+    return out

@@ -246,7 +246,12 @@ def check_threshold_operands(z, threshold):
                              f"{_describe(x)}")
     if z.ndim != 2:
         raise ValueError(f"z: expected a 2-D array (M, N), got {_describe(z)}")
-    m, n = z.shape
+    return check_threshold_table(threshold, *z.shape)
+
+
+def check_threshold_table(threshold, m, n):
+    """Validate the shape of a threshold table for M x N outputs: (N,) or (P, N) with
+    P >= 1 dividing M. Returns P."""
     if threshold.ndim not in (1, 2) or threshold.shape[-1] != n or \
             (threshold.ndim == 2 and (threshold.shape[0] < 1 or m % threshold.shape[0])):
         raise ValueError(f"threshold: expected shape ({n},) or (P, {n}) with P dividing "

@@ -106,9 +106,17 @@ __device__ __forceinline__ void cc_load(const u64* __restrict__ A, const u64* __
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256, 2)
-xnor_gemm_cuda_core(const u64* __restrict__ A, const u64* __restrict__ B,
-                    int* __restrict__ C, int M, int N, int W, int K)
+// THRESH = true: the threshold-and-pack epilogue instead of int32 C (as in xnor_gemm_tc.cu):
+// bit (i, j) = a_i . b_j >= thr[(i mod periods) * N + j], packed LSB first into `bits`
+// viewed as 16-bit words, `words16` = 4 * ceil(N/64) per row. For output (i, j) a warp's
+// lanes 0..15 hold columns tx + 16j of row ty (even) and lanes 16..31 those of row ty + 1, so
+// one __ballot_sync gives each row's 16 columns 16j .. 16j + 15 in order; lanes 0 and 16
+// store them.
+template <bool THRESH>
+__device__ __forceinline__ void cc_gemm(const u64* __restrict__ A, const u64* __restrict__ B,
+                                        int* __restrict__ C, const long long* __restrict__ thr,
+                                        long long periods, unsigned short* __restrict__ bits,
+                                        long long words16, int M, int N, int W, int K)
 {
     __shared__ u32 sA[CC_BM * CC_LD];
     __shared__ u32 sB[CC_BN * CC_LD];
@@ -153,6 +161,24 @@ xnor_gemm_cuda_core(const u64* __restrict__ A, const u64* __restrict__ B,
                 for (int j = 0; j < 8; ++j) acc[i][j] += __popc(a[i] ^ b[j]);
         }
     }
+    if (THRESH) {
+        const int lane = tid & 31;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const long long r = row0 + ty + 16 * i;
+            const long long* tr = thr + (r < M ? (r % periods) * N : 0);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const long long c = col0 + tx + 16 * j;
+                const bool fire = r < M && c < N && (long long)(K - 2 * acc[i][j]) >= tr[c];
+                const u32 m = __ballot_sync(0xffffffffu, fire);  // every lane gets here
+                const long long q = (col0 + 16 * j) >> 4;
+                if ((lane & 15) == 0 && r < M && q < words16)
+                    bits[r * words16 + q] = (unsigned short)(lane == 0 ? m : m >> 16);
+            }
+        }
+        return;
+    }
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
         const long long r = row0 + ty + 16 * i;
@@ -163,4 +189,22 @@ xnor_gemm_cuda_core(const u64* __restrict__ A, const u64* __restrict__ B,
             if (c < N) C[r * N + c] = K - 2 * acc[i][j];
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+xnor_gemm_cuda_core(const u64* __restrict__ A, const u64* __restrict__ B,
+                    int* __restrict__ C, int M, int N, int W, int K)
+{
+    cc_gemm<false>(A, B, C, nullptr, 1, nullptr, 0, M, N, W, K);
+}
+
+// The GEMM with the threshold-and-pack epilogue: `out` (M, words) uint64, thr int64
+// (periods, N), periods >= 1.
+extern "C" __global__ void __launch_bounds__(256, 2)
+xnor_gemm_cuda_core_threshold(const u64* __restrict__ A, const u64* __restrict__ B,
+                              const long long* __restrict__ thr, long long periods,
+                              u64* __restrict__ out, long long words, int M, int N, int W,
+                              int K)
+{
+    cc_gemm<true>(A, B, nullptr, thr, periods, (unsigned short*)out, 4 * words, M, N, W, K);
 }

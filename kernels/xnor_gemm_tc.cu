@@ -84,12 +84,22 @@ __device__ __forceinline__ void tc_load_stage(u64* smem, int buf, int stage,
 }
 
 // 256 threads = 8 warps as 2 (M) x 4 (N); warp tile 64 x 32 = 4 x 4 mma tiles of 16 x 8.
-extern "C" __global__ void __launch_bounds__(256, 2)
-xnor_gemm_tc(const u64* __restrict__ A, const u64* __restrict__ B,
-             const int* __restrict__ pop_a, const int* __restrict__ pop_b,
-             int* __restrict__ C, int M, int N, int Wp, int K)
+// THRESH = false: C[i, j] = a_i . b_j as int32 (row stride N).
+// THRESH = true (a frozen layer's sign(BN(z)) in the epilogue, no int32 matrix): bit (i, j)
+// = a_i . b_j >= thr[(i mod periods) * N + j], packed as pack_rows packs (LSB first, padding
+// columns 0) into `bits`, viewed as 32-bit words, `words32` = 2 * ceil(N/64) per row.
+// Lane (g, t) of a warp holds columns 2t, 2t+1 of each 8-column tile j of its 32 columns:
+// it sets bits 8j + 2t + e, the 4 lanes of a group OR theirs together with two xor shuffles,
+// and lane t = 0 stores the 32-bit word. Columns wn*32.. start on a 32-bit word boundary.
+template <bool THRESH>
+__device__ __forceinline__ void tc_gemm(u64* smem, const u64* __restrict__ A,
+                                        const u64* __restrict__ B,
+                                        const int* __restrict__ pop_a,
+                                        const int* __restrict__ pop_b, int* __restrict__ C,
+                                        const long long* __restrict__ thr, long long periods,
+                                        u32* __restrict__ bits, long long words32,
+                                        int M, int N, int Wp, int K)
 {
-    extern __shared__ __align__(16) u64 smem[];
     const int tid = threadIdx.x;
     const int lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -151,6 +161,35 @@ xnor_gemm_tc(const u64* __restrict__ A, const u64* __restrict__ B,
         }
     }
 
+    if (THRESH) {
+        const long long q = (col0 + wn * 32) >> 5;  // the warp's 32-bit word in each row
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const long long r = row0 + wm * 64 + i * 16 + g + 8 * half;
+                u32 word = 0;
+                if (r < M) {  // no `continue`: every lane must reach the shuffles
+                    const int base = K - 2 * pop_a[r];
+                    const long long* tr = thr + (r % periods) * N;
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            const long long c = col0 + wn * 32 + j * 8 + 2 * t + e;
+                            if (c >= N) continue;  // padding columns stay 0
+                            const int z = base - 2 * pop_b[c] + 4 * acc[i][j][2 * half + e];
+                            if ((long long)z >= tr[c]) word |= 1u << (8 * j + 2 * t + e);
+                        }
+                    }
+                }
+                word |= __shfl_xor_sync(0xffffffffu, word, 1);
+                word |= __shfl_xor_sync(0xffffffffu, word, 2);
+                if (t == 0 && r < M && q < words32) bits[r * words32 + q] = word;
+            }
+        }
+        return;
+    }
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
 #pragma unroll
@@ -168,4 +207,26 @@ xnor_gemm_tc(const u64* __restrict__ A, const u64* __restrict__ B,
             }
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+xnor_gemm_tc(const u64* __restrict__ A, const u64* __restrict__ B,
+             const int* __restrict__ pop_a, const int* __restrict__ pop_b,
+             int* __restrict__ C, int M, int N, int Wp, int K)
+{
+    extern __shared__ __align__(16) u64 smem[];
+    tc_gemm<false>(smem, A, B, pop_a, pop_b, C, nullptr, 1, nullptr, 0, M, N, Wp, K);
+}
+
+// The GEMM with the threshold-and-pack epilogue: `out` (M, words) uint64, thr int64
+// (periods, N), periods >= 1 (row i uses table row i mod periods: a conv layer's positions).
+extern "C" __global__ void __launch_bounds__(256, 2)
+xnor_gemm_tc_threshold(const u64* __restrict__ A, const u64* __restrict__ B,
+                       const int* __restrict__ pop_a, const int* __restrict__ pop_b,
+                       const long long* __restrict__ thr, long long periods,
+                       u64* __restrict__ out, long long words, int M, int N, int Wp, int K)
+{
+    extern __shared__ __align__(16) u64 smem[];
+    tc_gemm<true>(smem, A, B, pop_a, pop_b, nullptr, thr, periods, (u32*)out, 2 * words,
+                  M, N, Wp, K);
 }

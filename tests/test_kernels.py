@@ -464,3 +464,90 @@ def test_numba_pack_threshold_reuses_out():
     np.testing.assert_array_equal(out, reference.pack_rows(z >= 0))
     with pytest.raises(ValueError, match=r"out: expected a C-contiguous uint64 array of shape"):
         numba_cpu.pack_threshold(z, np.zeros(25, np.int32), out=np.zeros((4, 2), np.uint64))
+
+
+# ------------------------------------------- GEMM with the threshold in its epilogue (cupy)
+
+GPU_KERNELS = [pytest.param(kn, marks=p.marks, id=kn) for p in backend_params(("cupy",))
+               for kn in ("tensorcore", "cuda")]
+
+
+def _fused_case(rng, m, n, k, periods):
+    """Packed operands and int thresholds (periods, n) taken from the products themselves
+    (so about half the bits fire), with the int32 extremes planted (never, always)."""
+    a = reference.pack_rows(random_values(rng, (m, k), np.float32))
+    b = reference.pack_rows(random_values(rng, (n, k), np.float32))
+    z = reference.xnor_gemm(a, b, k)
+    thr = rng.integers(-3, 4, size=(periods, n)).astype(np.int64)
+    if z.size:
+        thr += z[rng.integers(0, m, size=(periods, n)), np.arange(n)[None, :]]
+    flat = thr.reshape(-1)
+    flat[rng.random(flat.size) < 0.05] = np.iinfo(np.int32).max
+    flat[rng.random(flat.size) < 0.05] = np.iinfo(np.int32).min
+    thr = thr if periods > 1 else thr[0]
+    return a, b, thr, reference.pack_threshold(z, thr)
+
+
+@pytest.mark.parametrize("kernel", GPU_KERNELS)
+@pytest.mark.parametrize("m,n,k,periods", [(1, 1, 1, 1), (130, 200, 700, 2), (37, 515, 4097, 1),
+                                           (129, 129, 9000, 3), (5, 64, 64, 5), (12, 33, 65, 4),
+                                           (301, 96, 1000, 7), (3, 127, 130, 1), (0, 70, 100, 1),
+                                           (6, 300, 129, 6)])
+@pytest.mark.parametrize("prepared", [False, True], ids=["b", "prepared"])
+def test_cupy_gemm_threshold_is_gemm_then_pack(kernel, m, n, k, periods, prepared):
+    """gemm_threshold = pack_threshold(xnor_gemm): bits, padding bits 0, every word of the
+    output written (it starts as garbage), row periods of a conv table, int32/int64 tables,
+    on both kernels and with B prepared."""
+    rng = np.random.default_rng(m * 13 + n * 7 + k + periods)
+    a, b, thr, want = _fused_case(rng, m, n, k, periods)
+    bb = cupy_gpu.prepare_weights(b) if prepared else b
+    for t in (thr, np.clip(thr, np.iinfo(np.int32).min, np.iinfo(np.int32).max).astype(np.int32)):
+        got = _to_host(cupy_gpu.gemm_threshold(a, bb, k, t, kernel=kernel))
+        assert got.dtype == np.uint64 and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(_to_host(cupy_gpu.xnor_gemm(a, bb, k, kernel=kernel)),
+                                  reference.xnor_gemm(a, b, k))
+
+
+@pytest.mark.parametrize("kernel", GPU_KERNELS)
+def test_cupy_gemm_threshold_empty_and_k0(kernel):
+    t = np.zeros(5, np.int32)
+    assert _to_host(cupy_gpu.gemm_threshold(np.zeros((0, 2), np.uint64),
+                                            np.zeros((5, 2), np.uint64), 100, t,
+                                            kernel=kernel)).shape == (0, 1)
+    assert _to_host(cupy_gpu.gemm_threshold(np.zeros((3, 2), np.uint64),
+                                            np.zeros((0, 2), np.uint64), 100,
+                                            np.zeros(0, np.int32), kernel=kernel)).shape == (3, 0)
+    # k = 0: every product is 0, so bit j is 0 >= t[j]
+    t = np.array([0, 1, -1, 0, 5], np.int32)
+    got = _to_host(cupy_gpu.gemm_threshold(np.zeros((3, 0), np.uint64),
+                                           np.zeros((5, 0), np.uint64), 0, t, kernel=kernel))
+    np.testing.assert_array_equal(got, np.full((3, 1), 0b01101, np.uint64))
+
+
+@pytest.mark.parametrize("kernel", GPU_KERNELS)
+def test_cupy_gemm_threshold_rejects_bad_operands(kernel):
+    good = np.zeros((6, 2), np.uint64)
+    cases = [((good, good, 100, np.zeros(6, np.float32)), r"threshold: expected integers exact"),
+             ((good, good, 100, np.zeros(6, np.uint64)), r"threshold: expected integers exact"),
+             ((good, good, 100, np.zeros(5, np.int32)), r"threshold: expected shape \(6,\)"),
+             ((good, good, 100, np.zeros((4, 6), np.int32)), r"P dividing M = 6"),
+             ((good, good[:, :1], 100, np.zeros(6, np.int32)), r"b: expected 2 words"),
+             ((good, np.zeros((6, 2), np.int64), 100, np.zeros(6, np.int32)), r"b: expected packed")]
+    for args, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            cupy_gpu.gemm_threshold(*args, kernel=kernel)
+
+
+@pytest.mark.parametrize("backend_name", backend_params(("cupy",)))
+def test_cupy_prepared_weights_are_a_copy(backend_name):
+    rng = np.random.default_rng(2)
+    b = reference.pack_rows(rng.standard_normal((70, 130)))
+    a = reference.pack_rows(rng.standard_normal((9, 130)))
+    prepared = cupy_gpu.prepare_weights(b)
+    assert cupy_gpu.prepare_weights(prepared) is prepared
+    want = reference.xnor_gemm(a, b, 130)
+    b[:] = 0  # later writes do not reach the prepared copy
+    np.testing.assert_array_equal(_to_host(cupy_gpu.xnor_gemm(a, prepared, 130)), want)
+    with pytest.raises(ValueError, match=r"b: expected a 2-D uint64 array"):
+        cupy_gpu.prepare_weights(np.zeros((3, 2), np.int64))

@@ -96,10 +96,15 @@ TC_STAGE_WORDS = (TC_BM + TC_BN) * TC_LDW
 MASK32 = np.uint64(0xFFFFFFFF)
 
 
-def tc_kernel_model(ap, bp, pop_a, pop_b, m, n, wp, k):
-    """Run xnor_gemm_tc over its whole grid; returns (C, number of writes per output)."""
+def tc_kernel_model(ap, bp, pop_a, pop_b, m, n, wp, k, thr=None, periods=1):
+    """Run xnor_gemm_tc over its whole grid; returns (C, number of writes per output).
+    With ``thr`` (int64 (periods * n,)) it runs xnor_gemm_tc_threshold instead and returns
+    (the packed uint64 (m, words) output, number of writes per 32-bit output word)."""
     out = np.zeros((m, n), np.int64)
     writes = np.zeros((m, n), np.int64)
+    words32 = 2 * (-(-n // 64))
+    bits = np.zeros((m, words32), np.uint64)  # 32-bit words, held in uint64
+    bit_writes = np.zeros((m, words32), np.int64)
     flat_a, flat_b = ap.reshape(-1), bp.reshape(-1)
     tid = np.arange(256)
     n_stages = wp // TC_BKW
@@ -149,6 +154,28 @@ def tc_kernel_model(ap, bp, pop_a, pop_b, m, n, wp, k):
                                 acc[warp, i, j] = mma_m16n8k256_and_popc(af[i], bf[j], acc[warp, i, j])
             for warp in range(8):
                 wm, wn = warp >> 2, warp & 3
+                if thr is not None:  # the threshold epilogue, all 32 lanes at once
+                    q = (col0 + wn * 32) >> 5
+                    for i in range(4):
+                        for half in range(2):
+                            r = row0 + wm * 64 + i * 16 + _G + 8 * half
+                            word = np.zeros(32, np.uint64)
+                            for j in range(4):
+                                for e in range(2):
+                                    c = col0 + wn * 32 + j * 8 + 2 * _T + e
+                                    ok = (r < m) & (c < n)
+                                    rr, cc = np.where(ok, r, 0), np.where(ok, c, 0)
+                                    z = (k - 2 * pop_a[rr] - 2 * pop_b[cc]
+                                         + 4 * acc[warp, i, j][:, 2 * half + e])
+                                    fire = ok & (z >= thr[(rr % periods) * n + cc])
+                                    word |= fire.astype(np.uint64) << (8 * j + 2 * _T + e).astype(np.uint64)
+                            for mask in (1, 2):  # __shfl_xor_sync: lane l reads lane l ^ mask
+                                word = word | word[_LANE ^ mask]
+                            store = (_T == 0) & (r < m) & (q < words32)
+                            if store.any():
+                                bits[r[store], q] = word[store]
+                                np.add.at(bit_writes, (r[store], np.full(store.sum(), q)), 1)
+                    continue
                 for i in range(4):
                     for half in range(2):
                         r = row0 + wm * 64 + i * 16 + _G + 8 * half
@@ -160,7 +187,14 @@ def tc_kernel_model(ap, bp, pop_a, pop_b, m, n, wp, k):
                                 val = k - 2 * pop_a[rr] - 2 * pop_b[cc] + 4 * acc[warp, i, j][ok, 2 * half + e]
                                 out[rr, cc] = val
                                 writes[rr, cc] += 1
+    if thr is not None:
+        return _u32_to_u64(bits), bit_writes
     return out, writes
+
+
+def _u32_to_u64(words32):
+    """(m, 2w) 32-bit words -> the (m, w) uint64 array they fill (little-endian)."""
+    return (words32[:, 0::2] | (words32[:, 1::2] << np.uint64(32))).astype(np.uint64)
 
 
 def _pad(x, rows, words):  # what cupy_gpu._padded produces
@@ -185,6 +219,42 @@ def test_tensor_core_kernel_model(m, n, k):
     np.testing.assert_array_equal(out, reference.xnor_gemm(a, b, k))
 
 
+def _threshold_case(rng, a, b, k, periods):
+    """Thresholds (periods, n) drawn from the products themselves (about half fire), with
+    the int32 extremes planted (never and always)."""
+    z = reference.xnor_gemm(a, b, k)
+    n = b.shape[0]
+    thr = rng.integers(-k, k + 1, size=(periods, n)).astype(np.int64)
+    if z.size:
+        thr = z[rng.integers(0, z.shape[0], size=(periods, n)), np.arange(n)[None, :]].astype(np.int64)
+        thr += rng.integers(-1, 2, size=thr.shape)
+    flat = thr.reshape(-1)
+    flat[rng.random(flat.size) < 0.05] = np.iinfo(np.int32).max
+    flat[rng.random(flat.size) < 0.05] = np.iinfo(np.int32).min
+    return thr, reference.pack_threshold(z, thr if periods > 1 else thr[0])
+
+
+@pytest.mark.parametrize("m,n,k,periods", [(130, 200, 700, 1), (16, 8, 256, 2), (1, 129, 1025, 1),
+                                           (12, 64, 70, 4), (9, 33, 64, 3), (4, 96, 300, 1)])
+def test_tensor_core_threshold_epilogue_model(m, n, k, periods):
+    """xnor_gemm_tc_threshold: the bits equal pack_threshold(GEMM), padding columns 0, and
+    each 32-bit word of the output is stored exactly once (the 4 lanes of a group combine
+    their bits through two xor shuffles before lane t = 0 stores)."""
+    rng = np.random.default_rng(m * 5 + n + k)
+    a = reference.pack_rows(rng.standard_normal((m, k)))
+    b = reference.pack_rows(rng.standard_normal((n, k)))
+    w = a.shape[1]
+    wp = -(-w // TC_BKW) * TC_BKW
+    ap = _pad(a, -(-m // TC_BM) * TC_BM, wp)
+    bp = _pad(b, -(-n // TC_BN) * TC_BN, wp)
+    pop_a = np.bitwise_count(ap).sum(axis=1).astype(np.int64)[:m]
+    pop_b = np.bitwise_count(bp).sum(axis=1).astype(np.int64)[:n]
+    thr, want = _threshold_case(rng, a, b, k, periods)
+    got, writes = tc_kernel_model(ap, bp, pop_a, pop_b, m, n, wp, k, thr.reshape(-1), periods)
+    assert (writes == 1).all()
+    np.testing.assert_array_equal(got, want)
+
+
 def test_tensor_core_fragment_loads_are_bank_conflict_free():
     """A half warp's 16 lanes read 16 distinct 8-byte words over all 32 banks."""
     for base_row in (0, 16, 72):
@@ -202,9 +272,14 @@ CC_BKW = 8
 CC_LD = 2 * CC_BKW + 1
 
 
-def cuda_core_kernel_model(a, b, m, n, w, k):
+def cuda_core_kernel_model(a, b, m, n, w, k, thr=None, periods=1):
+    """Run xnor_gemm_cuda_core (or with ``thr``, xnor_gemm_cuda_core_threshold: returns the
+    packed output and the writes per 16-bit word) over its whole grid."""
     out = np.zeros((m, n), np.int64)
     writes = np.zeros((m, n), np.int64)
+    words16 = 4 * (-(-n // 64))
+    bits = np.zeros((m, words16), np.uint64)  # 16-bit words, held in uint64
+    bit_writes = np.zeros((m, words16), np.int64)
     tid = np.arange(256)
     tx, ty = tid & 15, tid >> 4
     flat_a, flat_b = a.reshape(-1), b.reshape(-1)
@@ -232,12 +307,32 @@ def cuda_core_kernel_model(a, b, m, n, w, k):
                     av = s_a[(ty[:, None] + 16 * np.arange(8)[None, :]) * CC_LD + kk]
                     bv = s_b[(tx[:, None] + 16 * np.arange(8)[None, :]) * CC_LD + kk]
                     acc += np.bitwise_count(av[:, :, None] ^ bv[:, None, :])
+            if thr is not None:  # the ballot epilogue, warp by warp
+                for warp in range(8):
+                    lanes = warp * 32 + _LANE
+                    for i in range(8):
+                        r = row0 + ty[lanes] + 16 * i
+                        for j in range(8):
+                            c = col0 + tx[lanes] + 16 * j
+                            ok = (r < m) & (c < n)
+                            rr, cc = np.where(ok, r, 0), np.where(ok, c, 0)
+                            fire = ok & (k - 2 * acc[lanes, i, j] >= thr[(rr % periods) * n + cc])
+                            ballot = int(np.sum(fire.astype(np.uint64) << _LANE.astype(np.uint64)))
+                            q = (col0 + 16 * j) >> 4
+                            for lane in (0, 16):
+                                if r[lane] < m and q < words16:
+                                    bits[r[lane], q] = (ballot >> lane) & 0xFFFF
+                                    bit_writes[r[lane], q] += 1
+                continue
             r = row0 + ty[:, None, None] + 16 * np.arange(8)[None, :, None]
             c = col0 + tx[:, None, None] + 16 * np.arange(8)[None, None, :]
             r, c = np.broadcast_to(r, acc.shape), np.broadcast_to(c, acc.shape)
             ok = (r < m) & (c < n)
             out[r[ok], c[ok]] = k - 2 * acc[ok]
             np.add.at(writes, (r[ok], c[ok]), 1)
+    if thr is not None:
+        b16 = [bits[:, i::4] << np.uint64(16 * i) for i in range(4)]
+        return (b16[0] | b16[1] | b16[2] | b16[3]).astype(np.uint64), bit_writes
     return out, writes
 
 
@@ -249,6 +344,20 @@ def test_cuda_core_kernel_model(m, n, k):
     out, writes = cuda_core_kernel_model(a, b, m, n, a.shape[1], k)
     assert (writes == 1).all()
     np.testing.assert_array_equal(out, reference.xnor_gemm(a, b, k))
+
+
+@pytest.mark.parametrize("m,n,k,periods", [(130, 200, 700, 2), (1, 1, 1, 1), (17, 65, 4097, 1),
+                                           (9, 16, 64, 3), (5, 140, 100, 5)])
+def test_cuda_core_threshold_epilogue_model(m, n, k, periods):
+    """xnor_gemm_cuda_core_threshold: one ballot per (i, j) gives rows ty and ty + 1 their 16
+    columns in order; every 16-bit output word is stored exactly once."""
+    rng = np.random.default_rng(m * 3 + n + k)
+    a = reference.pack_rows(rng.standard_normal((m, k)))
+    b = reference.pack_rows(rng.standard_normal((n, k)))
+    thr, want = _threshold_case(rng, a, b, k, periods)
+    got, writes = cuda_core_kernel_model(a, b, m, n, a.shape[1], k, thr.reshape(-1), periods)
+    assert (writes == 1).all()
+    np.testing.assert_array_equal(got, want)
 
 
 # ------------------------------------------------------- model of the pack kernels

@@ -12,7 +12,7 @@ import pytest
 from minibnn.kernels import cupy_gpu
 from minibnn.kernels.cuda_sources import SOURCES, read_source
 from minibnn.kernels.nvrtc_check import (NVRTCError, NVRTCUnavailable, compile_all, compile_source,
-                                         load_nvrtc, supported_archs)
+                                         find_ptxas, load_nvrtc, ptxas_resources, supported_archs)
 
 try:
     load_nvrtc()
@@ -24,8 +24,8 @@ pytestmark = pytest.mark.skipif(bool(NVRTC_WHY), reason=NVRTC_WHY)
 
 ENTRIES = {
     "xnor_gemm.cu": {"pack_rows_f32", "pack_rows_f64", "pack_rows_bool", "row_popcount",
-                     "xnor_gemm_cuda_core", "pack_threshold_i32"},
-    "xnor_gemm_tc.cu": {"xnor_gemm_tc"},
+                     "xnor_gemm_cuda_core", "xnor_gemm_cuda_core_threshold", "pack_threshold_i32"},
+    "xnor_gemm_tc.cu": {"xnor_gemm_tc", "xnor_gemm_tc_threshold"},
     "conv_glue.cu": {f"{op}_{t}" for op in ("im2col", "col2im", "pack_sign_patches")
                      for t in ("f32", "f64")}
                     | {f"{op}_{t}_{a}" for op in ("max_pool2d", "max_pool2d_backward")
@@ -48,8 +48,9 @@ def test_every_source_compiles(ptx):
 def test_tensor_core_source_uses_and_popc(ptx):
     text = ptx["xnor_gemm_tc.cu"]
     mmas = re.findall(r"mma\.sync\.aligned\.\S+", text)
-    # 2 k256 steps per stage x (4 x 4) mma tiles per warp, fully unrolled
-    assert len(mmas) == 32
+    # 2 k256 steps per stage x (4 x 4) mma tiles per warp, fully unrolled, in each of the
+    # two entries (int32 output, threshold epilogue)
+    assert len(mmas) == 2 * 32
     assert set(mmas) == {"mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc"}
     assert "xor.popc" not in text
     assert "cp.async.cg.shared.global" in text and "cp.async.wait_group 1" in text
@@ -103,3 +104,16 @@ def test_wrapper_constants_match_the_source():
     assert "// 73728" in src and cupy_gpu._TC_SMEM_BYTES == 73728
     cc = dict(re.findall(r"#define (CC_B\w) (\d+)\b", read_source("xnor_gemm.cu")))
     assert int(cc["CC_BM"]) == int(cc["CC_BN"]) == cupy_gpu._TILE
+
+
+@pytest.mark.skipif(find_ptxas() is None, reason="no ptxas (a developer's check: set MINIBNN_PTXAS "
+                    "or pip install nvidia-cuda-nvcc-cu12)")
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_tensor_core_kernels_do_not_spill(arch):
+    """Both tensor-core entries fit __launch_bounds__(256, 2) (at most 128 registers) without
+    spilling: the threshold epilogue costs registers, not local memory."""
+    res = ptxas_resources(compile_all(f"compute_{arch}")["xnor_gemm_tc.cu"], f"sm_{arch}")
+    assert set(res) == ENTRIES["xnor_gemm_tc.cu"]
+    for entry, r in res.items():
+        assert r["spill_stores"] == r["spill_loads"] == 0, (entry, r)
+        assert 0 < r["registers"] <= 128, (entry, r)

@@ -315,15 +315,40 @@ class _FakeKernel:
         elif self.name == "xnor_gemm_cuda_core":
             ap, bp, out, m, n, w, k = a
             out[...] = ref.xnor_gemm(ap, bp, int(k))
-        elif self.name == "xnor_gemm_tc":
-            ap, bp, _, _, out, m, n, wp, k = a
-            w = ref.n_words(int(k))
-            out[...] = ref.xnor_gemm(_np.ascontiguousarray(ap[: int(m), :w]),
-                                     _np.ascontiguousarray(bp[: int(n), :w]), int(k))
+        elif self.name == "xnor_gemm_cuda_core_threshold":
+            ap, bp, thr, periods, out, words, m, n, w, k = a
+            _threshold_store(ref.xnor_gemm(ap, bp, int(k)), thr, periods, out, words)
+        elif self.name in ("xnor_gemm_tc", "xnor_gemm_tc_threshold"):
+            ap, bp, pop_a, pop_b, *rest = a
+            m, n, wp, k = (int(v) for v in rest[-4:])
+            assert ap.shape[1] == bp.shape[1] == wp and wp % 8 == 0
+            assert ap.shape[0] % 128 == 0 and bp.shape[0] % 128 == 0
+            # the kernel's AND identity with the popcounts it is given (wrong ones show):
+            # popcount(a & b) = (|a| + |b| - popcount(a ^ b)) / 2, the true counts here
+            a_, b_ = _np.ascontiguousarray(ap[:m]), _np.ascontiguousarray(bp[:n])
+            xor = (wp * 64 - ref.xnor_gemm(a_, b_, wp * 64).astype(_np.int64)) // 2
+            true_a = _np.bitwise_count(a_).sum(axis=1, dtype=_np.int64)
+            true_b = _np.bitwise_count(b_).sum(axis=1, dtype=_np.int64)
+            both = (true_a[:, None] + true_b[None, :] - xor) // 2
+            z = (k - 2 * pop_a[:m, None].astype(_np.int64) - 2 * pop_b[None, :n].astype(_np.int64)
+                 + 4 * both).astype(_np.int32)
+            if self.name == "xnor_gemm_tc":
+                rest[0][...] = z
+            else:
+                _threshold_store(z, *rest[:4])
         elif self.name.startswith(_CONV_GLUE):
             _conv_glue(self.name, a)
         else:
             raise NotImplementedError(f"fake cupy: no stand-in for CUDA kernel {self.name!r}")
+
+
+def _threshold_store(z, thr, periods, out, words):
+    """The threshold-and-pack epilogue: bit (i, j) = z[i, j] >= thr[(i mod periods) N + j]."""
+    from minibnn.kernels import reference as ref
+    assert thr.dtype == _np.int64 and type(periods) is _np.int64 and type(words) is _np.int64
+    assert out.dtype == _np.uint64 and out.shape == (z.shape[0], int(words))
+    t = thr.reshape(int(periods), z.shape[1])
+    out[...] = ref.pack_threshold(z, t if int(periods) > 1 else t[0])
 
 
 _CONV_GLUE = ("im2col_", "col2im_", "pack_sign_patches_", "max_pool2d_")
