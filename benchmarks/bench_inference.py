@@ -25,6 +25,8 @@ trained net's are not 1 and 0, about 10% of gammas negative. Each network runs
   a uint8 x int8 VNNI product: the fastest exact one, measured), XNOR-popcount GEMMs,
   integer thresholds fused with packing, max-pool as OR/AND of packed bits, one float
   affine at the end;
+* "frozen cupy" replays each batch shape's forward as one CUDA graph (``FrozenBNN.cuda_graph``,
+  the default); "frozen eager cupy" is the same net launching every kernel from Python;
 * "frozen fp16-first cupy": the same frozen net on cupy with ``first_layer_method =
   "float16"`` (the first layer's pixels and +-1 weights as float16 on the tensor cores,
   float32 accumulation through cuBLAS GemmEx: exact, opt-in until this row has been timed);
@@ -353,10 +355,14 @@ def _stage_clock(name, repeats, b, stages):
 def layer_breakdown(frozen, images, name, repeats):
     """Seconds per 10,000 images spent in each stage of a frozen MLP's forward on one backend
     (timed on a batch of up to 1024 images, median of repeats), as the runtime runs it: the
-    first layer by its method (``FrozenBNN.first_layer_plan``), thresholds fused with packing."""
+    first layer by its method (``FrozenBNN.first_layer_plan``), thresholds fused with packing,
+    products on the prepared weights, and on a backend with ``gemm_threshold`` (cupy) the
+    hidden layers' product and threshold as one stage."""
     kern = backend.kernel_module(name)
     xp = backend.array_module(name)
     layers = frozen.layers_on(name)
+    gemm_w = [p.gemm_weight for p in frozen._prepare(name)]
+    fused = getattr(kern, "gemm_threshold", None)
     b = min(1024, len(images))
     x = xp.asarray(images[:b].reshape(b, -1))
     plan = frozen.first_layer_plan(images[:b].reshape(b, -1), backend=name)
@@ -374,8 +380,12 @@ def layer_breakdown(frozen, images, name, repeats):
             z = clock(f"layer 0: first layer ({plan.method})",
                       lambda: deploy.first_layer(x, weight, layer.k, kern, plan.method,
                                                  plan.dense))
+        elif fused is not None and threshold is not None:
+            h = clock(f"layer {i}: XNOR GEMM + threshold epilogue",
+                      lambda: fused(h, gemm_w[i], layer.k, threshold))
+            continue
         else:
-            z = clock(f"layer {i}: XNOR GEMM", lambda: kern.xnor_gemm(h, weight, layer.k))
+            z = clock(f"layer {i}: XNOR GEMM", lambda: kern.xnor_gemm(h, gemm_w[i], layer.k))
         if threshold is not None:
             h = clock(f"layer {i}: threshold + pack", lambda: kern.pack_threshold(z, threshold))
     return stages
@@ -412,6 +422,8 @@ def conv_breakdown(frozen, images, name, repeats):
     clock = _stage_clock(name, repeats, b, stages)
     h = z = None
     plan = frozen.first_layer_plan(images[:b], backend=name)
+    gemm_w = [p.gemm_weight for p in frozen._prepare(name)]
+    fused = getattr(kern, "gemm_threshold", None)
     for i, (layer, weight, threshold) in enumerate(frozen.layers_on(name)):
         if isinstance(layer, deploy.FrozenConv):
             key = f"conv {i}"
@@ -422,10 +434,16 @@ def conv_breakdown(frozen, images, name, repeats):
                                                         plan.dense))
             else:
                 p = clock(f"{key}: patches", lambda: runtime.conv_patches(h, layer, xp, kern))
-                raw = clock(f"{key}: XNOR GEMM", lambda: kern.xnor_gemm(p, weight, layer.gemm_k))
             (ho, wo), o = layer.conv_hw, layer.n_out
-            h = clock(f"{key}: threshold + pack", lambda: kern.pack_threshold(
-                raw.reshape(b * ho * wo, o), threshold).reshape(b, ho, wo, -1))
+            if layer.planes != runtime.PLANES and fused is not None:
+                h = clock(f"{key}: XNOR GEMM + threshold epilogue", lambda: fused(
+                    p, gemm_w[i], layer.gemm_k, threshold).reshape(b, ho, wo, -1))
+            else:
+                if layer.planes != runtime.PLANES:
+                    raw = clock(f"{key}: XNOR GEMM",
+                                lambda: kern.xnor_gemm(p, gemm_w[i], layer.gemm_k))
+                h = clock(f"{key}: threshold + pack", lambda: kern.pack_threshold(
+                    raw.reshape(b * ho * wo, o), threshold).reshape(b, ho, wo, -1))
             if layer.pool is not None:
                 mask = (xp.asarray(runtime.pack_rows(layer.negated)) if layer.negated.any()
                         else None)
@@ -435,7 +453,12 @@ def conv_breakdown(frozen, images, name, repeats):
         key = f"dense {i}"
         if layer.in_hwc is not None:
             h = clock(f"{key}: flatten", lambda: runtime.flatten_words(h, layer.in_hwc[2], xp))
-        z = clock(f"{key}: XNOR GEMM", lambda: kern.xnor_gemm(h, weight, layer.gemm_k)
+        if fused is not None and threshold is not None:
+            pad = layer.gemm_k - layer.k
+            h = clock(f"{key}: XNOR GEMM + threshold epilogue",
+                      lambda: fused(h, gemm_w[i], layer.gemm_k, threshold + pad))
+            continue
+        z = clock(f"{key}: XNOR GEMM", lambda: kern.xnor_gemm(h, gemm_w[i], layer.gemm_k)
                   - (layer.gemm_k - layer.k))
         if threshold is not None:
             h = clock(f"{key}: threshold + pack", lambda: kern.pack_threshold(z, threshold))
@@ -544,6 +567,10 @@ def bench_model(label, model, images, backends, repeats, reference_images, cpu_i
         paths["float32 cupy"] = (lambda: gpu_net.predict(images, fb.get("cupy")), "cupy")
         paths["frozen cupy"] = (lambda: frozen.predict(images, backend="cupy"), "cupy")
         counts["float32 cupy"] = counts["frozen cupy"] = n
+        eager = runtime.FrozenBNN(frozen.layers, frozen.info)  # each batch launched from Python
+        eager.cuda_graph = False
+        paths["frozen eager cupy"] = (lambda: eager.predict(images, backend="cupy"), "cupy")
+        counts["frozen eager cupy"] = n
         why = runtime.float16_exact_on("cupy")
         if why is None:  # the opt-in float16 first layer (tensor cores through GemmEx)
             frozen16 = runtime.FrozenBNN(frozen.layers, frozen.info)
@@ -571,7 +598,10 @@ def bench_model(label, model, images, backends, repeats, reference_images, cpu_i
             paths["float32 cupy" + tag] = (lambda: gpu_net.predict(images, sb), "cupy")
             paths["frozen cupy" + tag] = (
                 lambda: frozen.predict(images, backend="cupy", batch_size=sb), "cupy")
+            paths["frozen eager cupy" + tag] = (
+                lambda: eager.predict(images, backend="cupy", batch_size=sb), "cupy")
             counts["float32 cupy" + tag] = counts["frozen cupy" + tag] = n
+            counts["frozen eager cupy" + tag] = n
     # the float32 forward on every image: on the GPU when it runs (same arithmetic, and
     # float32 numpy is then compared with it on its subset), else NumPy
     reference = (gpu_net if "cupy" in backends else float_net).predict(
@@ -593,7 +623,7 @@ def bench_model(label, model, images, backends, repeats, reference_images, cpu_i
                          differing_images=differ.tolist(), note="; ".join(notes)))
     base = {r["path"]: r["seconds_full_set"] for r in rows}
     for r in rows:
-        gpu = r["path"].endswith("cupy") or "cuDNN" in r["path"]
+        gpu = "cupy" in r["path"] or "cuDNN" in r["path"]
         ref = "float32 cupy" if gpu else "float32 numpy"
         if small_batch and r["path"].endswith(f", batch {small_batch}"):
             ref += f", batch {small_batch}"

@@ -376,7 +376,10 @@ def capture_graph(stream, fn):
     relaxed = getattr(cupy.cuda.runtime, "streamCaptureModeRelaxed", 2)
     graph = result = error = None
     with stream, cupy.cuda.using_allocator(pool.malloc):
-        stream.begin_capture(mode=relaxed)
+        try:
+            stream.begin_capture(mode=relaxed)
+        except Exception as exc:  # noqa: BLE001  (no capture began: nothing to end)
+            return None, None, None, exc
         try:
             result = fn()
         except Exception as exc:  # noqa: BLE001  (returned: the caller runs the step eagerly)

@@ -460,8 +460,8 @@ def check_chain(layers):
 # ------------------------------------------------------------------------------ the net
 
 # ``gemm_weight``: what the layer's XNOR product takes as its right operand: ``weight``, or
-# on a backend with ``prepare_weights`` (numba) the weight kept in the kernels' forms too
-# (broadcast panels, nibble planes)
+# on a backend with ``prepare_weights`` the weight kept in the kernels' forms too (numba:
+# broadcast panels, nibble planes; cupy: the tensor-core kernel's padded rows and popcounts)
 _Prepared = namedtuple("_Prepared", "layer weight threshold and_mask gemm_weight")
 # How a backend runs the first layer: "bitplanes", "float32", "int8" or "float16" (``dense``
 # holds the DenseFirst / Int8First weights and, for a dense hidden first layer,
@@ -494,9 +494,15 @@ class FrozenBNN:
     are plain FP32 (:func:`float32_exact_on`).
 
     The layers' weight arrays are read, not copied, on NumPy; on the first call of a backend
-    they are copied to the GPU (cupy) or into the kernels' forms (numba,
-    ``kernels.numba_cpu.prepare_weights``) and kept while each layer holds the same array:
-    assign a new array to change a weight, do not write into one.
+    they are copied into the kernels' forms (``prepare_weights`` of ``kernels.numba_cpu``
+    and ``kernels.cupy_gpu``: on the GPU for cupy) and kept while each layer holds the same
+    array: assign a new array to change a weight, do not write into one. On cupy a hidden
+    layer's product and its sign(BN) run as one kernel (``cupy_gpu.gemm_threshold``).
+
+    ``cuda_graph`` (cupy, default True): the forward of a batch shape is captured as one
+    CUDA graph at its second batch and replayed after (one launch instead of dozens; see
+    :class:`_ForwardGraphs`). A capture that fails leaves that shape eager, with the same
+    results; ``graph_failures`` keeps why. Set it to False to run every batch eagerly.
     """
 
     def __init__(self, layers, info=None):
@@ -504,10 +510,12 @@ class FrozenBNN:
         self.layers = list(layers)
         self.info = dict(info or {})
         self._device_cache = {}
-        self._gemm_weights = {}  # id(weight) -> (weight, kernel-ready form) on numba
+        self._gemm_weights = {}  # (prepare, id(weight)) -> (weight, kernel-ready form)
         self._first_plans = {}
         self.first_layer_timings = {}
         self.first_layer_method = "auto"
+        self.cuda_graph = True
+        self._graphs = _ForwardGraphs()
 
     @property
     def first_layer_method(self):
@@ -631,12 +639,13 @@ class FrozenBNN:
         return prepared
 
     def _gemm_weight(self, weight, prepare):
-        """``prepare(weight)`` (``numba_cpu.prepare_weights``: the weights also in the forms
-        the kernels read, broadcast panels or nibble planes, made once instead of in every
-        product), kept while the layer holds this same array."""
-        entry = self._gemm_weights.get(id(weight))
+        """``prepare(weight)`` (the backend's ``prepare_weights``: the weights also in the
+        forms its kernels read, made once instead of in every product), kept while the layer
+        holds this same array."""
+        key = (prepare, id(weight))
+        entry = self._gemm_weights.get(key)
         if entry is None or entry[0] is not weight:
-            entry = self._gemm_weights[id(weight)] = (weight, prepare(weight))
+            entry = self._gemm_weights[key] = (weight, prepare(weight))
         return entry[1]
 
     def first_layer_plan(self, x, backend=None):
@@ -718,6 +727,11 @@ class FrozenBNN:
         raise ValueError(f"x: expected uint8 images of shape (n, {c}, {h}, {w}){alt}, got "
                          f"shape {tuple(x.shape)}")
 
+    @property
+    def graph_failures(self):
+        """{batch shape and output: why its CUDA graph capture failed} (cupy)."""
+        return dict(self._graphs.failed)
+
     def _run(self, x, name, batch_size, final):
         x = self._check_input(x)
         name = _backend_name(name)
@@ -734,22 +748,84 @@ class FrozenBNN:
         results = []
         ws = {} if xp is np else None  # buffers reused by every batch of this call
         plan = None
+        graphs = self._graphs if name == "cupy" and self.cuda_graph else None
+
+        def forward(xb):
+            z = _forward_batch(xb, layers, kern, first=plan, ws=ws)
+            if final is None:
+                return z
+            s = z * scale + offset
+            return s if final == "scores" else xp.argmax(s, axis=1)
+
         for i in range(0, x.shape[0], batch):
             xb = xp.asarray(x[i:i + batch])
             if plan is None:
                 plan = self._first_plan(name, xb, layers[0], kern)
-            z = _forward_batch(xb, layers, kern, first=plan, ws=ws)
-            if final is None:
-                r = z
-            else:
-                s = z * scale + offset
-                r = s if final == "scores" else xp.argmax(s, axis=1)
+            if graphs is None:
+                r = forward(xb)
+            else:  # the graph is of these layers, this first-layer plan and this output
+                r = graphs.run((tuple(xb.shape), xb.dtype.str, final, id(layers), id(plan)),
+                               xb, forward, keep=(layers, plan))
             results.append(_backend.to_numpy(r))
         if results:
             return np.concatenate(results)
         width = () if final == "predict" else (self.classes,)
         dtype = {None: np.int32, "scores": np.float64, "predict": np.int64}[final]
         return np.zeros((0,) + width, dtype)
+
+
+class _ForwardGraphs:
+    """A frozen net's cupy forward, one CUDA graph per batch shape (``FrozenBNN.cuda_graph``).
+
+    The frozen forward of a batch is a few dozen small kernels (pack, product with its
+    threshold epilogue, pool, per layer), each launched from Python at 20-35 us: at a
+    batch of 100 the launches, not the GPU, set the time. A graph records them once and
+    replays them in one launch (NVIDIA, "CUDA C++ Programming Guide", CUDA Graphs), as
+    ``minibnn.graphs`` does for the training step. The first batch of a shape runs eagerly
+    (it compiles kernels and, for ``first_layer_method = "auto"``, has been timed before);
+    the second is captured with ``backend.capture_graph`` (its own memory pool: the graph's
+    buffers, the output included, belong to it alone); later ones copy the batch into the
+    graph's input array and replay. The output array is overwritten by the next replay, so
+    ``_run`` copies it to the host at once. The key holds the identity of the prepared layers
+    and the first-layer plan, and the entry keeps both alive (so the identities stay unique):
+    new weights or a new plan mean a new graph. A capture that fails (say, a kernel that
+    synchronizes) leaves its key eager, with the reason in ``failed``. At most
+    ``MAX_GRAPHS`` graphs are kept (each holds its buffers): capturing one more drops the
+    oldest."""
+
+    MAX_GRAPHS = 8
+
+    def __init__(self):
+        self.stream = None
+        self.graphs = {}  # key -> (graph, pool, input array, output array, kept objects)
+        self.calls = {}   # key -> eager calls so far
+        self.failed = {}  # key -> why its capture failed
+
+    def run(self, key, x, forward, keep):
+        entry = self.graphs.get(key)
+        if entry is not None:
+            graph, _, xs, out, _ = entry
+            with self.stream:
+                xs[...] = x
+                graph.launch(self.stream)
+            return out
+        if key in self.failed or self.calls.get(key, 0) < 1:
+            self.calls[key] = self.calls.get(key, 0) + 1
+            return forward(x)
+        if self.stream is None:
+            self.stream = _backend.capture_stream()
+        while len(self.graphs) >= self.MAX_GRAPHS:
+            del self.graphs[next(iter(self.graphs))]
+        with self.stream:
+            xs = x.copy()
+        graph, pool, out, error = _backend.capture_graph(self.stream, lambda: forward(xs))
+        if error is not None:
+            self.failed[key] = f"{type(error).__name__}: {error}"
+            return forward(x)
+        self.graphs[key] = (graph, pool, xs, out, keep)
+        with self.stream:
+            graph.launch(self.stream)
+        return out
 
 
 # ---------------------------------------------------------------------- the forward pass
@@ -763,6 +839,8 @@ def _forward_batch(x, layers, kern, trace=None, bits=None, first=None, ws=None):
     (NumPy backends), or None."""
     xp = _backend.get_array_module(x)
     n = x.shape[0]
+    # the GEMM with sign(BN) in its epilogue (cupy: no int32 z in memory), unless z is wanted
+    fused = None if trace is not None else getattr(kern, "gemm_threshold", None)
     method = "bitplanes" if first is None else first.method
     dense = None if first is None else first.dense
     if trace is not None or bits is not None:
@@ -770,18 +848,23 @@ def _forward_batch(x, layers, kern, trace=None, bits=None, first=None, ws=None):
     h = None  # packed activations: (B, H, W, ceil(C/64)) after a conv, (B, words) after dense
     for i, (layer, weight, threshold, and_mask, gemm_weight) in enumerate(layers):
         if isinstance(layer, FrozenConv):
-            if layer.planes == PLANES:
-                raw = _conv_first(pixel_patches(x, layer, xp), weight, layer.k, kern, method,
-                                  dense)
-            else:
-                raw = _conv_gemm(conv_patches(h, layer, xp, kern), gemm_weight, layer.gemm_k,
-                                 kern)
             o, (ho, wo) = layer.n_out, layer.conv_hw
-            if trace is not None:
-                z = raw.reshape(n, ho * wo, o) - xp.asarray(layer.z_offset())
-                trace.append(z.astype(np.int32).transpose(0, 2, 1).reshape(n, o, ho, wo))
             # bit = raw >= the per-position table (Ho*Wo, O): row r of raw is position r mod Ho*Wo
-            h = kern.pack_threshold(raw.reshape(n * ho * wo, o), threshold).reshape(n, ho, wo, -1)
+            if layer.planes != PLANES and fused is not None:
+                h = fused(conv_patches(h, layer, xp, kern), gemm_weight, layer.gemm_k,
+                          threshold).reshape(n, ho, wo, -1)
+            else:
+                if layer.planes == PLANES:
+                    raw = _conv_first(pixel_patches(x, layer, xp), weight, layer.k, kern,
+                                      method, dense)
+                else:
+                    raw = _conv_gemm(conv_patches(h, layer, xp, kern), gemm_weight,
+                                     layer.gemm_k, kern)
+                if trace is not None:
+                    z = raw.reshape(n, ho * wo, o) - xp.asarray(layer.z_offset())
+                    trace.append(z.astype(np.int32).transpose(0, 2, 1).reshape(n, o, ho, wo))
+                h = kern.pack_threshold(raw.reshape(n * ho * wo, o), threshold).reshape(
+                    n, ho, wo, -1)
             if layer.pool is not None:
                 h = pool_words(h, layer.pool, and_mask, xp)
             if bits is not None:
@@ -793,6 +876,14 @@ def _forward_batch(x, layers, kern, trace=None, bits=None, first=None, ws=None):
             s = first_layer_sums(x, dense, ws)
             h = _pack_threshold(kern, s, first.sums_threshold,
                                 _buf(ws, ("h", i), (n, n_words(layer.n_out)), np.uint64, xp))
+            if bits is not None:
+                bits.append(unpack_words(h, layer.n_out, xp))
+            continue
+        if layer.planes != PLANES and hidden and fused is not None:
+            a = h if layer.in_hwc is None else flatten_words(h, layer.in_hwc[2], xp)
+            # z = raw - slot padding bits >= t  iff  raw >= t + padding bits
+            pad = layer.gemm_k - layer.k
+            h = fused(a, gemm_weight, layer.gemm_k, threshold + pad if pad else threshold)
             if bits is not None:
                 bits.append(unpack_words(h, layer.n_out, xp))
             continue
