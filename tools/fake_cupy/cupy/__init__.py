@@ -325,8 +325,11 @@ class _FakeKernel:
             assert ap.shape[0] % 128 == 0 and bp.shape[0] % 128 == 0
             # the kernel's AND identity with the popcounts it is given (wrong ones show):
             # popcount(a & b) = (|a| + |b| - popcount(a ^ b)) / 2, the true counts here
-            a_, b_ = _np.ascontiguousarray(ap[:m]), _np.ascontiguousarray(bp[:n])
-            xor = (wp * 64 - ref.xnor_gemm(a_, b_, wp * 64).astype(_np.int64)) // 2
+            # (over the real words: the pad words are zero in both, as asserted)
+            w = ref.n_words(k)
+            assert not ap[:, w:].any() and not bp[:, w:].any()
+            a_, b_ = _np.ascontiguousarray(ap[:m, :w]), _np.ascontiguousarray(bp[:n, :w])
+            xor = (w * 64 - ref.xnor_gemm(a_, b_, w * 64).astype(_np.int64)) // 2
             true_a = _np.bitwise_count(a_).sum(axis=1, dtype=_np.int64)
             true_b = _np.bitwise_count(b_).sum(axis=1, dtype=_np.int64)
             both = (true_a[:, None] + true_b[None, :] - xor) // 2
