@@ -36,8 +36,8 @@ __all__ = ["isa_features", "ISA_PROFILES", "isa_profile_environment", "machine_k
 
 CACHE_FILE = "gemm_autotune.json"
 FORMAT = 1
-TUNER = 5  # how (and among which kernels) choices are measured; other records are redone
-# (5: the broadcast kernels joined the candidates)
+TUNER = 6  # how (and among which kernels) choices are measured; other records are redone
+# (5: the broadcast kernels joined the candidates; 6: classes of few rows timed on all threads)
 # Feature names as LLVM (llvmlite.binding.get_host_cpu_features) and /proc/cpuinfo spell them.
 _FEATURES = {  # ours: (llvm name, /proc/cpuinfo flag)
     "popcnt": ("popcnt", "popcnt"),

@@ -358,11 +358,24 @@ def default_kernel(m=100, n=4096, k=4096):
     return autotune.choose(int(m), int(n), n_words(int(k)), available_kernels(), _run_tuned)
 
 
+# rows above which the autotune times a candidate on one thread (its class's timed M is 512;
+# the classes of 100 and 8 rows are timed on all threads)
+_TUNE_ONE_THREAD_ROWS = 256
+
+
 def _run_tuned(name, a, b, k):
-    """One product with kernel ``name`` on one thread, for the autotune to time: a kernel's
-    rate per core ranks the candidates, and a single thread never waits for a second core
-    that other work on a busy machine holds (a parallel run there often does, which would
-    rank the candidates by luck)."""
+    """One product with kernel ``name``, for the autotune to time.
+
+    A class of many rows is timed on one thread: each thread of a real product gets many
+    rows, so a kernel's rate per core ranks the candidates, and a single thread never waits
+    for a second core that other work on a busy machine holds. A class of few rows (up to
+    :data:`_TUNE_ONE_THREAD_ROWS`, the paper's batch of 100 among them) is timed on all
+    threads, as it runs: there how a kernel splits the product over the cores decides its
+    speed. (Measured at 100 x 4096 x 4096 under the Zen 3 and Cascade Lake ISA profiles on
+    a 2-core Zen 4: the nibble-table kernel ``avx2`` was second of the candidates on one
+    thread and last on two, 14% and 21% behind ``bcast256`` and ``hs256``.)"""
+    if a.shape[0] <= _TUNE_ONE_THREAD_ROWS:
+        return xnor_gemm(a, b, k, kernel=name)
     threads = numba.get_num_threads()
     numba.set_num_threads(1)
     try:

@@ -557,3 +557,24 @@ def test_real_autotune_picks_an_available_kernel(cache):
     (record,) = machine["choices"].values()
     assert set(record["seconds"]) == set(numba_cpu.available_kernels())
     assert all(t > 0 for t in record["seconds"].values())
+
+
+def test_autotune_times_few_rows_on_all_threads_and_many_on_one(monkeypatch):
+    """A class of few rows runs its candidates as a real product would, on every thread
+    (how a kernel splits 100 rows decides its speed there); a class of many rows on one
+    thread (its rate per core). The thread count is restored either way."""
+    import numba
+    seen = []
+    monkeypatch.setattr(numba_cpu, "xnor_gemm",
+                        lambda a, b, k, kernel=None: seen.append((a.shape[0],
+                                                                  numba.get_num_threads())))
+    threads = numba.get_num_threads()
+    b = np.zeros((32, 2), np.uint64)
+    for m in (8, 100, numba_cpu._TUNE_ONE_THREAD_ROWS, numba_cpu._TUNE_ONE_THREAD_ROWS + 1, 512):
+        numba_cpu._run_tuned("generic", np.zeros((m, 2), np.uint64), b, 128)
+        assert numba.get_num_threads() == threads
+    limit = numba_cpu._TUNE_ONE_THREAD_ROWS
+    assert seen == [(m, threads if m <= limit else 1) for m, _ in seen]
+    # the classes' timed shapes fall on both sides: 8 and 100 rows on all threads, 512 on one
+    timed = {autotune.shape_class(m, 4096, 64)[1][0] for m in (1, 100, 10000)}
+    assert timed == {8, 100, 512} and min(timed) <= limit < max(timed)
