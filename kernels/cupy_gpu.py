@@ -9,6 +9,11 @@ Same conventions and results as :mod:`minibnn.kernels.reference`. Two GEMM kerne
   chosen automatically there), with ``a . b = k - 2 pa - 2 pb + 4 popcount(a & b)``
   where pa, pb are the row popcounts.
 
+Each kernel also has a ``_threshold`` form, :func:`gemm_threshold`: a frozen layer's
+sign(BN(z)) compared and packed in the GEMM's epilogue, so the int32 products are never
+written. :func:`prepare_weights` keeps a right operand that many products share in the
+tensor-core kernel's padded form with its row popcounts.
+
 CuPy is imported on first use, so ``import minibnn.kernels.cupy_gpu`` works without it; the
 functions then raise ImportError saying why. Operands are validated before any
 launch; kernels compile lazily, once per device.
