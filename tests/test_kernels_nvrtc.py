@@ -112,7 +112,12 @@ def test_wrapper_constants_match_the_source():
 def test_tensor_core_kernels_do_not_spill(arch):
     """Both tensor-core entries fit __launch_bounds__(256, 2) (at most 128 registers) without
     spilling: the threshold epilogue costs registers, not local memory."""
-    res = ptxas_resources(compile_all(f"compute_{arch}")["xnor_gemm_tc.cu"], f"sm_{arch}")
+    try:
+        res = ptxas_resources(compile_all(f"compute_{arch}")["xnor_gemm_tc.cu"], f"sm_{arch}")
+    except NVRTCError as exc:
+        if "version" in str(exc).lower():  # a ptxas older than this NVRTC's PTX
+            pytest.skip(f"this ptxas cannot read this NVRTC's PTX: {exc}")
+        raise
     assert set(res) == ENTRIES["xnor_gemm_tc.cu"]
     for entry, r in res.items():
         assert r["spill_stores"] == r["spill_loads"] == 0, (entry, r)
