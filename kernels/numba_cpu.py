@@ -373,7 +373,8 @@ def _run_tuned(name, a, b, k):
     threads, as it runs: there how a kernel splits the product over the cores decides its
     speed. (Measured at 100 x 4096 x 4096 under the Zen 3 and Cascade Lake ISA profiles on
     a 2-core Zen 4: the nibble-table kernel ``avx2`` was second of the candidates on one
-    thread and last on two, 14% and 21% behind ``bcast256`` and ``hs256``.)"""
+    thread and behind most of them on two: 6-14% behind ``bcast256`` as Zen 3, 20% behind
+    ``hs256`` as Cascade Lake.)"""
     if a.shape[0] <= _TUNE_ONE_THREAD_ROWS:
         return xnor_gemm(a, b, k, kernel=name)
     threads = numba.get_num_threads()
