@@ -37,7 +37,8 @@ __all__ = ["isa_features", "ISA_PROFILES", "isa_profile_environment", "machine_k
 CACHE_FILE = "gemm_autotune.json"
 FORMAT = 1
 TUNER = 6  # how (and among which kernels) choices are measured; other records are redone
-# (5: the broadcast kernels joined the candidates; 6: classes of few rows timed on all threads)
+# (5: the broadcast kernels joined the candidates; 6: classes of few rows timed on all
+# threads, the wide class at N = 2048)
 # Feature names as LLVM (llvmlite.binding.get_host_cpu_features) and /proc/cpuinfo spell them.
 _FEATURES = {  # ours: (llvm name, /proc/cpuinfo flag)
     "popcnt": ("popcnt", "popcnt"),
@@ -219,7 +220,11 @@ def cache_path():
 
 # A shape class: bucket edges and the product timed for it (M, N, words of K).
 _M_BUCKETS = ((16, 8), (256, 100), (None, 512))  # (largest M of the bucket, M timed)
-_N_BUCKETS = ((64, 32), (None, 1024))
+# N of the wide class timed at 2048: at 1024 the broadcast kernels' lead over the others
+# (15% at 100 x 2048 x 2048 and 9% at 100 x 4096 x 4096 on a Zen 4) shrank to a few percent
+# and a tuning could pick a slower kernel; at 2048 six tunings of 100 rows picked the same
+# kernel six times natively and under the Zen 3 and Cascade Lake profiles
+_N_BUCKETS = ((64, 32), (None, 2048))
 # K of 256 words (16384 bits) and more has a class of its own: Harley-Seal's (numba_hs)
 _W_BUCKETS = ((7, 4), (31, 16), (255, 64), (None, 256))
 

@@ -456,7 +456,7 @@ def test_choice_is_measured_written_and_read_back(cache):
     names = ("generic", "scalar")
     got = autotune.choose(100, 4096, 64, names, fake_runner(calls))
     assert got in names and {c[0] for c in calls} == set(names)
-    assert calls[0][1:] == ((100, 64), (1024, 64), 4096)  # the class's timed product
+    assert calls[0][1:] == ((100, 64), (2048, 64), 4096)  # the class's timed product
     data = json.loads(cache.read_text())
     (machine,) = data["machines"].values()
     cls = autotune.shape_class(100, 4096, 64)[0]
