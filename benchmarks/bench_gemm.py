@@ -26,6 +26,12 @@ takes under a fifth of a second) after one warm-up run (the median is kept in th
 CPU paths of a shape take turns, one run each per round, so a drift in the machine's speed
 falls on all of them alike.
 
+GPU rows (``--backends ...,cupy`` on a GPU): cuBLAS fp32 and fp16 through CuPy, each
+``cupy_gpu`` kernel on packed operands (packing and end to end beside it), and for each
+kernel a frozen layer's product three ways, all with B prepared (``cupy_gpu.prepare_weights``:
+padded, popcounts made once): the int32 product alone, the product then ``pack_threshold``
+(two passes, bits out) and ``gemm_threshold`` (the threshold in the GEMM's epilogue, bits out).
+
     python benchmarks/bench_gemm.py [--quick] [--backends numpy,reference,numba,cupy]
                                     [--repeats 5] [--out DIR] [--isa native|cascadelake|znver3]
                                     [--shapes MxKxN,...]
