@@ -181,11 +181,17 @@ def xnor_gemm(a, b, k):
     b = np.asarray(b)
     m, n = a.shape[0], b.shape[0]
     out = np.empty((m, n), dtype=np.int32)
-    # One row of A at a time keeps the (N, W) XOR temporary small.
-    for i in range(m):
-        disagree = np.bitwise_count(a[i] ^ b).sum(axis=1, dtype=np.int64)
-        out[i] = k - 2 * disagree
+    # A few rows of A at a time: their (rows, N, W) XOR temporary stays near 2^16 words
+    # (512 KiB), and a narrow B (a convolution's few channels) is not one Python step per row.
+    step = max(1, _XOR_WORDS // max(1, n * a.shape[1]))
+    for i in range(0, m, step):
+        disagree = np.bitwise_count(a[i:i + step, None, :] ^ b[None, :, :]).sum(
+            axis=2, dtype=np.int64)
+        out[i:i + step] = k - 2 * disagree
     return out
+
+
+_XOR_WORDS = 1 << 16  # words of XOR temporary per step of :func:`xnor_gemm`
 
 
 # ----------------------------------------------------------- 8-bit input by bit planes
