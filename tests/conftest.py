@@ -99,3 +99,19 @@ def checkout_stays_clean():
     yield
     added = sorted(_checkout_entries() - before)
     assert not added, f"the test suite wrote into the checkout {ROOT}: {added}"
+
+
+def planted_thresholds(rng, z, periods):
+    """Integer thresholds (int64) for the products ``z`` (M, N): (N,) for ``periods`` 1, else
+    a (periods, N) table. Drawn from the products themselves, give or take 3, so that about
+    half the bits fire, with the int32 extremes planted (a unit that never fires, one that
+    always does)."""
+    import numpy as np
+    m, n = z.shape
+    thr = rng.integers(-3, 4, size=(periods, n)).astype(np.int64)
+    if z.size:
+        thr += z[rng.integers(0, m, size=(periods, n)), np.arange(n)[None, :]]
+    flat = thr.reshape(-1)
+    flat[rng.random(flat.size) < 0.05] = np.iinfo(np.int32).max
+    flat[rng.random(flat.size) < 0.05] = np.iinfo(np.int32).min
+    return thr if periods > 1 else thr[0]

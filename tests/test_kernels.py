@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minibnn import kernels
-from conftest import REASONS, backend_params
+from conftest import REASONS, backend_params, planted_thresholds
 from minibnn.kernels import cupy_gpu, numba_cpu, reference
 from minibnn.backend import KERNEL_MODULES
 
@@ -478,13 +478,7 @@ def _fused_case(rng, m, n, k, periods):
     a = reference.pack_rows(random_values(rng, (m, k), np.float32))
     b = reference.pack_rows(random_values(rng, (n, k), np.float32))
     z = reference.xnor_gemm(a, b, k)
-    thr = rng.integers(-3, 4, size=(periods, n)).astype(np.int64)
-    if z.size:
-        thr += z[rng.integers(0, m, size=(periods, n)), np.arange(n)[None, :]]
-    flat = thr.reshape(-1)
-    flat[rng.random(flat.size) < 0.05] = np.iinfo(np.int32).max
-    flat[rng.random(flat.size) < 0.05] = np.iinfo(np.int32).min
-    thr = thr if periods > 1 else thr[0]
+    thr = planted_thresholds(rng, z, periods)
     return a, b, thr, reference.pack_threshold(z, thr)
 
 

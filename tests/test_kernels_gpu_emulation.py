@@ -12,6 +12,7 @@ If a kernel's indexing changes, its model here must change with it.
 import numpy as np
 import pytest
 
+from conftest import planted_thresholds
 from minibnn.kernels import reference
 
 # ------------------------------------------------------------ PTX ISA fragment layouts
@@ -203,35 +204,34 @@ def _pad(x, rows, words):  # what cupy_gpu._padded produces
     return out
 
 
+def _tc_operands(a, b):
+    """What cupy_gpu gives xnor_gemm_tc for packed a (m, w), b (n, w): both zero padded to
+    whole tiles and to words a multiple of TC_BKW, their row popcounts, the padded width."""
+    wp = -(-a.shape[1] // TC_BKW) * TC_BKW
+    ap = _pad(a, -(-a.shape[0] // TC_BM) * TC_BM, wp)
+    bp = _pad(b, -(-b.shape[0] // TC_BN) * TC_BN, wp)
+    pop_a = np.bitwise_count(ap).sum(axis=1).astype(np.int64)[:a.shape[0]]
+    pop_b = np.bitwise_count(bp).sum(axis=1).astype(np.int64)[:b.shape[0]]
+    return ap, bp, pop_a, pop_b, wp
+
+
 @pytest.mark.parametrize("m,n,k", [(130, 200, 700), (16, 8, 256), (1, 129, 1025)])
 def test_tensor_core_kernel_model(m, n, k):
     rng = np.random.default_rng(m + n + k)
     a = reference.pack_rows(rng.standard_normal((m, k)))
     b = reference.pack_rows(rng.standard_normal((n, k)))
-    w = a.shape[1]
-    wp = -(-w // TC_BKW) * TC_BKW
-    ap = _pad(a, -(-m // TC_BM) * TC_BM, wp)
-    bp = _pad(b, -(-n // TC_BN) * TC_BN, wp)
-    pop_a = np.bitwise_count(ap).sum(axis=1).astype(np.int64)[:m]
-    pop_b = np.bitwise_count(bp).sum(axis=1).astype(np.int64)[:n]
+    ap, bp, pop_a, pop_b, wp = _tc_operands(a, b)
     out, writes = tc_kernel_model(ap, bp, pop_a, pop_b, m, n, wp, k)
     assert (writes == 1).all()
     np.testing.assert_array_equal(out, reference.xnor_gemm(a, b, k))
 
 
 def _threshold_case(rng, a, b, k, periods):
-    """Thresholds (periods, n) drawn from the products themselves (about half fire), with
-    the int32 extremes planted (never and always)."""
+    """A (periods, n) threshold table planted from the products (conftest's
+    ``planted_thresholds``) and the bits the kernels must give."""
     z = reference.xnor_gemm(a, b, k)
-    n = b.shape[0]
-    thr = rng.integers(-k, k + 1, size=(periods, n)).astype(np.int64)
-    if z.size:
-        thr = z[rng.integers(0, z.shape[0], size=(periods, n)), np.arange(n)[None, :]].astype(np.int64)
-        thr += rng.integers(-1, 2, size=thr.shape)
-    flat = thr.reshape(-1)
-    flat[rng.random(flat.size) < 0.05] = np.iinfo(np.int32).max
-    flat[rng.random(flat.size) < 0.05] = np.iinfo(np.int32).min
-    return thr, reference.pack_threshold(z, thr if periods > 1 else thr[0])
+    thr = planted_thresholds(rng, z, periods)
+    return thr.reshape(periods, -1), reference.pack_threshold(z, thr)
 
 
 @pytest.mark.parametrize("m,n,k,periods", [(130, 200, 700, 1), (16, 8, 256, 2), (1, 129, 1025, 1),
@@ -243,12 +243,7 @@ def test_tensor_core_threshold_epilogue_model(m, n, k, periods):
     rng = np.random.default_rng(m * 5 + n + k)
     a = reference.pack_rows(rng.standard_normal((m, k)))
     b = reference.pack_rows(rng.standard_normal((n, k)))
-    w = a.shape[1]
-    wp = -(-w // TC_BKW) * TC_BKW
-    ap = _pad(a, -(-m // TC_BM) * TC_BM, wp)
-    bp = _pad(b, -(-n // TC_BN) * TC_BN, wp)
-    pop_a = np.bitwise_count(ap).sum(axis=1).astype(np.int64)[:m]
-    pop_b = np.bitwise_count(bp).sum(axis=1).astype(np.int64)[:n]
+    ap, bp, pop_a, pop_b, wp = _tc_operands(a, b)
     thr, want = _threshold_case(rng, a, b, k, periods)
     got, writes = tc_kernel_model(ap, bp, pop_a, pop_b, m, n, wp, k, thr.reshape(-1), periods)
     assert (writes == 1).all()
