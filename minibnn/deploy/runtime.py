@@ -879,22 +879,21 @@ def _forward_batch(x, layers, kern, trace=None, bits=None, first=None, ws=None):
             if bits is not None:
                 bits.append(unpack_words(h, layer.n_out, xp))
             continue
-        if layer.planes != PLANES and hidden and fused is not None:
-            a = h if layer.in_hwc is None else flatten_words(h, layer.in_hwc[2], xp)
-            # z = raw - slot padding bits >= t  iff  raw >= t + padding bits
-            pad = layer.gemm_k - layer.k
-            h = fused(a, gemm_weight, layer.gemm_k, threshold + pad if pad else threshold)
-            if bits is not None:
-                bits.append(unpack_words(h, layer.n_out, xp))
-            continue
         if layer.planes == PLANES:
             z = first_layer(x, weight, layer.k, kern, method, dense)
         else:
             a = h if layer.in_hwc is None else flatten_words(h, layer.in_hwc[2], xp)
+            pad = layer.gemm_k - layer.k  # slot padding bits: 0 in both, counted as +1
+            if hidden and fused is not None:
+                # z = raw - pad >= t  iff  raw >= t + pad
+                h = fused(a, gemm_weight, layer.gemm_k, threshold + pad if pad else threshold)
+                if bits is not None:
+                    bits.append(unpack_words(h, layer.n_out, xp))
+                continue
             out = _buf(ws, ("z", i), (n, layer.n_out), np.int32, xp) if hidden else None
             z = _gemm(kern, a, gemm_weight, layer.gemm_k, out)
-            if layer.gemm_k != layer.k:
-                z -= layer.gemm_k - layer.k  # slot padding bits: 0 in both, counted as +1
+            if pad:
+                z -= pad
         if trace is not None:
             trace.append(z)
         if not hidden:
