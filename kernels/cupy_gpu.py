@@ -7,7 +7,13 @@ Same conventions and results as :mod:`minibnn.kernels.reference`. Two GEMM kerne
   tiles with 8 x 8 outputs per thread; runs on any CUDA GPU.
 * ``"tensorcore"``: ``mma.sync.m16n8k256 .b1 .and.popc`` (compute capability >= 8.0,
   chosen automatically there), with ``a . b = k - 2 pa - 2 pb + 4 popcount(a & b)``
-  where pa, pb are the row popcounts.
+  where pa, pb are the row popcounts. It runs in one of two forms, which can also be
+  named: ``"tensorcore_tiled"`` takes operands padded to its tiles (a zero-padded copy
+  where they are not) and their row popcounts (a launch per operand);
+  ``"tensorcore_direct"`` reads the operands as they are (loads past the edges are
+  zero-filled) and counts the popcounts itself, so a product is one launch. Plain
+  ``"tensorcore"`` takes the direct form up to ``DIRECT_MAX_ROWS`` rows of A, where the
+  tiled form's extra launches cost more than the product, and the tiled form above.
 
 Each kernel also has a ``_threshold`` form, :func:`gemm_threshold`: a frozen layer's
 sign(BN(z)) compared and packed in the GEMM's epilogue, so the int32 products are never
@@ -33,6 +39,11 @@ _THREADS = 256
 _TILE = 128  # block tile of both GEMM kernels (rows of A and rows of B)
 _TC_BKW = 8  # u64 words of K per tensor-core pipeline stage (TC_BKW in the .cu)
 _TC_SMEM_BYTES = 3 * (128 + 128) * 12 * 8  # TC_SMEM_BYTES in xnor_gemm_tc.cu
+_TC_DIRECT_SMEM_BYTES = _TC_SMEM_BYTES + 2 * 128 * 4  # TC_DIRECT_SMEM_BYTES there
+#: Rows of A up to which plain ``"tensorcore"`` runs the direct form. Not yet measured on a
+#: GPU: ``benchmarks/bench_gemm.py`` times both forms at each shape to set it.
+DIRECT_MAX_ROWS = 1024
+_TC_FORMS = ("tensorcore_direct", "tensorcore_tiled")
 _INT32_MAX = 2**31 - 1
 _MAX_ROWS = 65535 * _TILE  # rows of A one GEMM launch can cover (grid y-dimension limit)
 
@@ -87,8 +98,10 @@ def _function(source, name):
 
 
 def available_kernels():
-    """GEMM kernels the current GPU can run, fastest first."""
-    return ("tensorcore", "cuda") if _capability() >= 80 else ("cuda",)
+    """GEMM kernels the current GPU can run, the default first: ``("tensorcore",
+    "tensorcore_direct", "tensorcore_tiled", "cuda")`` on compute capability >= 8.0 (the
+    first picks one of the next two by shape), else ``("cuda",)``."""
+    return ("tensorcore",) + _TC_FORMS + ("cuda",) if _capability() >= 80 else ("cuda",)
 
 
 def default_kernel():
@@ -175,9 +188,10 @@ def _padded(x, rows, words):
 
 class PreparedWeights:
     """A right operand that many products reuse (a frozen net's weights), kept on the GPU:
-    the packed rows ``rows`` (CuPy uint64 (N, W), a copy made once) and, made on first use
-    and kept, the tensor-core kernel's form of them (rows and words zero-padded to its
-    tiles, and the row popcounts of the AND identity), which :func:`xnor_gemm` would
+    the packed rows ``rows`` (CuPy uint64 (N, W), a copy made once, which the direct
+    tensor-core form and the CUDA-core kernel read as they are) and, made on first use by
+    the tiled tensor-core form and kept, that form's operand (rows and words zero-padded to
+    its tiles, and the row popcounts of the AND identity), which :func:`xnor_gemm` would
     otherwise make from B in every call. :func:`xnor_gemm` and :func:`gemm_threshold` take it
     in place of ``b``; results are the same, bit for bit. Make it with
     :func:`prepare_weights`."""
@@ -263,14 +277,30 @@ def _launch(a, rows, prepared, k, kernel, tail, threshold_args=None):
             grid, (_THREADS,), (cp.ascontiguousarray(a), cp.ascontiguousarray(rows), *lead,
                                 *tail, *sizes, np.int32(w), np.int32(k)))
         return
+    if kernel == "tensorcore":
+        kernel = _TC_FORMS[0] if m <= DIRECT_MAX_ROWS else _TC_FORMS[1]
+    if kernel == "tensorcore_direct":
+        a, rows = cp.ascontiguousarray(a), cp.ascontiguousarray(rows)
+        # 16-byte copies where every row starts on a 16-byte boundary, else 8-byte ones
+        wide = w % 2 == 0 and a.data.ptr % 16 == 0 and rows.data.ptr % 16 == 0
+        fn = _tc_function("xnor_gemm_tc_direct" + suffix, _TC_DIRECT_SMEM_BYTES)
+        fn(grid, (_THREADS,), (a, rows, *lead, *tail, *sizes, np.int32(w), np.int32(wide),
+                               np.int32(k)), shared_mem=_TC_DIRECT_SMEM_BYTES)
+        return
     ap, pop_a = _tc_operand(cp.asarray(a))
     bp, pop_b = prepared.tensorcore_form() if prepared is not None else _tc_operand(rows)
-    fn = _function("xnor_gemm_tc.cu", "xnor_gemm_tc" + suffix)
-    if fn.max_dynamic_shared_size_bytes < _TC_SMEM_BYTES:
-        fn.max_dynamic_shared_size_bytes = _TC_SMEM_BYTES
+    fn = _tc_function("xnor_gemm_tc" + suffix, _TC_SMEM_BYTES)
     fn(grid, (_THREADS,),
        (ap, bp, pop_a, pop_b, *lead, *tail, *sizes, np.int32(ap.shape[1]), np.int32(k)),
        shared_mem=_TC_SMEM_BYTES)
+
+
+def _tc_function(name, smem_bytes):
+    """A tensor-core entry, allowed ``smem_bytes`` of dynamic shared memory (over 48 KiB)."""
+    fn = _function("xnor_gemm_tc.cu", name)
+    if fn.max_dynamic_shared_size_bytes < smem_bytes:
+        fn.max_dynamic_shared_size_bytes = smem_bytes
+    return fn
 
 
 def xnor_gemm(a, b, k, kernel=None):
@@ -278,8 +308,9 @@ def xnor_gemm(a, b, k, kernel=None):
 
     ``a`` (M, W) and ``b`` (N, W) are packed uint64 rows (CuPy or NumPy, B transposed),
     W = ceil(k/64), padding bits 0 (not checked here: that would synchronize). ``b`` may be
-    a :class:`PreparedWeights`. ``kernel``: ``"tensorcore"`` (compute capability >= 8.0) or
-    ``"cuda"``; default the fastest available.
+    a :class:`PreparedWeights`. ``kernel``: one of :func:`available_kernels`
+    (``"tensorcore"``, ``"tensorcore_direct"`` and ``"tensorcore_tiled"`` need compute
+    capability >= 8.0; ``"cuda"`` runs anywhere); default the first of them.
     """
     a, rows, prepared, k, kernel = _gemm_operands(a, b, k, kernel)
     cp = _cp()

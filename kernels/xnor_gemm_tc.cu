@@ -10,6 +10,13 @@
 // Mp, Np multiples of 128, Wp a multiple of 8, 16-byte aligned rows, zeros in the pads.
 // Only C[i, j] with i < M, j < N is written (row stride N).
 //
+// The "direct" entries (xnor_gemm_tc_direct*) take the operands as they are: A (M, W) and
+// B (N, W) row-major u64 words with no padding at all. Loads past row M (N) or word W are
+// zero-filled in shared memory by cp.async's src-size operand, and the row popcounts are
+// counted in the kernel from the fragments the warps already hold, so one launch does the
+// whole product (the tiled entries need a padded copy and a popcount launch per operand,
+// which at few rows cost more than the product).
+//
 // Fragment layouts for m16n8k256 .b1 (PTX ISA, "Matrix Fragments for mma.m16n8k256"),
 // with g = laneid >> 2 and t = laneid % 4:
 //   A (4 x .b32): a0 row g,   bits k = 32t .. 32t+31;   a1 row g+8, same k;
@@ -31,6 +38,7 @@ typedef unsigned int u32;
 #define TC_STAGES 3
 #define TC_STAGE_WORDS ((TC_BM + TC_BN) * TC_LDW)
 #define TC_SMEM_BYTES (TC_STAGES * TC_STAGE_WORDS * 8)   // 73728, dynamic shared memory
+#define TC_DIRECT_SMEM_BYTES (TC_SMEM_BYTES + 2 * TC_BM * 4)  // 74752: + the popcounts
 
 __device__ __forceinline__ u32 smem_addr(const void* p)
 {
@@ -43,6 +51,20 @@ __device__ __forceinline__ void cp_async16(void* dst_smem, const void* src_gmem)
 {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n"
                  :: "r"(smem_addr(dst_smem)), "l"(src_gmem) : "memory");
+}
+
+// cp.async with src-size (PTX ISA, "cp.async"): copies `bytes` (0 or the full size) from
+// global memory and zero-fills the rest of the destination.
+__device__ __forceinline__ void cp_async16_zfill(void* dst_smem, const void* src_gmem, u32 bytes)
+{
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 :: "r"(smem_addr(dst_smem)), "l"(src_gmem), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void cp_async8_zfill(void* dst_smem, const void* src_gmem, u32 bytes)
+{
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n"
+                 :: "r"(smem_addr(dst_smem)), "l"(src_gmem), "r"(bytes) : "memory");
 }
 
 __device__ __forceinline__ void cp_async_commit()
@@ -66,10 +88,16 @@ __device__ __forceinline__ void mma_b1_and(int c[4], const u32 a[4], const u32 b
 
 // Copy K stage `stage` of the block's A and B tiles (128 rows x 8 words each) into
 // shared buffer `buf`: 512 chunks of 16 bytes per operand, two per thread.
+// Tiled form (DIRECT = false): the operands are padded (rows to 128, words to 8), row
+// stride W, so every chunk is real. Direct form: rows past M (A) or N (B) and words past W
+// are zero-filled. With `wide` (W even, both bases 16-byte aligned) a 16-byte chunk is
+// wholly inside or outside; otherwise each chunk is two 8-byte copies.
+template <bool DIRECT>
 __device__ __forceinline__ void tc_load_stage(u64* smem, int buf, int stage,
                                               const u64* __restrict__ A,
                                               const u64* __restrict__ B,
-                                              long long row0, long long col0, int Wp, int tid)
+                                              long long row0, long long col0, int W, int tid,
+                                              int M, int N, bool wide)
 {
     u64* sA = smem + buf * TC_STAGE_WORDS;
     u64* sB = sA + TC_BM * TC_LDW;
@@ -78,8 +106,25 @@ __device__ __forceinline__ void tc_load_stage(u64* smem, int buf, int stage,
     for (int q = 0; q < 2; ++q) {
         const int chunk = q * 256 + tid;
         const int r = chunk >> 2, part = chunk & 3;
-        cp_async16(sA + r * TC_LDW + 2 * part, A + (row0 + r) * Wp + kw0 + 2 * part);
-        cp_async16(sB + r * TC_LDW + 2 * part, B + (col0 + r) * Wp + kw0 + 2 * part);
+        const long long kw = kw0 + 2 * part;
+        u64* dA = sA + r * TC_LDW + 2 * part;
+        u64* dB = sB + r * TC_LDW + 2 * part;
+        const long long ra = row0 + r, rb = col0 + r;
+        if (!DIRECT) {
+            cp_async16(dA, A + ra * W + kw);
+            cp_async16(dB, B + rb * W + kw);
+        } else if (wide) {
+            const bool in_a = ra < M && kw < W, in_b = rb < N && kw < W;
+            cp_async16_zfill(dA, in_a ? A + ra * W + kw : A, in_a ? 16u : 0u);
+            cp_async16_zfill(dB, in_b ? B + rb * W + kw : B, in_b ? 16u : 0u);
+        } else {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const bool in_a = ra < M && kw + e < W, in_b = rb < N && kw + e < W;
+                cp_async8_zfill(dA + e, in_a ? A + ra * W + kw + e : A, in_a ? 8u : 0u);
+                cp_async8_zfill(dB + e, in_b ? B + rb * W + kw + e : B, in_b ? 8u : 0u);
+            }
+        }
     }
 }
 
@@ -91,14 +136,20 @@ __device__ __forceinline__ void tc_load_stage(u64* smem, int buf, int stage,
 // Lane (g, t) of a warp holds columns 2t, 2t+1 of each 8-column tile j of its 32 columns:
 // it sets bits 8j + 2t + e, the 4 lanes of a group OR theirs together with two xor shuffles,
 // and lane t = 0 stores the 32-bit word. Columns wn*32.. start on a 32-bit word boundary.
-template <bool THRESH>
+// DIRECT = false: padded operands (row stride W = a multiple of 8) and their row popcounts
+// pop_a, pop_b from the caller. DIRECT = true: unpadded operands (row stride W, any W > 0);
+// warps with wn = 0 count the popcounts of their A rows and warps with wm = 0 those of their
+// B rows from the fragments they load (lane t of group g sees word t of each 4-word step of
+// row g, g + 8), the 4 lanes of a group add theirs with two xor shuffles, and lane t = 0
+// puts the row's total in shared memory (sPop: 128 A rows, then 128 B rows) for the epilogue.
+template <bool THRESH, bool DIRECT>
 __device__ __forceinline__ void tc_gemm(u64* smem, const u64* __restrict__ A,
                                         const u64* __restrict__ B,
                                         const int* __restrict__ pop_a,
                                         const int* __restrict__ pop_b, int* __restrict__ C,
                                         const long long* __restrict__ thr, long long periods,
                                         u32* __restrict__ bits, long long words32,
-                                        int M, int N, int Wp, int K)
+                                        int M, int N, int W, bool wide, int K)
 {
     const int tid = threadIdx.x;
     const int lane = tid & 31, warp = tid >> 5;
@@ -114,14 +165,20 @@ __device__ __forceinline__ void tc_gemm(u64* smem, const u64* __restrict__ A,
         for (int j = 0; j < 4; ++j)
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[i][j][r] = 0;
+    int cnt_a[4][2], cnt_b[4];  // DIRECT: this lane's share of its rows' popcounts
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        cnt_a[i][0] = cnt_a[i][1] = 0;
+        cnt_b[i] = 0;
+    }
 
-    const int n_stages = Wp / TC_BKW;
+    const int n_stages = (W + TC_BKW - 1) / TC_BKW;
     // One commit group per stage (possibly empty) keeps cp.async.wait_group's count exact:
     // at iteration s, groups 0..s+STAGES-2 are committed and wait_group(STAGES-2) leaves
     // only the newest STAGES-2 in flight, so group s (stage s) has landed.
 #pragma unroll
     for (int s = 0; s < TC_STAGES - 1; ++s) {
-        if (s < n_stages) tc_load_stage(smem, s, s, A, B, row0, col0, Wp, tid);
+        if (s < n_stages) tc_load_stage<DIRECT>(smem, s, s, A, B, row0, col0, W, tid, M, N, wide);
         cp_async_commit();
     }
 
@@ -129,7 +186,9 @@ __device__ __forceinline__ void tc_gemm(u64* smem, const u64* __restrict__ A,
         cp_async_wait_stages();
         __syncthreads();  // stage s visible to all; everyone is done with stage s-1's buffer
         const int next = s + TC_STAGES - 1;
-        if (next < n_stages) tc_load_stage(smem, next % TC_STAGES, next, A, B, row0, col0, Wp, tid);
+        if (next < n_stages)
+            tc_load_stage<DIRECT>(smem, next % TC_STAGES, next, A, B, row0, col0, W, tid, M, N,
+                                  wide);
         cp_async_commit();
 
         const u64* sA = smem + (s % TC_STAGES) * TC_STAGE_WORDS;
@@ -146,6 +205,10 @@ __device__ __forceinline__ void tc_gemm(u64* smem, const u64* __restrict__ A,
                 af[i][1] = (u32)x1;
                 af[i][2] = (u32)(x0 >> 32);
                 af[i][3] = (u32)(x1 >> 32);
+                if (DIRECT && wn == 0) {
+                    cnt_a[i][0] += __popcll(x0);
+                    cnt_a[i][1] += __popcll(x1);
+                }
             }
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
@@ -153,6 +216,7 @@ __device__ __forceinline__ void tc_gemm(u64* smem, const u64* __restrict__ A,
                 const u64 y = sB[c * TC_LDW + 4 * ks + t];
                 bf[j][0] = (u32)y;
                 bf[j][1] = (u32)(y >> 32);
+                if (DIRECT && wm == 0) cnt_b[j] += __popcll(y);
             }
 #pragma unroll
             for (int i = 0; i < 4; ++i)
@@ -161,24 +225,59 @@ __device__ __forceinline__ void tc_gemm(u64* smem, const u64* __restrict__ A,
         }
     }
 
+    // pa[lr], pb[lc]: popcounts of the block's local row lr of A and column lc of B
+    const int* pa;
+    const int* pb;
+    if (!DIRECT) {
+        pa = pop_a + row0;
+        pb = pop_b + col0;
+    } else {
+        int* sPop = (int*)(smem + TC_STAGES * TC_STAGE_WORDS);
+        if (wn == 0) {  // warp-uniform branches: all 32 lanes reach the shuffles
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    int v = cnt_a[i][half];
+                    v += __shfl_xor_sync(0xffffffffu, v, 1);
+                    v += __shfl_xor_sync(0xffffffffu, v, 2);
+                    if (t == 0) sPop[wm * 64 + i * 16 + g + 8 * half] = v;
+                }
+        }
+        if (wm == 0) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                int v = cnt_b[j];
+                v += __shfl_xor_sync(0xffffffffu, v, 1);
+                v += __shfl_xor_sync(0xffffffffu, v, 2);
+                if (t == 0) sPop[TC_BM + wn * 32 + j * 8 + g] = v;
+            }
+        }
+        __syncthreads();
+        pa = sPop;
+        pb = sPop + TC_BM;
+    }
+
     if (THRESH) {
         const long long q = (col0 + wn * 32) >> 5;  // the warp's 32-bit word in each row
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
-                const long long r = row0 + wm * 64 + i * 16 + g + 8 * half;
+                const int lr = wm * 64 + i * 16 + g + 8 * half;
+                const long long r = row0 + lr;
                 u32 word = 0;
                 if (r < M) {  // no `continue`: every lane must reach the shuffles
-                    const int base = K - 2 * pop_a[r];
+                    const int base = K - 2 * pa[lr];
                     const long long* tr = thr + (r % periods) * N;
 #pragma unroll
                     for (int j = 0; j < 4; ++j) {
 #pragma unroll
                         for (int e = 0; e < 2; ++e) {
-                            const long long c = col0 + wn * 32 + j * 8 + 2 * t + e;
+                            const int lc = wn * 32 + j * 8 + 2 * t + e;
+                            const long long c = col0 + lc;
                             if (c >= N) continue;  // padding columns stay 0
-                            const int z = base - 2 * pop_b[c] + 4 * acc[i][j][2 * half + e];
+                            const int z = base - 2 * pb[lc] + 4 * acc[i][j][2 * half + e];
                             if ((long long)z >= tr[c]) word |= 1u << (8 * j + 2 * t + e);
                         }
                     }
@@ -194,15 +293,17 @@ __device__ __forceinline__ void tc_gemm(u64* smem, const u64* __restrict__ A,
     for (int i = 0; i < 4; ++i) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-            const long long r = row0 + wm * 64 + i * 16 + g + 8 * half;
+            const int lr = wm * 64 + i * 16 + g + 8 * half;
+            const long long r = row0 + lr;
             if (r >= M) continue;
-            const int base = K - 2 * pop_a[r];
+            const int base = K - 2 * pa[lr];
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                    const long long c = col0 + wn * 32 + j * 8 + 2 * t + e;
-                    if (c < N) C[r * N + c] = base - 2 * pop_b[c] + 4 * acc[i][j][2 * half + e];
+                    const int lc = wn * 32 + j * 8 + 2 * t + e;
+                    const long long c = col0 + lc;
+                    if (c < N) C[r * N + c] = base - 2 * pb[lc] + 4 * acc[i][j][2 * half + e];
                 }
             }
         }
@@ -215,7 +316,8 @@ xnor_gemm_tc(const u64* __restrict__ A, const u64* __restrict__ B,
              int* __restrict__ C, int M, int N, int Wp, int K)
 {
     extern __shared__ __align__(16) u64 smem[];
-    tc_gemm<false>(smem, A, B, pop_a, pop_b, C, nullptr, 1, nullptr, 0, M, N, Wp, K);
+    tc_gemm<false, false>(smem, A, B, pop_a, pop_b, C, nullptr, 1, nullptr, 0, M, N, Wp, true,
+                          K);
 }
 
 // The GEMM with the threshold-and-pack epilogue: `out` (M, words) uint64, thr int64
@@ -227,6 +329,28 @@ xnor_gemm_tc_threshold(const u64* __restrict__ A, const u64* __restrict__ B,
                        u64* __restrict__ out, long long words, int M, int N, int Wp, int K)
 {
     extern __shared__ __align__(16) u64 smem[];
-    tc_gemm<true>(smem, A, B, pop_a, pop_b, nullptr, thr, periods, (u32*)out, 2 * words,
-                  M, N, Wp, K);
+    tc_gemm<true, false>(smem, A, B, pop_a, pop_b, nullptr, thr, periods, (u32*)out, 2 * words,
+                         M, N, Wp, true, K);
+}
+
+// The direct forms: unpadded A (M, W), B (N, W), W > 0; wide != 0 when W is even and both
+// base addresses are 16-byte aligned. Dynamic shared memory TC_DIRECT_SMEM_BYTES.
+extern "C" __global__ void __launch_bounds__(256, 2)
+xnor_gemm_tc_direct(const u64* __restrict__ A, const u64* __restrict__ B, int* __restrict__ C,
+                    int M, int N, int W, int wide, int K)
+{
+    extern __shared__ __align__(16) u64 smem[];
+    tc_gemm<false, true>(smem, A, B, nullptr, nullptr, C, nullptr, 1, nullptr, 0, M, N, W,
+                         wide != 0, K);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+xnor_gemm_tc_direct_threshold(const u64* __restrict__ A, const u64* __restrict__ B,
+                              const long long* __restrict__ thr, long long periods,
+                              u64* __restrict__ out, long long words, int M, int N, int W,
+                              int wide, int K)
+{
+    extern __shared__ __align__(16) u64 smem[];
+    tc_gemm<true, true>(smem, A, B, nullptr, nullptr, nullptr, thr, periods, (u32*)out,
+                        2 * words, M, N, W, wide != 0, K);
 }

@@ -54,9 +54,14 @@ def _numba_gemm(kernel):
 PACKERS = per_backend({"numpy": reference.pack_rows, "numba": numba_cpu.pack_rows,
                        "cupy": _gpu_pack})
 
+# every GEMM kernel name of cupy_gpu on a GPU of compute capability >= 8.0 (as the machines
+# this suite meets on the GPU have): "tensorcore" picks one of its two forms by shape, and
+# each form is also tested by name
+CUPY_KERNELS = ("tensorcore", "tensorcore_direct", "tensorcore_tiled", "cuda")
+
 GEMMS = [pytest.param(reference.xnor_gemm, id="numpy")]
 GEMMS += per_kernel({"numba": {kn: _numba_gemm(kn) for kn in numba_cpu.available_kernels()},
-                     "cupy": {kn: _gpu_gemm(kn) for kn in ("tensorcore", "cuda")}})
+                     "cupy": {kn: _gpu_gemm(kn) for kn in CUPY_KERNELS}})
 
 SETTINGS = settings(max_examples=25, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -469,7 +474,7 @@ def test_numba_pack_threshold_reuses_out():
 # ------------------------------------------- GEMM with the threshold in its epilogue (cupy)
 
 GPU_KERNELS = [pytest.param(kn, marks=p.marks, id=kn) for p in backend_params(("cupy",))
-               for kn in ("tensorcore", "cuda")]
+               for kn in CUPY_KERNELS]
 
 
 def _fused_case(rng, m, n, k, periods):
@@ -545,3 +550,59 @@ def test_cupy_prepared_weights_are_a_copy(backend_name):
     np.testing.assert_array_equal(_to_host(cupy_gpu.xnor_gemm(a, prepared, 130)), want)
     with pytest.raises(ValueError, match=r"b: expected a 2-D uint64 array"):
         cupy_gpu.prepare_weights(np.zeros((3, 2), np.int64))
+
+
+@pytest.mark.parametrize("kernel", GPU_KERNELS)
+@pytest.mark.parametrize("k", [640, 576, 100, 4097], ids=["w10", "w9", "w2", "w65"])
+def test_cupy_gemm_reads_offset_and_strided_views(kernel, k):
+    """Device views that start one row in (so with an odd number of words they are not
+    16-byte aligned: the direct form's 8-byte copies) and column slices (not contiguous)
+    give the reference products, and the operands are left as they were."""
+    import cupy as cp
+
+    rng = np.random.default_rng(k)
+    a = reference.pack_rows(rng.standard_normal((38, k)))
+    b = reference.pack_rows(rng.standard_normal((131, k)))
+    ad, bd = cp.asarray(a), cp.asarray(b)
+    for x, y in ((ad[1:], bd[1:]), (ad[1:], bd), (ad[:, :], bd[2:])):
+        got = _to_host(cupy_gpu.xnor_gemm(x, y, k, kernel=kernel))
+        np.testing.assert_array_equal(got, reference.xnor_gemm(_to_host(x), _to_host(y), k))
+    wide = np.zeros((38, a.shape[1] + 3), np.uint64)
+    wide[:, 1:-2] = a  # a column slice: rows not contiguous
+    got = _to_host(cupy_gpu.xnor_gemm(cp.asarray(wide)[:, 1:-2], bd, k, kernel=kernel))
+    np.testing.assert_array_equal(got, reference.xnor_gemm(a, b, k))
+    np.testing.assert_array_equal(_to_host(ad), a)
+    np.testing.assert_array_equal(_to_host(bd), b)
+
+
+@pytest.mark.parametrize("backend_name", backend_params(("cupy",)))
+@pytest.mark.parametrize("threshold", [False, True], ids=["gemm", "threshold"])
+def test_cupy_tensorcore_picks_its_form_by_rows(backend_name, threshold, monkeypatch):
+    """Plain "tensorcore" launches the direct entry up to DIRECT_MAX_ROWS rows of A and the
+    tiled one above, with the same products either way."""
+    if "tensorcore" not in cupy_gpu.available_kernels():
+        pytest.skip("this GPU has no binary tensor cores (compute capability < 8.0)")
+    launched = []
+    real = cupy_gpu._function
+
+    def recording(source, name):
+        launched.append(name)
+        return real(source, name)
+
+    monkeypatch.setattr(cupy_gpu, "_function", recording)
+    monkeypatch.setattr(cupy_gpu, "DIRECT_MAX_ROWS", 5)
+    rng = np.random.default_rng(4)
+    b = reference.pack_rows(rng.standard_normal((70, 300)))
+    for m, entry in ((5, "xnor_gemm_tc_direct"), (6, "xnor_gemm_tc")):
+        a = reference.pack_rows(rng.standard_normal((m, 300)))
+        z = reference.xnor_gemm(a, b, 300)
+        launched.clear()
+        if threshold:
+            thr = np.zeros(70, np.int32)
+            got = _to_host(cupy_gpu.gemm_threshold(a, b, 300, thr, kernel="tensorcore"))
+            np.testing.assert_array_equal(got, reference.pack_threshold(z, thr))
+            entry += "_threshold"
+        else:
+            got = _to_host(cupy_gpu.xnor_gemm(a, b, 300, kernel="tensorcore"))
+            np.testing.assert_array_equal(got, z)
+        assert [n for n in launched if n.startswith("xnor_gemm")] == [entry]

@@ -97,10 +97,14 @@ TC_STAGE_WORDS = (TC_BM + TC_BN) * TC_LDW
 MASK32 = np.uint64(0xFFFFFFFF)
 
 
-def tc_kernel_model(ap, bp, pop_a, pop_b, m, n, wp, k, thr=None, periods=1):
+def tc_kernel_model(ap, bp, pop_a, pop_b, m, n, wp, k, thr=None, periods=1, direct=False,
+                    wide=True):
     """Run xnor_gemm_tc over its whole grid; returns (C, number of writes per output).
     With ``thr`` (int64 (periods * n,)) it runs xnor_gemm_tc_threshold instead and returns
-    (the packed uint64 (m, words) output, number of writes per 32-bit output word)."""
+    (the packed uint64 (m, words) output, number of writes per 32-bit output word).
+    ``direct``: the xnor_gemm_tc_direct* entries instead, on unpadded ``ap`` (m, wp) and
+    ``bp`` (n, wp) (``pop_a``, ``pop_b`` unused: the kernel counts them), with 16-byte
+    copies if ``wide`` else 8-byte ones."""
     out = np.zeros((m, n), np.int64)
     writes = np.zeros((m, n), np.int64)
     words32 = 2 * (-(-n // 64))
@@ -108,11 +112,15 @@ def tc_kernel_model(ap, bp, pop_a, pop_b, m, n, wp, k, thr=None, periods=1):
     bit_writes = np.zeros((m, words32), np.int64)
     flat_a, flat_b = ap.reshape(-1), bp.reshape(-1)
     tid = np.arange(256)
-    n_stages = wp // TC_BKW
-    for by in range(ap.shape[0] // TC_BM):
-        for bx in range(bp.shape[0] // TC_BN):
+    n_stages = -(-wp // TC_BKW)
+    if direct:
+        assert ap.shape == (m, wp) and bp.shape == (n, wp) and wp > 0
+        assert not wide or wp % 2 == 0
+    for by in range(-(-ap.shape[0] // TC_BM)):
+        for bx in range(-(-bp.shape[0] // TC_BN)):
             row0, col0 = by * TC_BM, bx * TC_BN
-            smem = np.zeros(TC_STAGES * TC_STAGE_WORDS, np.uint64)
+            # the stage buffers start as garbage: every word the warps read must be loaded
+            smem = np.full(TC_STAGES * TC_STAGE_WORDS, 0xDEADBEEFDEADBEEF, np.uint64)
 
             def load_stage(buf, stage):  # tc_load_stage, all 256 threads at once
                 s_a = buf * TC_STAGE_WORDS
@@ -121,11 +129,23 @@ def tc_kernel_model(ap, bp, pop_a, pop_b, m, n, wp, k, thr=None, periods=1):
                 for q in range(2):
                     chunk = q * 256 + tid
                     r, part = chunk >> 2, chunk & 3
-                    for half in range(2):  # the 16 bytes of one cp.async
-                        smem[s_a + r * TC_LDW + 2 * part + half] = flat_a[(row0 + r) * wp + kw0 + 2 * part + half]
-                        smem[s_b + r * TC_LDW + 2 * part + half] = flat_b[(col0 + r) * wp + kw0 + 2 * part + half]
+                    kw = kw0 + 2 * part
+                    ra, rb = row0 + r, col0 + r
+                    for half in range(2):  # the 16 bytes of one cp.async (or two 8-byte ones)
+                        if not direct:
+                            in_a = in_b = np.ones(256, bool)
+                        elif wide:  # one 16-byte copy, zero-filled unless wholly inside
+                            in_a, in_b = (ra < m) & (kw < wp), (rb < n) & (kw < wp)
+                        else:
+                            in_a, in_b = (ra < m) & (kw + half < wp), (rb < n) & (kw + half < wp)
+                        src_a = np.where(in_a, ra * wp + kw + half, 0)
+                        src_b = np.where(in_b, rb * wp + kw + half, 0)
+                        smem[s_a + r * TC_LDW + 2 * part + half] = np.where(in_a, flat_a[src_a], 0)
+                        smem[s_b + r * TC_LDW + 2 * part + half] = np.where(in_b, flat_b[src_b], 0)
 
             acc = np.zeros((8, 4, 4, 32, 4), np.int64)  # warp, i, j, lane, register
+            cnt_a = np.zeros((8, 4, 2, 32), np.int64)  # direct: warp, i, half, lane
+            cnt_b = np.zeros((8, 4, 32), np.int64)  # direct: warp, j, lane
             for s in range(TC_STAGES - 1):
                 if s < n_stages:
                     load_stage(s, s)
@@ -146,27 +166,58 @@ def tc_kernel_model(ap, bp, pop_a, pop_b, m, n, wp, k, thr=None, periods=1):
                             x1 = smem[s_a + (r + 8) * TC_LDW + 4 * ks + _T]
                             af.append(np.stack([x0 & MASK32, x1 & MASK32, x0 >> np.uint64(32),
                                                 x1 >> np.uint64(32)], axis=1))
+                            if direct and wn == 0:
+                                cnt_a[warp, i, 0] += np.bitwise_count(x0)
+                                cnt_a[warp, i, 1] += np.bitwise_count(x1)
                         for j in range(4):
                             c = wn * 32 + j * 8 + _G
                             y = smem[s_b + c * TC_LDW + 4 * ks + _T]
                             bf.append(np.stack([y & MASK32, y >> np.uint64(32)], axis=1))
+                            if direct and wm == 0:
+                                cnt_b[warp, j] += np.bitwise_count(y)
                         for i in range(4):
                             for j in range(4):
                                 acc[warp, i, j] = mma_m16n8k256_and_popc(af[i], bf[j], acc[warp, i, j])
+            if direct:  # the popcounts: xor-shuffle sums, lane t = 0 stores to sPop
+                s_pop = np.full(2 * TC_BM, -(1 << 40), np.int64)  # garbage until stored
+                for warp in range(8):
+                    wm, wn = warp >> 2, warp & 3
+                    vals, slots = [], []
+                    if wn == 0:
+                        for i in range(4):
+                            for half in range(2):
+                                vals.append(cnt_a[warp, i, half])
+                                slots.append(wm * 64 + i * 16 + _G + 8 * half)
+                    if wm == 0:
+                        for j in range(4):
+                            vals.append(cnt_b[warp, j])
+                            slots.append(TC_BM + wn * 32 + j * 8 + _G)
+                    for v, slot in zip(vals, slots):
+                        for mask in (1, 2):
+                            v = v + v[_LANE ^ mask]
+                        s_pop[slot[_T == 0]] = v[_T == 0]
+                pa, pb = s_pop[:TC_BM], s_pop[TC_BM:]
+            else:
+                pa = np.zeros(TC_BM, np.int64)
+                pa[: max(0, min(TC_BM, m - row0))] = pop_a[row0: row0 + TC_BM]
+                pb = np.zeros(TC_BN, np.int64)
+                pb[: max(0, min(TC_BN, n - col0))] = pop_b[col0: col0 + TC_BN]
             for warp in range(8):
                 wm, wn = warp >> 2, warp & 3
                 if thr is not None:  # the threshold epilogue, all 32 lanes at once
                     q = (col0 + wn * 32) >> 5
                     for i in range(4):
                         for half in range(2):
-                            r = row0 + wm * 64 + i * 16 + _G + 8 * half
+                            lr = wm * 64 + i * 16 + _G + 8 * half
+                            r = row0 + lr
                             word = np.zeros(32, np.uint64)
                             for j in range(4):
                                 for e in range(2):
-                                    c = col0 + wn * 32 + j * 8 + 2 * _T + e
+                                    lc = wn * 32 + j * 8 + 2 * _T + e
+                                    c = col0 + lc
                                     ok = (r < m) & (c < n)
                                     rr, cc = np.where(ok, r, 0), np.where(ok, c, 0)
-                                    z = (k - 2 * pop_a[rr] - 2 * pop_b[cc]
+                                    z = (k - 2 * pa[lr] - 2 * pb[lc]
                                          + 4 * acc[warp, i, j][:, 2 * half + e])
                                     fire = ok & (z >= thr[(rr % periods) * n + cc])
                                     word |= fire.astype(np.uint64) << (8 * j + 2 * _T + e).astype(np.uint64)
@@ -179,13 +230,16 @@ def tc_kernel_model(ap, bp, pop_a, pop_b, m, n, wp, k, thr=None, periods=1):
                     continue
                 for i in range(4):
                     for half in range(2):
-                        r = row0 + wm * 64 + i * 16 + _G + 8 * half
+                        lr = wm * 64 + i * 16 + _G + 8 * half
+                        r = row0 + lr
                         for j in range(4):
                             for e in range(2):
-                                c = col0 + wn * 32 + j * 8 + 2 * _T + e
+                                lc = wn * 32 + j * 8 + 2 * _T + e
+                                c = col0 + lc
                                 ok = (r < m) & (c < n)
                                 rr, cc = r[ok], c[ok]
-                                val = k - 2 * pop_a[rr] - 2 * pop_b[cc] + 4 * acc[warp, i, j][ok, 2 * half + e]
+                                val = (k - 2 * pa[lr[ok]] - 2 * pb[lc[ok]]
+                                       + 4 * acc[warp, i, j][ok, 2 * half + e])
                                 out[rr, cc] = val
                                 writes[rr, cc] += 1
     if thr is not None:
@@ -246,6 +300,42 @@ def test_tensor_core_threshold_epilogue_model(m, n, k, periods):
     ap, bp, pop_a, pop_b, wp = _tc_operands(a, b)
     thr, want = _threshold_case(rng, a, b, k, periods)
     got, writes = tc_kernel_model(ap, bp, pop_a, pop_b, m, n, wp, k, thr.reshape(-1), periods)
+    assert (writes == 1).all()
+    np.testing.assert_array_equal(got, want)
+
+
+DIRECT_CASES = [(130, 200, 700), (1, 1, 1), (1, 129, 1025), (129, 1, 64), (16, 8, 256),
+                (5, 33, 4097), (200, 130, 128)]
+
+
+@pytest.mark.parametrize("wide", [True, False], ids=["16-byte", "8-byte"])
+@pytest.mark.parametrize("m,n,k", DIRECT_CASES)
+def test_tensor_core_direct_kernel_model(m, n, k, wide):
+    """xnor_gemm_tc_direct on unpadded operands: loads past row m (n) or word w read zeros
+    (the stage buffers start as garbage), the popcounts counted from the fragments and summed
+    over the 4 lanes of a group give a . b exactly, and each output is written once. With
+    16-byte copies w must be even; 8-byte copies take any w."""
+    rng = np.random.default_rng(m * 3 + n + k)
+    a = reference.pack_rows(rng.standard_normal((m, k)))
+    b = reference.pack_rows(rng.standard_normal((n, k)))
+    w = a.shape[1]
+    if wide and w % 2:  # cupy_gpu copies with 16 bytes only where w is even
+        pytest.skip("16-byte copies need an even number of words")
+    out, writes = tc_kernel_model(a, b, None, None, m, n, w, k, direct=True, wide=wide)
+    assert (writes == 1).all()
+    np.testing.assert_array_equal(out, reference.xnor_gemm(a, b, k))
+
+
+@pytest.mark.parametrize("m,n,k,periods", [(130, 200, 700, 2), (1, 129, 1025, 1), (12, 64, 70, 4),
+                                           (9, 33, 64, 3)])
+def test_tensor_core_direct_threshold_epilogue_model(m, n, k, periods):
+    rng = np.random.default_rng(m * 7 + n + k)
+    a = reference.pack_rows(rng.standard_normal((m, k)))
+    b = reference.pack_rows(rng.standard_normal((n, k)))
+    thr, want = _threshold_case(rng, a, b, k, periods)
+    w = a.shape[1]
+    got, writes = tc_kernel_model(a, b, None, None, m, n, w, k, thr.reshape(-1), periods,
+                                  direct=True, wide=w % 2 == 0)
     assert (writes == 1).all()
     np.testing.assert_array_equal(got, want)
 

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.skipif(bool(NVRTC_WHY), reason=NVRTC_WHY)
 ENTRIES = {
     "xnor_gemm.cu": {"pack_rows_f32", "pack_rows_f64", "pack_rows_bool", "row_popcount",
                      "xnor_gemm_cuda_core", "xnor_gemm_cuda_core_threshold", "pack_threshold_i32"},
-    "xnor_gemm_tc.cu": {"xnor_gemm_tc", "xnor_gemm_tc_threshold"},
+    "xnor_gemm_tc.cu": {"xnor_gemm_tc", "xnor_gemm_tc_threshold", "xnor_gemm_tc_direct",
+                        "xnor_gemm_tc_direct_threshold"},
     "conv_glue.cu": {f"{op}_{t}" for op in ("im2col", "col2im", "pack_sign_patches")
                      for t in ("f32", "f64")}
                     | {f"{op}_{t}_{a}" for op in ("max_pool2d", "max_pool2d_backward")
@@ -49,11 +50,14 @@ def test_tensor_core_source_uses_and_popc(ptx):
     text = ptx["xnor_gemm_tc.cu"]
     mmas = re.findall(r"mma\.sync\.aligned\.\S+", text)
     # 2 k256 steps per stage x (4 x 4) mma tiles per warp, fully unrolled, in each of the
-    # two entries (int32 output, threshold epilogue)
-    assert len(mmas) == 2 * 32
+    # four entries (int32 output or threshold epilogue; tiled or direct)
+    assert len(mmas) == 4 * 32
     assert set(mmas) == {"mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc"}
     assert "xor.popc" not in text
     assert "cp.async.cg.shared.global" in text and "cp.async.wait_group 1" in text
+    # the direct entries' zero-filling copies: 16 bytes (cg) and 8 bytes (ca), with src-size
+    assert re.search(r"cp\.async\.cg\.shared\.global \[%r\d+\], \[%rd\d+\], 16, %r\d+;", text)
+    assert re.search(r"cp\.async\.ca\.shared\.global \[%r\d+\], \[%rd\d+\], 8, %r\d+;", text)
 
 
 def test_nvrtc_lists_the_architectures_it_supports():
@@ -102,6 +106,8 @@ def test_wrapper_constants_match_the_source():
     assert cupy_gpu._TILE == d["TC_BM"] == d["TC_BN"]
     assert cupy_gpu._TC_SMEM_BYTES == d["TC_STAGES"] * (d["TC_BM"] + d["TC_BN"]) * d["TC_LDW"] * 8
     assert "// 73728" in src and cupy_gpu._TC_SMEM_BYTES == 73728
+    assert "// 74752" in src and cupy_gpu._TC_DIRECT_SMEM_BYTES == 74752
+    assert cupy_gpu._TC_DIRECT_SMEM_BYTES == cupy_gpu._TC_SMEM_BYTES + (d["TC_BM"] + d["TC_BN"]) * 4
     cc = dict(re.findall(r"#define (CC_B\w) (\d+)\b", read_source("xnor_gemm.cu")))
     assert int(cc["CC_BM"]) == int(cc["CC_BN"]) == cupy_gpu._TILE
 
@@ -110,7 +116,7 @@ def test_wrapper_constants_match_the_source():
                     "or pip install nvidia-cuda-nvcc-cu12)")
 @pytest.mark.parametrize("arch", ["80", "90"])
 def test_tensor_core_kernels_do_not_spill(arch):
-    """Both tensor-core entries fit __launch_bounds__(256, 2) (at most 128 registers) without
+    """Every tensor-core entry fits __launch_bounds__(256, 2) (at most 128 registers) without
     spilling: the threshold epilogue costs registers, not local memory."""
     try:
         res = ptxas_resources(compile_all(f"compute_{arch}")["xnor_gemm_tc.cu"], f"sm_{arch}")

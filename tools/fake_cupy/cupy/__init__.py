@@ -339,6 +339,19 @@ class _FakeKernel:
                 rest[0][...] = z
             else:
                 _threshold_store(z, *rest[:4])
+        elif self.name in ("xnor_gemm_tc_direct", "xnor_gemm_tc_direct_threshold"):
+            # unpadded operands; the kernel counts the popcounts itself
+            ap, bp, *rest = a
+            m, n, w, wide, k = (int(v) for v in rest[-5:])
+            assert ap.shape == (m, w) and bp.shape == (n, w) and w > 0
+            assert ap.flags.c_contiguous and bp.flags.c_contiguous
+            if wide:
+                assert w % 2 == 0 and ap.ctypes.data % 16 == 0 and bp.ctypes.data % 16 == 0
+            z = ref.xnor_gemm(ap, bp, k)
+            if self.name == "xnor_gemm_tc_direct":
+                rest[0][...] = z
+            else:
+                _threshold_store(z, *rest[:4])
         elif self.name.startswith(_CONV_GLUE):
             _conv_glue(self.name, a)
         else:
