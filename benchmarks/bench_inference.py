@@ -38,7 +38,11 @@ trained net's are not 1 and 0, about 10% of gammas negative. Each network runs
 * for the MLPs, "..., batch 100" rows (latency: the paper's batch): the float32 and frozen
   paths of each device (numpy and numba; cupy) in batches of 100, the frozen one's speed-up
   taken against the float32 path of the same device at the same batch;
-* on a GPU: "float32 cupy" (the same forward on CuPy: cuBLAS, TF32 off as CuPy's default)
+* on a GPU: "float32 cupy" (the same forward on CuPy: cuBLAS, TF32 off as CuPy's default),
+  for the MLPs "float16 cupy" (the same forward in float16 on CuPy: cuBLAS on the tensor
+  cores; +-1 weights and the scaled pixels are exact in float16, the first layer's sums and
+  the batch norms are rounded, so a few predictions may differ; the GPU rows get their
+  ratio to it in "vs fp16 cupy")
   and, for the ConvNet, "cuDNN fp32 (torch)" and "cuDNN fp16 (torch)" when PyTorch with
   CUDA is importable (``torch.nn.functional.conv2d`` etc., cudnn.benchmark on).
 
@@ -221,19 +225,23 @@ class Float32Net:
     pre-activation is an exact float32 integer (or multiple of 1/256 in the first layer), so
     this is the model's own arithmetic; ``check`` compares it with ``model(x)``."""
 
-    def __init__(self, model, xp=np):
-        self.xp = xp
-        self.ops = [tuple(xp.asarray(v) if isinstance(v, np.ndarray) else v for v in op)
+    def __init__(self, model, xp=np, dtype=np.float32):
+        self.xp, self.dtype = xp, np.dtype(dtype)
+        self.ops = [tuple(xp.asarray(v, dtype=self.dtype if v.dtype.kind == "f" else None)
+                          if isinstance(v, np.ndarray) else v for v in op)
                     for op in _model_ops(model)]
         self.is_conv = self.ops[0][0] == "conv"
+        if self.is_conv and self.dtype != np.float32:
+            raise ValueError("Float32Net: convolutions run in float32 only")
 
     def scores(self, x_uint8):
         xp = self.xp
         x = xp.asarray(x_uint8)
-        h = (x if self.is_conv else x.reshape(len(x), -1)).astype(np.float32)
-        h *= np.float32(2)  # data.to_pm1's arithmetic, on the device when xp is CuPy
-        h -= np.float32(255)
-        h /= np.float32(256)
+        one = self.dtype.type(1)
+        h = (x if self.is_conv else x.reshape(len(x), -1)).astype(self.dtype)
+        h *= 2 * one  # data.to_pm1's arithmetic, on the device when xp is CuPy
+        h -= 255 * one
+        h /= 256 * one
         for op in self.ops:
             kind = op[0]
             if kind == "conv":
@@ -247,7 +255,7 @@ class Float32Net:
                 h *= _per_channel(op[1], h.ndim)
                 h += _per_channel(op[2], h.ndim)
             elif kind == "sign":
-                h = xp.where(h >= 0, np.float32(1), np.float32(-1))
+                h = xp.where(h >= 0, one, -one)
             elif kind == "flatten":
                 h = h.reshape(len(h), -1)
             if kind in ("conv", "linear") and op[-1] is not None:
@@ -565,6 +573,10 @@ def bench_model(label, model, images, backends, repeats, reference_images, cpu_i
     if "cupy" in backends:
         gpu_net = Float32Net(model, xp=backend.array_module("cupy"))
         paths["float32 cupy"] = (lambda: gpu_net.predict(images, fb.get("cupy")), "cupy")
+        if not gpu_net.is_conv:  # the tensor-core float anchor (#10: frozen >= 1.5x it)
+            gpu16 = Float32Net(model, xp=backend.array_module("cupy"), dtype=np.float16)
+            paths["float16 cupy"] = (lambda: gpu16.predict(images, fb.get("cupy")), "cupy")
+            counts["float16 cupy"] = n
         paths["frozen cupy"] = (lambda: frozen.predict(images, backend="cupy"), "cupy")
         counts["float32 cupy"] = counts["frozen cupy"] = n
         eager = runtime.FrozenBNN(frozen.layers, frozen.info)  # each batch launched from Python
@@ -631,6 +643,8 @@ def bench_model(label, model, images, backends, repeats, reference_images, cpu_i
         r["baseline"] = ref
         if not gpu and "float32 torch cpu" in base and "batch" not in r["path"]:
             r["speedup_vs_torch_cpu"] = base["float32 torch cpu"] / r["seconds_full_set"]
+        if gpu and "float16 cupy" in base and "batch" not in r["path"]:
+            r["speedup_vs_float16_cupy"] = base["float16 cupy"] / r["seconds_full_set"]
     s = minibnn.summary(frozen)
     ms = minibnn.summary(model)
     extra = dict(frozen_binary_macs=s.totals["binary_macs"],
@@ -685,12 +699,18 @@ def bench_convnet(quick, n, backends, repeats, torch_cpu=None):
 
 def format_table(rows):
     n = rows[0]["images"]
-    head = ["net", "path", f"s / {n} img", "img/s", "speed-up", "vs torch cpu", "agree", "note"]
+    fp16 = any("speedup_vs_float16_cupy" in r for r in rows)
+    head = (["net", "path", f"s / {n} img", "img/s", "speed-up", "vs torch cpu"]
+            + ["vs fp16 cupy"] * fp16 + ["agree", "note"])
+
+    def ratio(r, key):
+        return f"{r[key]:.2f}x" if key in r else "-"
+
     body = [[r["net"], r["path"], f"{r['seconds_full_set']:.3f}",
              f"{r['images_per_second']:,.0f}",
              f"{r['speedup_vs_float32']:.2f}x vs {r['baseline']}",
-             f"{r['speedup_vs_torch_cpu']:.2f}x" if "speedup_vs_torch_cpu" in r else "-",
-             f"{r['agree_with_float32']}/{r['compared']}", r["note"]] for r in rows]
+             ratio(r, "speedup_vs_torch_cpu")] + [ratio(r, "speedup_vs_float16_cupy")] * fp16
+            + [f"{r['agree_with_float32']}/{r['compared']}", r["note"]] for r in rows]
     widths = [max(len(str(c[i])) for c in body + [head]) for i in range(len(head))]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(c, widths)).rstrip()
              for c in [head] + body]

@@ -41,3 +41,37 @@ def test_table_shows_the_ratio_to_torch_cpu():
     line = next(l for l in table.splitlines() if "frozen numba" in l)
     assert "2.00x" in line and "4.00x vs float32 numpy" in line
     assert "10.00x vs float32 numpy  -" in table.splitlines()[-1]  # no torch ratio on a GPU row
+
+
+def test_float16_forward_runs_in_float16_and_mostly_agrees():
+    """The "float16 cupy" anchor's arithmetic, on NumPy: float16 throughout; the scaled
+    pixels and +-1 weights are exact there, the first layer's sums and the batch norms are
+    rounded, so it may differ from float32 on a few images, not on most."""
+    bench = load_benchmark("bench_inference")
+    with backend.use("numpy"):
+        from minibnn import models
+        model = models.mnist_mlp(hidden=128, layers=2, rng=np.random.default_rng(0))
+        bench._plant_batch_norms(model, np.random.default_rng(1))
+        model.eval()
+        images = np.random.default_rng(2).integers(0, 256, (300, 784), dtype=np.uint8)
+        net16 = bench.Float32Net(model, dtype=np.float16)
+        assert net16.scores(images[:3]).dtype == np.float16
+        agree = (net16.predict(images, 64) == bench.Float32Net(model).predict(images)).mean()
+        assert agree >= 0.95
+        conv, _ = bench.build_convnet(quick=True)
+        with pytest.raises(ValueError, match="float32 only"):
+            bench.Float32Net(conv, dtype=np.float16)
+
+
+def test_table_shows_the_ratio_to_float16_only_when_measured():
+    bench = load_benchmark("bench_inference")
+    rows = [dict(net="n", path=p, images=10, seconds_full_set=s, images_per_second=10 / s,
+                 speedup_vs_float32=1.0 / s, baseline="float32 cupy", agree_with_float32=10,
+                 compared=10, note="", **({"speedup_vs_float16_cupy": 0.5 / s} if h else {}))
+            for p, s, h in (("float32 cupy", 1.0, True), ("float16 cupy", 0.5, True),
+                            ("frozen cupy", 0.1, True), ("frozen cupy, batch 100", 0.2, False))]
+    lines = bench.format_table(rows).splitlines()
+    assert "vs fp16 cupy" in lines[0]
+    assert next(l for l in lines if "frozen cupy " in l).split()[-3:-1] == ["-", "5.00x"]
+    assert "vs fp16 cupy" not in bench.format_table(
+        [{k: v for k, v in r.items() if k != "speedup_vs_float16_cupy"} for r in rows])
