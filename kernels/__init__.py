@@ -110,8 +110,9 @@ Besides these:
   measuring); ``numba_cpu.xnor_gemm`` also takes ``out=`` (an int32 (M, N) buffer to
   reuse), and ``numba_cpu.bitplane_gemm`` takes ``kernel=None`` (``"generic"`` or one of
   the ``simd``/``scalar`` kernels; default the autotune's choice). ``cupy_gpu``:
-  ``("tensorcore", "tensorcore_direct", "tensorcore_tiled", "cuda")`` on compute
-  capability >= 8.0 (``"tensorcore"`` runs one of its two forms by the rows of A), else
+  ``("tensorcore", "tensorcore_direct", "tensorcore_tiled", "tensorcore_tiled256", "cuda")``
+  on compute capability >= 8.0 (``"tensorcore"`` runs the direct or the tiled form by the
+  rows of A), else
   ``("cuda",)`` (asks the current GPU), the default first.
 - ``cupy_gpu.available()``: ``(True, "")`` or ``(False, reason)``, the one check of
   whether the GPU path can run (``minibnn.backend`` reports its reason). Without CuPy,

@@ -7,13 +7,15 @@ Same conventions and results as :mod:`minibnn.kernels.reference`. Two GEMM kerne
   tiles with 8 x 8 outputs per thread; runs on any CUDA GPU.
 * ``"tensorcore"``: ``mma.sync.m16n8k256 .b1 .and.popc`` (compute capability >= 8.0,
   chosen automatically there), with ``a . b = k - 2 pa - 2 pb + 4 popcount(a & b)``
-  where pa, pb are the row popcounts. It runs in one of two forms, which can also be
-  named: ``"tensorcore_tiled"`` takes operands padded to its tiles (a zero-padded copy
-  where they are not) and their row popcounts (a launch per operand);
-  ``"tensorcore_direct"`` reads the operands as they are (loads past the edges are
-  zero-filled) and counts the popcounts itself, so a product is one launch. Plain
-  ``"tensorcore"`` takes the direct form up to ``DIRECT_MAX_ROWS`` rows of A, where the
-  tiled form's extra launches cost more than the product, and the tiled form above.
+  where pa, pb are the row popcounts. It runs in one of three forms, which can also be
+  named: ``"tensorcore_tiled"`` (128 x 128 block tiles) takes operands padded to its tiles
+  (a zero-padded copy where they are not) and their row popcounts (a launch per operand);
+  ``"tensorcore_tiled256"`` is the same with 256 x 128 tiles (fewer loads per product,
+  one block per SM); ``"tensorcore_direct"`` (128 x 128) reads the operands as they are
+  (loads past the edges are zero-filled) and counts the popcounts itself, so a product is
+  one launch. Plain ``"tensorcore"`` takes the direct form up to ``DIRECT_MAX_ROWS`` rows
+  of A, where the tiled forms' extra launches cost more than the product, and the
+  128 x 128 tiled form above (the one measured so far on a GPU).
 
 Each kernel also has a ``_threshold`` form, :func:`gemm_threshold`: a frozen layer's
 sign(BN(z)) compared and packed in the GEMM's epilogue, so the int32 products are never
@@ -39,16 +41,19 @@ _THREADS = 256
 _TILE = 128  # block tile of both GEMM kernels (rows of A and rows of B)
 _TC_BKW = 8  # u64 words of K per tensor-core pipeline stage (TC_BKW in the .cu)
 _TC_SMEM_BYTES = 3 * (128 + 128) * 12 * 8  # TC_SMEM_BYTES in xnor_gemm_tc.cu
-_TC_DIRECT_SMEM_BYTES = _TC_SMEM_BYTES + 2 * 128 * 4  # TC_DIRECT_SMEM_BYTES there
+_TC_DIRECT_SMEM_BYTES = _TC_SMEM_BYTES + (128 + 128) * 4  # TC_DIRECT_SMEM_BYTES there
+_TC256_ROWS = 256  # TC256_BM: rows of A per block of xnor_gemm_tc256 (its B tile is 128)
+_TC256_SMEM_BYTES = 4 * (256 + 128) * 12 * 8  # TC256_SMEM_BYTES there
 #: Rows of A up to which plain ``"tensorcore"`` runs the direct form. Not yet measured on a
-#: GPU: ``benchmarks/bench_gemm.py`` times both forms at each shape to set it.
+#: GPU: ``benchmarks/bench_gemm.py`` times every form at each shape to set it.
 DIRECT_MAX_ROWS = 1024
-_TC_FORMS = ("tensorcore_direct", "tensorcore_tiled")
+_TC_FORMS = ("tensorcore_direct", "tensorcore_tiled", "tensorcore_tiled256")
 _INT32_MAX = 2**31 - 1
 _MAX_ROWS = 65535 * _TILE  # rows of A one GEMM launch can cover (grid y-dimension limit)
 
 _cupy = None
 _modules = {}  # (device id, source name) -> cupy.RawModule
+_kernels = {}  # device id -> available_kernels()
 
 
 def _cp():
@@ -97,11 +102,31 @@ def _function(source, name):
     return mod.get_function(name)
 
 
+def _max_shared_per_block():
+    """Bytes of dynamic shared memory one block may opt in to on the current GPU (CUDA's
+    cudaDevAttrMaxSharedMemoryPerBlockOptin, 97: 227 KiB on H100, 163 KiB on A100, 99 KiB
+    on compute capability 8.6 / 8.9)."""
+    cp = _cp()
+    rt = cp.cuda.runtime
+    return int(rt.deviceGetAttribute(getattr(rt, "cudaDevAttrMaxSharedMemoryPerBlockOptin", 97),
+                                     cp.cuda.Device().id))
+
+
 def available_kernels():
     """GEMM kernels the current GPU can run, the default first: ``("tensorcore",
-    "tensorcore_direct", "tensorcore_tiled", "cuda")`` on compute capability >= 8.0 (the
-    first picks one of the next two by shape), else ``("cuda",)``."""
-    return ("tensorcore",) + _TC_FORMS + ("cuda",) if _capability() >= 80 else ("cuda",)
+    "tensorcore_direct", "tensorcore_tiled", "tensorcore_tiled256", "cuda")`` on compute
+    capability >= 8.0 (the first picks one of the next two by shape; the last tensor-core
+    form only where a block may have its 144 KiB of shared memory), else ``("cuda",)``."""
+    device = _cp().cuda.Device().id
+    names = _kernels.get(device)
+    if names is None:  # asked once per device: every product checks its kernel name
+        if _capability() < 80:
+            names = ("cuda",)
+        else:
+            forms = _TC_FORMS if _max_shared_per_block() >= _TC256_SMEM_BYTES else _TC_FORMS[:2]
+            names = ("tensorcore",) + forms + ("cuda",)
+        _kernels[device] = names
+    return names
 
 
 def default_kernel():
@@ -205,7 +230,8 @@ class PreparedWeights:
         return self.rows.shape
 
     def tensorcore_form(self):
-        """(padded rows, int32 row popcounts) as ``xnor_gemm_tc`` reads them (made once)."""
+        """(padded rows, int32 row popcounts) as the tiled ``xnor_gemm_tc*`` entries read
+        them (made once; both tiles take B in 128-row blocks)."""
         if self._tc is None:
             self._tc = _tc_operand(self.rows)
         return self._tc
@@ -229,13 +255,14 @@ def prepare_weights(b):
     return PreparedWeights(cp.array(b, dtype=cp.uint64, order="C", copy=True))
 
 
-def _tc_operand(x):
-    """Packed rows (R, W) as the tensor-core kernel reads them: rows padded to a multiple of
-    its 128-row tile, words to a multiple of 8, zeros in the pads, and int32 row popcounts."""
+def _tc_operand(x, tile=_TILE):
+    """Packed rows (R, W) as the tiled tensor-core entries read them: rows padded to a
+    multiple of the ``tile``, words to a multiple of 8, zeros in the pads, and int32 row
+    popcounts."""
     cp = _cp()
     r, w = x.shape
     wp = (w + _TC_BKW - 1) // _TC_BKW * _TC_BKW
-    xp = _padded(x, (r + _TILE - 1) // _TILE * _TILE, wp)
+    xp = _padded(x, (r + tile - 1) // tile * tile, wp)
     pop = cp.empty(r, dtype=cp.int32)
     if r:
         _function("xnor_gemm.cu", "row_popcount")(
@@ -268,7 +295,10 @@ def _launch(a, rows, prepared, k, kernel, tail, threshold_args=None):
     cp = _cp()
     m, w = a.shape
     n = rows.shape[0]
-    grid = ((n + _TILE - 1) // _TILE, (m + _TILE - 1) // _TILE)
+    if kernel == "tensorcore":
+        kernel = _TC_FORMS[0] if m <= DIRECT_MAX_ROWS else _TC_FORMS[1]
+    row_tile = _TC256_ROWS if kernel == "tensorcore_tiled256" else _TILE
+    grid = ((n + _TILE - 1) // _TILE, (m + row_tile - 1) // row_tile)
     sizes = (np.int32(m), np.int32(n))
     suffix = "" if threshold_args is None else "_threshold"
     lead = () if threshold_args is None else threshold_args
@@ -277,8 +307,6 @@ def _launch(a, rows, prepared, k, kernel, tail, threshold_args=None):
             grid, (_THREADS,), (cp.ascontiguousarray(a), cp.ascontiguousarray(rows), *lead,
                                 *tail, *sizes, np.int32(w), np.int32(k)))
         return
-    if kernel == "tensorcore":
-        kernel = _TC_FORMS[0] if m <= DIRECT_MAX_ROWS else _TC_FORMS[1]
     if kernel == "tensorcore_direct":
         a, rows = cp.ascontiguousarray(a), cp.ascontiguousarray(rows)
         # 16-byte copies where every row starts on a 16-byte boundary, else 8-byte ones
@@ -287,12 +315,14 @@ def _launch(a, rows, prepared, k, kernel, tail, threshold_args=None):
         fn(grid, (_THREADS,), (a, rows, *lead, *tail, *sizes, np.int32(w), np.int32(wide),
                                np.int32(k)), shared_mem=_TC_DIRECT_SMEM_BYTES)
         return
-    ap, pop_a = _tc_operand(cp.asarray(a))
+    ap, pop_a = _tc_operand(cp.asarray(a), row_tile)
     bp, pop_b = prepared.tensorcore_form() if prepared is not None else _tc_operand(rows)
-    fn = _tc_function("xnor_gemm_tc" + suffix, _TC_SMEM_BYTES)
+    name, smem = (("xnor_gemm_tc256", _TC256_SMEM_BYTES) if kernel == "tensorcore_tiled256"
+                  else ("xnor_gemm_tc", _TC_SMEM_BYTES))
+    fn = _tc_function(name + suffix, smem)
     fn(grid, (_THREADS,),
        (ap, bp, pop_a, pop_b, *lead, *tail, *sizes, np.int32(ap.shape[1]), np.int32(k)),
-       shared_mem=_TC_SMEM_BYTES)
+       shared_mem=smem)
 
 
 def _tc_function(name, smem_bytes):
@@ -309,8 +339,8 @@ def xnor_gemm(a, b, k, kernel=None):
     ``a`` (M, W) and ``b`` (N, W) are packed uint64 rows (CuPy or NumPy, B transposed),
     W = ceil(k/64), padding bits 0 (not checked here: that would synchronize). ``b`` may be
     a :class:`PreparedWeights`. ``kernel``: one of :func:`available_kernels`
-    (``"tensorcore"``, ``"tensorcore_direct"`` and ``"tensorcore_tiled"`` need compute
-    capability >= 8.0; ``"cuda"`` runs anywhere); default the first of them.
+    (the ``"tensorcore..."`` ones need compute capability >= 8.0; ``"cuda"`` runs
+    anywhere); default the first of them.
     """
     a, rows, prepared, k, kernel = _gemm_operands(a, b, k, kernel)
     cp = _cp()

@@ -6,8 +6,18 @@
 // the row popcounts pa, pb (padding bits are 0 and count nowhere):
 //     a . b = K - 2 * pa - 2 * pb + 4 * popcount(a AND b).
 //
-// Operands are padded by the caller: A (Mp, Wp), B (Np, Wp) row-major u64 words with
-// Mp, Np multiples of 128, Wp a multiple of 8, 16-byte aligned rows, zeros in the pads.
+// Two block tiles (template parameters of one body):
+//   128 x 128, 8 warps as 2 (M) x 4 (N) of 64 x 32, 3 stages, 2 blocks per SM: the
+//     "tiled" entries xnor_gemm_tc* and the "direct" ones xnor_gemm_tc_direct*;
+//   256 x 128, 8 warps as 4 x 2 of 64 x 64, 4 stages, 1 block per SM: xnor_gemm_tc256*.
+//     Each operand word loaded from L2 feeds 1.5x the products of the 128 x 128 tile, and
+//     each fragment loaded from shared memory 1.33x the mma (a 64 x 64 warp tile, as in
+//     CUTLASS's binary GEMMs for sm_80); it needs about 190 registers, so one block per SM.
+// Which is fastest at which shape is for a GPU benchmark to say (bench_gemm.py times each).
+//
+// Tiled entries: operands padded by the caller: A (Mp, Wp), B (Np, Wp) row-major u64
+// words with Mp, Np multiples of the block tile's rows (BM for A, BN for B), Wp a multiple
+// of 8, 16-byte aligned rows, zeros in the pads, and their row popcounts pop_a, pop_b.
 // Only C[i, j] with i < M, j < N is written (row stride N).
 //
 // The "direct" entries (xnor_gemm_tc_direct*) take the operands as they are: A (M, W) and
@@ -30,15 +40,22 @@
 typedef unsigned long long u64;
 typedef unsigned int u32;
 
-#define TC_BM 128
-#define TC_BN 128
 #define TC_BKW 8                   // u64 words of K per pipeline stage (two k256 steps)
 #define TC_LDW 12                  // shared row stride in u64: 96 bytes, so the 16 rows x
                                    // 32 bytes read by a half warp fall in distinct banks
+#define TC_THREADS 256
+// the 128 x 128 tile
+#define TC_BM 128
+#define TC_BN 128
 #define TC_STAGES 3
 #define TC_STAGE_WORDS ((TC_BM + TC_BN) * TC_LDW)
 #define TC_SMEM_BYTES (TC_STAGES * TC_STAGE_WORDS * 8)   // 73728, dynamic shared memory
-#define TC_DIRECT_SMEM_BYTES (TC_SMEM_BYTES + 2 * TC_BM * 4)  // 74752: + the popcounts
+#define TC_DIRECT_SMEM_BYTES (TC_SMEM_BYTES + (TC_BM + TC_BN) * 4)  // 74752: + popcounts
+// the 256 x 128 tile
+#define TC256_BM 256
+#define TC256_BN 128
+#define TC256_STAGES 4
+#define TC256_SMEM_BYTES (TC256_STAGES * (TC256_BM + TC256_BN) * TC_LDW * 8)  // 147456
 
 __device__ __forceinline__ u32 smem_addr(const void* p)
 {
@@ -72,9 +89,10 @@ __device__ __forceinline__ void cp_async_commit()
     asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
 
+template <int STAGES>
 __device__ __forceinline__ void cp_async_wait_stages()
 {
-    asm volatile("cp.async.wait_group %0;\n" :: "n"(TC_STAGES - 2) : "memory");
+    asm volatile("cp.async.wait_group %0;\n" :: "n"(STAGES - 2) : "memory");
 }
 
 __device__ __forceinline__ void mma_b1_and(int c[4], const u32 a[4], const u32 b[2])
@@ -86,63 +104,64 @@ __device__ __forceinline__ void mma_b1_and(int c[4], const u32 a[4], const u32 b
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// Copy K stage `stage` of the block's A and B tiles (128 rows x 8 words each) into
-// shared buffer `buf`: 512 chunks of 16 bytes per operand, two per thread.
-// Tiled form (DIRECT = false): the operands are padded (rows to 128, words to 8), row
+// Copy K stage `stage` of the block's A and B tiles (BM and BN rows x 8 words) into
+// shared buffer `buf`: 4 chunks of 16 bytes per row, (BM + BN) / 64 per thread.
+// Tiled form (DIRECT = false): the operands are padded (rows to the tile, words to 8), row
 // stride W, so every chunk is real. Direct form: rows past M (A) or N (B) and words past W
 // are zero-filled. With `wide` (W even, both bases 16-byte aligned) a 16-byte chunk is
 // wholly inside or outside; otherwise each chunk is two 8-byte copies.
-template <bool DIRECT>
+template <int BM, int BN, bool DIRECT>
 __device__ __forceinline__ void tc_load_stage(u64* smem, int buf, int stage,
                                               const u64* __restrict__ A,
                                               const u64* __restrict__ B,
                                               long long row0, long long col0, int W, int tid,
                                               int M, int N, bool wide)
 {
-    u64* sA = smem + buf * TC_STAGE_WORDS;
-    u64* sB = sA + TC_BM * TC_LDW;
+    u64* sA = smem + buf * (BM + BN) * TC_LDW;
+    u64* sB = sA + BM * TC_LDW;
     const long long kw0 = (long long)stage * TC_BKW;
 #pragma unroll
-    for (int q = 0; q < 2; ++q) {
-        const int chunk = q * 256 + tid;
-        const int r = chunk >> 2, part = chunk & 3;
+    for (int q = 0; q < (BM + BN) * 4 / TC_THREADS; ++q) {
+        const int chunk = q * TC_THREADS + tid;
+        const bool is_a = q < BM * 4 / TC_THREADS;  // the first BM * 4 chunks are A's
+        const int r = (is_a ? chunk : chunk - BM * 4) >> 2, part = chunk & 3;
         const long long kw = kw0 + 2 * part;
-        u64* dA = sA + r * TC_LDW + 2 * part;
-        u64* dB = sB + r * TC_LDW + 2 * part;
-        const long long ra = row0 + r, rb = col0 + r;
+        const u64* src = is_a ? A : B;
+        const long long row = (is_a ? row0 : col0) + r;
+        const int rows = is_a ? M : N;
+        u64* dst = (is_a ? sA : sB) + r * TC_LDW + 2 * part;
         if (!DIRECT) {
-            cp_async16(dA, A + ra * W + kw);
-            cp_async16(dB, B + rb * W + kw);
+            cp_async16(dst, src + row * W + kw);
         } else if (wide) {
-            const bool in_a = ra < M && kw < W, in_b = rb < N && kw < W;
-            cp_async16_zfill(dA, in_a ? A + ra * W + kw : A, in_a ? 16u : 0u);
-            cp_async16_zfill(dB, in_b ? B + rb * W + kw : B, in_b ? 16u : 0u);
+            const bool in = row < rows && kw < W;
+            cp_async16_zfill(dst, in ? src + row * W + kw : src, in ? 16u : 0u);
         } else {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                const bool in_a = ra < M && kw + e < W, in_b = rb < N && kw + e < W;
-                cp_async8_zfill(dA + e, in_a ? A + ra * W + kw + e : A, in_a ? 8u : 0u);
-                cp_async8_zfill(dB + e, in_b ? B + rb * W + kw + e : B, in_b ? 8u : 0u);
+                const bool in = row < rows && kw + e < W;
+                cp_async8_zfill(dst + e, in ? src + row * W + kw + e : src, in ? 8u : 0u);
             }
         }
     }
 }
 
-// 256 threads = 8 warps as 2 (M) x 4 (N); warp tile 64 x 32 = 4 x 4 mma tiles of 16 x 8.
+// The GEMM body. 256 threads = 8 warps as WARPS_M x (8 / WARPS_M); warp tile WTM x WTN =
+// IT x JT mma tiles of 16 x 8 (IT = WTM / 16, JT = WTN / 8).
 // THRESH = false: C[i, j] = a_i . b_j as int32 (row stride N).
 // THRESH = true (a frozen layer's sign(BN(z)) in the epilogue, no int32 matrix): bit (i, j)
 // = a_i . b_j >= thr[(i mod periods) * N + j], packed as pack_rows packs (LSB first, padding
 // columns 0) into `bits`, viewed as 32-bit words, `words32` = 2 * ceil(N/64) per row.
-// Lane (g, t) of a warp holds columns 2t, 2t+1 of each 8-column tile j of its 32 columns:
-// it sets bits 8j + 2t + e, the 4 lanes of a group OR theirs together with two xor shuffles,
-// and lane t = 0 stores the 32-bit word. Columns wn*32.. start on a 32-bit word boundary.
+// Lane (g, t) of a warp holds columns 2t, 2t+1 of each 8-column tile j of its columns: for
+// each group of 32 columns (tiles j = 4jj .. 4jj+3) it sets bits 8(j - 4jj) + 2t + e, the 4
+// lanes of a group OR theirs together with two xor shuffles, and lane t = 0 stores the
+// 32-bit word. A warp's columns start on a 32-bit word boundary (WTN is a multiple of 32).
 // DIRECT = false: padded operands (row stride W = a multiple of 8) and their row popcounts
 // pop_a, pop_b from the caller. DIRECT = true: unpadded operands (row stride W, any W > 0);
 // warps with wn = 0 count the popcounts of their A rows and warps with wm = 0 those of their
 // B rows from the fragments they load (lane t of group g sees word t of each 4-word step of
 // row g, g + 8), the 4 lanes of a group add theirs with two xor shuffles, and lane t = 0
-// puts the row's total in shared memory (sPop: 128 A rows, then 128 B rows) for the epilogue.
-template <bool THRESH, bool DIRECT>
+// puts the row's total in shared memory (sPop: BM A rows, then BN B rows) for the epilogue.
+template <int BM, int BN, int WARPS_M, int STAGES, bool THRESH, bool DIRECT>
 __device__ __forceinline__ void tc_gemm(u64* smem, const u64* __restrict__ A,
                                         const u64* __restrict__ B,
                                         const int* __restrict__ pop_a,
@@ -151,54 +170,60 @@ __device__ __forceinline__ void tc_gemm(u64* smem, const u64* __restrict__ A,
                                         u32* __restrict__ bits, long long words32,
                                         int M, int N, int W, bool wide, int K)
 {
+    constexpr int WARPS_N = 8 / WARPS_M;
+    constexpr int WTM = BM / WARPS_M, WTN = BN / WARPS_N;
+    constexpr int IT = WTM / 16, JT = WTN / 8;
+    constexpr int STAGE_WORDS = (BM + BN) * TC_LDW;
+    static_assert(WTM % 16 == 0 && WTN % 32 == 0 && (BM * 4) % TC_THREADS == 0 &&
+                  (BN * 4) % TC_THREADS == 0, "tile shape");
     const int tid = threadIdx.x;
     const int lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int wm = warp >> 2, wn = warp & 3;
-    const long long row0 = (long long)blockIdx.y * TC_BM;
-    const long long col0 = (long long)blockIdx.x * TC_BN;
+    const int wm = warp / WARPS_N, wn = warp % WARPS_N;
+    const long long row0 = (long long)blockIdx.y * BM;
+    const long long col0 = (long long)blockIdx.x * BN;
 
-    int acc[4][4][4];
+    int acc[IT][JT][4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < IT; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
+        for (int j = 0; j < JT; ++j)
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[i][j][r] = 0;
-    int cnt_a[4][2], cnt_b[4];  // DIRECT: this lane's share of its rows' popcounts
+    int cnt_a[IT][2], cnt_b[JT];  // DIRECT: this lane's share of its rows' popcounts
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        cnt_a[i][0] = cnt_a[i][1] = 0;
-        cnt_b[i] = 0;
-    }
+    for (int i = 0; i < IT; ++i) cnt_a[i][0] = cnt_a[i][1] = 0;
+#pragma unroll
+    for (int j = 0; j < JT; ++j) cnt_b[j] = 0;
 
     const int n_stages = (W + TC_BKW - 1) / TC_BKW;
     // One commit group per stage (possibly empty) keeps cp.async.wait_group's count exact:
     // at iteration s, groups 0..s+STAGES-2 are committed and wait_group(STAGES-2) leaves
     // only the newest STAGES-2 in flight, so group s (stage s) has landed.
 #pragma unroll
-    for (int s = 0; s < TC_STAGES - 1; ++s) {
-        if (s < n_stages) tc_load_stage<DIRECT>(smem, s, s, A, B, row0, col0, W, tid, M, N, wide);
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < n_stages)
+            tc_load_stage<BM, BN, DIRECT>(smem, s, s, A, B, row0, col0, W, tid, M, N, wide);
         cp_async_commit();
     }
 
     for (int s = 0; s < n_stages; ++s) {
-        cp_async_wait_stages();
+        cp_async_wait_stages<STAGES>();
         __syncthreads();  // stage s visible to all; everyone is done with stage s-1's buffer
-        const int next = s + TC_STAGES - 1;
+        const int next = s + STAGES - 1;
         if (next < n_stages)
-            tc_load_stage<DIRECT>(smem, next % TC_STAGES, next, A, B, row0, col0, W, tid, M, N,
-                                  wide);
+            tc_load_stage<BM, BN, DIRECT>(smem, next % STAGES, next, A, B, row0, col0, W, tid,
+                                          M, N, wide);
         cp_async_commit();
 
-        const u64* sA = smem + (s % TC_STAGES) * TC_STAGE_WORDS;
-        const u64* sB = sA + TC_BM * TC_LDW;
+        const u64* sA = smem + (s % STAGES) * STAGE_WORDS;
+        const u64* sB = sA + BM * TC_LDW;
 #pragma unroll
         for (int ks = 0; ks < TC_BKW / 4; ++ks) {
-            u32 af[4][4], bf[4][2];
+            u32 af[IT][4], bf[JT][2];
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int r = wm * 64 + i * 16 + g;
+            for (int i = 0; i < IT; ++i) {
+                const int r = wm * WTM + i * 16 + g;
                 const u64 x0 = sA[r * TC_LDW + 4 * ks + t];
                 const u64 x1 = sA[(r + 8) * TC_LDW + 4 * ks + t];
                 af[i][0] = (u32)x0;
@@ -211,17 +236,17 @@ __device__ __forceinline__ void tc_gemm(u64* smem, const u64* __restrict__ A,
                 }
             }
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const int c = wn * 32 + j * 8 + g;
+            for (int j = 0; j < JT; ++j) {
+                const int c = wn * WTN + j * 8 + g;
                 const u64 y = sB[c * TC_LDW + 4 * ks + t];
                 bf[j][0] = (u32)y;
                 bf[j][1] = (u32)(y >> 32);
                 if (DIRECT && wm == 0) cnt_b[j] += __popcll(y);
             }
 #pragma unroll
-            for (int i = 0; i < 4; ++i)
+            for (int i = 0; i < IT; ++i)
 #pragma unroll
-                for (int j = 0; j < 4; ++j) mma_b1_and(acc[i][j], af[i], bf[j]);
+                for (int j = 0; j < JT; ++j) mma_b1_and(acc[i][j], af[i], bf[j]);
         }
     }
 
@@ -232,76 +257,80 @@ __device__ __forceinline__ void tc_gemm(u64* smem, const u64* __restrict__ A,
         pa = pop_a + row0;
         pb = pop_b + col0;
     } else {
-        int* sPop = (int*)(smem + TC_STAGES * TC_STAGE_WORDS);
+        int* sPop = (int*)(smem + STAGES * STAGE_WORDS);
         if (wn == 0) {  // warp-uniform branches: all 32 lanes reach the shuffles
 #pragma unroll
-            for (int i = 0; i < 4; ++i)
+            for (int i = 0; i < IT; ++i)
 #pragma unroll
                 for (int half = 0; half < 2; ++half) {
                     int v = cnt_a[i][half];
                     v += __shfl_xor_sync(0xffffffffu, v, 1);
                     v += __shfl_xor_sync(0xffffffffu, v, 2);
-                    if (t == 0) sPop[wm * 64 + i * 16 + g + 8 * half] = v;
+                    if (t == 0) sPop[wm * WTM + i * 16 + g + 8 * half] = v;
                 }
         }
         if (wm == 0) {
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
+            for (int j = 0; j < JT; ++j) {
                 int v = cnt_b[j];
                 v += __shfl_xor_sync(0xffffffffu, v, 1);
                 v += __shfl_xor_sync(0xffffffffu, v, 2);
-                if (t == 0) sPop[TC_BM + wn * 32 + j * 8 + g] = v;
+                if (t == 0) sPop[BM + wn * WTN + j * 8 + g] = v;
             }
         }
         __syncthreads();
         pa = sPop;
-        pb = sPop + TC_BM;
+        pb = sPop + BM;
     }
 
     if (THRESH) {
-        const long long q = (col0 + wn * 32) >> 5;  // the warp's 32-bit word in each row
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
+        for (int i = 0; i < IT; ++i) {
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
-                const int lr = wm * 64 + i * 16 + g + 8 * half;
+                const int lr = wm * WTM + i * 16 + g + 8 * half;
                 const long long r = row0 + lr;
-                u32 word = 0;
-                if (r < M) {  // no `continue`: every lane must reach the shuffles
-                    const int base = K - 2 * pa[lr];
-                    const long long* tr = thr + (r % periods) * N;
 #pragma unroll
-                    for (int j = 0; j < 4; ++j) {
+                for (int jj = 0; jj < JT / 4; ++jj) {
+                    const long long q = (col0 + wn * WTN + 32 * jj) >> 5;  // 32-bit word
+                    u32 word = 0;
+                    if (r < M) {  // no `continue`: every lane must reach the shuffles
+                        const int base = K - 2 * pa[lr];
+                        const long long* tr = thr + (r % periods) * N;
 #pragma unroll
-                        for (int e = 0; e < 2; ++e) {
-                            const int lc = wn * 32 + j * 8 + 2 * t + e;
-                            const long long c = col0 + lc;
-                            if (c >= N) continue;  // padding columns stay 0
-                            const int z = base - 2 * pb[lc] + 4 * acc[i][j][2 * half + e];
-                            if ((long long)z >= tr[c]) word |= 1u << (8 * j + 2 * t + e);
+                        for (int j4 = 0; j4 < 4; ++j4) {
+#pragma unroll
+                            for (int e = 0; e < 2; ++e) {
+                                const int lc = wn * WTN + (4 * jj + j4) * 8 + 2 * t + e;
+                                const long long c = col0 + lc;
+                                if (c >= N) continue;  // padding columns stay 0
+                                const int z = base - 2 * pb[lc]
+                                              + 4 * acc[i][4 * jj + j4][2 * half + e];
+                                if ((long long)z >= tr[c]) word |= 1u << (8 * j4 + 2 * t + e);
+                            }
                         }
                     }
+                    word |= __shfl_xor_sync(0xffffffffu, word, 1);
+                    word |= __shfl_xor_sync(0xffffffffu, word, 2);
+                    if (t == 0 && r < M && q < words32) bits[r * words32 + q] = word;
                 }
-                word |= __shfl_xor_sync(0xffffffffu, word, 1);
-                word |= __shfl_xor_sync(0xffffffffu, word, 2);
-                if (t == 0 && r < M && q < words32) bits[r * words32 + q] = word;
             }
         }
         return;
     }
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < IT; ++i) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-            const int lr = wm * 64 + i * 16 + g + 8 * half;
+            const int lr = wm * WTM + i * 16 + g + 8 * half;
             const long long r = row0 + lr;
             if (r >= M) continue;
             const int base = K - 2 * pa[lr];
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
+            for (int j = 0; j < JT; ++j) {
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                    const int lc = wn * 32 + j * 8 + 2 * t + e;
+                    const int lc = wn * WTN + j * 8 + 2 * t + e;
                     const long long c = col0 + lc;
                     if (c < N) C[r * N + c] = base - 2 * pb[lc] + 4 * acc[i][j][2 * half + e];
                 }
@@ -310,47 +339,75 @@ __device__ __forceinline__ void tc_gemm(u64* smem, const u64* __restrict__ A,
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256, 2)
+#define TC128 TC_BM, TC_BN, 2, TC_STAGES
+#define TC256 TC256_BM, TC256_BN, 4, TC256_STAGES
+
+// Tiled, 128 x 128: int32 output.
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
 xnor_gemm_tc(const u64* __restrict__ A, const u64* __restrict__ B,
              const int* __restrict__ pop_a, const int* __restrict__ pop_b,
              int* __restrict__ C, int M, int N, int Wp, int K)
 {
     extern __shared__ __align__(16) u64 smem[];
-    tc_gemm<false, false>(smem, A, B, pop_a, pop_b, C, nullptr, 1, nullptr, 0, M, N, Wp, true,
-                          K);
+    tc_gemm<TC128, false, false>(smem, A, B, pop_a, pop_b, C, nullptr, 1, nullptr, 0, M, N, Wp,
+                                 true, K);
 }
 
 // The GEMM with the threshold-and-pack epilogue: `out` (M, words) uint64, thr int64
 // (periods, N), periods >= 1 (row i uses table row i mod periods: a conv layer's positions).
-extern "C" __global__ void __launch_bounds__(256, 2)
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
 xnor_gemm_tc_threshold(const u64* __restrict__ A, const u64* __restrict__ B,
                        const int* __restrict__ pop_a, const int* __restrict__ pop_b,
                        const long long* __restrict__ thr, long long periods,
                        u64* __restrict__ out, long long words, int M, int N, int Wp, int K)
 {
     extern __shared__ __align__(16) u64 smem[];
-    tc_gemm<true, false>(smem, A, B, pop_a, pop_b, nullptr, thr, periods, (u32*)out, 2 * words,
-                         M, N, Wp, true, K);
+    tc_gemm<TC128, true, false>(smem, A, B, pop_a, pop_b, nullptr, thr, periods, (u32*)out,
+                                2 * words, M, N, Wp, true, K);
 }
 
-// The direct forms: unpadded A (M, W), B (N, W), W > 0; wide != 0 when W is even and both
-// base addresses are 16-byte aligned. Dynamic shared memory TC_DIRECT_SMEM_BYTES.
-extern "C" __global__ void __launch_bounds__(256, 2)
+// The direct forms (128 x 128): unpadded A (M, W), B (N, W), W > 0; wide != 0 when W is
+// even and both base addresses are 16-byte aligned. Dynamic shared memory
+// TC_DIRECT_SMEM_BYTES.
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
 xnor_gemm_tc_direct(const u64* __restrict__ A, const u64* __restrict__ B, int* __restrict__ C,
                     int M, int N, int W, int wide, int K)
 {
     extern __shared__ __align__(16) u64 smem[];
-    tc_gemm<false, true>(smem, A, B, nullptr, nullptr, C, nullptr, 1, nullptr, 0, M, N, W,
-                         wide != 0, K);
+    tc_gemm<TC128, false, true>(smem, A, B, nullptr, nullptr, C, nullptr, 1, nullptr, 0, M, N,
+                                W, wide != 0, K);
 }
 
-extern "C" __global__ void __launch_bounds__(256, 2)
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
 xnor_gemm_tc_direct_threshold(const u64* __restrict__ A, const u64* __restrict__ B,
                               const long long* __restrict__ thr, long long periods,
                               u64* __restrict__ out, long long words, int M, int N, int W,
                               int wide, int K)
 {
     extern __shared__ __align__(16) u64 smem[];
-    tc_gemm<true, true>(smem, A, B, nullptr, nullptr, nullptr, thr, periods, (u32*)out,
-                        2 * words, M, N, W, wide != 0, K);
+    tc_gemm<TC128, true, true>(smem, A, B, nullptr, nullptr, nullptr, thr, periods, (u32*)out,
+                               2 * words, M, N, W, wide != 0, K);
+}
+
+// Tiled, 256 x 128 (A padded to 256 rows, B to 128): arguments as xnor_gemm_tc and
+// xnor_gemm_tc_threshold. Dynamic shared memory TC256_SMEM_BYTES.
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 1)
+xnor_gemm_tc256(const u64* __restrict__ A, const u64* __restrict__ B,
+                const int* __restrict__ pop_a, const int* __restrict__ pop_b,
+                int* __restrict__ C, int M, int N, int Wp, int K)
+{
+    extern __shared__ __align__(16) u64 smem[];
+    tc_gemm<TC256, false, false>(smem, A, B, pop_a, pop_b, C, nullptr, 1, nullptr, 0, M, N, Wp,
+                                 true, K);
+}
+
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 1)
+xnor_gemm_tc256_threshold(const u64* __restrict__ A, const u64* __restrict__ B,
+                          const int* __restrict__ pop_a, const int* __restrict__ pop_b,
+                          const long long* __restrict__ thr, long long periods,
+                          u64* __restrict__ out, long long words, int M, int N, int Wp, int K)
+{
+    extern __shared__ __align__(16) u64 smem[];
+    tc_gemm<TC256, true, false>(smem, A, B, pop_a, pop_b, nullptr, thr, periods, (u32*)out,
+                                2 * words, M, N, Wp, true, K);
 }

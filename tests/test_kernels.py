@@ -55,9 +55,10 @@ PACKERS = per_backend({"numpy": reference.pack_rows, "numba": numba_cpu.pack_row
                        "cupy": _gpu_pack})
 
 # every GEMM kernel name of cupy_gpu on a GPU of compute capability >= 8.0 (as the machines
-# this suite meets on the GPU have): "tensorcore" picks one of its two forms by shape, and
-# each form is also tested by name
-CUPY_KERNELS = ("tensorcore", "tensorcore_direct", "tensorcore_tiled", "cuda")
+# this suite meets on the GPU have): "tensorcore" picks one of its forms by shape, and each
+# form is also tested by name
+CUPY_KERNELS = ("tensorcore", "tensorcore_direct", "tensorcore_tiled", "tensorcore_tiled256",
+                "cuda")
 
 GEMMS = [pytest.param(reference.xnor_gemm, id="numpy")]
 GEMMS += per_kernel({"numba": {kn: _numba_gemm(kn) for kn in numba_cpu.available_kernels()},
@@ -606,3 +607,22 @@ def test_cupy_tensorcore_picks_its_form_by_rows(backend_name, threshold, monkeyp
             got = _to_host(cupy_gpu.xnor_gemm(a, b, 300, kernel="tensorcore"))
             np.testing.assert_array_equal(got, z)
         assert [n for n in launched if n.startswith("xnor_gemm")] == [entry]
+
+
+@pytest.mark.parametrize("backend_name", backend_params(("cupy",)))
+def test_cupy_256_row_tile_needs_its_shared_memory(backend_name, monkeypatch):
+    """The 256 x 128 tile takes 144 KiB of shared memory per block: a GPU that lets a block
+    opt in to less (compute capability 8.6 / 8.9: 99 KiB) does not list it, and naming it
+    there is a ValueError before any launch."""
+    if "tensorcore" not in cupy_gpu.available_kernels():
+        pytest.skip("this GPU has no binary tensor cores (compute capability < 8.0)")
+    monkeypatch.setattr(cupy_gpu, "_kernels", {})
+    monkeypatch.setattr(cupy_gpu, "_max_shared_per_block", lambda: 99 * 1024)
+    names = cupy_gpu.available_kernels()
+    assert names == ("tensorcore", "tensorcore_direct", "tensorcore_tiled", "cuda")
+    a = np.zeros((3, 2), np.uint64)
+    with pytest.raises(ValueError, match=r"kernel: expected one of .* got 'tensorcore_tiled256'"):
+        cupy_gpu.xnor_gemm(a, a, 100, kernel="tensorcore_tiled256")
+    monkeypatch.setattr(cupy_gpu, "_kernels", {})
+    monkeypatch.setattr(cupy_gpu, "_max_shared_per_block", lambda: cupy_gpu._TC256_SMEM_BYTES)
+    assert "tensorcore_tiled256" in cupy_gpu.available_kernels()

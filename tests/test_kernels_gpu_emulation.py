@@ -91,20 +91,28 @@ def test_mma_model_on_one_tile():
 
 # ---------------------------------------------------------- model of xnor_gemm_tc.cu
 
-TC_BM = TC_BN = 128
-TC_BKW, TC_LDW, TC_STAGES = 8, 12, 3
-TC_STAGE_WORDS = (TC_BM + TC_BN) * TC_LDW
+TC_BKW, TC_LDW = 8, 12
 MASK32 = np.uint64(0xFFFFFFFF)
+# block tile (rows of A, rows of B), warps along M, pipeline stages of the .cu's entries
+TILE128 = (128, 128, 2, 3)  # xnor_gemm_tc, xnor_gemm_tc_direct (and their _threshold)
+TILE256 = (256, 128, 4, 4)  # xnor_gemm_tc256 (and _threshold)
+TC_BM, TC_BN, _, TC_STAGES = TILE128
+TC_STAGE_WORDS = (TC_BM + TC_BN) * TC_LDW
 
 
 def tc_kernel_model(ap, bp, pop_a, pop_b, m, n, wp, k, thr=None, periods=1, direct=False,
-                    wide=True):
+                    wide=True, tile=TILE128):
     """Run xnor_gemm_tc over its whole grid; returns (C, number of writes per output).
     With ``thr`` (int64 (periods * n,)) it runs xnor_gemm_tc_threshold instead and returns
     (the packed uint64 (m, words) output, number of writes per 32-bit output word).
     ``direct``: the xnor_gemm_tc_direct* entries instead, on unpadded ``ap`` (m, wp) and
     ``bp`` (n, wp) (``pop_a``, ``pop_b`` unused: the kernel counts them), with 16-byte
-    copies if ``wide`` else 8-byte ones."""
+    copies if ``wide`` else 8-byte ones. ``tile``: TILE128, or TILE256 for xnor_gemm_tc256*."""
+    bm, bn, warps_m, stages = tile
+    warps_n = 8 // warps_m
+    wtm, wtn = bm // warps_m, bn // warps_n
+    it, jt = wtm // 16, wtn // 8
+    stage_words = (bm + bn) * TC_LDW
     out = np.zeros((m, n), np.int64)
     writes = np.zeros((m, n), np.int64)
     words32 = 2 * (-(-n // 64))
@@ -116,52 +124,58 @@ def tc_kernel_model(ap, bp, pop_a, pop_b, m, n, wp, k, thr=None, periods=1, dire
     if direct:
         assert ap.shape == (m, wp) and bp.shape == (n, wp) and wp > 0
         assert not wide or wp % 2 == 0
-    for by in range(-(-ap.shape[0] // TC_BM)):
-        for bx in range(-(-bp.shape[0] // TC_BN)):
-            row0, col0 = by * TC_BM, bx * TC_BN
+    else:
+        assert ap.shape[0] % bm == 0 and bp.shape[0] % bn == 0 and wp % TC_BKW == 0
+    for by in range(-(-ap.shape[0] // bm)):
+        for bx in range(-(-bp.shape[0] // bn)):
+            row0, col0 = by * bm, bx * bn
             # the stage buffers start as garbage: every word the warps read must be loaded
-            smem = np.full(TC_STAGES * TC_STAGE_WORDS, 0xDEADBEEFDEADBEEF, np.uint64)
+            smem = np.full(stages * stage_words, 0xDEADBEEFDEADBEEF, np.uint64)
+            loaded = np.zeros(stages * stage_words, np.int64)
 
             def load_stage(buf, stage):  # tc_load_stage, all 256 threads at once
-                s_a = buf * TC_STAGE_WORDS
-                s_b = s_a + TC_BM * TC_LDW
+                s_a = buf * stage_words
+                s_b = s_a + bm * TC_LDW
                 kw0 = stage * TC_BKW
-                for q in range(2):
+                for q in range((bm + bn) * 4 // 256):
                     chunk = q * 256 + tid
-                    r, part = chunk >> 2, chunk & 3
+                    is_a = q < bm * 4 // 256
+                    r = (chunk if is_a else chunk - bm * 4) >> 2
+                    part = chunk & 3
                     kw = kw0 + 2 * part
-                    ra, rb = row0 + r, col0 + r
+                    flat, base, rows = (flat_a, row0, m) if is_a else (flat_b, col0, n)
+                    row = base + r
+                    dst = (s_a if is_a else s_b) + r * TC_LDW + 2 * part
                     for half in range(2):  # the 16 bytes of one cp.async (or two 8-byte ones)
                         if not direct:
-                            in_a = in_b = np.ones(256, bool)
+                            inside = np.ones(256, bool)
                         elif wide:  # one 16-byte copy, zero-filled unless wholly inside
-                            in_a, in_b = (ra < m) & (kw < wp), (rb < n) & (kw < wp)
+                            inside = (row < rows) & (kw < wp)
                         else:
-                            in_a, in_b = (ra < m) & (kw + half < wp), (rb < n) & (kw + half < wp)
-                        src_a = np.where(in_a, ra * wp + kw + half, 0)
-                        src_b = np.where(in_b, rb * wp + kw + half, 0)
-                        smem[s_a + r * TC_LDW + 2 * part + half] = np.where(in_a, flat_a[src_a], 0)
-                        smem[s_b + r * TC_LDW + 2 * part + half] = np.where(in_b, flat_b[src_b], 0)
+                            inside = (row < rows) & (kw + half < wp)
+                        src = np.where(inside, row * wp + kw + half, 0)
+                        smem[dst + half] = np.where(inside, flat[src], 0)
+                        np.add.at(loaded, dst + half, 1)
 
-            acc = np.zeros((8, 4, 4, 32, 4), np.int64)  # warp, i, j, lane, register
-            cnt_a = np.zeros((8, 4, 2, 32), np.int64)  # direct: warp, i, half, lane
-            cnt_b = np.zeros((8, 4, 32), np.int64)  # direct: warp, j, lane
-            for s in range(TC_STAGES - 1):
+            acc = np.zeros((8, it, jt, 32, 4), np.int64)  # warp, i, j, lane, register
+            cnt_a = np.zeros((8, it, 2, 32), np.int64)  # direct: warp, i, half, lane
+            cnt_b = np.zeros((8, jt, 32), np.int64)  # direct: warp, j, lane
+            for s in range(stages - 1):
                 if s < n_stages:
                     load_stage(s, s)
             for s in range(n_stages):
-                nxt = s + TC_STAGES - 1
+                nxt = s + stages - 1
                 if nxt < n_stages:
-                    assert nxt % TC_STAGES != s % TC_STAGES
-                    load_stage(nxt % TC_STAGES, nxt)
-                s_a = (s % TC_STAGES) * TC_STAGE_WORDS
-                s_b = s_a + TC_BM * TC_LDW
+                    assert nxt % stages != s % stages
+                    load_stage(nxt % stages, nxt)
+                s_a = (s % stages) * stage_words
+                s_b = s_a + bm * TC_LDW
                 for warp in range(8):
-                    wm, wn = warp >> 2, warp & 3
+                    wm, wn = warp // warps_n, warp % warps_n
                     for ks in range(TC_BKW // 4):
                         af, bf = [], []
-                        for i in range(4):
-                            r = wm * 64 + i * 16 + _G
+                        for i in range(it):
+                            r = wm * wtm + i * 16 + _G
                             x0 = smem[s_a + r * TC_LDW + 4 * ks + _T]
                             x1 = smem[s_a + (r + 8) * TC_LDW + 4 * ks + _T]
                             af.append(np.stack([x0 & MASK32, x1 & MASK32, x0 >> np.uint64(32),
@@ -169,72 +183,79 @@ def tc_kernel_model(ap, bp, pop_a, pop_b, m, n, wp, k, thr=None, periods=1, dire
                             if direct and wn == 0:
                                 cnt_a[warp, i, 0] += np.bitwise_count(x0)
                                 cnt_a[warp, i, 1] += np.bitwise_count(x1)
-                        for j in range(4):
-                            c = wn * 32 + j * 8 + _G
+                        for j in range(jt):
+                            c = wn * wtn + j * 8 + _G
                             y = smem[s_b + c * TC_LDW + 4 * ks + _T]
                             bf.append(np.stack([y & MASK32, y >> np.uint64(32)], axis=1))
                             if direct and wm == 0:
                                 cnt_b[warp, j] += np.bitwise_count(y)
-                        for i in range(4):
-                            for j in range(4):
+                        for i in range(it):
+                            for j in range(jt):
                                 acc[warp, i, j] = mma_m16n8k256_and_popc(af[i], bf[j], acc[warp, i, j])
+            # each stage buffer word is written once per stage that uses the buffer
+            used = np.bincount(np.arange(n_stages) % stages, minlength=stages)
+            for buf in range(stages):
+                got = loaded[buf * stage_words:(buf + 1) * stage_words].reshape(bm + bn, TC_LDW)
+                assert (got[:, :TC_BKW] == used[buf]).all() and (got[:, TC_BKW:] == 0).all()
             if direct:  # the popcounts: xor-shuffle sums, lane t = 0 stores to sPop
-                s_pop = np.full(2 * TC_BM, -(1 << 40), np.int64)  # garbage until stored
+                s_pop = np.full(bm + bn, -(1 << 40), np.int64)  # garbage until stored
                 for warp in range(8):
-                    wm, wn = warp >> 2, warp & 3
+                    wm, wn = warp // warps_n, warp % warps_n
                     vals, slots = [], []
                     if wn == 0:
-                        for i in range(4):
+                        for i in range(it):
                             for half in range(2):
                                 vals.append(cnt_a[warp, i, half])
-                                slots.append(wm * 64 + i * 16 + _G + 8 * half)
+                                slots.append(wm * wtm + i * 16 + _G + 8 * half)
                     if wm == 0:
-                        for j in range(4):
+                        for j in range(jt):
                             vals.append(cnt_b[warp, j])
-                            slots.append(TC_BM + wn * 32 + j * 8 + _G)
+                            slots.append(bm + wn * wtn + j * 8 + _G)
                     for v, slot in zip(vals, slots):
                         for mask in (1, 2):
                             v = v + v[_LANE ^ mask]
                         s_pop[slot[_T == 0]] = v[_T == 0]
-                pa, pb = s_pop[:TC_BM], s_pop[TC_BM:]
+                pa, pb = s_pop[:bm], s_pop[bm:]
             else:
-                pa = np.zeros(TC_BM, np.int64)
-                pa[: max(0, min(TC_BM, m - row0))] = pop_a[row0: row0 + TC_BM]
-                pb = np.zeros(TC_BN, np.int64)
-                pb[: max(0, min(TC_BN, n - col0))] = pop_b[col0: col0 + TC_BN]
+                pa = np.zeros(bm, np.int64)
+                pa[: max(0, min(bm, m - row0))] = pop_a[row0: row0 + bm]
+                pb = np.zeros(bn, np.int64)
+                pb[: max(0, min(bn, n - col0))] = pop_b[col0: col0 + bn]
             for warp in range(8):
-                wm, wn = warp >> 2, warp & 3
+                wm, wn = warp // warps_n, warp % warps_n
                 if thr is not None:  # the threshold epilogue, all 32 lanes at once
-                    q = (col0 + wn * 32) >> 5
-                    for i in range(4):
+                    for i in range(it):
                         for half in range(2):
-                            lr = wm * 64 + i * 16 + _G + 8 * half
+                            lr = wm * wtm + i * 16 + _G + 8 * half
                             r = row0 + lr
-                            word = np.zeros(32, np.uint64)
-                            for j in range(4):
-                                for e in range(2):
-                                    lc = wn * 32 + j * 8 + 2 * _T + e
-                                    c = col0 + lc
-                                    ok = (r < m) & (c < n)
-                                    rr, cc = np.where(ok, r, 0), np.where(ok, c, 0)
-                                    z = (k - 2 * pa[lr] - 2 * pb[lc]
-                                         + 4 * acc[warp, i, j][:, 2 * half + e])
-                                    fire = ok & (z >= thr[(rr % periods) * n + cc])
-                                    word |= fire.astype(np.uint64) << (8 * j + 2 * _T + e).astype(np.uint64)
-                            for mask in (1, 2):  # __shfl_xor_sync: lane l reads lane l ^ mask
-                                word = word | word[_LANE ^ mask]
-                            store = (_T == 0) & (r < m) & (q < words32)
-                            if store.any():
-                                bits[r[store], q] = word[store]
-                                np.add.at(bit_writes, (r[store], np.full(store.sum(), q)), 1)
+                            for jj in range(jt // 4):
+                                q = (col0 + wn * wtn + 32 * jj) >> 5
+                                word = np.zeros(32, np.uint64)
+                                for j4 in range(4):
+                                    for e in range(2):
+                                        lc = wn * wtn + (4 * jj + j4) * 8 + 2 * _T + e
+                                        c = col0 + lc
+                                        ok = (r < m) & (c < n)
+                                        rr, cc = np.where(ok, r, 0), np.where(ok, c, 0)
+                                        z = (k - 2 * pa[lr] - 2 * pb[lc]
+                                             + 4 * acc[warp, i, 4 * jj + j4][:, 2 * half + e])
+                                        fire = ok & (z >= thr[(rr % periods) * n + cc])
+                                        word |= (fire.astype(np.uint64)
+                                                 << (8 * j4 + 2 * _T + e).astype(np.uint64))
+                                for mask in (1, 2):  # __shfl_xor_sync: lane l reads lane l ^ mask
+                                    word = word | word[_LANE ^ mask]
+                                store = (_T == 0) & (r < m) & (q < words32)
+                                if store.any():
+                                    bits[r[store], q] = word[store]
+                                    np.add.at(bit_writes, (r[store], np.full(store.sum(), q)), 1)
                     continue
-                for i in range(4):
+                for i in range(it):
                     for half in range(2):
-                        lr = wm * 64 + i * 16 + _G + 8 * half
+                        lr = wm * wtm + i * 16 + _G + 8 * half
                         r = row0 + lr
-                        for j in range(4):
+                        for j in range(jt):
                             for e in range(2):
-                                lc = wn * 32 + j * 8 + 2 * _T + e
+                                lc = wn * wtn + j * 8 + 2 * _T + e
                                 c = col0 + lc
                                 ok = (r < m) & (c < n)
                                 rr, cc = r[ok], c[ok]
@@ -258,24 +279,29 @@ def _pad(x, rows, words):  # what cupy_gpu._padded produces
     return out
 
 
-def _tc_operands(a, b):
-    """What cupy_gpu gives xnor_gemm_tc for packed a (m, w), b (n, w): both zero padded to
-    whole tiles and to words a multiple of TC_BKW, their row popcounts, the padded width."""
+def _tc_operands(a, b, tile=TILE128):
+    """What cupy_gpu gives the tiled entries for packed a (m, w), b (n, w): both zero padded
+    to whole tiles and to words a multiple of TC_BKW, their row popcounts, the padded width."""
+    bm, bn = tile[:2]
     wp = -(-a.shape[1] // TC_BKW) * TC_BKW
-    ap = _pad(a, -(-a.shape[0] // TC_BM) * TC_BM, wp)
-    bp = _pad(b, -(-b.shape[0] // TC_BN) * TC_BN, wp)
+    ap = _pad(a, -(-a.shape[0] // bm) * bm, wp)
+    bp = _pad(b, -(-b.shape[0] // bn) * bn, wp)
     pop_a = np.bitwise_count(ap).sum(axis=1).astype(np.int64)[:a.shape[0]]
     pop_b = np.bitwise_count(bp).sum(axis=1).astype(np.int64)[:b.shape[0]]
     return ap, bp, pop_a, pop_b, wp
 
 
-@pytest.mark.parametrize("m,n,k", [(130, 200, 700), (16, 8, 256), (1, 129, 1025)])
-def test_tensor_core_kernel_model(m, n, k):
+TILES = [pytest.param(TILE128, id="tile128"), pytest.param(TILE256, id="tile256")]
+
+
+@pytest.mark.parametrize("tile", TILES)
+@pytest.mark.parametrize("m,n,k", [(130, 200, 700), (16, 8, 256), (1, 129, 1025), (257, 64, 600)])
+def test_tensor_core_kernel_model(m, n, k, tile):
     rng = np.random.default_rng(m + n + k)
     a = reference.pack_rows(rng.standard_normal((m, k)))
     b = reference.pack_rows(rng.standard_normal((n, k)))
-    ap, bp, pop_a, pop_b, wp = _tc_operands(a, b)
-    out, writes = tc_kernel_model(ap, bp, pop_a, pop_b, m, n, wp, k)
+    ap, bp, pop_a, pop_b, wp = _tc_operands(a, b, tile)
+    out, writes = tc_kernel_model(ap, bp, pop_a, pop_b, m, n, wp, k, tile=tile)
     assert (writes == 1).all()
     np.testing.assert_array_equal(out, reference.xnor_gemm(a, b, k))
 
@@ -288,18 +314,21 @@ def _threshold_case(rng, a, b, k, periods):
     return thr.reshape(periods, -1), reference.pack_threshold(z, thr)
 
 
+@pytest.mark.parametrize("tile", TILES)
 @pytest.mark.parametrize("m,n,k,periods", [(130, 200, 700, 1), (16, 8, 256, 2), (1, 129, 1025, 1),
-                                           (12, 64, 70, 4), (9, 33, 64, 3), (4, 96, 300, 1)])
-def test_tensor_core_threshold_epilogue_model(m, n, k, periods):
+                                           (12, 64, 70, 4), (9, 33, 64, 3), (4, 96, 300, 1),
+                                           (300, 100, 130, 5)])
+def test_tensor_core_threshold_epilogue_model(m, n, k, periods, tile):
     """xnor_gemm_tc_threshold: the bits equal pack_threshold(GEMM), padding columns 0, and
     each 32-bit word of the output is stored exactly once (the 4 lanes of a group combine
     their bits through two xor shuffles before lane t = 0 stores)."""
     rng = np.random.default_rng(m * 5 + n + k)
     a = reference.pack_rows(rng.standard_normal((m, k)))
     b = reference.pack_rows(rng.standard_normal((n, k)))
-    ap, bp, pop_a, pop_b, wp = _tc_operands(a, b)
+    ap, bp, pop_a, pop_b, wp = _tc_operands(a, b, tile)
     thr, want = _threshold_case(rng, a, b, k, periods)
-    got, writes = tc_kernel_model(ap, bp, pop_a, pop_b, m, n, wp, k, thr.reshape(-1), periods)
+    got, writes = tc_kernel_model(ap, bp, pop_a, pop_b, m, n, wp, k, thr.reshape(-1), periods,
+                                  tile=tile)
     assert (writes == 1).all()
     np.testing.assert_array_equal(got, want)
 

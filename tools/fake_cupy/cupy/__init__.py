@@ -318,11 +318,13 @@ class _FakeKernel:
         elif self.name == "xnor_gemm_cuda_core_threshold":
             ap, bp, thr, periods, out, words, m, n, w, k = a
             _threshold_store(ref.xnor_gemm(ap, bp, int(k)), thr, periods, out, words)
-        elif self.name in ("xnor_gemm_tc", "xnor_gemm_tc_threshold"):
+        elif self.name in ("xnor_gemm_tc", "xnor_gemm_tc_threshold", "xnor_gemm_tc256",
+                           "xnor_gemm_tc256_threshold"):
             ap, bp, pop_a, pop_b, *rest = a
             m, n, wp, k = (int(v) for v in rest[-4:])
             assert ap.shape[1] == bp.shape[1] == wp and wp % 8 == 0
-            assert ap.shape[0] % 128 == 0 and bp.shape[0] % 128 == 0
+            row_tile = 256 if self.name.startswith("xnor_gemm_tc256") else 128
+            assert ap.shape[0] % row_tile == 0 and bp.shape[0] % 128 == 0
             # the kernel's AND identity with the popcounts it is given (wrong ones show):
             # popcount(a & b) = (|a| + |b| - popcount(a ^ b)) / 2, the true counts here
             # (over the real words: the pad words are zero in both, as asserted)
@@ -335,7 +337,7 @@ class _FakeKernel:
             both = (true_a[:, None] + true_b[None, :] - xor) // 2
             z = (k - 2 * pop_a[:m, None].astype(_np.int64) - 2 * pop_b[None, :n].astype(_np.int64)
                  + 4 * both).astype(_np.int32)
-            if self.name == "xnor_gemm_tc":
+            if not self.name.endswith("_threshold"):
                 rest[0][...] = z
             else:
                 _threshold_store(z, *rest[:4])

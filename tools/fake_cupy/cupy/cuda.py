@@ -14,6 +14,14 @@ class _Runtime:
     def runtimeGetVersion():
         return 13000
 
+    cudaDevAttrMaxSharedMemoryPerBlockOptin = 97
+
+    @staticmethod
+    def deviceGetAttribute(attrib, device):
+        if attrib == 97:  # an H100's 227 KiB
+            return 232448
+        raise NotImplementedError(f"fake cupy: no device attribute {attrib}")
+
     @staticmethod
     def getDeviceProperties(device):
         return {"name": b"fake CuPy (NumPy on the CPU)", "totalGlobalMem": 0,
