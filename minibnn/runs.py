@@ -308,6 +308,20 @@ def read_checkpoint_file(path):
     return ck
 
 
+#: history keys that time an epoch (they differ between runs that compute the same thing)
+TIMING_KEYS = ("seconds", "images_per_second", "wall_seconds")
+
+
+def without_timings(history):
+    """``history`` without its timing keys: what two runs of the same computation share."""
+    return [{k: v for k, v in entry.items() if k not in TIMING_KEYS} for entry in history]
+
+
+def _mean_or_none(values):
+    values = [v for v in values if v is not None]  # runs before wall_seconds lack it
+    return float(np.mean(values)) if values else None
+
+
 def write_results(run_dir, config, model_config, history, best, log=print, data=None):
     """Finish a run: ``model.npz`` (best validation epoch), ``metrics.json``, ``curves.png``.
 
@@ -321,6 +335,7 @@ def write_results(run_dir, config, model_config, history, best, log=print, data=
         config=config, data=data, history=history, finished=True,
         best_epoch=best["epoch"], best_valid_error=best["valid"], test_error=test_at_best,
         seconds_per_epoch=float(np.mean([h["seconds"] for h in history])),
+        wall_seconds_per_epoch=_mean_or_none([h.get("wall_seconds") for h in history]),
         backend=backend.active(), machine=dict(platform=platform.platform(),
                                                processor=platform.processor(),
                                                cpus=os.cpu_count(), numpy=np.__version__))

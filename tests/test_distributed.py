@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minibnn import backend, distributed, nn, optim
+from minibnn import backend, distributed, nn, optim, runs
 from minibnn import functional as F
 from minibnn import train as T
 from minibnn.tensor import Tensor
@@ -282,8 +282,7 @@ def test_distributed_train_matches_one_process_and_resumes(tmp_path):
     stopped after one epoch and resumed twice equals the uninterrupted two-rank run."""
     mpi_or_skip()
     run_worker("train", tmp_path)
-    strip = lambda h: [{k: v for k, v in e.items() if k not in ("seconds", "images_per_second")}
-                       for e in h]
+    strip = runs.without_timings
     for name, kw in W.TRAIN_CASES.items():
         ref = T.train(W.small_config(**kw), tmp_path / f"ref-{name}", progress=False,
                       log=lambda *_: None)

@@ -398,8 +398,7 @@ def test_extending_a_run_with_the_halving_schedule_ends_as_a_longer_run_would(tm
                        log=said.append, epochs=3)
     assert any("ends where one trained 3 epochs from the start would" in s for s in said)
     full = T.train(small(**dict(cfg, epochs=3)), tmp_path / "long", progress=False, log=quiet)
-    strip = lambda h: [{k: v for k, v in e.items() if k not in ("seconds", "images_per_second")}
-                       for e in h]
+    strip = runs.without_timings
     assert strip(extended["history"]) == strip(full["history"])
     with np.load(tmp_path / "short" / T.MODEL) as a, np.load(tmp_path / "long" / T.MODEL) as b:
         for k in a.files:

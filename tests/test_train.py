@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from minibnn import runs
 from minibnn import train as T
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,8 +62,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert not part["finished"] and len(part["history"]) == 1
     T.train(run_dir=tmp_path / "part", resume=True, progress=False, stop_after=1, log=quiet)
     resumed = T.train(run_dir=tmp_path / "part", resume=True, progress=False, log=quiet)
-    strip = lambda h: [{k: v for k, v in e.items() if k not in ("seconds", "images_per_second")}
-                       for e in h]
+    strip = runs.without_timings
     assert strip(resumed["history"]) == strip(full["history"])
     a, b = read_model(tmp_path / "full" / T.MODEL), read_model(tmp_path / "part" / T.MODEL)
     assert a.keys() == b.keys()
@@ -248,3 +248,72 @@ def test_val_size(tmp_path):
     for size in (None, 100):  # the default 10,000 and an explicit size: nothing left to train
         with pytest.raises(ValueError, match="val_size.*--val-size"):
             T.prepare_data(T.TrainConfig(data_dir=str(folder), val_size=size))
+
+
+def test_checkpoint_every_writes_fewer_checkpoints_with_the_same_results(tmp_path, monkeypatch):
+    """checkpoint_every=2 over 3 epochs: checkpoints after epochs 2 and 3 (the last) only,
+    the same history and model as checkpointing every epoch; each entry has wall_seconds
+    and metrics their mean. A run interrupted in epoch 4 of 5 keeps epoch 2's checkpoint,
+    says so, and resumed from it ends where the uninterrupted run ends."""
+    cfg = dict(epochs=3, stochastic=True, dropout_in=0.2)
+    every = T.train(small(**cfg), tmp_path / "every", progress=False, log=quiet)
+    written = []
+    real_submit = runs.CheckpointWriter.submit
+
+    def submit(self, run_dir, config, epoch, *args, **kw):
+        written.append(epoch)
+        return real_submit(self, run_dir, config, epoch, *args, **kw)
+
+    monkeypatch.setattr(runs.CheckpointWriter, "submit", submit)
+    said = []
+    sparse = T.train(small(**cfg), tmp_path / "sparse", progress=False, log=said.append,
+                     checkpoint_every=2)
+    monkeypatch.undo()
+    assert written == [2, 3]
+    assert [s.endswith("(no checkpoint)") for s in said if s.startswith("epoch")] == \
+        [True, False, False]
+    assert runs.without_timings(sparse["history"]) == runs.without_timings(every["history"])
+    assert all(h["wall_seconds"] > 0 for h in sparse["history"])
+    assert sparse["wall_seconds_per_epoch"] == pytest.approx(
+        np.mean([h["wall_seconds"] for h in sparse["history"]]))
+    a, b = read_model(tmp_path / "every" / T.MODEL), read_model(tmp_path / "sparse" / T.MODEL)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+    full = T.train(small(**dict(cfg, epochs=5)), tmp_path / "full", progress=False, log=quiet)
+    calls = []
+    real_epoch = T.train_epoch
+
+    def interrupt_fourth(*args, **kw):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kw)
+
+    monkeypatch.setattr(T, "train_epoch", interrupt_fourth)
+    with pytest.raises(T.TrainingInterrupted) as info:
+        T.train(small(**dict(cfg, epochs=5)), tmp_path / "cut", progress=False, log=quiet,
+                checkpoint_every=2)
+    monkeypatch.undo()
+    assert "epoch 2" in str(info.value)
+    assert runs.read_checkpoint(tmp_path / "cut")["meta"]["epoch"] == 2
+    resumed = T.train(run_dir=tmp_path / "cut", resume=True, progress=False, log=quiet,
+                      checkpoint_every=3)
+    assert runs.without_timings(resumed["history"]) == runs.without_timings(full["history"])
+    a, b = read_model(tmp_path / "full" / T.MODEL), read_model(tmp_path / "cut" / T.MODEL)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "3", None])
+def test_checkpoint_every_must_be_a_positive_int(tmp_path, bad):
+    with pytest.raises(T.ConfigError, match=r"checkpoint_every expected a positive number"):
+        T.train(small(), tmp_path / "run", progress=False, log=quiet, checkpoint_every=bad)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_checkpoint_every_is_checked_before_any_folder(tmp_path, capsys):
+    from minibnn import cli
+    code = cli.main(["train", "--no-progress", "--hidden", "16", "--checkpoint-every", "0",
+                     "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert "--checkpoint-every expected a positive number of epochs, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
