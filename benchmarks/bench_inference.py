@@ -28,8 +28,9 @@ trained net's are not 1 and 0, about 10% of gammas negative. Each network runs
 * "frozen cupy" replays each batch shape's forward as one CUDA graph (``FrozenBNN.cuda_graph``,
   the default); "frozen eager cupy" is the same net launching every kernel from Python;
 * "frozen fp16-first cupy": the same frozen net on cupy with ``first_layer_method =
-  "float16"`` (the first layer's pixels and +-1 weights as float16 on the tensor cores,
-  float32 accumulation through cuBLAS GemmEx: exact, opt-in until this row has been timed);
+  "float16"`` forced (the first layer's pixels and +-1 weights as float16 on the tensor
+  cores, float32 accumulation through cuBLAS GemmEx: exact; "auto", the "frozen cupy" row,
+  times it against the other methods and keeps the fastest);
 * on a CPU-only run, "float32 torch cpu" when PyTorch is importable (never a dependency;
   ``pip install torch==2.13.0`` gives the CPU build; ``--no-torch`` leaves it out): the same
   forward through PyTorch's CPU kernels (oneDNN convolutions, far faster than im2col +
@@ -584,7 +585,7 @@ def bench_model(label, model, images, backends, repeats, reference_images, cpu_i
         paths["frozen eager cupy"] = (lambda: eager.predict(images, backend="cupy"), "cupy")
         counts["frozen eager cupy"] = n
         why = runtime.float16_exact_on("cupy")
-        if why is None:  # the opt-in float16 first layer (tensor cores through GemmEx)
+        if why is None:  # the float16 first layer forced (tensor cores through GemmEx)
             frozen16 = runtime.FrozenBNN(frozen.layers, frozen.info)
             frozen16.first_layer_method = "float16"
             paths["frozen fp16-first cupy"] = (lambda: frozen16.predict(images, backend="cupy"),

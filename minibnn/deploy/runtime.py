@@ -140,8 +140,7 @@ def first_layer(x, weight, k, kern, method="bitplanes", dense=None):
       NumPy input, :func:`int8_available`), then the same;
     * ``"float16"``: s = x . w on the GPU's tensor cores, float16 pixels and weights (both
       exact) accumulated in float32 by ``cublasGemmEx`` (CuPy input, :func:`float16_exact_on`;
-      exact while :func:`float32_is_exact` (k)), then the same. Not yet timed on a GPU, so
-      ``"auto"`` does not choose it.
+      exact while :func:`float32_is_exact` (k)), then the same.
 
     ``dense``: the :func:`dense_first_weights` of the method (made here when None).
     """
@@ -487,11 +486,12 @@ class FrozenBNN:
 
     ``first_layer_method`` picks how the first layer meets the 8-bit pixels (all exact, see
     :func:`first_layer`): ``"bitplanes"``, ``"float32"``, ``"int8"`` (numba on a CPU with
-    AVX512-VNNI or AVX2), ``"float16"`` (cupy: tensor cores through cuBLAS GemmEx; opt-in,
-    not yet timed on a GPU) or ``"auto"`` (the default): the fastest of bitplanes, float32
-    and int8 where they apply, timed once per backend on the whole first batch, taking turns
+    AVX512-VNNI or AVX2), ``"float16"`` (cupy: tensor cores through cuBLAS GemmEx) or
+    ``"auto"`` (the default): the fastest of bitplanes, float32, int8 and float16 where they
+    apply, timed once per backend on the whole first batch, taking turns
     (``first_layer_timings`` keeps the times); on cupy "float32" applies where its products
-    are plain FP32 (:func:`float32_exact_on`).
+    are plain FP32 (:func:`float32_exact_on`), "float16" where direct cuBLAS GemmEx works
+    (:func:`float16_exact_on`), both only while 255 k < 2^24.
 
     The layers' weight arrays are read, not copied, on NumPy; on the first call of a backend
     they are copied into the kernels' forms (``prepare_weights`` of ``kernels.numba_cpu``
@@ -679,6 +679,8 @@ class FrozenBNN:
                 candidates.append("float32")
             if int8_available(name):
                 candidates.append("int8")
+            if float32_is_exact(layer.k) and float16_exact_on(name) is None:
+                candidates.append("float16")
         weights = {m: dense_first_weights(first.weight, layer.k, xp, m)
                    for m in candidates if m != "bitplanes"}
         if len(candidates) > 1:
