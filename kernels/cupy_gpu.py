@@ -54,6 +54,8 @@ _MAX_ROWS = 65535 * _TILE  # rows of A one GEMM launch can cover (grid y-dimensi
 _cupy = None
 _modules = {}  # (device id, source name) -> cupy.RawModule
 _kernels = {}  # device id -> available_kernels()
+_functions = {}  # (device id, source name, kernel name) -> cupy Function
+_shared_set = set()  # (device id, kernel name) allowed their dynamic shared memory
 
 
 def _cp():
@@ -93,13 +95,18 @@ def _capability():
 
 
 def _function(source, name):
+    """The kernel ``name`` of ``source`` on the current device, compiled once and kept (a
+    product calls this on every launch)."""
     cp = _cp()
-    key = (cp.cuda.Device().id, source)
-    mod = _modules.get(key)
-    if mod is None:
-        mod = cp.RawModule(code=read_source(source), options=("--std=c++14",))
-        _modules[key] = mod
-    return mod.get_function(name)
+    device = cp.cuda.Device().id
+    fn = _functions.get((device, source, name))
+    if fn is None:
+        mod = _modules.get((device, source))
+        if mod is None:
+            mod = cp.RawModule(code=read_source(source), options=("--std=c++14",))
+            _modules[(device, source)] = mod
+        fn = _functions[(device, source, name)] = mod.get_function(name)
+    return fn
 
 
 def _max_shared_per_block():
@@ -326,10 +333,14 @@ def _launch(a, rows, prepared, k, kernel, tail, threshold_args=None):
 
 
 def _tc_function(name, smem_bytes):
-    """A tensor-core entry, allowed ``smem_bytes`` of dynamic shared memory (over 48 KiB)."""
+    """A tensor-core entry, allowed ``smem_bytes`` of dynamic shared memory (over 48 KiB;
+    set once per device)."""
     fn = _function("xnor_gemm_tc.cu", name)
-    if fn.max_dynamic_shared_size_bytes < smem_bytes:
-        fn.max_dynamic_shared_size_bytes = smem_bytes
+    key = (_cp().cuda.Device().id, name)
+    if key not in _shared_set:
+        if fn.max_dynamic_shared_size_bytes < smem_bytes:
+            fn.max_dynamic_shared_size_bytes = smem_bytes
+        _shared_set.add(key)
     return fn
 
 
