@@ -3,17 +3,19 @@
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR [CIFAR_ARCHIVE_OR_BIN_DIR] [PHASE]
 #
-# PHASE "check" (the default, about 8 minutes) runs, in this order, each under its own time limit, writing logs and JSON to OUT_DIR and a
-# summary to stdout: the test suite on the cupy backend (pytest -n 12), bench_train (MLP
-# 3x4096 and the CIFAR-10 ConvNet beside PyTorch eager and CUDA graph, with the opt-in bf16
-# backward rows "minibnn cupy bf16" and "minibnn cupy graph bf16"), bench_split_gemm (the
-# ConvNet's backward products, FP32 cuBLAS against split bf16 GemmEx), bench_gemm,
-# bench_inference (MLPs, with the opt-in "frozen fp16-first cupy" row), bench_conv_glue, a
-# CIFAR-10 run (when the data is given: the cifar-10-batches-bin folder, or the JPEG
-# archive of ../shared/data/cifar10 with its to_cifar_bin.py beside it) and the first
-# epochs of the paper's MNIST recipe. The timed parts run one at a time; the data
-# conversion runs beside the test suite. Needs the repository on PYTHONPATH (set here) and
-# CuPy, numba, pytest-xdist, pytest-timeout; PyTorch optional.
+# PHASE "check" (the default; at most 9 minutes by its limits, usually less) runs, in this
+# order, each under its own time limit, writing logs and JSON to OUT_DIR and a summary to
+# stdout: the test suite on the cupy backend (pytest -n 12), bench_train (MLP 3x4096 and
+# the CIFAR-10 ConvNet beside PyTorch eager and CUDA graph, with the opt-in bf16 backward
+# rows "minibnn cupy bf16" and "minibnn cupy graph bf16"), bench_split_gemm (the ConvNet's
+# backward products, FP32 cuBLAS against split bf16 GemmEx), bench_gemm (every GEMM kernel
+# form at every shape), bench_inference for the MLPs (beside float32 and float16 CuPy, with
+# the forced "frozen fp16-first cupy" row) and for the CIFAR-10 ConvNet (5,000 synthetic
+# images, beside cuDNN through PyTorch), bench_conv_glue. The timed parts run one at a
+# time. The training runs on real data are phases of their own (below): the CIFAR-10 data
+# is the cifar-10-batches-bin folder, or the JPEG archive of ../shared/data/cifar10 with
+# its to_cifar_bin.py beside it (converted while the phase starts). Needs the repository
+# on PYTHONPATH (set here) and CuPy, numba, pytest-xdist, pytest-timeout; PyTorch optional.
 # The two 9-minute goals each take a phase of their own, since one device call runs at most
 # 10 minutes and a session's GPU time is about 15: PHASE "mnist-recipe" runs the paper's
 # Theano MNIST recipe (3x4096, dropout 0.2/0.5, Adam, LR 3e-3 -> 2e-6 exponentially; goal
@@ -91,17 +93,11 @@ timeout 90 $PY benchmarks/bench_gemm.py --backends numpy,cupy --repeats 3 --out 
 stamp "bench_gemm rc=$?"; grep -E "^[0-9]+x[0-9]+x[0-9]+ " "$OUT/bench_gemm.log" | cut -c1-170
 timeout 60 $PY benchmarks/bench_inference.py --nets mlp --backends cupy --repeats 3 --out "$OUT" \
     > "$OUT/bench_inference.log" 2>&1
-stamp "bench_inference rc=$?"; grep -E "cupy|by stage" "$OUT/bench_inference.log" | cut -c1-300 | head -12
+stamp "bench_inference rc=$?"; grep -E "cupy|by stage" "$OUT/bench_inference.log" | cut -c1-300 | head -16
+timeout 75 $PY benchmarks/bench_inference.py --nets convnet --conv-images 5000 --backends cupy \
+    --repeats 3 --out "$OUT" > "$OUT/bench_inference_conv.log" 2>&1  # joins the MLPs' JSON
+stamp "bench_inference convnet rc=$?"; grep -E "cupy|cuDNN|by stage" "$OUT/bench_inference_conv.log" \
+    | cut -c1-300 | head -12
 timeout 30 $PY benchmarks/bench_conv_glue.py --backends cupy --out "$OUT" > "$OUT/bench_conv_glue.log" 2>&1
 stamp "bench_conv_glue rc=$?"; tail -12 "$OUT/bench_conv_glue.log" | cut -c1-150
 wait
-if [ -n "$CIFAR" ]; then
-    timeout 100 $PY -m minibnn --backend cupy train --dataset cifar10 --model convnet \
-        --data-dir "$CIFAR" --epochs 4 --lr-end 1e-4 --no-progress --out /tmp/minibnn-runs/cifar \
-        > "$OUT/cifar_train.log" 2>&1
-    stamp "cifar10 rc=$?"; tail -6 "$OUT/cifar_train.log" | cut -c1-200
-fi
-timeout 40 $PY -m minibnn --backend cupy train --hidden 4096 --dropout-in 0.2 --dropout-hidden 0.5 \
-    --lr-start 3e-3 --lr-end 2e-6 --epochs 150 --no-progress --out /tmp/minibnn-runs/mnist \
-    > "$OUT/mnist_recipe.log" 2>&1
-stamp "mnist recipe (first epochs) rc=$?"; tail -4 "$OUT/mnist_recipe.log" | cut -c1-200
