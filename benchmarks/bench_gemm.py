@@ -27,8 +27,10 @@ CPU paths of a shape take turns, one run each per round, so a drift in the machi
 falls on all of them alike.
 
 GPU rows (``--backends ...,cupy`` on a GPU): cuBLAS fp32 and fp16 through CuPy, each
-``cupy_gpu`` kernel on packed operands (packing and end to end beside it), and for each
-kernel a frozen layer's product three ways, all with B prepared (``cupy_gpu.prepare_weights``:
+``cupy_gpu`` kernel on packed operands (packing and end to end beside it): "tensorcore" (the
+form its autotune picked for the shape class; its timings are printed and kept in the
+JSON's machine info) and each tensor-core form by name, and "cuda"; and for each kernel a
+frozen layer's product three ways, all with B prepared (``cupy_gpu.prepare_weights``:
 padded, popcounts made once): the int32 product alone, the product then ``pack_threshold``
 (two passes, bits out) and ``gemm_threshold`` (the threshold in the GEMM's epilogue, bits out).
 
@@ -477,6 +479,14 @@ def main(argv=None):
             + (f"_isa-{args.isa}" if args.isa != "native" else "")
             + ("_quick" if args.quick else "") + ("_shapes" if args.shapes else ""))
     info["load_average_at_end"] = list(os.getloadavg())
+    if use_gpu and cupy_gpu.form_timings:  # what plain "tensorcore" timed and chose
+        info["tensorcore_form_timings"] = {
+            "M, N, W bit lengths " + ",".join(map(str, key[1:])): times
+            for key, times in cupy_gpu.form_timings.items()}
+        for key, times in cupy_gpu.form_timings.items():
+            print(f"tensorcore, M/N/W bit lengths {key[1:]}: "
+                  + ", ".join(f"{f} {t * 1e6:.1f} us" for f, t in sorted(times.items(),
+                                                                        key=lambda x: x[1])))
     (out / f"{stem}.json").write_text(json.dumps({"machine": info, "repeats": args.repeats,
                                                   "timing": "best of repeats (median_s too)",
                                                   "results": rows}, indent=1))

@@ -111,8 +111,8 @@ Besides these:
   reuse), and ``numba_cpu.bitplane_gemm`` takes ``kernel=None`` (``"generic"`` or one of
   the ``simd``/``scalar`` kernels; default the autotune's choice). ``cupy_gpu``:
   ``("tensorcore", "tensorcore_direct", "tensorcore_tiled", "tensorcore_tiled256", "cuda")``
-  on compute capability >= 8.0 (``"tensorcore"`` runs the direct or the tiled form by the
-  rows of A), else
+  on compute capability >= 8.0 (``"tensorcore"`` runs the fastest tensor-core form for the
+  product's shape class, timed on first use), else
   ``("cuda",)`` (asks the current GPU), the default first.
 - ``cupy_gpu.available()``: ``(True, "")`` or ``(False, reason)``, the one check of
   whether the GPU path can run (``minibnn.backend`` reports its reason). Without CuPy,

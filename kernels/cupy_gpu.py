@@ -13,9 +13,12 @@ Same conventions and results as :mod:`minibnn.kernels.reference`. Two GEMM kerne
   ``"tensorcore_tiled256"`` is the same with 256 x 128 tiles (fewer loads per product,
   one block per SM); ``"tensorcore_direct"`` (128 x 128) reads the operands as they are
   (loads past the edges are zero-filled) and counts the popcounts itself, so a product is
-  one launch. Plain ``"tensorcore"`` takes the direct form up to ``DIRECT_MAX_ROWS`` rows
-  of A, where the tiled forms' extra launches cost more than the product, and the
-  128 x 128 tiled form above (the one measured so far on a GPU).
+  one launch. Plain ``"tensorcore"`` runs the fastest of them for the product's shape
+  class, timed on the GPU at hand by the first product of that class
+  (``MINIBNN_TC_FORM`` forces one; ``MINIBNN_GPU_AUTOTUNE=0``, or a product first met
+  while a CUDA graph is being captured, takes the direct form up to ``DIRECT_MAX_ROWS``
+  rows of A, where the tiled forms' extra launches cost more than the product, and the
+  128 x 128 tiled form above).
 
 Each kernel also has a ``_threshold`` form, :func:`gemm_threshold`: a frozen layer's
 sign(BN(z)) compared and packed in the GEMM's epilogue, so the int32 products are never
@@ -26,6 +29,8 @@ CuPy is imported on first use, so ``import minibnn.kernels.cupy_gpu`` works with
 functions then raise ImportError saying why. Operands are validated before any
 launch; kernels compile lazily, once per device.
 """
+
+import os
 
 import numpy as np
 
@@ -44,8 +49,9 @@ _TC_SMEM_BYTES = 3 * (128 + 128) * 12 * 8  # TC_SMEM_BYTES in xnor_gemm_tc.cu
 _TC_DIRECT_SMEM_BYTES = _TC_SMEM_BYTES + (128 + 128) * 4  # TC_DIRECT_SMEM_BYTES there
 _TC256_ROWS = 256  # TC256_BM: rows of A per block of xnor_gemm_tc256 (its B tile is 128)
 _TC256_SMEM_BYTES = 4 * (256 + 128) * 12 * 8  # TC256_SMEM_BYTES there
-#: Rows of A up to which plain ``"tensorcore"`` runs the direct form. Not yet measured on a
-#: GPU: ``benchmarks/bench_gemm.py`` times every form at each shape to set it.
+#: Rows of A up to which plain ``"tensorcore"`` runs the direct form when it does not time
+#: the forms (see ``_tensorcore_form``). A guess, not yet measured on a GPU:
+#: ``benchmarks/bench_gemm.py`` times every form at each shape.
 DIRECT_MAX_ROWS = 1024
 _TC_FORMS = ("tensorcore_direct", "tensorcore_tiled", "tensorcore_tiled256")
 _INT32_MAX = 2**31 - 1
@@ -56,6 +62,10 @@ _modules = {}  # (device id, source name) -> cupy.RawModule
 _kernels = {}  # device id -> available_kernels()
 _functions = {}  # (device id, source name, kernel name) -> cupy Function
 _shared_set = set()  # (device id, kernel name) allowed their dynamic shared memory
+_form_choice = {}  # (device id, shape class) -> the tensor-core form "tensorcore" runs
+#: (device id, M, N and W bit lengths) -> {tensor-core form: best seconds}, as timed by the
+#: first "tensorcore" product of that shape class (see ``_tensorcore_form``)
+form_timings = {}
 
 
 def _cp():
@@ -303,7 +313,10 @@ def _launch(a, rows, prepared, k, kernel, tail, threshold_args=None):
     m, w = a.shape
     n = rows.shape[0]
     if kernel == "tensorcore":
-        kernel = _TC_FORMS[0] if m <= DIRECT_MAX_ROWS else _TC_FORMS[1]
+        kernel, done = _tensorcore_form(m, n, w, lambda form: _launch(
+            a, rows, prepared, k, form, tail, threshold_args))
+        if done:  # timed: the forms' launches already wrote the (same) result
+            return
     row_tile = _TC256_ROWS if kernel == "tensorcore_tiled256" else _TILE
     grid = ((n + _TILE - 1) // _TILE, (m + row_tile - 1) // row_tile)
     sizes = (np.int32(m), np.int32(n))
@@ -330,6 +343,61 @@ def _launch(a, rows, prepared, k, kernel, tail, threshold_args=None):
     fn(grid, (_THREADS,),
        (ap, bp, pop_a, pop_b, *lead, *tail, *sizes, np.int32(ap.shape[1]), np.int32(k)),
        shared_mem=smem)
+
+
+def _shape_class(m, n, w):
+    """The autotune's shape class of a product: the bit lengths of M, N and W (each class
+    spans a factor of 2 in each)."""
+    return int(m).bit_length(), int(n).bit_length(), int(w).bit_length()
+
+
+def _capturing():
+    """Whether the current stream is being captured into a CUDA graph (True when CUDA cannot
+    say: the legacy stream is not to be queried while another stream captures)."""
+    try:
+        return bool(_cp().cuda.get_current_stream().is_capturing())
+    except Exception:  # noqa: BLE001  (CUDA_ERROR_STREAM_CAPTURE_IMPLICIT, an old CuPy)
+        return True
+
+
+def _tensorcore_form(m, n, w, launch):
+    """(the tensor-core form plain ``"tensorcore"`` runs for an M x W . N x W product,
+    whether ``launch`` has already written the result). The form is the fastest of
+    :func:`available_kernels`'s tensor-core forms for the product's shape class on this
+    device, measured on first use: ``launch(form)`` runs the caller's own product, once to
+    warm up and then 3 times per form, taking turns, timed with CUDA events (every form
+    writes the same result, so the output is right whichever ran last); the times are kept
+    in ``form_timings``. ``MINIBNN_TC_FORM`` names a form instead; with
+    ``MINIBNN_GPU_AUTOTUNE=0``, or while the stream is being captured into a CUDA graph
+    (nothing can be timed then; the class stays untimed for a later eager call), the direct
+    form runs up to ``DIRECT_MAX_ROWS`` rows of A and the tiled one above."""
+    forms = [f for f in _TC_FORMS if f in available_kernels()]
+    forced = os.environ.get("MINIBNN_TC_FORM", "").strip()
+    if forced:
+        if forced not in forms:
+            raise ValueError(f"MINIBNN_TC_FORM: expected one of {forms}, got {forced!r}")
+        return forced, False
+    cp = _cp()
+    key = (cp.cuda.Device().id,) + _shape_class(m, n, w)
+    form = _form_choice.get(key)
+    if form is not None:
+        return form, False
+    if os.environ.get("MINIBNN_GPU_AUTOTUNE", "1").strip() == "0" or _capturing():
+        return (forms[0] if m <= DIRECT_MAX_ROWS else forms[1]), False
+    for f in forms:
+        launch(f)  # compiles the entry on first use, pads and prepares what it reads
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    times = {f: float("inf") for f in forms}
+    for _ in range(3):
+        for f in forms:
+            start.record()
+            launch(f)
+            stop.record()
+            stop.synchronize()
+            times[f] = min(times[f], cp.cuda.get_elapsed_time(start, stop) / 1e3)
+    form_timings[key] = times
+    form = _form_choice[key] = min(forms, key=times.get)
+    return form, True
 
 
 def _tc_function(name, smem_bytes):

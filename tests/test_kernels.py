@@ -576,37 +576,104 @@ def test_cupy_gemm_reads_offset_and_strided_views(kernel, k):
     np.testing.assert_array_equal(_to_host(bd), b)
 
 
-@pytest.mark.parametrize("backend_name", backend_params(("cupy",)))
-@pytest.mark.parametrize("threshold", [False, True], ids=["gemm", "threshold"])
-def test_cupy_tensorcore_picks_its_form_by_rows(backend_name, threshold, monkeypatch):
-    """Plain "tensorcore" launches the direct entry up to DIRECT_MAX_ROWS rows of A and the
-    tiled one above, with the same products either way."""
-    if "tensorcore" not in cupy_gpu.available_kernels():
-        pytest.skip("this GPU has no binary tensor cores (compute capability < 8.0)")
+def _recording_launches(monkeypatch):
+    """The names of the GEMM entries launched from now on (cupy_gpu._function recorded)."""
     launched = []
     real = cupy_gpu._function
 
     def recording(source, name):
-        launched.append(name)
+        if name.startswith("xnor_gemm"):
+            launched.append(name)
         return real(source, name)
 
     monkeypatch.setattr(cupy_gpu, "_function", recording)
+    return launched
+
+
+def _product(threshold, a, b, k, kernel):
+    """(the product or its threshold bits, what the reference gives)."""
+    z = reference.xnor_gemm(a, b, k)
+    if threshold:
+        thr = np.zeros(b.shape[0], np.int32)
+        return (_to_host(cupy_gpu.gemm_threshold(a, b, k, thr, kernel=kernel)),
+                reference.pack_threshold(z, thr))
+    return _to_host(cupy_gpu.xnor_gemm(a, b, k, kernel=kernel)), z
+
+
+@pytest.mark.parametrize("backend_name", backend_params(("cupy",)))
+@pytest.mark.parametrize("threshold", [False, True], ids=["gemm", "threshold"])
+def test_cupy_tensorcore_without_timing_picks_its_form_by_rows(backend_name, threshold,
+                                                              monkeypatch):
+    """With MINIBNN_GPU_AUTOTUNE=0 plain "tensorcore" launches the direct entry up to
+    DIRECT_MAX_ROWS rows of A and the tiled one above, with the same products either way."""
+    if "tensorcore" not in cupy_gpu.available_kernels():
+        pytest.skip("this GPU has no binary tensor cores (compute capability < 8.0)")
+    monkeypatch.setenv("MINIBNN_GPU_AUTOTUNE", "0")
     monkeypatch.setattr(cupy_gpu, "DIRECT_MAX_ROWS", 5)
+    launched = _recording_launches(monkeypatch)
     rng = np.random.default_rng(4)
     b = reference.pack_rows(rng.standard_normal((70, 300)))
     for m, entry in ((5, "xnor_gemm_tc_direct"), (6, "xnor_gemm_tc")):
         a = reference.pack_rows(rng.standard_normal((m, 300)))
-        z = reference.xnor_gemm(a, b, 300)
         launched.clear()
-        if threshold:
-            thr = np.zeros(70, np.int32)
-            got = _to_host(cupy_gpu.gemm_threshold(a, b, 300, thr, kernel="tensorcore"))
-            np.testing.assert_array_equal(got, reference.pack_threshold(z, thr))
-            entry += "_threshold"
-        else:
-            got = _to_host(cupy_gpu.xnor_gemm(a, b, 300, kernel="tensorcore"))
-            np.testing.assert_array_equal(got, z)
-        assert [n for n in launched if n.startswith("xnor_gemm")] == [entry]
+        got, want = _product(threshold, a, b, 300, "tensorcore")
+        np.testing.assert_array_equal(got, want)
+        assert launched == [entry + ("_threshold" if threshold else "")]
+
+
+@pytest.mark.parametrize("backend_name", backend_params(("cupy",)))
+@pytest.mark.parametrize("threshold", [False, True], ids=["gemm", "threshold"])
+def test_cupy_tensorcore_times_its_forms_once_per_shape_class(backend_name, threshold,
+                                                              monkeypatch):
+    """The first "tensorcore" product of a shape class launches every tensor-core form once
+    and then 3 times each, taking turns, keeps the times and the fastest, and gives the
+    reference result; later products of the class launch only that form; a product met
+    while a graph is being captured runs the untimed rule and leaves its class untimed;
+    MINIBNN_TC_FORM names a form (a wrong name is a ValueError)."""
+    if "tensorcore" not in cupy_gpu.available_kernels():
+        pytest.skip("this GPU has no binary tensor cores (compute capability < 8.0)")
+    assert cupy_gpu._capturing() is False
+    monkeypatch.setenv("MINIBNN_GPU_AUTOTUNE", "1")
+    monkeypatch.setattr(cupy_gpu, "_form_choice", {})
+    monkeypatch.setattr(cupy_gpu, "form_timings", {})
+    forms = [f for f in cupy_gpu.available_kernels() if f.startswith("tensorcore_")]
+    entry = {"tensorcore_direct": "xnor_gemm_tc_direct", "tensorcore_tiled": "xnor_gemm_tc",
+             "tensorcore_tiled256": "xnor_gemm_tc256"}
+    suffix = "_threshold" if threshold else ""
+    launched = _recording_launches(monkeypatch)
+    rng = np.random.default_rng(6)
+    b = reference.pack_rows(rng.standard_normal((70, 300)))
+    a = reference.pack_rows(rng.standard_normal((9, 300)))
+    got, want = _product(threshold, a, b, 300, "tensorcore")
+    np.testing.assert_array_equal(got, want)
+    assert launched == [entry[f] + suffix for f in forms] * 4
+    (key, times), = cupy_gpu.form_timings.items()
+    assert key[1:] == (9 .bit_length(), 70 .bit_length(), 5 .bit_length())
+    assert set(times) == set(forms) and all(t > 0 for t in times.values())
+    best = min(times, key=times.get)
+    launched.clear()
+    a2 = reference.pack_rows(rng.standard_normal((12, 300)))  # the same class (8..15 rows)
+    got, want = _product(threshold, a2, b, 300, "tensorcore")
+    np.testing.assert_array_equal(got, want)
+    assert launched == [entry[best] + suffix]
+
+    monkeypatch.setattr(cupy_gpu, "_capturing", lambda: True)
+    launched.clear()
+    a3 = reference.pack_rows(rng.standard_normal((40, 300)))  # a new class, while capturing
+    got, want = _product(threshold, a3, b, 300, "tensorcore")
+    np.testing.assert_array_equal(got, want)
+    assert launched == ["xnor_gemm_tc_direct" + suffix] and len(cupy_gpu.form_timings) == 1
+    monkeypatch.undo()
+
+    monkeypatch.setattr(cupy_gpu, "_form_choice", {})
+    launched = _recording_launches(monkeypatch)
+    monkeypatch.setenv("MINIBNN_TC_FORM", "tensorcore_tiled")
+    got, want = _product(threshold, a, b, 300, "tensorcore")
+    np.testing.assert_array_equal(got, want)
+    assert launched == ["xnor_gemm_tc" + suffix]
+    monkeypatch.setenv("MINIBNN_TC_FORM", "tiled")
+    with pytest.raises(ValueError, match=r"MINIBNN_TC_FORM: expected one of \['tensorcore_direct'"):
+        cupy_gpu.xnor_gemm(a, b, 300)
 
 
 @pytest.mark.parametrize("backend_name", backend_params(("cupy",)))
