@@ -64,8 +64,8 @@ PACKERS = per_backend({"numpy": reference.pack_rows, "numba": numba_cpu.pack_row
                        "cupy": _gpu_pack})
 
 # every GEMM kernel name of cupy_gpu on a GPU of compute capability >= 8.0 (as the machines
-# this suite meets on the GPU have): "tensorcore" picks one of its forms by shape, and each
-# form is also tested by name
+# this suite meets on the GPU have): "tensorcore" runs the form its autotune picks for the
+# shape class, and each form is also tested by name
 CUPY_KERNELS = ("tensorcore", "tensorcore_direct", "tensorcore_tiled", "tensorcore_tiled256",
                 "cuda")
 
