@@ -57,6 +57,8 @@ typedef unsigned int u32;
 #define TC256_STAGES 4
 #define TC256_SMEM_BYTES (TC256_STAGES * (TC256_BM + TC256_BN) * TC_LDW * 8)  // 147456
 
+// ---- PTX wrappers begin (tests/test_gemm_kernels_host.py runs this file as C++ on the CPU
+// with stand-ins for everything between these two lines) ----
 __device__ __forceinline__ u32 smem_addr(const void* p)
 {
     u64 a;
@@ -103,6 +105,8 @@ __device__ __forceinline__ void mma_b1_and(int c[4], const u32 a[4], const u32 b
         : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+
+// ---- PTX wrappers end ----
 
 // Copy K stage `stage` of the block's A and B tiles (BM and BN rows x 8 words) into
 // shared buffer `buf`: 4 chunks of 16 bytes per row, (BM + BN) / 64 per thread.

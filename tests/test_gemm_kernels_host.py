@@ -1,0 +1,484 @@
+"""The GPU GEMM kernels (kernels/xnor_gemm_tc.cu, kernels/xnor_gemm.cu), their very source
+compiled as C++ and run on the CPU by a small CUDA emulator, equal the NumPy reference bit
+for bit; no GPU is needed.
+
+The emulator runs each block's 256 threads as coroutines (``ucontext``) on one OS thread,
+switching at every barrier, so ``__syncthreads``, the warp shuffles and ballots, and the
+warp-wide ``mma`` meet as they do on the GPU:
+
+* ``__syncthreads`` waits for the block's threads, the ``*_sync`` warp functions and the
+  ``mma`` for the warp's 32 lanes (each lane deposits its operand, all read, all go on);
+* ``mma.m16n8k256 .b1 .and.popc`` is computed from the fragment layouts as the PTX ISA
+  states them (its own code here, not the kernel's loading convention);
+* ``cp.async`` copies (with their src-size zero-fill) are queued per thread in commit
+  groups and land either at issue or only at the ``cp.async.wait_group`` that must
+  retire them (both schedules are run: a kernel that reads a stage before waiting for
+  it, or reuses a buffer too early, gets stale or garbage words in one of them);
+* shared memory starts as garbage (0xA5 bytes), outputs as all-ones bits.
+
+Between the ``PTX wrappers begin/end`` marker lines of xnor_gemm_tc.cu the inline-asm
+helpers are swapped for these stand-ins; everything else is the source NVRTC compiles.
+This checks what the NumPy models of tests/test_kernels_gpu_emulation.py re-state by hand
+(index arithmetic, fragment loads, epilogues) on the source itself, and the ordering of
+its asynchronous copies, which no model checks. What it cannot check: timing, the
+hardware's real ``cp.async`` and ``mma`` encodings (ptxas assembles them:
+tests/test_kernels_nvrtc.py), and memory-model effects beyond these two schedules.
+Skipped when no C++ compiler is found.
+"""
+
+import ctypes
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import planted_thresholds
+from minibnn.kernels import reference
+from minibnn.kernels.cuda_sources import read_source
+
+CXX = next((c for c in ("g++", "clang++", "c++") if shutil.which(c)), None)
+pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++, clang++, c++) found")
+
+EMULATOR = r"""
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <ucontext.h>
+#include <vector>
+
+struct emu_dim3 { unsigned int x, y, z; };
+static emu_dim3 threadIdx, blockIdx, blockDim, gridDim;
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+#define __shared__ static   /* blocks run one after another: a static is the block's */
+
+enum { EMU_THREADS = 256, EMU_STACK = 1 << 16 };
+struct emu_copy { void* dst; const void* src; unsigned int bytes, size; };
+static ucontext_t emu_main, emu_ctx[EMU_THREADS];
+static std::vector<char> emu_stacks;
+static int emu_cur, emu_finished[EMU_THREADS];
+static unsigned long emu_sync_gen, emu_warp_gen[EMU_THREADS / 32];
+static int emu_sync_count, emu_warp_count[EMU_THREADS / 32];
+static unsigned long long emu_xchg[EMU_THREADS][8];
+static std::vector<unsigned long long> emu_smem;
+static std::vector<emu_copy> emu_open[EMU_THREADS];
+static std::vector<std::vector<emu_copy>> emu_groups[EMU_THREADS];
+static int emu_late;           /* cp.async lands at the wait (1) or at issue (0) */
+static long emu_switches;
+static int emu_failed;         /* the launch stopped: its threads never all finished */
+static std::function<void()> emu_body;
+
+static void emu_yield()
+{
+    const int me = emu_cur;
+    int next = me;
+    do next = (next + 1) % EMU_THREADS; while (emu_finished[next] && next != me);
+    if (++emu_switches > 50000000L) {  /* a barrier some thread never reaches */
+        emu_failed = 1;
+        setcontext(&emu_main);          /* abandon the block's coroutines */
+    }
+    if (next != me) {
+        emu_cur = next;
+        threadIdx.x = next;
+        swapcontext(&emu_ctx[me], &emu_ctx[next]);
+        emu_cur = me;           /* resumed */
+        threadIdx.x = me;
+    }
+}
+
+static void __syncthreads()
+{
+    const unsigned long gen = emu_sync_gen;
+    if (++emu_sync_count == EMU_THREADS) { emu_sync_count = 0; ++emu_sync_gen; return; }
+    while (emu_sync_gen == gen) emu_yield();
+}
+
+static void emu_warp_sync()
+{
+    const int w = threadIdx.x >> 5;
+    const unsigned long gen = emu_warp_gen[w];
+    if (++emu_warp_count[w] == 32) { emu_warp_count[w] = 0; ++emu_warp_gen[w]; return; }
+    while (emu_warp_gen[w] == gen) emu_yield();
+}
+
+template <class T> static T __shfl_xor_sync(unsigned int mask, T v, int lane_mask)
+{
+    if (mask != 0xffffffffu) std::abort();
+    const int me = threadIdx.x, partner = (me & ~31) | ((me & 31) ^ lane_mask);
+    std::memcpy(&emu_xchg[me][0], &v, sizeof(T));
+    emu_warp_sync();
+    T r;
+    std::memcpy(&r, &emu_xchg[partner][0], sizeof(T));
+    emu_warp_sync();
+    return r;
+}
+
+static unsigned int __ballot_sync(unsigned int mask, int predicate)
+{
+    if (mask != 0xffffffffu) std::abort();
+    const int me = threadIdx.x, base = me & ~31;
+    emu_xchg[me][0] = predicate != 0;
+    emu_warp_sync();
+    unsigned int r = 0;
+    for (int l = 0; l < 32; ++l) r |= (unsigned int)emu_xchg[base + l][0] << l;
+    emu_warp_sync();
+    return r;
+}
+
+template <class T> static T atomicOr(T* p, T v)  /* one OS thread: plainly atomic */
+{
+    const T old = *p;
+    *p = old | v;
+    return old;
+}
+
+static int __popc(unsigned int v) { return __builtin_popcount(v); }
+static int __popcll(unsigned long long v) { return __builtin_popcountll(v); }
+"""
+
+# the stand-ins for the PTX wrappers of xnor_gemm_tc.cu (same names and signatures)
+TC_STANDINS = r"""
+static void emu_land(const emu_copy& c)
+{
+    std::memcpy(c.dst, c.src, c.bytes);
+    std::memset((char*)c.dst + c.bytes, 0, c.size - c.bytes);
+}
+
+static void emu_issue(void* dst, const void* src, unsigned int bytes, unsigned int size)
+{
+    if ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) % size
+        || bytes > size) std::abort();  /* cp.async's alignment and size rules */
+    const emu_copy c = {dst, src, bytes, size};
+    if (emu_late) emu_open[threadIdx.x].push_back(c); else emu_land(c);
+}
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) { emu_issue(dst, src, 16, 16); }
+__device__ __forceinline__ void cp_async16_zfill(void* dst, const void* src, u32 bytes)
+{
+    emu_issue(dst, src, bytes, 16);
+}
+__device__ __forceinline__ void cp_async8_zfill(void* dst, const void* src, u32 bytes)
+{
+    emu_issue(dst, src, bytes, 8);
+}
+__device__ __forceinline__ void cp_async_commit()
+{
+    emu_groups[threadIdx.x].push_back(emu_open[threadIdx.x]);
+    emu_open[threadIdx.x].clear();
+}
+template <int STAGES> __device__ __forceinline__ void cp_async_wait_stages()
+{
+    std::vector<std::vector<emu_copy>>& g = emu_groups[threadIdx.x];
+    while (g.size() > (size_t)(STAGES - 2)) {   /* wait_group(STAGES - 2) retires the rest */
+        for (const emu_copy& c : g.front()) emu_land(c);
+        g.erase(g.begin());
+    }
+}
+
+/* mma.m16n8k256.row.col.s32.b1.b1.s32.and.popc from the PTX ISA's fragment layouts, with
+   g = lane >> 2, t = lane % 4: A a0 (row g, k 32t..), a1 (row g+8), a2 (row g, k 128+32t..),
+   a3 (row g+8, k 128+32t..); B b0 (column g, k 32t..), b1 (column g, k 128+32t..);
+   C c0 (g, 2t), c1 (g, 2t+1), c2 (g+8, 2t), c3 (g+8, 2t+1). */
+__device__ __forceinline__ void mma_b1_and(int c[4], const u32 a[4], const u32 b[2])
+{
+    const int me = threadIdx.x, base = me & ~31, lane = me & 31;
+    for (int r = 0; r < 4; ++r) emu_xchg[me][r] = a[r];
+    emu_xchg[me][4] = b[0];
+    emu_xchg[me][5] = b[1];
+    emu_warp_sync();
+    const int g = lane >> 2, t = lane & 3;
+    for (int i = 0; i < 4; ++i) {
+        const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
+        int sum = 0;
+        for (int kk = 0; kk < 8; ++kk) {  /* 32-bit chunk kk of k: lane t = kk % 4 */
+            const unsigned long long aw = emu_xchg[base + (row & 7) * 4 + (kk & 3)][(row >> 3) + 2 * (kk >> 2)];
+            const unsigned long long bw = emu_xchg[base + col * 4 + (kk & 3)][4 + (kk >> 2)];
+            sum += __builtin_popcountll(aw & bw);
+        }
+        c[i] += sum;
+    }
+    emu_warp_sync();
+}
+"""
+
+RUNNER = r"""
+static void emu_entry()
+{
+    emu_body();
+    /* returning ends the context: uc_link resumes emu_main */
+}
+
+static int emu_run(unsigned int gx, unsigned int gy, long smem_bytes, int late,
+                   std::function<void()> body)
+{
+    emu_late = late;
+    emu_failed = 0;
+    emu_switches = 0;
+    gridDim.x = gx; gridDim.y = gy; gridDim.z = 1;
+    blockDim.x = EMU_THREADS; blockDim.y = blockDim.z = 1;
+    emu_stacks.resize((size_t)EMU_THREADS * EMU_STACK);
+    emu_body = body;
+    for (unsigned int by = 0; by < gy; ++by)
+        for (unsigned int bx = 0; bx < gx; ++bx) {
+            blockIdx.x = bx; blockIdx.y = by; blockIdx.z = 0;
+            emu_smem.assign((size_t)(smem_bytes + 7) / 8 + 1, 0xA5A5A5A5A5A5A5A5ull);
+            emu_sync_count = 0;
+            for (int w = 0; w < EMU_THREADS / 32; ++w) emu_warp_count[w] = 0;
+            for (int t = 0; t < EMU_THREADS; ++t) {
+                emu_finished[t] = 0;
+                emu_open[t].clear();
+                emu_groups[t].clear();
+                getcontext(&emu_ctx[t]);
+                emu_ctx[t].uc_stack.ss_sp = &emu_stacks[(size_t)t * EMU_STACK];
+                emu_ctx[t].uc_stack.ss_size = EMU_STACK;
+                emu_ctx[t].uc_link = &emu_main;
+                makecontext(&emu_ctx[t], emu_entry, 0);
+            }
+            int left = EMU_THREADS;
+            emu_cur = 0;
+            while (left) {
+                threadIdx.x = emu_cur;
+                swapcontext(&emu_main, &emu_ctx[emu_cur]);  /* back here when emu_cur ends */
+                if (emu_failed) return 1;
+                emu_finished[emu_cur] = 1;
+                --left;
+                int next = emu_cur;
+                while (left && emu_finished[next]) next = (next + 1) % EMU_THREADS;
+                emu_cur = next;
+            }
+        }
+    return 0;
+}
+
+static void* emu_dynamic_smem() { return emu_smem.data(); }
+"""
+
+TC_WRAPPERS = r"""
+typedef long long ll;
+extern "C" int emu_xnor_gemm_tc(unsigned gx, unsigned gy, long smem, int late, const u64* A,
+    const u64* B, const int* pa, const int* pb, int* C, int M, int N, int Wp, int K)
+{ return emu_run(gx, gy, smem, late, [=] { xnor_gemm_tc(A, B, pa, pb, C, M, N, Wp, K); }); }
+extern "C" int emu_xnor_gemm_tc256(unsigned gx, unsigned gy, long smem, int late, const u64* A,
+    const u64* B, const int* pa, const int* pb, int* C, int M, int N, int Wp, int K)
+{ return emu_run(gx, gy, smem, late, [=] { xnor_gemm_tc256(A, B, pa, pb, C, M, N, Wp, K); }); }
+extern "C" int emu_xnor_gemm_tc_threshold(unsigned gx, unsigned gy, long smem, int late,
+    const u64* A, const u64* B, const int* pa, const int* pb, const ll* thr, ll periods,
+    u64* out, ll words, int M, int N, int Wp, int K)
+{ return emu_run(gx, gy, smem, late, [=] { xnor_gemm_tc_threshold(A, B, pa, pb, thr, periods, out, words, M, N, Wp, K); }); }
+extern "C" int emu_xnor_gemm_tc256_threshold(unsigned gx, unsigned gy, long smem, int late,
+    const u64* A, const u64* B, const int* pa, const int* pb, const ll* thr, ll periods,
+    u64* out, ll words, int M, int N, int Wp, int K)
+{ return emu_run(gx, gy, smem, late, [=] { xnor_gemm_tc256_threshold(A, B, pa, pb, thr, periods, out, words, M, N, Wp, K); }); }
+extern "C" int emu_xnor_gemm_tc_direct(unsigned gx, unsigned gy, long smem, int late,
+    const u64* A, const u64* B, int* C, int M, int N, int W, int wide, int K)
+{ return emu_run(gx, gy, smem, late, [=] { xnor_gemm_tc_direct(A, B, C, M, N, W, wide, K); }); }
+extern "C" int emu_xnor_gemm_tc_direct_threshold(unsigned gx, unsigned gy, long smem, int late,
+    const u64* A, const u64* B, const ll* thr, ll periods, u64* out, ll words, int M, int N,
+    int W, int wide, int K)
+{ return emu_run(gx, gy, smem, late, [=] { xnor_gemm_tc_direct_threshold(A, B, thr, periods, out, words, M, N, W, wide, K); }); }
+"""
+
+CC_WRAPPERS = r"""
+typedef long long ll;
+extern "C" int emu_xnor_gemm_cuda_core(unsigned gx, unsigned gy, long smem, int late,
+    const u64* A, const u64* B, int* C, int M, int N, int W, int K)
+{ return emu_run(gx, gy, smem, late, [=] { xnor_gemm_cuda_core(A, B, C, M, N, W, K); }); }
+extern "C" int emu_xnor_gemm_cuda_core_threshold(unsigned gx, unsigned gy, long smem, int late,
+    const u64* A, const u64* B, const ll* thr, ll periods, u64* out, ll words, int M, int N,
+    int W, int K)
+{ return emu_run(gx, gy, smem, late, [=] { xnor_gemm_cuda_core_threshold(A, B, thr, periods, out, words, M, N, W, K); }); }
+extern "C" int emu_row_popcount(unsigned gx, unsigned gy, long smem, int late, const u64* x,
+    int rows, int words, int* out)
+{ return emu_run(gx, gy, smem, late, [=] { row_popcount(x, rows, words, out); }); }
+"""
+
+BEGIN, END = "// ---- PTX wrappers begin", "// ---- PTX wrappers end ----"
+DYNAMIC = "extern __shared__ __align__(16) u64 smem[];"
+
+
+def _tc_source():
+    src = read_source("xnor_gemm_tc.cu")
+    start, end = src.index(BEGIN), src.index(END)
+    assert src.count(DYNAMIC) == 6  # one per entry
+    src = src[:start] + TC_STANDINS + src[end:]
+    src = src.replace(DYNAMIC, "u64* smem = (u64*)emu_dynamic_smem();")
+    return EMULATOR + RUNNER + '#line 1 "xnor_gemm_tc.cu"\n' + src + TC_WRAPPERS
+
+
+def _cc_source():
+    src = read_source("xnor_gemm.cu")
+    assert "asm" not in src and "extern __shared__" not in src
+    return EMULATOR + RUNNER + '#line 1 "xnor_gemm.cu"\n' + src + CC_WRAPPERS
+
+
+@pytest.fixture(scope="module")
+def libs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gemm_host")
+    out = {}
+    for name, source in (("tc", _tc_source()), ("cc", _cc_source())):
+        path, lib = folder / f"{name}.cpp", folder / f"{name}.so"
+        path.write_text(source, encoding="utf-8")
+        done = subprocess.run([CXX, "-std=c++14", "-O2", "-w", "-shared", "-fPIC", "-o",
+                               str(lib), str(path)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-4000:]
+        out[name] = ctypes.CDLL(str(lib))
+    return out
+
+
+# kernel constants, as kernels/cupy_gpu.py has them (checked against the source by
+# tests/test_kernels_nvrtc.py)
+TILE, BKW = 128, 8
+SMEM = {"xnor_gemm_tc": 73728, "xnor_gemm_tc_direct": 74752, "xnor_gemm_tc256": 147456}
+
+
+def _arg(a):
+    if isinstance(a, np.ndarray):
+        assert a.flags.c_contiguous
+        return ctypes.c_void_p(a.ctypes.data)
+    if type(a) is np.int64:
+        return ctypes.c_longlong(a)
+    if type(a) in (int, np.int32):
+        return ctypes.c_int(int(a))
+    raise TypeError(type(a))
+
+
+def _launch(lib, entry, grid, smem, late, *args):
+    fn = getattr(lib, "emu_" + entry)
+    fn.restype = ctypes.c_int
+    failed = fn(ctypes.c_uint(grid[0]), ctypes.c_uint(grid[1]), ctypes.c_long(smem),
+                ctypes.c_int(late), *[_arg(a) for a in args])
+    assert failed == 0, f"{entry}: some thread never reached a barrier the others wait at"
+
+
+def _popcounts(libs, x):
+    """Row popcounts by the emulated row_popcount kernel (one warp per row)."""
+    rows, words = x.shape
+    out = np.full(rows, -1, np.int32)
+    if rows:
+        _launch(libs["cc"], "row_popcount", (-(-rows * 32 // 256), 1), 0, 0,
+                np.ascontiguousarray(x), rows, words, out)
+    return out
+
+
+def _padded(x, rows, words):
+    out = np.zeros((rows, words), np.uint64)
+    out[: x.shape[0], : x.shape[1]] = x
+    return out
+
+
+def _case(rng, m, n, k, periods=None):
+    a = reference.pack_rows(rng.standard_normal((m, k)))
+    b = reference.pack_rows(rng.standard_normal((n, k)))
+    z = reference.xnor_gemm(a, b, k)
+    thr = None if periods is None else planted_thresholds(rng, z, periods).reshape(-1)
+    return a, b, z, thr
+
+
+def _run_tc(libs, form, a, b, k, thr=None, periods=1, late=1):
+    """Launch a tensor-core entry as cupy_gpu._launch does for this form; returns the int32
+    products, or the packed bits with ``thr``."""
+    m, w = a.shape
+    n = b.shape[0]
+    lib = libs["tc"]
+    words = -(-n // 64)
+    out = (np.full((m, words), np.uint64(2**64 - 1)) if thr is not None
+           else np.full((m, n), -1, np.int32))
+    suffix = "_threshold" if thr is not None else ""
+    lead = () if thr is None else (np.ascontiguousarray(thr, np.int64), np.int64(periods))
+    tail = (out,) if thr is None else (out, np.int64(words))
+    if form == "direct":
+        wide = int(w % 2 == 0)
+        grid = (-(-n // TILE), -(-m // TILE))
+        _launch(lib, "xnor_gemm_tc_direct" + suffix, grid, SMEM["xnor_gemm_tc_direct"], late,
+                a, b, *lead, *tail, m, n, w, wide, k)
+        return out
+    row_tile = 256 if form == "tiled256" else TILE
+    wp = -(-w // BKW) * BKW
+    ap = _padded(a, -(-m // row_tile) * row_tile, wp)
+    bp = _padded(b, -(-n // TILE) * TILE, wp)
+    pa, pb = _popcounts(libs, ap)[:m], _popcounts(libs, bp)[:n]
+    np.testing.assert_array_equal(pa, np.bitwise_count(a).sum(axis=1))
+    name = "xnor_gemm_tc256" if form == "tiled256" else "xnor_gemm_tc"
+    grid = (-(-n // TILE), -(-m // row_tile))
+    _launch(lib, name + suffix, grid, SMEM[name], late, ap, bp, pa, pb, *lead, *tail, m, n, wp, k)
+    return out
+
+
+FORMS = ["direct", "tiled", "tiled256"]
+SHAPES = [(1, 1, 1), (130, 200, 700), (16, 8, 256), (5, 33, 4097), (257, 64, 130), (3, 129, 64),
+          (70, 90, 640)]  # W = 1, 11, 4, 65, 3, 1, 10: odd and even, partial last stages
+
+
+@pytest.mark.parametrize("late", [1, 0], ids=["copies-land-at-wait", "copies-land-at-issue"])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_tensor_core_source_on_the_host(libs, form, m, n, k, late):
+    rng = np.random.default_rng(m * 31 + n + k)
+    a, b, z, _ = _case(rng, m, n, k)
+    np.testing.assert_array_equal(_run_tc(libs, form, a, b, k, late=late), z)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("m,n,k,periods", [(130, 200, 700, 2), (9, 33, 64, 3), (300, 100, 130, 5),
+                                           (1, 129, 1025, 1)])
+def test_tensor_core_threshold_source_on_the_host(libs, form, m, n, k, periods):
+    rng = np.random.default_rng(m * 7 + n + k)
+    a, b, z, thr = _case(rng, m, n, k, periods)
+    got = _run_tc(libs, form, a, b, k, thr, periods)
+    np.testing.assert_array_equal(got, reference.pack_threshold(z, thr.reshape(periods, n)
+                                                                if periods > 1 else thr))
+
+
+def test_direct_form_reads_unaligned_views_with_8_byte_copies(libs):
+    """An odd number of words per row, one row in: rows start 8 bytes off a 16-byte boundary,
+    so cupy_gpu launches the direct form with wide = 0 (8-byte copies)."""
+    rng = np.random.default_rng(3)
+    k = 576  # 9 words
+    full = reference.pack_rows(rng.standard_normal((41, k)))
+    a = full[1:]
+    assert a.ctypes.data % 16 == 8
+    b = reference.pack_rows(rng.standard_normal((70, k)))
+    m, w = a.shape
+    for late in (1, 0):
+        out = np.full((m, 70), -1, np.int32)
+        _launch(libs["tc"], "xnor_gemm_tc_direct", (1, 1), SMEM["xnor_gemm_tc_direct"], late,
+                a, b, out, m, 70, w, 0, k)
+        np.testing.assert_array_equal(out, reference.xnor_gemm(a, b, k))
+
+
+@pytest.mark.parametrize("m,n,k,periods", [(130, 200, 700, None), (6, 33, 4097, 3), (1, 1, 1, None)])
+def test_cuda_core_source_on_the_host(libs, m, n, k, periods):
+    rng = np.random.default_rng(m + 5 * n + k)
+    a, b, z, thr = _case(rng, m, n, k, periods)
+    grid = (-(-n // TILE), -(-m // TILE))
+    if thr is None:
+        out = np.full((m, n), -1, np.int32)
+        _launch(libs["cc"], "xnor_gemm_cuda_core", grid, 0, 0, a, b, out, m, n, a.shape[1], k)
+        np.testing.assert_array_equal(out, z)
+        return
+    words = -(-n // 64)
+    out = np.full((m, words), np.uint64(2**64 - 1))
+    _launch(libs["cc"], "xnor_gemm_cuda_core_threshold", grid, 0, 0, a, b, thr, np.int64(periods),
+            out, np.int64(words), m, n, a.shape[1], k)
+    np.testing.assert_array_equal(out, reference.pack_threshold(z, thr.reshape(periods, n)))
+
+
+def test_the_emulator_catches_a_missing_wait(libs, tmp_path):
+    """The emulator is strict enough to matter: the tiled kernel with its cp.async wait
+    removed reads stages that have not landed and gets wrong products under the
+    copies-land-at-wait schedule."""
+    src = _tc_source().replace("        cp_async_wait_stages<STAGES>();\n", "", 1)
+    path, lib = tmp_path / "broken.cpp", tmp_path / "broken.so"
+    path.write_text(src, encoding="utf-8")
+    subprocess.run([CXX, "-std=c++14", "-O2", "-w", "-shared", "-fPIC", "-o", str(lib),
+                    str(path)], check=True)
+    broken = {"tc": ctypes.CDLL(str(lib)), "cc": libs["cc"]}
+    rng = np.random.default_rng(9)
+    a, b, z, _ = _case(rng, 16, 8, 1000)
+    assert not np.array_equal(_run_tc(broken, "tiled", a, b, 1000, late=1), z)
