@@ -71,18 +71,23 @@ static std::vector<emu_copy> emu_open[EMU_THREADS];
 static std::vector<std::vector<emu_copy>> emu_groups[EMU_THREADS];
 static int emu_late;           /* cp.async lands at the wait (1) or at issue (0) */
 static long emu_switches;
-static int emu_failed;         /* the launch stopped: its threads never all finished */
+static int emu_failed;         /* why the launch stopped early: 1 a barrier some thread never
+                                  reaches, 2 a misaligned or oversized cp.async, 3 a partial
+                                  warp mask */
 static std::function<void()> emu_body;
+
+static void emu_fail(int why)  /* from a kernel thread: abandon the launch */
+{
+    emu_failed = why;
+    setcontext(&emu_main);
+}
 
 static void emu_yield()
 {
     const int me = emu_cur;
     int next = me;
     do next = (next + 1) % EMU_THREADS; while (emu_finished[next] && next != me);
-    if (++emu_switches > 50000000L) {  /* a barrier some thread never reaches */
-        emu_failed = 1;
-        setcontext(&emu_main);          /* abandon the block's coroutines */
-    }
+    if (++emu_switches > 50000000L) emu_fail(1);  /* a barrier some thread never reaches */
     if (next != me) {
         emu_cur = next;
         threadIdx.x = next;
@@ -109,7 +114,7 @@ static void emu_warp_sync()
 
 template <class T> static T __shfl_xor_sync(unsigned int mask, T v, int lane_mask)
 {
-    if (mask != 0xffffffffu) std::abort();
+    if (mask != 0xffffffffu) emu_fail(3);
     const int me = threadIdx.x, partner = (me & ~31) | ((me & 31) ^ lane_mask);
     std::memcpy(&emu_xchg[me][0], &v, sizeof(T));
     emu_warp_sync();
@@ -121,7 +126,7 @@ template <class T> static T __shfl_xor_sync(unsigned int mask, T v, int lane_mas
 
 static unsigned int __ballot_sync(unsigned int mask, int predicate)
 {
-    if (mask != 0xffffffffu) std::abort();
+    if (mask != 0xffffffffu) emu_fail(3);
     const int me = threadIdx.x, base = me & ~31;
     emu_xchg[me][0] = predicate != 0;
     emu_warp_sync();
@@ -153,7 +158,7 @@ static void emu_land(const emu_copy& c)
 static void emu_issue(void* dst, const void* src, unsigned int bytes, unsigned int size)
 {
     if ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) % size
-        || bytes > size) std::abort();  /* cp.async's alignment and size rules */
+        || bytes > size) emu_fail(2);  /* cp.async's alignment and size rules */
     const emu_copy c = {dst, src, bytes, size};
     if (emu_late) emu_open[threadIdx.x].push_back(c); else emu_land(c);
 }
@@ -245,7 +250,7 @@ static int emu_run(unsigned int gx, unsigned int gy, long smem_bytes, int late,
             while (left) {
                 threadIdx.x = emu_cur;
                 swapcontext(&emu_main, &emu_ctx[emu_cur]);  /* back here when emu_cur ends */
-                if (emu_failed) return 1;
+                if (emu_failed) return emu_failed;
                 emu_finished[emu_cur] = 1;
                 --left;
                 int next = emu_cur;
@@ -353,7 +358,10 @@ def _launch(lib, entry, grid, smem, late, *args):
     fn.restype = ctypes.c_int
     failed = fn(ctypes.c_uint(grid[0]), ctypes.c_uint(grid[1]), ctypes.c_long(smem),
                 ctypes.c_int(late), *[_arg(a) for a in args])
-    assert failed == 0, f"{entry}: some thread never reached a barrier the others wait at"
+    assert failed == 0, f"{entry}: " + {
+        1: "some thread never reached a barrier the others wait at",
+        2: "a cp.async with a misaligned address or src-size over its size",
+        3: "a warp function called with a partial mask"}[failed]
 
 
 def _popcounts(libs, x):
@@ -482,3 +490,107 @@ def test_the_emulator_catches_a_missing_wait(libs, tmp_path):
     rng = np.random.default_rng(9)
     a, b, z, _ = _case(rng, 16, 8, 1000)
     assert not np.array_equal(_run_tc(broken, "tiled", a, b, 1000, late=1), z)
+
+
+# ------------------------------------------- the whole GPU GEMM path, wrapper and kernels
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def _load_fake_cupy():
+    """tools/fake_cupy's NumPy-backed CuPy, loaded under a private name (so nothing else
+    in this process takes it for CuPy)."""
+    import importlib.util
+    import sys
+    name = "_minibnn_fake_cupy_for_emulation"
+    if name not in sys.modules:
+        folder = ROOT / "tools" / "fake_cupy" / "cupy"
+        spec = importlib.util.spec_from_file_location(
+            name, folder / "__init__.py", submodule_search_locations=[str(folder)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+class _EmulatedKernel:
+    """What cupy_gpu._function returns, launching the emulated kernel: arguments checked
+    the way CuPy passes them (device arrays by pointer, NumPy int32 / int64 scalars), and
+    dynamic shared memory over the function's allowance refused, as the GPU refuses it."""
+
+    def __init__(self, lib, name, launched):
+        self.lib, self.name, self.launched = lib, name, launched
+        self.max_dynamic_shared_size_bytes = 48 * 1024
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        assert block == (256,), block
+        assert shared_mem <= self.max_dynamic_shared_size_bytes, (self.name, shared_mem)
+        host = []
+        for a in args:
+            if hasattr(a, "_a"):  # a fake CuPy array: its NumPy data
+                assert a._a.flags.c_contiguous, self.name
+                host.append(a._a)
+            elif type(a) in (np.int32, np.int64):
+                host.append(a)
+            else:
+                raise TypeError(f"{self.name}: argument {a!r} of type {type(a).__name__}")
+        gx, gy = (tuple(grid) + (1,))[:2]
+        _launch(self.lib, self.name, (gx, gy), shared_mem, 1, *host)
+        self.launched.append(self.name)
+
+
+@pytest.fixture
+def emulated_gpu(libs, monkeypatch):
+    """kernels.cupy_gpu on the fake CuPy with its kernels run by the emulator: the wrapper's
+    own padding, popcounts, grids, argument lists and autotune, end to end."""
+    from minibnn.kernels import cupy_gpu
+
+    fake = _load_fake_cupy()
+    launched = []
+    monkeypatch.setattr(cupy_gpu, "_cp", lambda: fake)
+    for name, empty in (("_kernels", {}), ("_functions", {}), ("_shared_set", set()),
+                        ("_form_choice", {}), ("form_timings", {})):
+        monkeypatch.setattr(cupy_gpu, name, empty)
+    kernels = {}
+
+    def function(source, name):
+        lib = libs["tc" if source == "xnor_gemm_tc.cu" else "cc"]
+        return kernels.setdefault(name, _EmulatedKernel(lib, name, launched))
+
+    monkeypatch.setattr(cupy_gpu, "_function", function)
+    return cupy_gpu, fake, launched
+
+
+KERNEL_NAMES = ["tensorcore", "tensorcore_direct", "tensorcore_tiled", "tensorcore_tiled256",
+                "cuda"]
+
+
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
+@pytest.mark.parametrize("m,n,k,periods", [(130, 200, 700, 2), (1, 1, 1, 1), (40, 129, 576, 4),
+                                           (257, 64, 640, 1)])
+def test_gpu_gemm_path_end_to_end_on_the_emulator(emulated_gpu, kernel, m, n, k, periods):
+    """cupy_gpu.xnor_gemm and gemm_threshold, plain and on prepared weights, on device
+    arrays and on a view one row in (rows 8 bytes off 16 when W is odd), give the reference
+    on every kernel name, "tensorcore" included (its first product of a class times every
+    form through the emulator)."""
+    cupy_gpu, fake, launched = emulated_gpu
+    rng = np.random.default_rng(m + n + k)
+    a_full = reference.pack_rows(rng.standard_normal((m + 1, k)))
+    a, b = a_full[1:], reference.pack_rows(rng.standard_normal((n, k)))
+    z = reference.xnor_gemm(a, b, k)
+    thr = planted_thresholds(rng, z, periods)
+    want_bits = reference.pack_threshold(z, thr.reshape(periods, n) if periods > 1 else thr)
+    prepared = cupy_gpu.prepare_weights(b)
+    for left in (a, fake.asarray(a_full)[1:]):
+        for right in (b, prepared):
+            got = cupy_gpu.xnor_gemm(left, right, k, kernel=kernel)
+            np.testing.assert_array_equal(got.get(), z)
+            bits = cupy_gpu.gemm_threshold(left, right, k, thr.reshape(periods, n)
+                                           if periods > 1 else thr, kernel=kernel)
+            np.testing.assert_array_equal(bits.get(), want_bits)
+    entries = {n for n in launched if n.startswith("xnor_gemm")}
+    if kernel == "tensorcore":
+        assert cupy_gpu.form_timings and entries >= {"xnor_gemm_tc_direct", "xnor_gemm_tc",
+                                                      "xnor_gemm_tc256"}
+    else:
+        assert len({e.replace("_threshold", "") for e in entries}) == 1, entries
