@@ -29,13 +29,20 @@ def test_torch_cpu_forward_is_the_same_network(net):
     np.testing.assert_array_equal(got, want)
 
 
+def _rows(baseline, anchor, paths):
+    """Table rows of ``paths`` ((path, seconds, has the ratio to the anchor)): the baseline's
+    time is 1 s, the anchor's ("speedup_vs_..." key ``anchor``) 0.5 s."""
+    return [dict(net="n", path=p, images=10, seconds_full_set=s, images_per_second=10 / s,
+                 speedup_vs_float32=1.0 / s, baseline=baseline, agree_with_float32=10,
+                 compared=10, note="", **({anchor: 0.5 / s} if has else {}))
+            for p, s, has in paths]
+
+
 def test_table_shows_the_ratio_to_torch_cpu():
     bench = load_benchmark("bench_inference")
-    rows = [dict(net="n", path=p, images=10, seconds_full_set=s, images_per_second=10 / s,
-                 speedup_vs_float32=1.0 / s, baseline="float32 numpy", agree_with_float32=10,
-                 compared=10, note="", **({"speedup_vs_torch_cpu": 0.5 / s} if t else {}))
-            for p, s, t in (("float32 numpy", 1.0, True), ("float32 torch cpu", 0.5, True),
-                            ("frozen numba", 0.25, True), ("float32 cupy", 0.1, False))]
+    rows = _rows("float32 numpy", "speedup_vs_torch_cpu",
+                 (("float32 numpy", 1.0, True), ("float32 torch cpu", 0.5, True),
+                  ("frozen numba", 0.25, True), ("float32 cupy", 0.1, False)))
     table = bench.format_table(rows)
     assert "vs torch cpu" in table.splitlines()[0]
     line = next(l for l in table.splitlines() if "frozen numba" in l)
@@ -65,11 +72,9 @@ def test_float16_forward_runs_in_float16_and_mostly_agrees():
 
 def test_table_shows_the_ratio_to_float16_only_when_measured():
     bench = load_benchmark("bench_inference")
-    rows = [dict(net="n", path=p, images=10, seconds_full_set=s, images_per_second=10 / s,
-                 speedup_vs_float32=1.0 / s, baseline="float32 cupy", agree_with_float32=10,
-                 compared=10, note="", **({"speedup_vs_float16_cupy": 0.5 / s} if h else {}))
-            for p, s, h in (("float32 cupy", 1.0, True), ("float16 cupy", 0.5, True),
-                            ("frozen cupy", 0.1, True), ("frozen cupy, batch 100", 0.2, False))]
+    rows = _rows("float32 cupy", "speedup_vs_float16_cupy",
+                 (("float32 cupy", 1.0, True), ("float16 cupy", 0.5, True),
+                  ("frozen cupy", 0.1, True), ("frozen cupy, batch 100", 0.2, False)))
     lines = bench.format_table(rows).splitlines()
     assert "vs fp16 cupy" in lines[0]
     assert next(l for l in lines if "frozen cupy " in l).split()[-3:-1] == ["-", "5.00x"]
