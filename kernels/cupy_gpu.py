@@ -104,11 +104,17 @@ def _capability():
     return int(_cp().cuda.Device().compute_capability)
 
 
+def _device():
+    """The current device's id (CUDA's cudaGetDevice: cheaper than a Device object, and
+    every product asks it a few times)."""
+    return _cp().cuda.runtime.getDevice()
+
+
 def _function(source, name):
     """The kernel ``name`` of ``source`` on the current device, compiled once and kept (a
     product calls this on every launch)."""
     cp = _cp()
-    device = cp.cuda.Device().id
+    device = _device()
     fn = _functions.get((device, source, name))
     if fn is None:
         mod = _modules.get((device, source))
@@ -126,7 +132,7 @@ def _max_shared_per_block():
     cp = _cp()
     rt = cp.cuda.runtime
     return int(rt.deviceGetAttribute(getattr(rt, "cudaDevAttrMaxSharedMemoryPerBlockOptin", 97),
-                                     cp.cuda.Device().id))
+                                     _device()))
 
 
 def available_kernels():
@@ -134,7 +140,7 @@ def available_kernels():
     "tensorcore_direct", "tensorcore_tiled", "tensorcore_tiled256", "cuda")`` on compute
     capability >= 8.0 (the first picks one of the next two by shape; the last tensor-core
     form only where a block may have its 144 KiB of shared memory), else ``("cuda",)``."""
-    device = _cp().cuda.Device().id
+    device = _device()
     names = _kernels.get(device)
     if names is None:  # asked once per device: every product checks its kernel name
         if _capability() < 80:
@@ -202,7 +208,7 @@ _deferred_flags = {}  # device id -> int32 flag set by pack_rows(check_nan="defe
 
 def _deferred_flag():
     cp = _cp()
-    key = cp.cuda.Device().id
+    key = _device()
     if key not in _deferred_flags:
         _deferred_flags[key] = cp.zeros(1, dtype=cp.int32)
     return _deferred_flags[key]
@@ -378,7 +384,7 @@ def _tensorcore_form(m, n, w, launch):
             raise ValueError(f"MINIBNN_TC_FORM: expected one of {forms}, got {forced!r}")
         return forced, False
     cp = _cp()
-    key = (cp.cuda.Device().id,) + _shape_class(m, n, w)
+    key = (_device(),) + _shape_class(m, n, w)
     form = _form_choice.get(key)
     if form is not None:
         return form, False
@@ -404,7 +410,7 @@ def _tc_function(name, smem_bytes):
     """A tensor-core entry, allowed ``smem_bytes`` of dynamic shared memory (over 48 KiB;
     set once per device)."""
     fn = _function("xnor_gemm_tc.cu", name)
-    key = (_cp().cuda.Device().id, name)
+    key = (_device(), name)
     if key not in _shared_set:
         if fn.max_dynamic_shared_size_bytes < smem_bytes:
             fn.max_dynamic_shared_size_bytes = smem_bytes
