@@ -24,8 +24,11 @@
 # the same command measures them (fit_run below; about 20-40 s of device time first);
 # each copies the runs' metrics.json and logs to OUT_DIR (not their checkpoints).
 # Through this project's device tool, whose $OUT takes at most 8 files, run it as
-#   bash benchmarks/gpu_check.sh /tmp/gpu .gpu/cifar10-jpeg-q75.tar.xz; tar czf $OUT/gpu.tar.gz -C /tmp gpu
-# with the archive and to_cifar_bin.py copied into an ignored folder named in carry.
+#   GPU_CHECK_TAR=$OUT/gpu.tar.gz bash benchmarks/gpu_check.sh /tmp/gpu "" check
+#   GPU_CHECK_TAR=$OUT/gpu.tar.gz bash benchmarks/gpu_check.sh /tmp/gpu .gpu/cifar10-jpeg-q75.tar.xz cifar-run
+# (the archive and to_cifar_bin.py copied into an ignored folder named in carry):
+# with GPU_CHECK_TAR set, OUT_DIR is tarred there after every step, so a call stopped by
+# its time limit still brings back what it had done.
 set -u
 OUT=${1:?usage: gpu_check.sh OUT_DIR [CIFAR_ARCHIVE_OR_BIN_DIR] [check|mnist-recipe|cifar-run]}
 DATA=${2:-}
@@ -36,7 +39,13 @@ export MINIBNN_CACHE_DIR=${MINIBNN_CACHE_DIR:-/tmp/minibnn-cache}
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1  # lent machines run as root
 PY=${PYTHON:-python3}
 T0=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
+stamp() {
+    echo "[$(( $(date +%s) - T0 ))s] $*"
+    if [ -n "${GPU_CHECK_TAR:-}" ]; then
+        tar czf "$GPU_CHECK_TAR.part" -C "$(dirname "$OUT")" "$(basename "$OUT")" 2>/dev/null \
+            && mv "$GPU_CHECK_TAR.part" "$GPU_CHECK_TAR"
+    fi
+}
 CIFAR=""
 if [ -n "$DATA" ] && [ -d "$DATA" ]; then
     CIFAR=$DATA
@@ -62,8 +71,9 @@ fit_run() {
     stamp "$name: $epochs epochs"
     timeout -s INT 570 $PY -m minibnn --backend cupy train "$@" --epochs "$epochs" \
         --checkpoint-every 50 --no-progress --out /tmp/minibnn-runs/$name > "$OUT/$name.log" 2>&1
-    stamp "$name rc=$?"; tail -5 "$OUT/$name.log" | cut -c1-200
+    rc=$?
     cp /tmp/minibnn-runs/$name/metrics.json "$OUT/${name}_metrics.json" 2>/dev/null
+    stamp "$name rc=$rc"; tail -5 "$OUT/$name.log" | cut -c1-200
 }
 case "$PHASE" in
 check) ;;
@@ -101,3 +111,4 @@ stamp "bench_inference convnet rc=$?"; grep -E "cupy|cuDNN|by stage" "$OUT/bench
 timeout 30 $PY benchmarks/bench_conv_glue.py --backends cupy --out "$OUT" > "$OUT/bench_conv_glue.log" 2>&1
 stamp "bench_conv_glue rc=$?"; tail -12 "$OUT/bench_conv_glue.log" | cut -c1-150
 wait
+stamp "check done"
