@@ -138,8 +138,9 @@ def _max_shared_per_block():
 def available_kernels():
     """GEMM kernels the current GPU can run, the default first: ``("tensorcore",
     "tensorcore_direct", "tensorcore_tiled", "tensorcore_tiled256", "cuda")`` on compute
-    capability >= 8.0 (the first picks one of the next two by shape; the last tensor-core
-    form only where a block may have its 144 KiB of shared memory), else ``("cuda",)``."""
+    capability >= 8.0 (the first runs the fastest of the next ones for the product's shape
+    class, timed on first use; the 256-row form only where a block may have its 144 KiB of
+    shared memory), else ``("cuda",)``."""
     device = _device()
     names = _kernels.get(device)
     if names is None:  # asked once per device: every product checks its kernel name
