@@ -1,6 +1,7 @@
-"""The GPU GEMM kernels (kernels/xnor_gemm_tc.cu, kernels/xnor_gemm.cu), their very source
-compiled as C++ and run on the CPU by a small CUDA emulator, equal the NumPy reference bit
-for bit; no GPU is needed.
+"""The GPU GEMM and packing kernels (kernels/xnor_gemm_tc.cu, kernels/xnor_gemm.cu), their
+very source compiled as C++ and run on the CPU by a small CUDA emulator, equal the NumPy
+reference bit for bit, alone and under kernels/cupy_gpu.py's own wrappers (on the fake
+CuPy's arrays); no GPU is needed.
 
 The emulator runs each block's 256 threads as coroutines (``ucontext``) on one OS thread,
 switching at every barrier, so ``__syncthreads``, the warp shuffles and ballots, and the
@@ -301,6 +302,16 @@ extern "C" int emu_xnor_gemm_cuda_core_threshold(unsigned gx, unsigned gy, long 
 extern "C" int emu_row_popcount(unsigned gx, unsigned gy, long smem, int late, const u64* x,
     int rows, int words, int* out)
 { return emu_run(gx, gy, smem, late, [=] { row_popcount(x, rows, words, out); }); }
+#define EMU_PACK(NAME, T)                                                                  \
+extern "C" int emu_##NAME(unsigned gx, unsigned gy, long smem, int late, const T* x,      \
+    ll rows, ll k, ll sr, ll sc, u64* out, ll words, int* flag)                            \
+{ return emu_run(gx, gy, smem, late, [=] { NAME(x, rows, k, sr, sc, out, words, flag); }); }
+EMU_PACK(pack_rows_f32, float)
+EMU_PACK(pack_rows_f64, double)
+EMU_PACK(pack_rows_bool, unsigned char)
+extern "C" int emu_pack_threshold_i32(unsigned gx, unsigned gy, long smem, int late,
+    const int* z, ll rows, ll n, const ll* thr, ll periods, u64* out, ll words)
+{ return emu_run(gx, gy, smem, late, [=] { pack_threshold_i32(z, rows, n, thr, periods, out, words); }); }
 """
 
 BEGIN, END = "// ---- PTX wrappers begin", "// ---- PTX wrappers end ----"
@@ -342,9 +353,9 @@ TILE, BKW = 128, 8
 SMEM = {"xnor_gemm_tc": 73728, "xnor_gemm_tc_direct": 74752, "xnor_gemm_tc256": 147456}
 
 
-def _arg(a):
+def _arg(a, strided=False):
     if isinstance(a, np.ndarray):
-        assert a.flags.c_contiguous
+        assert strided or a.flags.c_contiguous  # a strided read takes its strides as arguments
         return ctypes.c_void_p(a.ctypes.data)
     if type(a) is np.int64:
         return ctypes.c_longlong(a)
@@ -356,8 +367,9 @@ def _arg(a):
 def _launch(lib, entry, grid, smem, late, *args):
     fn = getattr(lib, "emu_" + entry)
     fn.restype = ctypes.c_int
+    strided = entry.startswith("pack_rows_")  # x is read through its strides
     failed = fn(ctypes.c_uint(grid[0]), ctypes.c_uint(grid[1]), ctypes.c_long(smem),
-                ctypes.c_int(late), *[_arg(a) for a in args])
+                ctypes.c_int(late), *[_arg(a, strided and i == 0) for i, a in enumerate(args)])
     assert failed == 0, f"{entry}: " + {
         1: "some thread never reached a barrier the others wait at",
         2: "a cp.async with a misaligned address or src-size over its size",
@@ -528,7 +540,6 @@ class _EmulatedKernel:
         host = []
         for a in args:
             if hasattr(a, "_a"):  # a fake CuPy array: its NumPy data
-                assert a._a.flags.c_contiguous, self.name
                 host.append(a._a)
             elif type(a) in (np.int32, np.int64):
                 host.append(a)
@@ -594,3 +605,46 @@ def test_gpu_gemm_path_end_to_end_on_the_emulator(emulated_gpu, kernel, m, n, k,
                                                       "xnor_gemm_tc256"}
     else:
         assert len({e.replace("_threshold", "") for e in entries}) == 1, entries
+
+
+def test_gpu_packing_path_end_to_end_on_the_emulator(emulated_gpu):
+    """cupy_gpu.pack_rows (float32, float64, bool and other dtypes; C-ordered, transposed
+    and reversed views read through their strides; a NaN raised at once or deferred to
+    nan_seen), pack_threshold (fused int32 pass and the general one), pack_bitplanes and
+    bitplane_gemm, on the emulator, give the reference."""
+    cupy_gpu, fake, launched = emulated_gpu
+    rng = np.random.default_rng(12)
+    for dtype in (np.float32, np.float64, np.int16):
+        x = rng.standard_normal((7, 130)).astype(dtype)
+        x[0, :5] = 0
+        xd = fake.asarray(x)
+        for host, device in ((x, xd), (x[:, ::-1], xd[:, ::-1]), (x[::2], xd[::2]),
+                             (x.T, xd.T)):
+            np.testing.assert_array_equal(cupy_gpu.pack_rows(device).get(),
+                                          reference.pack_rows(host))
+    bools = rng.random((5, 70)) < 0.5
+    np.testing.assert_array_equal(cupy_gpu.pack_rows(fake.asarray(bools)).get(),
+                                  reference.pack_rows(bools))
+    assert {"pack_rows_f32", "pack_rows_f64", "pack_rows_bool"} <= set(launched)
+    bad = rng.standard_normal((3, 100)).astype(np.float32)
+    bad[2, 99] = np.nan
+    with pytest.raises(ValueError, match="cannot binarize NaN"):
+        cupy_gpu.pack_rows(fake.asarray(bad))
+    assert not cupy_gpu.nan_seen()
+    cupy_gpu.pack_rows(fake.asarray(bad), check_nan="defer")
+    assert cupy_gpu.nan_seen() and not cupy_gpu.nan_seen()
+
+    z = rng.integers(-50, 50, (12, 70)).astype(np.int32)
+    thr = rng.integers(-40, 40, (4, 70))
+    np.testing.assert_array_equal(cupy_gpu.pack_threshold(fake.asarray(z), thr).get(),
+                                  reference.pack_threshold(z, thr))
+    zf = z.astype(np.float32) + 0.5  # not int32: compare, then pack
+    np.testing.assert_array_equal(cupy_gpu.pack_threshold(fake.asarray(zf), thr[0]).get(),
+                                  reference.pack_threshold(zf, thr[0]))
+
+    pixels = rng.integers(0, 256, (9, 100)).astype(np.uint8)
+    w = reference.pack_rows(rng.standard_normal((33, 100)))
+    planes = cupy_gpu.pack_bitplanes(fake.asarray(pixels))
+    np.testing.assert_array_equal(planes.get(), reference.pack_bitplanes(pixels))
+    np.testing.assert_array_equal(cupy_gpu.bitplane_gemm(planes, w, 100).get(),
+                                  reference.bitplane_gemm(reference.pack_bitplanes(pixels), w, 100))
