@@ -559,8 +559,12 @@ def emulated_gpu(libs, monkeypatch):
     fake = _load_fake_cupy()
     launched = []
     monkeypatch.setattr(cupy_gpu, "_cp", lambda: fake)
-    for name, empty in (("_kernels", {}), ("_functions", {}), ("_shared_set", set()),
-                        ("_form_choice", {}), ("form_timings", {})):
+    # every cache the module keeps per device starts empty and is put back afterwards, so
+    # nothing made here (fake arrays, emulated kernels) reaches a real GPU's later calls
+    for name, empty in (("_modules", {}), ("_kernels", {}), ("_functions", {}),
+                        ("_shared_set", set()), ("_form_choice", {}), ("form_timings", {}),
+                        ("_deferred_flags", {})):
+        assert hasattr(cupy_gpu, name), name
         monkeypatch.setattr(cupy_gpu, name, empty)
     kernels = {}
 
@@ -648,3 +652,13 @@ def test_gpu_packing_path_end_to_end_on_the_emulator(emulated_gpu):
     np.testing.assert_array_equal(planes.get(), reference.pack_bitplanes(pixels))
     np.testing.assert_array_equal(cupy_gpu.bitplane_gemm(planes, w, 100).get(),
                                   reference.bitplane_gemm(reference.pack_bitplanes(pixels), w, 100))
+
+
+def test_the_module_caches_are_all_reset_by_the_fixture():
+    """Every module-level dict or set of cupy_gpu is one the emulated_gpu fixture swaps out
+    (a new cache left out would carry fake arrays into a real GPU's later calls)."""
+    from minibnn.kernels import cupy_gpu
+    caches = {name for name, value in vars(cupy_gpu).items()
+              if isinstance(value, (dict, set)) and not name.startswith("__")}
+    assert caches == {"_modules", "_kernels", "_functions", "_shared_set", "_form_choice",
+                      "form_timings", "_deferred_flags"}
