@@ -11,8 +11,9 @@
 # backward products, FP32 cuBLAS against split bf16 GemmEx), bench_gemm (every GEMM kernel
 # form at every shape), bench_inference for the MLPs (beside float32 and float16 CuPy, with
 # the forced "frozen fp16-first cupy" row) and for the CIFAR-10 ConvNet (5,000 synthetic
-# images, beside cuDNN through PyTorch), bench_conv_glue. The timed parts run one at a
-# time. The training runs on real data are phases of their own (below): the CIFAR-10 data
+# images, beside cuDNN through PyTorch), bench_conv_glue; then benchmarks/goals.py prints
+# each GPU goal of #8, #9 and #10 as met / NOT met / missing (also OUT_DIR/goals.txt). The
+# timed parts run one at a time. The training runs on real data are phases of their own (below): the CIFAR-10 data
 # is the cifar-10-batches-bin folder, or the JPEG archive of ../shared/data/cifar10 with
 # its to_cifar_bin.py beside it (converted while the phase starts). Needs the repository
 # on PYTHONPATH (set here) and CuPy, numba, pytest-xdist, pytest-timeout; PyTorch optional.
@@ -81,12 +82,14 @@ check) ;;
 mnist-recipe)
     fit_run mnist_recipe 1000 --hidden 4096 --dropout-in 0.2 --dropout-hidden 0.5 \
         --lr-start 3e-3 --lr-end 3e-7
+    $PY benchmarks/goals.py "$OUT" | grep "MNIST recipe"
     exit 0 ;;
 cifar-run)
     wait
     [ -n "$CIFAR" ] || { echo "cifar-run needs the CIFAR-10 data"; exit 2; }
     fit_run cifar_run 500 --dataset cifar10 --model convnet --data-dir "$CIFAR" \
         --lr-start 1e-3 --lr-end 3e-7
+    $PY benchmarks/goals.py "$OUT" | grep "CIFAR-10 run"
     exit 0 ;;
 *) echo "PHASE: expected check, mnist-recipe or cifar-run, got $PHASE"; exit 2 ;;
 esac
@@ -112,4 +115,5 @@ stamp "bench_inference convnet rc=$?"; grep -E "cupy|cuDNN|by stage" "$OUT/bench
 timeout 30 $PY benchmarks/bench_conv_glue.py --backends cupy --out "$OUT" > "$OUT/bench_conv_glue.log" 2>&1
 stamp "bench_conv_glue rc=$?"; tail -12 "$OUT/bench_conv_glue.log" | cut -c1-150
 wait
+$PY benchmarks/goals.py "$OUT" | tee "$OUT/goals.txt"
 stamp "check done"

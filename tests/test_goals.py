@@ -1,0 +1,51 @@
+"""benchmarks/goals.py: the GPU goals read from a run's JSON, on the committed H200 results
+(what the last GPU session measured) and on made-up ones that meet every goal."""
+
+import json
+from pathlib import Path
+
+from conftest import load_benchmark
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+def _state(lines, goal):
+    line = next(l for l in lines if goal in l)
+    return line.split()[0] if not line.startswith("NOT met") else "NOT met"
+
+
+def test_goals_of_the_committed_gpu_results():
+    lines = load_benchmark("goals").summary([RESULTS])
+    assert _state(lines, "GEMM 8192x8192x8192") == "NOT met" and "2,317 TOPS" in lines[0]
+    assert _state(lines, "mlp4096 step") == "met"
+    assert "1.60x" in next(l for l in lines if "mlp4096 step" in l)
+    assert _state(lines, "cifar10_convnet step") == "NOT met"
+    assert _state(lines, "float16 CuPy") == "missing"  # no such row was measured then
+    assert _state(lines, "MNIST recipe") == "missing"
+
+
+def test_goals_met_and_missing(tmp_path):
+    goals = load_benchmark("goals")
+
+    def gemm(shape, backend, tops):
+        return dict(shape=shape, backend=backend, tops=tops)
+
+    (tmp_path / "gemm_gpu.json").write_text(json.dumps({"results": [
+        gemm("8192x8192x8192", "cupy tensorcore", 2900.0),
+        gemm("8192x8192x8192", "cupy tensorcore_tiled256", 3100.0),
+        gemm("8192x8192x8192", "cupy tensorcore_tiled256, prepared B", 9999.0),  # not counted
+        gemm("4096x4096x4096", "cupy tensorcore_direct", 1600.0),
+        gemm("100x4096x4096", "cupy tensorcore", 120.0),
+        gemm("100x4096x4096", "cuBLAS fp16 (cupy)", 86.0)]}))
+    (tmp_path / "mnist_recipe_metrics.json").write_text(json.dumps(
+        {"test_error": 0.0098, "best_epoch": 380,
+         "history": [{"wall_seconds": 1.2}] * 400}))
+    lines = goals.summary([tmp_path])
+    assert "3,100 TOPS (cupy tensorcore_tiled256)" in lines[0] and lines[0].startswith("met")
+    assert _state(lines, "4096x4096x4096") == "met"
+    assert "1.40x" in next(l for l in lines if "100x4096x4096" in l)
+    assert _state(lines, "MNIST recipe") == "met"  # 0.98% in 480 s
+    assert _state(lines, "frozen 3x4096") == "missing" and _state(lines, "CIFAR-10 run") == "missing"
+    (tmp_path / "mnist_recipe_metrics.json").write_text(json.dumps(
+        {"test_error": 0.0098, "best_epoch": 380, "history": [{"wall_seconds": 1.5}] * 400}))
+    assert _state(goals.summary([tmp_path]), "MNIST recipe") == "NOT met"  # 600 s: too long
