@@ -1,7 +1,7 @@
 """The GPU GEMM and packing kernels (kernels/xnor_gemm_tc.cu, kernels/xnor_gemm.cu), their
-very source compiled as C++ and run on the CPU by a small CUDA emulator, equal the NumPy
-reference bit for bit, alone and under kernels/cupy_gpu.py's own wrappers (on the fake
-CuPy's arrays); no GPU is needed.
+very source compiled as C++ and run on the CPU by a small CUDA emulator, launched by
+kernels/cupy_gpu.py's own wrappers on the fake CuPy's arrays, equal the NumPy reference
+bit for bit; no GPU is needed.
 
 The emulator runs each block's 256 threads as coroutines (``ucontext``) on one OS thread,
 switching at every barrier, so ``__syncthreads``, the warp shuffles and ballots, and the
@@ -350,12 +350,6 @@ def libs(tmp_path_factory):
     return out
 
 
-# kernel constants, as kernels/cupy_gpu.py has them (checked against the source by
-# tests/test_kernels_nvrtc.py)
-TILE, BKW = 128, 8
-SMEM = {"xnor_gemm_tc": 73728, "xnor_gemm_tc_direct": 74752, "xnor_gemm_tc256": 147456}
-
-
 def _arg(a, strided=False):
     if isinstance(a, np.ndarray):
         assert strided or a.flags.c_contiguous  # a strided read takes its strides as arguments
@@ -379,136 +373,6 @@ def _launch(lib, entry, grid, smem, late, *args):
         3: "a warp function called with a partial mask"}[failed]
 
 
-def _popcounts(libs, x):
-    """Row popcounts by the emulated row_popcount kernel (one warp per row)."""
-    rows, words = x.shape
-    out = np.full(rows, -1, np.int32)
-    if rows:
-        _launch(libs["cc"], "row_popcount", (-(-rows * 32 // 256), 1), 0, 0,
-                np.ascontiguousarray(x), rows, words, out)
-    return out
-
-
-def _padded(x, rows, words):
-    out = np.zeros((rows, words), np.uint64)
-    out[: x.shape[0], : x.shape[1]] = x
-    return out
-
-
-def _case(rng, m, n, k, periods=None):
-    a = reference.pack_rows(rng.standard_normal((m, k)))
-    b = reference.pack_rows(rng.standard_normal((n, k)))
-    z = reference.xnor_gemm(a, b, k)
-    thr = None if periods is None else planted_thresholds(rng, z, periods).reshape(-1)
-    return a, b, z, thr
-
-
-def _run_tc(libs, form, a, b, k, thr=None, periods=1, late=1):
-    """Launch a tensor-core entry as cupy_gpu._launch does for this form; returns the int32
-    products, or the packed bits with ``thr``."""
-    m, w = a.shape
-    n = b.shape[0]
-    lib = libs["tc"]
-    words = -(-n // 64)
-    out = (np.full((m, words), np.uint64(2**64 - 1)) if thr is not None
-           else np.full((m, n), -1, np.int32))
-    suffix = "_threshold" if thr is not None else ""
-    lead = () if thr is None else (np.ascontiguousarray(thr, np.int64), np.int64(periods))
-    tail = (out,) if thr is None else (out, np.int64(words))
-    if form == "direct":
-        wide = int(w % 2 == 0)
-        grid = (-(-n // TILE), -(-m // TILE))
-        _launch(lib, "xnor_gemm_tc_direct" + suffix, grid, SMEM["xnor_gemm_tc_direct"], late,
-                a, b, *lead, *tail, m, n, w, wide, k)
-        return out
-    row_tile = 256 if form == "tiled256" else TILE
-    wp = -(-w // BKW) * BKW
-    ap = _padded(a, -(-m // row_tile) * row_tile, wp)
-    bp = _padded(b, -(-n // TILE) * TILE, wp)
-    pa, pb = _popcounts(libs, ap)[:m], _popcounts(libs, bp)[:n]
-    np.testing.assert_array_equal(pa, np.bitwise_count(a).sum(axis=1))
-    name = "xnor_gemm_tc256" if form == "tiled256" else "xnor_gemm_tc"
-    grid = (-(-n // TILE), -(-m // row_tile))
-    _launch(lib, name + suffix, grid, SMEM[name], late, ap, bp, pa, pb, *lead, *tail, m, n, wp, k)
-    return out
-
-
-FORMS = ["direct", "tiled", "tiled256"]
-SHAPES = [(1, 1, 1), (130, 200, 700), (16, 8, 256), (5, 33, 4097), (257, 64, 130), (3, 129, 64),
-          (70, 90, 640)]  # W = 1, 11, 4, 65, 3, 1, 10: odd and even, partial last stages
-
-
-@pytest.mark.parametrize("late", [1, 0], ids=["copies-land-at-wait", "copies-land-at-issue"])
-@pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("m,n,k", SHAPES)
-def test_tensor_core_source_on_the_host(libs, form, m, n, k, late):
-    rng = np.random.default_rng(m * 31 + n + k)
-    a, b, z, _ = _case(rng, m, n, k)
-    np.testing.assert_array_equal(_run_tc(libs, form, a, b, k, late=late), z)
-
-
-@pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("m,n,k,periods", [(130, 200, 700, 2), (9, 33, 64, 3), (300, 100, 130, 5),
-                                           (1, 129, 1025, 1)])
-def test_tensor_core_threshold_source_on_the_host(libs, form, m, n, k, periods):
-    rng = np.random.default_rng(m * 7 + n + k)
-    a, b, z, thr = _case(rng, m, n, k, periods)
-    got = _run_tc(libs, form, a, b, k, thr, periods)
-    np.testing.assert_array_equal(got, reference.pack_threshold(z, thr.reshape(periods, n)
-                                                                if periods > 1 else thr))
-
-
-def test_direct_form_reads_unaligned_views_with_8_byte_copies(libs):
-    """An odd number of words per row, one row in: rows start 8 bytes off a 16-byte boundary,
-    so cupy_gpu launches the direct form with wide = 0 (8-byte copies)."""
-    rng = np.random.default_rng(3)
-    k = 576  # 9 words
-    full = reference.pack_rows(rng.standard_normal((41, k)))
-    a = full[1:]
-    assert a.ctypes.data % 16 == 8
-    b = reference.pack_rows(rng.standard_normal((70, k)))
-    m, w = a.shape
-    for late in (1, 0):
-        out = np.full((m, 70), -1, np.int32)
-        _launch(libs["tc"], "xnor_gemm_tc_direct", (1, 1), SMEM["xnor_gemm_tc_direct"], late,
-                a, b, out, m, 70, w, 0, k)
-        np.testing.assert_array_equal(out, reference.xnor_gemm(a, b, k))
-
-
-@pytest.mark.parametrize("m,n,k,periods", [(130, 200, 700, None), (6, 33, 4097, 3), (1, 1, 1, None)])
-def test_cuda_core_source_on_the_host(libs, m, n, k, periods):
-    rng = np.random.default_rng(m + 5 * n + k)
-    a, b, z, thr = _case(rng, m, n, k, periods)
-    grid = (-(-n // TILE), -(-m // TILE))
-    if thr is None:
-        out = np.full((m, n), -1, np.int32)
-        _launch(libs["cc"], "xnor_gemm_cuda_core", grid, 0, 0, a, b, out, m, n, a.shape[1], k)
-        np.testing.assert_array_equal(out, z)
-        return
-    words = -(-n // 64)
-    out = np.full((m, words), np.uint64(2**64 - 1))
-    _launch(libs["cc"], "xnor_gemm_cuda_core_threshold", grid, 0, 0, a, b, thr, np.int64(periods),
-            out, np.int64(words), m, n, a.shape[1], k)
-    np.testing.assert_array_equal(out, reference.pack_threshold(z, thr.reshape(periods, n)))
-
-
-def test_the_emulator_catches_a_missing_wait(libs, tmp_path):
-    """The emulator is strict enough to matter: the tiled kernel with its cp.async wait
-    removed reads stages that have not landed and gets wrong products under the
-    copies-land-at-wait schedule."""
-    src = _tc_source().replace("        cp_async_wait_stages<STAGES>();\n", "", 1)
-    path, lib = tmp_path / "broken.cpp", tmp_path / "broken.so"
-    path.write_text(src, encoding="utf-8")
-    subprocess.run([CXX, "-std=c++14", "-O2", "-w", "-shared", "-fPIC", "-o", str(lib),
-                    str(path)], check=True)
-    broken = {"tc": ctypes.CDLL(str(lib)), "cc": libs["cc"]}
-    rng = np.random.default_rng(9)
-    a, b, z, _ = _case(rng, 16, 8, 1000)
-    assert not np.array_equal(_run_tc(broken, "tiled", a, b, 1000, late=1), z)
-
-
-# ------------------------------------------- the whole GPU GEMM path, wrapper and kernels
-
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
@@ -531,10 +395,11 @@ def _load_fake_cupy():
 class _EmulatedKernel:
     """What cupy_gpu._function returns, launching the emulated kernel: arguments checked
     the way CuPy passes them (device arrays by pointer, NumPy int32 / int64 scalars), and
-    dynamic shared memory over the function's allowance refused, as the GPU refuses it."""
+    dynamic shared memory over the function's allowance refused, as the GPU refuses it.
+    ``late``: the cp.async schedule (1: copies land at the wait, 0: at issue)."""
 
-    def __init__(self, lib, name, launched):
-        self.lib, self.name, self.launched = lib, name, launched
+    def __init__(self, lib, name, launched, late):
+        self.lib, self.name, self.launched, self.late = lib, name, launched, late
         self.max_dynamic_shared_size_bytes = 48 * 1024
 
     def __call__(self, grid, block, args, shared_mem=0):
@@ -549,14 +414,14 @@ class _EmulatedKernel:
             else:
                 raise TypeError(f"{self.name}: argument {a!r} of type {type(a).__name__}")
         gx, gy = (tuple(grid) + (1,))[:2]
-        _launch(self.lib, self.name, (gx, gy), shared_mem, 1, *host)
+        _launch(self.lib, self.name, (gx, gy), shared_mem, self.late, *host)
         self.launched.append(self.name)
 
 
-@pytest.fixture
-def emulated_gpu(libs, monkeypatch):
-    """kernels.cupy_gpu on the fake CuPy with its kernels run by the emulator: the wrapper's
-    own padding, popcounts, grids, argument lists and autotune, end to end."""
+def _emulate(monkeypatch, libs, late=1):
+    """kernels.cupy_gpu on the fake CuPy with its kernels run by the emulator (``libs``:
+    the compiled sources): the wrapper's own padding, popcounts, grids, argument lists and
+    autotune, end to end. Returns (cupy_gpu, the fake CuPy, the names launched)."""
     from minibnn.kernels import cupy_gpu
 
     fake = _load_fake_cupy()
@@ -573,11 +438,71 @@ def emulated_gpu(libs, monkeypatch):
 
     def function(source, name):
         lib = libs["tc" if source == "xnor_gemm_tc.cu" else "cc"]
-        return kernels.setdefault(name, _EmulatedKernel(lib, name, launched))
+        return kernels.setdefault(name, _EmulatedKernel(lib, name, launched, late))
 
     monkeypatch.setattr(cupy_gpu, "_function", function)
     return cupy_gpu, fake, launched
 
+
+@pytest.fixture
+def emulated_gpu(libs, monkeypatch, request):
+    """``_emulate``; parametrize it indirectly with the cp.async schedule (default 1)."""
+    return _emulate(monkeypatch, libs, getattr(request, "param", 1))
+
+
+SCHEDULES = pytest.mark.parametrize("emulated_gpu", [1, 0], indirect=True,
+                                    ids=["copies-land-at-wait", "copies-land-at-issue"])
+FORMS = ["tensorcore_direct", "tensorcore_tiled", "tensorcore_tiled256", "cuda"]
+SHAPES = [(1, 1, 1), (130, 200, 700), (16, 8, 256), (5, 33, 4097), (257, 64, 130), (3, 129, 64),
+          (70, 90, 640)]  # W = 1, 11, 4, 65, 3, 1, 10: odd and even, partial last stages
+
+
+def _case(rng, m, n, k, periods=None):
+    a = reference.pack_rows(rng.standard_normal((m, k)))
+    b = reference.pack_rows(rng.standard_normal((n, k)))
+    z = reference.xnor_gemm(a, b, k)
+    thr = None if periods is None else planted_thresholds(rng, z, periods)
+    return a, b, z, thr
+
+
+@SCHEDULES
+@pytest.mark.parametrize("kernel", FORMS)
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_gemm_kernels_on_the_emulator(emulated_gpu, kernel, m, n, k):
+    cupy_gpu, _, launched = emulated_gpu
+    rng = np.random.default_rng(m * 31 + n + k)
+    a, b, z, _ = _case(rng, m, n, k)
+    np.testing.assert_array_equal(cupy_gpu.xnor_gemm(a, b, k, kernel=kernel).get(), z)
+    assert launched[-1].startswith("xnor_gemm")
+
+
+@pytest.mark.parametrize("kernel", FORMS)
+@pytest.mark.parametrize("m,n,k,periods", [(130, 200, 700, 2), (9, 33, 64, 3), (300, 100, 130, 5),
+                                           (1, 129, 1025, 1), (6, 33, 4097, 3)])
+def test_threshold_epilogues_on_the_emulator(emulated_gpu, kernel, m, n, k, periods):
+    cupy_gpu, _, _ = emulated_gpu
+    rng = np.random.default_rng(m * 7 + n + k)
+    a, b, z, thr = _case(rng, m, n, k, periods)
+    table = thr.reshape(periods, n) if periods > 1 else thr
+    np.testing.assert_array_equal(cupy_gpu.gemm_threshold(a, b, k, table, kernel=kernel).get(),
+                                  reference.pack_threshold(z, table))
+
+
+def test_the_emulator_catches_a_missing_wait(libs, tmp_path, monkeypatch):
+    """The emulator is strict enough to matter: the tiled kernel with its cp.async wait
+    removed reads stages that have not landed and gets wrong products under the
+    copies-land-at-wait schedule."""
+    src = _tc_source().replace("        cp_async_wait_stages<STAGES>();\n", "", 1)
+    path, lib = tmp_path / "broken.cpp", tmp_path / "broken.so"
+    path.write_text(src, encoding="utf-8")
+    subprocess.run([CXX, "-std=c++14", "-O2", "-w", "-shared", "-fPIC", "-o", str(lib),
+                    str(path)], check=True)
+    cupy_gpu, _, _ = _emulate(monkeypatch, {"tc": ctypes.CDLL(str(lib)), "cc": libs["cc"]})
+    a, b, z, _ = _case(np.random.default_rng(9), 16, 8, 1000)
+    assert not np.array_equal(cupy_gpu.xnor_gemm(a, b, 1000, kernel="tensorcore_tiled").get(), z)
+
+
+# ------------------------------- prepared weights, views, the autotune, packing
 
 KERNEL_NAMES = ["tensorcore", "tensorcore_direct", "tensorcore_tiled", "tensorcore_tiled256",
                 "cuda"]
