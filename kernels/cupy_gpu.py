@@ -367,6 +367,11 @@ def _capturing():
         return True
 
 
+def _tc_forms():
+    """The tensor-core forms :func:`available_kernels` lists on this GPU, in _TC_FORMS order."""
+    return [f for f in _TC_FORMS if f in available_kernels()]
+
+
 def _tensorcore_form(m, n, w, launch):
     """(the tensor-core form plain ``"tensorcore"`` runs for an M x W . N x W product,
     whether ``launch`` has already written the result). The form is the fastest of
@@ -378,17 +383,18 @@ def _tensorcore_form(m, n, w, launch):
     ``MINIBNN_GPU_AUTOTUNE=0``, or while the stream is being captured into a CUDA graph
     (nothing can be timed then; the class stays untimed for a later eager call), the direct
     form runs up to ``DIRECT_MAX_ROWS`` rows of A and the tiled one above."""
-    forms = [f for f in _TC_FORMS if f in available_kernels()]
     forced = os.environ.get("MINIBNN_TC_FORM", "").strip()
     if forced:
+        forms = _tc_forms()
         if forced not in forms:
             raise ValueError(f"MINIBNN_TC_FORM: expected one of {forms}, got {forced!r}")
         return forced, False
-    cp = _cp()
     key = (_device(),) + _shape_class(m, n, w)
     form = _form_choice.get(key)
-    if form is not None:
+    if form is not None:  # the usual case: the class was timed
         return form, False
+    forms = _tc_forms()
+    cp = _cp()
     if os.environ.get("MINIBNN_GPU_AUTOTUNE", "1").strip() == "0" or _capturing():
         return (forms[0] if m <= DIRECT_MAX_ROWS else forms[1]), False
     for f in forms:
@@ -470,7 +476,7 @@ def gemm_threshold(a, b, k, threshold, kernel=None):
     if w == 0:  # k = 0: every product is 0
         return pack_threshold(cp.zeros((m, n), dtype=cp.int32), threshold)
     out = cp.empty((m, words), dtype=cp.uint64)
-    thr = cp.ascontiguousarray(threshold.astype(cp.int64)).reshape(-1)
+    thr = cp.ascontiguousarray(threshold.astype(cp.int64, copy=False)).reshape(-1)
     _launch(cp.asarray(a), cp.asarray(rows), prepared, k, kernel, (out, np.int64(words)),
             (thr, np.int64(p)))
     return out
@@ -530,7 +536,8 @@ def pack_threshold(z, threshold):
             _function("xnor_gemm.cu", "pack_threshold_i32")(
                 _blocks(m * words * 32), (_THREADS,),
                 (cp.ascontiguousarray(z), np.int64(m), np.int64(n),
-                 cp.ascontiguousarray(threshold.astype(cp.int64)).reshape(-1), np.int64(p),
+                 cp.ascontiguousarray(threshold.astype(cp.int64, copy=False)).reshape(-1),
+                 np.int64(p),
                  out, np.int64(words)))
         return out
     fire = z.reshape(-1, p, n) >= threshold.reshape(1, -1, n)
