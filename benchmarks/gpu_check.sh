@@ -3,15 +3,16 @@
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR [CIFAR_ARCHIVE_OR_BIN_DIR] [PHASE]
 #
-# PHASE "check" (the default; at most 9 minutes by its limits, usually less) runs, in this
+# PHASE "check" (the default; at most GPU_CHECK_LIMIT = 560 s, usually less) runs, in this
 # order, each under its own time limit, writing logs and JSON to OUT_DIR and a summary to
 # stdout: the test suite on the cupy backend (pytest -n 12), bench_train (MLP 3x4096 and
 # the CIFAR-10 ConvNet beside PyTorch eager and CUDA graph, with the opt-in bf16 backward
-# rows "minibnn cupy bf16" and "minibnn cupy graph bf16"), bench_split_gemm (the ConvNet's
-# backward products, FP32 cuBLAS against split bf16 GemmEx), bench_gemm (every GEMM kernel
+# rows "minibnn cupy bf16" and "minibnn cupy graph bf16"), bench_gemm (every GEMM kernel
 # form at every shape), bench_inference for the MLPs (beside float32 and float16 CuPy, with
 # the forced "frozen fp16-first cupy" row) and for the CIFAR-10 ConvNet (5,000 synthetic
-# images, beside cuDNN through PyTorch), bench_conv_glue; then benchmarks/goals.py prints
+# images, beside cuDNN through PyTorch), profile_gpu (the training steps' kernels by GPU
+# time, beside PyTorch's), bench_split_gemm (the ConvNet's backward products, FP32 cuBLAS
+# against split bf16 GemmEx), bench_conv_glue; then benchmarks/goals.py prints
 # each GPU goal of #8, #9 and #10 as met / NOT met / missing (also OUT_DIR/goals.txt). The
 # timed parts run one at a time. The training runs on real data are phases of their own (below): the CIFAR-10 data
 # is the cifar-10-batches-bin folder, or the JPEG archive of ../shared/data/cifar10 with
@@ -93,26 +94,38 @@ cifar-run)
     exit 0 ;;
 *) echo "PHASE: expected check, mnist-recipe or cifar-run, got $PHASE"; exit 2 ;;
 esac
-MINIBNN_BACKEND=cupy timeout -s INT 150 $PY -m pytest -n 12 -q -rfEs --tb=short \
+# step LIMIT CMD...: CMD under the smaller of LIMIT and what is left of GPU_CHECK_LIMIT
+# seconds (default 560) since the start, or skipped when under 15 s are left; so one device
+# call of 600 s holds the phase, and a step that runs long shortens the ones after it.
+step() {
+    local limit=$1; shift
+    local left=$(( ${GPU_CHECK_LIMIT:-560} - ($(date +%s) - T0) ))
+    if [ "$left" -lt 15 ]; then echo "skipped (${left} s left): $*"; return 124; fi
+    [ "$left" -lt "$limit" ] && limit=$left
+    timeout -s INT "$limit" "$@"
+}
+MINIBNN_BACKEND=cupy step 170 $PY -m pytest -n 12 -q -rfEs --tb=short \
     -p no:cacheprovider --timeout 100 > "$OUT/pytest_cupy.log" 2>&1
 stamp "pytest (cupy) rc=$?"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_cupy.log" | cut -c1-200 | head -30
 tail -1 "$OUT/pytest_cupy.log"
-timeout 110 $PY benchmarks/bench_train.py --steps 20 --repeats 3 --backends cupy \
+step 110 $PY benchmarks/bench_train.py --steps 20 --repeats 3 --backends cupy \
     --nets mlp4096,cifar10_convnet --out "$OUT" > "$OUT/bench_train.log" 2>&1
 stamp "bench_train rc=$?"; grep -A10 "^mlp4096 (\|^cifar10_convnet (" "$OUT/bench_train.log"
-timeout 40 $PY benchmarks/bench_split_gemm.py --out "$OUT" > "$OUT/bench_split_gemm.log" 2>&1
-stamp "bench_split_gemm rc=$?"; tail -18 "$OUT/bench_split_gemm.log" | cut -c1-200
-timeout 90 $PY benchmarks/bench_gemm.py --backends numpy,cupy --repeats 3 --out "$OUT" \
+step 90 $PY benchmarks/bench_gemm.py --backends numpy,cupy --repeats 3 --out "$OUT" \
     > "$OUT/bench_gemm.log" 2>&1
 stamp "bench_gemm rc=$?"; grep -E "^[0-9]+x[0-9]+x[0-9]+ " "$OUT/bench_gemm.log" | cut -c1-170
-timeout 60 $PY benchmarks/bench_inference.py --nets mlp --backends cupy --repeats 3 --out "$OUT" \
+step 60 $PY benchmarks/bench_inference.py --nets mlp --backends cupy --repeats 3 --out "$OUT" \
     > "$OUT/bench_inference.log" 2>&1
 stamp "bench_inference rc=$?"; grep -E "cupy|by stage" "$OUT/bench_inference.log" | cut -c1-300 | head -16
-timeout 75 $PY benchmarks/bench_inference.py --nets convnet --conv-images 5000 --backends cupy \
+step 75 $PY benchmarks/bench_inference.py --nets convnet --conv-images 5000 --backends cupy \
     --repeats 3 --out "$OUT" > "$OUT/bench_inference_conv.log" 2>&1  # joins the MLPs' JSON
 stamp "bench_inference convnet rc=$?"; grep -E "cupy|cuDNN|by stage" "$OUT/bench_inference_conv.log" \
     | cut -c1-300 | head -12
-timeout 30 $PY benchmarks/bench_conv_glue.py --backends cupy --out "$OUT" > "$OUT/bench_conv_glue.log" 2>&1
+step 50 $PY benchmarks/profile_gpu.py --steps 10 --top 18 --out "$OUT" > "$OUT/profile_gpu.log" 2>&1
+stamp "profile_gpu rc=$?"; grep -A8 "^[a-z0-9_]* / " "$OUT/profile_gpu.log" | cut -c1-150
+step 40 $PY benchmarks/bench_split_gemm.py --out "$OUT" > "$OUT/bench_split_gemm.log" 2>&1
+stamp "bench_split_gemm rc=$?"; tail -18 "$OUT/bench_split_gemm.log" | cut -c1-200
+step 30 $PY benchmarks/bench_conv_glue.py --backends cupy --out "$OUT" > "$OUT/bench_conv_glue.log" 2>&1
 stamp "bench_conv_glue rc=$?"; tail -12 "$OUT/bench_conv_glue.log" | cut -c1-150
 wait
 $PY benchmarks/goals.py "$OUT" | tee "$OUT/goals.txt"
