@@ -23,7 +23,7 @@ import numpy as np
 
 __all__ = ["enabled", "disabled", "adam_update", "ema_update", "sign", "sign_ste", "dropout",
            "bn_forward", "bn_invstd", "bn_backward_products", "bn_backward_input", "split_bf16",
-           "to_bf16", "to_bf16_x3", "sum3", "BF16_ROUND", "SPLIT_BF16"]
+           "to_bf16", "to_bf16_x3", "sum3", "BF16_ROUND", "SPLIT_BF16", "SPLIT_BF16_PREAMBLE"]
 
 _OPTIONS = ("--fmad=false",)
 _kernels = {}
@@ -52,7 +52,7 @@ def _kernel(name):
         import cupy
         in_params, out_params, body = _SOURCES[name]
         kernel = cupy.ElementwiseKernel(in_params, out_params, body, f"minibnn_{name}",
-                                        options=_OPTIONS)
+                                        options=_OPTIONS, preamble=_PREAMBLES.get(name, ""))
         _kernels[name] = kernel
     return kernel
 
@@ -137,14 +137,46 @@ BF16_ROUND = """
                                                      : ((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 """
 # kernels.bf16.split: parts j = 0, 1, 2 of x at parts[j * n + i]; a non-finite part (exponent
-# bits all ones) ends the split with zeros, so inf stays inf instead of inf - inf = NaN
+# bits all ones) ends the split with zeros, so inf stays inf instead of inf - inf = NaN.
+# The remainder r - part is exact in float32 but may be subnormal, and CuPy compiles every
+# kernel with -ftz=true (cupy/cuda/compiler.py appends it to the options), which flushes
+# float32 subnormal operands and results to zero, conversions to and from float64 included.
+# So the subtraction runs on float64 values built from the bit patterns by integer
+# arithmetic (float64 is never flushed, and every float32 is a normal float64) and the
+# exact float32 result is read back the same way (SPLIT_BF16_PREAMBLE).
+SPLIT_BF16_PREAMBLE = """
+__device__ double minibnn_f32_bits_to_f64(unsigned int u) {
+    unsigned long long sign = (unsigned long long)(u >> 31) << 63;
+    int e = (int)((u >> 23) & 0xFFu);
+    unsigned int m = u & 0x7FFFFFu;
+    if (e == 0) {                         /* zero or subnormal */
+        if (m == 0u) return __longlong_as_double((long long)sign);
+        int shift = __clz(m) - 8;         /* moves the leading one to bit 23 */
+        m = (m << shift) & 0x7FFFFFu;
+        e = 1 - shift;
+    }
+    return __longlong_as_double((long long)(sign | ((unsigned long long)(e + 896) << 52)
+                                            | ((unsigned long long)m << 29)));
+}
+/* d must be a float32 value (finite, normal or subnormal in float32): its float32 bits */
+__device__ unsigned int minibnn_f64_to_f32_bits(double d) {
+    unsigned long long b = (unsigned long long)__double_as_longlong(d);
+    unsigned int sign = (unsigned int)(b >> 63) << 31;
+    int e = (int)((b >> 52) & 0x7FFu) - 896;   /* float32's biased exponent */
+    unsigned int m = (unsigned int)((b >> 29) & 0x7FFFFFu);
+    if (((b >> 52) & 0x7FFu) == 0u) return sign;          /* +-0 */
+    if (e >= 1) return sign | ((unsigned int)e << 23) | m;
+    return sign | ((m | 0x800000u) >> (1 - e));             /* a float32 subnormal */
+}
+"""
 SPLIT_BF16 = """
-    float r = x;
+    unsigned int v = __float_as_uint(x);
     for (int j = 0; j < 3; j++) {
-        unsigned int u = __float_as_uint(r);
+        unsigned int u = v;
 """ + BF16_ROUND + """
         parts[j * n + i] = (unsigned short)h;
-        r = (h & 0x7F80u) == 0x7F80u ? 0.0f : r - __uint_as_float(h << 16);
+        v = (h & 0x7F80u) == 0x7F80u ? 0u
+            : minibnn_f64_to_f32_bits(minibnn_f32_bits_to_f64(u) - minibnn_f32_bits_to_f64(h << 16));
     }
 """
 # bf16(x) of a (rows, cols) x written three times: side by side (rows, 3 cols) when
@@ -159,6 +191,7 @@ TO_BF16_X3 = """
     b[at + step] = (unsigned short)h;
     b[at + 2 * step] = (unsigned short)h;
 """
+_PREAMBLES = {"split_bf16": SPLIT_BF16_PREAMBLE}  # device functions a kernel's body calls
 _SOURCES.update({
     "split_bf16": ("float32 x, int64 n", "raw uint16 parts", SPLIT_BF16),
     "to_bf16": ("float32 x", "uint16 b",

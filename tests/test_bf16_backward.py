@@ -320,6 +320,7 @@ def test_split_kernels_compile_with_nvrtc():
     except NVRTCUnavailable as exc:
         pytest.skip(str(exc))
     source = (
+        cupy_fused.SPLIT_BF16_PREAMBLE +
         'extern "C" __global__ void split_bf16(const float* xs, long long n,\n'
         '                                      unsigned short* parts) {\n'
         "    long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;\n"
@@ -335,17 +336,20 @@ def test_split_kernels_compile_with_nvrtc():
         "    long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;\n"
         "    if (i >= rows * cols) return;\n"
         "    const float x = xs[i];\n" + cupy_fused.TO_BF16_X3 + "}\n")
-    for arch in ("compute_80", "compute_90"):
-        ptx = compile_source(source, arch, "split_bf16.cu", cupy_fused._OPTIONS)
+    for arch in ("compute_80", "compute_90"):  # with the -ftz=true CuPy adds to every kernel
+        ptx = compile_source(source, arch, "split_bf16.cu", cupy_fused._OPTIONS + ("-ftz=true",))
         assert all(f".entry {k}" in ptx for k in ("split_bf16", "to_bf16", "to_bf16_x3"))
         assert "fma" not in ptx  # --fmad=false: every subtraction rounds on its own
 
 
 def test_split_kernel_body_computes_the_numpy_model_when_compiled_for_the_cpu(tmp_path):
-    """The CUDA text of ``split_bf16`` and ``to_bf16`` (integer and float32 arithmetic only)
-    compiled as C++ for this CPU, with __float_as_uint / __uint_as_float as bit copies, and
-    run on values across float32's range: bit for bit the NumPy model. This checks the kernel
-    text itself without a GPU (skipped without a C++ compiler)."""
+    """The CUDA text of ``split_bf16`` and ``to_bf16`` compiled as C++ for this CPU, with
+    __float_as_uint and its kin as bit copies, and run on values across float32's range: bit
+    for bit the NumPy model. On x86 it runs with the SSE control register's flush-to-zero and
+    denormals-are-zero bits set, as CuPy compiles every kernel with -ftz=true (float32
+    subnormals flushed; float64 arithmetic on normal values is not affected): the split must
+    not depend on float32 arithmetic on subnormals (a GPU run found the first version did).
+    This checks the kernel text itself without a GPU (skipped without a C++ compiler)."""
     import shutil
     import subprocess
     from minibnn.kernels import cupy_fused
@@ -355,10 +359,18 @@ def test_split_kernel_body_computes_the_numpy_model_when_compiled_for_the_cpu(tm
     src = tmp_path / "split.cpp"
     src.write_text(
         "#include <cstring>\n#include <cstdio>\n"
+        "#if defined(__SSE2__)\n#include <xmmintrin.h>\n#endif\n"
+        "#define __device__ static\n"
         "static unsigned int __float_as_uint(float f) { unsigned int u; "
         "std::memcpy(&u, &f, 4); return u; }\n"
         "static float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); "
         "return f; }\n"
+        "static double __longlong_as_double(long long u) { double f; std::memcpy(&f, &u, 8); "
+        "return f; }\n"
+        "static long long __double_as_longlong(double f) { long long u; "
+        "std::memcpy(&u, &f, 8); return u; }\n"
+        "static int __clz(unsigned int u) { return u ? __builtin_clz(u) : 32; }\n"
+        + cupy_fused.SPLIT_BF16_PREAMBLE +
         "static void split(float x, long long i, long long n, unsigned short* parts) {"
         + cupy_fused.SPLIT_BF16 + "}\n"
         "static unsigned short to_bf16(float x) { unsigned short b;"
@@ -366,6 +378,9 @@ def test_split_kernel_body_computes_the_numpy_model_when_compiled_for_the_cpu(tm
         "static void to_bf16_x3(float x, long long i, long long rows, long long cols,"
         " bool along_cols, unsigned short* b) {" + cupy_fused.TO_BF16_X3 + "}\n"
         "int main() {\n"
+        "#if defined(__SSE2__)\n"
+        "    _mm_setcsr(_mm_getcsr() | 0x8040);  /* FTZ | DAZ, as -ftz=true on the GPU */\n"
+        "#endif\n"
         "    long long n; if (std::fread(&n, 8, 1, stdin) != 1) return 1;\n"
         "    float* xs = new float[n]; unsigned short* out = new unsigned short[4 * n];\n"
         "    if (std::fread(xs, 4, n, stdin) != (size_t)n) return 1;\n"
