@@ -90,6 +90,42 @@ def test_hidden_layers_run_through_the_threshold_epilogue(name, make, monkeypatc
 
 @pytest.mark.parametrize("name", GPU)
 @pytest.mark.parametrize("make", [mlp_net, conv_net], ids=["mlp", "conv"])
+@pytest.mark.parametrize("method", ["bitplanes", "float16", "float32"])
+def test_a_prepared_forward_copies_nothing_from_the_host(name, make, method, monkeypatch):
+    """Once the layers and the first-layer plan are prepared, the forward of a device batch
+    copies no host array to the device: inside a CUDA graph capture such a copy is a
+    synchronous cudaMemcpy, which fails the capture (the H200 run found the ConvNet's
+    padding mask copied on every batch, so its graphs never formed). Checked under the fake
+    CuPy by refusing host arrays in cupy.asarray / cupy.array during the forward; on a GPU
+    the capture itself checks it (the test below)."""
+    import cupy
+    if not _fake():
+        pytest.skip("the capture test below checks this on a GPU")
+    frozen = make()
+    frozen.first_layer_method = method
+    if method == "float16" and (why := runtime.float16_exact_on(name)):
+        pytest.skip(why)
+    x = _images(frozen, 30, 3)
+    frozen.cuda_graph = False
+    want = frozen.integer_scores(x, backend=name)
+    layers, plan = frozen._prepare(name), frozen._first_plans[name]
+    xb = cupy.asarray(x)
+
+    def refuse(real):
+        def wrapped(a, *args, **kwargs):
+            if isinstance(a, np.ndarray) and a.ndim > 0:
+                raise AssertionError(f"host array {a.shape} {a.dtype} copied in the forward")
+            return real(a, *args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(cupy, "asarray", refuse(cupy.asarray))
+    monkeypatch.setattr(cupy, "array", refuse(cupy.array))
+    z = runtime._forward_batch(xb, layers, cupy_gpu, first=plan)
+    np.testing.assert_array_equal(cupy.asnumpy(z), want)
+
+
+@pytest.mark.parametrize("name", GPU)
+@pytest.mark.parametrize("make", [mlp_net, conv_net], ids=["mlp", "conv"])
 def test_forward_graphs_give_the_eager_results(name, make):
     """Batches of one shape: the first eager, the second captured, later ones replayed
     (on a GPU); under the fake CuPy the capture fails, the reason is kept and the batch

@@ -1018,7 +1018,10 @@ def conv_patches(h, layer, xp, kern=None):
                                      n_words(layer.gemm_k))
     if p:
         padded = xp.empty((n, hh + 2 * p, ww + 2 * p, wc), dtype=np.uint64)
-        padded[...] = xp.asarray(_channel_mask(c))
+        # the +1 pixel of _channel_mask(c), filled from scalars: a host array copied to the
+        # GPU here would be a synchronous copy, which fails inside a CUDA graph capture
+        padded[...] = np.uint64(0xFFFFFFFFFFFFFFFF)
+        padded[..., -1] = np.uint64(pad_mask(c))
         padded[:, p:p + hh, p:p + ww] = h
     else:
         padded = h
