@@ -395,7 +395,17 @@ class BatchNormTrain(Function):
                 self.save(x, invstd.reshape(shape), gamma.reshape(shape))
                 self.centre = mean
                 return y
-            mean, var = x.mean(axis=axes), x.var(axis=axes)
+            mean = x.mean(axis=axes)
+            if _fused(x, mean):
+                # x.var's lines, NumPy's order (d = x - mean; d *= d; mean of d): CuPy's own
+                # var reduces the broadcast difference in one kernel that ran 10-20x slower
+                # than these three over NCHW's axes (0, 2, 3) (about 200 us a call on the
+                # CIFAR-10 ConvNet's activations, H200, benchmarks/profile_gpu.py)
+                d = x - mean.reshape(shape)
+                d *= d
+                var = d.mean(axis=axes)
+            else:
+                var = x.var(axis=axes)
             stats.append((mean, var))
         if _fused(x, mean, gamma, beta) and var.dtype.kind == "f":  # the lines below, 2 launches
             from .kernels import cupy_fused
