@@ -51,12 +51,16 @@ extern "C" void set_thread(unsigned int grid, unsigned int block, unsigned int b
 GEOMETRIES = [(1, 1), (2, 3)]
 
 
-@pytest.fixture(scope="module")
-def host_library(tmp_path_factory):
+@pytest.fixture(scope="module", params=["int index", "wide index"])
+def host_library(request, tmp_path_factory):
+    """The glue compiled for the host, once as launched (32-bit index arithmetic where the
+    launch fits, which every test shape does) and once with MINIBNN_GLUE_WIDE_INDEX (every
+    launch on the 64-bit path that larger launches take on the GPU)."""
     folder = tmp_path_factory.mktemp("conv_glue_host")
     source, library = folder / "conv_glue_host.cpp", folder / "conv_glue_host.so"
     source.write_text(SHIM + read_source("conv_glue.cu"), encoding="utf-8")
-    done = subprocess.run([CXX, "-std=c++14", "-O1", "-Wall", "-shared", "-fPIC", "-o",
+    wide = ["-DMINIBNN_GLUE_WIDE_INDEX"] if request.param == "wide index" else []
+    done = subprocess.run([CXX, "-std=c++14", "-O1", "-Wall", *wide, "-shared", "-fPIC", "-o",
                            str(library), str(source)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "warning" not in done.stderr, done.stderr
