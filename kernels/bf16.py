@@ -67,12 +67,15 @@ def split(x, parts=PARTS):
 
 
 def check_split_operands(a, b, exact):
-    """ValueError unless a (M, K) @ b (K, N) are 2-D float32 and ``exact`` names one."""
+    """ValueError unless a (M, K) @ b (K, N) are 2-D float32 and ``exact`` names one (the
+    exact operand may also come as its bf16 bit patterns, uint16)."""
     if exact not in ("a", "b"):
         raise ValueError(f"exact: expected 'a' or 'b' (the operand that is exactly bf16, e.g. "
                          f"+-1), got {exact!r}")
+    f, s = (b, a) if exact == "a" else (a, b)
     if (getattr(a, "ndim", None) != 2 or getattr(b, "ndim", None) != 2
-            or a.shape[1] != b.shape[0] or a.dtype != np.float32 or b.dtype != np.float32):
+            or a.shape[1] != b.shape[0] or f.dtype != np.float32
+            or s.dtype not in (np.float32, np.uint16)):
         raise ValueError(f"split matmul: expected 2-D float32 (M, K) @ (K, N), got "
                          f"{getattr(a, 'shape', type(a).__name__)} {getattr(a, 'dtype', '')} @ "
                          f"{getattr(b, 'shape', type(b).__name__)} {getattr(b, 'dtype', '')}")
@@ -84,7 +87,8 @@ def split_matmul(a, b, exact):
     three partial products summed in float32, (a_0 b + a_1 b) + a_2 b. NumPy arrays."""
     check_split_operands(a, b, exact)
     f = b if exact == "a" else a
-    s = to_float32(round_bits(a if exact == "a" else b))
+    s = a if exact == "a" else b
+    s = to_float32(s if s.dtype == np.uint16 else round_bits(s))
     out = None
     for part in split(f):
         p = to_float32(part)

@@ -36,12 +36,27 @@ typedef unsigned long long u64;
 // returns: out[(c, i, j), (n, y, z)] = xpad[n, c, y*stride + i, z*stride + j], where xpad
 // is x with `padding` rows and columns of pad_value around H and W. Thread t writes
 // out[t], so stores are coalesced.
-template <typename T, typename I>
+//
+// The _bf16 variant writes each value as bfloat16 bits (uint16, rounded to nearest even,
+// NaN kept quiet: kernels/bf16.py's round_bits, integer operations only), i.e. to_bf16 of
+// the float32 patches in the same pass: the patches of a binary layer's +-1 input for its
+// split bf16 backward product (minibnn.backend.split_matmul_pm1), at half the bytes.
+__device__ inline float to_out(float v, float) { return v; }
+__device__ inline double to_out(double v, double) { return v; }
+__device__ inline unsigned short to_out(float v, unsigned short)
+{
+    unsigned int u = __float_as_uint(v);
+    unsigned int h = (u & 0x7FFFFFFFu) > 0x7F800000u ? ((u >> 16) | 0x40u)
+                                                     : ((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    return (unsigned short)h;
+}
+
+template <typename T, typename O, typename I>
 __device__ void im2col_body(const T* __restrict__ x, long long n, long long c, long long h,
                             long long w, long long sn, long long sc, long long sh,
                             long long sw, long long kh, long long kw, long long stride,
                             long long padding, long long ho, long long wo, T pad_value,
-                            T* __restrict__ out)
+                            O* __restrict__ out)
 {
     const I m = (I)(n * ho * wo);  // columns of out: patches
     const long long total = c * kh * kw * n * ho * wo;
@@ -54,9 +69,9 @@ __device__ void im2col_body(const T* __restrict__ x, long long n, long long c, l
         const I j = row % ikw, i = (row / ikw) % ikh, ch = row / (ikw * ikh);
         const I yy = y * istride + i - ipad, xx = z * istride + j - ipad;
         const bool inside = yy >= 0 && yy < ih && xx >= 0 && xx < iw;
-        out[t] = inside ? x[(long long)b * sn + (long long)ch * sc + (long long)yy * sh
-                            + (long long)xx * sw]
-                        : pad_value;
+        out[t] = to_out(inside ? x[(long long)b * sn + (long long)ch * sc + (long long)yy * sh
+                                   + (long long)xx * sw]
+                               : pad_value, (O)0);
     }
 }
 
@@ -209,13 +224,13 @@ __device__ void max_pool_backward_body(const T* __restrict__ g, long long sn, lo
 // ---------------------------------------------------------------------- entry points
 // float32 (_f32) and float64 (_f64); the pool's arg as uint8 (_u8) or int32 (_i32).
 
-#define IM2COL(NAME, T)                                                                    \
+#define IM2COL(NAME, T, O)                                                                 \
 extern "C" __global__ void NAME(const T* x, long long n, long long c, long long h,          \
                                 long long w, long long sn, long long sc, long long sh,     \
                                 long long sw, long long kh, long long kw, long long stride, \
                                 long long padding, long long ho, long long wo, T pad_value,\
-                                T* out)                                                    \
-{ RUN_WITH_INDEX(I_FITS(c * kh * kw * n * ho * wo + n * c * h * w), im2col_body, T,       \
+                                O* out)                                                    \
+{ RUN_WITH_INDEX(I_FITS(c * kh * kw * n * ho * wo + n * c * h * w), im2col_body, T COMMA O, \
                  (x, n, c, h, w, sn, sc, sh, sw, kh, kw, stride, padding, ho, wo, pad_value,  \
                   out)); }
 
@@ -254,8 +269,9 @@ extern "C" __global__ void NAME(const T* g, long long sn, long long sc, long lon
 { RUN_WITH_INDEX(I_FITS(n * c * (h + k) * (w + k) + n * c * ho * wo), max_pool_backward_body, \
                  T COMMA A, (g, sn, sc, sh, sw, arg, n, c, h, w, k, stride, ho, wo, out)); }
 
-IM2COL(im2col_f32, float)
-IM2COL(im2col_f64, double)
+IM2COL(im2col_f32, float, float)
+IM2COL(im2col_f64, double, double)
+IM2COL(im2col_f32_bf16, float, unsigned short)
 COL2IM(col2im_f32, float)
 COL2IM(col2im_f64, double)
 PACK_SIGN_PATCHES(pack_sign_patches_f32, float)

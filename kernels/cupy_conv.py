@@ -87,17 +87,20 @@ def _i64(*values):
     return tuple(np.int64(v) for v in values)
 
 
-def im2col(x, kh, kw, stride=1, padding=0, pad_value=0):
+def im2col(x, kh, kw, stride=1, padding=0, pad_value=0, bf16=False):
     """The patches of x (N, C, H, W) as ``functional.im2col`` gives them, in one launch:
     (N*Ho*Wo, C*kh*kw), the transposed view of a C-contiguous (C*kh*kw, N*Ho*Wo) buffer;
-    padding taps hold ``pad_value``."""
+    padding taps hold ``pad_value``. ``bf16=True`` (float32 x): the same patches as bfloat16
+    bit patterns (uint16), ``cupy_fused.to_bf16`` of them written in the same pass."""
     suffix = _suffix(x, "x")
     if x.ndim != 4:
         raise ValueError(f"x: expected (N, C, H, W), got shape {tuple(x.shape)}")
+    if bf16 and x.dtype != np.float32:
+        raise TypeError(f"im2col: bf16 patches are made from float32 input, got {x.dtype}")
     n, c, h, w = (int(s) for s in x.shape)
     ho, wo = _out_size(h, kh, stride, padding), _out_size(w, kw, stride, padding)
-    out = _cp().empty((c * kh * kw, n * ho * wo), dtype=x.dtype)
-    _launch(f"im2col_{suffix}", out.size,
+    out = _cp().empty((c * kh * kw, n * ho * wo), dtype=np.uint16 if bf16 else x.dtype)
+    _launch(f"im2col_{suffix}" + ("_bf16" if bf16 else ""), out.size,
             (x, *_i64(n, c, h, w), *_strides(x), *_i64(kh, kw, stride, padding, ho, wo),
              x.dtype.type(pad_value), out))
     return out.T

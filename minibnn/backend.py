@@ -249,7 +249,8 @@ def split_layout(m, k, n, exact):
 
 def split_matmul_pm1(a, b, exact, layout=None):
     """a (M, K) @ b (K, N), float32, where operand ``exact`` ("a" or "b") holds only values
-    that bf16 holds exactly (+-1, 0; nothing checks): the other operand split in three bf16
+    that bf16 holds exactly (+-1, 0; nothing checks), or is given as their bf16 bit patterns
+    (uint16, e.g. ``cupy_conv.im2col(..., bf16=True)``): the other operand split in three bf16
     parts (``kernels.bf16.split``, exact for 2**-110 <= |x| < 3.39e38) and the three bf16
     products summed in float32. It equals the float32 product up to the order of float32
     accumulation: |result - exact| <= (K + 2) u sum_k |a_ik b_kj| with u = 2**-24 (not
@@ -275,19 +276,35 @@ def split_matmul_pm1(a, b, exact, layout=None):
     if m == 0 or k == 0 or n == 0:
         return cupy.zeros((m, n), dtype=np.float32)
     layout = layout or split_layout(m, k, n, exact)
+    s = a if exact == "a" else b  # the exact operand, given as float32 or as bf16 bits
+
+    def bits(x3_axis=None):  # s as bf16 bits, written three times along x3_axis if given
+        if s.dtype == np.uint16:
+            return s if x3_axis is None else cupy.concatenate([s] * 3, axis=x3_axis)
+        return cupy_fused.to_bf16(s) if x3_axis is None else cupy_fused.to_bf16_x3(s, x3_axis)
+
     if layout == "reduction":
         if exact == "a":  # [s | s | s] (M, 3K) @ [f0; f1; f2] (3K, N)
-            return cupy_blas.gemm_ex(cupy_fused.to_bf16_x3(a, axis=1),
-                                     cupy_fused.split_bf16(b).reshape(3 * k, n))
+            return cupy_blas.gemm_ex(bits(1), cupy_fused.split_bf16(b).reshape(3 * k, n))
         # [f0 | f1 | f2] (M, 3K), read as the transpose of the parts of a^T, @ [s; s; s]
-        return cupy_blas.gemm_ex(cupy_fused.split_bf16(a.T).reshape(3 * k, m).T,
-                                 cupy_fused.to_bf16_x3(b, axis=0))
+        return cupy_blas.gemm_ex(cupy_fused.split_bf16(a.T).reshape(3 * k, m).T, bits(0))
     if exact == "b":  # [f0; f1; f2] (3M, K) @ s (K, N) -> three (M, N) blocks of rows
-        c = cupy_blas.gemm_ex(cupy_fused.split_bf16(a).reshape(3 * m, k), cupy_fused.to_bf16(b))
+        c = cupy_blas.gemm_ex(cupy_fused.split_bf16(a).reshape(3 * m, k), bits())
         return cupy_fused.sum3(c[:m], c[m:2 * m], c[2 * m:])
     # s (M, K) @ [f0 | f1 | f2] (K, 3N) -> three (M, N) blocks of columns
-    c = cupy_blas.gemm_ex(cupy_fused.to_bf16(a), cupy_fused.split_bf16(b.T).reshape(3 * n, k).T)
+    c = cupy_blas.gemm_ex(bits(), cupy_fused.split_bf16(b.T).reshape(3 * n, k).T)
     return cupy_fused.sum3(c[:, :n], c[:, n:2 * n], c[:, 2 * n:])
+
+
+def _bf16_bits_as_float32(a, b, exact):
+    """(a, b) with the exact operand, when given as bfloat16 bit patterns (uint16, e.g.
+    ``cupy_conv.im2col(..., bf16=True)``), turned into its float32 values (exact); the
+    float operand is never changed."""
+    s = a if exact == "a" else b
+    if getattr(s, "dtype", None) != np.uint16:
+        return a, b
+    f = (s.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return (f, b) if exact == "a" else (a, f)
 
 
 def matmul_pm1(a, b, exact):
@@ -296,8 +313,10 @@ def matmul_pm1(a, b, exact):
     :func:`bf16_backward` covers these arrays (and, on CuPy, GemmEx works here), else
     :func:`matmul`."""
     mode = bf16_backward()
-    if (mode != "off" and a.ndim == 2 and b.ndim == 2 and a.dtype == b.dtype == np.float32
-            and exact in ("a", "b")):
+    bits = exact in ("a", "b") and (a if exact == "a" else b).dtype == np.uint16
+    if (mode != "off" and a.ndim == 2 and b.ndim == 2 and exact in ("a", "b")
+            and (a if exact == "b" else b).dtype == np.float32
+            and (a if exact == "a" else b).dtype in (np.float32, np.uint16)):
         if is_cupy_array(a) and is_cupy_array(b):
             from .kernels import cupy_blas
             why = ("MINIBNN_CUPY_BLAS=0 turns direct cuBLAS off" if not _direct_blas[0]
@@ -308,6 +327,8 @@ def matmul_pm1(a, b, exact):
             return split_matmul_pm1(a, b, exact)
         elif mode == "all" and not is_cupy_array(a) and not is_cupy_array(b):
             return split_matmul_pm1(a, b, exact)
+    if bits:  # bf16 bit patterns of the exact operand, but no split product here
+        a, b = _bf16_bits_as_float32(a, b, exact)
     return matmul(a, b)
 
 

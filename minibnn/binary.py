@@ -453,7 +453,14 @@ class BinaryConv2dFn(Function):
             return glue.binary_conv2d_backward(g, x, wb, self.stride, self.padding,
                                                *self.needs_input_grad)
         if self.needs_input_grad[1] and patches is None:
-            patches = im2col(x, wb.shape[2], wb.shape[3], self.stride, self.padding)
+            if (backend.bf16_backward() != "off" and glue is not None and x.dtype == np.float32
+                    and hasattr(glue, "im2col")):
+                # cupy, split bf16 backward: the +-1 / 0 patches as bf16 bits in one pass
+                # (half the bytes of float32, and no separate rounding pass in matmul_pm1)
+                patches = glue.im2col(x, wb.shape[2], wb.shape[3], self.stride, self.padding,
+                                      bf16=True)
+            else:
+                patches = im2col(x, wb.shape[2], wb.shape[3], self.stride, self.padding)
         return conv2d_backward(g, x.shape, wb, self.stride, self.padding, patches,
                                need_x=self.needs_input_grad[0], pm1_product=backend.matmul_pm1)
 

@@ -253,6 +253,34 @@ def test_gpu_split_products_against_float64_and_sgemm(name, exact, layout):
         assert (np.abs(got - sgemm) <= 2 * _bound(a, b)).all(), shape
 
 
+@pytest.mark.parametrize("name", backend_params(("numpy", "cupy")))
+@pytest.mark.parametrize("exact", ["a", "b"])
+def test_the_exact_operand_may_come_as_bf16_bits(name, exact):
+    """split_matmul_pm1 and matmul_pm1 take the +-1 operand as its bf16 bit patterns too
+    (uint16, as ``cupy_conv.im2col(..., bf16=True)`` writes a binary conv's patches): the
+    same result as from the float32 operand, in both layouts; with the split path off,
+    matmul_pm1 multiplies the float32 values of the bits."""
+    rng = np.random.default_rng(14)
+    for shape in [(50, 128, 1152), (1152, 300, 20), (1, 1, 1), (4, 0, 3)]:
+        a, b = _operands(rng, *shape, exact)
+        s_bits = bf16.round_bits(a if exact == "a" else b)
+        a_bits, b_bits = (s_bits, b) if exact == "a" else (a, s_bits)
+        with backend.use(name), backend.using_bf16_backward("all"):
+            ad, bd, abd, bbd = (backend.asarray(v) for v in (a, b, a_bits, b_bits))
+            for layout in ("reduction", "output"):
+                want = backend.to_numpy(backend.split_matmul_pm1(ad, bd, exact, layout))
+                got = backend.to_numpy(backend.split_matmul_pm1(abd, bbd, exact, layout))
+                np.testing.assert_array_equal(got, want, err_msg=f"{shape} {layout}")
+            np.testing.assert_array_equal(backend.to_numpy(backend.matmul_pm1(abd, bbd, exact)),
+                                          backend.to_numpy(backend.matmul_pm1(ad, bd, exact)))
+        with backend.use(name), backend.using_bf16_backward("off"):
+            np.testing.assert_array_equal(
+                backend.to_numpy(backend.matmul_pm1(abd, bbd, exact)),
+                backend.to_numpy(backend.matmul(ad, bd)))
+    with pytest.raises(ValueError, match="float32"):  # only the exact operand may be bits
+        backend.split_matmul_pm1(np.zeros((2, 3), np.uint16), np.zeros((3, 4), np.float32), "b")
+
+
 @cupy_only
 def test_gpu_bf16_copies_and_sum_match_numpy(name):
     from minibnn.kernels import cupy_fused

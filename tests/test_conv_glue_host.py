@@ -36,6 +36,8 @@ struct host_uint3 { unsigned int x, y, z; };
 static host_uint3 blockIdx, threadIdx, blockDim, gridDim;
 #define __global__
 #define __device__
+#include <cstring>
+static unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
 extern "C" void set_thread(unsigned int grid, unsigned int block, unsigned int b,
                            unsigned int t)
 {
@@ -143,6 +145,28 @@ def test_im2col_col2im_and_sign_patches(glue, shape, dtype):
         np.testing.assert_array_equal(got, want)
     if x.size:
         assert len(glue.launches) == 3 * 2 + 3 + 3  # one launch per call
+
+
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=IDS)
+def test_im2col_bf16_is_the_bf16_rounding_of_the_patches(glue, shape):
+    """``im2col(..., bf16=True)``: the float32 patches rounded to bfloat16 bits in the same
+    pass, bit for bit ``kernels.bf16.round_bits`` of ``functional.im2col`` (values of every
+    magnitude, ties, inf and NaN; every view; both pad values); float64 input is refused."""
+    from minibnn.kernels import bf16
+    n, c, h, w, kh, kw, s, p = shape
+    rng = np.random.default_rng(13)
+    x = (rng.standard_normal((n, c, h, w)) * 2.0 ** rng.integers(-130, 120, (n, c, h, w)))
+    x = x.astype(np.float32)
+    if x.size >= 4:
+        x.reshape(-1)[:4] = [np.inf, -np.nan, 1 + 2.0 ** -8, -(1 + 3 * 2.0 ** -8)]
+    for name, view in _views(x).items():
+        for pad_value in (0, 1):
+            want = bf16.round_bits(F.im2col(x, kh, kw, s, p, pad_value))
+            got = glue.im2col(view, kh, kw, s, p, pad_value, bf16=True)
+            assert got.dtype == np.uint16 and got.T.flags.c_contiguous
+            np.testing.assert_array_equal(got, want, err_msg=f"{name} pad {pad_value}")
+    with pytest.raises(TypeError, match="float32"):
+        glue.im2col(x.astype(np.float64), kh, kw, s, p, bf16=True)
 
 
 @pytest.mark.parametrize("shape", POOL_SHAPES, ids=POOL_IDS)

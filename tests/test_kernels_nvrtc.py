@@ -31,7 +31,8 @@ ENTRIES = {
     "conv_glue.cu": {f"{op}_{t}" for op in ("im2col", "col2im", "pack_sign_patches")
                      for t in ("f32", "f64")}
                     | {f"{op}_{t}_{a}" for op in ("max_pool2d", "max_pool2d_backward")
-                       for t in ("f32", "f64") for a in ("u8", "i32")},
+                       for t in ("f32", "f64") for a in ("u8", "i32")}
+                    | {"im2col_f32_bf16"},
 }
 
 

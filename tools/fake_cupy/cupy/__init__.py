@@ -403,11 +403,16 @@ def _conv_glue(name, a):
         x, *ints, pad_value, out = a
         n, c, h, w, sn, sc, sh, sw, kh, kw, stride, padding, ho, wo = _ints(ints)
         _check_view(x, (sn, sc, sh, sw), dtype)
-        if type(pad_value) is not dtype or out.dtype != dtype:
+        out_dtype = _np.uint16 if name.endswith("_bf16") else dtype  # bf16 bit patterns
+        if type(pad_value) is not dtype or out.dtype != out_dtype:
             raise TypeError(f"fake cupy: {name} got pad_value {pad_value!r}, out {out.dtype}")
         assert x.shape == (n, c, h, w) and out.shape == (c * kh * kw, n * ho * wo)
         assert out.flags.c_contiguous
-        out[...] = F.im2col(x, kh, kw, stride, padding, pad_value).T
+        patches = F.im2col(x, kh, kw, stride, padding, pad_value).T
+        if out_dtype == _np.uint16:
+            from minibnn.kernels import bf16
+            patches = bf16.round_bits(patches)
+        out[...] = patches
     elif name.startswith("col2im_"):
         cols, *ints, out = a
         s_row, s_col, n, c, h, w, kh, kw, stride, padding, ho, wo = _ints(ints)
