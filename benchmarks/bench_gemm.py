@@ -26,7 +26,10 @@ takes under a fifth of a second) after one warm-up run (the median is kept in th
 CPU paths of a shape take turns, one run each per round, so a drift in the machine's speed
 falls on all of them alike.
 
-GPU rows (``--backends ...,cupy`` on a GPU): cuBLAS fp32 and fp16 through CuPy, each
+GPU rows (``--backends ...,cupy`` on a GPU; each time the median of --repeats samples of
+calls issued back to back, per call, see ``gpu_time``: every row alike, cuBLAS included;
+the kernel rows also keep the latency of one call alone as ``latency_s`` in the JSON):
+cuBLAS fp32 and fp16 through CuPy, each
 ``cupy_gpu`` kernel on packed operands (packing and end to end beside it): "tensorcore" (the
 form its autotune picked for the shape class; its timings are printed and kept in the
 JSON's machine info) and each tensor-core form by name, and "cuda"; and for each kernel a
@@ -251,7 +254,38 @@ def plain_4x4(a, b, k, out):
 PREPARED = ", prepared B"  # rows whose B is a numba_cpu.PreparedWeights (panels, planes made once)
 
 
+#: GPU samples cover at least this much GPU time: calls issued back to back, so that the
+#: host's launch time per call (tens of microseconds through CuPy) overlaps the GPU's work
+#: instead of adding to it, as it does for a single call on an idle GPU
+GPU_SAMPLE_S = 2e-3
+
+
 def gpu_time(fn, repeats):
+    """Seconds per call of ``fn`` on the GPU: the median over ``repeats`` samples, each
+    timed with CUDA events around ``inner`` calls issued back to back (``inner`` sized from
+    a single call so that a sample spans about GPU_SAMPLE_S, at most 200 calls), divided by
+    ``inner``. That is the product's rate in a stream of products (a batch loop, a
+    benchmark of one kernel); the latency of one call on an idle GPU also counts the
+    host's launch time (``gpu_latency``)."""
+    import cupy as cp
+
+    single = gpu_latency(fn, 1)
+    inner = int(min(200, max(1, np.ceil(GPU_SAMPLE_S / max(single, 1e-6)))))
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    times = []
+    for _ in range(repeats):
+        start.record()
+        for _ in range(inner):
+            fn()
+        stop.record()
+        stop.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, stop) / 1e3 / inner)
+    return float(np.median(times))
+
+
+def gpu_latency(fn, repeats):
+    """Median seconds of one call of ``fn`` alone (after a warm-up), CUDA events around it:
+    the host's launch time is counted where the GPU waits for it."""
     import cupy as cp
 
     fn()
@@ -280,10 +314,11 @@ def bench_shape(m, k, n, backends, repeats, use_gpu, peak, probe=None):
     ops = 2.0 * m * n * k
     rows = []
 
-    def add(name, t, pack=None, e2e=None, note="", median=None, cpu=True):
+    def add(name, t, pack=None, e2e=None, note="", median=None, cpu=True, latency=None):
         frac = ops / t / 1e12 / peak if (peak and cpu) else None
         rows.append({"shape": f"{m}x{k}x{n}", "M": m, "K": k, "N": n, "backend": name,
-                     "time_s": t, "median_s": median, "tops": ops / t / 1e12,
+                     "time_s": t, "median_s": median, "latency_s": latency,
+                     "tops": ops / t / 1e12,
                      "fraction_of_peak": frac, "roofline_tops": peak if cpu else None,
                      "pack_s": pack, "end_to_end_s": e2e, "note": note})
         print(f"  {name:36s} {t * 1e3:10.2f} ms  {ops / t / 1e12:8.3f} TOPS"
@@ -355,9 +390,11 @@ def bench_shape(m, k, n, backends, repeats, use_gpu, peak, probe=None):
         import cupy as cp
 
         xg, yg = cp.asarray(x), cp.asarray(y)
-        add("cuBLAS fp32 (cupy)", gpu_time(lambda: xg @ yg.T, repeats), cpu=False)
+        add("cuBLAS fp32 (cupy)", gpu_time(lambda: xg @ yg.T, repeats), cpu=False,
+            latency=gpu_latency(lambda: xg @ yg.T, repeats))
         xh, yh = xg.astype(cp.float16), yg.astype(cp.float16)
-        add("cuBLAS fp16 (cupy)", gpu_time(lambda: xh @ yh.T, repeats), cpu=False)
+        add("cuBLAS fp16 (cupy)", gpu_time(lambda: xh @ yh.T, repeats), cpu=False,
+            latency=gpu_latency(lambda: xh @ yh.T, repeats))
         t_pack = gpu_time(lambda: (cupy_gpu.pack_rows(xg, check_nan=False),
                                    cupy_gpu.pack_rows(yg, check_nan=False)), repeats)
         ag, bg = cp.asarray(a), cp.asarray(b)
@@ -368,7 +405,8 @@ def bench_shape(m, k, n, backends, repeats, use_gpu, peak, probe=None):
                                                       k, kernel=kern), repeats)
             ok = bool((cupy_gpu.xnor_gemm(ag[:64], bg[:64], k, kernel=kern).get()
                        == numba_cpu.xnor_gemm(a[:64], b[:64], k)).all())
-            add(f"cupy {kern}", t, t_pack, e2e, "" if ok else "WRONG RESULT", cpu=False)
+            add(f"cupy {kern}", t, t_pack, e2e, "" if ok else "WRONG RESULT", cpu=False,
+                latency=gpu_latency(lambda: cupy_gpu.xnor_gemm(ag, bg, k, kernel=kern), repeats))
         # a frozen layer's product: B prepared once (padded, popcounts), then sign(BN) as a
         # second pass over the int32 z, or in the GEMM's epilogue (bits out, no z)
         pg = cupy_gpu.prepare_weights(bg)
