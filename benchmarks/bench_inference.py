@@ -571,6 +571,7 @@ def bench_model(label, model, images, backends, repeats, reference_images, cpu_i
         paths["float32 torch cpu"] = (
             lambda: cpu_tnet.predict(cpu_set, fb.get("torch", m_cpu)), "torch cpu")
         counts["float32 torch cpu"] = m_cpu
+    eager = frozen16 = None  # the frozen cupy twins (below, on a GPU)
     if "cupy" in backends:
         gpu_net = Float32Net(model, xp=backend.array_module("cupy"))
         paths["float32 cupy"] = (lambda: gpu_net.predict(images, fb.get("cupy")), "cupy")
@@ -646,6 +647,15 @@ def bench_model(label, model, images, backends, repeats, reference_images, cpu_i
             r["speedup_vs_torch_cpu"] = base["float32 torch cpu"] / r["seconds_full_set"]
         if gpu and "float16 cupy" in base and "batch" not in r["path"]:
             r["speedup_vs_float16_cupy"] = base["float16 cupy"] / r["seconds_full_set"]
+    for r in rows:  # which first-layer method each frozen path ran, and what "auto" timed
+        net = {"frozen cupy": frozen, "frozen numba": frozen, "frozen eager cupy": eager,
+               "frozen fp16-first cupy": frozen16}.get(r["path"].split(",")[0])
+        plan_backend = "cupy" if "cupy" in r["path"] else "numba"
+        plan = getattr(net, "_first_plans", {}).get(plan_backend) if net is not None else None
+        if plan is not None:
+            r["first_layer_method"] = plan.method
+            r["first_layer_timings"] = {m: float(t) for m, t in
+                                        net.first_layer_timings.get(plan_backend, {}).items()}
     s = minibnn.summary(frozen)
     ms = minibnn.summary(model)
     extra = dict(frozen_binary_macs=s.totals["binary_macs"],
