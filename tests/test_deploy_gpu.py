@@ -126,6 +126,32 @@ def test_a_prepared_forward_copies_nothing_from_the_host(name, make, method, mon
 
 @pytest.mark.parametrize("name", GPU)
 @pytest.mark.parametrize("make", [mlp_net, conv_net], ids=["mlp", "conv"])
+def test_a_graph_keeps_every_array_its_forward_reads(name, make, monkeypatch):
+    """A CUDA graph replays its kernels on the addresses they had at capture, so every
+    device array the captured forward reads but did not make must outlive the graph: the
+    output affine (scale, offset) is made once per net and backend and handed to the graph
+    with the prepared layers (an H200 run found it made per call: once freed, its memory
+    was reused and replays read garbage)."""
+    frozen = make()
+    x = _images(frozen, 30, 4)
+    seen = []
+    real = frozen._graphs.run
+
+    def spy(key, xb, forward, keep):
+        seen.append(keep)
+        return real(key, xb, forward, keep)
+
+    monkeypatch.setattr(frozen._graphs, "run", spy)
+    for _ in range(3):
+        frozen.predict(x, backend=name, batch_size=10)
+    scale, offset = frozen._output_affine(name)
+    assert seen and all(any(k is scale for k in keep) and any(k is offset for k in keep)
+                        for keep in seen)
+    assert frozen._output_affine(name)[0] is scale  # made once
+
+
+@pytest.mark.parametrize("name", GPU)
+@pytest.mark.parametrize("make", [mlp_net, conv_net], ids=["mlp", "conv"])
 def test_forward_graphs_give_the_eager_results(name, make):
     """Batches of one shape: the first eager, the second captured, later ones replayed
     (on a GPU); under the fake CuPy the capture fails, the reason is kept and the batch

@@ -614,6 +614,18 @@ class FrozenBNN:
         layer's threshold is its ``position_thresholds()`` table (Ho*Wo, O)."""
         return [(p.layer, p.weight, p.threshold) for p in self._prepare(name)]
 
+    def _output_affine(self, name):
+        """(scale, offset) of the output layer in backend ``name``'s array module (on the GPU:
+        copies made once and kept with the prepared layers)."""
+        xp = _backend.array_module(name)
+        out = self.layers[-1]
+        if xp is np:
+            return xp.asarray(out.scale), xp.asarray(out.offset)
+        key = name + ":output affine"
+        if key not in self._device_cache:
+            self._device_cache[key] = (xp.asarray(out.scale), xp.asarray(out.offset))
+        return self._device_cache[key]
+
     def _prepare(self, name):
         xp = _backend.array_module(name)
         if xp is not np and name in self._device_cache:
@@ -752,9 +764,10 @@ class FrozenBNN:
         if batch < 1:
             raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
         layers = self._prepare(name)
-        out = self.layers[-1]
-        scale = xp.asarray(out.scale)
-        offset = xp.asarray(out.offset)
+        # the output affine on the device, made once: a CUDA graph of the forward reads these
+        # arrays where they were at capture, so they must outlive every replay (arrays made
+        # per call were freed and their memory reused: the H200 run's replays read garbage)
+        scale, offset = self._output_affine(name)
         results = []
         ws = {} if xp is np else None  # buffers reused by every batch of this call
         plan = None
@@ -775,7 +788,7 @@ class FrozenBNN:
                 r = forward(xb)
             else:  # the graph is of these layers, this first-layer plan and this output
                 r = graphs.run((tuple(xb.shape), xb.dtype.str, final, id(layers), id(plan)),
-                               xb, forward, keep=(layers, plan))
+                               xb, forward, keep=(layers, plan, scale, offset))
             results.append(_backend.to_numpy(r))
         if results:
             return np.concatenate(results)
