@@ -3,7 +3,8 @@
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR [CIFAR_ARCHIVE_OR_BIN_DIR] [PHASE]
 #
-# PHASE "check" (the default; at most GPU_CHECK_LIMIT = 560 s, usually less) runs, in this
+# PHASE "verify" runs the suite and the inference benchmarks alone (a second, short call
+# after fixes). PHASE "check" (the default; at most GPU_CHECK_LIMIT = 560 s, usually less) runs, in this
 # order, each under its own time limit, writing logs and JSON to OUT_DIR and a summary to
 # stdout: the test suite on the cupy backend (pytest -n 12), bench_train (MLP 3x4096 and
 # the CIFAR-10 ConvNet beside PyTorch eager and CUDA graph, with the opt-in bf16 backward
@@ -79,7 +80,7 @@ fit_run() {
     stamp "$name rc=$rc"; tail -5 "$OUT/$name.log" | cut -c1-200
 }
 case "$PHASE" in
-check) ;;
+check|verify) ;;
 mnist-recipe)
     fit_run mnist_recipe 1000 --hidden 4096 --dropout-in 0.2 --dropout-hidden 0.5 \
         --lr-start 3e-3 --lr-end 3e-7
@@ -92,7 +93,7 @@ cifar-run)
         --lr-start 1e-3 --lr-end 3e-7
     $PY benchmarks/goals.py "$OUT" | grep "CIFAR-10 run"
     exit 0 ;;
-*) echo "PHASE: expected check, mnist-recipe or cifar-run, got $PHASE"; exit 2 ;;
+*) echo "PHASE: expected check, verify, mnist-recipe or cifar-run, got $PHASE"; exit 2 ;;
 esac
 # step LIMIT CMD...: CMD under the smaller of LIMIT and what is left of GPU_CHECK_LIMIT
 # seconds (default 560) since the start, or skipped when under 15 s are left; so one device
@@ -108,6 +109,18 @@ MINIBNN_BACKEND=cupy step 170 $PY -m pytest -n 12 -q -rfEs --tb=short \
     -p no:cacheprovider --timeout 100 > "$OUT/pytest_cupy.log" 2>&1
 stamp "pytest (cupy) rc=$?"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_cupy.log" | cut -c1-200 | head -30
 tail -1 "$OUT/pytest_cupy.log"
+if [ "$PHASE" = verify ]; then  # the suite and the inference rows only (about 3 minutes)
+    step 60 $PY benchmarks/bench_inference.py --nets mlp --backends cupy --repeats 3 \
+        --out "$OUT" > "$OUT/bench_inference.log" 2>&1
+    stamp "bench_inference rc=$?"; grep -E "cupy" "$OUT/bench_inference.log" | cut -c1-200 | head -24
+    step 40 $PY benchmarks/bench_inference.py --nets convnet --conv-images 5000 --backends cupy \
+        --repeats 3 --out "$OUT" > "$OUT/bench_inference_conv.log" 2>&1
+    stamp "bench_inference convnet rc=$?"; grep -E "cupy|cuDNN" "$OUT/bench_inference_conv.log" \
+        | cut -c1-200 | head -8
+    $PY benchmarks/goals.py "$OUT" | tee "$OUT/goals.txt"
+    stamp "verify done"
+    exit 0
+fi
 step 110 $PY benchmarks/bench_train.py --steps 20 --repeats 3 --backends cupy \
     --nets mlp4096,cifar10_convnet --out "$OUT" > "$OUT/bench_train.log" 2>&1
 stamp "bench_train rc=$?"; grep -A10 "^mlp4096 (\|^cifar10_convnet (" "$OUT/bench_train.log"
