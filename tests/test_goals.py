@@ -16,11 +16,15 @@ def _state(lines, goal):
 
 def test_goals_of_the_committed_gpu_results():
     lines = load_benchmark("goals").summary([RESULTS])
-    assert _state(lines, "GEMM 8192x8192x8192") == "NOT met" and "2,317 TOPS" in lines[0]
+    assert _state(lines, "GEMM 8192x8192x8192") == "NOT met" and "2,666 TOPS" in lines[0]
+    assert _state(lines, "GEMM 4096x4096x4096") == "met"
     assert _state(lines, "mlp4096 step") == "met"
-    assert "1.60x" in next(l for l in lines if "mlp4096 step" in l)
-    assert _state(lines, "cifar10_convnet step") == "NOT met"
-    assert _state(lines, "float16 CuPy") == "missing"  # no such row was measured then
+    assert "1.59x" in next(l for l in lines if "mlp4096 step" in l)
+    assert _state(lines, "cifar10_convnet step") == "met"
+    assert _state(lines, "(host images), >= 10x") == "NOT met"
+    assert _state(lines, "(images on device), >= 10x") == "met"
+    assert "16.32x" in next(l for l in lines if "(images on device), >= 10x" in l)
+    assert _state(lines, "ConvNet GPU inference rows") == "met"
     assert _state(lines, "MNIST recipe") == "missing"
 
 
