@@ -257,6 +257,11 @@ class PreparedWeights:
         """(padded rows, int32 row popcounts) as the tiled ``xnor_gemm_tc*`` entries read
         them (made once; both tiles take B in 128-row blocks)."""
         if self._tc is None:
+            if _capturing():
+                # made inside a CUDA graph capture, the operand would be written only when
+                # the graph replays and would live in the graph's memory pool: made for
+                # this product alone (inside the graph), and kept by a later eager product
+                return _tc_operand(self.rows)
             self._tc = _tc_operand(self.rows)
         return self._tc
 

@@ -565,6 +565,30 @@ def test_cupy_prepared_weights_are_a_copy(backend_name):
         cupy_gpu.prepare_weights(np.zeros((3, 2), np.int64))
 
 
+@pytest.mark.parametrize("backend_name", backend_params(("cupy",)))
+def test_cupy_prepared_weights_keep_no_operand_made_inside_a_graph_capture(backend_name,
+                                                                           monkeypatch):
+    """The tiled tensor-core form of prepared weights is made once and kept, but not while a
+    CUDA graph is being captured (it would be filled only by the graph's replays, in the
+    graph's own memory): then it is made for that product alone, and kept at the next
+    product outside a capture. The results are the same either way."""
+    if "tensorcore_tiled" not in cupy_gpu.available_kernels():
+        pytest.skip("this GPU has no b1 tensor cores (compute capability < 8.0)")
+    rng = np.random.default_rng(3)
+    b = reference.pack_rows(rng.standard_normal((70, 130)))
+    a = reference.pack_rows(rng.standard_normal((9, 130)))
+    want = reference.xnor_gemm(a, b, 130)
+    prepared = cupy_gpu.prepare_weights(b)
+    monkeypatch.setattr(cupy_gpu, "_capturing", lambda: True)
+    got = cupy_gpu.xnor_gemm(a, prepared, 130, kernel="tensorcore_tiled")
+    np.testing.assert_array_equal(_to_host(got), want)
+    assert prepared._tc is None
+    monkeypatch.setattr(cupy_gpu, "_capturing", lambda: False)
+    np.testing.assert_array_equal(
+        _to_host(cupy_gpu.xnor_gemm(a, prepared, 130, kernel="tensorcore_tiled")), want)
+    assert prepared._tc is not None
+
+
 @pytest.mark.parametrize("kernel", GPU_KERNELS)
 @pytest.mark.parametrize("k", [640, 576, 100, 4097], ids=["w10", "w9", "w2", "w65"])
 def test_cupy_gemm_reads_offset_and_strided_views(kernel, k):
