@@ -309,9 +309,9 @@ def _bf16_bits_as_float32(a, b, exact):
 
 def matmul_pm1(a, b, exact):
     """``a @ b`` of raw arrays where operand ``exact`` ("a" or "b") is known to hold only
-    +-1 and 0 (a binary layer's backward): :func:`split_matmul_pm1` when
-    :func:`bf16_backward` covers these arrays (and, on CuPy, GemmEx works here), else
-    :func:`matmul`."""
+    +-1 and 0 (a binary layer's backward), float32 or given as its bf16 bit patterns
+    (uint16): :func:`split_matmul_pm1` when :func:`bf16_backward` covers these arrays (and,
+    on CuPy, GemmEx works here), else :func:`matmul` (of the bits' float32 values)."""
     mode = bf16_backward()
     bits = exact in ("a", "b") and (a if exact == "a" else b).dtype == np.uint16
     if (mode != "off" and a.ndim == 2 and b.ndim == 2 and exact in ("a", "b")
