@@ -18,6 +18,13 @@ Control, by environment variable (read on every call):
 
 A corrupt cache file is ignored with a warning (and replaced at the next write); a cache
 directory that cannot be written costs a warning, the choice is then kept in memory only.
+
+Each record keeps the 1-minute load average and the usable cores at the time it was
+measured. A choice measured while other work loaded the machine (:func:`busy`: a load
+average above 1.5 times the cores, more than this process's own threads make) can be the
+wrong one (one such record on a 2-core Zen 4 kept a slower kernel for the 100-row class), so a
+later process that finds the machine quiet (a load average under half the cores) measures
+that class again and replaces the record.
 """
 
 import copy
@@ -32,7 +39,7 @@ import numpy as np
 
 __all__ = ["isa_features", "ISA_PROFILES", "isa_profile_environment", "machine_key",
            "cache_dir", "cache_path", "shape_class", "static_choice", "choose", "tune",
-           "clear_memory"]
+           "clear_memory", "busy"]
 
 CACHE_FILE = "gemm_autotune.json"
 FORMAT = 1
@@ -261,6 +268,32 @@ def static_choice(available, isa=None):
     return available[0]
 
 
+def _load_and_cores():
+    """(1-minute load average or None where the OS has none, the cores this process may use)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = None
+    return load, cores
+
+
+def busy(load=None, cores=None):
+    """Whether other work loads the machine: the 1-minute load average above 1.5 times the
+    usable cores (this process's own threads count in it too, up to the cores). Without a
+    load average (Windows), False."""
+    if load is None and cores is None:
+        load, cores = _load_and_cores()
+    return load is not None and load > 1.5 * cores
+
+
+def _quiet(load, cores):
+    return load is not None and load < 0.5 * cores
+
+
 def _load(path):
     """The cache's dict, or an empty one (with a warning when the file is unreadable)."""
     try:
@@ -378,14 +411,17 @@ def _choose(m, n, w, available, run):
     isa = isa_features()
     key = machine_key(isa)
     record = _load(path)["machines"].get(key, {}).get("choices", {}).get(cls)
+    load, cores = _load_and_cores()
     if isinstance(record, dict) and record.get("kernel") in available and \
-            record.get("tuner") == TUNER:
+            record.get("tuner") == TUNER and not (
+                record.get("busy") and _quiet(load, cores)):  # else measured again, now quiet
         _memory[mem_key] = record["kernel"]
         return record["kernel"]
     times = tune(run, available, tm, tn, tw)
     best = min(times, key=times.get)
     _save(path, key, isa, cls, {"kernel": best, "tuner": TUNER, "timed_shape": [tm, tn, 64 * tw],
-                                "seconds": times,
+                                "seconds": times, "load_average": load, "cores": cores,
+                                "busy": busy(load, cores),
                                 "date": time.strftime("%Y-%m-%dT%H:%M:%S")})
     _memory[mem_key] = best
     return best

@@ -480,6 +480,34 @@ def test_choice_is_measured_written_and_read_back(cache):
     assert calls
 
 
+def test_a_choice_measured_on_a_busy_machine_is_measured_again_once_it_is_quiet(cache,
+                                                                                   monkeypatch):
+    """Each record keeps the load average and cores it was measured under; a record made
+    while the machine was busy (load > 1.5 x cores) is trusted while it stays busy, and
+    measured again (and replaced) by a process that finds it quiet (load < cores / 2)."""
+    calls = []
+    names = ("generic", "scalar")
+    monkeypatch.setattr(autotune, "_load_and_cores", lambda: (7.5, 2))
+    autotune.choose(100, 4096, 64, names, fake_runner(calls))
+    cls = autotune.shape_class(100, 4096, 64)[0]
+    (machine,) = json.loads(cache.read_text())["machines"].values()
+    record = machine["choices"][cls]
+    assert record["busy"] is True and record["load_average"] == 7.5 and record["cores"] == 2
+    assert autotune.busy(7.5, 2) and not autotune.busy(2.5, 2) and not autotune.busy(None, 2)
+    for load, retimed in ((7.5, False), (1.5, False), (0.4, True)):
+        autotune.clear_memory()
+        calls.clear()
+        monkeypatch.setattr(autotune, "_load_and_cores", lambda load=load: (load, 2))
+        autotune.choose(100, 4096, 64, names, fake_runner(calls))
+        assert bool(calls) == retimed, load
+    (machine,) = json.loads(cache.read_text())["machines"].values()
+    assert machine["choices"][cls]["busy"] is False  # the quiet measurement replaced it
+    autotune.clear_memory()
+    calls.clear()
+    autotune.choose(100, 4096, 64, names, fake_runner(calls))  # and is trusted from now on
+    assert calls == []
+
+
 def test_other_shape_classes_are_timed_apart(cache):
     calls = []
     autotune.choose(100, 4096, 64, ("generic", "scalar"), fake_runner(calls))
