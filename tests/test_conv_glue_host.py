@@ -4,8 +4,9 @@ through its real wrapper (kernels/cupy_conv.py), equals the NumPy reference bit 
 No GPU is needed: the kernels use no shared memory, no synchronisation and no warp
 functions, only a grid-stride loop over outputs, so running every (block, thread) of a
 small launch one after the other on the host computes exactly what the GPU computes
-(float adds and compares are IEEE on both; the kernels never multiply floats, so there
-is nothing to contract into an FMA). A shim defines ``__global__`` and ``__device__``
+(float adds and compares are IEEE on both, except that CuPy compiles with -ftz=true, so
+the GPU flushes subnormal sums to zero, which no test value here produces; the kernels
+never multiply floats, so there is nothing to contract into an FMA). A shim defines ``__global__`` and ``__device__``
 away and makes ``blockIdx``, ``threadIdx``, ``blockDim`` and ``gridDim`` host variables;
 ``cupy_conv`` is pointed at NumPy arrays and at these host kernels. This checks the index
 arithmetic, the argument lists and the summation orders of the very source the GPU runs;
