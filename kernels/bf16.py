@@ -45,8 +45,11 @@ def round_bits(x):
 
 
 def to_float32(bits):
-    """The float32 values of bf16 bit patterns (uint16): exact."""
-    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+    """The float32 values of bf16 bit patterns (uint16): exact. A CuPy array stays on the
+    GPU (the arithmetic is the same)."""
+    if not hasattr(bits, "astype"):  # lists, scalars: as NumPy
+        bits = np.asarray(bits, dtype=np.uint16)
+    return (bits.astype(np.uint16, copy=False).astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
 def split(x, parts=PARTS):

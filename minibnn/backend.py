@@ -300,10 +300,11 @@ def _bf16_bits_as_float32(a, b, exact):
     """(a, b) with the exact operand, when given as bfloat16 bit patterns (uint16, e.g.
     ``cupy_conv.im2col(..., bf16=True)``), turned into its float32 values (exact); the
     float operand is never changed."""
+    from .kernels import bf16
     s = a if exact == "a" else b
     if getattr(s, "dtype", None) != np.uint16:
         return a, b
-    f = (s.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    f = bf16.to_float32(s)
     return (f, b) if exact == "a" else (a, f)
 
 
