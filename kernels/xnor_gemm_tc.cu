@@ -346,29 +346,37 @@ __device__ __forceinline__ void tc_gemm(u64* smem, const u64* __restrict__ A,
 #define TC128 TC_BM, TC_BN, 2, TC_STAGES
 #define TC256 TC256_BM, TC256_BN, 4, TC256_STAGES
 
-// Tiled, 128 x 128: int32 output.
-extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
-xnor_gemm_tc(const u64* __restrict__ A, const u64* __restrict__ B,
-             const int* __restrict__ pop_a, const int* __restrict__ pop_b,
-             int* __restrict__ C, int M, int N, int Wp, int K)
-{
-    extern __shared__ __align__(16) u64 smem[];
-    tc_gemm<TC128, false, false>(smem, A, B, pop_a, pop_b, C, nullptr, 1, nullptr, 0, M, N, Wp,
-                                 true, K);
+// The tiled entries of one block tile: NAME (int32 output C) and NAME_threshold (the
+// threshold-and-pack epilogue: `out` (M, words) uint64, thr int64 (periods, N), periods >= 1;
+// row i uses table row i mod periods: a conv layer's positions). Operands padded by the
+// caller, with their row popcounts (see the top of this file).
+#define TC_TILED_ENTRIES(NAME, TILE, MIN_BLOCKS)                                             \
+extern "C" __global__ void __launch_bounds__(TC_THREADS, MIN_BLOCKS)                        \
+NAME(const u64* __restrict__ A, const u64* __restrict__ B,                                  \
+     const int* __restrict__ pop_a, const int* __restrict__ pop_b,                          \
+     int* __restrict__ C, int M, int N, int Wp, int K)                                      \
+{                                                                                           \
+    extern __shared__ __align__(16) u64 smem[];                                             \
+    tc_gemm<TILE, false, false>(smem, A, B, pop_a, pop_b, C, nullptr, 1, nullptr, 0, M, N,  \
+                                Wp, true, K);                                               \
+}                                                                                           \
+                                                                                            \
+extern "C" __global__ void __launch_bounds__(TC_THREADS, MIN_BLOCKS)                        \
+NAME##_threshold(const u64* __restrict__ A, const u64* __restrict__ B,                      \
+                 const int* __restrict__ pop_a, const int* __restrict__ pop_b,              \
+                 const long long* __restrict__ thr, long long periods,                      \
+                 u64* __restrict__ out, long long words, int M, int N, int Wp, int K)       \
+{                                                                                           \
+    extern __shared__ __align__(16) u64 smem[];                                             \
+    tc_gemm<TILE, true, false>(smem, A, B, pop_a, pop_b, nullptr, thr, periods, (u32*)out,  \
+                               2 * words, M, N, Wp, true, K);                               \
 }
 
-// The GEMM with the threshold-and-pack epilogue: `out` (M, words) uint64, thr int64
-// (periods, N), periods >= 1 (row i uses table row i mod periods: a conv layer's positions).
-extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
-xnor_gemm_tc_threshold(const u64* __restrict__ A, const u64* __restrict__ B,
-                       const int* __restrict__ pop_a, const int* __restrict__ pop_b,
-                       const long long* __restrict__ thr, long long periods,
-                       u64* __restrict__ out, long long words, int M, int N, int Wp, int K)
-{
-    extern __shared__ __align__(16) u64 smem[];
-    tc_gemm<TC128, true, false>(smem, A, B, pop_a, pop_b, nullptr, thr, periods, (u32*)out,
-                                2 * words, M, N, Wp, true, K);
-}
+// 128 x 128, two blocks per SM (dynamic shared memory TC_SMEM_BYTES).
+TC_TILED_ENTRIES(xnor_gemm_tc, TC128, 2)
+
+// 256 x 128, one block per SM (A padded to 256 rows, B to 128; TC256_SMEM_BYTES).
+TC_TILED_ENTRIES(xnor_gemm_tc256, TC256, 1)
 
 // The direct forms (128 x 128): unpadded A (M, W), B (N, W), W > 0; wide != 0 when W is
 // even and both base addresses are 16-byte aligned. Dynamic shared memory
@@ -391,27 +399,4 @@ xnor_gemm_tc_direct_threshold(const u64* __restrict__ A, const u64* __restrict__
     extern __shared__ __align__(16) u64 smem[];
     tc_gemm<TC128, true, true>(smem, A, B, nullptr, nullptr, nullptr, thr, periods, (u32*)out,
                                2 * words, M, N, W, wide != 0, K);
-}
-
-// Tiled, 256 x 128 (A padded to 256 rows, B to 128): arguments as xnor_gemm_tc and
-// xnor_gemm_tc_threshold. Dynamic shared memory TC256_SMEM_BYTES.
-extern "C" __global__ void __launch_bounds__(TC_THREADS, 1)
-xnor_gemm_tc256(const u64* __restrict__ A, const u64* __restrict__ B,
-                const int* __restrict__ pop_a, const int* __restrict__ pop_b,
-                int* __restrict__ C, int M, int N, int Wp, int K)
-{
-    extern __shared__ __align__(16) u64 smem[];
-    tc_gemm<TC256, false, false>(smem, A, B, pop_a, pop_b, C, nullptr, 1, nullptr, 0, M, N, Wp,
-                                 true, K);
-}
-
-extern "C" __global__ void __launch_bounds__(TC_THREADS, 1)
-xnor_gemm_tc256_threshold(const u64* __restrict__ A, const u64* __restrict__ B,
-                          const int* __restrict__ pop_a, const int* __restrict__ pop_b,
-                          const long long* __restrict__ thr, long long periods,
-                          u64* __restrict__ out, long long words, int M, int N, int Wp, int K)
-{
-    extern __shared__ __align__(16) u64 smem[];
-    tc_gemm<TC256, true, false>(smem, A, B, pop_a, pop_b, nullptr, thr, periods, (u32*)out,
-                                2 * words, M, N, Wp, true, K);
 }

@@ -321,7 +321,8 @@ DYNAMIC = "extern __shared__ __align__(16) u64 smem[];"
 def _tc_source():
     src = read_source("xnor_gemm_tc.cu")
     start, end = src.index(BEGIN), src.index(END)
-    assert src.count(DYNAMIC) == 6  # one per entry
+    # one per entry definition (the tiled pair is written once, in a macro used twice)
+    assert src.count(DYNAMIC) == src.count('extern "C" __global__') == 4
     src = src[:start] + TC_STANDINS + src[end:]
     src = src.replace(DYNAMIC, "u64* smem = (u64*)emu_dynamic_smem();")
     return EMULATOR + RUNNER + '#line 1 "xnor_gemm_tc.cu"\n' + src + TC_WRAPPERS
