@@ -9,7 +9,8 @@ them with ``benchmarks/gpu_check.sh``, the committed ones are in benchmarks/resu
   ``cupy tensorcore*`` rows of a shape, the form named) at 8192^3 (goal >= 3,000) and 4096^3
   (>= 1,500), and at 100 x 4096 x 4096 against cuBLAS fp16 of the same run (>= 1x);
 * ``inference_gpu.json`` (bench_inference): the frozen 3 x 4096 MLP on 10,000 images
-  against the float32 CuPy forward (>= 10x) and the float16 one (>= 1.5x); whether the
+  against the float32 CuPy forward (>= 10x) and the float16 one (>= 1.5x), with the images
+  copied from the host and (where the run has those rows) already on the GPU; whether the
   ConvNet's GPU rows are there (#8);
 * ``train_gpu.json`` (bench_train): the fastest minibnn step of the MLP 3 x 4096 (batch 100)
   against PyTorch with a CUDA graph (>= 1x; aim 2x PyTorch eager) and of the CIFAR-10

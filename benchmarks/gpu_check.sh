@@ -113,37 +113,29 @@ MINIBNN_BACKEND=cupy step 170 $PY -m pytest -n 12 -q -rfEs --tb=short \
     -p no:cacheprovider --timeout 100 > "$OUT/pytest_cupy.log" 2>&1
 stamp "pytest (cupy) rc=$?"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_cupy.log" | cut -c1-200 | head -30
 tail -1 "$OUT/pytest_cupy.log"
-if [ "$PHASE" = verify ]; then  # the suite and the inference rows only (about 3 minutes)
-    step 60 $PY benchmarks/bench_inference.py --nets mlp --backends cupy --repeats 3 \
-        --out "$OUT" > "$OUT/bench_inference.log" 2>&1
-    stamp "bench_inference rc=$?"; grep -E "cupy" "$OUT/bench_inference.log" | cut -c1-200 | head -24
-    step 40 $PY benchmarks/bench_inference.py --nets convnet --conv-images 5000 --backends cupy \
-        --repeats 3 --out "$OUT" > "$OUT/bench_inference_conv.log" 2>&1
-    stamp "bench_inference convnet rc=$?"; grep -E "cupy|cuDNN" "$OUT/bench_inference_conv.log" \
-        | cut -c1-200 | head -8
-    $PY benchmarks/goals.py "$OUT" | tee "$OUT/goals.txt"
-    stamp "verify done"
-    exit 0
+if [ "$PHASE" = check ]; then  # verify: the suite and the inference rows only (3 minutes)
+    step 110 $PY benchmarks/bench_train.py --steps 20 --repeats 3 --backends cupy \
+        --nets mlp4096,cifar10_convnet --out "$OUT" > "$OUT/bench_train.log" 2>&1
+    stamp "bench_train rc=$?"; grep -A10 "^mlp4096 (\|^cifar10_convnet (" "$OUT/bench_train.log"
+    step 90 $PY benchmarks/bench_gemm.py --backends numpy,cupy --repeats 3 --out "$OUT" \
+        > "$OUT/bench_gemm.log" 2>&1
+    stamp "bench_gemm rc=$?"; grep -E "^[0-9]+x[0-9]+x[0-9]+ " "$OUT/bench_gemm.log" | cut -c1-170
 fi
-step 110 $PY benchmarks/bench_train.py --steps 20 --repeats 3 --backends cupy \
-    --nets mlp4096,cifar10_convnet --out "$OUT" > "$OUT/bench_train.log" 2>&1
-stamp "bench_train rc=$?"; grep -A10 "^mlp4096 (\|^cifar10_convnet (" "$OUT/bench_train.log"
-step 90 $PY benchmarks/bench_gemm.py --backends numpy,cupy --repeats 3 --out "$OUT" \
-    > "$OUT/bench_gemm.log" 2>&1
-stamp "bench_gemm rc=$?"; grep -E "^[0-9]+x[0-9]+x[0-9]+ " "$OUT/bench_gemm.log" | cut -c1-170
 step 60 $PY benchmarks/bench_inference.py --nets mlp --backends cupy --repeats 3 --out "$OUT" \
     > "$OUT/bench_inference.log" 2>&1
-stamp "bench_inference rc=$?"; grep -E "cupy|by stage" "$OUT/bench_inference.log" | cut -c1-300 | head -16
+stamp "bench_inference rc=$?"; grep -E "cupy|by stage" "$OUT/bench_inference.log" | cut -c1-300 | head -24
 step 75 $PY benchmarks/bench_inference.py --nets convnet --conv-images 5000 --backends cupy \
     --repeats 3 --out "$OUT" > "$OUT/bench_inference_conv.log" 2>&1  # joins the MLPs' JSON
 stamp "bench_inference convnet rc=$?"; grep -E "cupy|cuDNN|by stage" "$OUT/bench_inference_conv.log" \
     | cut -c1-300 | head -12
-step 50 $PY benchmarks/profile_gpu.py --steps 10 --top 18 --out "$OUT" > "$OUT/profile_gpu.log" 2>&1
-stamp "profile_gpu rc=$?"; grep -A8 "^[a-z0-9_]* / " "$OUT/profile_gpu.log" | cut -c1-150
-step 40 $PY benchmarks/bench_split_gemm.py --out "$OUT" > "$OUT/bench_split_gemm.log" 2>&1
-stamp "bench_split_gemm rc=$?"; tail -18 "$OUT/bench_split_gemm.log" | cut -c1-200
-step 30 $PY benchmarks/bench_conv_glue.py --backends cupy --out "$OUT" > "$OUT/bench_conv_glue.log" 2>&1
-stamp "bench_conv_glue rc=$?"; tail -12 "$OUT/bench_conv_glue.log" | cut -c1-150
+if [ "$PHASE" = check ]; then
+    step 50 $PY benchmarks/profile_gpu.py --steps 10 --top 18 --out "$OUT" > "$OUT/profile_gpu.log" 2>&1
+    stamp "profile_gpu rc=$?"; grep -A8 "^[a-z0-9_]* / " "$OUT/profile_gpu.log" | cut -c1-150
+    step 40 $PY benchmarks/bench_split_gemm.py --out "$OUT" > "$OUT/bench_split_gemm.log" 2>&1
+    stamp "bench_split_gemm rc=$?"; tail -18 "$OUT/bench_split_gemm.log" | cut -c1-200
+    step 30 $PY benchmarks/bench_conv_glue.py --backends cupy --out "$OUT" > "$OUT/bench_conv_glue.log" 2>&1
+    stamp "bench_conv_glue rc=$?"; tail -12 "$OUT/bench_conv_glue.log" | cut -c1-150
+fi
 wait
 $PY benchmarks/goals.py "$OUT" | tee "$OUT/goals.txt"
-stamp "check done"
+stamp "$PHASE done"
