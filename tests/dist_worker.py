@@ -181,8 +181,11 @@ def case_train(comm, out):
 
 
 def fail(how, out):
-    """``python -m minibnn train --distributed`` where rank 1 fails in its 15th step (the
-    3rd of epoch 2, after epoch 1's checkpoint): ``raise`` raises, ``kill`` kills itself."""
+    """``python -m minibnn train --distributed`` where rank 1 fails in its 27th step (the
+    3rd of epoch 3): ``raise`` raises, ``kill`` kills itself. Checkpoints are written in a
+    background thread while the next epoch trains, at most one in flight: by then epoch 1's
+    is on disk for sure (epoch 2's submit waited for it), epoch 2's may still be in flight
+    and is lost when mpiexec SIGKILLs rank 0."""
     import os
     import signal
 
@@ -191,7 +194,7 @@ def fail(how, out):
 
     def failing_step(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 15 and comm_rank() == 1:
+        if len(calls) == 27 and comm_rank() == 1:
             if how == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError("injected failure on rank 1")
@@ -199,7 +202,7 @@ def fail(how, out):
 
     T.train_step = failing_step
     return cli.main(["train", "--distributed", "--hidden", "16", "--layers", "1",
-                     "--batch-size", "50", "--train-limit", "600", "--epochs", "3",
+                     "--batch-size", "50", "--train-limit", "600", "--epochs", "4",
                      "--no-progress", "--out", str(Path(out) / "run")])
 
 

@@ -311,8 +311,13 @@ def W_read(path):
 
 @pytest.mark.parametrize("how", ["raise", "kill"])
 def test_a_failing_rank_stops_the_job_and_keeps_the_checkpoint(tmp_path, how):
-    """Rank 1 raises (or is killed) in epoch 2: the job ends non-zero within the timeout,
-    rank 1 says what failed, and epoch 1's checkpoint still loads and resumes."""
+    """Rank 1 raises (or is killed) in epoch 3: the job ends non-zero within the timeout,
+    rank 1 says what failed, and the last complete checkpoint still loads and resumes.
+
+    Which one that is depends on timing: epoch 2's checkpoint is written in the background
+    while epoch 3 trains, and mpiexec SIGKILLs rank 0 (no handler can finish the write), so
+    it is epoch 2's if that write ended before the failure, else epoch 1's (which epoch 2's
+    write waited for). Either way it is whole: the write is atomic."""
     mpi_or_skip()
     t0 = time.monotonic()
     res = mpirun(str(WORKER), how, str(tmp_path), timeout=120)
@@ -322,7 +327,7 @@ def test_a_failing_rank_stops_the_job_and_keeps_the_checkpoint(tmp_path, how):
         assert "rank 1 of 2 failed: RuntimeError: injected failure on rank 1" in res.stderr
         assert f"the last complete checkpoint in {tmp_path / 'run'} is kept" in res.stderr
     ck = T.read_checkpoint(tmp_path / "run")
-    assert ck["meta"]["epoch"] == 1 and ck["meta"]["ranks"] == 2
+    assert ck["meta"]["epoch"] in (1, 2) and ck["meta"]["ranks"] == 2
     # mpiexec may return while the aborted rank 0 is still exiting, its run-folder lock
     # (released by the kernel when the process ends) not yet free: wait for that, bounded
     from minibnn import runs
@@ -337,7 +342,7 @@ def test_a_failing_rank_stops_the_job_and_keeps_the_checkpoint(tmp_path, how):
     said = []
     resumed = T.train(run_dir=tmp_path / "run", resume=True, progress=False, stop_after=1,
                       log=said.append)
-    assert len(resumed["history"]) == 2
+    assert len(resumed["history"]) == ck["meta"]["epoch"] + 1
     assert any("trained on 2 rank(s) and resumes on 1" in line for line in said), said
 
 
