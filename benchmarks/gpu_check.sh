@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_check.sh OUT_DIR [CIFAR_ARCHIVE_OR_BIN_DIR] [PHASE]
 #
 # PHASE "verify" runs the suite and the inference benchmarks alone (a second, short call
-# after fixes). PHASE "check" (the default; at most GPU_CHECK_LIMIT = 560 s, usually less) runs, in this
+# after fixes); PHASE "gemm" the GEMM kernels' GPU tests and bench_gemm alone (about 3
+# minutes: a call that fits beside a 9-minute phase in one session). PHASE "check" (the default; at most GPU_CHECK_LIMIT = 560 s, usually less) runs, in this
 # order, each under its own time limit, writing logs and JSON to OUT_DIR and a summary to
 # stdout: the test suite on the cupy backend (pytest -n 12), bench_train (MLP 3x4096 and
 # the CIFAR-10 ConvNet beside PyTorch eager and CUDA graph, with the opt-in bf16 backward
@@ -34,7 +35,7 @@
 # with GPU_CHECK_TAR set, OUT_DIR is tarred there after every step, so a call stopped by
 # its time limit still brings back what it had done.
 set -u
-OUT=${1:?usage: gpu_check.sh OUT_DIR [CIFAR_ARCHIVE_OR_BIN_DIR] [check|mnist-recipe|cifar-run]}
+OUT=${1:?usage: gpu_check.sh OUT_DIR [CIFAR_ARCHIVE_OR_BIN_DIR] [check|verify|gemm|mnist-recipe|cifar-run]}
 DATA=${2:-}
 PHASE=${3:-check}
 mkdir -p "$OUT"
@@ -67,7 +68,7 @@ FIT_BUDGET=${GPU_FIT_BUDGET:-510}
 fit_run() {
     local name=$1 cap=$2; shift 2
     local t0=$(date +%s%N)
-    timeout -s INT 150 $PY -m minibnn --backend cupy train "$@" --epochs 3 --checkpoint-every 3 \
+    timeout -s INT -k 30 150 $PY -m minibnn --backend cupy train "$@" --epochs 3 --checkpoint-every 3 \
         --no-progress --out /tmp/minibnn-runs/$name-probe > "$OUT/${name}_probe.log" 2>&1
     local rc=$?
     local probe_s=$(awk "BEGIN { print ($(date +%s%N) - $t0) / 1e9 }")
@@ -77,7 +78,7 @@ fit_run() {
         --probe-seconds "$probe_s" --budget "$FIT_BUDGET" --cap "$cap") \
         || { echo "no probe result"; return 1; }
     stamp "$name: $epochs epochs"
-    timeout -s INT $((FIT_BUDGET + 30)) $PY -m minibnn --backend cupy train "$@" --epochs "$epochs" \
+    timeout -s INT -k 30 $((FIT_BUDGET + 30)) $PY -m minibnn --backend cupy train "$@" --epochs "$epochs" \
         --checkpoint-every 50 --no-progress --out /tmp/minibnn-runs/$name > "$OUT/$name.log" 2>&1
     rc=$?
     cp /tmp/minibnn-runs/$name/metrics.json "$OUT/${name}_metrics.json" 2>/dev/null
@@ -85,6 +86,17 @@ fit_run() {
 }
 case "$PHASE" in
 check|verify) ;;
+gemm)  # the GEMM forms alone (about 3 minutes): their GPU tests, then bench_gemm
+    MINIBNN_BACKEND=cupy timeout -s INT -k 15 100 $PY -m pytest -n 12 -q -rfEs --tb=short \
+        -p no:cacheprovider --timeout 60 tests/test_kernels.py > "$OUT/pytest_kernels.log" 2>&1
+    stamp "pytest tests/test_kernels.py (cupy) rc=$?"
+    grep -E "^(FAILED|ERROR)" "$OUT/pytest_kernels.log" | cut -c1-200 | head -20
+    tail -1 "$OUT/pytest_kernels.log"
+    timeout -s INT -k 15 150 $PY benchmarks/bench_gemm.py --backends numpy,cupy --repeats 3 \
+        --out "$OUT" > "$OUT/bench_gemm.log" 2>&1
+    stamp "bench_gemm rc=$?"; grep -E "^[0-9]+x[0-9]+x[0-9]+ " "$OUT/bench_gemm.log" | cut -c1-170
+    $PY benchmarks/goals.py "$OUT" | grep "GEMM"
+    exit 0 ;;
 mnist-recipe)
     fit_run mnist_recipe 1000 --hidden 4096 --dropout-in 0.2 --dropout-hidden 0.5 \
         --lr-start 3e-3 --lr-end 3e-7
@@ -97,7 +109,7 @@ cifar-run)
         --lr-start 1e-3 --lr-end 3e-7
     $PY benchmarks/goals.py "$OUT" | grep "CIFAR-10 run"
     exit 0 ;;
-*) echo "PHASE: expected check, verify, mnist-recipe or cifar-run, got $PHASE"; exit 2 ;;
+*) echo "PHASE: expected check, verify, gemm, mnist-recipe or cifar-run, got $PHASE"; exit 2 ;;
 esac
 # step LIMIT CMD...: CMD under the smaller of LIMIT and what is left of GPU_CHECK_LIMIT
 # seconds (default 560) since the start, or skipped when under 15 s are left; so one device
@@ -107,7 +119,7 @@ step() {
     local left=$(( ${GPU_CHECK_LIMIT:-560} - ($(date +%s) - T0) ))
     if [ "$left" -lt 15 ]; then echo "skipped (${left} s left): $*"; return 124; fi
     [ "$left" -lt "$limit" ] && limit=$left
-    timeout -s INT "$limit" "$@"
+    timeout -s INT -k 15 "$limit" "$@"
 }
 MINIBNN_BACKEND=cupy step 170 $PY -m pytest -n 12 -q -rfEs --tb=short \
     -p no:cacheprovider --timeout 100 > "$OUT/pytest_cupy.log" 2>&1

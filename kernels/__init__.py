@@ -110,9 +110,11 @@ Besides these:
   measuring); ``numba_cpu.xnor_gemm`` also takes ``out=`` (an int32 (M, N) buffer to
   reuse), and ``numba_cpu.bitplane_gemm`` takes ``kernel=None`` (``"generic"`` or one of
   the ``simd``/``scalar`` kernels; default the autotune's choice). ``cupy_gpu``:
-  ``("tensorcore", "tensorcore_direct", "tensorcore_tiled", "tensorcore_tiled256", "cuda")``
-  on compute capability >= 8.0 (``"tensorcore"`` runs the fastest tensor-core form for the
-  product's shape class, timed on first use), else
+  ``("tensorcore", "tensorcore_direct", "tensorcore_tiled", "tensorcore_tiled256",
+  "tensorcore_direct_ldm", "tensorcore_tiled_ldm", "tensorcore_tiled256_ldm", "cuda")`` on
+  compute capability >= 8.0 (``"tensorcore"`` runs the fastest tensor-core form for the
+  product's shape class, timed on first use; the 256-row forms where a block may have
+  their shared memory), else
   ``("cuda",)`` (asks the current GPU), the default first.
 - ``cupy_gpu.available()``: ``(True, "")`` or ``(False, reason)``, the one check of
   whether the GPU path can run (``minibnn.backend`` reports its reason). Without CuPy,

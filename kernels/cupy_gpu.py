@@ -13,8 +13,14 @@ Same conventions and results as :mod:`minibnn.kernels.reference`. Two GEMM kerne
   ``"tensorcore_tiled256"`` is the same with 256 x 128 tiles (fewer loads per product,
   one block per SM); ``"tensorcore_direct"`` (128 x 128) reads the operands as they are
   (loads past the edges are zero-filled) and counts the popcounts itself, so a product is
-  one launch. Plain ``"tensorcore"`` runs the fastest of them for the product's shape
-  class, timed on the GPU at hand by the first product of that class
+  one launch. Each has an ``"_ldm"`` twin (``"tensorcore_direct_ldm"``,
+  ``"tensorcore_tiled_ldm"``, ``"tensorcore_tiled256_ldm"``) that loads the mma's
+  fragments with ``ldmatrix`` in the order the mma takes them, where the others load 64-bit
+  words and move their halves into place (83 moves per 32 mma in ptxas's sm_90 code of the
+  tiled form, 4 in its twin's: ``tools/sass_mainloop.py``). Plain ``"tensorcore"`` runs
+  the fastest of them for the product's shape class (six forms where a block may have 144
+  KiB of shared memory, as on H100; four where it may have 99 KiB), timed on the GPU at
+  hand by the first product of that class
   (``MINIBNN_TC_FORM`` forces one; ``MINIBNN_GPU_AUTOTUNE=0``, or a product first met
   while a CUDA graph is being captured, takes the direct form up to ``DIRECT_MAX_ROWS``
   rows of A, where the tiled forms' extra launches cost more than the product, and the
@@ -31,6 +37,7 @@ launch; kernels compile lazily, once per device.
 """
 
 import os
+from types import MappingProxyType
 
 import numpy as np
 
@@ -49,11 +56,25 @@ _TC_SMEM_BYTES = 3 * (128 + 128) * 12 * 8  # TC_SMEM_BYTES in xnor_gemm_tc.cu
 _TC_DIRECT_SMEM_BYTES = _TC_SMEM_BYTES + (128 + 128) * 4  # TC_DIRECT_SMEM_BYTES there
 _TC256_ROWS = 256  # TC256_BM: rows of A per block of xnor_gemm_tc256 (its B tile is 128)
 _TC256_SMEM_BYTES = 4 * (256 + 128) * 12 * 8  # TC256_SMEM_BYTES there
+_TCL_SMEM_BYTES = 4 * (128 + 128) * 10 * 8  # TCL_SMEM_BYTES there (the ldmatrix forms)
+_TCL_DIRECT_SMEM_BYTES = _TCL_SMEM_BYTES + (128 + 128) * 4  # TCL_DIRECT_SMEM_BYTES there
+_TCL256_SMEM_BYTES = 4 * (256 + 128) * 10 * 8  # TCL256_SMEM_BYTES there
 #: Rows of A up to which plain ``"tensorcore"`` runs the direct form when it does not time
 #: the forms (see ``_tensorcore_form``). A guess, not yet measured on a GPU:
 #: ``benchmarks/bench_gemm.py`` times every form at each shape.
 DIRECT_MAX_ROWS = 1024
-_TC_FORMS = ("tensorcore_direct", "tensorcore_tiled", "tensorcore_tiled256")
+#: The tensor-core forms: (entry name, dynamic shared memory bytes, rows of A per block,
+#: direct). The "_ldm" ones load fragments with ldmatrix (see xnor_gemm_tc.cu); the untimed
+#: rule of ``_tensorcore_form`` uses the first two.
+_TC_SPECS = MappingProxyType({  # read-only: a table, not one of the module's caches
+    "tensorcore_direct": ("xnor_gemm_tc_direct", _TC_DIRECT_SMEM_BYTES, _TILE, True),
+    "tensorcore_tiled": ("xnor_gemm_tc", _TC_SMEM_BYTES, _TILE, False),
+    "tensorcore_tiled256": ("xnor_gemm_tc256", _TC256_SMEM_BYTES, _TC256_ROWS, False),
+    "tensorcore_direct_ldm": ("xnor_gemm_tcl_direct", _TCL_DIRECT_SMEM_BYTES, _TILE, True),
+    "tensorcore_tiled_ldm": ("xnor_gemm_tcl", _TCL_SMEM_BYTES, _TILE, False),
+    "tensorcore_tiled256_ldm": ("xnor_gemm_tcl256", _TCL256_SMEM_BYTES, _TC256_ROWS, False),
+})
+_TC_FORMS = tuple(_TC_SPECS)
 _INT32_MAX = 2**31 - 1
 _MAX_ROWS = 65535 * _TILE  # rows of A one GEMM launch can cover (grid y-dimension limit)
 
@@ -137,17 +158,19 @@ def _max_shared_per_block():
 
 def available_kernels():
     """GEMM kernels the current GPU can run, the default first: ``("tensorcore",
-    "tensorcore_direct", "tensorcore_tiled", "tensorcore_tiled256", "cuda")`` on compute
-    capability >= 8.0 (the first runs the fastest of the next ones for the product's shape
-    class, timed on first use; the 256-row form only where a block may have its 144 KiB of
-    shared memory), else ``("cuda",)``."""
+    "tensorcore_direct", "tensorcore_tiled", "tensorcore_tiled256", "tensorcore_direct_ldm",
+    "tensorcore_tiled_ldm", "tensorcore_tiled256_ldm", "cuda")`` on compute capability >=
+    8.0 (the first runs the fastest of the next ones for the product's shape class, timed on
+    first use; each form only where a block may have its shared memory: the 256-row ones
+    need 144 and 120 KiB), else ``("cuda",)``."""
     device = _device()
     names = _kernels.get(device)
     if names is None:  # asked once per device: every product checks its kernel name
         if _capability() < 80:
             names = ("cuda",)
         else:
-            forms = _TC_FORMS if _max_shared_per_block() >= _TC256_SMEM_BYTES else _TC_FORMS[:2]
+            room = _max_shared_per_block()
+            forms = tuple(f for f in _TC_FORMS if _TC_SPECS[f][1] <= room)
             names = ("tensorcore",) + forms + ("cuda",)
         _kernels[device] = names
     return names
@@ -329,7 +352,7 @@ def _launch(a, rows, prepared, k, kernel, tail, threshold_args=None):
             a, rows, prepared, k, form, tail, threshold_args))
         if done:  # timed: the forms' launches already wrote the (same) result
             return
-    row_tile = _TC256_ROWS if kernel == "tensorcore_tiled256" else _TILE
+    entry, smem, row_tile, direct = _TC_SPECS.get(kernel, (None, 0, _TILE, False))
     grid = ((n + _TILE - 1) // _TILE, (m + row_tile - 1) // row_tile)
     sizes = (np.int32(m), np.int32(n))
     suffix = "" if threshold_args is None else "_threshold"
@@ -339,19 +362,17 @@ def _launch(a, rows, prepared, k, kernel, tail, threshold_args=None):
             grid, (_THREADS,), (cp.ascontiguousarray(a), cp.ascontiguousarray(rows), *lead,
                                 *tail, *sizes, np.int32(w), np.int32(k)))
         return
-    if kernel == "tensorcore_direct":
+    if direct:
         a, rows = cp.ascontiguousarray(a), cp.ascontiguousarray(rows)
         # 16-byte copies where every row starts on a 16-byte boundary, else 8-byte ones
         wide = w % 2 == 0 and a.data.ptr % 16 == 0 and rows.data.ptr % 16 == 0
-        fn = _tc_function("xnor_gemm_tc_direct" + suffix, _TC_DIRECT_SMEM_BYTES)
+        fn = _tc_function(entry + suffix, smem)
         fn(grid, (_THREADS,), (a, rows, *lead, *tail, *sizes, np.int32(w), np.int32(wide),
-                               np.int32(k)), shared_mem=_TC_DIRECT_SMEM_BYTES)
+                               np.int32(k)), shared_mem=smem)
         return
     ap, pop_a = _tc_operand(cp.asarray(a), row_tile)
     bp, pop_b = prepared.tensorcore_form() if prepared is not None else _tc_operand(rows)
-    name, smem = (("xnor_gemm_tc256", _TC256_SMEM_BYTES) if kernel == "tensorcore_tiled256"
-                  else ("xnor_gemm_tc", _TC_SMEM_BYTES))
-    fn = _tc_function(name + suffix, smem)
+    fn = _tc_function(entry + suffix, smem)
     fn(grid, (_THREADS,),
        (ap, bp, pop_a, pop_b, *lead, *tail, *sizes, np.int32(ap.shape[1]), np.int32(k)),
        shared_mem=smem)

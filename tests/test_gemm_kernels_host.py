@@ -7,8 +7,11 @@ The emulator runs each block's 256 threads as coroutines (``ucontext``) on one O
 switching at every barrier, so ``__syncthreads``, the warp shuffles and ballots, and the
 warp-wide ``mma`` meet as they do on the GPU:
 
-* ``__syncthreads`` waits for the block's threads, the ``*_sync`` warp functions and the
-  ``mma`` for the warp's 32 lanes (each lane deposits its operand, all read, all go on);
+* ``__syncthreads`` waits for the block's threads, the ``*_sync`` warp functions, the
+  ``ldmatrix`` and the ``mma`` for the warp's 32 lanes (each lane deposits its operand or
+  address, all read, all go on);
+* ``ldmatrix.x4`` hands lane l the 4 bytes at 4 (l % 4) of row l / 4 of each matrix, as
+  the PTX ISA states (a row address misaligned or outside shared memory stops the launch);
 * ``mma.m16n8k256 .b1 .and.popc`` is computed from the fragment layouts as the PTX ISA
   states them (its own code here, not the kernel's loading convention);
 * ``cp.async`` copies (with their src-size zero-fill) are queued per thread in commit
@@ -74,7 +77,8 @@ static int emu_late;           /* cp.async lands at the wait (1) or at issue (0)
 static long emu_switches;
 static int emu_failed;         /* why the launch stopped early: 1 a barrier some thread never
                                   reaches, 2 a misaligned or oversized cp.async, 3 a partial
-                                  warp mask */
+                                  warp mask, 4 an ldmatrix row misaligned or outside shared
+                                  memory */
 static std::function<void()> emu_body;
 
 static void emu_fail(int why)  /* from a kernel thread: abandon the launch */
@@ -144,6 +148,9 @@ template <class T> static T atomicOr(T* p, T v)  /* one OS thread: plainly atomi
     return old;
 }
 
+struct int2 { int x, y; };
+static int2 make_int2(int x, int y) { return int2{x, y}; }
+
 static int __popc(unsigned int v) { return __builtin_popcount(v); }
 static int __popcll(unsigned long long v) { return __builtin_popcountll(v); }
 """
@@ -185,6 +192,29 @@ template <int STAGES> __device__ __forceinline__ void cp_async_wait_stages()
         for (const emu_copy& c : g.front()) emu_land(c);
         g.erase(g.begin());
     }
+}
+
+/* The shared window's addresses are offsets into the block's dynamic shared memory here. */
+__device__ __forceinline__ u32 smem_addr(const void* p)
+{
+    return (u32)(reinterpret_cast<const char*>(p) - reinterpret_cast<const char*>(emu_smem.data()));
+}
+
+/* ldmatrix.sync.aligned.m8n8.x4.shared.b16 as the PTX ISA states it: lanes 8j .. 8j+7 give
+   the 16-byte aligned shared addresses of matrix j's 8 rows; lane l receives r[j] = bytes
+   4 (l % 4) .. of row l / 4 of matrix j. A row address that is misaligned or not inside the
+   block's dynamic shared memory stops the launch. */
+__device__ __forceinline__ void ldsm_x4(u32 r[4], u32 row)
+{
+    const int me = threadIdx.x, base = me & ~31, lane = me & 31;
+    const char* p = reinterpret_cast<const char*>(emu_smem.data()) + row;
+    if (row % 16 || row + 16 > 8 * emu_smem.size()) emu_fail(4);
+    emu_xchg[me][0] = reinterpret_cast<uintptr_t>(p);
+    emu_warp_sync();
+    for (int j = 0; j < 4; ++j)
+        std::memcpy(&r[j], reinterpret_cast<const char*>(emu_xchg[base + 8 * j + lane / 4][0])
+                           + 4 * (lane % 4), 4);
+    emu_warp_sync();
 }
 
 /* mma.m16n8k256.row.col.s32.b1.b1.s32.and.popc from the PTX ISA's fragment layouts, with
@@ -267,27 +297,28 @@ static void* emu_dynamic_smem() { return emu_smem.data(); }
 
 TC_WRAPPERS = r"""
 typedef long long ll;
-extern "C" int emu_xnor_gemm_tc(unsigned gx, unsigned gy, long smem, int late, const u64* A,
-    const u64* B, const int* pa, const int* pb, int* C, int M, int N, int Wp, int K)
-{ return emu_run(gx, gy, smem, late, [=] { xnor_gemm_tc(A, B, pa, pb, C, M, N, Wp, K); }); }
-extern "C" int emu_xnor_gemm_tc256(unsigned gx, unsigned gy, long smem, int late, const u64* A,
-    const u64* B, const int* pa, const int* pb, int* C, int M, int N, int Wp, int K)
-{ return emu_run(gx, gy, smem, late, [=] { xnor_gemm_tc256(A, B, pa, pb, C, M, N, Wp, K); }); }
-extern "C" int emu_xnor_gemm_tc_threshold(unsigned gx, unsigned gy, long smem, int late,
-    const u64* A, const u64* B, const int* pa, const int* pb, const ll* thr, ll periods,
-    u64* out, ll words, int M, int N, int Wp, int K)
-{ return emu_run(gx, gy, smem, late, [=] { xnor_gemm_tc_threshold(A, B, pa, pb, thr, periods, out, words, M, N, Wp, K); }); }
-extern "C" int emu_xnor_gemm_tc256_threshold(unsigned gx, unsigned gy, long smem, int late,
-    const u64* A, const u64* B, const int* pa, const int* pb, const ll* thr, ll periods,
-    u64* out, ll words, int M, int N, int Wp, int K)
-{ return emu_run(gx, gy, smem, late, [=] { xnor_gemm_tc256_threshold(A, B, pa, pb, thr, periods, out, words, M, N, Wp, K); }); }
-extern "C" int emu_xnor_gemm_tc_direct(unsigned gx, unsigned gy, long smem, int late,
-    const u64* A, const u64* B, int* C, int M, int N, int W, int wide, int K)
-{ return emu_run(gx, gy, smem, late, [=] { xnor_gemm_tc_direct(A, B, C, M, N, W, wide, K); }); }
-extern "C" int emu_xnor_gemm_tc_direct_threshold(unsigned gx, unsigned gy, long smem, int late,
-    const u64* A, const u64* B, const ll* thr, ll periods, u64* out, ll words, int M, int N,
-    int W, int wide, int K)
-{ return emu_run(gx, gy, smem, late, [=] { xnor_gemm_tc_direct_threshold(A, B, thr, periods, out, words, M, N, W, wide, K); }); }
+#define EMU_TILED(NAME)                                                                     \
+extern "C" int emu_##NAME(unsigned gx, unsigned gy, long smem, int late, const u64* A,      \
+    const u64* B, const int* pa, const int* pb, int* C, int M, int N, int Wp, int K)        \
+{ return emu_run(gx, gy, smem, late, [=] { NAME(A, B, pa, pb, C, M, N, Wp, K); }); }         \
+extern "C" int emu_##NAME##_threshold(unsigned gx, unsigned gy, long smem, int late,        \
+    const u64* A, const u64* B, const int* pa, const int* pb, const ll* thr, ll periods,    \
+    u64* out, ll words, int M, int N, int Wp, int K)                                        \
+{ return emu_run(gx, gy, smem, late, [=] { NAME##_threshold(A, B, pa, pb, thr, periods, out, words, M, N, Wp, K); }); }
+EMU_TILED(xnor_gemm_tc)
+EMU_TILED(xnor_gemm_tc256)
+EMU_TILED(xnor_gemm_tcl)
+EMU_TILED(xnor_gemm_tcl256)
+#define EMU_DIRECT(NAME)                                                                    \
+extern "C" int emu_##NAME(unsigned gx, unsigned gy, long smem, int late, const u64* A,      \
+    const u64* B, int* C, int M, int N, int W, int wide, int K)                             \
+{ return emu_run(gx, gy, smem, late, [=] { NAME(A, B, C, M, N, W, wide, K); }); }            \
+extern "C" int emu_##NAME##_threshold(unsigned gx, unsigned gy, long smem, int late,        \
+    const u64* A, const u64* B, const ll* thr, ll periods, u64* out, ll words, int M, int N, \
+    int W, int wide, int K)                                                                 \
+{ return emu_run(gx, gy, smem, late, [=] { NAME##_threshold(A, B, thr, periods, out, words, M, N, W, wide, K); }); }
+EMU_DIRECT(xnor_gemm_tc_direct)
+EMU_DIRECT(xnor_gemm_tcl_direct)
 """
 
 CC_WRAPPERS = r"""
@@ -321,7 +352,8 @@ DYNAMIC = "extern __shared__ __align__(16) u64 smem[];"
 def _tc_source():
     src = read_source("xnor_gemm_tc.cu")
     start, end = src.index(BEGIN), src.index(END)
-    # one per entry definition (the tiled pair is written once, in a macro used twice)
+    # one per entry definition (the tiled pair and the direct pair are each written once, in
+    # a macro used twice and in one used twice)
     assert src.count(DYNAMIC) == src.count('extern "C" __global__') == 4
     src = src[:start] + TC_STANDINS + src[end:]
     src = src.replace(DYNAMIC, "u64* smem = (u64*)emu_dynamic_smem();")
@@ -371,7 +403,8 @@ def _launch(lib, entry, grid, smem, late, *args):
     assert failed == 0, f"{entry}: " + {
         1: "some thread never reached a barrier the others wait at",
         2: "a cp.async with a misaligned address or src-size over its size",
-        3: "a warp function called with a partial mask"}[failed]
+        3: "a warp function called with a partial mask",
+        4: "an ldmatrix row address misaligned or outside shared memory"}[failed]
 
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -453,7 +486,8 @@ def emulated_gpu(libs, monkeypatch, request):
 
 SCHEDULES = pytest.mark.parametrize("emulated_gpu", [1, 0], indirect=True,
                                     ids=["copies-land-at-wait", "copies-land-at-issue"])
-FORMS = ["tensorcore_direct", "tensorcore_tiled", "tensorcore_tiled256", "cuda"]
+FORMS = ["tensorcore_direct", "tensorcore_tiled", "tensorcore_tiled256", "tensorcore_direct_ldm",
+         "tensorcore_tiled_ldm", "tensorcore_tiled256_ldm", "cuda"]
 SHAPES = [(1, 1, 1), (130, 200, 700), (16, 8, 256), (5, 33, 4097), (257, 64, 130), (3, 129, 64),
           (70, 90, 640)]  # W = 1, 11, 4, 65, 3, 1, 10: odd and even, partial last stages
 
@@ -489,24 +523,45 @@ def test_threshold_epilogues_on_the_emulator(emulated_gpu, kernel, m, n, k, peri
                                   reference.pack_threshold(z, table))
 
 
+def _emulate_source(src, tmp_path, libs, monkeypatch):
+    """cupy_gpu (as ``_emulate``) with the tensor-core kernels compiled from ``src``, an
+    altered copy of the emulated source."""
+    path, lib = tmp_path / "altered.cpp", tmp_path / "altered.so"
+    path.write_text(src, encoding="utf-8")
+    subprocess.run([CXX, "-std=c++14", "-O2", "-w", "-shared", "-fPIC", "-o", str(lib),
+                    str(path)], check=True)
+    return _emulate(monkeypatch, {"tc": ctypes.CDLL(str(lib)), "cc": libs["cc"]})[0]
+
+
 def test_the_emulator_catches_a_missing_wait(libs, tmp_path, monkeypatch):
     """The emulator is strict enough to matter: the tiled kernel with its cp.async wait
     removed reads stages that have not landed and gets wrong products under the
     copies-land-at-wait schedule."""
     src = _tc_source().replace("        cp_async_wait_stages<STAGES>();\n", "", 1)
-    path, lib = tmp_path / "broken.cpp", tmp_path / "broken.so"
-    path.write_text(src, encoding="utf-8")
-    subprocess.run([CXX, "-std=c++14", "-O2", "-w", "-shared", "-fPIC", "-o", str(lib),
-                    str(path)], check=True)
-    cupy_gpu, _, _ = _emulate(monkeypatch, {"tc": ctypes.CDLL(str(lib)), "cc": libs["cc"]})
+    cupy_gpu = _emulate_source(src, tmp_path, libs, monkeypatch)
     a, b, z, _ = _case(np.random.default_rng(9), 16, 8, 1000)
     assert not np.array_equal(cupy_gpu.xnor_gemm(a, b, 1000, kernel="tensorcore_tiled").get(), z)
 
 
+def test_the_emulator_catches_a_wrong_ldmatrix_lane_map(libs, tmp_path, monkeypatch):
+    """The ldmatrix forms are checked on their fragment order, not only on what they load:
+    the tiled ldmatrix form with A's matrices 1 and 2 swapped (rows 8-15 taken for the high
+    k half) gives wrong products."""
+    good = ("const u32 lds_a = smem_addr(smem) + 8 * ((wm * WTM + (lane & 7) + ((lane >> 3) & 1) * 8)\n"
+            "                                             * LDW + 2 * (lane >> 4));")
+    src = _tc_source()
+    assert src.count(good) == 1
+    src = src.replace(good, good.replace("((lane >> 3) & 1) * 8", "(lane >> 4) * 8")
+                      .replace("2 * (lane >> 4)", "2 * ((lane >> 3) & 1)"))
+    cupy_gpu = _emulate_source(src, tmp_path, libs, monkeypatch)
+    a, b, z, _ = _case(np.random.default_rng(9), 16, 8, 1000)
+    np.testing.assert_array_equal(cupy_gpu.xnor_gemm(a, b, 1000, kernel="tensorcore_tiled").get(), z)
+    assert not np.array_equal(cupy_gpu.xnor_gemm(a, b, 1000, kernel="tensorcore_tiled_ldm").get(), z)
+
+
 # ------------------------------- prepared weights, views, the autotune, packing
 
-KERNEL_NAMES = ["tensorcore", "tensorcore_direct", "tensorcore_tiled", "tensorcore_tiled256",
-                "cuda"]
+KERNEL_NAMES = ["tensorcore"] + FORMS
 
 
 @pytest.mark.parametrize("kernel", KERNEL_NAMES)
@@ -534,8 +589,9 @@ def test_gpu_gemm_path_end_to_end_on_the_emulator(emulated_gpu, kernel, m, n, k,
             np.testing.assert_array_equal(bits.get(), want_bits)
     entries = {n for n in launched if n.startswith("xnor_gemm")}
     if kernel == "tensorcore":
-        assert cupy_gpu.form_timings and entries >= {"xnor_gemm_tc_direct", "xnor_gemm_tc",
-                                                      "xnor_gemm_tc256"}
+        assert cupy_gpu.form_timings and entries >= {
+            "xnor_gemm_tc_direct", "xnor_gemm_tc", "xnor_gemm_tc256", "xnor_gemm_tcl_direct",
+            "xnor_gemm_tcl", "xnor_gemm_tcl256"}
     else:
         assert len({e.replace("_threshold", "") for e in entries}) == 1, entries
 

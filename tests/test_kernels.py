@@ -67,6 +67,7 @@ PACKERS = per_backend({"numpy": reference.pack_rows, "numba": numba_cpu.pack_row
 # this suite meets on the GPU have): "tensorcore" runs the form its autotune picks for the
 # shape class, and each form is also tested by name
 CUPY_KERNELS = ("tensorcore", "tensorcore_direct", "tensorcore_tiled", "tensorcore_tiled256",
+                "tensorcore_direct_ldm", "tensorcore_tiled_ldm", "tensorcore_tiled256_ldm",
                 "cuda")
 
 GEMMS = [pytest.param(reference.xnor_gemm, id="numpy")]
@@ -675,7 +676,10 @@ def test_cupy_tensorcore_times_its_forms_once_per_shape_class(backend_name, thre
     monkeypatch.setattr(cupy_gpu, "form_timings", {})
     forms = [f for f in cupy_gpu.available_kernels() if f.startswith("tensorcore_")]
     entry = {"tensorcore_direct": "xnor_gemm_tc_direct", "tensorcore_tiled": "xnor_gemm_tc",
-             "tensorcore_tiled256": "xnor_gemm_tc256"}
+             "tensorcore_tiled256": "xnor_gemm_tc256",
+             "tensorcore_direct_ldm": "xnor_gemm_tcl_direct",
+             "tensorcore_tiled_ldm": "xnor_gemm_tcl", "tensorcore_tiled256_ldm": "xnor_gemm_tcl256"}
+    assert set(forms) <= set(entry)
     suffix = "_threshold" if threshold else ""
     launched = _recording_launches(monkeypatch)
     rng = np.random.default_rng(6)
@@ -715,18 +719,25 @@ def test_cupy_tensorcore_times_its_forms_once_per_shape_class(backend_name, thre
 
 @pytest.mark.parametrize("backend_name", backend_params(("cupy",)))
 def test_cupy_256_row_tile_needs_its_shared_memory(backend_name, monkeypatch):
-    """The 256 x 128 tile takes 144 KiB of shared memory per block: a GPU that lets a block
-    opt in to less (compute capability 8.6 / 8.9: 99 KiB) does not list it, and naming it
-    there is a ValueError before any launch."""
+    """The 256 x 128 tiles take 144 KiB (ld.shared) and 120 KiB (ldmatrix) of shared memory
+    per block: a GPU that lets a block opt in to less (compute capability 8.6 / 8.9: 99 KiB)
+    does not list them, and naming one there is a ValueError before any launch; one with
+    room for the ldmatrix form's 120 KiB but not 144 lists that form alone."""
     if "tensorcore" not in cupy_gpu.available_kernels():
         pytest.skip("this GPU has no binary tensor cores (compute capability < 8.0)")
     monkeypatch.setattr(cupy_gpu, "_kernels", {})
     monkeypatch.setattr(cupy_gpu, "_max_shared_per_block", lambda: 99 * 1024)
     names = cupy_gpu.available_kernels()
-    assert names == ("tensorcore", "tensorcore_direct", "tensorcore_tiled", "cuda")
+    assert names == ("tensorcore", "tensorcore_direct", "tensorcore_tiled",
+                     "tensorcore_direct_ldm", "tensorcore_tiled_ldm", "cuda")
     a = np.zeros((3, 2), np.uint64)
-    with pytest.raises(ValueError, match=r"kernel: expected one of .* got 'tensorcore_tiled256'"):
-        cupy_gpu.xnor_gemm(a, a, 100, kernel="tensorcore_tiled256")
+    for name in ("tensorcore_tiled256", "tensorcore_tiled256_ldm"):
+        with pytest.raises(ValueError, match=rf"kernel: expected one of .* got '{name}'"):
+            cupy_gpu.xnor_gemm(a, a, 100, kernel=name)
+    monkeypatch.setattr(cupy_gpu, "_kernels", {})
+    monkeypatch.setattr(cupy_gpu, "_max_shared_per_block", lambda: cupy_gpu._TCL256_SMEM_BYTES)
+    names = cupy_gpu.available_kernels()
+    assert "tensorcore_tiled256_ldm" in names and "tensorcore_tiled256" not in names
     monkeypatch.setattr(cupy_gpu, "_kernels", {})
     monkeypatch.setattr(cupy_gpu, "_max_shared_per_block", lambda: cupy_gpu._TC256_SMEM_BYTES)
-    assert "tensorcore_tiled256" in cupy_gpu.available_kernels()
+    assert {"tensorcore_tiled256", "tensorcore_tiled256_ldm"} <= set(cupy_gpu.available_kernels())

@@ -318,12 +318,12 @@ class _FakeKernel:
         elif self.name == "xnor_gemm_cuda_core_threshold":
             ap, bp, thr, periods, out, words, m, n, w, k = a
             _threshold_store(ref.xnor_gemm(ap, bp, int(k)), thr, periods, out, words)
-        elif self.name in ("xnor_gemm_tc", "xnor_gemm_tc_threshold", "xnor_gemm_tc256",
-                           "xnor_gemm_tc256_threshold"):
+        elif self.name.removesuffix("_threshold") in ("xnor_gemm_tc", "xnor_gemm_tc256",
+                                                       "xnor_gemm_tcl", "xnor_gemm_tcl256"):
             ap, bp, pop_a, pop_b, *rest = a
             m, n, wp, k = (int(v) for v in rest[-4:])
             assert ap.shape[1] == bp.shape[1] == wp and wp % 8 == 0
-            row_tile = 256 if self.name.startswith("xnor_gemm_tc256") else 128
+            row_tile = 256 if "256" in self.name else 128
             assert ap.shape[0] % row_tile == 0 and bp.shape[0] % 128 == 0
             # the kernel's AND identity with the popcounts it is given (wrong ones show):
             # popcount(a & b) = (|a| + |b| - popcount(a ^ b)) / 2, the true counts here
@@ -341,7 +341,8 @@ class _FakeKernel:
                 rest[0][...] = z
             else:
                 _threshold_store(z, *rest[:4])
-        elif self.name in ("xnor_gemm_tc_direct", "xnor_gemm_tc_direct_threshold"):
+        elif self.name.removesuffix("_threshold") in ("xnor_gemm_tc_direct",
+                                                       "xnor_gemm_tcl_direct"):
             # unpadded operands; the kernel counts the popcounts itself
             ap, bp, *rest = a
             m, n, w, wide, k = (int(v) for v in rest[-5:])
@@ -350,7 +351,7 @@ class _FakeKernel:
             if wide:
                 assert w % 2 == 0 and ap.ctypes.data % 16 == 0 and bp.ctypes.data % 16 == 0
             z = ref.xnor_gemm(ap, bp, k)
-            if self.name == "xnor_gemm_tc_direct":
+            if not self.name.endswith("_threshold"):
                 rest[0][...] = z
             else:
                 _threshold_store(z, *rest[:4])

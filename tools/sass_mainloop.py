@@ -1,0 +1,128 @@
+"""What each tensor-core GEMM entry's main loop issues, read from ptxas's SASS (no GPU needed).
+
+    python tools/sass_mainloop.py [--arch sm_90] [--source xnor_gemm_tc.cu]
+
+Compiles the packaged CUDA source to PTX with NVRTC (``kernels.nvrtc_check``), assembles it
+with ``ptxas`` for a real architecture, disassembles the cubin with ``cuobjdump -sass``, and
+for each entry prints its main loop: the backward branch whose body holds the most tensor-
+core ``BMMA`` instructions, with the number of instructions in it, the ``BMMA``, the register
+moves (``MOV`` and ``IMAD.MOV``), the ``LDSM`` (ldmatrix) and ``LDS`` (ld.shared) loads, and
+the ``LDGSTS`` (cp.async) copies. A static count, not a timing: it says what a warp must
+issue per ``mma``, which is where the ldmatrix forms came from (README, "the ``_ldm``
+twins"); only a GPU says what that is worth.
+
+A developer's tool, not a dependency: ``ptxas`` from ``$MINIBNN_PTXAS``, the
+``nvidia-cuda-nvcc-cu12`` wheel or PATH; ``cuobjdump`` from ``$MINIBNN_CUOBJDUMP``, PATH or
+the ``nvidia-cuda-cuobjdump`` wheel (``nvidia/cu13/bin`` or ``nvidia/cuda_cuobjdump/bin``).
+"""
+
+import argparse
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from minibnn.kernels import nvrtc_check  # noqa: E402
+from minibnn.kernels.cuda_sources import read_source  # noqa: E402
+
+
+def find_cuobjdump():
+    """Path of a ``cuobjdump`` or None."""
+    env = os.environ.get("MINIBNN_CUOBJDUMP")
+    if env:
+        return env if Path(env).is_file() else None
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    try:
+        spec = importlib.util.find_spec("nvidia")
+    except (ImportError, ValueError):
+        spec = None
+    for loc in (spec.submodule_search_locations or []) if spec is not None else []:
+        for sub in ("cu13/bin", "cu12/bin", "cuda_cuobjdump/bin"):
+            p = Path(loc) / sub / "cuobjdump"
+            if p.is_file():
+                return str(p)
+    return None
+
+
+_ADDR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s*(.*?)\s*;")
+
+
+def entries(sass):
+    """{entry name: [(address, instruction text)]} from ``cuobjdump -sass`` output."""
+    out, name = {}, None
+    for line in sass.splitlines():
+        m = re.search(r"Function : (\w+)", line)
+        if m:
+            name = m.group(1)
+            out[name] = []
+            continue
+        m = _ADDR.match(line)
+        if m and name is not None:
+            out[name].append((int(m.group(1), 16), m.group(2)))
+    return out
+
+
+def _opcode(text):
+    words = [w for w in text.split() if not w.startswith("@")]
+    return words[0] if words else ""
+
+
+def main_loop(code):
+    """The counts of the backward branch's body with the most BMMA (None if none has any)."""
+    best = None
+    for addr, text in code:
+        m = re.search(r"\bBRA (?:\S+ )?(0x[0-9a-f]+)", text)
+        if not m or int(m.group(1), 16) >= addr:
+            continue
+        body = [_opcode(t) for a, t in code if int(m.group(1), 16) <= a <= addr]
+        counts = {"instructions": len(body),
+                  "BMMA": sum(o.startswith("BMMA") for o in body),
+                  "moves": sum(o.startswith("MOV") or o.startswith("IMAD.MOV") for o in body),
+                  "LDSM": sum(o.startswith("LDSM") for o in body),
+                  "LDS": sum(o.split(".")[0] == "LDS" for o in body),
+                  "LDGSTS": sum(o.startswith("LDGSTS") for o in body)}
+        if counts["BMMA"] and (best is None or counts["BMMA"] > best["BMMA"]):
+            best = counts
+    return best
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="sm_90", help="real architecture for ptxas (default sm_90)")
+    p.add_argument("--source", default="xnor_gemm_tc.cu", help="packaged CUDA source")
+    args = p.parse_args(argv)
+    ptxas, cuobjdump = nvrtc_check.find_ptxas(), find_cuobjdump()
+    if ptxas is None or cuobjdump is None:
+        sys.exit("needs ptxas and cuobjdump: " + ", ".join(
+            n for n, v in (("ptxas", ptxas), ("cuobjdump", cuobjdump)) if v is None) + " not found")
+    ptx = nvrtc_check.compile_source(read_source(args.source),
+                                     "compute_" + args.arch.split("_")[-1], args.source)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "k.ptx").write_text(ptx)
+        cubin = Path(tmp) / "k.cubin"
+        subprocess.run([ptxas, f"-arch={args.arch}", str(Path(tmp) / "k.ptx"), "-o", str(cubin)],
+                       check=True)
+        sass = subprocess.run([cuobjdump, "-sass", str(cubin)], check=True, capture_output=True,
+                              text=True).stdout
+    print(f"{args.source} on {args.arch}: each entry's main loop (one pipeline stage)")
+    print(f"{'entry':34s} {'instr':>6s} {'BMMA':>5s} {'per BMMA':>8s} {'moves':>6s} "
+          f"{'LDSM':>5s} {'LDS':>5s} {'LDGSTS':>6s}")
+    for name, code in sorted(entries(sass).items()):
+        c = main_loop(code)
+        if c is None:
+            continue
+        print(f"{name:34s} {c['instructions']:6d} {c['BMMA']:5d} "
+              f"{c['instructions'] / c['BMMA']:8.2f} {c['moves']:6d} {c['LDSM']:5d} "
+              f"{c['LDS']:5d} {c['LDGSTS']:6d}")
+
+
+if __name__ == "__main__":
+    main()
