@@ -525,6 +525,12 @@ def main(argv=None):
             print(f"tensorcore, M/N/W bit lengths {key[1:]}: "
                   + ", ".join(f"{f} {t * 1e6:.1f} us" for f, t in sorted(times.items(),
                                                                         key=lambda x: x[1])))
+    if use_gpu and cupy_gpu.form_disagreements:  # forms whose product differed: never used
+        info["tensorcore_form_disagreements"] = {
+            "M, N, W bit lengths " + ",".join(map(str, key[1:])): forms
+            for key, forms in cupy_gpu.form_disagreements.items()}
+        print(f"WRONG tensor-core forms (left out by the autotune): "
+              f"{info['tensorcore_form_disagreements']}")
     (out / f"{stem}.json").write_text(json.dumps({"machine": info, "repeats": args.repeats,
                                                   "timing": "best of repeats (median_s too)",
                                                   "results": rows}, indent=1))

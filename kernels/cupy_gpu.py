@@ -87,6 +87,9 @@ _form_choice = {}  # (device id, shape class) -> the tensor-core form "tensorcor
 #: (device id, M, N and W bit lengths) -> {tensor-core form: best seconds}, as timed by the
 #: first "tensorcore" product of that shape class (see ``_tensorcore_form``)
 form_timings = {}
+#: (device id, M, N and W bit lengths) -> the tensor-core forms whose product differed from
+#: the direct form's when that class was timed (never chosen for it; none should ever be)
+form_disagreements = {}
 
 
 def _cp():
@@ -349,7 +352,7 @@ def _launch(a, rows, prepared, k, kernel, tail, threshold_args=None):
     n = rows.shape[0]
     if kernel == "tensorcore":
         kernel, done = _tensorcore_form(m, n, w, lambda form: _launch(
-            a, rows, prepared, k, form, tail, threshold_args))
+            a, rows, prepared, k, form, tail, threshold_args), tail[0])
         if done:  # timed: the forms' launches already wrote the (same) result
             return
     entry, smem, row_tile, direct = _TC_SPECS.get(kernel, (None, 0, _TILE, False))
@@ -398,14 +401,17 @@ def _tc_forms():
     return [f for f in _TC_FORMS if f in available_kernels()]
 
 
-def _tensorcore_form(m, n, w, launch):
+def _tensorcore_form(m, n, w, launch, out):
     """(the tensor-core form plain ``"tensorcore"`` runs for an M x W . N x W product,
     whether ``launch`` has already written the result). The form is the fastest of
     :func:`available_kernels`'s tensor-core forms for the product's shape class on this
-    device, measured on first use: ``launch(form)`` runs the caller's own product, once to
-    warm up and then 3 times per form, taking turns, timed with CUDA events (every form
-    writes the same result, so the output is right whichever ran last); the times are kept
-    in ``form_timings``. ``MINIBNN_TC_FORM`` names a form instead; with
+    device, measured on first use: ``launch(form)`` runs the caller's own product into
+    ``out``, once per form to warm up, and a form whose ``out`` differs from the first
+    form's (the direct one, in use since the forms began) is left out, with a warning and
+    its name in ``form_disagreements``: a kernel new to this GPU is checked on the product
+    in hand before it can be chosen. Then 3 times per form, taking turns, timed with CUDA
+    events (the forms left all write the same result, so the output is right whichever ran
+    last); the times are kept in ``form_timings``. ``MINIBNN_TC_FORM`` names a form instead; with
     ``MINIBNN_GPU_AUTOTUNE=0``, or while the stream is being captured into a CUDA graph
     (nothing can be timed then; the class stays untimed for a later eager call), the direct
     form runs up to ``DIRECT_MAX_ROWS`` rows of A and the tiled one above."""
@@ -423,8 +429,21 @@ def _tensorcore_form(m, n, w, launch):
     cp = _cp()
     if os.environ.get("MINIBNN_GPU_AUTOTUNE", "1").strip() == "0" or _capturing():
         return (forms[0] if m <= DIRECT_MAX_ROWS else forms[1]), False
+    first, wrong = None, []
     for f in forms:
         launch(f)  # compiles the entry on first use, pads and prepares what it reads
+        if first is None:
+            first = out.copy()
+        elif not bool(cp.array_equal(out, first)):
+            wrong.append(f)
+    if wrong:
+        import warnings
+        form_disagreements[key] = wrong
+        warnings.warn(f"tensor-core forms {wrong} gave a product different from "
+                      f"{forms[0]}'s for a {m} x {n} x {w}-word product on this GPU; they are "
+                      f"not used for its shape class (cupy_gpu.form_disagreements)",
+                      RuntimeWarning, stacklevel=2)
+        forms = [f for f in forms if f not in wrong]
     start, stop = cp.cuda.Event(), cp.cuda.Event()
     times = {f: float("inf") for f in forms}
     for _ in range(3):

@@ -465,7 +465,7 @@ def _emulate(monkeypatch, libs, late=1):
     # nothing made here (fake arrays, emulated kernels) reaches a real GPU's later calls
     for name, empty in (("_modules", {}), ("_kernels", {}), ("_functions", {}),
                         ("_shared_set", set()), ("_form_choice", {}), ("form_timings", {}),
-                        ("_deferred_flags", {})):
+                        ("form_disagreements", {}), ("_deferred_flags", {})):
         assert hasattr(cupy_gpu, name), name
         monkeypatch.setattr(cupy_gpu, name, empty)
     kernels = {}
@@ -546,7 +546,8 @@ def test_the_emulator_catches_a_missing_wait(libs, tmp_path, monkeypatch):
 def test_the_emulator_catches_a_wrong_ldmatrix_lane_map(libs, tmp_path, monkeypatch):
     """The ldmatrix forms are checked on their fragment order, not only on what they load:
     the tiled ldmatrix form with A's matrices 1 and 2 swapped (rows 8-15 taken for the high
-    k half) gives wrong products."""
+    k half) gives wrong products. And plain "tensorcore", timing the forms, finds them
+    wrong on the product in hand, warns, and never picks them: its result is right."""
     good = ("const u32 lds_a = smem_addr(smem) + 8 * ((wm * WTM + (lane & 7) + ((lane >> 3) & 1) * 8)\n"
             "                                             * LDW + 2 * (lane >> 4));")
     src = _tc_source()
@@ -557,6 +558,25 @@ def test_the_emulator_catches_a_wrong_ldmatrix_lane_map(libs, tmp_path, monkeypa
     a, b, z, _ = _case(np.random.default_rng(9), 16, 8, 1000)
     np.testing.assert_array_equal(cupy_gpu.xnor_gemm(a, b, 1000, kernel="tensorcore_tiled").get(), z)
     assert not np.array_equal(cupy_gpu.xnor_gemm(a, b, 1000, kernel="tensorcore_tiled_ldm").get(), z)
+    monkeypatch.setenv("MINIBNN_GPU_AUTOTUNE", "1")
+    monkeypatch.delenv("MINIBNN_TC_FORM", raising=False)
+    for threshold in (False, True):
+        cupy_gpu.form_disagreements.clear()
+        cupy_gpu._form_choice.clear()
+        with pytest.warns(RuntimeWarning, match="gave a product different from tensorcore_direct"):
+            if threshold:
+                thr = planted_thresholds(np.random.default_rng(3), z, 1)
+                got = cupy_gpu.gemm_threshold(a, b, 1000, thr).get()
+                np.testing.assert_array_equal(got, reference.pack_threshold(z, thr))
+            else:
+                np.testing.assert_array_equal(cupy_gpu.xnor_gemm(a, b, 1000).get(), z)
+        (key, wrong), = cupy_gpu.form_disagreements.items()
+        # the three ldmatrix forms, whose A fragments this source swaps: all wrong, none
+        # chosen
+        assert set(wrong) == {"tensorcore_tiled_ldm", "tensorcore_tiled256_ldm",
+                              "tensorcore_direct_ldm"}
+        assert cupy_gpu._form_choice[key] not in wrong
+        assert set(cupy_gpu.form_timings[key]).isdisjoint(wrong)
 
 
 # ------------------------------- prepared weights, views, the autotune, packing
@@ -646,4 +666,4 @@ def test_the_module_caches_are_all_reset_by_the_fixture():
     caches = {name for name, value in vars(cupy_gpu).items()
               if isinstance(value, (dict, set)) and not name.startswith("__")}
     assert caches == {"_modules", "_kernels", "_functions", "_shared_set", "_form_choice",
-                      "form_timings", "_deferred_flags"}
+                      "form_timings", "form_disagreements", "_deferred_flags"}

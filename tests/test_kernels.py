@@ -674,6 +674,7 @@ def test_cupy_tensorcore_times_its_forms_once_per_shape_class(backend_name, thre
     monkeypatch.setenv("MINIBNN_GPU_AUTOTUNE", "1")
     monkeypatch.setattr(cupy_gpu, "_form_choice", {})
     monkeypatch.setattr(cupy_gpu, "form_timings", {})
+    monkeypatch.setattr(cupy_gpu, "form_disagreements", {})
     forms = [f for f in cupy_gpu.available_kernels() if f.startswith("tensorcore_")]
     entry = {"tensorcore_direct": "xnor_gemm_tc_direct", "tensorcore_tiled": "xnor_gemm_tc",
              "tensorcore_tiled256": "xnor_gemm_tc256",
@@ -688,6 +689,7 @@ def test_cupy_tensorcore_times_its_forms_once_per_shape_class(backend_name, thre
     got, want = _product(threshold, a, b, 300, "tensorcore")
     np.testing.assert_array_equal(got, want)
     assert launched == [entry[f] + suffix for f in forms] * 4
+    assert not cupy_gpu.form_disagreements  # every form gave the first one's product
     (key, times), = cupy_gpu.form_timings.items()
     assert key[1:] == (9 .bit_length(), 70 .bit_length(), 5 .bit_length())
     assert set(times) == set(forms) and all(t > 0 for t in times.values())
