@@ -6,8 +6,9 @@ reads whichever of these files the folders hold (the first found wins; a GPU che
 them with ``benchmarks/gpu_check.sh``, the committed ones are in benchmarks/results):
 
 * ``gemm_gpu.json`` (bench_gemm): XNOR GEMM TOPS on tensor cores (the best of the
-  ``cupy tensorcore*`` rows of a shape whose product was right, the form named) at 8192^3 (goal >= 3,000) and 4096^3
-  (>= 1,500), and at 100 x 4096 x 4096 against cuBLAS fp16 of the same run (>= 1x);
+  ``cupy tensorcore*`` rows of a shape not noted WRONG RESULT, the form named) at 8192^3
+  (goal >= 3,000) and 4096^3 (>= 1,500), and at 100 x 4096 x 4096 against cuBLAS fp16 of
+  the same run (>= 1x);
 * ``inference_gpu.json`` (bench_inference): the frozen 3 x 4096 MLP on 10,000 images
   against the float32 CuPy forward (>= 10x) and the float16 one (>= 1.5x), with the images
   copied from the host and (where the run has those rows) already on the GPU; whether the

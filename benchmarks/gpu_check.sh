@@ -5,9 +5,10 @@
 #
 # PHASE "verify" runs the suite and the inference benchmarks alone (a second, short call
 # after fixes); PHASE "gemm" the GEMM kernels' GPU tests and bench_gemm alone (about 3
-# minutes: a call that fits beside a 9-minute phase in one session). PHASE "check" (the default; at most GPU_CHECK_LIMIT = 560 s, usually less) runs, in this
-# order, each under its own time limit, writing logs and JSON to OUT_DIR and a summary to
-# stdout: the test suite on the cupy backend (pytest -n 12), bench_train (MLP 3x4096 and
+# minutes: a call that fits beside a 9-minute phase in one session). PHASE "check" (the
+# default; at most GPU_CHECK_LIMIT = 560 s, usually less) runs, in this order, each under
+# its own time limit (a step still running 15 s after its SIGINT is killed), writing logs
+# and JSON to OUT_DIR and a summary to stdout: the test suite on the cupy backend (pytest -n 12), bench_train (MLP 3x4096 and
 # the CIFAR-10 ConvNet beside PyTorch eager and CUDA graph, with the opt-in bf16 backward
 # rows "minibnn cupy bf16" and "minibnn cupy graph bf16"), bench_gemm (every GEMM kernel
 # form at every shape), bench_inference for the MLPs (beside float32 and float16 CuPy, with

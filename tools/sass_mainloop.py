@@ -11,9 +11,10 @@ the ``LDGSTS`` (cp.async) copies. A static count, not a timing: it says what a w
 issue per ``mma``, which is where the ldmatrix forms came from (README, "the ``_ldm``
 twins"); only a GPU says what that is worth.
 
-A developer's tool, not a dependency: ``ptxas`` from ``$MINIBNN_PTXAS``, the
-``nvidia-cuda-nvcc-cu12`` wheel or PATH; ``cuobjdump`` from ``$MINIBNN_CUOBJDUMP``, PATH or
-the ``nvidia-cuda-cuobjdump`` wheel (``nvidia/cu13/bin`` or ``nvidia/cuda_cuobjdump/bin``).
+A developer's tool: ``ptxas`` from ``$MINIBNN_PTXAS``, the ``nvidia-cuda-nvcc-cu12`` wheel
+or PATH; ``cuobjdump`` from ``$MINIBNN_CUOBJDUMP``, PATH or the ``nvidia-cuda-cuobjdump``
+wheel (``nvidia/cu13/bin``), which runs the ``nvidia-cuda-nvdisasm`` wheel's ``nvdisasm``
+beside it for ``-sass`` (both in the test extra; ptxas is not).
 """
 
 import argparse
