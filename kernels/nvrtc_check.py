@@ -15,7 +15,7 @@ from pathlib import Path
 from .cuda_sources import SOURCES, read_source
 
 __all__ = ["NVRTCError", "NVRTCUnavailable", "load_nvrtc", "nvrtc_version", "supported_archs",
-           "compile_source", "compile_all", "find_ptxas", "ptxas_resources"]
+           "compile_source", "compile_all", "find_ptxas", "find_cuobjdump", "ptxas_resources"]
 
 
 class NVRTCUnavailable(RuntimeError):
@@ -29,20 +29,26 @@ class NVRTCError(RuntimeError):
 _LIB = None
 
 
+def _wheel_files(package, relative):
+    """The files at the ``relative`` paths under each folder of the installed (namespace)
+    package ``package`` (say ``"nvidia.cuda_nvrtc"``), as strings: NVIDIA's pip wheels."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    for loc in (spec.submodule_search_locations or []) if spec is not None else []:
+        for rel in relative:
+            p = Path(loc) / rel
+            if p.is_file():
+                yield str(p)
+
+
 def _candidates():
     env = os.environ.get("MINIBNN_NVRTC")
     if env:
         yield env
-    try:
-        spec = importlib.util.find_spec("nvidia.cuda_nvrtc")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is not None:
-        for loc in spec.submodule_search_locations or []:
-            for name in ("libnvrtc.so.12", "libnvrtc.so.13", "libnvrtc.so"):
-                p = Path(loc) / "lib" / name
-                if p.exists():
-                    yield str(p)
+    yield from _wheel_files("nvidia.cuda_nvrtc", [f"lib/{name}" for name in
+                                                  ("libnvrtc.so.12", "libnvrtc.so.13", "libnvrtc.so")])
     for name in ("libnvrtc.so.12", "libnvrtc.so.13", "libnvrtc.so"):
         yield name
     found = ctypes.util.find_library("nvrtc")
@@ -141,15 +147,19 @@ def find_ptxas():
     env = os.environ.get("MINIBNN_PTXAS")
     if env:
         return env if Path(env).is_file() else None
-    try:
-        spec = importlib.util.find_spec("nvidia.cuda_nvcc")
-    except (ImportError, ValueError):
-        spec = None
-    for loc in (spec.submodule_search_locations or []) if spec is not None else []:
-        p = Path(loc) / "bin" / "ptxas"
-        if p.is_file():
-            return str(p)
-    return shutil.which("ptxas")
+    return next(_wheel_files("nvidia.cuda_nvcc", ["bin/ptxas"]), None) or shutil.which("ptxas")
+
+
+def find_cuobjdump():
+    """Path of a ``cuobjdump`` (``$MINIBNN_CUOBJDUMP``, one on PATH, or the
+    ``nvidia-cuda-cuobjdump`` wheel's, which runs the ``nvidia-cuda-nvdisasm`` wheel's
+    ``nvdisasm`` beside it for ``-sass``), or None. A developer's tool, in the test extra."""
+    import shutil
+    env = os.environ.get("MINIBNN_CUOBJDUMP")
+    if env:
+        return env if Path(env).is_file() else None
+    return shutil.which("cuobjdump") or next(
+        _wheel_files("nvidia", ["cu13/bin/cuobjdump", "cu12/bin/cuobjdump"]), None)
 
 
 def ptxas_resources(ptx, arch="sm_90", ptxas=None):

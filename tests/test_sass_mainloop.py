@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from minibnn.kernels.nvrtc_check import NVRTCUnavailable, find_ptxas, load_nvrtc
+from minibnn.kernels.nvrtc_check import NVRTCUnavailable, find_cuobjdump, find_ptxas, load_nvrtc
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "sass_mainloop.py"
 spec = importlib.util.spec_from_file_location("sass_mainloop", TOOL)
@@ -47,7 +47,7 @@ def _tools_or_skip():
         load_nvrtc()
     except NVRTCUnavailable as exc:
         pytest.skip(str(exc))
-    if find_ptxas() is None or sm.find_cuobjdump() is None:
+    if find_ptxas() is None or find_cuobjdump() is None:
         pytest.skip("no ptxas or cuobjdump (a developer's check: MINIBNN_PTXAS, "
                     "MINIBNN_CUOBJDUMP or the nvidia-cuda-nvcc / -cuobjdump wheels)")
 

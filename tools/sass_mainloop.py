@@ -11,17 +11,13 @@ the ``LDGSTS`` (cp.async) copies. A static count, not a timing: it says what a w
 issue per ``mma``, which is where the ldmatrix forms came from (README, "the ``_ldm``
 twins"); only a GPU says what that is worth.
 
-A developer's tool: ``ptxas`` from ``$MINIBNN_PTXAS``, the ``nvidia-cuda-nvcc-cu12`` wheel
-or PATH; ``cuobjdump`` from ``$MINIBNN_CUOBJDUMP``, PATH or the ``nvidia-cuda-cuobjdump``
-wheel (``nvidia/cu13/bin``), which runs the ``nvidia-cuda-nvdisasm`` wheel's ``nvdisasm``
-beside it for ``-sass`` (both in the test extra; ptxas is not).
+A developer's tool: ``ptxas`` and ``cuobjdump`` as ``kernels.nvrtc_check.find_ptxas`` and
+``find_cuobjdump`` find them (``$MINIBNN_PTXAS`` / ``$MINIBNN_CUOBJDUMP``, NVIDIA's pip
+wheels, PATH). The test extra brings cuobjdump and the nvdisasm it runs; ptxas it does not.
 """
 
 import argparse
-import importlib.util
-import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,26 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minibnn.kernels import nvrtc_check  # noqa: E402
 from minibnn.kernels.cuda_sources import read_source  # noqa: E402
-
-
-def find_cuobjdump():
-    """Path of a ``cuobjdump`` or None."""
-    env = os.environ.get("MINIBNN_CUOBJDUMP")
-    if env:
-        return env if Path(env).is_file() else None
-    found = shutil.which("cuobjdump")
-    if found:
-        return found
-    try:
-        spec = importlib.util.find_spec("nvidia")
-    except (ImportError, ValueError):
-        spec = None
-    for loc in (spec.submodule_search_locations or []) if spec is not None else []:
-        for sub in ("cu13/bin", "cu12/bin", "cuda_cuobjdump/bin"):
-            p = Path(loc) / sub / "cuobjdump"
-            if p.is_file():
-                return str(p)
-    return None
 
 
 _ADDR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s*(.*?)\s*;")
@@ -100,7 +76,7 @@ def main(argv=None):
     p.add_argument("--arch", default="sm_90", help="real architecture for ptxas (default sm_90)")
     p.add_argument("--source", default="xnor_gemm_tc.cu", help="packaged CUDA source")
     args = p.parse_args(argv)
-    ptxas, cuobjdump = nvrtc_check.find_ptxas(), find_cuobjdump()
+    ptxas, cuobjdump = nvrtc_check.find_ptxas(), nvrtc_check.find_cuobjdump()
     if ptxas is None or cuobjdump is None:
         sys.exit("needs ptxas and cuobjdump: " + ", ".join(
             n for n, v in (("ptxas", ptxas), ("cuobjdump", cuobjdump)) if v is None) + " not found")
