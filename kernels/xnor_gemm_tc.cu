@@ -13,6 +13,9 @@
 //     Each operand word loaded from L2 feeds 1.5x the products of the 128 x 128 tile, and
 //     each fragment loaded from shared memory 1.33x the mma (a 64 x 64 warp tile, as in
 //     CUTLASS's binary GEMMs for sm_80); it needs about 190 registers, so one block per SM.
+// Each also comes as an ldmatrix twin, "tcl" for "tc" (xnor_gemm_tcl*, xnor_gemm_tcl256*,
+// xnor_gemm_tcl_direct*: the same operands and outputs, 4 stages, fragments loaded with
+// ldmatrix; see "LDM = true" above tc_gemm).
 // Which is fastest at which shape is for a GPU benchmark to say (bench_gemm.py times each).
 //
 // Tiled entries: operands padded by the caller: A (Mp, Wp), B (Np, Wp) row-major u64
@@ -35,7 +38,8 @@
 //   C (4 x .s32): c0 (g, 2t), c1 (g, 2t+1), c2 (g+8, 2t), c3 (g+8, 2t+1).
 // The sum over k does not depend on which k a bit is called as long as A and B agree.
 // So each lane loads the u64 word t of the 256-bit step for its rows: the low half
-// goes to the first k half (a0/a1, b0), the high half to the second (a2/a3, b1).
+// goes to the first k half (a0/a1, b0), the high half to the second (a2/a3, b1). (The
+// ldmatrix twins use k in its natural order instead: bytes 4t .. of each 16-byte half.)
 
 typedef unsigned long long u64;
 typedef unsigned int u32;
