@@ -517,18 +517,19 @@ def main(argv=None):
             + (f"_isa-{args.isa}" if args.isa != "native" else "")
             + ("_quick" if args.quick else "") + ("_shapes" if args.shapes else ""))
     info["load_average_at_end"] = list(os.getloadavg())
+    def shape_class(key):  # cupy_gpu's (device, M, N, W bit lengths) key, as a JSON key
+        return "M, N, W bit lengths " + ",".join(map(str, key[1:]))
+
     if use_gpu and cupy_gpu.form_timings:  # what plain "tensorcore" timed and chose
         info["tensorcore_form_timings"] = {
-            "M, N, W bit lengths " + ",".join(map(str, key[1:])): times
-            for key, times in cupy_gpu.form_timings.items()}
+            shape_class(key): times for key, times in cupy_gpu.form_timings.items()}
         for key, times in cupy_gpu.form_timings.items():
             print(f"tensorcore, M/N/W bit lengths {key[1:]}: "
                   + ", ".join(f"{f} {t * 1e6:.1f} us" for f, t in sorted(times.items(),
                                                                         key=lambda x: x[1])))
     if use_gpu and cupy_gpu.form_disagreements:  # forms whose product differed: never used
         info["tensorcore_form_disagreements"] = {
-            "M, N, W bit lengths " + ",".join(map(str, key[1:])): forms
-            for key, forms in cupy_gpu.form_disagreements.items()}
+            shape_class(key): forms for key, forms in cupy_gpu.form_disagreements.items()}
         print(f"WRONG tensor-core forms (left out by the autotune): "
               f"{info['tensorcore_form_disagreements']}")
     (out / f"{stem}.json").write_text(json.dumps({"machine": info, "repeats": args.repeats,

@@ -8,26 +8,27 @@
 # minutes: a call that fits beside a 9-minute phase in one session). PHASE "check" (the
 # default; at most GPU_CHECK_LIMIT = 560 s, usually less) runs, in this order, each under
 # its own time limit (a step still running 15 s after its SIGINT is killed), writing logs
-# and JSON to OUT_DIR and a summary to stdout: the test suite on the cupy backend (pytest -n 12), bench_train (MLP 3x4096 and
-# the CIFAR-10 ConvNet beside PyTorch eager and CUDA graph, with the opt-in bf16 backward
-# rows "minibnn cupy bf16" and "minibnn cupy graph bf16"), bench_gemm (every GEMM kernel
-# form at every shape), bench_inference for the MLPs (beside float32 and float16 CuPy, with
-# the forced "frozen fp16-first cupy" row) and for the CIFAR-10 ConvNet (5,000 synthetic
-# images, beside cuDNN through PyTorch), profile_gpu (the training steps' kernels by GPU
-# time, beside PyTorch's), bench_split_gemm (the ConvNet's backward products, FP32 cuBLAS
-# against split bf16 GemmEx), bench_conv_glue; then benchmarks/goals.py prints
-# each GPU goal of #8, #9 and #10 as met / NOT met / missing (also OUT_DIR/goals.txt). The
-# timed parts run one at a time. The training runs on real data are phases of their own (below): the CIFAR-10 data
-# is the cifar-10-batches-bin folder, or the JPEG archive of ../shared/data/cifar10 with
-# its to_cifar_bin.py beside it (converted while the phase starts). Needs the repository
-# on PYTHONPATH (set here) and CuPy, numba, pytest-xdist, pytest-timeout; PyTorch optional.
-# The two 9-minute goals each take a phase of their own, since one device call runs at most
-# 10 minutes and a session's GPU time is about 15: PHASE "mnist-recipe" runs the paper's
-# Theano MNIST recipe (3x4096, dropout 0.2/0.5, Adam, LR 3e-3 -> 3e-7 exponentially as the
-# authors' Train-time/mnist.py over its 1000 epochs; goal
-# <= 1.0% test error in <= 9 minutes), PHASE "cifar-run" the CIFAR-10 Theano recipe (LR
-# 1e-3 -> 3e-7), each compressed to the epochs that fit 510 s (under 9 minutes) as a 3-epoch probe of
-# the same command measures them (fit_run below; about 20-40 s of device time first);
+# and JSON to OUT_DIR and a summary to stdout: the test suite on the cupy backend (pytest
+# -n 12), bench_train (MLP 3x4096 and the CIFAR-10 ConvNet beside PyTorch eager and CUDA
+# graph, with the opt-in bf16 backward rows "minibnn cupy bf16" and "minibnn cupy graph
+# bf16"), bench_gemm (every GEMM kernel form at every shape), bench_inference for the MLPs
+# (beside float32 and float16 CuPy, with the forced "frozen fp16-first cupy" row) and for
+# the CIFAR-10 ConvNet (5,000 synthetic images, beside cuDNN through PyTorch), profile_gpu
+# (the training steps' kernels by GPU time, beside PyTorch's), bench_split_gemm (the
+# ConvNet's backward products, FP32 cuBLAS against split bf16 GemmEx), bench_conv_glue;
+# then benchmarks/goals.py prints each GPU goal of #8, #9 and #10 as met / NOT met /
+# missing (also OUT_DIR/goals.txt). The timed parts run one at a time. The training runs
+# on real data are phases of their own (below): the CIFAR-10 data is the
+# cifar-10-batches-bin folder, or the JPEG archive of ../shared/data/cifar10 with its
+# to_cifar_bin.py beside it (converted while the phase starts). Needs the repository on
+# PYTHONPATH (set here) and CuPy, numba, pytest-xdist, pytest-timeout; PyTorch optional.
+# The two 9-minute goals each take a phase of their own, since one device call runs at
+# most 10 minutes and a session's GPU time is about 15: PHASE "mnist-recipe" runs the
+# paper's Theano MNIST recipe (3x4096, dropout 0.2/0.5, Adam, LR 3e-3 -> 3e-7
+# exponentially as the authors' Train-time/mnist.py over its 1000 epochs; goal <= 1.0%
+# test error in <= 9 minutes), PHASE "cifar-run" the CIFAR-10 Theano recipe (LR 1e-3 ->
+# 3e-7), each compressed to the epochs that fit 510 s (under 9 minutes) as a 3-epoch probe
+# of the same command measures them (fit_run below; about 20-40 s of device time first);
 # each copies the runs' metrics.json and logs to OUT_DIR (not their checkpoints).
 # Through this project's device tool, whose $OUT takes at most 8 files, run it as
 #   GPU_CHECK_TAR=$OUT/gpu.tar.gz bash benchmarks/gpu_check.sh /tmp/gpu "" check

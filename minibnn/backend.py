@@ -314,10 +314,10 @@ def matmul_pm1(a, b, exact):
     (uint16): :func:`split_matmul_pm1` when :func:`bf16_backward` covers these arrays (and,
     on CuPy, GemmEx works here), else :func:`matmul` (of the bits' float32 values)."""
     mode = bf16_backward()
-    bits = exact in ("a", "b") and (a if exact == "a" else b).dtype == np.uint16
-    if (mode != "off" and a.ndim == 2 and b.ndim == 2 and exact in ("a", "b")
-            and (a if exact == "b" else b).dtype == np.float32
-            and (a if exact == "a" else b).dtype in (np.float32, np.uint16)):
+    # the exact operand and the float one (None, None for a wrong ``exact``: plain matmul)
+    s, f = {"a": (a, b), "b": (b, a)}.get(exact, (None, None))
+    if (mode != "off" and s is not None and a.ndim == 2 and b.ndim == 2
+            and f.dtype == np.float32 and s.dtype in (np.float32, np.uint16)):
         if is_cupy_array(a) and is_cupy_array(b):
             from .kernels import cupy_blas
             why = ("MINIBNN_CUPY_BLAS=0 turns direct cuBLAS off" if not _direct_blas[0]
@@ -328,7 +328,7 @@ def matmul_pm1(a, b, exact):
             return split_matmul_pm1(a, b, exact)
         elif mode == "all" and not is_cupy_array(a) and not is_cupy_array(b):
             return split_matmul_pm1(a, b, exact)
-    if bits:  # bf16 bit patterns of the exact operand, but no split product here
+    if s is not None and s.dtype == np.uint16:  # bf16 bits, but no split product here
         a, b = _bf16_bits_as_float32(a, b, exact)
     return matmul(a, b)
 
