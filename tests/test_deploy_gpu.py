@@ -197,3 +197,69 @@ def test_forward_graphs_follow_new_weights_and_are_bounded(name, monkeypatch):
                     frozen.integer_scores(x, backend=name, batch_size=batch), want)
             assert len(frozen._graphs.graphs) <= 2
     assert all(key[4] == id(frozen._first_plans[name]) for key in frozen._graphs.graphs)
+
+
+@pytest.mark.parametrize("name", GPU)
+@pytest.mark.parametrize("make", [mlp_net, conv_net], ids=["mlp", "conv"])
+def test_host_images_reach_the_gpu_one_batch_ahead(name, make, monkeypatch):
+    """NumPy images go to the GPU through runtime._PinnedFeed: every batch staged once and
+    in order, alternating between two buffers, and each next batch staged before the
+    current batch's result is read back (the host's copy overlaps the GPU's work). An
+    MLP's default batch is then about _HOST_BATCH_BYTES of images (784-byte rows: 2,560),
+    a ConvNet's stays _CONV_BATCH (made 64 here, to keep the test short). Predictions equal
+    those without staging, of images already on the device, and of the NumPy reference; no
+    images, no feed."""
+    import cupy
+    monkeypatch.setitem(runtime._CONV_BATCH, "cupy", 64)
+    frozen = make()
+    n = 6000 if make is mlp_net else 150
+    x = _images(frozen, n, 5)
+    want = frozen.predict(x, backend="numpy")
+    frozen.predict(x[:300], backend=name)  # the first-layer plan made (it reads back too)
+    events, buffers = [], []
+    real_stage, real_take = runtime._PinnedFeed.stage, runtime._PinnedFeed.take
+    real_get = runtime._backend.to_numpy
+
+    def stage(feed, start):
+        if start < feed.x.shape[0]:
+            events.append(("stage", start))
+        real_stage(feed, start)
+
+    def take(feed, start):
+        got = real_take(feed, start)
+        buffers.append(got.data.ptr)
+        events.append(("take", start))
+        return got
+
+    def to_numpy(a):
+        events.append("read")
+        return real_get(a)
+
+    monkeypatch.setattr(runtime._PinnedFeed, "stage", stage)
+    monkeypatch.setattr(runtime._PinnedFeed, "take", take)
+    monkeypatch.setattr(runtime._backend, "to_numpy", to_numpy)
+    np.testing.assert_array_equal(frozen.predict(x, backend=name), want)
+    batch = 2560 if make is mlp_net else runtime._CONV_BATCH["cupy"]
+    starts = list(range(0, n, batch))
+    assert len(starts) >= 2
+    expected = [("stage", 0)]
+    for i, s in enumerate(starts):
+        expected.append(("take", s))
+        if i + 1 < len(starts):
+            expected.append(("stage", starts[i + 1]))
+        expected.append("read")
+    assert events == expected
+    assert len(set(buffers[0::2])) == 1 and len(set(buffers[1::2])) == 1
+    assert buffers[0] != buffers[1]
+    events.clear()
+    np.testing.assert_array_equal(frozen.predict(cupy.asarray(x), backend=name), want)
+    assert ("take", 0) not in events  # images on the device are used where they are
+    frozen.host_staging = False
+    events.clear()
+    np.testing.assert_array_equal(frozen.predict(x, backend=name), want)
+    default = (runtime._DEFAULT_BATCH if make is mlp_net else runtime._CONV_BATCH)["cupy"]
+    assert events == ["read"] * -(-n // default)
+    frozen.host_staging = True
+    events.clear()
+    assert frozen.predict(x[:0], backend=name).shape == (0,)
+    assert events == []

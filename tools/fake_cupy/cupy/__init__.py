@@ -78,6 +78,18 @@ class ndarray:
     def get(self, stream=None, order="C", out=None):
         return _np.array(self._a, copy=True)
 
+    def set(self, arr, stream=None):
+        """CuPy's host-to-device copy into this array: a host array of the same shape and
+        dtype, both C-contiguous (CuPy refuses others)."""
+        if not _is_host_array(arr):
+            raise TypeError(f"Only numpy.ndarray can be set to cupy.ndarray, got {type(arr)}")
+        if arr.shape != self.shape or arr.dtype != self.dtype:
+            raise ValueError(f"Shape or dtype mismatch: {arr.shape} {arr.dtype} into "
+                             f"{self.shape} {self.dtype}")
+        if not (arr.flags.c_contiguous and self._a.flags.c_contiguous):
+            raise RuntimeError("Cannot set to non-contiguous array")
+        self._a[...] = arr
+
     def __array__(self, dtype=None, copy=None):
         raise TypeError(_msg_implicit())
 

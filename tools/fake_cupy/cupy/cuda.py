@@ -87,6 +87,14 @@ class Stream:
     def __exit__(self, *exc):
         return False
 
+    def record(self, event=None):
+        event = Event() if event is None else event
+        event.record(self)
+        return event
+
+    def wait_event(self, event):
+        pass
+
     def begin_capture(self, mode=None):
         raise NotImplementedError("fake cupy: no CUDA graphs without a GPU")
 
