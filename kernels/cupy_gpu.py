@@ -159,22 +159,37 @@ def _max_shared_per_block():
                                      _device()))
 
 
+def excluded_forms():
+    """The tensor-core forms that ``MINIBNN_TC_EXCLUDE`` (comma-separated names) leaves out
+    of :func:`available_kernels`, so that neither a caller nor plain ``"tensorcore"``'s
+    autotune runs them. The autotune already drops a form whose product differs from the
+    direct form's; this is for one that fails outright on a GPU new to it (a launch error
+    spoils the whole CUDA context, so the process cannot try the next form).
+    ``benchmarks/check_forms.py`` finds such forms, each in a process of its own."""
+    names = {s.strip() for s in os.environ.get("MINIBNN_TC_EXCLUDE", "").split(",")}
+    names.discard("")
+    unknown = names - set(_TC_FORMS)
+    if unknown:
+        raise ValueError(f"MINIBNN_TC_EXCLUDE: {sorted(unknown)} are not tensor-core forms; "
+                         f"expected names from {_TC_FORMS}")
+    return frozenset(names)
+
+
 def available_kernels():
     """GEMM kernels the current GPU can run, the default first: ``("tensorcore",
     "tensorcore_direct", "tensorcore_tiled", "tensorcore_tiled256", "tensorcore_direct_ldm",
     "tensorcore_tiled_ldm", "tensorcore_tiled256_ldm", "cuda")`` on compute capability >=
     8.0 (the first runs the fastest of the next ones for the product's shape class, timed on
     first use; each form only where a block may have its shared memory: the 256-row ones
-    need 144 and 120 KiB), else ``("cuda",)``."""
+    need 144 and 120 KiB; none that :func:`excluded_forms` names), else ``("cuda",)``."""
     device = _device()
     names = _kernels.get(device)
     if names is None:  # asked once per device: every product checks its kernel name
-        if _capability() < 80:
-            names = ("cuda",)
-        else:
-            room = _max_shared_per_block()
-            forms = tuple(f for f in _TC_FORMS if _TC_SPECS[f][1] <= room)
-            names = ("tensorcore",) + forms + ("cuda",)
+        forms = ()
+        if _capability() >= 80:
+            room, excluded = _max_shared_per_block(), excluded_forms()
+            forms = tuple(f for f in _TC_FORMS if _TC_SPECS[f][1] <= room and f not in excluded)
+        names = (("tensorcore",) + forms if forms else ()) + ("cuda",)
         _kernels[device] = names
     return names
 
@@ -407,14 +422,15 @@ def _tensorcore_form(m, n, w, launch, out):
     :func:`available_kernels`'s tensor-core forms for the product's shape class on this
     device, measured on first use: ``launch(form)`` runs the caller's own product into
     ``out``, once per form to warm up, and a form whose ``out`` differs from the first
-    form's (the direct one, in use since the forms began) is left out, with a warning and
-    its name in ``form_disagreements``: a kernel new to this GPU is checked on the product
-    in hand before it can be chosen. Then 3 times per form, taking turns, timed with CUDA
-    events (the forms left all write the same result, so the output is right whichever ran
-    last); the times are kept in ``form_timings``. ``MINIBNN_TC_FORM`` names a form instead; with
-    ``MINIBNN_GPU_AUTOTUNE=0``, or while the stream is being captured into a CUDA graph
-    (nothing can be timed then; the class stays untimed for a later eager call), the direct
-    form runs up to ``DIRECT_MAX_ROWS`` rows of A and the tiled one above."""
+    form's (the direct one, in use since the forms began, unless excluded) is left out,
+    with a warning and its name in ``form_disagreements``: a kernel new to this GPU is
+    checked on the product in hand before it can be chosen. Then 3 times per form, taking
+    turns, timed with CUDA events (the forms left all write the same result, so the output
+    is right whichever ran last); the times are kept in ``form_timings``. ``MINIBNN_TC_FORM`` names a form
+    instead; with ``MINIBNN_GPU_AUTOTUNE=0``, or while the stream is being captured into a
+    CUDA graph (nothing can be timed then; the class stays untimed for a later eager call),
+    the direct form runs up to ``DIRECT_MAX_ROWS`` rows of A and the tiled one above (the
+    first form left where ``MINIBNN_TC_EXCLUDE`` names these)."""
     forced = os.environ.get("MINIBNN_TC_FORM", "").strip()
     if forced:
         forms = _tc_forms()
@@ -428,7 +444,8 @@ def _tensorcore_form(m, n, w, launch, out):
     forms = _tc_forms()
     cp = _cp()
     if os.environ.get("MINIBNN_GPU_AUTOTUNE", "1").strip() == "0" or _capturing():
-        return (forms[0] if m <= DIRECT_MAX_ROWS else forms[1]), False
+        want = "tensorcore_direct" if m <= DIRECT_MAX_ROWS else "tensorcore_tiled"
+        return (want if want in forms else forms[0]), False
     first, wrong = None, []
     for f in forms:
         launch(f)  # compiles the entry on first use, pads and prepares what it reads

@@ -378,6 +378,26 @@ def cuda_stream_ptr():
     return cupy.cuda.get_current_stream().ptr
 
 
+def pinned_empty(shape, dtype):
+    """A NumPy array in page-locked host memory (``cupyx.empty_pinned``): the GPU copies from
+    it by DMA, asynchronously to the host, where a copy from ordinary (pageable) memory makes
+    the host wait while the driver stages it."""
+    import cupyx
+    return cupyx.empty_pinned(shape, dtype)
+
+
+def current_stream():
+    """CuPy's current stream."""
+    import cupy
+    return cupy.cuda.get_current_stream()
+
+
+def stream_waits_for(stream, other):
+    """Make the work queued on ``stream`` from now on wait for the work queued on ``other``
+    so far (an event recorded on ``other``; the host does not wait)."""
+    stream.wait_event(other.record())
+
+
 # --- what minibnn.graphs needs from CuPy ------------------------------------------------------
 
 def capture_stream():

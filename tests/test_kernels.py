@@ -743,3 +743,54 @@ def test_cupy_256_row_tile_needs_its_shared_memory(backend_name, monkeypatch):
     monkeypatch.setattr(cupy_gpu, "_kernels", {})
     monkeypatch.setattr(cupy_gpu, "_max_shared_per_block", lambda: cupy_gpu._TC256_SMEM_BYTES)
     assert {"tensorcore_tiled256", "tensorcore_tiled256_ldm"} <= set(cupy_gpu.available_kernels())
+
+
+@pytest.mark.parametrize("backend_name", backend_params(("cupy",)))
+def test_cupy_forms_named_in_MINIBNN_TC_EXCLUDE_are_never_run(backend_name, monkeypatch):
+    """MINIBNN_TC_EXCLUDE leaves the forms it names out of available_kernels: naming one
+    is then a ValueError before any launch, plain "tensorcore" neither times nor runs it,
+    and its untimed rule falls back to the first form left when the direct or tiled form is
+    excluded; excluding every form leaves "cuda" alone as the default; an unknown name is
+    a ValueError that lists the forms."""
+    if "tensorcore" not in cupy_gpu.available_kernels():
+        pytest.skip("this GPU has no binary tensor cores (compute capability < 8.0)")
+    monkeypatch.setattr(cupy_gpu, "_kernels", {})
+    monkeypatch.setattr(cupy_gpu, "_form_choice", {})
+    monkeypatch.setattr(cupy_gpu, "form_timings", {})
+    monkeypatch.setattr(cupy_gpu, "form_disagreements", {})
+    monkeypatch.setenv("MINIBNN_GPU_AUTOTUNE", "1")
+    monkeypatch.delenv("MINIBNN_TC_FORM", raising=False)
+    all_forms = [f for f in cupy_gpu._TC_FORMS if f in cupy_gpu._tc_forms()]
+    monkeypatch.setattr(cupy_gpu, "_kernels", {})
+    monkeypatch.setenv("MINIBNN_TC_EXCLUDE", " tensorcore_direct, tensorcore_tiled_ldm ,")
+    assert cupy_gpu.excluded_forms() == {"tensorcore_direct", "tensorcore_tiled_ldm"}
+    names = cupy_gpu.available_kernels()
+    left = [f for f in all_forms if f not in ("tensorcore_direct", "tensorcore_tiled_ldm")]
+    assert names == ("tensorcore", *left, "cuda")
+    rng = np.random.default_rng(8)
+    a = reference.pack_rows(rng.standard_normal((9, 300)))
+    b = reference.pack_rows(rng.standard_normal((70, 300)))
+    with pytest.raises(ValueError, match=r"kernel: expected one of .* got 'tensorcore_direct'"):
+        cupy_gpu.xnor_gemm(a, b, 300, kernel="tensorcore_direct")
+    launched = _recording_launches(monkeypatch)
+    got, want = _product(False, a, b, 300, "tensorcore")
+    np.testing.assert_array_equal(got, want)
+    assert "xnor_gemm_tc_direct" not in launched and "xnor_gemm_tcl" not in launched
+    (times,) = cupy_gpu.form_timings.values()
+    assert set(times) == set(left)
+    monkeypatch.setenv("MINIBNN_GPU_AUTOTUNE", "0")  # untimed: direct is out, tiled is first
+    monkeypatch.setattr(cupy_gpu, "_form_choice", {})
+    launched.clear()
+    got, want = _product(False, a, b, 300, "tensorcore")
+    np.testing.assert_array_equal(got, want)
+    assert launched == ["xnor_gemm_tc"]
+    monkeypatch.setattr(cupy_gpu, "_kernels", {})
+    monkeypatch.setenv("MINIBNN_TC_EXCLUDE", ",".join(cupy_gpu._TC_FORMS))
+    assert cupy_gpu.available_kernels() == ("cuda",)
+    assert cupy_gpu.default_kernel() == "cuda"
+    np.testing.assert_array_equal(cupy_gpu.xnor_gemm(a, b, 300).get(), want)
+    monkeypatch.setattr(cupy_gpu, "_kernels", {})
+    monkeypatch.setenv("MINIBNN_TC_EXCLUDE", "tensorcore_tiled,ldm")
+    with pytest.raises(ValueError, match=r"MINIBNN_TC_EXCLUDE: \['ldm'\] are not tensor-core "
+                                         r"forms; expected names from \('tensorcore_direct'"):
+        cupy_gpu.available_kernels()

@@ -835,13 +835,12 @@ class _PinnedFeed:
     by the constructor."""
 
     def __init__(self, x, batch):
-        import cupy
-        import cupyx
         self.x, self.batch = x, batch
         shape = (min(batch, x.shape[0]),) + tuple(x.shape[1:])
-        self.host = [cupyx.empty_pinned(shape, x.dtype) for _ in range(2)]
-        self.device = [cupy.empty(shape, x.dtype) for _ in range(2)]
-        self.stream = cupy.cuda.get_current_stream()
+        cp = _backend.array_module("cupy")
+        self.host = [_backend.pinned_empty(shape, x.dtype) for _ in range(2)]
+        self.device = [cp.empty(shape, x.dtype) for _ in range(2)]
+        self.stream = _backend.current_stream()
         self.staged = {}
         self.stage(0)
 
@@ -895,7 +894,7 @@ class _ForwardGraphs:
             with self.stream:
                 xs[...] = x
                 graph.launch(self.stream)
-            caller.wait_event(self.stream.record())  # the caller reads out after the replay
+            _backend.stream_waits_for(caller, self.stream)  # the caller reads out after it
             return out
         if key in self.failed or self.calls.get(key, 0) < 1:
             self.calls[key] = self.calls.get(key, 0) + 1
@@ -914,7 +913,7 @@ class _ForwardGraphs:
         self.graphs[key] = (graph, pool, xs, out, keep)
         with self.stream:
             graph.launch(self.stream)
-        caller.wait_event(self.stream.record())
+        _backend.stream_waits_for(caller, self.stream)
         return out
 
     def _follow_caller(self):
@@ -922,9 +921,8 @@ class _ForwardGraphs:
         stream, which made ``x`` (say, its asynchronous copy from the host); returns that
         stream. The graphs' stream is a blocking one, ordered with the legacy default stream
         anyway; this also orders it after a caller's own non-blocking stream."""
-        import cupy
-        caller = cupy.cuda.get_current_stream()
-        self.stream.wait_event(caller.record())
+        caller = _backend.current_stream()
+        _backend.stream_waits_for(self.stream, caller)
         return caller
 
 
