@@ -118,6 +118,17 @@ def _operand(x):
     return x, _OP_T, max(1, r)
 
 
+def _on_stream(a, b):
+    """(library, handle set to CuPy's current stream, B's operand, A's operand) for a
+    product a @ b: cuBLAS is column-major, so it computes C^T = B^T A^T, B^T the left
+    factor; each operand as :func:`_operand` gives it."""
+    import cupy
+    lib, handle = _lib(), _handle()
+    _check(lib.cublasSetStream_v2(handle, ctypes.c_void_p(cupy.cuda.get_current_stream().ptr)),
+           "cublasSetStream")
+    return lib, handle, _operand(b), _operand(a)
+
+
 def matmul(a, b):
     """a (M, K) @ b (K, N) -> new C-contiguous (M, N), both 2-D CuPy float32 or float64."""
     import cupy
@@ -133,11 +144,7 @@ def matmul(a, b):
     if k == 0:
         out.fill(0)
         return out
-    lib, handle = _lib(), _handle()
-    _check(lib.cublasSetStream_v2(handle, ctypes.c_void_p(cupy.cuda.get_current_stream().ptr)),
-           "cublasSetStream")
-    bs, opb, ldb = _operand(b)  # B^T as the left factor of C^T = B^T A^T
-    as_, opa, lda = _operand(a)
+    lib, handle, (bs, opb, ldb), (as_, opa, lda) = _on_stream(a, b)
     scalar = ctypes.c_float if a.dtype == np.float32 else ctypes.c_double
     fn = lib.cublasSgemm_v2 if a.dtype == np.float32 else lib.cublasDgemm_v2
     one, zero = scalar(1.0), scalar(0.0)
@@ -192,11 +199,7 @@ def gemm_ex(a, b, out=None, beta=0.0):
         return out
     if getattr(cupy, "__fake__", False):  # the NumPy-backed stand-in (tools/fake_cupy)
         return cupy.fake_gemm_ex(a, b, out, beta)
-    lib, handle = _lib(), _handle()
-    _check(lib.cublasSetStream_v2(handle, ctypes.c_void_p(cupy.cuda.get_current_stream().ptr)),
-           "cublasSetStream")
-    bs, opb, ldb = _operand(b)  # as in matmul: C^T = B^T A^T, column-major
-    as_, opa, lda = _operand(a)
+    lib, handle, (bs, opb, ldb), (as_, opa, lda) = _on_stream(a, b)
     dtype = _EX_TYPES[a.dtype]
     one, b_ = ctypes.c_float(1.0), ctypes.c_float(beta)
     _check(lib.cublasGemmEx(handle, opb, opa, n, m, k, ctypes.byref(one),
