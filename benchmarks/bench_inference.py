@@ -28,8 +28,9 @@ trained net's are not 1 and 0, about 10% of gammas negative. Each network runs
 * "frozen cupy" replays each batch shape's forward as one CUDA graph (``FrozenBNN.cuda_graph``,
   the default); "frozen eager cupy" is the same net launching every kernel from Python;
   both stage host images through page-locked memory a batch ahead (``host_staging``, the
-  default); for the MLPs "frozen pageable cupy" is "frozen cupy" with ``host_staging =
-  False`` (each batch copied by ``cupy.asarray`` from pageable memory, the default batch);
+  default); for the MLPs "frozen unstaged cupy" is "frozen cupy" with ``host_staging =
+  False`` (each batch sent by ``cupy.asarray`` after the last one's result is read, the
+  default batch);
 * for the MLPs, "..., images on device" rows: "float32 cupy", "float16 cupy" and "frozen
   cupy" given the test images as one CuPy array already on the GPU (the others copy each
   batch from the host, about 8 MB for 10,000 MNIST images, which the frozen net's few
@@ -582,7 +583,7 @@ def bench_model(label, model, images, backends, repeats, reference_images, cpu_i
         paths["float32 torch cpu"] = (
             lambda: cpu_tnet.predict(cpu_set, fb.get("torch", m_cpu)), "torch cpu")
         counts["float32 torch cpu"] = m_cpu
-    eager = frozen16 = paged = None  # the frozen cupy twins (below, on a GPU)
+    eager = frozen16 = unstaged = None  # the frozen cupy twins (below, on a GPU)
     if "cupy" in backends:
         gpu_net = Float32Net(model, xp=backend.array_module("cupy"))
         paths["float32 cupy"] = (lambda: gpu_net.predict(images, fb.get("cupy")), "cupy")
@@ -597,11 +598,11 @@ def bench_model(label, model, images, backends, repeats, reference_images, cpu_i
         paths["frozen eager cupy"] = (lambda: eager.predict(images, backend="cupy"), "cupy")
         counts["frozen eager cupy"] = n
         if not gpu_net.is_conv:  # host copies as before runtime._PinnedFeed: the A/B of it
-            paged = runtime.FrozenBNN(frozen.layers, frozen.info)
-            paged.host_staging = False
-            paths["frozen pageable cupy"] = (lambda: paged.predict(images, backend="cupy"),
+            unstaged = runtime.FrozenBNN(frozen.layers, frozen.info)
+            unstaged.host_staging = False
+            paths["frozen unstaged cupy"] = (lambda: unstaged.predict(images, backend="cupy"),
                                              "cupy")
-            counts["frozen pageable cupy"] = n
+            counts["frozen unstaged cupy"] = n
         if not gpu_net.is_conv:  # the same three with the images already on the GPU
             dev_images = backend.array_module("cupy").asarray(images)
             paths["float32 cupy" + ON_DEVICE] = (
@@ -681,7 +682,7 @@ def bench_model(label, model, images, backends, repeats, reference_images, cpu_i
     for r in rows:  # which first-layer method each frozen path ran, and what "auto" timed
         net = {"frozen cupy": frozen, "frozen numba": frozen, "frozen eager cupy": eager,
                "frozen fp16-first cupy": frozen16,
-               "frozen pageable cupy": paged}.get(r["path"].split(",")[0])
+               "frozen unstaged cupy": unstaged}.get(r["path"].split(",")[0])
         plan_backend = "cupy" if "cupy" in r["path"] else "numba"
         plan = getattr(net, "_first_plans", {}).get(plan_backend) if net is not None else None
         if plan is not None:

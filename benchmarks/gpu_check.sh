@@ -95,7 +95,8 @@ UNPROVEN=tensorcore_direct_ldm,tensorcore_tiled_ldm,tensorcore_tiled256_ldm
 # a wrong product is left out of the benchmarks after it through MINIBNN_TC_EXCLUDE (all of
 # UNPROVEN when the check itself gives no answer). The test suite runs every form.
 check_forms() {
-    timeout -s INT -k 10 100 $PY benchmarks/check_forms.py --timeout 80 > "$OUT/check_forms.log" 2>&1
+    timeout -s INT -k 10 100 $PY benchmarks/check_forms.py --timeout 80 \
+        > "$OUT/check_forms.log" 2>&1
     stamp "check_forms rc=$?"; cut -c1-200 "$OUT/check_forms.log" | tail -8
     local line
     line=$(grep '^MINIBNN_TC_EXCLUDE=' "$OUT/check_forms.log" | tail -1)

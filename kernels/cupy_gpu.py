@@ -426,11 +426,12 @@ def _tensorcore_form(m, n, w, launch, out):
     with a warning and its name in ``form_disagreements``: a kernel new to this GPU is
     checked on the product in hand before it can be chosen. Then 3 times per form, taking
     turns, timed with CUDA events (the forms left all write the same result, so the output
-    is right whichever ran last); the times are kept in ``form_timings``. ``MINIBNN_TC_FORM`` names a form
-    instead; with ``MINIBNN_GPU_AUTOTUNE=0``, or while the stream is being captured into a
-    CUDA graph (nothing can be timed then; the class stays untimed for a later eager call),
-    the direct form runs up to ``DIRECT_MAX_ROWS`` rows of A and the tiled one above (the
-    first form left where ``MINIBNN_TC_EXCLUDE`` names these)."""
+    is right whichever ran last); the times are kept in ``form_timings``.
+    ``MINIBNN_TC_FORM`` names a form instead; with ``MINIBNN_GPU_AUTOTUNE=0``, or while the
+    stream is being captured into a CUDA graph (nothing can be timed then; the class stays
+    untimed for a later eager call), the direct form runs up to ``DIRECT_MAX_ROWS`` rows of
+    A and the tiled one above (the first form left where ``MINIBNN_TC_EXCLUDE`` names
+    these)."""
     forced = os.environ.get("MINIBNN_TC_FORM", "").strip()
     if forced:
         forms = _tc_forms()

@@ -380,8 +380,8 @@ def cuda_stream_ptr():
 
 def pinned_empty(shape, dtype):
     """A NumPy array in page-locked host memory (``cupyx.empty_pinned``): the GPU copies from
-    it by DMA, asynchronously to the host, where a copy from ordinary (pageable) memory makes
-    the host wait while the driver stages it."""
+    it by DMA, asynchronously to the host (from ordinary, pageable memory a copy is staged
+    through page-locked memory first, by the driver or by CuPy)."""
     import cupyx
     return cupyx.empty_pinned(shape, dtype)
 
