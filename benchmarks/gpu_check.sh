@@ -4,14 +4,14 @@
 #   bash benchmarks/gpu_check.sh OUT_DIR [CIFAR_ARCHIVE_OR_BIN_DIR] [PHASE]
 #
 # PHASE "verify" runs the suite and the inference benchmarks alone (a second, short call
-# after fixes); PHASE "gemm" the GEMM kernels' GPU tests and bench_gemm alone (about 3
-# minutes: a call that fits beside a 9-minute phase in one session). PHASE "check" (the
-# default; at most GPU_CHECK_LIMIT = 560 s, usually less) runs, in this order, each under
-# its own time limit (a step still running 15 s after its SIGINT is killed), writing logs
-# and JSON to OUT_DIR and a summary to stdout: the test suite on the cupy backend (pytest
-# -n 12), bench_train (MLP 3x4096 and the CIFAR-10 ConvNet beside PyTorch eager and CUDA
-# graph, with the opt-in bf16 backward rows "minibnn cupy bf16" and "minibnn cupy graph
-# bf16"), bench_gemm (every GEMM kernel form at every shape), bench_inference for the MLPs
+# after fixes); PHASE "gemm" the GEMM kernels alone: check_forms, bench_gemm, then their GPU
+# tests (about 3.5 minutes: a call that fits beside a 9-minute phase in one session).
+# PHASE "check" (the default; at most GPU_CHECK_LIMIT = 560 s, usually less) runs, in this
+# order, each under its own time limit (a step still running 15 s after its SIGINT is
+# killed), writing logs and JSON to OUT_DIR and a summary to stdout: the test suite on the
+# cupy backend (pytest -n 12), check_forms (below), bench_train (MLP 3x4096 and the
+# CIFAR-10 ConvNet beside PyTorch eager and CUDA graph, with the opt-in bf16 backward rows
+# "minibnn cupy bf16" and "minibnn cupy graph bf16"), bench_gemm (every GEMM kernel form at every shape), bench_inference for the MLPs
 # (beside float32 and float16 CuPy, with the forced "frozen fp16-first cupy" row) and for
 # the CIFAR-10 ConvNet (5,000 synthetic images, beside cuDNN through PyTorch), profile_gpu
 # (the training steps' kernels by GPU time, beside PyTorch's), bench_split_gemm (the
@@ -105,18 +105,18 @@ check_forms() {
 }
 case "$PHASE" in
 check|verify) ;;
-gemm)  # the GEMM forms alone (about 3 minutes): their GPU tests, then bench_gemm
-    MINIBNN_TC_EXCLUDE= MINIBNN_BACKEND=cupy timeout -s INT -k 15 100 $PY -m pytest -n 12 -q \
+gemm)  # the GEMM forms alone (about 3.5 minutes): each form checked, bench_gemm, the tests
+    check_forms  # (the forms against the reference on awkward shapes, in their own processes)
+    timeout -s INT -k 15 150 $PY benchmarks/bench_gemm.py --backends numpy,cupy --repeats 3 \
+        --out "$OUT" > "$OUT/bench_gemm.log" 2>&1
+    stamp "bench_gemm rc=$?"; grep -E "^[0-9]+x[0-9]+x[0-9]+ " "$OUT/bench_gemm.log" | cut -c1-170
+    $PY benchmarks/goals.py "$OUT" | grep "GEMM"
+    MINIBNN_TC_EXCLUDE= MINIBNN_BACKEND=cupy timeout -s INT -k 15 80 $PY -m pytest -n 12 -q \
         -rfEs --tb=short -p no:cacheprovider --timeout 60 tests/test_kernels.py \
         > "$OUT/pytest_kernels.log" 2>&1
     stamp "pytest tests/test_kernels.py (cupy) rc=$?"
     grep -E "^(FAILED|ERROR)" "$OUT/pytest_kernels.log" | cut -c1-200 | head -20
     tail -1 "$OUT/pytest_kernels.log"
-    check_forms
-    timeout -s INT -k 15 150 $PY benchmarks/bench_gemm.py --backends numpy,cupy --repeats 3 \
-        --out "$OUT" > "$OUT/bench_gemm.log" 2>&1
-    stamp "bench_gemm rc=$?"; grep -E "^[0-9]+x[0-9]+x[0-9]+ " "$OUT/bench_gemm.log" | cut -c1-170
-    $PY benchmarks/goals.py "$OUT" | grep "GEMM"
     exit 0 ;;
 mnist-recipe)
     export MINIBNN_TC_EXCLUDE=${GPU_CHECK_TC_EXCLUDE-$UNPROVEN}
