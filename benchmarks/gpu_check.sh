@@ -11,9 +11,10 @@
 # killed), writing logs and JSON to OUT_DIR and a summary to stdout: the test suite on the
 # cupy backend (pytest -n 12), check_forms (below), bench_train (MLP 3x4096 and the
 # CIFAR-10 ConvNet beside PyTorch eager and CUDA graph, with the opt-in bf16 backward rows
-# "minibnn cupy bf16" and "minibnn cupy graph bf16"), bench_gemm (every GEMM kernel form at every shape), bench_inference for the MLPs
-# (beside float32 and float16 CuPy, with the forced "frozen fp16-first cupy" row) and for
-# the CIFAR-10 ConvNet (5,000 synthetic images, beside cuDNN through PyTorch), profile_gpu
+# "minibnn cupy bf16" and "minibnn cupy graph bf16"), bench_gemm (every GEMM kernel form
+# at every shape), bench_inference for the MLPs (beside float32 and float16 CuPy, with the
+# forced "frozen fp16-first cupy" and the "frozen unstaged cupy" rows) and for the
+# CIFAR-10 ConvNet (5,000 synthetic images, beside cuDNN through PyTorch), profile_gpu
 # (the training steps' kernels by GPU time, beside PyTorch's), bench_split_gemm (the
 # ConvNet's backward products, FP32 cuBLAS against split bf16 GemmEx), bench_conv_glue;
 # then benchmarks/goals.py prints each GPU goal of #8, #9 and #10 as met / NOT met /
