@@ -89,6 +89,9 @@ def inference_goals(data, source):
             ok = None if frozen is None or base is None else base / frozen >= target
             value = (f"{base / frozen:.2f}x ({frozen * 1e3:.2f} ms against "
                      f"{base * 1e3:.2f} ms)" if ok is not None else "-")
+            unstaged = None if tag else seconds("3x4096", "frozen unstaged cupy")
+            if ok is not None and unstaged is not None:  # the A/B of FrozenBNN.host_staging
+                value += f"; without host staging {unstaged * 1e3:.2f} ms"
             out.append(_line(f"#10 frozen 3x4096, 10k images ({where}), >= {target:g}x {goal}",
                              value, ok, source))
     conv = sorted({r["path"] for r in rows if "ConvNet" in r["net"] and ("cupy" in r["path"]

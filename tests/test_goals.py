@@ -54,3 +54,23 @@ def test_goals_met_and_missing(tmp_path):
     (tmp_path / "mnist_recipe_metrics.json").write_text(json.dumps(
         {"test_error": 0.0098, "best_epoch": 380, "history": [{"wall_seconds": 1.5}] * 400}))
     assert _state(goals.summary([tmp_path]), "MNIST recipe") == "NOT met"  # 600 s: too long
+
+
+def test_frozen_goals_show_the_unstaged_row_beside_the_host_line(tmp_path):
+    """The host-images lines carry the "frozen unstaged cupy" time (FrozenBNN.host_staging's
+    A/B) when the run has it; the on-device lines do not."""
+    goals = load_benchmark("goals")
+
+    def row(path, ms):
+        return dict(net="3x4096", path=path, seconds_full_set=ms / 1e3)
+
+    (tmp_path / "inference_gpu.json").write_text(json.dumps({"results": [
+        row("frozen cupy", 1.5), row("frozen unstaged cupy", 2.7), row("float32 cupy", 19.4),
+        row("float16 cupy", 5.2), row("frozen cupy, images on device", 1.1),
+        row("float32 cupy, images on device", 17.6),
+        row("float16 cupy, images on device", 3.6)]}))
+    lines = goals.summary([tmp_path])
+    host = next(l for l in lines if "(host images), >= 10x" in l)
+    assert host.startswith("met") and "12.93x (1.50 ms against 19.40 ms); without host " \
+        "staging 2.70 ms" in host
+    assert all("staging" not in l for l in lines if "images on device" in l)
