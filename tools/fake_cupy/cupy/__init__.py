@@ -83,9 +83,10 @@ class ndarray:
         dtype, both C-contiguous (CuPy refuses others)."""
         if not _is_host_array(arr):
             raise TypeError(f"Only numpy.ndarray can be set to cupy.ndarray, got {type(arr)}")
-        if arr.shape != self.shape or arr.dtype != self.dtype:
-            raise ValueError(f"Shape or dtype mismatch: {arr.shape} {arr.dtype} into "
-                             f"{self.shape} {self.dtype}")
+        if arr.dtype != self.dtype:
+            raise TypeError(f"{arr.dtype} array cannot be set to {self.dtype} array")
+        if arr.shape != self.shape:
+            raise ValueError(f"Shape mismatch. Old shape: {self.shape}, new shape: {arr.shape}")
         if not (arr.flags.c_contiguous and self._a.flags.c_contiguous):
             raise RuntimeError("Cannot set to non-contiguous array")
         self._a[...] = arr
