@@ -6,10 +6,10 @@ already drops a form whose product differs from the direct form's
 (``cupy_gpu.form_disagreements``). A form that fails outright (an illegal address, a
 launch error, a hang) is another matter: the error spoils the process's CUDA context, so
 the autotune, and the training run or benchmark around it, die with it. Kernels new to a
-GPU are checked here first: each form runs ``xnor_gemm`` and ``gemm_threshold`` on awkward
-shapes (K of 1, 65 and 4,097 bits, M or N of 1, odd sizes, a partial last stage) and one
-large product, against ``kernels.reference``, in a subprocess with a time limit, all forms
-at once. It prints one line per form and, last, ``MINIBNN_TC_EXCLUDE=<forms>`` naming
+GPU are checked here first: each form runs ``xnor_gemm`` and ``gemm_threshold`` (per-unit
+thresholds and a ConvNet's per-position table) on awkward shapes (K of 1, 65 and 4,097
+bits, M or N of 1, odd sizes, a partial last stage) and one large product, against
+``kernels.reference``, in a subprocess with a time limit, all forms at once. It prints one line per form and, last, ``MINIBNN_TC_EXCLUDE=<forms>`` naming
 every form that failed or gave a wrong product (empty when none did), for a shell to
 export before the real work (``benchmarks/gpu_check.sh`` does).
 
@@ -45,12 +45,14 @@ def check_one(form):
         b = reference.pack_rows(rng.choice([-1.0, 1.0], (n, k)))
         want = reference.xnor_gemm(a, b, k)
         got = cupy.asnumpy(cupy_gpu.xnor_gemm(a, b, k, kernel=form))
-        threshold = rng.integers(-k, k + 1, n)
-        bits = cupy.asnumpy(cupy_gpu.gemm_threshold(a, b, k, threshold, kernel=form))
         if not np.array_equal(got, want):
             bad.append(f"{m}x{n}x{k} product")
-        if not np.array_equal(bits, reference.pack_threshold(want, threshold)):
-            bad.append(f"{m}x{n}x{k} threshold")
+        periods = next(d for d in (3, 2, 1) if m % d == 0)  # a ConvNet's (P, N) table too
+        for shape in ((n,), (periods, n)):
+            threshold = rng.integers(-k, k + 1, shape)
+            bits = cupy.asnumpy(cupy_gpu.gemm_threshold(a, b, k, threshold, kernel=form))
+            if not np.array_equal(bits, reference.pack_threshold(want, threshold)):
+                bad.append(f"{m}x{n}x{k} threshold {shape}")
     cupy.cuda.Device().synchronize()
     print("wrong: " + ", ".join(bad) if bad else "ok", flush=True)
     return 1 if bad else 0
