@@ -9,9 +9,10 @@ the autotune, and the training run or benchmark around it, die with it. Kernels 
 GPU are checked here first: each form runs ``xnor_gemm`` and ``gemm_threshold`` (per-unit
 thresholds and a ConvNet's per-position table) on awkward shapes (K of 1, 65 and 4,097
 bits, M or N of 1, odd sizes, a partial last stage) and one large product, against
-``kernels.reference``, in a subprocess with a time limit, all forms at once. It prints one line per form and, last, ``MINIBNN_TC_EXCLUDE=<forms>`` naming
-every form that failed or gave a wrong product (empty when none did), for a shell to
-export before the real work (``benchmarks/gpu_check.sh`` does).
+``kernels.reference``, in a subprocess with a time limit, all forms at once. It prints
+one line per form and, last, ``MINIBNN_TC_EXCLUDE=<forms>`` naming every form that failed
+or gave a wrong product (empty when none did), for a shell to export before the real work
+(``benchmarks/gpu_check.sh`` does).
 
     PYTHONPATH=. python benchmarks/check_forms.py [--timeout 120]
 """
