@@ -84,6 +84,23 @@ def load_benchmark(name):
         sys.path.remove(str(BENCH))
 
 
+def load_fake_cupy():
+    """tools/fake_cupy's NumPy-backed CuPy, loaded once under a private name (so nothing else
+    in this process takes it for CuPy): the host tests of GPU code run their cupy modules on
+    it without a GPU, and without it installed as ``cupy``."""
+    import importlib.util
+    import sys
+    name = "_minibnn_fake_cupy"
+    if name not in sys.modules:
+        folder = ROOT / "tools" / "fake_cupy" / "cupy"
+        spec = importlib.util.spec_from_file_location(
+            name, folder / "__init__.py", submodule_search_locations=[str(folder)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def _checkout_entries():
     """What tests must not add: top-level entries of the checkout (hidden ones and caches
     aside) and everything under runs/ and benchmarks/results/."""

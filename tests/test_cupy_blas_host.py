@@ -12,31 +12,19 @@ operand, a wrong flag or a wrong leading dimension gives a wrong product (or, fo
 dimension too small, an error)."""
 
 import ctypes
-import importlib.util
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from numpy.lib.array_utils import byte_bounds
 
+from conftest import load_fake_cupy
 from minibnn.kernels import cupy_blas
 
-ROOT = Path(__file__).resolve().parent.parent
 _OP = {0: "N", 1: "T"}
 _TYPES = {2: np.float16, 14: np.uint16}  # CUDA_R_16F, CUDA_R_16BF (bf16 bit patterns)
 
 
-def _fake_cupy():
-    name = "_minibnn_fake_cupy_for_blas"
-    if name not in sys.modules:
-        folder = ROOT / "tools" / "fake_cupy" / "cupy"
-        spec = importlib.util.spec_from_file_location(
-            name, folder / "__init__.py", submodule_search_locations=[str(folder)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def _scalar(arg):
@@ -115,7 +103,7 @@ class _Cublas:
 
 @pytest.fixture
 def blas(monkeypatch):
-    fake = _fake_cupy()
+    fake = load_fake_cupy()
     monkeypatch.setitem(sys.modules, "cupy", fake)
     _BUFFERS.clear()
     for name in ("empty", "ascontiguousarray"):  # what cupy_blas makes is registered too

@@ -19,22 +19,20 @@ arithmetic for that reason. Skipped when no C++ compiler is found.
 """
 
 import ctypes
-import importlib.util
 import shutil
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import load_fake_cupy
 from minibnn.kernels import cupy_fused
 
 CXX = next((c for c in ("g++", "clang++", "c++") if shutil.which(c)), None)
 pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++, clang++, c++) found")
 
-ROOT = Path(__file__).resolve().parents[1]
 C_TYPES = {"float32": "float", "float64": "double", "int64": "long long", "int32": "int",
            "uint64": "unsigned long long", "uint16": "unsigned short", "bool": "bool"}
 DTYPES = {"float": np.float32, "double": np.float64}
@@ -152,22 +150,12 @@ def run(lib, name, *args):
     return out[0] if len(out) == 1 else tuple(out)
 
 
-def _fake():
-    name = "_minibnn_fake_cupy_for_fused"
-    if name not in sys.modules:
-        folder = ROOT / "tools" / "fake_cupy" / "cupy"
-        spec = importlib.util.spec_from_file_location(
-            name, folder / "__init__.py", submodule_search_locations=[str(folder)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def standin(name, *args):
     """The fake CuPy's NumPy stand-in for kernel ``name`` on copies of NumPy ``args``;
     returns what it returns, as NumPy (in-place outputs written back into ``args``)."""
-    fake = _fake()
+    fake = load_fake_cupy()
     ins, outs, body = cupy_fused._SOURCES[name]
     wrapped = [fake.asarray(a) if isinstance(a, np.ndarray) else a for a in args]
     got = fake.ElementwiseKernel(ins, outs, body, f"minibnn_{name}")(*wrapped)

@@ -37,7 +37,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import planted_thresholds
+from conftest import load_fake_cupy, planted_thresholds
 from minibnn.kernels import reference
 from minibnn.kernels.cuda_sources import read_source
 
@@ -407,25 +407,6 @@ def _launch(lib, entry, grid, smem, late, *args):
         4: "an ldmatrix row address misaligned or outside shared memory"}[failed]
 
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
-
-
-def _load_fake_cupy():
-    """tools/fake_cupy's NumPy-backed CuPy, loaded under a private name (so nothing else
-    in this process takes it for CuPy)."""
-    import importlib.util
-    import sys
-    name = "_minibnn_fake_cupy_for_emulation"
-    if name not in sys.modules:
-        folder = ROOT / "tools" / "fake_cupy" / "cupy"
-        spec = importlib.util.spec_from_file_location(
-            name, folder / "__init__.py", submodule_search_locations=[str(folder)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 class _EmulatedKernel:
     """What cupy_gpu._function returns, launching the emulated kernel: arguments checked
     the way CuPy passes them (device arrays by pointer, NumPy int32 / int64 scalars), and
@@ -458,7 +439,7 @@ def _emulate(monkeypatch, libs, late=1):
     autotune, end to end. Returns (cupy_gpu, the fake CuPy, the names launched)."""
     from minibnn.kernels import cupy_gpu
 
-    fake = _load_fake_cupy()
+    fake = load_fake_cupy()
     launched = []
     monkeypatch.setattr(cupy_gpu, "_cp", lambda: fake)
     # every cache the module keeps per device starts empty and is put back afterwards, so
