@@ -73,10 +73,9 @@ def main(argv=None):
     if args.form is not None:
         return check_one(args.form)
     from minibnn.kernels import cupy_gpu
+    for name in ("MINIBNN_TC_EXCLUDE", "MINIBNN_TC_FORM"):  # every form the GPU can run,
+        os.environ.pop(name, None)                         # whatever was excluded or forced
     env = dict(os.environ)
-    env.pop("MINIBNN_TC_EXCLUDE", None)  # every form the GPU can run, whatever was excluded
-    env.pop("MINIBNN_TC_FORM", None)
-    os.environ.pop("MINIBNN_TC_EXCLUDE", None)
     forms = [f for f in cupy_gpu.available_kernels() if f.startswith("tensorcore_")]
     t0 = time.perf_counter()
     procs = {f: subprocess.Popen(_command(f), env=env, stdout=subprocess.PIPE,

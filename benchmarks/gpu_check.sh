@@ -150,18 +150,16 @@ MINIBNN_TC_EXCLUDE= MINIBNN_BACKEND=cupy step 170 $PY -m pytest -n 12 -q -rfEs -
     -p no:cacheprovider --timeout 100 > "$OUT/pytest_cupy.log" 2>&1
 stamp "pytest (cupy) rc=$?"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_cupy.log" | cut -c1-200 | head -30
 tail -1 "$OUT/pytest_cupy.log"
-if [ "$PHASE" = check ]; then
-    check_forms
-else  # verify has no 20 s to spare
-    export MINIBNN_TC_EXCLUDE=${GPU_CHECK_TC_EXCLUDE-$UNPROVEN}
-fi
 if [ "$PHASE" = check ]; then  # verify: the suite and the inference rows only (3 minutes)
+    check_forms
     step 110 $PY benchmarks/bench_train.py --steps 20 --repeats 3 --backends cupy \
         --nets mlp4096,cifar10_convnet --out "$OUT" > "$OUT/bench_train.log" 2>&1
     stamp "bench_train rc=$?"; grep -A10 "^mlp4096 (\|^cifar10_convnet (" "$OUT/bench_train.log"
     step 90 $PY benchmarks/bench_gemm.py --backends numpy,cupy --repeats 3 --out "$OUT" \
         > "$OUT/bench_gemm.log" 2>&1
     stamp "bench_gemm rc=$?"; grep -E "^[0-9]+x[0-9]+x[0-9]+ " "$OUT/bench_gemm.log" | cut -c1-170
+else  # verify has no 20 s for check_forms
+    export MINIBNN_TC_EXCLUDE=${GPU_CHECK_TC_EXCLUDE-$UNPROVEN}
 fi
 step 60 $PY benchmarks/bench_inference.py --nets mlp --backends cupy --repeats 3 --out "$OUT" \
     > "$OUT/bench_inference.log" 2>&1
