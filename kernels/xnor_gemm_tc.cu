@@ -205,6 +205,89 @@ __device__ __forceinline__ void tcl_load_stage(u64* sbuf, const u64* a_src, cons
     }
 }
 
+// The epilogue of a warp's IT x JT mma tiles of 16 x 8 (acc[i][j][r], r as the C fragment:
+// rows g, g + 8 and columns 2t, 2t + 1 of each tile), the warp's first row and column in the
+// block wr0, wc0, and the block's row0, col0 (the tensor-core GEMMs of this file and of
+// xnor_gemm_wgmma.cu, whose accumulator fragments lay out the same per warp):
+// THRESH = false: C[i, j] = K - 2 pa - 2 pb + 4 acc as int32 (row stride N); PAIRS: the
+// lane's two columns as one 8-byte store where N is even and C 8-byte aligned.
+// THRESH = true: the threshold-and-pack epilogue described at tc_gemm below.
+// pa[lr], pb[lc]: popcounts of the block's local row lr of A and column lc of B.
+template <int IT, int JT, bool THRESH, bool PAIRS>
+__device__ __forceinline__ void tc_epilogue(const int (&acc)[IT][JT][4], const int* pa,
+                                            const int* pb, int wr0, int wc0, long long row0,
+                                            long long col0, int g, int t, int* __restrict__ C,
+                                            const long long* __restrict__ thr, long long periods,
+                                            u32* __restrict__ bits, long long words32, int M,
+                                            int N, int K)
+{
+    if (THRESH) {
+#pragma unroll
+        for (int i = 0; i < IT; ++i) {
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int lr = wr0 + i * 16 + g + 8 * half;
+                const long long r = row0 + lr;
+#pragma unroll
+                for (int jj = 0; jj < JT / 4; ++jj) {
+                    const long long q = (col0 + wc0 + 32 * jj) >> 5;  // 32-bit word
+                    u32 word = 0;
+                    if (r < M) {  // no `continue`: every lane must reach the shuffles
+                        const int base = K - 2 * pa[lr];
+                        const long long* tr = thr + (r % periods) * N;
+#pragma unroll
+                        for (int j4 = 0; j4 < 4; ++j4) {
+#pragma unroll
+                            for (int e = 0; e < 2; ++e) {
+                                const int lc = wc0 + (4 * jj + j4) * 8 + 2 * t + e;
+                                const long long c = col0 + lc;
+                                if (c >= N) continue;  // padding columns stay 0
+                                const int z = base - 2 * pb[lc]
+                                              + 4 * acc[i][4 * jj + j4][2 * half + e];
+                                if ((long long)z >= tr[c]) word |= 1u << (8 * j4 + 2 * t + e);
+                            }
+                        }
+                    }
+                    word |= __shfl_xor_sync(0xffffffffu, word, 1);
+                    word |= __shfl_xor_sync(0xffffffffu, word, 2);
+                    if (t == 0 && r < M && q < words32) bits[r * words32 + q] = word;
+                }
+            }
+        }
+        return;
+    }
+    // PAIRS: the lane's two columns 2t, 2t+1 of a tile as one 8-byte store where aligned
+    const bool pairs = PAIRS && N % 2 == 0 && ((unsigned long long)C & 7) == 0;
+#pragma unroll
+    for (int i = 0; i < IT; ++i) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int lr = wr0 + i * 16 + g + 8 * half;
+            const long long r = row0 + lr;
+            if (r >= M) continue;
+            const int base = K - 2 * pa[lr];
+#pragma unroll
+            for (int j = 0; j < JT; ++j) {
+                if (pairs) {  // column c even, N even: c < N means c + 1 < N too
+                    const int lc = wc0 + j * 8 + 2 * t;
+                    const long long c = col0 + lc;
+                    if (c < N)
+                        *reinterpret_cast<int2*>(C + r * N + c) =
+                            make_int2(base - 2 * pb[lc] + 4 * acc[i][j][2 * half],
+                                      base - 2 * pb[lc + 1] + 4 * acc[i][j][2 * half + 1]);
+                    continue;
+                }
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int lc = wc0 + j * 8 + 2 * t + e;
+                    const long long c = col0 + lc;
+                    if (c < N) C[r * N + c] = base - 2 * pb[lc] + 4 * acc[i][j][2 * half + e];
+                }
+            }
+        }
+    }
+}
+
 // The GEMM body. 256 threads = 8 warps as WARPS_M x (8 / WARPS_M); warp tile WTM x WTN =
 // IT x JT mma tiles of 16 x 8 (IT = WTM / 16, JT = WTN / 8).
 // THRESH = false: C[i, j] = a_i . b_j as int32 (row stride N).
@@ -420,71 +503,8 @@ __device__ __forceinline__ void tc_gemm(u64* smem, const u64* __restrict__ A,
         pb = sPop + BM;
     }
 
-    if (THRESH) {
-#pragma unroll
-        for (int i = 0; i < IT; ++i) {
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                const int lr = wm * WTM + i * 16 + g + 8 * half;
-                const long long r = row0 + lr;
-#pragma unroll
-                for (int jj = 0; jj < JT / 4; ++jj) {
-                    const long long q = (col0 + wn * WTN + 32 * jj) >> 5;  // 32-bit word
-                    u32 word = 0;
-                    if (r < M) {  // no `continue`: every lane must reach the shuffles
-                        const int base = K - 2 * pa[lr];
-                        const long long* tr = thr + (r % periods) * N;
-#pragma unroll
-                        for (int j4 = 0; j4 < 4; ++j4) {
-#pragma unroll
-                            for (int e = 0; e < 2; ++e) {
-                                const int lc = wn * WTN + (4 * jj + j4) * 8 + 2 * t + e;
-                                const long long c = col0 + lc;
-                                if (c >= N) continue;  // padding columns stay 0
-                                const int z = base - 2 * pb[lc]
-                                              + 4 * acc[i][4 * jj + j4][2 * half + e];
-                                if ((long long)z >= tr[c]) word |= 1u << (8 * j4 + 2 * t + e);
-                            }
-                        }
-                    }
-                    word |= __shfl_xor_sync(0xffffffffu, word, 1);
-                    word |= __shfl_xor_sync(0xffffffffu, word, 2);
-                    if (t == 0 && r < M && q < words32) bits[r * words32 + q] = word;
-                }
-            }
-        }
-        return;
-    }
-    // LDM: the lane's two columns 2t, 2t+1 of a tile as one 8-byte store where aligned
-    const bool pairs = LDM && N % 2 == 0 && ((unsigned long long)C & 7) == 0;
-#pragma unroll
-    for (int i = 0; i < IT; ++i) {
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            const int lr = wm * WTM + i * 16 + g + 8 * half;
-            const long long r = row0 + lr;
-            if (r >= M) continue;
-            const int base = K - 2 * pa[lr];
-#pragma unroll
-            for (int j = 0; j < JT; ++j) {
-                if (pairs) {  // column c even, N even: c < N means c + 1 < N too
-                    const int lc = wn * WTN + j * 8 + 2 * t;
-                    const long long c = col0 + lc;
-                    if (c < N)
-                        *reinterpret_cast<int2*>(C + r * N + c) =
-                            make_int2(base - 2 * pb[lc] + 4 * acc[i][j][2 * half],
-                                      base - 2 * pb[lc + 1] + 4 * acc[i][j][2 * half + 1]);
-                    continue;
-                }
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int lc = wn * WTN + j * 8 + 2 * t + e;
-                    const long long c = col0 + lc;
-                    if (c < N) C[r * N + c] = base - 2 * pb[lc] + 4 * acc[i][j][2 * half + e];
-                }
-            }
-        }
-    }
+    tc_epilogue<IT, JT, THRESH, LDM>(acc, pa, pb, wm * WTM, wn * WTN, row0, col0, g, t, C,
+                                     thr, periods, bits, words32, M, N, K);
 }
 
 #define TC128 TC_BM, TC_BN, 2, TC_STAGES
