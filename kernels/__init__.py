@@ -112,9 +112,10 @@ Besides these:
   the ``simd``/``scalar`` kernels; default the autotune's choice). ``cupy_gpu``:
   ``("tensorcore", "tensorcore_direct", "tensorcore_tiled", "tensorcore_tiled256",
   "tensorcore_direct_ldm", "tensorcore_tiled_ldm", "tensorcore_tiled256_ldm", "cuda")`` on
-  compute capability >= 8.0 (``"tensorcore"`` runs the fastest tensor-core form for the
-  product's shape class, timed on first use; the 256-row forms where a block may have
-  their shared memory), else
+  compute capability >= 8.0, with the warpgroup-MMA forms ``"tensorcore_wgmma",
+  "tensorcore_wgmma128"`` before ``"cuda"`` on 9.0 (``"tensorcore"`` runs the fastest
+  tensor-core form for the product's shape class, timed on first use; the 256-row and
+  wgmma forms where a block may have their shared memory), else
   ``("cuda",)`` (asks the current GPU), the default first.
 - ``cupy_gpu.available()``: ``(True, "")`` or ``(False, reason)``, the one check of
   whether the GPU path can run (``minibnn.backend`` reports its reason). Without CuPy,

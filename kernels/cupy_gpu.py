@@ -1,7 +1,8 @@
 """CuPy backend: bit packing and XNOR GEMM as NVRTC-compiled CUDA kernels.
 
 Same conventions and results as :mod:`minibnn.kernels.reference`. Two GEMM kernels
-(sources ``xnor_gemm.cu`` and ``xnor_gemm_tc.cu`` next to this module):
+(sources ``xnor_gemm.cu``, ``xnor_gemm_tc.cu`` and ``xnor_gemm_wgmma.cu`` next to this
+module):
 
 * ``"cuda"``: CUDA-core XNOR-popcount, ``k - 2 * popcount(a ^ b)``, 128 x 128 block
   tiles with 8 x 8 outputs per thread; runs on any CUDA GPU.
@@ -17,10 +18,15 @@ Same conventions and results as :mod:`minibnn.kernels.reference`. Two GEMM kerne
   ``"tensorcore_tiled_ldm"``, ``"tensorcore_tiled256_ldm"``) that loads the mma's
   fragments with ``ldmatrix`` in the order the mma takes them, where the others load 64-bit
   words and move their halves into place (83 moves per 32 mma in ptxas's sm_90 code of the
-  tiled form, 4 in its twin's: ``tools/sass_mainloop.py``). Plain ``"tensorcore"`` runs
+  tiled form, 4 in its twin's: ``tools/sass_mainloop.py``). On compute capability 9.0
+  (H100, H200) two more tiled forms use Hopper's warpgroup MMA
+  (``wgmma.mma_async.m64nNk256 .b1``, source ``xnor_gemm_wgmma.cu``, compiled for sm_90a):
+  ``"tensorcore_wgmma"`` (128 x 256 block tiles) and ``"tensorcore_wgmma128"`` (128 x
+  128), whose tensor cores read both operands from shared memory, one instruction per
+  64 x N x 256 product. Plain ``"tensorcore"`` runs
   the fastest of them for the product's shape class (six forms where a block may have 144
-  KiB of shared memory, as on H100; four where it may have 99 KiB), timed on the GPU at
-  hand by the first product of that class
+  KiB of shared memory, as on H100, and the two wgmma forms there; four where it may have 99
+  KiB), timed on the GPU at hand by the first product of that class
   (``MINIBNN_TC_FORM`` forces one; ``MINIBNN_GPU_AUTOTUNE=0``, or a product first met
   while a CUDA graph is being captured, takes the direct form up to ``DIRECT_MAX_ROWS``
   rows of A, where the tiled forms' extra launches cost more than the product, and the
@@ -37,11 +43,12 @@ launch; kernels compile lazily, once per device.
 """
 
 import os
+from collections import namedtuple
 from types import MappingProxyType
 
 import numpy as np
 
-from .cuda_sources import read_source
+from .cuda_sources import EXACT_ARCH, module_source
 from .reference import (PLANES, check_bitplane_operands, check_gemm_operands, check_pack_input,
                         check_pixels, check_threshold_operands, check_threshold_table, n_words)
 
@@ -59,20 +66,39 @@ _TC256_SMEM_BYTES = 4 * (256 + 128) * 12 * 8  # TC256_SMEM_BYTES there
 _TCL_SMEM_BYTES = 4 * (128 + 128) * 10 * 8  # TCL_SMEM_BYTES there (the ldmatrix forms)
 _TCL_DIRECT_SMEM_BYTES = _TCL_SMEM_BYTES + (128 + 128) * 4  # TCL_DIRECT_SMEM_BYTES there
 _TCL256_SMEM_BYTES = 4 * (256 + 128) * 10 * 8  # TCL256_SMEM_BYTES there
+_WG_SOURCE = "xnor_gemm_wgmma.cu"  # the warpgroup-MMA forms (compute capability 9.0 only)
+
+
+def _wg_smem_bytes(cols):
+    """WG_SMEM_BYTES(BN) of xnor_gemm_wgmma.cu: 6 stages of 4 k-chunks of the 128-row A tile
+    and the ``cols``-row B tile, each chunk column 16 bytes a row + 32."""
+    return 6 * 4 * ((128 * 16 + 32) + (cols * 16 + 32))
+
+
 #: Rows of A up to which plain ``"tensorcore"`` runs the direct form when it does not time
 #: the forms (see ``_tensorcore_form``). A guess, not yet measured on a GPU:
 #: ``benchmarks/bench_gemm.py`` times every form at each shape.
 DIRECT_MAX_ROWS = 1024
-#: The tensor-core forms: (entry name, dynamic shared memory bytes, rows of A per block,
-#: direct). The "_ldm" ones load fragments with ldmatrix (see xnor_gemm_tc.cu); the untimed
-#: rule of ``_tensorcore_form`` uses the first two.
+#: A tensor-core form: its entry name, dynamic shared memory bytes, rows of A and of B per
+#: block, whether it is direct (unpadded operands), and its source.
+_Form = namedtuple("_Form", "entry smem rows cols direct source",
+                   defaults=(_TILE, False, "xnor_gemm_tc.cu"))
+#: The tensor-core forms. The "_ldm" ones load fragments with ldmatrix (see xnor_gemm_tc.cu);
+#: the "_wgmma" ones (compute capability 9.0 alone) are warpgroup MMAs reading both operands
+#: from shared memory (see xnor_gemm_wgmma.cu); the untimed rule of ``_tensorcore_form``
+#: uses the first two.
 _TC_SPECS = MappingProxyType({  # read-only: a table, not one of the module's caches
-    "tensorcore_direct": ("xnor_gemm_tc_direct", _TC_DIRECT_SMEM_BYTES, _TILE, True),
-    "tensorcore_tiled": ("xnor_gemm_tc", _TC_SMEM_BYTES, _TILE, False),
-    "tensorcore_tiled256": ("xnor_gemm_tc256", _TC256_SMEM_BYTES, _TC256_ROWS, False),
-    "tensorcore_direct_ldm": ("xnor_gemm_tcl_direct", _TCL_DIRECT_SMEM_BYTES, _TILE, True),
-    "tensorcore_tiled_ldm": ("xnor_gemm_tcl", _TCL_SMEM_BYTES, _TILE, False),
-    "tensorcore_tiled256_ldm": ("xnor_gemm_tcl256", _TCL256_SMEM_BYTES, _TC256_ROWS, False),
+    "tensorcore_direct": _Form("xnor_gemm_tc_direct", _TC_DIRECT_SMEM_BYTES, _TILE, direct=True),
+    "tensorcore_tiled": _Form("xnor_gemm_tc", _TC_SMEM_BYTES, _TILE),
+    "tensorcore_tiled256": _Form("xnor_gemm_tc256", _TC256_SMEM_BYTES, _TC256_ROWS),
+    "tensorcore_direct_ldm": _Form("xnor_gemm_tcl_direct", _TCL_DIRECT_SMEM_BYTES, _TILE,
+                                   direct=True),
+    "tensorcore_tiled_ldm": _Form("xnor_gemm_tcl", _TCL_SMEM_BYTES, _TILE),
+    "tensorcore_tiled256_ldm": _Form("xnor_gemm_tcl256", _TCL256_SMEM_BYTES, _TC256_ROWS),
+    "tensorcore_wgmma": _Form("xnor_gemm_wg", _wg_smem_bytes(256), _TILE, 256,
+                              source=_WG_SOURCE),
+    "tensorcore_wgmma128": _Form("xnor_gemm_wg128", _wg_smem_bytes(128), _TILE, 128,
+                                 source=_WG_SOURCE),
 })
 _TC_FORMS = tuple(_TC_SPECS)
 _INT32_MAX = 2**31 - 1
@@ -88,7 +114,8 @@ _form_choice = {}  # (device id, shape class) -> the tensor-core form "tensorcor
 #: first "tensorcore" product of that shape class (see ``_tensorcore_form``)
 form_timings = {}
 #: (device id, M, N and W bit lengths) -> the tensor-core forms whose product differed from
-#: the direct form's when that class was timed (never chosen for it; none should ever be)
+#: the direct form's when that class was timed, or that could not be compiled (never chosen
+#: for it; none should ever be)
 form_disagreements = {}
 
 
@@ -143,7 +170,10 @@ def _function(source, name):
     if fn is None:
         mod = _modules.get((device, source))
         if mod is None:
-            mod = cp.RawModule(code=read_source(source), options=("--std=c++14",))
+            options = ("--std=c++14",)
+            if source in EXACT_ARCH:  # (CuPy adds the device's own -arch; NVRTC keeps this one)
+                options += (f"-arch=sm_{EXACT_ARCH[source]}",)
+            mod = cp.RawModule(code=module_source(source), options=options)
             _modules[(device, source)] = mod
         fn = _functions[(device, source, name)] = mod.get_function(name)
     return fn
@@ -179,16 +209,22 @@ def available_kernels():
     """GEMM kernels the current GPU can run, the default first: ``("tensorcore",
     "tensorcore_direct", "tensorcore_tiled", "tensorcore_tiled256", "tensorcore_direct_ldm",
     "tensorcore_tiled_ldm", "tensorcore_tiled256_ldm", "cuda")`` on compute capability >=
-    8.0 (the first runs the fastest of the next ones for the product's shape class, timed on
-    first use; each form only where a block may have its shared memory: the 256-row ones
-    need 144 and 120 KiB; none that :func:`excluded_forms` names), else ``("cuda",)``."""
+    8.0, with ``"tensorcore_wgmma", "tensorcore_wgmma128"`` before ``"cuda"`` on 9.0 (H100,
+    H200) (the first runs the fastest of the next ones for the product's shape class, timed
+    on first use; each form only where a block may have its shared memory: the 256-row ones
+    need 144 and 120 KiB, the wgmma ones 146 and 98 KiB; none that :func:`excluded_forms`
+    names), else ``("cuda",)``."""
     device = _device()
     names = _kernels.get(device)
     if names is None:  # asked once per device: every product checks its kernel name
         forms = ()
-        if _capability() >= 80:
+        cc = _capability()
+        if cc >= 80:
             room, excluded = _max_shared_per_block(), excluded_forms()
-            forms = tuple(f for f in _TC_FORMS if _TC_SPECS[f][1] <= room and f not in excluded)
+            forms = tuple(f for f in _TC_FORMS if _TC_SPECS[f].smem <= room
+                          and f not in excluded
+                          and (_TC_SPECS[f].source not in EXACT_ARCH
+                               or str(cc) == EXACT_ARCH[_TC_SPECS[f].source][:2]))
         names = (("tensorcore",) + forms if forms else ()) + ("cuda",)
         _kernels[device] = names
     return names
@@ -370,8 +406,9 @@ def _launch(a, rows, prepared, k, kernel, tail, threshold_args=None):
             a, rows, prepared, k, form, tail, threshold_args), tail[0])
         if done:  # timed: the forms' launches already wrote the (same) result
             return
-    entry, smem, row_tile, direct = _TC_SPECS.get(kernel, (None, 0, _TILE, False))
-    grid = ((n + _TILE - 1) // _TILE, (m + row_tile - 1) // row_tile)
+    form = _TC_SPECS.get(kernel, _Form(None, 0, _TILE))
+    entry, smem, row_tile, direct = form.entry, form.smem, form.rows, form.direct
+    grid = ((n + form.cols - 1) // form.cols, (m + row_tile - 1) // row_tile)
     sizes = (np.int32(m), np.int32(n))
     suffix = "" if threshold_args is None else "_threshold"
     lead = () if threshold_args is None else threshold_args
@@ -390,9 +427,12 @@ def _launch(a, rows, prepared, k, kernel, tail, threshold_args=None):
         return
     ap, pop_a = _tc_operand(cp.asarray(a), row_tile)
     bp, pop_b = prepared.tensorcore_form() if prepared is not None else _tc_operand(rows)
-    fn = _tc_function(entry + suffix, smem)
+    fn = _tc_function(entry + suffix, smem, form.source)
+    # the wgmma entries also take B's padded rows (a multiple of 128, zero-filled past it up
+    # to their 256-row tiles)
+    rows_b = (np.int32(bp.shape[0]),) if form.source == _WG_SOURCE else ()
     fn(grid, (_THREADS,),
-       (ap, bp, pop_a, pop_b, *lead, *tail, *sizes, np.int32(ap.shape[1]), np.int32(k)),
+       (ap, bp, pop_a, pop_b, *lead, *tail, *sizes, np.int32(ap.shape[1]), *rows_b, np.int32(k)),
        shared_mem=smem)
 
 
@@ -447,21 +487,30 @@ def _tensorcore_form(m, n, w, launch, out):
     if os.environ.get("MINIBNN_GPU_AUTOTUNE", "1").strip() == "0" or _capturing():
         want = "tensorcore_direct" if m <= DIRECT_MAX_ROWS else "tensorcore_tiled"
         return (want if want in forms else forms[0]), False
-    first, wrong = None, []
+    first, wrong, unbuilt = None, [], []
     for f in forms:
-        launch(f)  # compiles the entry on first use, pads and prepares what it reads
+        try:
+            launch(f)  # compiles the entry on first use, pads and prepares what it reads
+        except Exception as exc:  # noqa: BLE001
+            # NVRTC could not build a later form's module here (say, an NVRTC without the
+            # wgmma forms' sm_90a): nothing was launched, so the others still can be
+            if first is None or type(exc).__name__ != "CompileException":
+                raise
+            unbuilt.append(f)
+            continue
         if first is None:
             first = out.copy()
         elif not bool(cp.array_equal(out, first)):
             wrong.append(f)
-    if wrong:
+    if wrong or unbuilt:
         import warnings
-        form_disagreements[key] = wrong
-        warnings.warn(f"tensor-core forms {wrong} gave a product different from "
-                      f"{forms[0]}'s for a {m} x {n} x {w}-word product on this GPU; they are "
-                      f"not used for its shape class (cupy_gpu.form_disagreements)",
-                      RuntimeWarning, stacklevel=2)
-        forms = [f for f in forms if f not in wrong]
+        form_disagreements[key] = wrong + unbuilt
+        why = [f"{wrong} gave a product different from {forms[0]}'s"] if wrong else []
+        why += [f"{unbuilt} could not be compiled"] if unbuilt else []
+        warnings.warn(f"tensor-core forms {' and '.join(why)} for a {m} x {n} x {w}-word "
+                      f"product on this GPU; they are not used for its shape class "
+                      f"(cupy_gpu.form_disagreements)", RuntimeWarning, stacklevel=2)
+        forms = [f for f in forms if f not in wrong and f not in unbuilt]
     start, stop = cp.cuda.Event(), cp.cuda.Event()
     times = {f: float("inf") for f in forms}
     for _ in range(3):
@@ -476,10 +525,10 @@ def _tensorcore_form(m, n, w, launch, out):
     return form, True
 
 
-def _tc_function(name, smem_bytes):
-    """A tensor-core entry, allowed ``smem_bytes`` of dynamic shared memory (over 48 KiB;
-    set once per device)."""
-    fn = _function("xnor_gemm_tc.cu", name)
+def _tc_function(name, smem_bytes, source="xnor_gemm_tc.cu"):
+    """A tensor-core entry of ``source``, allowed ``smem_bytes`` of dynamic shared memory
+    (over 48 KiB; set once per device)."""
+    fn = _function(source, name)
     key = (_device(), name)
     if key not in _shared_set:
         if fn.max_dynamic_shared_size_bytes < smem_bytes:

@@ -12,7 +12,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from .cuda_sources import SOURCES, read_source
+from .cuda_sources import EXACT_ARCH, SOURCES, module_source
 
 __all__ = ["NVRTCError", "NVRTCUnavailable", "load_nvrtc", "nvrtc_version", "supported_archs",
            "compile_source", "compile_all", "find_ptxas", "find_cuobjdump", "ptxas_resources"]
@@ -134,10 +134,21 @@ def compile_source(source, arch="compute_80", name="kernel.cu", options=()):
 
 
 def compile_all(arch="compute_80"):
-    """Compile every packaged source whose minimum architecture ``arch`` meets; {name: PTX}."""
+    """Compile every packaged source whose minimum architecture ``arch`` meets; {name: PTX}.
+
+    A source of :data:`~.cuda_sources.EXACT_ARCH` (the wgmma GEMM: ``90a``) is compiled, with
+    its preludes, for its own architecture (``compute_90a``), and only when ``arch`` is
+    that architecture without the suffix (``compute_90``)."""
     cc = int(arch.split("_")[-1])
-    return {name: compile_source(read_source(name), arch, name)
-            for name, min_cc in SOURCES.items() if cc >= min_cc}
+    out = {}
+    for name, min_cc in SOURCES.items():
+        exact = EXACT_ARCH.get(name)
+        if exact is not None:
+            if cc == int(exact.rstrip("abcdefghijklmnopqrstuvwxyz")):
+                out[name] = compile_source(module_source(name), f"compute_{exact}", name)
+        elif cc >= min_cc:
+            out[name] = compile_source(module_source(name), arch, name)
+    return out
 
 
 def find_ptxas():

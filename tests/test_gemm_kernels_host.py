@@ -78,8 +78,11 @@ static long emu_switches;
 static int emu_failed;         /* why the launch stopped early: 1 a barrier some thread never
                                   reaches, 2 a misaligned or oversized cp.async, 3 a partial
                                   warp mask, 4 an ldmatrix row misaligned or outside shared
-                                  memory */
+                                  memory, 5 a wgmma descriptor this emulator does not take
+                                  (swizzled, a base offset, rows outside shared memory) or
+                                  one that differs across the warpgroup */
 static std::function<void()> emu_body;
+static void (*emu_block_start)() = nullptr;  /* per-block state of the wgmma stand-ins */
 
 static void emu_fail(int why)  /* from a kernel thread: abandon the launch */
 {
@@ -265,6 +268,7 @@ static int emu_run(unsigned int gx, unsigned int gy, long smem_bytes, int late,
             blockIdx.x = bx; blockIdx.y = by; blockIdx.z = 0;
             emu_smem.assign((size_t)(smem_bytes + 7) / 8 + 1, 0xA5A5A5A5A5A5A5A5ull);
             emu_sync_count = 0;
+            if (emu_block_start) emu_block_start();
             for (int w = 0; w < EMU_THREADS / 32; ++w) emu_warp_count[w] = 0;
             for (int t = 0; t < EMU_THREADS; ++t) {
                 emu_finished[t] = 0;
@@ -321,6 +325,133 @@ EMU_DIRECT(xnor_gemm_tc_direct)
 EMU_DIRECT(xnor_gemm_tcl_direct)
 """
 
+# the stand-ins for the wgmma wrappers of xnor_gemm_wgmma.cu (same names and signatures)
+WG_STANDINS = r"""
+/* wgmma.mma_async.m64nNk256.s32.b1.b1.and.popc as the PTX ISA states it: the 128 threads of
+   a warpgroup (threads 128 wg .. 128 wg + 127) meet at each call with the same descriptors;
+   A (64 rows) and B (N rows) are read from shared memory in the K-major, unswizzled
+   canonical layout ((8, m), (T, 2k)) : ((1T, SBO), (1, LBO)) of 16-byte units: row r's
+   k-chunk c (128 bits) at start + (r / 8) SBO + (r % 8) 16 + c LBO, its own code here, not
+   the kernel's; thread l of the warpgroup holds d[4j + 2h + e] = row 16 (l / 32) + (l % 32)
+   / 4 + 8h, column 8j + 2 (l % 4) + e. The operation reads shared memory and adds to the
+   accumulators at issue (emu_late = 0) or only at the wgmma.wait_group that must retire it
+   (emu_late = 1): a kernel that overwrites a stage a wgmma in flight still reads, or reads
+   its accumulators before the wait, goes wrong in one of the two. */
+struct emu_wg_op { u64 da, db; int n; int* d[128]; };
+static std::vector<emu_wg_op> emu_wg_open[2];
+static std::vector<std::vector<emu_wg_op>> emu_wg_groups[2];
+static unsigned long emu_wgs_gen[2];
+static int emu_wgs_count[2];
+static int* emu_wg_d[EMU_THREADS];
+static u64 emu_wg_desc[EMU_THREADS][2];
+
+static void emu_wg_reset()
+{
+    for (int g = 0; g < 2; ++g) {
+        emu_wg_open[g].clear();
+        emu_wg_groups[g].clear();
+        emu_wgs_count[g] = 0;
+    }
+}
+
+static void emu_wg_sync()
+{
+    const int g = threadIdx.x >> 7;
+    const unsigned long gen = emu_wgs_gen[g];
+    if (++emu_wgs_count[g] == 128) { emu_wgs_count[g] = 0; ++emu_wgs_gen[g]; return; }
+    while (emu_wgs_gen[g] == gen) emu_yield();
+}
+
+static const unsigned char* emu_wg_row(u64 desc, int r, int c)
+{
+    if ((desc >> 49) & 7 || desc >> 62) emu_fail(5);  /* base offset, swizzle */
+    const u64 start = (desc & 0x3FFF) << 4, lbo = ((desc >> 16) & 0x3FFF) << 4,
+              sbo = ((desc >> 32) & 0x3FFF) << 4;
+    const u64 at = start + (r >> 3) * sbo + (r & 7) * 16 + c * lbo;
+    if (at + 16 > 8 * emu_smem.size()) emu_fail(5);
+    return reinterpret_cast<const unsigned char*>(emu_smem.data()) + at;
+}
+
+static void emu_wg_do(const emu_wg_op& op)
+{
+    for (int r = 0; r < 64; ++r)
+        for (int col = 0; col < op.n; ++col) {
+            int sum = 0;
+            for (int c = 0; c < 2; ++c) {
+                unsigned long long x[2], y[2];
+                std::memcpy(x, emu_wg_row(op.da, r, c), 16);
+                std::memcpy(y, emu_wg_row(op.db, col, c), 16);
+                sum += __builtin_popcountll(x[0] & y[0]) + __builtin_popcountll(x[1] & y[1]);
+            }
+            const int l = 32 * (r >> 4) + 4 * (r & 7) + ((col & 7) >> 1);
+            op.d[l][4 * (col >> 3) + 2 * ((r >> 3) & 1) + (col & 1)] += sum;
+        }
+}
+
+static void emu_wg_mma(int* d, u64 da, u64 db, int n)
+{
+    const int me = threadIdx.x, g = me >> 7;
+    emu_wg_d[me] = d;
+    emu_wg_desc[me][0] = da;
+    emu_wg_desc[me][1] = db;
+    emu_wg_sync();
+    if ((me & 127) == 0) {
+        emu_wg_op op;
+        op.da = da; op.db = db; op.n = n;
+        for (int l = 0; l < 128; ++l) {
+            if (emu_wg_desc[128 * g + l][0] != da || emu_wg_desc[128 * g + l][1] != db)
+                emu_fail(5);
+            op.d[l] = emu_wg_d[128 * g + l];
+        }
+        if (emu_late) emu_wg_open[g].push_back(op); else emu_wg_do(op);
+    }
+    emu_wg_sync();
+}
+
+__device__ __forceinline__ void wg_mma_n256(int* d, u64 da, u64 db) { emu_wg_mma(d, da, db, 256); }
+__device__ __forceinline__ void wg_mma_n128(int* d, u64 da, u64 db) { emu_wg_mma(d, da, db, 128); }
+__device__ __forceinline__ void wg_fence() {}
+__device__ __forceinline__ void fence_proxy_async() {}
+__device__ __forceinline__ void wg_hold(int&) {}
+__device__ __forceinline__ void wg_commit()
+{
+    emu_wg_sync();
+    const int g = threadIdx.x >> 7;
+    if ((threadIdx.x & 127) == 0) {
+        emu_wg_groups[g].push_back(emu_wg_open[g]);
+        emu_wg_open[g].clear();
+    }
+    emu_wg_sync();
+}
+template <int N> __device__ __forceinline__ void wg_wait()
+{
+    emu_wg_sync();
+    const int g = threadIdx.x >> 7;
+    if ((threadIdx.x & 127) == 0)
+        while (emu_wg_groups[g].size() > (size_t)N) {  /* retire the oldest groups */
+            for (const emu_wg_op& op : emu_wg_groups[g].front()) emu_wg_do(op);
+            emu_wg_groups[g].erase(emu_wg_groups[g].begin());
+        }
+    emu_wg_sync();
+}
+"""
+
+WG_WRAPPERS = r"""
+typedef long long ll;
+#define EMU_WG(NAME)                                                                        \
+extern "C" int emu_##NAME(unsigned gx, unsigned gy, long smem, int late, const u64* A,      \
+    const u64* B, const int* pa, const int* pb, int* C, int M, int N, int Wp, int Np, int K) \
+{ emu_block_start = emu_wg_reset;                                                           \
+  return emu_run(gx, gy, smem, late, [=] { NAME(A, B, pa, pb, C, M, N, Wp, Np, K); }); }     \
+extern "C" int emu_##NAME##_threshold(unsigned gx, unsigned gy, long smem, int late,        \
+    const u64* A, const u64* B, const int* pa, const int* pb, const ll* thr, ll periods,    \
+    u64* out, ll words, int M, int N, int Wp, int Np, int K)                                \
+{ emu_block_start = emu_wg_reset;                                                           \
+  return emu_run(gx, gy, smem, late, [=] { NAME##_threshold(A, B, pa, pb, thr, periods, out, words, M, N, Wp, Np, K); }); }
+EMU_WG(xnor_gemm_wg)
+EMU_WG(xnor_gemm_wg128)
+"""
+
 CC_WRAPPERS = r"""
 typedef long long ll;
 extern "C" int emu_xnor_gemm_cuda_core(unsigned gx, unsigned gy, long smem, int late,
@@ -360,6 +491,22 @@ def _tc_source():
     return EMULATOR + RUNNER + '#line 1 "xnor_gemm_tc.cu"\n' + src + TC_WRAPPERS
 
 
+WG_BEGIN, WG_END = "// ---- wgmma wrappers begin", "// ---- wgmma wrappers end ----"
+
+
+def _wg_source():
+    """The wgmma module as NVRTC compiles it (xnor_gemm_tc.cu, then xnor_gemm_wgmma.cu), each
+    file's wrappers swapped for the stand-ins."""
+    tc = read_source("xnor_gemm_tc.cu")
+    tc = tc[:tc.index(BEGIN)] + TC_STANDINS + tc[tc.index(END):]
+    wg = read_source("xnor_gemm_wgmma.cu")
+    assert wg.count(DYNAMIC) == 2  # the entry pair's macro, used twice
+    wg = wg[:wg.index(WG_BEGIN)] + WG_STANDINS + wg[wg.index(WG_END):]
+    return (EMULATOR + RUNNER + '#line 1 "xnor_gemm_tc.cu"\n' + tc.replace(DYNAMIC, "u64* smem = (u64*)emu_dynamic_smem();")
+            + '\n#line 1 "xnor_gemm_wgmma.cu"\n' + wg.replace(DYNAMIC, "u64* smem = (u64*)emu_dynamic_smem();")
+            + WG_WRAPPERS)
+
+
 def _cc_source():
     src = read_source("xnor_gemm.cu")
     assert "asm" not in src and "extern __shared__" not in src
@@ -370,7 +517,7 @@ def _cc_source():
 def libs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("gemm_host")
     out = {}
-    for name, source in (("tc", _tc_source()), ("cc", _cc_source())):
+    for name, source in (("tc", _tc_source()), ("cc", _cc_source()), ("wg", _wg_source())):
         path, lib = folder / f"{name}.cpp", folder / f"{name}.so"
         path.write_text(source, encoding="utf-8")
         done = subprocess.run([CXX, "-std=c++14", "-O2", "-w", "-shared", "-fPIC", "-o",
@@ -404,7 +551,9 @@ def _launch(lib, entry, grid, smem, late, *args):
         1: "some thread never reached a barrier the others wait at",
         2: "a cp.async with a misaligned address or src-size over its size",
         3: "a warp function called with a partial mask",
-        4: "an ldmatrix row address misaligned or outside shared memory"}[failed]
+        4: "an ldmatrix row address misaligned or outside shared memory",
+        5: "a wgmma descriptor swizzled, with a base offset, outside shared memory or not the "
+           "same across the warpgroup"}[failed]
 
 
 class _EmulatedKernel:
@@ -452,7 +601,7 @@ def _emulate(monkeypatch, libs, late=1):
     kernels = {}
 
     def function(source, name):
-        lib = libs["tc" if source == "xnor_gemm_tc.cu" else "cc"]
+        lib = libs[{"xnor_gemm_tc.cu": "tc", "xnor_gemm_wgmma.cu": "wg"}.get(source, "cc")]
         return kernels.setdefault(name, _EmulatedKernel(lib, name, launched, late))
 
     monkeypatch.setattr(cupy_gpu, "_function", function)
@@ -468,7 +617,8 @@ def emulated_gpu(libs, monkeypatch, request):
 SCHEDULES = pytest.mark.parametrize("emulated_gpu", [1, 0], indirect=True,
                                     ids=["copies-land-at-wait", "copies-land-at-issue"])
 FORMS = ["tensorcore_direct", "tensorcore_tiled", "tensorcore_tiled256", "tensorcore_direct_ldm",
-         "tensorcore_tiled_ldm", "tensorcore_tiled256_ldm", "cuda"]
+         "tensorcore_tiled_ldm", "tensorcore_tiled256_ldm", "tensorcore_wgmma",
+         "tensorcore_wgmma128", "cuda"]
 SHAPES = [(1, 1, 1), (130, 200, 700), (16, 8, 256), (5, 33, 4097), (257, 64, 130), (3, 129, 64),
           (70, 90, 640)]  # W = 1, 11, 4, 65, 3, 1, 10: odd and even, partial last stages
 
@@ -504,14 +654,14 @@ def test_threshold_epilogues_on_the_emulator(emulated_gpu, kernel, m, n, k, peri
                                   reference.pack_threshold(z, table))
 
 
-def _emulate_source(src, tmp_path, libs, monkeypatch):
-    """cupy_gpu (as ``_emulate``) with the tensor-core kernels compiled from ``src``, an
-    altered copy of the emulated source."""
+def _emulate_source(src, tmp_path, libs, monkeypatch, which="tc", late=1):
+    """cupy_gpu (as ``_emulate``) with the tensor-core kernels (``which="wg"``: the wgmma
+    ones) compiled from ``src``, an altered copy of the emulated source."""
     path, lib = tmp_path / "altered.cpp", tmp_path / "altered.so"
     path.write_text(src, encoding="utf-8")
     subprocess.run([CXX, "-std=c++14", "-O2", "-w", "-shared", "-fPIC", "-o", str(lib),
                     str(path)], check=True)
-    return _emulate(monkeypatch, {"tc": ctypes.CDLL(str(lib)), "cc": libs["cc"]})[0]
+    return _emulate(monkeypatch, {**libs, which: ctypes.CDLL(str(lib))}, late)[0]
 
 
 def test_the_emulator_catches_a_missing_wait(libs, tmp_path, monkeypatch):
@@ -522,6 +672,39 @@ def test_the_emulator_catches_a_missing_wait(libs, tmp_path, monkeypatch):
     cupy_gpu = _emulate_source(src, tmp_path, libs, monkeypatch)
     a, b, z, _ = _case(np.random.default_rng(9), 16, 8, 1000)
     assert not np.array_equal(cupy_gpu.xnor_gemm(a, b, 1000, kernel="tensorcore_tiled").get(), z)
+
+
+@pytest.mark.parametrize("change,late", [
+    # the stage loop without its wgmma.wait_group 1: copies overwrite a stage whose wgmma has
+    # not run yet (seen when the wgmma reads shared memory at its wait)
+    (("        wg_wait<1>();\n    }", "    }"), 1),
+    # prefetching one stage further, into the buffer the previous step's wgmma still reads
+    (("const int next = s + WG_STAGES - 2;", "const int next = s + WG_STAGES - 1;"), 1),
+    # the descriptors' LBO and SBO swapped (the 8-row groups read as k-chunks)
+    (("wg_desc(st + wg * 1024 + 2 * ks * LBO_A, LBO_A, 128)",
+      "wg_desc(st + wg * 1024 + 2 * ks * LBO_A, 128, LBO_A)"), 0),
+    # warps 0/1 and 2/3 of a warpgroup given each other's rows in the epilogue
+    (("64 * wg + 16 * warp,", "64 * wg + 16 * (warp ^ 1),"), 0),
+], ids=["no-wgmma-wait", "prefetch-too-far", "lbo-sbo-swapped", "accumulator-rows"])
+def test_the_emulator_catches_wgmma_mistakes(libs, tmp_path, monkeypatch, change, late):
+    """The wgmma stand-ins are strict enough to matter: each of these changes to
+    xnor_gemm_wgmma.cu gives wrong products on a product long enough (9 and 16 stages) to
+    reuse the pipeline's buffers."""
+    old, new = change
+    src = _wg_source()
+    assert src.count(old) == 1
+    cupy_gpu = _emulate_source(src.replace(old, new), tmp_path, libs, monkeypatch, "wg", late)
+    rng = np.random.default_rng(4)
+    wrong = 0
+    for m, n, k in ((5, 33, 4097), (70, 260, 8192)):
+        a, b, z, _ = _case(rng, m, n, k)
+        for form in ("tensorcore_wgmma", "tensorcore_wgmma128"):
+            try:
+                wrong += not np.array_equal(cupy_gpu.xnor_gemm(a, b, k, kernel=form).get(), z)
+            except AssertionError as exc:  # or the emulator stopped the launch, saying why
+                assert "wgmma descriptor" in str(exc)
+                wrong += 1
+    assert wrong
 
 
 def test_the_emulator_catches_a_wrong_ldmatrix_lane_map(libs, tmp_path, monkeypatch):
@@ -558,6 +741,49 @@ def test_the_emulator_catches_a_wrong_ldmatrix_lane_map(libs, tmp_path, monkeypa
                               "tensorcore_direct_ldm"}
         assert cupy_gpu._form_choice[key] not in wrong
         assert set(cupy_gpu.form_timings[key]).isdisjoint(wrong)
+
+
+def test_a_form_nvrtc_cannot_build_is_left_out_of_the_autotune(emulated_gpu, monkeypatch):
+    """Plain "tensorcore" times the forms on the first product of a class: a form whose
+    module NVRTC refuses (CuPy's CompileException; say, an NVRTC without sm_90a for the
+    wgmma forms) was never launched, so it is left out with a warning and the product is
+    still right; any other error from a form is not swallowed."""
+    cupy_gpu, _, _ = emulated_gpu
+    monkeypatch.setenv("MINIBNN_GPU_AUTOTUNE", "1")
+    monkeypatch.delenv("MINIBNN_TC_FORM", raising=False)
+    monkeypatch.delenv("MINIBNN_TC_EXCLUDE", raising=False)
+    real = cupy_gpu._function
+
+    class CompileException(Exception):  # the name CuPy's compiler raises under
+        pass
+
+    def function(source, name):
+        if source == "xnor_gemm_wgmma.cu":
+            raise CompileException("nvrtc: error: invalid value for --gpu-architecture")
+        return real(source, name)
+
+    monkeypatch.setattr(cupy_gpu, "_function", function)
+    a, b, z, _ = _case(np.random.default_rng(5), 9, 70, 300)
+    with pytest.warns(RuntimeWarning, match=r"\['tensorcore_wgmma', 'tensorcore_wgmma128'\] "
+                                            r"could not be compiled"):
+        np.testing.assert_array_equal(cupy_gpu.xnor_gemm(a, b, 300).get(), z)
+    (key, left_out), = cupy_gpu.form_disagreements.items()
+    assert left_out == ["tensorcore_wgmma", "tensorcore_wgmma128"]
+    assert cupy_gpu._form_choice[key] not in left_out
+    assert set(cupy_gpu.form_timings[key]).isdisjoint(left_out)
+
+    class LaunchFailure(Exception):
+        pass
+
+    def broken(source, name):
+        if source == "xnor_gemm_wgmma.cu":
+            raise LaunchFailure("cudaErrorIllegalInstruction")
+        return real(source, name)
+
+    monkeypatch.setattr(cupy_gpu, "_function", broken)
+    cupy_gpu._form_choice.clear()
+    with pytest.raises(LaunchFailure):
+        cupy_gpu.xnor_gemm(a, b, 300)
 
 
 # ------------------------------- prepared weights, views, the autotune, packing

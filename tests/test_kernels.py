@@ -64,11 +64,12 @@ PACKERS = per_backend({"numpy": reference.pack_rows, "numba": numba_cpu.pack_row
                        "cupy": _gpu_pack})
 
 # every GEMM kernel name of cupy_gpu on a GPU of compute capability >= 8.0 (as the machines
-# this suite meets on the GPU have): "tensorcore" runs the form its autotune picks for the
-# shape class, and each form is also tested by name
+# this suite meets on the GPU have; the wgmma forms on 9.0 alone, skipped elsewhere):
+# "tensorcore" runs the form its autotune picks for the shape class, and each form is also
+# tested by name
 CUPY_KERNELS = ("tensorcore", "tensorcore_direct", "tensorcore_tiled", "tensorcore_tiled256",
                 "tensorcore_direct_ldm", "tensorcore_tiled_ldm", "tensorcore_tiled256_ldm",
-                "cuda")
+                "tensorcore_wgmma", "tensorcore_wgmma128", "cuda")
 
 GEMMS = [pytest.param(reference.xnor_gemm, id="numpy")]
 GEMMS += per_kernel({"numba": {kn: _numba_gemm(kn) for kn in numba_cpu.available_kernels()},
@@ -679,7 +680,8 @@ def test_cupy_tensorcore_times_its_forms_once_per_shape_class(backend_name, thre
     entry = {"tensorcore_direct": "xnor_gemm_tc_direct", "tensorcore_tiled": "xnor_gemm_tc",
              "tensorcore_tiled256": "xnor_gemm_tc256",
              "tensorcore_direct_ldm": "xnor_gemm_tcl_direct",
-             "tensorcore_tiled_ldm": "xnor_gemm_tcl", "tensorcore_tiled256_ldm": "xnor_gemm_tcl256"}
+             "tensorcore_tiled_ldm": "xnor_gemm_tcl", "tensorcore_tiled256_ldm": "xnor_gemm_tcl256",
+             "tensorcore_wgmma": "xnor_gemm_wg", "tensorcore_wgmma128": "xnor_gemm_wg128"}
     assert set(forms) <= set(entry)
     suffix = "_threshold" if threshold else ""
     launched = _recording_launches(monkeypatch)
@@ -730,8 +732,10 @@ def test_cupy_256_row_tile_needs_its_shared_memory(backend_name, monkeypatch):
     monkeypatch.setattr(cupy_gpu, "_kernels", {})
     monkeypatch.setattr(cupy_gpu, "_max_shared_per_block", lambda: 99 * 1024)
     names = cupy_gpu.available_kernels()
+    # (the 128 x 128 wgmma form, 97.5 KiB, on compute capability 9.0 alone)
+    wgmma128 = ("tensorcore_wgmma128",) if cupy_gpu._capability() == 90 else ()
     assert names == ("tensorcore", "tensorcore_direct", "tensorcore_tiled",
-                     "tensorcore_direct_ldm", "tensorcore_tiled_ldm", "cuda")
+                     "tensorcore_direct_ldm", "tensorcore_tiled_ldm", *wgmma128, "cuda")
     a = np.zeros((3, 2), np.uint64)
     for name in ("tensorcore_tiled256", "tensorcore_tiled256_ldm"):
         with pytest.raises(ValueError, match=rf"kernel: expected one of .* got '{name}'"):

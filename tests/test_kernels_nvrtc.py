@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from minibnn.kernels import cupy_gpu
-from minibnn.kernels.cuda_sources import SOURCES, read_source
+from minibnn.kernels.cuda_sources import EXACT_ARCH, SOURCES, read_source
 from minibnn.kernels.nvrtc_check import (NVRTCError, NVRTCUnavailable, compile_all, compile_source,
                                          find_ptxas, load_nvrtc, ptxas_resources, supported_archs)
 
@@ -36,6 +36,9 @@ ENTRIES = {
                        for t in ("f32", "f64") for a in ("u8", "i32")}
                     | {"im2col_f32_bf16"},
 }
+# the wgmma module is compiled after xnor_gemm_tc.cu (its prelude): its entries and those
+ENTRIES["xnor_gemm_wgmma.cu"] = ENTRIES["xnor_gemm_tc.cu"] | {
+    "xnor_gemm_wg", "xnor_gemm_wg_threshold", "xnor_gemm_wg128", "xnor_gemm_wg128_threshold"}
 
 
 @pytest.fixture(scope="module", params=["compute_80", "compute_90"])
@@ -44,7 +47,10 @@ def ptx(request):
 
 
 def test_every_source_compiles(ptx):
-    assert set(ptx) == set(SOURCES)
+    cc = 90 if ".target sm_90" in ptx["xnor_gemm.cu"] else 80
+    # the wgmma source for 9.0 alone (compute_90a), every other one from its minimum up
+    assert set(ptx) == {n for n, low in SOURCES.items()
+                        if (cc == 90 if n in EXACT_ARCH else cc >= low)}
     for name, text in ptx.items():
         entries = set(re.findall(r"\.entry\s+(\w+)\s*\(", text))
         assert entries == ENTRIES[name], name
@@ -69,6 +75,29 @@ def test_tensor_core_source_uses_and_popc(ptx):
     # the direct entries' zero-filling copies: 16 bytes (cg) and 8 bytes (ca), with src-size
     assert re.search(r"cp\.async\.cg\.shared\.global \[%r\d+\], \[%rd\d+\], 16, %r\d+;", text)
     assert re.search(r"cp\.async\.ca\.shared\.global \[%r\d+\], \[%rd\d+\], 8, %r\d+;", text)
+
+
+def test_wgmma_source_compiles_for_sm_90a_alone(ptx):
+    """The warpgroup-MMA GEMM is sm_90a code: compiled for compute_90a when compute_90 is
+    asked for, never for 8.0, and its entries issue the binary wgmma (two k256 steps per
+    pipeline stage: 2 per entry), fence the cp.async writes to the async proxy, and wait."""
+    if "xnor_gemm_wgmma.cu" not in ptx:
+        assert ".target sm_80" in ptx["xnor_gemm.cu"]
+        return
+    text = ptx["xnor_gemm_wgmma.cu"]
+    assert ".target sm_90a" in text
+    n = "wgmma.mma_async.sync.aligned.m64n{}k256.s32.b1.b1.and.popc"
+    bodies = re.split(r"\.visible \.entry (\w+)\(", text)[1:]
+    for entry, body in zip(bodies[::2], bodies[1::2]):
+        if not entry.startswith("xnor_gemm_wg"):
+            assert "wgmma" not in body, entry
+            continue
+        mmas = re.findall(r"wgmma\.mma_async\.sync\.aligned\.\S+", body)
+        # one stage: a fence, then two k256 steps (ptxas may unroll the stage loop)
+        fences = body.count("fence.proxy.async.shared::cta")
+        assert fences >= 1 and mmas == [n.format(128 if "wg128" in entry else 256)] * 2 * fences
+    assert "wgmma.wait_group.sync.aligned 1" in text and "wgmma.commit_group" in text
+    assert "cp.async.wait_group 3" in text  # 6 stages, prefetch distance 4
 
 
 def test_nvrtc_lists_the_architectures_it_supports():
@@ -130,6 +159,14 @@ def test_wrapper_constants_match_the_source():
     assert "// 81920" in src and "// 82944" in src and "// 122880" in src
     assert (cupy_gpu._TCL_SMEM_BYTES, cupy_gpu._TCL_DIRECT_SMEM_BYTES,
             cupy_gpu._TCL256_SMEM_BYTES) == (81920, 82944, 122880)
+    wg = read_source("xnor_gemm_wgmma.cu")
+    stages = int(re.search(r"#define WG_STAGES (\d+)", wg).group(1))
+    assert "// BN 256: 148992; 128: 99840" in wg and stages == 6
+    for cols, total in ((256, 148992), (128, 99840)):
+        assert cupy_gpu._wg_smem_bytes(cols) == stages * 4 * ((128 * 16 + 32) + (cols * 16 + 32))
+        assert cupy_gpu._wg_smem_bytes(cols) == total
+        assert cupy_gpu._TC_SPECS["tensorcore_wgmma" + ("" if cols == 256 else "128")].smem == total
+    assert int(re.search(r"#define WG_BM (\d+)", wg).group(1)) == cupy_gpu._TILE
     cc = dict(re.findall(r"#define (CC_B\w) (\d+)\b", read_source("xnor_gemm.cu")))
     assert int(cc["CC_BM"]) == int(cc["CC_BN"]) == cupy_gpu._TILE
 
@@ -153,3 +190,22 @@ def test_tensor_core_kernels_do_not_spill(arch):
         assert r["spill_stores"] == r["spill_loads"] == 0, (entry, r)
         assert 0 < r["registers"] <= (255 if "256" in entry else 128), \
             (entry, r)
+
+
+@pytest.mark.skipif(find_ptxas() is None, reason="no ptxas (a developer's check: set MINIBNN_PTXAS "
+                    "or pip install nvidia-cuda-nvcc-cu12)")
+def test_wgmma_kernels_do_not_spill():
+    """The wgmma entries fit their launch bounds without spilling: (256, 1), at most 255
+    registers, for the 128 x 256 tile (128 accumulators a thread); (256, 2), at most 128, for
+    the 128 x 128 one."""
+    try:
+        res = ptxas_resources(compile_all("compute_90")["xnor_gemm_wgmma.cu"], "sm_90a")
+    except NVRTCError as exc:
+        if "version" in str(exc).lower():  # a ptxas older than this NVRTC's PTX
+            pytest.skip(f"this ptxas cannot read this NVRTC's PTX: {exc}")
+        raise
+    wg = {e: r for e, r in res.items() if e.startswith("xnor_gemm_wg")}
+    assert set(wg) == ENTRIES["xnor_gemm_wgmma.cu"] - ENTRIES["xnor_gemm_tc.cu"]
+    for entry, r in wg.items():
+        assert r["spill_stores"] == r["spill_loads"] == 0, (entry, r)
+        assert 0 < r["registers"] <= (128 if "wg128" in entry else 255), (entry, r)

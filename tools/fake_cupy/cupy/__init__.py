@@ -332,8 +332,12 @@ class _FakeKernel:
             ap, bp, thr, periods, out, words, m, n, w, k = a
             _threshold_store(ref.xnor_gemm(ap, bp, int(k)), thr, periods, out, words)
         elif self.name.removesuffix("_threshold") in ("xnor_gemm_tc", "xnor_gemm_tc256",
-                                                       "xnor_gemm_tcl", "xnor_gemm_tcl256"):
+                                                       "xnor_gemm_tcl", "xnor_gemm_tcl256",
+                                                       "xnor_gemm_wg", "xnor_gemm_wg128"):
             ap, bp, pop_a, pop_b, *rest = a
+            if "_wg" in self.name:  # the wgmma entries also take B's padded row count
+                rows_b = int(rest.pop(-2))
+                assert rows_b == bp.shape[0]
             m, n, wp, k = (int(v) for v in rest[-4:])
             assert ap.shape[1] == bp.shape[1] == wp and wp % 8 == 0
             row_tile = 256 if "256" in self.name else 128
