@@ -818,7 +818,7 @@ def test_gpu_gemm_path_end_to_end_on_the_emulator(emulated_gpu, kernel, m, n, k,
     if kernel == "tensorcore":
         assert cupy_gpu.form_timings and entries >= {
             "xnor_gemm_tc_direct", "xnor_gemm_tc", "xnor_gemm_tc256", "xnor_gemm_tcl_direct",
-            "xnor_gemm_tcl", "xnor_gemm_tcl256"}
+            "xnor_gemm_tcl", "xnor_gemm_tcl256", "xnor_gemm_wg", "xnor_gemm_wg128"}
     else:
         assert len({e.replace("_threshold", "") for e in entries}) == 1, entries
 
