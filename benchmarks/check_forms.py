@@ -73,8 +73,10 @@ def main(argv=None):
     if args.form is not None:
         return check_one(args.form)
     from minibnn.kernels import cupy_gpu
-    for name in ("MINIBNN_TC_EXCLUDE", "MINIBNN_TC_FORM"):  # every form the GPU can run,
-        os.environ.pop(name, None)                         # whatever was excluded or forced
+    # every form the GPU can run, whatever was excluded (unset would leave out the forms not
+    # yet proven on a GPU, which are the ones to check) or forced
+    os.environ["MINIBNN_TC_EXCLUDE"] = ""
+    os.environ.pop("MINIBNN_TC_FORM", None)
     env = dict(os.environ)
     forms = [f for f in cupy_gpu.available_kernels() if f.startswith("tensorcore_")]
     t0 = time.perf_counter()

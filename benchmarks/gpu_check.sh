@@ -87,12 +87,11 @@ fit_run() {
     cp /tmp/minibnn-runs/$name/metrics.json "$OUT/${name}_metrics.json" 2>/dev/null
     stamp "$name rc=$rc"; tail -5 "$OUT/$name.log" | cut -c1-200
 }
-# The tensor-core forms not yet run on any GPU (the ldmatrix twins, the wgmma forms): the
-# 9-minute training phases and verify's benchmarks leave them out (MINIBNN_TC_EXCLUDE;
-# GPU_CHECK_TC_EXCLUDE overrides, empty for none) so that a kernel new to the GPU cannot end
-# a run; the gemm and check phases check them first.
-UNPROVEN=tensorcore_direct_ldm,tensorcore_tiled_ldm,tensorcore_tiled256_ldm
-UNPROVEN=$UNPROVEN,tensorcore_wgmma,tensorcore_wgmma128
+# The tensor-core forms not yet run on any GPU (cupy_gpu.UNPROVEN_FORMS: the ldmatrix twins,
+# the wgmma forms): the 9-minute training phases and verify's benchmarks leave them out
+# (MINIBNN_TC_EXCLUDE; GPU_CHECK_TC_EXCLUDE overrides, empty for none) so that a kernel new to
+# the GPU cannot end a run; the gemm and check phases check them first.
+UNPROVEN=$($PY -c "from minibnn.kernels.cupy_gpu import UNPROVEN_FORMS as u; print(','.join(sorted(u)))")
 # check_forms: every tensor-core form in a process of its own (benchmarks/check_forms.py,
 # about 20 s); a form that fails outright (a launch error spoils the whole process) or gives
 # a wrong product is left out of the benchmarks after it through MINIBNN_TC_EXCLUDE (all of

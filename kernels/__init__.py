@@ -115,7 +115,9 @@ Besides these:
   compute capability >= 8.0, with the warpgroup-MMA forms ``"tensorcore_wgmma",
   "tensorcore_wgmma128"`` before ``"cuda"`` on 9.0 (``"tensorcore"`` runs the fastest
   tensor-core form for the product's shape class, timed on first use; the 256-row and
-  wgmma forms where a block may have their shared memory), else
+  wgmma forms where a block may have their shared memory; the forms of
+  ``cupy_gpu.UNPROVEN_FORMS``, not yet run on any GPU, only when ``MINIBNN_TC_EXCLUDE`` is
+  set), else
   ``("cuda",)`` (asks the current GPU), the default first.
 - ``cupy_gpu.available()``: ``(True, "")`` or ``(False, reason)``, the one check of
   whether the GPU path can run (``minibnn.backend`` reports its reason). Without CuPy,

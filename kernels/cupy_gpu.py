@@ -30,7 +30,9 @@ module):
   (``MINIBNN_TC_FORM`` forces one; ``MINIBNN_GPU_AUTOTUNE=0``, or a product first met
   while a CUDA graph is being captured, takes the direct form up to ``DIRECT_MAX_ROWS``
   rows of A, where the tiled forms' extra launches cost more than the product, and the
-  128 x 128 tiled form above).
+  128 x 128 tiled form above). Forms that have not yet run on any GPU
+  (:data:`UNPROVEN_FORMS`: the ``_ldm`` twins, the wgmma forms) are listed only when
+  ``MINIBNN_TC_EXCLUDE`` is set (empty: every form; see :func:`excluded_forms`).
 
 Each kernel also has a ``_threshold`` form, :func:`gemm_threshold`: a frozen layer's
 sign(BN(z)) compared and packed in the GEMM's epilogue, so the int32 products are never
@@ -54,7 +56,7 @@ from .reference import (PLANES, check_bitplane_operands, check_gemm_operands, ch
 
 __all__ = ["available", "pack_rows", "nan_seen", "xnor_gemm", "gemm_threshold", "pack_bitplanes",
            "bitplane_gemm", "pack_threshold", "default_kernel", "available_kernels",
-           "PreparedWeights", "prepare_weights"]
+           "excluded_forms", "UNPROVEN_FORMS", "PreparedWeights", "prepare_weights"]
 
 _THREADS = 256
 _TILE = 128  # block tile of both GEMM kernels (rows of A and rows of B)
@@ -189,14 +191,29 @@ def _max_shared_per_block():
                                      _device()))
 
 
+#: The tensor-core forms not yet run on any GPU (written and checked on the CPU emulator and
+#: by NVRTC and ptxas only: the ldmatrix twins and the wgmma forms). They are left out of
+#: :func:`available_kernels` while ``MINIBNN_TC_EXCLUDE`` is unset, so a kernel new to the
+#: hardware cannot end a user's run; ``MINIBNN_TC_EXCLUDE=`` (set, empty) takes every form,
+#: as ``benchmarks/check_forms.py`` and the GPU test runs of ``gpu_check.sh`` do. A form
+#: leaves this set once a GPU run has checked it.
+UNPROVEN_FORMS = frozenset({"tensorcore_direct_ldm", "tensorcore_tiled_ldm",
+                            "tensorcore_tiled256_ldm", "tensorcore_wgmma",
+                            "tensorcore_wgmma128"})
+
+
 def excluded_forms():
     """The tensor-core forms that ``MINIBNN_TC_EXCLUDE`` (comma-separated names) leaves out
     of :func:`available_kernels`, so that neither a caller nor plain ``"tensorcore"``'s
-    autotune runs them. The autotune already drops a form whose product differs from the
-    direct form's; this is for one that fails outright on a GPU new to it (a launch error
-    spoils the whole CUDA context, so the process cannot try the next form).
-    ``benchmarks/check_forms.py`` finds such forms, each in a process of its own."""
-    names = {s.strip() for s in os.environ.get("MINIBNN_TC_EXCLUDE", "").split(",")}
+    autotune runs them; :data:`UNPROVEN_FORMS` while it is unset (an empty value excludes
+    none). The autotune already drops a form whose product differs from the direct form's;
+    this is for one that fails outright on a GPU new to it (a launch error spoils the whole
+    CUDA context, so the process cannot try the next form). ``benchmarks/check_forms.py``
+    finds such forms, each in a process of its own."""
+    value = os.environ.get("MINIBNN_TC_EXCLUDE")
+    if value is None:
+        return UNPROVEN_FORMS
+    names = {s.strip() for s in value.split(",")}
     names.discard("")
     unknown = names - set(_TC_FORMS)
     if unknown:

@@ -729,6 +729,7 @@ def test_cupy_256_row_tile_needs_its_shared_memory(backend_name, monkeypatch):
     room for the ldmatrix form's 120 KiB but not 144 lists that form alone."""
     if "tensorcore" not in cupy_gpu.available_kernels():
         pytest.skip("this GPU has no binary tensor cores (compute capability < 8.0)")
+    monkeypatch.setenv("MINIBNN_TC_EXCLUDE", "")  # every form, the unproven ones included
     monkeypatch.setattr(cupy_gpu, "_kernels", {})
     monkeypatch.setattr(cupy_gpu, "_max_shared_per_block", lambda: 99 * 1024)
     names = cupy_gpu.available_kernels()
@@ -750,6 +751,33 @@ def test_cupy_256_row_tile_needs_its_shared_memory(backend_name, monkeypatch):
 
 
 @pytest.mark.parametrize("backend_name", backend_params(("cupy",)))
+def test_cupy_forms_not_yet_proven_on_a_gpu_are_left_out_by_default(backend_name, monkeypatch):
+    """While MINIBNN_TC_EXCLUDE is unset, the forms of UNPROVEN_FORMS (never yet run on a
+    GPU) are not listed, so neither a caller nor the autotune can run them; set and empty, it
+    lists every form the GPU has room for, those included."""
+    if "tensorcore" not in cupy_gpu.available_kernels():
+        pytest.skip("this GPU has no binary tensor cores (compute capability < 8.0)")
+    assert cupy_gpu.UNPROVEN_FORMS <= set(cupy_gpu._TC_FORMS)
+    assert "tensorcore_direct" not in cupy_gpu.UNPROVEN_FORMS
+    assert "tensorcore_tiled" not in cupy_gpu.UNPROVEN_FORMS
+    monkeypatch.delenv("MINIBNN_TC_EXCLUDE", raising=False)
+    monkeypatch.setattr(cupy_gpu, "_kernels", {})
+    assert cupy_gpu.excluded_forms() == cupy_gpu.UNPROVEN_FORMS
+    unset = cupy_gpu.available_kernels()
+    assert not set(unset) & cupy_gpu.UNPROVEN_FORMS and "tensorcore_direct" in unset
+    monkeypatch.setenv("MINIBNN_TC_EXCLUDE", "")
+    monkeypatch.setattr(cupy_gpu, "_kernels", {})
+    assert cupy_gpu.excluded_forms() == frozenset()
+    every = cupy_gpu.available_kernels()
+    assert set(unset) < set(every) and set(every) - set(unset) <= cupy_gpu.UNPROVEN_FORMS
+    a = np.zeros((3, 2), np.uint64)
+    monkeypatch.delenv("MINIBNN_TC_EXCLUDE")
+    monkeypatch.setattr(cupy_gpu, "_kernels", {})
+    with pytest.raises(ValueError, match=r"kernel: expected one of .* got 'tensorcore_tiled_ldm'"):
+        cupy_gpu.xnor_gemm(a, a, 100, kernel="tensorcore_tiled_ldm")
+
+
+@pytest.mark.parametrize("backend_name", backend_params(("cupy",)))
 def test_cupy_forms_named_in_MINIBNN_TC_EXCLUDE_are_never_run(backend_name, monkeypatch):
     """MINIBNN_TC_EXCLUDE leaves the forms it names out of available_kernels: naming one
     is then a ValueError before any launch, plain "tensorcore" neither times nor runs it,
@@ -764,6 +792,7 @@ def test_cupy_forms_named_in_MINIBNN_TC_EXCLUDE_are_never_run(backend_name, monk
     monkeypatch.setattr(cupy_gpu, "form_disagreements", {})
     monkeypatch.setenv("MINIBNN_GPU_AUTOTUNE", "1")
     monkeypatch.delenv("MINIBNN_TC_FORM", raising=False)
+    monkeypatch.setenv("MINIBNN_TC_EXCLUDE", "")
     all_forms = [f for f in cupy_gpu._TC_FORMS if f in cupy_gpu._tc_forms()]
     monkeypatch.setattr(cupy_gpu, "_kernels", {})
     monkeypatch.setenv("MINIBNN_TC_EXCLUDE", " tensorcore_direct, tensorcore_tiled_ldm ,")
