@@ -36,7 +36,8 @@ ENTRIES = {
                        for t in ("f32", "f64") for a in ("u8", "i32")}
                     | {"im2col_f32_bf16"},
 }
-# the wgmma module is compiled after xnor_gemm_tc.cu (its prelude): its entries and those
+# the wgmma module is compiled after xnor_gemm_tc.cu (its prelude): its own entries and the
+# prelude's
 ENTRIES["xnor_gemm_wgmma.cu"] = ENTRIES["xnor_gemm_tc.cu"] | {
     "xnor_gemm_wg", "xnor_gemm_wg_threshold", "xnor_gemm_wg128", "xnor_gemm_wg128_threshold"}
 
@@ -79,8 +80,9 @@ def test_tensor_core_source_uses_and_popc(ptx):
 
 def test_wgmma_source_compiles_for_sm_90a_alone(ptx):
     """The warpgroup-MMA GEMM is sm_90a code: compiled for compute_90a when compute_90 is
-    asked for, never for 8.0, and its entries issue the binary wgmma (two k256 steps per
-    pipeline stage: 2 per entry), fence the cp.async writes to the async proxy, and wait."""
+    asked for, never for 8.0; each of its entries fences a stage's cp.async writes to the
+    async proxy and then issues the stage's two k256 steps as binary wgmma (the prelude's
+    entries none), and the wgmma groups are committed and waited for."""
     if "xnor_gemm_wgmma.cu" not in ptx:
         assert ".target sm_80" in ptx["xnor_gemm.cu"]
         return
