@@ -50,7 +50,7 @@ from types import MappingProxyType
 
 import numpy as np
 
-from .cuda_sources import EXACT_ARCH, module_source
+from .cuda_sources import EXACT_ARCH, SOURCES, module_source
 from .reference import (PLANES, check_bitplane_operands, check_gemm_operands, check_pack_input,
                         check_pixels, check_threshold_operands, check_threshold_table, n_words)
 
@@ -241,7 +241,7 @@ def available_kernels():
             forms = tuple(f for f in _TC_FORMS if _TC_SPECS[f].smem <= room
                           and f not in excluded
                           and (_TC_SPECS[f].source not in EXACT_ARCH
-                               or str(cc) == EXACT_ARCH[_TC_SPECS[f].source][:2]))
+                               or cc == SOURCES[_TC_SPECS[f].source]))
         names = (("tensorcore",) + forms if forms else ()) + ("cuda",)
         _kernels[device] = names
     return names

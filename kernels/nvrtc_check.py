@@ -144,7 +144,7 @@ def compile_all(arch="compute_80"):
     for name, min_cc in SOURCES.items():
         exact = EXACT_ARCH.get(name)
         if exact is not None:
-            if cc == int(exact.rstrip("abcdefghijklmnopqrstuvwxyz")):
+            if cc == min_cc:
                 out[name] = compile_source(module_source(name), f"compute_{exact}", name)
         elif cc >= min_cc:
             out[name] = compile_source(module_source(name), arch, name)

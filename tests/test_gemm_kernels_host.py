@@ -754,15 +754,18 @@ def test_a_form_nvrtc_cannot_build_is_left_out_of_the_autotune(emulated_gpu, mon
     monkeypatch.delenv("MINIBNN_TC_FORM", raising=False)
     real = cupy_gpu._function
 
+    def failing(exc):  # _function, raising exc for the wgmma module
+        def function(source, name):
+            if source == "xnor_gemm_wgmma.cu":
+                raise exc
+            return real(source, name)
+        return function
+
     class CompileException(Exception):  # the name CuPy's compiler raises under
         pass
 
-    def function(source, name):
-        if source == "xnor_gemm_wgmma.cu":
-            raise CompileException("nvrtc: error: invalid value for --gpu-architecture")
-        return real(source, name)
-
-    monkeypatch.setattr(cupy_gpu, "_function", function)
+    monkeypatch.setattr(cupy_gpu, "_function", failing(
+        CompileException("nvrtc: error: invalid value for --gpu-architecture")))
     a, b, z, _ = _case(np.random.default_rng(5), 9, 70, 300)
     with pytest.warns(RuntimeWarning, match=r"\['tensorcore_wgmma', 'tensorcore_wgmma128'\] "
                                             r"could not be compiled"):
@@ -775,12 +778,7 @@ def test_a_form_nvrtc_cannot_build_is_left_out_of_the_autotune(emulated_gpu, mon
     class LaunchFailure(Exception):
         pass
 
-    def broken(source, name):
-        if source == "xnor_gemm_wgmma.cu":
-            raise LaunchFailure("cudaErrorIllegalInstruction")
-        return real(source, name)
-
-    monkeypatch.setattr(cupy_gpu, "_function", broken)
+    monkeypatch.setattr(cupy_gpu, "_function", failing(LaunchFailure("cudaErrorIllegalInstruction")))
     cupy_gpu._form_choice.clear()
     with pytest.raises(LaunchFailure):
         cupy_gpu.xnor_gemm(a, b, 300)
