@@ -110,6 +110,7 @@ _cupy = None
 _modules = {}  # (device id, source name) -> cupy.RawModule
 _kernels = {}  # device id -> available_kernels()
 _functions = {}  # (device id, source name, kernel name) -> cupy Function
+_unbuilt = {}  # (device id, source name) -> the CompileException NVRTC raised building it
 _shared_set = set()  # (device id, kernel name) allowed their dynamic shared memory
 _form_choice = {}  # (device id, shape class) -> the tensor-core form "tensorcore" runs
 #: (device id, M, N and W bit lengths) -> {tensor-core form: best seconds}, as timed by the
@@ -165,11 +166,17 @@ def _device():
 
 def _function(source, name):
     """The kernel ``name`` of ``source`` on the current device, compiled once and kept (a
-    product calls this on every launch)."""
+    product calls this on every launch). A module NVRTC refuses (CuPy's
+    ``CompileException``: say, an NVRTC without the wgmma source's sm_90a) is not compiled
+    again on that device: later calls raise the same exception at once, where CuPy would
+    compile it anew (seconds) for every shape class the autotune meets."""
     cp = _cp()
     device = _device()
     fn = _functions.get((device, source, name))
     if fn is None:
+        refused = _unbuilt.get((device, source))
+        if refused is not None:
+            raise refused
         mod = _modules.get((device, source))
         if mod is None:
             options = ("--std=c++14",)
@@ -177,7 +184,13 @@ def _function(source, name):
                 options += (f"-arch=sm_{EXACT_ARCH[source]}",)
             mod = cp.RawModule(code=module_source(source), options=options)
             _modules[(device, source)] = mod
-        fn = _functions[(device, source, name)] = mod.get_function(name)
+        try:
+            fn = mod.get_function(name)  # (CuPy compiles the module on its first function)
+        except Exception as exc:
+            if type(exc).__name__ == "CompileException":
+                _unbuilt[(device, source)] = exc
+            raise
+        _functions[(device, source, name)] = fn
     return fn
 
 
@@ -195,7 +208,7 @@ def _max_shared_per_block():
 #: by NVRTC and ptxas only: the ldmatrix twins and the wgmma forms). They are left out of
 #: :func:`available_kernels` while ``MINIBNN_TC_EXCLUDE`` is unset, so a kernel new to the
 #: hardware cannot end a user's run; ``MINIBNN_TC_EXCLUDE=`` (set, empty) takes every form,
-#: as ``benchmarks/check_forms.py`` and the GPU test runs of ``gpu_check.sh`` do. A form
+#: as ``benchmarks/check_forms.py`` and the ``gemm`` phase of ``gpu_check.sh`` do. A form
 #: leaves this set once a GPU run has checked it.
 UNPROVEN_FORMS = frozenset({"tensorcore_direct_ldm", "tensorcore_tiled_ldm",
                             "tensorcore_tiled256_ldm", "tensorcore_wgmma",

@@ -33,6 +33,7 @@ Skipped when no C++ compiler is found.
 import ctypes
 import shutil
 import subprocess
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -595,7 +596,7 @@ def _emulate(monkeypatch, libs, late=1):
     # every cache the module keeps per device starts empty and is put back afterwards, so
     # nothing made here (fake arrays, emulated kernels) reaches a real GPU's later calls
     for name, empty in (("_modules", {}), ("_kernels", {}), ("_functions", {}),
-                        ("_shared_set", set()), ("_form_choice", {}), ("form_timings", {}),
+                        ("_unbuilt", {}), ("_shared_set", set()), ("_form_choice", {}), ("form_timings", {}),
                         ("form_disagreements", {}), ("_deferred_flags", {})):
         assert hasattr(cupy_gpu, name), name
         monkeypatch.setattr(cupy_gpu, name, empty)
@@ -784,6 +785,52 @@ def test_a_form_nvrtc_cannot_build_is_left_out_of_the_autotune(emulated_gpu, mon
         cupy_gpu.xnor_gemm(a, b, 300)
 
 
+def test_a_module_nvrtc_refused_is_not_compiled_again(monkeypatch):
+    """cupy_gpu._function: CuPy compiles a RawModule's code on its first get_function and,
+    when NVRTC refuses it, again on the next. The refusal is kept per device and source:
+    later kernels of that module raise it at once (the autotune of every new shape class
+    would otherwise pay the compilation again); other modules, other devices and other
+    errors are not touched."""
+    from minibnn.kernels import cupy_gpu
+
+    class CompileException(Exception):  # the name CuPy's compiler raises under
+        pass
+
+    compiled, device = [], [0]
+
+    class RawModule:
+        def __init__(self, code, options):
+            self.options = options
+
+        def get_function(self, name):
+            compiled.append((device[0], name))
+            if any(o.startswith("-arch=sm_90a") for o in self.options):
+                raise CompileException("nvrtc: error: invalid value for --gpu-architecture")
+            if name == "flaky":
+                raise RuntimeError("not a compiler error")
+            return ("function", name)
+
+    fake = SimpleNamespace(RawModule=RawModule,
+                           cuda=SimpleNamespace(runtime=SimpleNamespace(getDevice=lambda: device[0])))
+    monkeypatch.setattr(cupy_gpu, "_cp", lambda: fake)
+    for name in ("_modules", "_functions", "_unbuilt"):
+        monkeypatch.setattr(cupy_gpu, name, {})
+    with pytest.raises(CompileException) as first:
+        cupy_gpu._function("xnor_gemm_wgmma.cu", "xnor_gemm_wg")
+    with pytest.raises(CompileException) as again:
+        cupy_gpu._function("xnor_gemm_wgmma.cu", "xnor_gemm_wg128")
+    assert again.value is first.value and compiled == [(0, "xnor_gemm_wg")]
+    assert cupy_gpu._function("xnor_gemm_tc.cu", "xnor_gemm_tc") == ("function", "xnor_gemm_tc")
+    for _ in range(2):  # an error other than the compiler's is not kept
+        with pytest.raises(RuntimeError):
+            cupy_gpu._function("xnor_gemm_tc.cu", "flaky")
+    device[0] = 1  # another GPU (another NVRTC target) tries for itself
+    with pytest.raises(CompileException):
+        cupy_gpu._function("xnor_gemm_wgmma.cu", "xnor_gemm_wg128")
+    assert compiled == [(0, "xnor_gemm_wg"), (0, "xnor_gemm_tc"), (0, "flaky"), (0, "flaky"),
+                        (1, "xnor_gemm_wg128")]
+
+
 # ------------------------------- prepared weights, views, the autotune, packing
 
 KERNEL_NAMES = ["tensorcore"] + FORMS
@@ -870,5 +917,5 @@ def test_the_module_caches_are_all_reset_by_the_fixture():
     from minibnn.kernels import cupy_gpu
     caches = {name for name, value in vars(cupy_gpu).items()
               if isinstance(value, (dict, set)) and not name.startswith("__")}
-    assert caches == {"_modules", "_kernels", "_functions", "_shared_set", "_form_choice",
-                      "form_timings", "form_disagreements", "_deferred_flags"}
+    assert caches == {"_modules", "_kernels", "_functions", "_unbuilt", "_shared_set",
+                      "_form_choice", "form_timings", "form_disagreements", "_deferred_flags"}
