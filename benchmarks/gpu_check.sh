@@ -101,6 +101,7 @@ fit_run() {
     # default 600, from the script's start) has less left, 40 s kept for the copies after it
     local budget=$FIT_BUDGET left=$(( ${GPU_CALL_LIMIT:-600} - ($(date +%s) - T0) - 40 ))
     [ "$left" -lt "$budget" ] && budget=$left
+    if [ "$budget" -lt 30 ]; then stamp "$name: only $budget s left in the call: no run"; return 1; fi
     local epochs
     epochs=$($PY benchmarks/fit_epochs.py "$RUNS/$name-probe/metrics.json" \
         --probe-seconds "$probe_s" --budget "$budget" --cap "$cap") \

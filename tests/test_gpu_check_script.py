@@ -106,6 +106,12 @@ def test_cifar_run_uses_data_already_converted_and_fits_the_call(tmp_path):
     assert len(metrics["history"]) == epochs
 
 
+def test_a_call_with_too_little_time_left_starts_no_run(tmp_path):
+    done, calls = run_phase(tmp_path, "mnist-recipe", GPU_CALL_LIMIT="50")
+    assert "s left in the call: no run" in done.stdout
+    assert [option(args, "--epochs") for args in calls] == ["3"]  # the probe alone
+
+
 @pytest.mark.parametrize("broken", ["missing", "short"])
 def test_cifar_run_converts_an_archive_not_yet_converted(tmp_path, broken):
     folder = tmp_path / "cifar" / "cifar-10-batches-bin"
