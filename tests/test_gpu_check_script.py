@@ -23,8 +23,10 @@ SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 RECORD = 10000 * 3073  # bytes in each file of cifar-10-batches-bin (1 label + 3072 pixels)
 FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 
-pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
-                                reason="needs bash and coreutils' timeout")
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or shutil.which("bash") is None
+    or shutil.which("timeout") is None,
+    reason="the script is for the lent Linux machines: needs bash and GNU coreutils")
 
 STAND_IN = '''#!{python}
 """python for gpu_check.sh: `-m minibnn ... train` writes a run of made-up epochs."""
