@@ -164,6 +164,13 @@ def _device():
     return _cp().cuda.runtime.getDevice()
 
 
+def _nvrtc_refused(exc):
+    """Whether ``exc`` is NVRTC refusing a module (CuPy's ``CompileException``, matched by
+    name: CuPy need not be importable where this is asked): nothing was launched, so the
+    CUDA context is intact."""
+    return type(exc).__name__ == "CompileException"
+
+
 def _function(source, name):
     """The kernel ``name`` of ``source`` on the current device, compiled once and kept (a
     product calls this on every launch). A module NVRTC refuses (CuPy's
@@ -187,7 +194,7 @@ def _function(source, name):
         try:
             fn = mod.get_function(name)  # (CuPy compiles the module on its first function)
         except Exception as exc:
-            if type(exc).__name__ == "CompileException":
+            if _nvrtc_refused(exc):
                 _unbuilt[(device, source)] = exc
             raise
         _functions[(device, source, name)] = fn
@@ -524,7 +531,7 @@ def _tensorcore_form(m, n, w, launch, out):
         except Exception as exc:  # noqa: BLE001
             # NVRTC could not build a later form's module here (say, an NVRTC without the
             # wgmma forms' sm_90a): nothing was launched, so the others still can be
-            if first is None or type(exc).__name__ != "CompileException":
+            if first is None or not _nvrtc_refused(exc):
                 raise
             unbuilt.append(f)
             continue

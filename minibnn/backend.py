@@ -374,8 +374,7 @@ def select_gpu(index):
 
 def cuda_stream_ptr():
     """The raw handle of CuPy's current stream (NCCL collectives run on it)."""
-    import cupy
-    return cupy.cuda.get_current_stream().ptr
+    return current_stream().ptr
 
 
 def pinned_empty(shape, dtype):
